@@ -1,0 +1,27 @@
+"""User-facing errors. Anything raised as a MocompileError is shown as one line by the CLI
+(no traceback); anything else escaping is a compiler bug."""
+
+from __future__ import annotations
+
+
+class MocompileError(Exception):
+    """A problem with the user's input (spec, checkpoint, artifact, device file, options)."""
+
+
+class SpecError(MocompileError):
+    """A malformed spec, located at file:line:col."""
+
+    def __init__(self, message: str, source: str = "<spec>", line: int = 0, column: int = 0) -> None:
+        self.message = message
+        self.source = source
+        self.line = line
+        self.column = column
+        super().__init__(f"{source}:{line}:{column}: error: {message}")
+
+
+class ArtifactError(MocompileError):
+    """An artifact directory that is incomplete, tampered with, or of another format."""
+
+
+class VerificationError(MocompileError):
+    """A compiled artifact that does not agree with its reference."""

@@ -1,0 +1,166 @@
+"""The MoE block's two halves: `router.topk` (who serves each token) and `experts` (the
+sparse dispatch: each token runs only through the experts it was routed to).
+
+Both keep any leading token axes ([batch, seq, ...]); routing is per token unless
+`capacity_factor` is set, in which case an expert serves at most
+ceil(capacity_factor * tokens * top_k / experts) assignments of the whole batch, taken in
+order (slot by slot, token by token) and the rest are dropped: GShard-style token
+dropping, which makes one sample's output depend on the others.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from mocompile.ir.ops.elementwise import ACTIVATIONS, sigmoid
+from mocompile.ir.ops.nn import ffn, ffn_weight_types
+from mocompile.ir.registry import REQUIRED, Cost, OpDef, register_op
+from mocompile.ir.types import TensorType
+
+ROUTER_ATTRS = {
+    "top_k": REQUIRED,
+    "scoring": "softmax",
+    "normalize": True,
+    "routed_scale": 1.0,
+    "n_group": 1,
+    "topk_group": 1,
+    "groups": (),  # ((modality_id, start, end), ...): route a token only within its modality's experts
+    "capacity_factor": None,
+}
+
+
+def _infer_router(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
+    x, w = ts[0], ts[1]
+    if w.rank != 2 or w.shape[1] != x.shape[-1]:
+        raise ValueError(f"router weight {w} does not match input {x}")
+    experts, k = w.shape[0], attrs["top_k"]
+    if isinstance(experts, int) and not 1 <= k <= experts:
+        raise ValueError(f"top_k {k} not in 1..{experts}")
+    if attrs["scoring"] not in ("softmax", "sigmoid"):
+        raise ValueError(f"unknown scoring {attrs['scoring']!r}")
+    if bool(attrs["groups"]) != (len(ts) == 3):
+        raise ValueError("router.topk takes modality_ids exactly when it has modality groups")
+    if len(ts) == 3 and (ts[2].shape != x.shape[:-1] or ts[2].dtype != "int32"):
+        raise ValueError(f"modality_ids {ts[2]} should be int32{list(x.shape[:-1])}")
+    lead = x.shape[:-1]
+    return [TensorType(lead + (k,), "float32"), TensorType(lead + (k,), "int32")]
+
+
+def route(
+    logits: np.ndarray, attrs: Mapping[str, Any], modality_ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k routing of [tokens, experts] logits -> (weights [tokens, k], indices [tokens, k])."""
+    t, e = logits.shape
+    k = attrs["top_k"]
+    if attrs["groups"]:
+        allowed = np.ones((t, e), dtype=bool)
+        for mod_id, start, end in attrs["groups"]:
+            rows = modality_ids == mod_id
+            allowed[rows] = False
+            allowed[np.ix_(rows, np.arange(start, end))] = True
+        logits = np.where(allowed, logits, -np.inf)
+    if attrs["scoring"] == "softmax":
+        z = np.exp(logits - logits.max(-1, keepdims=True))
+        scores = z / z.sum(-1, keepdims=True)
+    else:
+        scores = np.where(np.isneginf(logits), 0.0, sigmoid(logits))
+    choice = scores
+    if attrs["n_group"] > 1:
+        g = attrs["n_group"]
+        grouped = scores.reshape(t, g, e // g)
+        group_score = np.sort(grouped, axis=-1)[..., -2:].sum(-1)
+        keep = np.argsort(-group_score, axis=-1, kind="stable")[:, : attrs["topk_group"]]
+        mask = np.zeros((t, g), dtype=bool)
+        np.put_along_axis(mask, keep, True, axis=-1)
+        choice = np.where(np.repeat(mask, e // g, axis=-1), scores, 0.0)
+    if attrs["groups"]:
+        choice = np.where(allowed, choice, -np.inf)
+    idx = np.argsort(-choice, axis=-1, kind="stable")[:, :k]
+    weights = np.take_along_axis(scores, idx, axis=-1)
+    if attrs["normalize"]:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    weights = weights * attrs["routed_scale"]
+    if attrs["capacity_factor"] is not None:
+        weights = drop_over_capacity(weights, idx, e, attrs["capacity_factor"])
+    return weights.astype(np.float32), idx.astype(np.int32)
+
+
+def drop_over_capacity(weights: np.ndarray, idx: np.ndarray, experts: int, factor: float) -> np.ndarray:
+    """Zero the assignments beyond each expert's capacity (slot-major, then token order)."""
+    t, k = idx.shape
+    capacity = math.ceil(factor * t * k / experts)
+    load = np.zeros(experts, dtype=np.int64)
+    out = weights.copy()
+    for j in range(k):
+        for i in range(t):
+            ex = idx[i, j]
+            if load[ex] >= capacity:
+                out[i, j] = 0.0
+            else:
+                load[ex] += 1
+    return out
+
+
+def _router(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
+    x, w = xs[0], xs[1]
+    lead = x.shape[:-1]
+    logits = x.reshape(-1, x.shape[-1]) @ w.T
+    mods = xs[2].reshape(-1) if len(xs) == 3 else None
+    weights, idx = route(logits.astype(np.float32), attrs, mods)
+    k = attrs["top_k"]
+    return [weights.reshape(lead + (k,)), idx.reshape(lead + (k,))]
+
+
+def _router_cost(ins, outs, attrs, env) -> Cost:
+    tokens = outs[0].numel(env) // attrs["top_k"]
+    e, h = ins[1].concrete(env)
+    return Cost(flops=2 * tokens * e * h, bytes=4 * (e * h + tokens * h))
+
+
+register_op(OpDef("router.topk", _infer_router, _router, ROUTER_ATTRS, cost=_router_cost,
+                  doc="(weights, indices) of the top_k experts per token; inputs x, w_router[, modality_ids]"))
+
+EXPERTS_ATTRS = {"activation": "silu", "gated": True}
+
+
+def _infer_experts(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
+    gated = attrs["gated"]
+    if len(ts) != (6 if gated else 5):
+        raise ValueError(f"experts (gated={gated}) takes x, weights, indices, {'gate, ' if gated else ''}up, down")
+    if attrs["activation"] not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {attrs['activation']!r}")
+    x, w, idx = ts[:3]
+    if w.shape != idx.shape or w.shape[:-1] != x.shape[:-1] or idx.dtype != "int32":
+        raise ValueError(f"experts: routing {w} / {idx} does not match tokens {x}")
+    up = ts[4] if gated else ts[3]
+    ffn_weight_types(ts[3:], gated, x.shape[-1], experts=up.shape[0])
+    return [x]
+
+
+def _experts(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
+    """Sparse reference: each expert runs only on the tokens routed to it."""
+    x, w, idx = xs[:3]
+    gate, up, down = xs[3:] if attrs["gated"] else (None, *xs[3:])
+    h = x.shape[-1]
+    flat_x, flat_w, flat_i = x.reshape(-1, h), w.reshape(-1, w.shape[-1]), idx.reshape(-1, idx.shape[-1])
+    out = np.zeros_like(flat_x, dtype=np.float32)
+    for e in np.unique(flat_i):
+        tok, slot = np.nonzero(flat_i == e)
+        y = ffn(flat_x[tok], None if gate is None else gate[e], up[e], down[e], attrs["activation"])
+        np.add.at(out, tok, y * flat_w[tok, slot][:, None])
+    return [out.reshape(x.shape)]
+
+
+def _experts_cost(ins, outs, attrs, env) -> Cost:
+    """Active work only: each token reads top_k experts' weights (not all of them)."""
+    tokens, k = ins[1].numel(env) // ins[1].concrete(env)[-1], ins[1].concrete(env)[-1]
+    per_expert = sum(t.numel(env) // t.concrete(env)[0] for t in ins[3:])
+    active = min(tokens * k, ins[-1].concrete(env)[0])  # distinct experts touched, at most
+    return Cost(flops=2 * tokens * k * per_expert, bytes=4 * (active * per_expert + 2 * outs[0].numel(env)))
+
+
+register_op(OpDef("experts", _infer_experts, _experts, EXPERTS_ATTRS, cost=_experts_cost,
+                  doc="sum_j weights[t,j] * FFN_{indices[t,j]}(x[t]); inputs x, weights, indices, [gate], up, down"))

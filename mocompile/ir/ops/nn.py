@@ -1,0 +1,144 @@
+"""Dense layers: embedding, linear, norms and the dense feed-forward block (`mlp`).
+
+`mlp` stays whole (not linear+act+mul+linear) so passes see a feed-forward block as one
+unit (quantize its three weights, prune its neurons) and backends can fuse its epilogues.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from mocompile.ir.ops.elementwise import ACTIVATIONS
+from mocompile.ir.registry import REQUIRED, Cost, OpDef, register_op
+from mocompile.ir.types import TensorType
+
+
+def _expect(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+# ---- embedding -------------------------------------------------------------------------
+def _infer_embedding(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
+    ids, table = ts
+    _expect(ids.dtype in ("int64", "int32"), f"embedding ids must be integer, got {ids.dtype}")
+    _expect(table.rank == 2, f"embedding table must be [vocab, hidden], got {table}")
+    return [TensorType(ids.shape + (table.shape[1],), table.dtype)]
+
+
+def _embedding_cost(ins, outs, attrs, env) -> Cost:
+    return Cost(flops=0, bytes=2 * outs[0].numel(env) * 4)
+
+
+register_op(OpDef("embedding", _infer_embedding, lambda xs, a: [xs[1][xs[0]]], cost=_embedding_cost,
+                  doc="table[ids]; rows of a [vocab, hidden] table"))
+
+
+# ---- linear ----------------------------------------------------------------------------
+def _infer_linear(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
+    _expect(len(ts) in (2, 3), f"linear takes x, w[, b]; got {len(ts)} inputs")
+    x, w = ts[0], ts[1]
+    _expect(w.rank == 2, f"linear weight must be [out, in], got {w}")
+    _expect(x.shape[-1] == w.shape[1], f"linear: x {x} does not match weight {w}")
+    if len(ts) == 3:
+        _expect(ts[2].shape == (w.shape[0],), f"linear bias {ts[2]} does not match weight {w}")
+    return [TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)]
+
+
+def _linear(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
+    y = xs[0] @ xs[1].T
+    if len(xs) == 3:
+        y = y + xs[2]
+    return [y.astype(np.float32)]
+
+
+def _linear_cost(ins, outs, attrs, env) -> Cost:
+    rows = ins[0].numel(env) // ins[0].concrete(env)[-1]
+    n, k = ins[1].concrete(env)
+    return Cost(flops=2 * rows * n * k, bytes=4 * (rows * k + n * k + rows * n))
+
+
+register_op(OpDef("linear", _infer_linear, _linear, cost=_linear_cost, doc="x @ w.T (+ b); w is [out, in]"))
+
+
+# ---- norms -----------------------------------------------------------------------------
+def _infer_norm(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
+    x = ts[0]
+    for p in ts[1:]:
+        _expect(p.shape == (x.shape[-1],), f"norm parameter {p} does not match input {x}")
+    return [x]
+
+
+def _rmsnorm(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
+    x, w = xs
+    var = np.mean(x.astype(np.float32) ** 2, axis=-1, keepdims=True)
+    return [(x / np.sqrt(var + attrs["eps"]) * w).astype(np.float32)]
+
+
+def _layernorm(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
+    x, w, b = xs
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return [((x - mu) / np.sqrt(var + attrs["eps"]) * w + b).astype(np.float32)]
+
+
+def _norm_cost(ins, outs, attrs, env) -> Cost:
+    n = outs[0].numel(env)
+    return Cost(flops=4 * n, bytes=8 * n)
+
+
+register_op(OpDef("rmsnorm", _infer_norm, _rmsnorm, {"eps": REQUIRED}, cost=_norm_cost,
+                  doc="x / sqrt(mean(x^2) + eps) * w over the last axis"))
+register_op(OpDef("layernorm", _infer_norm, _layernorm, {"eps": REQUIRED}, cost=_norm_cost,
+                  doc="(x - mean) / sqrt(var + eps) * w + b over the last axis (biased variance)"))
+
+
+# ---- mlp (dense feed-forward block) ----------------------------------------------------
+MLP_ATTRS = {"activation": "silu", "gated": True}
+
+
+def ffn_weight_types(ts: Sequence[TensorType], gated: bool, hidden: Any, experts: Any = None) -> None:
+    """Check the (gate, up, down) weights of a feed-forward block, optionally stacked per expert."""
+    lead = () if experts is None else (experts,)
+    ws = ts if gated else (None, *ts)
+    gate, up, down = ws
+    ffn = up.shape[-2]
+    _expect(up.shape == lead + (ffn, hidden), f"up weight {up} should be {lead + ('F', hidden)}")
+    if gate is not None:
+        _expect(gate.shape == up.shape, f"gate weight {gate} should match up weight {up}")
+    _expect(down.shape == lead + (hidden, ffn), f"down weight {down} should be {lead + (hidden, ffn)}")
+
+
+def _infer_mlp(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
+    _expect(len(ts) == (4 if attrs["gated"] else 3), f"mlp (gated={attrs['gated']}) got {len(ts)} inputs")
+    _expect(attrs["activation"] in ACTIVATIONS, f"unknown activation {attrs['activation']!r}")
+    x = ts[0]
+    ffn_weight_types(ts[1:], attrs["gated"], x.shape[-1])
+    return [x]
+
+
+def ffn(x: np.ndarray, gate: np.ndarray | None, up: np.ndarray, down: np.ndarray, activation: str) -> np.ndarray:
+    """The feed-forward block shared by dense layers, shared experts and routed experts."""
+    act = ACTIVATIONS[activation]
+    h = act(x @ gate.T) * (x @ up.T) if gate is not None else act(x @ up.T)
+    return (h @ down.T).astype(np.float32)
+
+
+def _mlp(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
+    if attrs["gated"]:
+        x, gate, up, down = xs
+    else:
+        (x, up, down), gate = xs, None
+    return [ffn(x, gate, up, down, attrs["activation"])]
+
+
+def _mlp_cost(ins, outs, attrs, env) -> Cost:
+    rows = ins[0].numel(env) // ins[0].concrete(env)[-1]
+    wsize = sum(t.numel(env) for t in ins[1:])
+    return Cost(flops=2 * rows * wsize, bytes=4 * (wsize + 2 * outs[0].numel(env)))
+
+
+register_op(OpDef("mlp", _infer_mlp, _mlp, MLP_ATTRS, cost=_mlp_cost,
+                  doc="down(act(x@gate.T) * (x@up.T)) if gated else down(act(x@up.T)); inputs x, [gate], up, down"))

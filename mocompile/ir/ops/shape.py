@@ -1,0 +1,46 @@
+"""Shape ops for early fusion: concatenating modality segments and labelling positions."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from mocompile.ir.registry import REQUIRED, OpDef, register_op
+from mocompile.ir.types import TensorType, dim_add
+
+
+def _infer_concat(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
+    axis = attrs["axis"]
+    first = ts[0]
+    for t in ts[1:]:
+        if t.rank != first.rank or t.dtype != first.dtype or any(
+            a != b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != axis % first.rank
+        ):
+            raise ValueError(f"concat: {t} does not match {first} off axis {axis}")
+    shape = list(first.shape)
+    shape[axis] = dim_add(*(t.shape[axis] for t in ts))
+    return [TensorType(tuple(shape), first.dtype)]
+
+
+register_op(OpDef("concat", _infer_concat, lambda xs, a: [np.concatenate(xs, axis=a["axis"])], {"axis": REQUIRED},
+                  doc="concatenate along one axis"))
+
+
+def _infer_segment_ids(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
+    if len(attrs["ids"]) != len(ts):
+        raise ValueError(f"segment_ids: {len(ts)} segments but ids {attrs['ids']}")
+    batch = ts[0].shape[0]
+    for t in ts:
+        if t.shape[0] != batch:
+            raise ValueError(f"segment_ids: batch dims differ ({t} vs {ts[0]})")
+    return [TensorType((batch, dim_add(*(t.shape[1] for t in ts))), "int32")]
+
+
+def _segment_ids(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
+    row = np.concatenate([np.full(x.shape[1], i, dtype=np.int32) for x, i in zip(xs, attrs["ids"])])
+    return [np.broadcast_to(row, (xs[0].shape[0], row.shape[0])).copy()]
+
+
+register_op(OpDef("segment_ids", _infer_segment_ids, _segment_ids, {"ids": REQUIRED},
+                  doc="int32[batch, S1+..+Sn]: the id of the segment (input i, [batch, Si, ...]) each position is in"))
