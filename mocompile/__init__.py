@@ -1,0 +1,20 @@
+"""mocompile: a compiler for mixture-of-experts models.
+
+Importing the package is cheap and torch-free (deployments import `mocompile.runtime`);
+the compiler entry points load torch and TVM on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["compile", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "compile":
+        from mocompile.compiler import compile
+
+        return compile
+    raise AttributeError(f"module 'mocompile' has no attribute {name!r}")

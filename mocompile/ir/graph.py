@@ -62,7 +62,7 @@ class Graph:
 
     # ---- construction --------------------------------------------------------------
     def fresh_name(self, hint: str) -> str:
-        base = hint.replace(".", "_") or "v"
+        base = hint or "v"
         name, i = base, 1
         while name in self._names:
             name = f"{base}_{i}"

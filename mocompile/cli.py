@@ -1,0 +1,157 @@
+"""The `mocompile` command. Every user-facing failure is one line on stderr and exit 1;
+set MOCOMPILE_DEBUG=1 to see the traceback of an internal error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from mocompile.errors import MocompileError
+
+
+def _add_shape_args(p: argparse.ArgumentParser, batch: int, seq: int) -> None:
+    p.add_argument("--batch", type=int, default=batch, help=f"batch size (default {batch})")
+    p.add_argument("--seq", type=int, default=seq, help=f"positions per input segment (default {seq})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mocompile", description="Compile mixture-of-experts models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a .moe spec into a deployable artifact directory")
+    c.add_argument("spec", help="a .moe spec file")
+    c.add_argument("-o", "--out", required=True, help="artifact directory to write")
+    c.add_argument("--target", default="cpu", help="code generation target (default cpu)")
+    c.add_argument("--variant", help="elastic sub-model declared in the spec")
+    c.add_argument("--passes", default="", help='pass pipeline, e.g. "dce,fold-constants"')
+    c.add_argument("--weights", help="safetensors file with the full model's weights (default: from --seed)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the deterministic weights and test inputs")
+    c.add_argument("--plugin", action="append", default=[], help="Python file registering extra passes")
+    _add_shape_args(c, 2, 8)
+
+    r = sub.add_parser("run", help="run an artifact on random inputs and time it")
+    r.add_argument("artifact")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--repeat", type=int, default=10, help="timed calls (default 10)")
+    _add_shape_args(r, 1, 8)
+
+    i = sub.add_parser("inspect", help="summarise a spec or an artifact")
+    i.add_argument("path", help="a .moe spec or an artifact directory")
+    i.add_argument("--ir", action="store_true", help="print the IR")
+    i.add_argument("--variant", help="with a spec: the elastic sub-model to show")
+    return ap
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    from mocompile.compiler import compile, stderr_progress
+
+    for name, value in (("--batch", a.batch), ("--seq", a.seq)):
+        if value < 1:
+            raise MocompileError(f"{name} must be at least 1 (got {value})")
+    art = compile(a.spec, target=a.target, passes=a.passes, out_dir=a.out, variant=a.variant, weights=a.weights,
+                  seed=a.seed, batch=a.batch, seq=a.seq, plugins=tuple(a.plugin), progress=stderr_progress)
+    v = art.manifest["verification"]
+    print(f"compiled {art.manifest['model']['name']}"
+          f"{' (variant ' + a.variant + ')' if a.variant else ''} for {a.target} -> {art.path}")
+    print(f"verified against the {v['reference']}: max relative error {v['max_rel_error']:.2e} "
+          f"(tolerance {v['tolerance']:g}), max abs error {max(c['max_abs_error'] for c in v['checks']):.2e}")
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mocompile.runtime import load, random_inputs
+
+    art = load(a.artifact)
+    inputs = random_inputs(art.signature, a.batch, a.seq, a.seed)
+    try:
+        outputs = art.run(inputs)
+    except ValueError as e:
+        raise MocompileError(f"{a.artifact}: {e}") from None
+    for name, arr in inputs.items():
+        print(f"input  {name}: {arr.dtype}{list(arr.shape)}")
+    for name, arr in outputs.items():
+        finite = bool(np.isfinite(arr).all())
+        print(f"output {name}: {arr.dtype}{list(arr.shape)} mean {arr.mean():.4g} std {arr.std():.4g} "
+              f"min {arr.min():.4g} max {arr.max():.4g}{'' if finite else ' (NON-FINITE VALUES)'}")
+    seconds = art.time_run(inputs, repeat=max(1, a.repeat))
+    print(f"time per call: {seconds * 1e3:.3f} ms (median of {a.repeat}, batch {a.batch}, seq {a.seq})")
+    return 0
+
+
+def _inspect_spec(a: argparse.Namespace) -> int:
+    from mocompile.dsl import load_spec, resolve_variant
+    from mocompile.dsl.summary import parameter_counts
+
+    spec = load_spec(a.path)
+    if a.variant:
+        try:
+            spec = resolve_variant(spec, a.variant).spec
+        except KeyError as e:
+            raise MocompileError(str(e.args[0])) from None
+    if a.ir:
+        from mocompile.compiler import lower_source, source_from_spec
+        from mocompile.ir.printer import format_graph
+
+        full = load_spec(a.path)
+        print(format_graph(lower_source(source_from_spec(full, a.variant, None, 0))))
+        return 0
+    counts = parameter_counts(spec)
+    print(f"model {spec.name}  ({spec.source})")
+    print(f"  hidden {spec.hidden}, heads {spec.heads} (kv {spec.kv_heads}, dim {spec.head_dim}), "
+          f"{len(spec.layers)} layers: {' '.join(spec.layers)}")
+    print(f"  modalities: {', '.join(m.name + (f' (vocab {m.vocab})' if m.is_tokens else f' (features {m.features})') for m in spec.modalities)}")
+    for moe in spec.moes:
+        groups = ", ".join(f"{g.modality} {g.start}..{g.end}" for g in moe.groups) or "shared pool"
+        print(f"  moe {moe.name}: {moe.experts} experts, top-{moe.top_k}, hidden {moe.expert_hidden}, "
+              f"{moe.shared_experts} shared, {moe.scoring} scoring, groups: {groups}")
+    if spec.variants:
+        print(f"  variants: {', '.join(v.name for v in spec.variants)}")
+    for k, v in counts.items():
+        print(f"  {k.replace('_', ' '):<18} {v:>14,}")
+    return 0
+
+
+def _inspect_artifact(a: argparse.Namespace) -> int:
+    from mocompile.artifact import read_manifest
+
+    manifest = read_manifest(a.path)
+    if a.ir:
+        print((Path(a.path) / "ir.txt").read_text(), end="")
+    else:
+        print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    return _inspect_artifact(a) if Path(a.path).is_dir() else _inspect_spec(a)
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MocompileError as e:
+        print(f"mocompile: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mocompile: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a compiler bug: say so in one line unless debugging
+        if os.environ.get("MOCOMPILE_DEBUG"):
+            raise
+        print(f"mocompile: internal error: {type(e).__name__}: {e} (set MOCOMPILE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

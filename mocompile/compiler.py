@@ -1,0 +1,211 @@
+"""The road every compile takes, from the CLI or from Python:
+
+spec -> reference torch model -> torch.fx -> IR -> passes -> backend -> staged artifact ->
+verified against the reference -> atomically renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from mocompile.artifact import finalize, staging_dir
+from mocompile.errors import MocompileError, VerificationError
+from mocompile.ir.graph import Graph
+from mocompile.ir.interpreter import run as interpret
+from mocompile.ir.printer import format_graph
+from mocompile.ir.types import TensorType
+from mocompile.ir.verifier import VerifyError, verify
+from mocompile.pass_manager import PassContext, PassManager, load_plugin
+from mocompile.runtime import LoadedArtifact, Signature, TensorSpec, random_inputs
+
+TOLERANCE = 1e-4  # relative error (max abs error / max abs reference) allowed in fp32
+
+Progress = Callable[[str], None]
+
+
+def stderr_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Reference:
+    """What a compile checks against: the eager model, or for a graph without one, the IR."""
+
+    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    name: str
+
+
+@dataclass
+class Source:
+    """A model ready to lower: the torch module, its input types, and where it came from."""
+
+    module: Any  # torch.nn.Module
+    input_types: dict[str, TensorType]
+    name: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    int_high: dict[str, int] = field(default_factory=dict)  # token inputs: ids are in [0, high)
+
+
+def source_from_spec(spec_or_path: Any, variant: str | None, weights: str | Path | None, seed: int) -> Source:
+    from mocompile.dsl import build_model, load_spec
+    from mocompile.dsl.spec import Spec
+
+    spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
+    if variant is not None and variant not in {v.name for v in spec.variants}:
+        known = ", ".join(v.name for v in spec.variants) or "none"
+        raise MocompileError(f"{spec.source or spec.name}: no variant {variant!r} (known: {known})")
+    model = build_model(spec, seed=seed, variant=variant, weights=weights)
+    high = {m.name: int(m.vocab) for m in model.spec.modalities if m.is_tokens}
+    meta = {"name": spec.name, "spec_hash": spec.digest(), "variant": variant, "source": spec.source,
+            "weights": str(weights) if weights else f"seed {seed}"}
+    return Source(model, model.input_types(), model.spec.name, meta, high)
+
+
+def source_from_module(module: Any, input_types: Mapping[str, TensorType] | None) -> Source:
+    types = dict(input_types) if input_types is not None else getattr(module, "input_types", lambda: None)()
+    if types is None:
+        raise MocompileError(f"{type(module).__name__}: pass input_types={{name: TensorType}} to compile a plain torch module")
+    high = {m.name: int(m.vocab) for m in getattr(getattr(module, "spec", None), "modalities", ()) if m.is_tokens}
+    return Source(module, types, type(module).__name__, {"name": type(module).__name__}, high)
+
+
+def lower_source(src: Source) -> Graph:
+    from mocompile.lower_fx import lower_module
+
+    graph = lower_module(src.module, src.input_types, src.name, ("logits",))
+    try:
+        verify(graph)
+    except VerifyError as e:
+        raise MocompileError(f"lowering {src.name} produced an invalid graph: {e}") from None
+    graph.meta.update(src.meta)
+    return graph
+
+
+def eager_reference(module: Any) -> Reference:
+    import torch
+
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = module(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return {f"out{i}": o.numpy() for i, o in enumerate(outs)}
+
+    return Reference(run, "eager torch model")
+
+
+def relative_error(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(max abs error, max abs error / max abs reference)."""
+    if got.shape != ref.shape:
+        return float("inf"), float("inf")
+    err = float(np.max(np.abs(got.astype(np.float64) - ref))) if got.size else 0.0
+    scale = float(np.max(np.abs(ref))) if ref.size else 1.0
+    return err, err / max(scale, 1e-30)
+
+
+def verify_artifact(artifact: LoadedArtifact, reference: Reference, shapes: list[tuple[int, int]],
+                    seed: int) -> dict[str, Any]:
+    """Run the artifact and the reference on the same random inputs; fail beyond TOLERANCE."""
+    checks = []
+    worst = 0.0
+    for batch, seq in shapes:
+        inputs = random_inputs(artifact.signature, batch, seq, seed)
+        got = list(artifact.run(inputs).values())
+        ref = list(reference.run(inputs).values())
+        for name, g, r in zip((t.name for t in artifact.signature.outputs), got, ref):
+            abs_err, rel_err = relative_error(g, r)
+            checks.append({"batch": batch, "seq": seq, "output": name, "max_abs_error": abs_err, "rel_error": rel_err})
+            worst = max(worst, rel_err)
+    result = {"reference": reference.name, "tolerance": TOLERANCE, "max_rel_error": worst, "checks": checks}
+    if not worst <= TOLERANCE:
+        bad = max(checks, key=lambda c: c["rel_error"])
+        raise VerificationError(
+            f"artifact disagrees with the {reference.name}: relative error {bad['rel_error']:.3g} > {TOLERANCE:g} "
+            f"(output {bad['output']}, batch {bad['batch']}, seq {bad['seq']})")
+    return result
+
+
+def signature_of(graph: Graph, int_high: Mapping[str, int]) -> Signature:
+    return Signature(
+        tuple(TensorSpec(v.name, v.type.dtype, v.type.shape, int_high.get(v.name)) for v in graph.inputs),
+        tuple(TensorSpec(v.name, v.type.dtype, v.type.shape) for v in graph.outputs),
+    )
+
+
+def get_backend(target: str) -> Any:
+    if target == "cpu":
+        from mocompile.backends import tvm_cpu
+
+        return tvm_cpu
+    raise MocompileError(f"unknown target {target!r} (available: cpu)")
+
+
+def compile(
+    model: Any,
+    target: str = "cpu",
+    passes: str = "",
+    out_dir: str | Path | None = None,
+    *,
+    variant: str | None = None,
+    weights: str | Path | None = None,
+    seed: int = 0,
+    batch: int = 2,
+    seq: int = 8,
+    plugins: tuple[str, ...] = (),
+    input_types: Mapping[str, TensorType] | None = None,
+    progress: Progress | None = None,
+) -> LoadedArtifact:
+    """Compile a spec (object or `.moe` path) or a torch module into an artifact directory,
+    verify it against the eager model, and return it loaded.
+
+    The artifact is checked at batch 1 and at `batch`, with `seq` positions per segment.
+    """
+    say = progress or (lambda m: None)
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    t0 = time.perf_counter()
+    for plugin in plugins:
+        load_plugin(plugin)
+    backend = get_backend(target)
+    say("[1/6] building the reference model")
+    if isinstance(model, (str, Path)) or type(model).__name__ == "Spec":
+        src = source_from_spec(model, variant, weights, seed)
+    else:
+        src = source_from_module(model, input_types)
+    say("[2/6] tracing with torch.fx and lowering to IR")
+    graph = lower_source(src)
+    say(f"[3/6] running passes: {passes or '(none)'}")
+    manager = PassManager(passes)
+    graph, reports = manager.run(graph, PassContext(target=target))
+    exact = all(getattr(p, "preserves_semantics", True) for p in manager.passes)
+    reference = eager_reference(src.module) if exact else Reference(lambda x: interpret(graph, x), "IR interpreter")
+    out_dir = Path(out_dir or f"build/{src.name}")
+    stage = staging_dir(out_dir)
+    try:
+        say(f"[4/6] generating code for {target}")
+        program = backend.emit(graph, stage)
+        (stage / "ir.txt").write_text(format_graph(graph) + "\n")
+        manifest: dict[str, Any] = {
+            "model": graph.meta,
+            "target": {"name": target, **program.pop("target_info", {})},
+            "signature": signature_of(graph, src.int_high).to_json(),
+            "program": program,
+            "passes": reports,
+        }
+        say(f"[5/6] verifying against the {reference.name}")
+        staged = LoadedArtifact(stage, manifest)
+        shapes = [(1, seq)] + ([(batch, seq)] if batch != 1 else [])
+        manifest["verification"] = verify_artifact(staged, reference, shapes, seed)
+        manifest["compile_seconds"] = round(time.perf_counter() - t0, 3)
+        say("[6/6] writing the artifact")
+        final = finalize(stage, out_dir, manifest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return LoadedArtifact(final, manifest)

@@ -1,0 +1,151 @@
+"""Run a compiled artifact without the compiler: numpy in, numpy out, no torch.
+
+`load(path)` checks every file's checksum, loads the compiled library and the weights once,
+and returns an object with `.signature` and `.run(inputs)`. This module imports only numpy,
+safetensors and the TVM runtime; tvm-ffi opportunistically imports torch when it is
+installed (a workaround for a Windows symbol clash), which would drag ~1 s and a GB-sized
+dependency into every deployment, so that import is blocked while TVM loads.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from mocompile.artifact import read_manifest
+from mocompile.errors import ArtifactError
+from mocompile.ir.types import TensorType, bind_shape
+
+
+def import_tvm_without_torch() -> Any:
+    """Import tvm; if torch is not loaded yet, keep tvm-ffi from loading it."""
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    if "tvm" in sys.modules or "torch" in sys.modules:
+        import tvm
+
+        return tvm
+    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
+    try:
+        import tvm
+        import tvm.relax  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+    return tvm
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+    high: int | None = None  # integer inputs (token ids) take values in [0, high)
+
+    @property
+    def type(self) -> TensorType:
+        return TensorType(self.shape, self.dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        return d if self.high is None else {**d, "high": self.high}
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> "TensorSpec":
+        return TensorSpec(d["name"], d["dtype"], tuple(d["shape"]), d.get("high"))
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs]}
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> "Signature":
+        return Signature(tuple(map(TensorSpec.from_json, d["inputs"])), tuple(map(TensorSpec.from_json, d["outputs"])))
+
+    def check(self, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
+        """Validate inputs (names, dtypes, shapes); return the bound symbolic dims."""
+        env: dict[str, int] = {}
+        names = {t.name for t in self.inputs}
+        extra = set(inputs) - names
+        if extra:
+            raise ValueError(f"unexpected input(s) {sorted(extra)}; the artifact takes {sorted(names)}")
+        for t in self.inputs:
+            if t.name not in inputs:
+                raise ValueError(f"missing input {t.name!r} ({t.type})")
+            a = inputs[t.name]
+            if str(a.dtype) != t.dtype:
+                raise ValueError(f"input {t.name!r}: expected {t.dtype}, got {a.dtype}")
+            bind_shape(t.type, a.shape, env, f"input {t.name!r}")
+        return env
+
+
+class LoadedArtifact:
+    """A loaded artifact: call `.run({name: array})`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.signature = Signature.from_json(manifest["signature"])
+        program = manifest["program"]
+        if program.get("kind") != "tvm-relax-vm":
+            raise ArtifactError(f"{path}: program kind {program.get('kind')!r} cannot run on this host")
+        tvm = import_tvm_without_torch()
+        from safetensors.numpy import load_file
+
+        lib = tvm.runtime.load_module(str(path / program["library"]))
+        self._vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
+        self._fn = self._vm[program.get("function", "main")]
+        arrays = load_file(str(path / program["weights"]))
+        missing = [n for n in program["weight_order"] if n not in arrays]
+        if missing:
+            raise ArtifactError(f"{path / program['weights']}: missing weight {missing[0]!r}")
+        self._weights = [tvm.runtime.tensor(arrays[n]) for n in program["weight_order"]]
+        self._tensor = tvm.runtime.tensor
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+        self.signature.check(arrays)
+        args = [self._tensor(arrays[t.name]) for t in self.signature.inputs]
+        result = self._fn(*args, *self._weights)
+        outs = list(result) if len(self.signature.outputs) > 1 else [result]
+        return {t.name: o.numpy() for t, o in zip(self.signature.outputs, outs)}
+
+    def time_run(self, inputs: Mapping[str, np.ndarray], repeat: int = 10) -> float:
+        """Median seconds per call (after one warm-up call)."""
+        self.run(inputs)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            self.run(inputs)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+
+def load(path: str | Path) -> LoadedArtifact:
+    """Load an artifact directory after verifying the checksum of every file in it."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    return LoadedArtifact(path, manifest)
+
+
+def random_inputs(signature: Signature, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for a signature: the symbolic dim `batch` gets `batch`, every other
+    symbol gets `seq`; integer inputs draw ids in [0, high)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for t in signature.inputs:
+        shape = tuple(d if isinstance(d, int) else (batch if d == "batch" else seq) for d in t.shape)
+        if t.dtype.startswith("int"):
+            out[t.name] = rng.integers(0, t.high or 2, size=shape).astype(t.dtype)
+        else:
+            out[t.name] = rng.standard_normal(shape).astype(t.dtype)
+    return out

@@ -1,0 +1,34 @@
+"""Constant folding: a node whose inputs are all weights is computed once, at compile time,
+with the op's reference semantics, and replaced by a weight holding the result (e.g. a
+transpose or scale applied to a weight, or what a pass left behind)."""
+
+from __future__ import annotations
+
+from mocompile.ir.graph import Graph
+from mocompile.ir.registry import get_op
+from mocompile.pass_manager import Pass, PassContext, PassResult, register_pass
+from mocompile.passes.dce import live_values
+
+
+@register_pass("fold-constants")
+class FoldConstants(Pass):
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        constant = {id(v): graph.weights[name] for name, v in graph.params.items()}
+        folded = []
+        keep = []
+        for node in graph.nodes:
+            if node.inputs and all(id(v) in constant for v in node.inputs):
+                results = get_op(node.op).compute([constant[id(v)] for v in node.inputs], node.attrs)
+                for out, array in zip(node.outputs, results):
+                    new = graph.add_param(graph.fresh_name(f"{node.loc or node.op}.folded"), array)
+                    constant[id(new)] = array
+                    graph.replace_uses(out, new)
+                folded.append(f"{node.op}@{node.loc}")
+            else:
+                keep.append(node)
+        graph.nodes = keep
+        live = live_values(graph)
+        unused = [name for name, v in graph.params.items() if id(v) not in live]
+        for name in unused:
+            graph.remove_param(name)
+        return PassResult(graph, {"folded_nodes": folded, "removed_weights": unused})
