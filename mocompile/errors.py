@@ -16,7 +16,8 @@ class SpecError(MocompileError):
         self.source = source
         self.line = line
         self.column = column
-        super().__init__(f"{source}:{line}:{column}: error: {message}")
+        where = f"{source}:{line}:{column}" if line else source  # line 0: the file as a whole
+        super().__init__(f"{where}: {message}")
 
 
 class ArtifactError(MocompileError):

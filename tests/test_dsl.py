@@ -243,7 +243,7 @@ def test_load_missing_file(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as info:
         load_spec(path)
     assert (info.value.line, info.value.column) == (0, 0)
-    assert str(info.value).startswith(f"{path}:0:0: error:") and "not found" in str(info.value)
+    assert str(info.value).startswith(f"{path}: ") and "not found" in str(info.value)
 
 
 def test_load_directory_and_bad_encoding(tmp_path: Path) -> None:
@@ -261,7 +261,7 @@ def test_load_reports_file_name(tmp_path: Path) -> None:
     path.write_text(model("hidden = 64", "heads 4"))
     with pytest.raises(SpecError) as info:
         load_spec(path)
-    assert str(info.value).startswith(f"{path}:3:11: error: ")
+    assert str(info.value).startswith(f"{path}:3:11: ")
 
 
 # ---- malformed specs: every error is a one-line SpecError at the right line:column -------------
@@ -449,7 +449,7 @@ def test_malformed_spec_is_located(marked: str, fragment: str) -> None:
     message = str(err)
     assert type(err) is SpecError
     assert "\n" not in message
-    assert message.startswith(f"bad.moe:{line}:{column}: error: "), message
+    assert message.startswith(f"bad.moe:{line}:{column}: "), message
     assert (err.line, err.column, err.source) == (line, column, "bad.moe")
     assert fragment in message, message
 

@@ -1,0 +1,20 @@
+"""TVM CPU backend: mocompile IR -> Relax module with hand-scheduled TIR kernels -> shared
+library run by the Relax VM.
+
+    program = lower(graph)            # LoweredProgram: module + weights in backend layout
+    exe = build(program, host_target(num_cores=2))
+    exe.export_library("model.so")    # runtime: load_module + relax.VirtualMachine
+    outputs = exe.run({"ids": ids})
+
+`emit(graph, out_dir)` does all of it for the compiler (artifact.py). See program.py for the
+calling convention and layout.py for the weight layouts.
+"""
+
+from mocompile.backends.tvm_cpu.artifact import emit
+from mocompile.backends.tvm_cpu.build import Executable, build
+from mocompile.backends.tvm_cpu.layout import WeightLayout
+from mocompile.backends.tvm_cpu.lower import LoweringError, lower
+from mocompile.backends.tvm_cpu.program import LoweredProgram
+from mocompile.backends.tvm_cpu.target import host_cpu, host_target
+
+__all__ = ["emit", "Executable", "LoweredProgram", "LoweringError", "WeightLayout", "build", "host_cpu", "host_target", "lower"]

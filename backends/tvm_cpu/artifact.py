@@ -1,0 +1,47 @@
+"""`emit`: the backend entry point of the compiler (mocompile.compiler): lower, build and
+write the backend's files into an artifact directory.
+
+Files written: `model.so` (the Relax VM executable; TVM runtime only) and
+`weights.safetensors` (every runtime weight, already in backend layout, keyed by name).
+The returned dict becomes the manifest's "program" entry; mocompile.runtime reads
+`library`, `weights`, `weight_order` and `function` from it and calls
+`vm[function](*inputs, *[weights[n] for n in weight_order])`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import tvm
+from safetensors.numpy import save_file
+
+from mocompile.backends.tvm_cpu.build import build
+from mocompile.backends.tvm_cpu.lower import lower
+from mocompile.backends.tvm_cpu.target import host_target
+from mocompile.ir.graph import Graph
+
+PROGRAM_KIND = "tvm-relax-vm"
+LIBRARY = "model.so"
+WEIGHTS = "weights.safetensors"
+
+
+def emit(graph: Graph, out_dir: str | Path, target: tvm.target.Target | None = None) -> dict[str, Any]:
+    """Compile `graph` for the host CPU into `out_dir`; return the manifest's program entry."""
+    out_dir = Path(out_dir)
+    target = target or host_target()
+    program = lower(graph)
+    exe = build(program, target)
+    exe.export_library(str(out_dir / LIBRARY))
+    save_file({n: program.arrays[n] for n in program.weight_names}, str(out_dir / WEIGHTS))
+    return {
+        "kind": PROGRAM_KIND,
+        "library": LIBRARY,
+        "function": "main",
+        "weights": WEIGHTS,
+        "weight_order": program.weight_names,
+        "weight_layouts": [w.to_json() for w in program.weights],
+        "target_info": {"backend": "tvm_cpu", "llvm_target": {k: str(v) for k, v in target.export().items()
+                                                               if k in ("kind", "mcpu", "num-cores")},
+                        "tvm_version": tvm.__version__},
+    }

@@ -1,0 +1,96 @@
+"""Build a lowered program into a native library and run it.
+
+`build` compiles the Relax module with relax.build for an LLVM CPU target; the result is a
+shared library (`export_library`) that the runtime loads with
+`tvm.runtime.load_module(path)` + `tvm.relax.VirtualMachine(lib, tvm.cpu())` and calls as
+`vm["main"](*inputs, *weights)` (program.py documents the order).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from mocompile.backends.tvm_cpu.program import LoweredProgram
+from mocompile.backends.tvm_cpu.target import host_target
+
+# Both must be set before TVM's thread pool starts (its first parallel kernel):
+# - torch and TVM each keep a thread pool; sharing the cores, spinning workers of one starve
+#   the other, so TVM's workers sleep when idle;
+# - TVM sizes its pool at half the logical CPUs on x86 (it assumes hyper-threading), which on
+#   a machine without SMT runs every kernel on half the cores. Use them all.
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+
+class Executable:
+    """A built program: the compiled VM executable plus its calling convention."""
+
+    def __init__(self, exe: tvm.runtime.Executable, program: LoweredProgram) -> None:
+        self.exe = exe
+        self.program = program
+        self._vm: relax.VirtualMachine | None = None
+        self._weights: list[tvm.runtime.Tensor] | None = None
+
+    def export_library(self, path: str) -> None:
+        """Write the shared library (weights are not in it; see LoweredProgram.arrays)."""
+        self.exe.export_library(path)
+
+    @property
+    def vm(self) -> relax.VirtualMachine:
+        if self._vm is None:
+            self._vm = relax.VirtualMachine(self.exe, tvm.cpu())
+        return self._vm
+
+    def load_weights(self, arrays: Mapping[str, np.ndarray] | None = None) -> None:
+        """Upload the weights once (default: the program's own packed arrays)."""
+        arrays = arrays if arrays is not None else self.program.arrays
+        self._weights = [tvm.runtime.tensor(np.ascontiguousarray(arrays[n])) for n in self.program.weight_names]
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run `main` on numpy inputs; returns {output name: array}."""
+        if self._weights is None:
+            self.load_weights()
+        args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[n])) for n in self.program.input_names]
+        return unpack_outputs(self.vm["main"](*args, *self._weights), self.program.output_names)
+
+
+def unpack_outputs(result, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """VM result (one tensor or a tuple of them) -> {name: numpy array}."""
+    items = [result] if len(names) == 1 else [result[i] for i in range(len(names))]
+    return {n: t.numpy() for n, t in zip(names, items)}
+
+
+def relax_pipeline() -> tvm.transform.Pass:
+    """TVM's default Relax build pipeline minus LegalizeOps / RewriteDataflowReshape.
+
+    The lowered module holds only call_tir's to kernels this backend scheduled, plus
+    `relax.reshape` views; legalizing would turn those reshapes into (unscheduled) copy
+    kernels only to turn them back, and the reshape-pattern analysis cannot read
+    hand-written (non-block) TIR. The VM lowers the remaining reshapes to free views.
+    """
+    t = relax.transform
+    return tvm.transform.Sequential([
+        t.ToNonDataflow(),
+        t.RemovePurityChecking(),
+        t.CallTIRRewrite(),
+        t.StaticPlanBlockMemory(),
+        t.LowerAllocTensor(),
+        t.KillAfterLastUse(),
+        t.LowerRuntimeBuiltin(),
+        t.ComputePrimValue(),
+        t.VMShapeLower(),
+        t.AttachGlobalSymbol(),
+    ], name="mocompile_tvm_cpu")
+
+
+def build(program: LoweredProgram, target: tvm.target.Target | None = None) -> Executable:
+    """Compile a lowered program for `target` (default: this host CPU, all cores)."""
+    target = target or host_target()
+    with target:
+        exe = relax.build(program.mod, target, relax_pipeline=relax_pipeline())
+    return Executable(exe, program)

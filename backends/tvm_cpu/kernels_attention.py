@@ -1,0 +1,189 @@
+"""Causal / full multi-head attention with rotary positions and grouped-query heads.
+
+Three kernels:
+- `rope_table`: cos/sin[S, 2, D/2] for positions 0..S-1 (one libm sincos per entry, instead
+  of one per element of q and k);
+- `attention_keys`: K -> Kt[B, Hkv, D, S_pad] (rope applied, transposed, zero padded to a
+  multiple of KB) so that for a fixed head-dim index the keys are contiguous and a query
+  scores KB keys with plain vector FMAs;
+- `attention`: QB query rows of one head per parallel task, keys in blocks of KB with an
+  online softmax (running max and sum, flash-attention style): no S x S score matrix.
+
+Rope follows the interpreter (ir/ops/attention.py): angle = float32(pos) * inv_freq[i] with
+inv_freq computed by numpy at compile time and passed in as a constant table (so both sides
+round identically), out = x*cos + rotate_half(x)*sin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import tirx
+
+from mocompile.backends.tvm_cpu import tir_util as U
+from mocompile.backends.tvm_cpu.kernels_math import exp
+
+KB = 64  # keys per block: four 16-lane vectors of independent FMA chains
+QB = 4  # queries per task: each loaded key / value vector is used QB times
+NEG_INF = tirx.FloatImm("float32", float("-inf"))
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rope: bool
+    causal: bool
+
+    def tag(self) -> str:
+        return f"h{self.heads}kv{self.kv_heads}d{self.head_dim}{'_rope' if self.rope else ''}{'_causal' if self.causal else ''}"
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """inv_freq[D/2], bit-identical to the interpreter's rope_tables."""
+    return (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
+
+
+def padded_len(s):
+    return (s + KB - 1) // KB * KB
+
+
+def rope_table(head_dim: int) -> tirx.PrimFunc:
+    """inv_freq[D/2] and the sequence length s (a shape argument) -> cs[s, 2, D/2] (cos, sin)."""
+    half = head_dim // 2
+    s = U.dim("s")
+    with U.kernel(f"rope_table_d{head_dim}") as kern:
+        inv_freq = U.arg("inv_freq", (half,))
+        U.scalar_arg(s)
+        cs = U.arg("cs", (s, 2, half))
+        with U.parallel(0, s) as pos:
+            with U.serial(0, half) as i:
+                angle = tirx.Cast("float32", pos) * inv_freq[i]
+                U.store(cs, (pos, 0, i), tirx.cos(angle))
+                U.store(cs, (pos, 1, i), tirx.sin(angle))
+    return kern.func
+
+
+def _rope(load, d, head_dim: int, cs, pos):
+    """Element d of the rotated head vector x (x[c] = load(c)) at position pos."""
+    half = head_dim // 2
+    i = tirx.floormod(d, half)
+    rotated = tirx.Select(d < half, -load(tirx.min(d + half, head_dim - 1)), load(tirx.max(d - half, 0)))
+    return load(d) * cs[pos, 0, i] + rotated * cs[pos, 1, i]
+
+
+def attention_keys(spec: AttentionSpec) -> tirx.PrimFunc:
+    """k[B, S, Hkv*D] (+ cs from rope_table) -> kt[B, Hkv, D, padded(S)]."""
+    b, s = U.dim("b"), U.dim("s")
+    D, hkv = spec.head_dim, spec.kv_heads
+    sp = padded_len(s)
+    with U.kernel(f"attention_keys_{spec.tag()}") as kern:
+        k = U.arg("k", (b, s, hkv * D))
+        cs = U.arg("cs", (s, 2, D // 2)) if spec.rope else None
+        kt = U.arg("kt", (b, hkv, D, sp))
+        # One kt row (b, h, d) per task; its keys j are contiguous, so the writes vectorize
+        # (the reads of k gather with stride Hkv*D).
+        with U.parallel(0, b * hkv * D) as task:
+            bi, h, d = task // (hkv * D), task // D % hkv, task % D
+            with U.serial(0, sp // 16) as j0:
+                with U.vectorized(0, 16) as jj:
+                    j = j0 * 16 + jj
+                    jc = tirx.min(j, s - 1)  # padding keys read a valid row and store zero
+
+                    def load(c):
+                        return k[bi, jc, h * D + c]
+
+                    val = _rope(load, d, D, cs, jc) if spec.rope else load(d)
+                    U.store(kt, (bi, h, d, j), tirx.Select(j < s, val, U.f32(0)))
+    return kern.func
+
+
+def attention(spec: AttentionSpec) -> tirx.PrimFunc:
+    """q[B, S, H*D], kt (from attention_keys), v[B, S, Hkv*D] (+ cs) -> out[B, S, H*D].
+
+    A task is QB consecutive queries of one head: each key vector loaded from kt and v
+    serves QB queries (the per-query state is unrolled in Python, one scratch buffer per
+    query, so it stays in registers). Rows past the end compute on the last row and are
+    not stored.
+    """
+    b, s = U.dim("b"), U.dim("s")
+    D, H, hkv = spec.head_dim, spec.heads, spec.kv_heads
+    group = H // hkv
+    lanes = U.lanes_for(D)
+    sp = padded_len(s)
+    n_qb = (s + QB - 1) // QB
+    local = U.scratch if D * 4 < U.STACK_BYTES else U.workspace
+    scale = U.f32(1.0 / np.sqrt(D))
+    with U.kernel(f"attention_{spec.tag()}") as kern:
+        q = U.arg("q", (b, s, H * D))
+        kt = U.arg("kt", (b, hkv, D, sp))
+        v = U.arg("v", (b, s, hkv * D))
+        cs = U.arg("cs", (s, 2, D // 2)) if spec.rope else None
+        out = U.arg("out", (b, s, H * D))
+        with U.parallel(0, b * H * n_qb) as task:
+            bi = task // (H * n_qb)
+            h = task // n_qb % H
+            i0 = task % n_qb * QB
+            kvh = h // group
+            rows = [tirx.min(i0 + qi, s - 1) for qi in range(QB)]  # clamped query positions
+            qrow = [local((D,)) for _ in range(QB)]
+            acc = [local((D,)) for _ in range(QB)]
+            score = [U.scratch((KB,)) for _ in range(QB)]
+            run = [U.scratch((4,)) for _ in range(QB)]  # running max, running sum, block max, correction
+            for qi in range(QB):
+                with U.serial(0, D) as d:
+
+                    def load(c, i=rows[qi]):
+                        return q[bi, i, h * D + c]
+
+                    val = _rope(load, d, D, cs, rows[qi]) if spec.rope else load(d)
+                    U.store(qrow[qi], (d,), val * scale)
+                with U.vectorized(0, D) as d:
+                    U.store(acc[qi], (d,), U.f32(0))
+                U.store(run[qi], (0,), NEG_INF)
+                U.store(run[qi], (1,), U.f32(0))
+            # keys query qi may see: [0, limit[qi]); the block needs [0, n_keys)
+            limit = [r + 1 for r in rows] if spec.causal else [s] * QB
+            n_keys = tirx.min(i0 + QB, s) if spec.causal else s
+            with U.serial(0, (n_keys + KB - 1) // KB) as kb:
+                j0 = kb * KB
+                for qi in range(QB):
+                    with U.vectorized(0, KB) as jj:
+                        U.store(score[qi], (jj,), U.f32(0))
+                with U.serial(0, D) as d:
+                    for qi in range(QB):
+                        with U.vectorized(0, KB) as jj:
+                            U.store(score[qi], (jj,), score[qi][jj] + qrow[qi][d] * kt[bi, kvh, d, j0 + jj])
+                for qi in range(QB):
+                    _emit_softmax_block(score[qi], run[qi], acc[qi], j0, limit[qi], D)
+                with U.serial(0, tirx.min(KB, n_keys - j0)) as jj:
+                    with U.serial(0, D // lanes) as c:
+                        with U.vectorized(0, lanes) as l:
+                            d = c * lanes + l
+                            vv = v[bi, j0 + jj, kvh * D + d]
+                            for qi in range(QB):
+                                U.store(acc[qi], (d,), acc[qi][d] + score[qi][jj] * vv)
+            for qi in range(QB):
+                with U.when(i0 + qi < s):
+                    with U.vectorized(0, D) as d:
+                        U.store(out, (bi, i0 + qi, h * D + d), acc[qi][d] / run[qi][1])
+    return kern.func
+
+
+def _emit_softmax_block(score, run, acc, j0, limit, head_dim: int) -> None:
+    """Online-softmax step for one query: mask keys >= limit, turn scores into exp(s - max),
+    rescale the running sum and accumulator to the new max."""
+    with U.vectorized(0, KB) as jj:
+        U.store(score, (jj,), tirx.Select(j0 + jj < limit, score[jj], NEG_INF))
+    U.emit_reduce(run, (2,), lambda jj: score[jj], KB, tirx.max)
+    new_max = tirx.max(run[0], run[2])
+    U.store(run, (3,), exp(run[0] - new_max))
+    U.store(run, (0,), new_max)
+    with U.vectorized(0, KB) as jj:
+        U.store(score, (jj,), exp(score[jj] - run[0]))
+    U.emit_reduce(run, (2,), lambda jj: score[jj], KB, lambda a, c: a + c)
+    U.store(run, (1,), run[1] * run[3] + run[2])
+    with U.vectorized(0, head_dim) as d:
+        U.store(acc, (d,), acc[d] * run[3])

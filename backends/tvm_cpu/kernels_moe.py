@@ -1,0 +1,92 @@
+"""The data-movement kernels of the sparse MoE block (the GEMMs are in kernels_matmul.py).
+
+Dispatch, per call (t tokens, k experts each, P = t*k (token, slot) pairs):
+1. `moe_plan`    counts pairs per expert, exclusive cumsum -> indptr[E+1], and assigns each
+                 pair a row in expert-sorted order (stable: token order within an expert):
+                 row_token[r], row_weight[r] (routing weight) and pair_row[p] (its inverse).
+2. `moe_gather`  xs[r] = x[row_token[r]]: the token copies, grouped by expert.
+3. grouped GEMMs (kernels_matmul.grouped_matmul): h = act(xs W_gate_e) * (xs W_up_e) and
+                 ys = row_weight * (h W_down_e), each expert over its own rows only.
+4. `moe_combine` out[t] = sum_j ys[pair_row[t*k + j]] (+ residual): a gather, so no atomics
+                 and a deterministic summation order.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+
+from mocompile.backends.tvm_cpu import tir_util as U
+
+
+def moe_plan(experts: int, top_k: int) -> tirx.PrimFunc:
+    """indices[t, k] int32, weights[t, k] -> indptr[E+1], row_token[P], row_weight[P], pair_row[P].
+
+    O(t*k + E) sequential work: a counting sort. It is the only serial kernel; it reads no
+    activations or weights, so it stays negligible next to the GEMMs it plans.
+    """
+    t = U.dim("t")
+    with U.kernel(f"moe_plan_e{experts}_k{top_k}", serial=True) as kern:
+        indices = U.arg("indices", (t, top_k), "int32")
+        weights = U.arg("weights", (t, top_k))
+        indptr = U.arg("indptr", (experts + 1,), "int32")
+        row_token = U.arg("row_token", (t * top_k,), "int32")
+        row_weight = U.arg("row_weight", (t * top_k,))
+        pair_row = U.arg("pair_row", (t * top_k,), "int32")
+        cursor = U.workspace((experts,), "int32")
+        with U.serial(0, experts + 1) as e:
+            U.store(indptr, (e,), tirx.IntImm("int32", 0))
+        with U.serial(0, t) as i:
+            with U.serial(0, top_k) as j:
+                e = indices[i, j]
+                U.store(indptr, (e + 1,), indptr[e + 1] + 1)
+        with U.serial(0, experts) as e:
+            U.store(indptr, (e + 1,), indptr[e + 1] + indptr[e])
+            U.store(cursor, (e,), indptr[e])
+        with U.serial(0, t) as i:
+            with U.serial(0, top_k) as j:
+                e = indices[i, j]
+                r = cursor[e]
+                U.store(row_token, (r,), tirx.Cast("int32", i))
+                U.store(row_weight, (r,), weights[i, j])
+                U.store(pair_row, (i * top_k + j,), r)
+                U.store(cursor, (e,), r + 1)
+    return kern.func
+
+
+def _emit_row_copy(dst, dst_row, src, src_row, hidden: int) -> None:
+    lanes = U.lanes_for(hidden)
+    with U.serial(0, hidden // lanes) as c:
+        with U.vectorized(0, lanes) as l:
+            U.store(dst, (dst_row, c * lanes + l), src[src_row, c * lanes + l])
+
+
+def moe_gather(hidden: int) -> tirx.PrimFunc:
+    """xs[r, :] = x[row_token[r], :]."""
+    t, p = U.dim("t"), U.dim("p")
+    with U.kernel(f"moe_gather_h{hidden}") as kern:
+        x = U.arg("x", (t, hidden))
+        row_token = U.arg("row_token", (p,), "int32")
+        xs = U.arg("xs", (p, hidden))
+        with U.parallel(0, p) as r:
+            _emit_row_copy(xs, r, x, U.i64(row_token[r]), hidden)
+    return kern.func
+
+
+def moe_combine(hidden: int, top_k: int, residual: bool = False) -> tirx.PrimFunc:
+    """out[i, :] = sum_j ys[pair_row[i*k + j], :]  (+ residual[i, :])."""
+    t = U.dim("t")
+    lanes = U.lanes_for(hidden)
+    with U.kernel(f"moe_combine_h{hidden}_k{top_k}{'_residual' if residual else ''}") as kern:
+        ys = U.arg("ys", (t * top_k, hidden))
+        pair_row = U.arg("pair_row", (t * top_k,), "int32")
+        res = U.arg("residual", (t, hidden)) if residual else None
+        out = U.arg("out", (t, hidden))
+        with U.parallel(0, t) as i:
+            with U.serial(0, hidden // lanes) as c:
+                with U.vectorized(0, lanes) as l:
+                    col = c * lanes + l
+                    v = res[i, col] if residual else U.f32(0)
+                    for j in range(top_k):  # fixed order: slot 0 first
+                        v = v + ys[U.i64(pair_row[i * top_k + j]), col]
+                    U.store(out, (i, col), v)
+    return kern.func

@@ -1,0 +1,145 @@
+"""Top-k expert selection (router.topk after its logits matmul), one token per task.
+
+Mirrors mocompile.ir.ops.moe.route exactly: modality groups mask logits to -inf outside the
+token's group; softmax or sigmoid scores; DeepSeek-V3 group limiting (group score = sum of
+its top-2 scores, keep the topk_group best groups, zero the rest); top_k by score with ties
+to the lower index; weights = chosen scores, optionally renormalized, times routed_scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+
+from mocompile.backends.tvm_cpu import tir_util as U
+from mocompile.backends.tvm_cpu.kernels_math import sigmoid
+
+NEG_INF = tirx.FloatImm("float32", float("-inf"))
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    experts: int
+    top_k: int
+    scoring: str = "softmax"
+    normalize: bool = True
+    routed_scale: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    groups: tuple[tuple[int, int, int], ...] = ()  # (modality_id, start, end)
+
+    def tag(self) -> str:
+        groups = "".join(f"_m{m}r{a}to{b}" for m, a, b in self.groups)
+        scale = str(self.routed_scale).replace(".", "p").replace("-", "m")
+        return (f"e{self.experts}_k{self.top_k}_{self.scoring}{'_norm' if self.normalize else ''}"
+                f"_g{self.n_group}x{self.topk_group}{groups}_s{scale}")
+
+
+def _allowed(spec: RouterSpec, mod, e):
+    """May a token of modality `mod` use expert `e`? (tokens of no listed modality: any expert)."""
+    in_group = tirx.const(False, "bool")
+    listed = tirx.const(False, "bool")
+    for mod_id, start, end in spec.groups:
+        is_mod = mod == mod_id
+        listed = tirx.Or(listed, is_mod)
+        in_group = tirx.Or(in_group, tirx.And(is_mod, tirx.And(e >= start, e < end)))
+    return tirx.Or(in_group, tirx.Not(listed))
+
+
+def _emit_argmax(values, taken, n: int, best) -> None:
+    """best[0] = index of the largest values[i] with taken[i] == 0 (ties: lowest index)."""
+    U.store(best, (0,), tirx.IntImm("int32", -1))
+    with U.serial(0, n) as i:
+        better = tirx.Or(best[0] < 0, values[i] > values[tirx.max(best[0], 0)])
+        with U.when(tirx.And(taken[i] == 0, better)):
+            U.store(best, (0,), tirx.Cast("int32", i))
+
+
+def router_topk(spec: RouterSpec) -> tirx.PrimFunc:
+    """logits[t, E] (+ modality[t] int32) -> weights[t, k] f32, indices[t, k] int32."""
+    E, k = spec.experts, spec.top_k
+    t = U.dim("t")
+    local = U.scratch if E * 4 < U.STACK_BYTES else U.workspace
+    with U.kernel(f"router_topk_{spec.tag()}") as kern:
+        logits = U.arg("logits", (t, E))
+        modality = U.arg("modality", (t,), "int32") if spec.groups else None
+        weights = U.arg("weights", (t, k))
+        indices = U.arg("indices", (t, k), "int32")
+        with U.parallel(0, t) as i:
+            scores = local((E,))
+            choice = local((E,))
+            taken = local((E,), "int32")
+            acc = U.scratch((2,))  # running max / sum
+            best = U.scratch((1,), "int32")
+
+            def allowed(e):
+                return _allowed(spec, modality[i], e) if spec.groups else tirx.const(True, "bool")
+
+            # scores
+            if spec.scoring == "softmax":
+                U.store(acc, (0,), NEG_INF)
+                with U.serial(0, E) as e:
+                    with U.when(allowed(e)):
+                        U.store(acc, (0,), tirx.max(acc[0], logits[i, e]))
+                U.store(acc, (1,), U.f32(0))
+                with U.serial(0, E) as e:
+                    U.store(scores, (e,), tirx.Select(allowed(e), tirx.exp(logits[i, e] - acc[0]), U.f32(0)))
+                    U.store(acc, (1,), acc[1] + scores[e])
+                with U.serial(0, E) as e:
+                    U.store(scores, (e,), scores[e] / acc[1])
+            elif spec.scoring == "sigmoid":
+                with U.serial(0, E) as e:
+                    U.store(scores, (e,), tirx.Select(allowed(e), sigmoid(logits[i, e]), U.f32(0)))
+            else:
+                raise ValueError(f"unknown router scoring {spec.scoring!r}")
+            with U.serial(0, E) as e:
+                U.store(choice, (e,), scores[e])
+                U.store(taken, (e,), tirx.IntImm("int32", 0))
+            # group limiting: keep the topk_group groups with the best top-2 sums
+            if spec.n_group > 1:
+                _emit_group_limit(spec, scores, choice, local, best)
+            if spec.groups:
+                with U.serial(0, E) as e:
+                    U.store(choice, (e,), tirx.Select(allowed(e), choice[e], NEG_INF))
+            # top-k by repeated argmax
+            U.store(acc, (1,), U.f32(0))
+            for j in range(k):
+                _emit_argmax(choice, taken, E, best)
+                U.store(taken, (best[0],), tirx.IntImm("int32", 1))
+                U.store(indices, (i, j), best[0])
+                U.store(weights, (i, j), scores[best[0]])
+                U.store(acc, (1,), acc[1] + scores[best[0]])
+            scale = U.f32(spec.routed_scale)
+            with U.serial(0, k) as j:
+                w = weights[i, j] / (acc[1] + U.f32(1e-20)) if spec.normalize else weights[i, j]
+                U.store(weights, (i, j), w * scale)
+    return kern.func
+
+
+def _emit_group_limit(spec: RouterSpec, scores, choice, local, best) -> None:
+    g, size = spec.n_group, spec.experts // spec.n_group
+    if spec.experts % g:
+        raise ValueError(f"router: {spec.experts} experts do not split into {g} groups")
+    group_score = U.scratch((g,))
+    group_taken = U.scratch((g,), "int32")
+    top2 = U.scratch((2,))
+    with U.serial(0, g) as gi:
+        U.store(top2, (0,), NEG_INF)
+        U.store(top2, (1,), NEG_INF)
+        with U.serial(0, size) as s:
+            v = scores[gi * size + s]
+            with U.if_else(v > top2[0]) as (then, orelse):
+                with then():
+                    U.store(top2, (1,), top2[0])
+                    U.store(top2, (0,), v)
+                with orelse():
+                    with U.when(v > top2[1]):
+                        U.store(top2, (1,), v)
+        U.store(group_score, (gi,), top2[0] + (top2[1] if size > 1 else U.f32(0)))
+        U.store(group_taken, (gi,), tirx.IntImm("int32", 0))
+    for _ in range(spec.topk_group):
+        _emit_argmax(group_score, group_taken, g, best)
+        U.store(group_taken, (best[0],), tirx.IntImm("int32", 1))
+    with U.serial(0, spec.experts) as e:
+        U.store(choice, (e,), tirx.Select(group_taken[e // size] == 1, choice[e], U.f32(0)))

@@ -1,0 +1,232 @@
+"""IR graph -> Relax module (`lower`), and the context the per-op lowerings use.
+
+Every IR op has one lowering function (lowerings.py, registered with `@lowering(op)`); a
+lowering emits Relax calls to TIR kernels through `LowerContext` and returns the Relax
+values of the node's outputs. Activations enter kernels as 2-D [rows, features] views
+(`ctx.rows`), so one kernel serves any number of leading [batch, seq, ...] axes.
+
+Weights become trailing parameters of `main` (never constants in the module): a lowering
+asks `ctx.weight(kind, params, panel)` for a weight in a given layout and gets a parameter
+back; the packed array and its `WeightLayout` are recorded for the artifact.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+
+from mocompile.backends.tvm_cpu.layout import WeightLayout, make_layout
+from mocompile.backends.tvm_cpu.program import LoweredProgram
+from mocompile.backends.tvm_cpu.schedule import schedule_module
+from mocompile.backends.tvm_cpu.tir_util import NAME_ATTR
+from mocompile.errors import MocompileError
+from mocompile.ir.graph import Graph, Node, Value
+from mocompile.ir.types import Dim, dim_terms
+
+Lowering = Callable[["LowerContext", Node], Sequence[relax.Expr]]
+LOWERINGS: dict[str, Lowering] = {}
+
+
+class LoweringError(MocompileError):
+    """The graph uses something this backend cannot compile (an op, a dtype, an attribute)."""
+
+
+def lowering(*ops: str) -> Callable[[Lowering], Lowering]:
+    """Register the decorated function as the lowering of the IR op(s) `ops`."""
+
+    def register(fn: Lowering) -> Lowering:
+        for op in ops:
+            if op in LOWERINGS:
+                raise ValueError(f"lowering for {op!r} registered twice")
+            LOWERINGS[op] = fn
+        return fn
+
+    return register
+
+
+def _register_builtin_lowerings() -> None:
+    import mocompile.backends.tvm_cpu.lowerings  # noqa: F401  (registers on import)
+
+
+def _product(dims: Sequence[tirx.PrimExpr]) -> tirx.PrimExpr:
+    out: tirx.PrimExpr = tirx.IntImm("int64", 1)
+    for d in dims:
+        out = d if isinstance(out, tirx.IntImm) and int(out) == 1 else out * d
+    return out
+
+
+class LowerContext:
+    """State shared by the lowerings of one graph."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.bb = relax.BlockBuilder()
+        self.symbols: dict[str, tirx.Var] = {}
+        self._values: dict[int, relax.Expr] = {}
+        self._rows: dict[int, relax.Expr] = {}
+        self._weight_vars: dict[str, relax.Var] = {}
+        self.weight_layouts: list[WeightLayout] = []
+        self.weight_arrays: dict[str, np.ndarray] = {}
+        self._kernels: dict[str, relax.GlobalVar] = {}
+        self._users = graph.users()
+        self._outputs = {id(v) for v in graph.outputs}
+        self.fused: set[int] = set()  # ids of nodes already emitted as part of another node
+
+    # ---- shapes ---------------------------------------------------------------------
+    def dim(self, d: Dim) -> tirx.PrimExpr:
+        """A static or symbolic IR dim as an int64 PrimExpr (sums become sums of vars)."""
+        terms = [tirx.IntImm("int64", t) if isinstance(t, int) else self.symbols.setdefault(t, tirx.Var(t, "int64"))
+                 for t in dim_terms(d)]
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
+        return total
+
+    def shape(self, v: Value) -> list[tirx.PrimExpr]:
+        return [self.dim(d) for d in v.type.shape]
+
+    def rows_of(self, v: Value) -> tirx.PrimExpr:
+        """Product of all but the last dim: the number of rows of `rows(v)`."""
+        return _product(self.shape(v)[:-1])
+
+    # ---- values ---------------------------------------------------------------------
+    def bind(self, v: Value, expr: relax.Expr) -> None:
+        self._values[id(v)] = expr
+
+    def has(self, v: Value) -> bool:
+        return id(v) in self._values or self.is_weight(v)
+
+    def is_weight(self, v: Value) -> bool:
+        return self.graph.params.get(v.name) is v
+
+    def value(self, v: Value) -> relax.Expr:
+        """The Relax value of an IR value (a graph weight becomes an identity-layout parameter)."""
+        if id(v) in self._values:
+            return self._values[id(v)]
+        if self.is_weight(v):
+            return self.weight("identity", [v])
+        raise LoweringError(f"value {v.name} used before it is produced")
+
+    def rows(self, v: Value) -> relax.Expr:
+        """`v` viewed as [rows, last dim] (a free reshape)."""
+        x = self.value(v)
+        if v.type.rank == 2:
+            return x
+        if id(v) not in self._rows:
+            self._rows[id(v)] = self.bb.emit(relax.op.reshape(x, [self.rows_of(v), self.dim(v.type.shape[-1])]))
+        return self._rows[id(v)]
+
+    def flat(self, v: Value) -> relax.Expr:
+        """`v` viewed as one axis."""
+        x = self.value(v)
+        if v.type.rank == 1:
+            return x
+        return self.bb.emit(relax.op.reshape(x, [_product(self.shape(v))]))
+
+    def reshape_to(self, x: relax.Expr, v: Value) -> relax.Expr:
+        """Give a kernel result (of shape [rows, last dim]) the shape of IR value `v`."""
+        if v.type.rank == 2:
+            return x
+        self._rows[id(v)] = x  # the 2-D form stays available to consumers
+        return self.bb.emit(relax.op.reshape(x, self.shape(v)))
+
+    # ---- weights --------------------------------------------------------------------
+    def weight(self, kind: str, params: Sequence[Value], panel: int = 0) -> relax.Var:
+        """A runtime weight parameter: graph weights `params` packed with layout `kind`."""
+        for p in params:
+            if not self.is_weight(p):
+                raise LoweringError(f"{kind} layout needs a graph weight, but {p.name} is computed at run time")
+        names = [p.name for p in params]
+        name = names[0] if kind == "identity" else f"{'+'.join(names)}@{kind}{panel}"
+        if name not in self._weight_vars:
+            spec, array = make_layout(name, kind, [(n, self.graph.weights[n]) for n in names], panel)
+            self.weight_layouts.append(spec)
+            self.weight_arrays[name] = array
+            self._weight_vars[name] = relax.Var(name, relax.TensorType(list(spec.shape), spec.dtype))
+        return self._weight_vars[name]
+
+    def weight_params(self) -> list[relax.Var]:
+        return [self._weight_vars[w.name] for w in self.weight_layouts]
+
+    # ---- kernels --------------------------------------------------------------------
+    def call(self, func: tirx.PrimFunc, args: Sequence[relax.Expr],
+             outs: Sequence[tuple[Sequence[tirx.PrimExpr], str]]) -> relax.Expr | list[relax.Expr]:
+        """Emit `call_tir(func, args)` producing tensors `outs` ((shape, dtype) pairs).
+        Integer expressions among `args` (shape values) are passed as scalars."""
+        name = str(func.attrs[NAME_ATTR])
+        if name not in self._kernels:
+            self._kernels[name] = self.bb.add_func(func, name)
+        types = [relax.TensorType(list(shape), dtype) for shape, dtype in outs]
+        call = relax.call_tir(self._kernels[name], list(args), types if len(types) > 1 else types[0])
+        result = self.bb.emit(call)
+        if len(types) == 1:
+            return result
+        return [self.bb.emit(relax.TupleGetItem(result, i)) for i in range(len(types))]
+
+    # ---- fusion ---------------------------------------------------------------------
+    def residual_for(self, node: Node) -> tuple[Node, Value] | None:
+        """If `node`'s only output feeds exactly one `add` (and nothing else) whose other
+        operand has the same shape and is already computed, return (add node, other operand):
+        the producer's kernel can add it while writing back instead of a separate pass."""
+        (out,) = node.outputs
+        users = self._users.get(id(out), [])
+        if len(users) != 1 or id(out) in self._outputs:
+            return None
+        add = users[0]
+        if add.op != "add" or len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
+            return None
+        other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+        if other.type != out.type or add.outputs[0].type != out.type or not self.has(other):
+            return None
+        return add, other
+
+    def fuse_into(self, consumer: Node) -> None:
+        self.fused.add(id(consumer))
+
+
+def _check_signature(graph: Graph, ctx: LowerContext) -> None:
+    """Every symbol must appear as a plain dim of some input (so the VM can bind it)."""
+    plain = {d for v in graph.inputs for d in v.type.shape if isinstance(d, str) and "+" not in d}
+    for v in graph.inputs:
+        for d in v.type.shape:
+            for t in dim_terms(d):
+                if isinstance(t, str) and t not in plain:
+                    raise LoweringError(f"input {v.name}: symbol {t!r} is not the whole size of any input axis")
+
+
+def lower(graph: Graph) -> LoweredProgram:
+    """Lower an IR graph to a Relax module `main(*inputs, *weights)`; see program.py for the
+    calling convention. Raises LoweringError for ops or attributes this backend lacks."""
+    _register_builtin_lowerings()
+    missing = sorted({n.op for n in graph.nodes if n.op not in LOWERINGS})
+    if missing:
+        raise LoweringError(f"the tvm_cpu backend has no lowering for op(s): {', '.join(missing)}")
+    ctx = LowerContext(graph)
+    _check_signature(graph, ctx)
+    inputs = []
+    for v in graph.inputs:
+        var = relax.Var(v.name, relax.TensorType(ctx.shape(v), v.type.dtype))
+        ctx.bind(v, var)
+        inputs.append(var)
+    bb = ctx.bb
+    with bb.function("main"):
+        with bb.dataflow():
+            for node in graph.nodes:
+                if id(node) in ctx.fused:
+                    continue
+                try:
+                    results = LOWERINGS[node.op](ctx, node)
+                except LoweringError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - say which node failed
+                    raise RuntimeError(f"lowering {node.op} at {node.loc or '?'} failed: {e}") from e
+                for v, r in zip(node.outputs, results):
+                    ctx.bind(v, r)
+            outs = [bb.emit_output(ctx.value(v)) for v in graph.outputs]
+        bb.emit_func_output(outs[0] if len(outs) == 1 else relax.Tuple(outs), params=inputs + ctx.weight_params())
+    mod = schedule_module(bb.get())
+    return LoweredProgram(mod, [v.name for v in graph.inputs], [v.name for v in graph.outputs],
+                          list(ctx.weight_layouts), dict(ctx.weight_arrays))

@@ -1,0 +1,190 @@
+"""One lowering per IR op: which kernels an op becomes and with which weight layouts.
+
+Each function receives the LowerContext and the IR node and returns the Relax values of the
+node's outputs. Shapes: activations go to kernels as [rows, features] (ctx.rows) and come
+back reshaped to the IR type (ctx.reshape_to).
+"""
+
+from __future__ import annotations
+
+from tvm import relax
+
+from mocompile.backends.tvm_cpu import kernels_injective as KI
+from mocompile.backends.tvm_cpu.kernels_attention import (AttentionSpec, attention, attention_keys, padded_len,
+                                                             rope_inv_freq, rope_table)
+from mocompile.backends.tvm_cpu.kernels_matmul import Epilogue, dense_matmul, grouped_matmul
+from mocompile.backends.tvm_cpu.kernels_moe import moe_combine, moe_gather, moe_plan
+from mocompile.backends.tvm_cpu.kernels_norm import norm
+from mocompile.backends.tvm_cpu.kernels_router import RouterSpec, router_topk
+from mocompile.backends.tvm_cpu.layout import panel_width
+from mocompile.backends.tvm_cpu.lower import LowerContext, LoweringError, lowering
+from mocompile.ir.graph import Node, Value
+
+F32 = "float32"
+
+
+def _require_f32(node: Node, *values: Value) -> None:
+    for v in values:
+        if v.type.dtype != F32:
+            raise LoweringError(f"{node.op} at {node.loc or '?'}: {v.name} is {v.type.dtype}; the tvm_cpu backend "
+                                f"computes this op in float32 only")
+
+
+def _with_residual(ctx: LowerContext, node: Node):
+    """(fused add node, residual rows) if the node's output is only added to a residual."""
+    fusion = ctx.residual_for(node)
+    if fusion is None:
+        return None, None
+    add, other = fusion
+    ctx.fuse_into(add)
+    return add, ctx.rows(other)
+
+
+def _finish(ctx: LowerContext, node: Node, y: relax.Expr, add: Node | None) -> list[relax.Expr]:
+    """Bind the kernel result to the node's output, or to the fused add's output."""
+    target = add.outputs[0] if add is not None else node.outputs[0]
+    out = ctx.reshape_to(y, target)
+    if add is not None:
+        ctx.bind(target, out)
+    return [out]
+
+
+def _dense(ctx: LowerContext, x_rows: relax.Expr, rows, w: Value, epi: Epilogue, extra=(), gate: Value | None = None):
+    """x_rows @ w.T through panels (or act(x @ gate.T) * (x @ w.T) with gate), + epilogue."""
+    n, k = (int(d) for d in w.type.shape)
+    tj = panel_width(n)
+    wp = ctx.weight("glu_panels", [gate, w], tj) if gate is not None else ctx.weight("panels", [w], tj)
+    return ctx.call(dense_matmul(k, n, tj, epi), [x_rows, wp, *extra], [((rows, n), F32)])
+
+
+@lowering("linear")
+def _linear(ctx: LowerContext, node: Node):
+    x, w = node.inputs[:2]
+    _require_f32(node, *node.inputs)
+    bias = [ctx.weight("identity", [node.inputs[2]])] if len(node.inputs) == 3 else []
+    add, residual = _with_residual(ctx, node)
+    epi = Epilogue(bias=bool(bias), residual=residual is not None)
+    y = _dense(ctx, ctx.rows(x), ctx.rows_of(x), w, epi, extra=bias + ([residual] if residual is not None else []))
+    return _finish(ctx, node, y, add)
+
+
+@lowering("mlp")
+def _mlp(ctx: LowerContext, node: Node):
+    _require_f32(node, *node.inputs)
+    gated, act = node.attrs["gated"], node.attrs["activation"]
+    x = node.inputs[0]
+    gate, up, down = node.inputs[1:] if gated else (None, *node.inputs[1:])
+    rows = ctx.rows_of(x)
+    h = _dense(ctx, ctx.rows(x), rows, up, Epilogue(glu=gated, activation=act), gate=gate)
+    add, residual = _with_residual(ctx, node)
+    y = _dense(ctx, h, rows, down, Epilogue(residual=residual is not None),
+               extra=[residual] if residual is not None else [])
+    return _finish(ctx, node, y, add)
+
+
+@lowering("rmsnorm", "layernorm")
+def _norm(ctx: LowerContext, node: Node):
+    _require_f32(node, *node.inputs)
+    x = node.inputs[0]
+    hidden = int(x.type.shape[-1])
+    kind = "rms" if node.op == "rmsnorm" else "layer"
+    params = [ctx.value(p) for p in node.inputs[1:]]
+    y = ctx.call(norm(kind, hidden, float(node.attrs["eps"])), [ctx.rows(x), *params], [((ctx.rows_of(x), hidden), F32)])
+    return [ctx.reshape_to(y, node.outputs[0])]
+
+
+@lowering("attention")
+def _attention(ctx: LowerContext, node: Node):
+    _require_f32(node, *node.inputs)
+    q, k, v = node.inputs
+    a = node.attrs
+    spec = AttentionSpec(int(a["heads"]), int(a["kv_heads"]), int(a["head_dim"]), float(a["rope_theta"]) > 0, bool(a["causal"]))
+    b, s = ctx.shape(q)[:2]
+    rope = []
+    if spec.rope:
+        inv_freq = relax.const(rope_inv_freq(spec.head_dim, float(a["rope_theta"])))
+        rope = [ctx.call(rope_table(spec.head_dim), [inv_freq, s], [((s, 2, spec.head_dim // 2), F32)])]
+    kt = ctx.call(attention_keys(spec), [ctx.value(k), *rope],
+                  [((b, spec.kv_heads, spec.head_dim, padded_len(s)), F32)])
+    out = ctx.call(attention(spec), [ctx.value(q), kt, ctx.value(v), *rope], [(ctx.shape(q), F32)])
+    return [out]
+
+
+@lowering("router.topk")
+def _router(ctx: LowerContext, node: Node):
+    a = node.attrs
+    if a["capacity_factor"] is not None:
+        raise LoweringError(f"router.topk at {node.loc or '?'}: capacity_factor (token dropping) makes one sample's "
+                            "output depend on the rest of the batch; the tvm_cpu backend does not compile it")
+    x, w = node.inputs[:2]
+    _require_f32(node, x, w)
+    experts, k = int(w.type.shape[0]), int(a["top_k"])
+    rows = ctx.rows_of(x)
+    logits = _dense(ctx, ctx.rows(x), rows, w, Epilogue())
+    spec = RouterSpec(experts, k, a["scoring"], bool(a["normalize"]), float(a["routed_scale"]), int(a["n_group"]),
+                      int(a["topk_group"]), tuple(tuple(int(t) for t in g) for g in a["groups"]))
+    modality = [ctx.flat(node.inputs[2])] if spec.groups else []
+    weights, indices = ctx.call(router_topk(spec), [logits, *modality], [((rows, k), F32), ((rows, k), "int32")])
+    return [ctx.reshape_to(weights, node.outputs[0]), ctx.reshape_to(indices, node.outputs[1])]
+
+
+@lowering("experts")
+def _experts(ctx: LowerContext, node: Node):
+    """Sparse MoE: plan (counting sort by expert) -> gather -> grouped GLU GEMM -> grouped
+    down GEMM scaled by the routing weight -> combine. See kernels_moe.py."""
+    gated, act = node.attrs["gated"], node.attrs["activation"]
+    x, weights, indices = node.inputs[:3]
+    gate, up, down = node.inputs[3:] if gated else (None, *node.inputs[3:])
+    _require_f32(node, x, weights, up, down, *([gate] if gate is not None else []))
+    experts, ffn, hidden = (int(d) for d in up.type.shape)
+    k = int(weights.type.shape[-1])
+    rows = ctx.rows_of(x)
+    pairs = rows * k
+    indptr, row_token, row_weight, pair_row = ctx.call(
+        moe_plan(experts, k), [ctx.rows(indices), ctx.rows(weights)],
+        [((experts + 1,), "int32"), ((pairs,), "int32"), ((pairs,), F32), ((pairs,), "int32")])
+    xs = ctx.call(moe_gather(hidden), [ctx.rows(x), row_token], [((pairs, hidden), F32)])
+    tj_f = panel_width(ffn)
+    w_up = (ctx.weight("expert_glu_panels", [gate, up], tj_f) if gated else ctx.weight("expert_panels", [up], tj_f))
+    h = ctx.call(grouped_matmul(experts, hidden, ffn, tj_f, Epilogue(glu=gated, activation=act)),
+                 [xs, indptr, w_up], [((pairs, ffn), F32)])
+    tj_h = panel_width(hidden)
+    w_down = ctx.weight("expert_panels", [down], tj_h)
+    ys = ctx.call(grouped_matmul(experts, ffn, hidden, tj_h, Epilogue(row_scale=True)),
+                  [h, indptr, w_down, row_weight], [((pairs, hidden), F32)])
+    add, residual = _with_residual(ctx, node)
+    out = ctx.call(moe_combine(hidden, k, residual is not None),
+                   [ys, pair_row, *([residual] if residual is not None else [])], [((rows, hidden), F32)])
+    return _finish(ctx, node, out, add)
+
+
+# ---- elementwise and shape ops (te + generic schedule) ---------------------------------
+@lowering("add", "mul")
+def _binary(ctx: LowerContext, node: Node):
+    a, b = node.inputs
+    fn = KI.binary(node.op, KI.BINARY[node.op], ctx.shape(node.outputs[0]))
+    return [ctx.bb.emit_te(fn, ctx.value(a), ctx.value(b), primfunc_name_hint=node.op)]
+
+
+@lowering("silu", "gelu", "sigmoid")
+def _unary(ctx: LowerContext, node: Node):
+    return [ctx.bb.emit_te(KI.unary(node.op), ctx.value(node.inputs[0]), primfunc_name_hint=node.op)]
+
+
+@lowering("concat")
+def _concat(ctx: LowerContext, node: Node):
+    return [ctx.bb.emit_te(KI.concat(int(node.attrs["axis"])), *[ctx.value(v) for v in node.inputs],
+                           primfunc_name_hint="concat")]
+
+
+@lowering("segment_ids")
+def _segment_ids(ctx: LowerContext, node: Node):
+    ids = tuple(int(i) for i in node.attrs["ids"])
+    return [ctx.bb.emit_te(KI.segment_ids(ids), *[ctx.value(v) for v in node.inputs], primfunc_name_hint="segment_ids")]
+
+
+@lowering("embedding")
+def _embedding(ctx: LowerContext, node: Node):
+    ids, table = node.inputs
+    rows = ctx.bb.emit_te(KI.embedding, ctx.flat(ids), ctx.value(table), primfunc_name_hint="embedding")
+    return [ctx.reshape_to(rows, node.outputs[0])]

@@ -1,0 +1,47 @@
+"""The lowered program: the Relax module plus the weights it expects, in order.
+
+Calling convention of `main` (what an artifact writer / runtime must follow):
+
+    main(*inputs, *weights) -> output | (output_0, output_1, ...)
+
+- inputs: the graph inputs in `input_names` order (the graph's own order), with the graph's
+  dtypes; symbolic dims are free (bound from the arrays at call time);
+- weights: `weights` in list order: each entry's `name` is its key in the artifact's
+  safetensors, its array is already in the backend layout (see layout.py); `WeightLayout.
+  pack` re-derives it from the graph's (torch-layout) weights;
+- outputs: `output_names` order; a tuple when there are several.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tvm
+
+from mocompile.backends.tvm_cpu.layout import WeightLayout
+
+
+@dataclass
+class LoweredProgram:
+    mod: tvm.IRModule
+    input_names: list[str]
+    output_names: list[str]
+    weights: list[WeightLayout]  # order of the trailing parameters of `main`
+    arrays: dict[str, np.ndarray] = field(repr=False)  # weight name -> array in backend layout
+
+    @property
+    def weight_names(self) -> list[str]:
+        return [w.name for w in self.weights]
+
+    def weight_arrays(self) -> list[np.ndarray]:
+        return [self.arrays[w.name] for w in self.weights]
+
+    def manifest(self) -> dict[str, Any]:
+        """JSON-serialisable description of the calling convention (for the artifact)."""
+        return {
+            "inputs": list(self.input_names),
+            "outputs": list(self.output_names),
+            "weights": [w.to_json() for w in self.weights],
+        }

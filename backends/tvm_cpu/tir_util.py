@@ -1,0 +1,145 @@
+"""Helpers for hand-writing TIR kernels with TVMScript's IR builder.
+
+The kernels of this backend are written as explicit loop nests ("scheduled by
+construction": every loop is declared parallel, vectorized, unrolled or serial where it is
+written) rather than as tensor expressions scheduled afterwards, because their loop bounds
+are often data-dependent (the rows an expert serves), which schedule primitives do not
+handle. The IR builder (instead of the @T.prim_func decorator) lets plain Python decide the
+parameter list and the epilogue of a kernel, so one function emits every variant.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import tvm
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+# Function attribute of every hand-written kernel: its loops are already scheduled.
+HAND_SCHEDULED_ATTR = "mocompile.hand_scheduled"
+
+# Function attribute holding the kernel's name (the name of its GlobalVar in the module).
+NAME_ATTR = "mocompile.kernel"
+
+# Function attribute marking a kernel that is deliberately single-threaded (tiny,
+# inherently sequential bookkeeping). Every other kernel must contain a parallel loop;
+# `schedule_check.check_scheduled` enforces it.
+SERIAL_ATTR = "mocompile.serial"
+
+# LLVM keeps an accumulator in registers only if TVM allocates it on the stack, which it
+# does for "global"-scope allocations strictly below this many bytes (larger ones go to a
+# heap workspace that every iteration then reads and writes).
+STACK_BYTES = 1024
+
+
+class Kernel:
+    """Result holder for `kernel()`: `.func` is the PrimFunc once the block exits."""
+
+    func: tirx.PrimFunc
+
+
+@contextmanager
+def kernel(name: str, serial: bool = False) -> Iterator[Kernel]:
+    """Build one private PrimFunc named `name`; declare args with `arg()` inside the block."""
+    out = Kernel()
+    attrs = {"tir.noalias": True, HAND_SCHEDULED_ATTR: True, NAME_ATTR: name}
+    if serial:
+        attrs[SERIAL_ATTR] = True
+    with IRBuilder() as ib:
+        with T.prim_func(private=True):
+            T.func_name(name)
+            T.func_attr(attrs)
+            yield out
+    out.func = ib.get()
+
+
+def arg(name: str, shape: Sequence, dtype: str = "float32") -> tirx.Buffer:
+    """A tensor parameter. Symbolic dims (tirx.Var) are bound from the first buffer using them."""
+    return T.arg(name, T.Buffer(tuple(shape), dtype, buffer_name=name))
+
+
+def scalar_arg(var: tirx.Var) -> tirx.Var:
+    """A scalar int64 parameter (a shape value no buffer argument carries)."""
+    return T.arg(var.name, var)
+
+
+def dim(name: str) -> tirx.Var:
+    """A symbolic int64 dimension of a kernel's buffers."""
+    return tirx.Var(name, "int64")
+
+
+def scratch(shape: Sequence[int], dtype: str = "float32") -> tirx.Buffer:
+    """A small per-iteration buffer LLVM can keep in registers (see STACK_BYTES)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    nbytes = n * tvm.DataType(dtype).bits // 8
+    if nbytes >= STACK_BYTES:
+        raise ValueError(f"scratch buffer {tuple(shape)} {dtype} is {nbytes} bytes; keep it under {STACK_BYTES}")
+    return T.alloc_buffer(tuple(shape), dtype, scope="global")
+
+
+def workspace(shape: Sequence, dtype: str = "float32") -> tirx.Buffer:
+    """A per-iteration buffer of any size (heap-allocated by TVM when large)."""
+    return T.alloc_buffer(tuple(shape), dtype, scope="global")
+
+
+def store(buf: tirx.Buffer, indices: Sequence, value) -> None:
+    T.buffer_store(buf, value, list(indices))
+
+
+@contextmanager
+def when(cond) -> Iterator[None]:
+    """`if cond:` in the emitted code."""
+    with T.If(cond):
+        with T.Then():
+            yield
+
+
+@contextmanager
+def if_else(cond) -> Iterator[tuple]:
+    """Usage: `with if_else(c) as (then, orelse): with then(): ...; with orelse(): ...`."""
+    with T.If(cond):
+        yield (T.Then, T.Else)
+
+
+def i64(x) -> tirx.PrimExpr:
+    return tirx.Cast("int64", x) if getattr(x, "dtype", "int64") != "int64" else x
+
+
+def f32(x: float) -> tirx.PrimExpr:
+    return tirx.FloatImm("float32", float(x))
+
+
+def emit_reduce(dst: tirx.Buffer, dst_index: Sequence, load, n: int, combine, lanes: int | None = None) -> None:
+    """dst[dst_index] = combine-reduction of load(0..n-1) (static n): `lanes` partial results
+    combined with vector ops, then folded serially (short dependency chains)."""
+    lanes = lanes or lanes_for(n)
+    part = scratch((lanes,))
+    with vectorized(0, lanes) as l:
+        store(part, (l,), load(l))
+    with serial(1, n // lanes) as c:
+        with vectorized(0, lanes) as l:
+            store(part, (l,), combine(part[l], load(c * lanes + l)))
+    value = part[0]
+    for l in range(1, lanes):
+        value = combine(value, part[l])
+    store(dst, dst_index, value)
+
+
+def lanes_for(n: int, widest: int = 16) -> int:
+    """The widest vector width (<= widest, power of two) dividing a static extent n."""
+    lanes = widest
+    while lanes > 1 and n % lanes:
+        lanes //= 2
+    return lanes
+
+
+serial, parallel, vectorized, unroll = T.serial, T.parallel, T.vectorized, T.unroll
+
+__all__ = ["HAND_SCHEDULED_ATTR", "NAME_ATTR", "SERIAL_ATTR", "STACK_BYTES", "Kernel", "arg", "dim", "emit_reduce",
+           "f32", "i64", "if_else", "kernel", "lanes_for", "parallel", "scalar_arg", "scratch", "serial", "store", "unroll",
+           "vectorized", "when", "workspace"]

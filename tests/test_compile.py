@@ -1,0 +1,178 @@
+"""End to end: every example (and elastic variant) compiles for the CPU, the artifact agrees with
+the eager model, and the artifact is self-contained, checksummed and written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mocompile
+from conftest import EXAMPLES, example_variants
+from mocompile.errors import ArtifactError, VerificationError
+from mocompile.runtime import load, random_inputs
+
+COMPILED: dict[tuple[str, str | None], Path] = {}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict[tuple[str, str | None], Path]:
+    """Compile every example and variant once for this module."""
+    root = tmp_path_factory.mktemp("artifacts")
+    for spec_name, variant in example_variants():
+        out = root / f"{spec_name}-{variant or 'full'}"
+        mocompile.compile(EXAMPLES / spec_name, target="cpu", out_dir=out, variant=variant, batch=3, seq=5)
+        COMPILED[(spec_name, variant)] = out
+    return COMPILED
+
+
+@pytest.mark.parametrize("spec_name,variant", example_variants())
+def test_artifact_matches_eager_model(artifacts, spec_name: str, variant: str | None) -> None:
+    from mocompile.dsl import build_model, load_spec
+
+    path = artifacts[(spec_name, variant)]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["verification"]["max_rel_error"] <= 1e-4
+    assert {c["batch"] for c in manifest["verification"]["checks"]} == {1, 3}
+    # and independently of the compiler's own check, on fresh inputs of other sizes
+    model = build_model(load_spec(EXAMPLES / spec_name), seed=0, variant=variant)
+    art = load(path)
+    for batch, seq in ((1, 3), (4, 6)):
+        inputs = random_inputs(art.signature, batch, seq, seed=11)
+        got = art.run(inputs)["logits"]
+        with torch.no_grad():
+            ref = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_manifest_records_what_a_deployment_needs(artifacts) -> None:
+    path = artifacts[("mixtral_tiny.moe", None)]
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["format"] == "mocompile-artifact" and m["format_version"] == 1
+    assert len(m["model"]["spec_hash"]) == 64
+    assert m["target"]["name"] == "cpu"
+    assert m["signature"]["inputs"] == [{"name": "text", "dtype": "int64", "shape": ["batch", "seq"], "high": 512}]
+    assert m["signature"]["outputs"][0]["shape"] == ["batch", "seq", 512]
+    listed = set(m["files"])
+    on_disk = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert listed == on_disk and all(len(h) == 64 for h in m["files"].values())
+
+
+def test_runtime_runs_in_a_fresh_process_without_torch(artifacts) -> None:
+    path = artifacts[("deepseek_tiny.moe", None)]
+    code = (
+        "import sys, numpy as np\n"
+        "from mocompile.runtime import load, random_inputs\n"
+        f"art = load({str(path)!r})\n"
+        "out = art.run(random_inputs(art.signature, 2, 4))['logits']\n"
+        "assert out.shape == (2, 4, 512) and np.isfinite(out).all()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_tampered_weights_are_refused(artifacts, tmp_path) -> None:
+    import shutil
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(artifacts[("mixtral_tiny.moe", None)], copy)
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        load(copy)
+    cli = subprocess.run([sys.executable, "-m", "mocompile.cli", "run", str(copy)], capture_output=True, text=True)
+    assert cli.returncode == 1
+    assert cli.stderr.count("\n") == 1 and "checksum mismatch" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_failed_verification_leaves_no_artifact(tmp_path, monkeypatch) -> None:
+    import mocompile.compiler as compiler
+
+    out = tmp_path / "never"
+    monkeypatch.setattr(compiler, "TOLERANCE", -1.0)  # nothing can pass
+    with pytest.raises(VerificationError, match="disagrees with the eager torch model"):
+        mocompile.compile(EXAMPLES / "mixtral_tiny.moe", out_dir=out, batch=1, seq=2)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no staging directory left behind either
+
+
+def test_recompiling_over_an_artifact_replaces_it_whole(artifacts, tmp_path) -> None:
+    out = tmp_path / "art"
+    mocompile.compile(EXAMPLES / "mixtral_tiny.moe", out_dir=out, batch=1, seq=2, seed=1)
+    first = json.loads((out / "manifest.json").read_text())
+    mocompile.compile(EXAMPLES / "mixtral_tiny.moe", out_dir=out, batch=1, seq=2, seed=2)
+    second = json.loads((out / "manifest.json").read_text())
+    assert first["files"] != second["files"]  # different weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    load(out)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TVM_THREAD_POOL_SPIN_COUNT="0")
+    return subprocess.run([sys.executable, "-m", "mocompile.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_cli_compile_run_inspect(tmp_path) -> None:
+    out = tmp_path / "unified_half"
+    r = _cli("compile", str(EXAMPLES / "unified_tiny.moe"), "-o", str(out), "--variant", "half",
+             "--passes", "dce,fold-constants", "--batch", "2", "--seq", "4")
+    assert r.returncode == 0, r.stderr
+    assert "max relative error" in r.stdout and "[6/6]" in r.stderr
+    r = _cli("run", str(out), "--batch", "2", "--seq", "3", "--repeat", "2")
+    assert r.returncode == 0, r.stderr
+    assert "output logits: float32[2, 9, 512]" in r.stdout and "time per call" in r.stdout
+    r = _cli("inspect", str(out))
+    assert r.returncode == 0 and json.loads(r.stdout)["passes"][0]["pass"] == "dce"
+    r = _cli("inspect", str(out), "--ir")
+    assert r.returncode == 0 and "router.topk" in r.stdout
+    r = _cli("inspect", str(EXAMPLES / "unified_tiny.moe"))
+    assert r.returncode == 0 and "active per token" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (("compile", "no/such.moe", "-o", "x"), "no/such.moe"),
+    (("compile", "{spec}", "-o", "{out}", "--variant", "nope"), "no variant 'nope'"),
+    (("compile", "{spec}", "-o", "{out}", "--passes", "dce,bogus"), "unknown pass 'bogus'"),
+    (("compile", "{spec}", "-o", "{out}", "--target", "tpu"), "unknown target 'tpu'"),
+    (("compile", "{spec}", "-o", "{out}", "--weights", "{missing}"), "weights file not found"),
+    (("run", "{out}"), "not an artifact directory"),
+])
+def test_cli_errors_are_one_line(tmp_path, args: tuple[str, ...], message: str) -> None:
+    fill = {"spec": str(EXAMPLES / "mixtral_tiny.moe"), "out": str(tmp_path / "o"), "missing": str(tmp_path / "w.st")}
+    r = _cli(*(a.format(**fill) for a in args))
+    assert r.returncode == 1
+    errors = [line for line in r.stderr.splitlines() if not line.startswith("[")]  # "[n/6] ..." is progress
+    assert len(errors) == 1 and errors[0].startswith("mocompile: error: ") and message in errors[0]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_wrong_checkpoint_is_a_clear_error(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from mocompile.dsl import build_model, load_spec
+
+    state = {k: v.contiguous() for k, v in build_model(load_spec(EXAMPLES / "mixtral_tiny.moe")).state_dict().items()}
+    state["layers.0.ffn.experts.up"] = state["layers.0.ffn.experts.up"][:, :-1].contiguous()
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad))
+    r = _cli("compile", str(EXAMPLES / "mixtral_tiny.moe"), "-o", str(tmp_path / "o"), "--weights", str(bad))
+    assert r.returncode == 1 and "layers.0.ffn.experts.up" in r.stderr and "shape" in r.stderr
+    good = tmp_path / "good.safetensors"
+    state["layers.0.ffn.experts.up"] = torch.zeros(8, 256, 128)
+    save_file(state, str(good))
+    art = mocompile.compile(EXAMPLES / "mixtral_tiny.moe", out_dir=tmp_path / "g", weights=good, batch=1, seq=3)
+    assert art.manifest["model"]["weights"] == str(good)
