@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["compile", "__version__"]
+__all__ = ["compile", "check_isolation", "IsolationReport", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,4 +17,12 @@ def __getattr__(name: str) -> Any:
         from mocompile.compiler import compile
 
         return compile
+    if name == "check_isolation":
+        from mocompile.isolation_check import check_isolation
+
+        return check_isolation
+    if name == "IsolationReport":
+        from mocompile.isolation import IsolationReport
+
+        return IsolationReport
     raise AttributeError(f"module 'mocompile' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""The `mocompile` command. Every user-facing failure is one line on stderr and exit 1;
+"""The `mocompile` command. Every user-facing failure is one line on stderr and exit 1
+(`check-isolation` exits 3 when the model leaks between samples or isolation is unknown);
 set MOCOMPILE_DEBUG=1 to see the traceback of an internal error."""
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 from mocompile.errors import MocompileError
+
+EXIT_NOT_ISOLATED = 3  # check-isolation: the model leaks between samples, or isolation could not be shown
 
 
 def _add_shape_args(p: argparse.ArgumentParser, batch: int, seq: int) -> None:
@@ -31,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", help="safetensors file with the full model's weights (default: from --seed)")
     c.add_argument("--seed", type=int, default=0, help="seed of the deterministic weights and test inputs")
     c.add_argument("--plugin", action="append", default=[], help="Python file registering extra passes")
+    c.add_argument("--require-isolation", action="store_true",
+                   help="fail unless no sample of a batch can influence another sample's output")
     _add_shape_args(c, 2, 8)
 
     r = sub.add_parser("run", help="run an artifact on random inputs and time it")
@@ -38,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--repeat", type=int, default=10, help="timed calls (default 10)")
     _add_shape_args(r, 1, 8)
+
+    b = sub.add_parser("check-isolation", help="prove that no sample of a batch can influence another sample's output")
+    b.add_argument("path", help="a .moe spec (static proof, witness of a leak) or an artifact directory (recorded "
+                                "verdict, differential run)")
+    b.add_argument("--variant", help="with a spec: the elastic sub-model to check")
+    b.add_argument("--passes", default="", help="with a spec: pass pipeline to run before the check")
+    b.add_argument("--seed", type=int, default=0, help="seed of the weights and test inputs")
+    b.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_shape_args(b, 3, 8)
 
     i = sub.add_parser("inspect", help="summarise a spec or an artifact")
     i.add_argument("path", help="a .moe spec or an artifact directory")
@@ -53,13 +67,52 @@ def cmd_compile(a: argparse.Namespace) -> int:
         if value < 1:
             raise MocompileError(f"{name} must be at least 1 (got {value})")
     art = compile(a.spec, target=a.target, passes=a.passes, out_dir=a.out, variant=a.variant, weights=a.weights,
-                  seed=a.seed, batch=a.batch, seq=a.seq, plugins=tuple(a.plugin), progress=stderr_progress)
+                  seed=a.seed, batch=a.batch, seq=a.seq, plugins=tuple(a.plugin), progress=stderr_progress,
+                  require_isolation=a.require_isolation)
     v = art.manifest["verification"]
     print(f"compiled {art.manifest['model']['name']}"
           f"{' (variant ' + a.variant + ')' if a.variant else ''} for {a.target} -> {art.path}")
     print(f"verified against the {v['reference']}: max relative error {v['max_rel_error']:.2e} "
           f"(tolerance {v['tolerance']:g}), max abs error {max(c['max_abs_error'] for c in v['checks']):.2e}")
+    print(f"batch isolation: {art.manifest['isolation']['verdict']}")
     return 0
+
+
+def _artifact_isolation(a: argparse.Namespace):
+    """The verdict recorded at compile time, plus a differential run of the compiled code."""
+    from mocompile.isolation import Finding, IsolationReport
+    from mocompile.isolation_check import input_axes_of
+    from mocompile.runtime import load, random_inputs
+    from mocompile.witness import differential_check
+
+    art = load(a.path)
+    recorded = art.manifest.get("isolation")
+    report = IsolationReport.from_json(recorded) if recorded else IsolationReport(
+        "unknown", [Finding("unknown", "", "", "", "the artifact records no isolation verdict", [], [])], {}, {})
+    sig = art.signature
+    inputs = random_inputs(sig, a.batch, a.seq, a.seed)
+    try:
+        report.differential = differential_check(
+            art.run, inputs, input_axes_of({t.name: t.shape for t in sig.inputs}),
+            input_axes_of({t.name: t.shape for t in sig.outputs}), perturbed=0, seed=a.seed,
+            int_high={t.name: t.high for t in sig.inputs if t.high})
+    except ValueError as e:
+        raise MocompileError(f"{a.path}: {e}") from None
+    return report
+
+
+def cmd_check_isolation(a: argparse.Namespace) -> int:
+    if a.batch < 2:
+        raise MocompileError(f"--batch must be at least 2 to compare samples (got {a.batch})")
+    if Path(a.path).is_dir():
+        report = _artifact_isolation(a)
+    else:
+        from mocompile.isolation_check import check_spec
+
+        report, _ = check_spec(a.path, a.variant, seed=a.seed, batch=a.batch, seq=a.seq, passes=a.passes)
+    print(json.dumps(report.to_json(), indent=2) if a.json else report.format())
+    dynamic_ok = report.differential is None or report.differential["bitwise_identical"]
+    return 0 if report.verdict == "isolated" and dynamic_ok else EXIT_NOT_ISOLATED
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -132,7 +185,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return _inspect_artifact(a) if Path(a.path).is_dir() else _inspect_spec(a)
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect}
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "check-isolation": cmd_check_isolation}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

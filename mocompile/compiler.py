@@ -23,6 +23,7 @@ from mocompile.ir.interpreter import run as interpret
 from mocompile.ir.printer import format_graph
 from mocompile.ir.types import TensorType
 from mocompile.ir.verifier import VerifyError, verify
+from mocompile.isolation import IsolationReport
 from mocompile.pass_manager import PassContext, PassManager, load_plugin
 from mocompile.runtime import LoadedArtifact, Signature, TensorSpec, random_inputs
 
@@ -139,6 +140,22 @@ def signature_of(graph: Graph, int_high: Mapping[str, int]) -> Signature:
     )
 
 
+def check_batch_isolation(graph: Graph, src: Source, batch: int, seq: int, seed: int) -> IsolationReport:
+    """The isolation verdict of the IR a backend will get; a leak is witnessed on random inputs."""
+    from mocompile.isolation_check import check_graph
+
+    inputs = random_inputs(signature_of(graph, src.int_high), max(batch, 2), seq, seed)
+    return check_graph(graph, inputs, int_high=src.int_high, seed=seed)
+
+
+def _witness_note(report: IsolationReport) -> str:
+    w = report.witness
+    if not w or not w.get("changed"):
+        return ""
+    return (f" (witness: sample {w['observed_sample']}'s {w['output']} changes by {w['max_change']:.3g} when only "
+            f"sample {w['perturbed_sample']} changes)")
+
+
 def get_backend(target: str) -> Any:
     if target == "cpu":
         from mocompile.backends import tvm_cpu
@@ -161,11 +178,14 @@ def compile(
     plugins: tuple[str, ...] = (),
     input_types: Mapping[str, TensorType] | None = None,
     progress: Progress | None = None,
+    require_isolation: bool = False,
 ) -> LoadedArtifact:
     """Compile a spec (object or `.moe` path) or a torch module into an artifact directory,
     verify it against the eager model, and return it loaded.
 
     The artifact is checked at batch 1 and at `batch`, with `seq` positions per segment.
+    The batch-isolation verdict of the final IR is recorded in the manifest; with
+    `require_isolation`, a leak or an unknown fails the compile before code generation.
     """
     say = progress or (lambda m: None)
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
@@ -183,6 +203,10 @@ def compile(
     say(f"[3/6] running passes: {passes or '(none)'}")
     manager = PassManager(passes)
     graph, reports = manager.run(graph, PassContext(target=target))
+    isolation = check_batch_isolation(graph, src, batch, seq, seed)
+    say(f"      batch isolation: {isolation.summary()}")
+    if require_isolation and isolation.verdict != "isolated":
+        raise MocompileError(f"batch isolation required, but {isolation.summary()}{_witness_note(isolation)}")
     exact = all(getattr(p, "preserves_semantics", True) for p in manager.passes)
     reference = eager_reference(src.module) if exact else Reference(lambda x: interpret(graph, x), "IR interpreter")
     out_dir = Path(out_dir or f"build/{src.name}")
@@ -197,6 +221,7 @@ def compile(
             "signature": signature_of(graph, src.int_high).to_json(),
             "program": program,
             "passes": reports,
+            "isolation": isolation.to_json(),
         }
         say(f"[5/6] verifying against the {reference.name}")
         staged = LoadedArtifact(stage, manifest)

@@ -50,6 +50,7 @@ FunctionLowering = Callable[[Lowering, str, list[Any], dict[str, Any]], Any]
 
 MODULE_LOWERINGS: dict[type, ModuleLowering] = {}
 FUNCTION_LOWERINGS: dict[Any, FunctionLowering] = {}
+METHOD_LOWERINGS: dict[str, FunctionLowering] = {}  # tensor methods by name; args[0] is the tensor
 
 
 def lowers_module(*classes: type) -> Callable[[ModuleLowering], ModuleLowering]:
@@ -64,6 +65,14 @@ def lowers_function(*targets: Any) -> Callable[[FunctionLowering], FunctionLower
     def deco(fn: FunctionLowering) -> FunctionLowering:
         for t in targets:
             FUNCTION_LOWERINGS[t] = fn
+        return fn
+    return deco
+
+
+def lowers_method(*names: str) -> Callable[[FunctionLowering], FunctionLowering]:
+    def deco(fn: FunctionLowering) -> FunctionLowering:
+        for n in names:
+            METHOD_LOWERINGS[n] = fn
         return fn
     return deco
 
@@ -205,7 +214,10 @@ def lower_module(model: nn.Module, input_types: Mapping[str, TensorType], name: 
         elif node.op == "get_attr":
             env[node] = lw.param(node.target, _get_attr(model, node.target))
         elif node.op == "call_method":
-            raise MocompileError(f"{path or node.name}: no IR lowering for tensor method .{node.target}()")
+            fn = METHOD_LOWERINGS.get(node.target)
+            if fn is None:
+                raise MocompileError(f"{path or node.name}: no IR lowering for tensor method .{node.target}()")
+            env[node] = fn(lw, path or node.name, list(_map_args(node.args, env)), dict(_map_args(node.kwargs, env)))
         elif node.op == "output":
             out = _map_args(node.args[0], env)
             graph.outputs = list(out) if isinstance(out, (tuple, list)) else [out]
@@ -223,3 +235,7 @@ def _get_attr(model: nn.Module, target: str) -> torch.Tensor:
 
 def numpy_inputs(inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in inputs.items()}
+
+
+# Lowerings of plain tensor code (reshape, reductions, sdpa, batch norm, ...) register into the tables above.
+from mocompile import lower_tensor_code  # noqa: E402,F401

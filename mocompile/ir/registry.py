@@ -4,7 +4,14 @@ Facets a registered op carries:
 - `infer`: output types from input types and attrs (the verifier and every pass use it);
 - `compute`: reference semantics on numpy arrays (the interpreter: the oracle that every
   backend and pass is checked against);
-- `batch_flow`: how the batch (sample) axis of each input reaches each output (isolation);
+- `batch_flow`: how the batch (sample) axis of each input reaches each output, and whether
+  the op mixes samples (the isolation analysis; vocabulary and helpers in
+  `mocompile.ir.batch_flow`). `batch_flow(FlowArgs) -> Flow`: from the inputs' abstract
+  states (which axes carry the sample index, which mixing points they already depend on,
+  their role: data, sample label, same-sample mask, batch-wide permutation), input/output
+  types and attrs, to each output's state, with `Out(mixes="why")` where the op itself
+  makes an output depend on other samples. An op without one makes the verdict "unknown",
+  never "isolated";
 - `cost`: FLOPs and bytes moved for concrete shapes (placement, reports, rooflines).
 Backend lowerings live with each backend (a backend registers a lowering per op name and
 refuses a graph holding an op it has none for), so the core never imports TVM.
@@ -17,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from mocompile.ir.batch_flow import BatchFlowFn
 from mocompile.ir.types import TensorType
 
 
@@ -43,7 +51,7 @@ class OpDef:
     infer: InferFn
     compute: ComputeFn
     attrs: Mapping[str, Any] = field(default_factory=dict)  # name -> default (REQUIRED if none)
-    batch_flow: Callable[..., Any] | None = None
+    batch_flow: BatchFlowFn | None = None
     cost: Callable[[Sequence[TensorType], Sequence[TensorType], Mapping[str, Any], Mapping[str, int]], Cost] | None = None
     doc: str = ""
 

@@ -1,9 +1,10 @@
 """Tensor types with static or symbolic dimensions.
 
 A dimension is an int, a symbol name ("batch", "seq"), or a sum of terms written as text
-("seq_text+seq_image+16"). Sums appear when segments are concatenated (multimodal early
-fusion); nothing else in the IR needs shape arithmetic, so the representation stays text a
-person can read in the printer and compare with ==.
+("seq_text+seq_image+16"); a term may be a product ("4*batch") once a reshape flattens a
+symbolic axis. Sums appear when segments are concatenated (multimodal early fusion),
+products when a reshape merges axes; nothing else needs shape arithmetic, so the
+representation stays text a person can read in the printer and compare with ==.
 """
 
 from __future__ import annotations
@@ -44,12 +45,20 @@ def eval_dim(d: Dim, env: Mapping[str, int]) -> int:
     """The value of a dimension once its symbols are bound."""
     total = 0
     for t in dim_terms(d):
-        total += t if isinstance(t, int) else env[t]
+        total += t if isinstance(t, int) else _eval_product(t, env)
     return total
 
 
+def _eval_product(term: str, env: Mapping[str, int]) -> int:
+    """A term "4*batch*seq" (reshape flattens symbolic axes into products)."""
+    value = 1
+    for f in term.split("*"):
+        value *= int(f) if f.lstrip("-").isdigit() else env[f]
+    return value
+
+
 def symbols(d: Dim) -> list[str]:
-    return [t for t in dim_terms(d) if isinstance(t, str)]
+    return [f for t in dim_terms(d) if isinstance(t, str) for f in t.split("*") if not f.lstrip("-").isdigit()]
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,7 @@ def bind_shape(t: TensorType, actual: tuple[int, ...], env: dict[str, int], what
     if len(actual) != len(t.shape):
         raise ValueError(f"{what}: expected rank {len(t.shape)} ({t}), got shape {tuple(actual)}")
     for d, n in zip(t.shape, actual):
-        if isinstance(d, str) and "+" not in d and not d.lstrip("-").isdigit():
+        if isinstance(d, str) and "+" not in d and "*" not in d and not d.lstrip("-").isdigit():
             if env.setdefault(d, int(n)) != n:
                 raise ValueError(f"{what}: dimension {d} is {env[d]} elsewhere but {n} here")
     for d, n in zip(t.shape, actual):

@@ -11,6 +11,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mocompile.ir.batch_flow import SAME_SAMPLE, BatchState, Flow, FlowArgs, broadcast_map, combine, one
+from mocompile.ir.ops.elementwise import broadcast_shapes
 from mocompile.ir.registry import REQUIRED, Cost, OpDef, register_op
 from mocompile.ir.types import TensorType
 
@@ -72,5 +74,82 @@ def _cost(ins, outs, attrs, env) -> Cost:
     return Cost(flops=4 * b * s * s * hd, bytes=4 * sum(t.numel(env) for t in (*ins, *outs)))
 
 
-register_op(OpDef("attention", _infer, _compute, ATTENTION_ATTRS, cost=_cost,
+ACROSS_SAMPLES = ("attends across positions of different samples: keys and values carry the batch index along "
+                  "the sequence axis (packed sequences) and no block-diagonal same-sample mask keeps each query "
+                  "within its own sample")
+
+
+def _flow(args: FlowArgs) -> Flow:
+    """Each query position reads every key/value position of its row: isolated when the batch
+    is the leading axis, a leak when samples are packed along the sequence."""
+    return one(combine(args, [[0, 1, None], [0, None, None], [0, None, 2]], why=ACROSS_SAMPLES))
+
+
+register_op(OpDef("attention", _infer, _compute, ATTENTION_ATTRS, cost=_cost, batch_flow=_flow,
                   doc="softmax(rope(q) rope(k)^T / sqrt(d) + causal mask) v, grouped-query"))
+
+
+# ---- scaled_dot_product_attention (plain torch code) ----------------------------------------
+SDPA_ATTRS = {"causal": False, "scale": None}
+
+
+def _infer_sdpa(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
+    if len(ts) not in (3, 4):
+        raise ValueError(f"sdpa takes q, k, v[, mask]; got {len(ts)} inputs")
+    q, k, v = ts[:3]
+    if min(q.rank, k.rank, v.rank) < 2 or q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"sdpa: q {q}, k {k}, v {v} should be [..., L, E], [..., S, E], [..., S, Ev]")
+    lead = broadcast_shapes(broadcast_shapes(q.shape[:-2], k.shape[:-2]), v.shape[:-2])
+    if len(ts) == 4:
+        broadcast_shapes(ts[3].shape, lead + (q.shape[-2], k.shape[-2]))
+    return [TensorType(lead + (q.shape[-2], v.shape[-1]), q.dtype)]
+
+
+def _sdpa(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
+    q, k, v = xs[:3]
+    scale = attrs["scale"] if attrs["scale"] is not None else 1.0 / np.sqrt(q.shape[-1])
+    scores = (q @ np.swapaxes(k, -1, -2)) * scale
+    L, S = scores.shape[-2:]
+    if attrs["causal"]:
+        scores = np.where(np.tril(np.ones((L, S), dtype=bool)), scores, -np.inf)
+    if len(xs) == 4:
+        mask = xs[3]
+        scores = np.where(mask, scores, -np.inf) if mask.dtype == bool else scores + mask
+    scores = scores - scores.max(-1, keepdims=True)
+    p = np.exp(scores)
+    p = p / p.sum(-1, keepdims=True)
+    return [(p @ v).astype(np.float32)]
+
+
+def _sdpa_flow(args: FlowArgs) -> Flow:
+    """Leading axes broadcast; each query row reads all key/value rows. Keys packed with
+    several samples along the sequence are fine only under a same-sample mask."""
+    q, k, v = args.in_types[:3]
+    r = args.out_types[0].rank
+
+    def lead(rank: int) -> list:
+        return broadcast_map(rank - 2, r - 2)
+
+    maps = [[*lead(q.rank), r - 2, None], [*lead(k.rank), None, None], [*lead(v.rank), None, r - 1]]
+    if len(args.ins) == 4:
+        maps.append([*lead(args.in_types[3].rank), r - 2, None])
+    packed = any(s.axis(t.rank - 2) for s, t in zip(args.ins[1:3], (k, v)))
+    if packed and len(args.ins) == 4 and args.ins[0].axis(q.rank - 2):
+        mask, m = args.ins[3], args.in_types[3].rank
+        if mask.role == SAME_SAMPLE and {b.axis for b in mask.axes} == {m - 2, m - 1}:
+            states = [args.ins[0]] + [
+                BatchState(tuple(b for b in s.axes if b.axis != t.rank - 2), s.taints)
+                for s, t in zip(args.ins[1:3], (k, v))]
+            return Flow((combine(args, maps[:3], states=states, why=ACROSS_SAMPLES),), frozenset({3}))
+    return one(combine(args, maps, why=ACROSS_SAMPLES))
+
+
+def _sdpa_cost(ins, outs, attrs, env) -> Cost:
+    s, e = ins[1].concrete(env)[-2:]
+    return Cost(flops=2 * outs[0].numel(env) // max(outs[0].concrete(env)[-1], 1) * s * (e + ins[2].concrete(env)[-1]),
+                bytes=4 * sum(t.numel(env) for t in (*ins, *outs)))
+
+
+register_op(OpDef("sdpa", _infer_sdpa, _sdpa, SDPA_ATTRS, batch_flow=_sdpa_flow, cost=_sdpa_cost,
+                  doc="softmax(q k^T * scale [causal] [mask]) v over the last two axes, numpy broadcasting of the "
+                      "leading ones; a bool mask keeps True positions, a float mask is added"))

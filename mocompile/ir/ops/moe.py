@@ -5,7 +5,11 @@ Both keep any leading token axes ([batch, seq, ...]); routing is per token unles
 `capacity_factor` is set, in which case an expert serves at most
 ceil(capacity_factor * tokens * top_k / experts) assignments of the whole batch, taken in
 order (slot by slot, token by token) and the rest are dropped: GShard-style token
-dropping, which makes one sample's output depend on the others.
+dropping, which makes one sample's output depend on the others. `routing` selects two
+more batch-level schemes, both leaks by design: "expert_choice" (each expert picks its
+top-capacity tokens of the whole batch) and "balanced" (batch-level load balancing at
+inference: a greedy assignment that gives each expert at most ceil(tokens * top_k /
+experts) assignments, best scores first).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mocompile.ir.batch_flow import Flow, FlowArgs, Out, combine, identity_map, rowwise
 from mocompile.ir.ops.elementwise import ACTIVATIONS, sigmoid
 from mocompile.ir.ops.nn import ffn, ffn_weight_types
 from mocompile.ir.registry import REQUIRED, Cost, OpDef, register_op
@@ -29,7 +34,9 @@ ROUTER_ATTRS = {
     "topk_group": 1,
     "groups": (),  # ((modality_id, start, end), ...): route a token only within its modality's experts
     "capacity_factor": None,
+    "routing": "token_choice",  # | "expert_choice" | "balanced" (see the module docstring)
 }
+ROUTINGS = ("token_choice", "expert_choice", "balanced")
 
 
 def _infer_router(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
@@ -41,6 +48,8 @@ def _infer_router(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[Te
         raise ValueError(f"top_k {k} not in 1..{experts}")
     if attrs["scoring"] not in ("softmax", "sigmoid"):
         raise ValueError(f"unknown scoring {attrs['scoring']!r}")
+    if attrs["routing"] not in ROUTINGS:
+        raise ValueError(f"unknown routing {attrs['routing']!r} (known: {', '.join(ROUTINGS)})")
     if bool(attrs["groups"]) != (len(ts) == 3):
         raise ValueError("router.topk takes modality_ids exactly when it has modality groups")
     if len(ts) == 3 and (ts[2].shape != x.shape[:-1] or ts[2].dtype != "int32"):
@@ -78,14 +87,55 @@ def route(
         choice = np.where(np.repeat(mask, e // g, axis=-1), scores, 0.0)
     if attrs["groups"]:
         choice = np.where(allowed, choice, -np.inf)
-    idx = np.argsort(-choice, axis=-1, kind="stable")[:, :k]
-    weights = np.take_along_axis(scores, idx, axis=-1)
+    if attrs["routing"] == "token_choice":
+        idx = np.argsort(-choice, axis=-1, kind="stable")[:, :k]
+        served = np.ones(idx.shape, dtype=bool)
+    else:
+        idx, served = BATCH_ROUTINGS[attrs["routing"]](choice, k, attrs["capacity_factor"] or 1.0)
+    weights = np.where(served, np.take_along_axis(scores, idx, axis=-1), 0.0)
     if attrs["normalize"]:
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
     weights = weights * attrs["routed_scale"]
-    if attrs["capacity_factor"] is not None:
+    if attrs["capacity_factor"] is not None and attrs["routing"] == "token_choice":
         weights = drop_over_capacity(weights, idx, e, attrs["capacity_factor"])
     return weights.astype(np.float32), idx.astype(np.int32)
+
+
+def _slots(choice: np.ndarray, assigned: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per token, its assigned experts best first in k slots; empty slots are not served."""
+    ranked = np.where(assigned, choice, -np.inf)
+    idx = np.argsort(-ranked, axis=-1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(assigned, idx, axis=-1)
+
+
+def expert_choice(choice: np.ndarray, k: int, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each expert takes its ceil(factor * tokens * k / experts) best tokens of the whole batch;
+    a token keeps at most k of the experts that took it."""
+    t, e = choice.shape
+    capacity = min(t, math.ceil(factor * t * k / e))
+    best = np.argsort(-choice, axis=0, kind="stable")[:capacity]  # [capacity, experts]
+    assigned = np.zeros((t, e), dtype=bool)
+    assigned[best, np.arange(e)[None, :]] = True
+    return _slots(choice, assigned, k)
+
+
+def balanced(choice: np.ndarray, k: int, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Batch-level load balancing: (token, expert) pairs best score first, each token up to k
+    experts, each expert up to ceil(factor * tokens * k / experts) tokens."""
+    t, e = choice.shape
+    capacity = math.ceil(factor * t * k / e)
+    assigned = np.zeros((t, e), dtype=bool)
+    per_token, load = np.zeros(t, dtype=np.int64), np.zeros(e, dtype=np.int64)
+    for flat in np.argsort(-choice, axis=None, kind="stable"):
+        i, j = divmod(int(flat), e)
+        if per_token[i] < k and load[j] < capacity and np.isfinite(choice[i, j]):
+            assigned[i, j] = True
+            per_token[i] += 1
+            load[j] += 1
+    return _slots(choice, assigned, k)
+
+
+BATCH_ROUTINGS = {"expert_choice": expert_choice, "balanced": balanced}
 
 
 def drop_over_capacity(weights: np.ndarray, idx: np.ndarray, experts: int, factor: float) -> np.ndarray:
@@ -120,7 +170,28 @@ def _router_cost(ins, outs, attrs, env) -> Cost:
     return Cost(flops=2 * tokens * e * h, bytes=4 * (e * h + tokens * h))
 
 
-register_op(OpDef("router.topk", _infer_router, _router, ROUTER_ATTRS, cost=_router_cost,
+def _router_flow(args: FlowArgs) -> Flow:
+    """Per token along the leading axes, unless the routing looks at the whole batch."""
+    x = args.in_types[0]
+    maps = [identity_map(x.rank, drop=[-1]), None] + ([identity_map(x.rank - 1)] if len(args.ins) == 3 else [])
+    out = combine(args, maps, why="routes on the last axis, and that axis carries the batch (sample) index")
+    routing, factor = args.attrs["routing"], args.attrs["capacity_factor"]
+    if routing == "expert_choice":
+        why = "expert-choice routing: each expert picks its top tokens among all tokens of the batch"
+        return Flow((Out(out.axes, out.mixes or why),) * 2)
+    if routing == "balanced":
+        why = ("batch-level load balancing: which experts serve a token depends on the load the other tokens "
+               "of the batch put on them")
+        return Flow((Out(out.axes, out.mixes or why),) * 2)
+    if factor is not None:
+        why = (f"capacity_factor={factor:g}: each expert serves at most ceil({factor:g} * tokens * top_k / experts) "
+               "assignments of the whole batch and drops the rest, so whether a token is served depends on the "
+               "other tokens")
+        return Flow((Out(out.axes, out.mixes or why), out))
+    return Flow((out, out))
+
+
+register_op(OpDef("router.topk", _infer_router, _router, ROUTER_ATTRS, cost=_router_cost, batch_flow=_router_flow,
                   doc="(weights, indices) of the top_k experts per token; inputs x, w_router[, modality_ids]"))
 
 EXPERTS_ATTRS = {"activation": "silu", "gated": True}
@@ -162,5 +233,13 @@ def _experts_cost(ins, outs, attrs, env) -> Cost:
     return Cost(flops=2 * tokens * k * per_expert, bytes=4 * (active * per_expert + 2 * outs[0].numel(env)))
 
 
+def _experts_params(args: FlowArgs) -> list:
+    lead = identity_map(args.in_types[0].rank - 1)  # routing weights/indices: per token, slots read whole
+    return [lead + [None], lead + [None], *[None] * (len(args.ins) - 3)]
+
+
+# Sparse dispatch by per-token indices: a token's output reads only its own row, its own
+# routing and the expert weights, whichever other tokens share the experts.
 register_op(OpDef("experts", _infer_experts, _experts, EXPERTS_ATTRS, cost=_experts_cost,
+                  batch_flow=rowwise(_experts_params),
                   doc="sum_j weights[t,j] * FFN_{indices[t,j]}(x[t]); inputs x, weights, indices, [gate], up, down"))

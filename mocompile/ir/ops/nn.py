@@ -10,7 +10,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mocompile.ir.ops.elementwise import ACTIVATIONS
+from mocompile.ir.ops.elementwise import ACTIVATIONS, broadcast_shapes
+from mocompile.ir.batch_flow import Flow, FlowArgs, broadcast_map, combine, identity_map, last_axis_params, one, rowwise
 from mocompile.ir.registry import REQUIRED, Cost, OpDef, register_op
 from mocompile.ir.types import TensorType
 
@@ -32,7 +33,14 @@ def _embedding_cost(ins, outs, attrs, env) -> Cost:
     return Cost(flops=0, bytes=2 * outs[0].numel(env) * 4)
 
 
-register_op(OpDef("embedding", _infer_embedding, lambda xs, a: [xs[1][xs[0]]], cost=_embedding_cost,
+def _embedding_flow(args: FlowArgs) -> Flow:
+    """Rows of a table looked up by per-position ids: the ids' axes carry on; the table is read whole."""
+    ids = args.in_types[0]
+    return one(combine(args, [identity_map(ids.rank), [None, ids.rank]]))
+
+
+register_op(OpDef("embedding", _infer_embedding, lambda xs, a: [xs[1][xs[0]]], batch_flow=_embedding_flow,
+                  cost=_embedding_cost,
                   doc="table[ids]; rows of a [vocab, hidden] table"))
 
 
@@ -60,7 +68,13 @@ def _linear_cost(ins, outs, attrs, env) -> Cost:
     return Cost(flops=2 * rows * n * k, bytes=4 * (rows * k + n * k + rows * n))
 
 
-register_op(OpDef("linear", _infer_linear, _linear, cost=_linear_cost, doc="x @ w.T (+ b); w is [out, in]"))
+def _linear_params(args: FlowArgs) -> list:
+    r = args.in_types[0].rank
+    return [[r - 1, None], *([[r - 1]] if len(args.ins) == 3 else [])]
+
+
+register_op(OpDef("linear", _infer_linear, _linear, batch_flow=rowwise(_linear_params), cost=_linear_cost,
+                  doc="x @ w.T (+ b); w is [out, in]"))
 
 
 # ---- norms -----------------------------------------------------------------------------
@@ -90,8 +104,10 @@ def _norm_cost(ins, outs, attrs, env) -> Cost:
 
 
 register_op(OpDef("rmsnorm", _infer_norm, _rmsnorm, {"eps": REQUIRED}, cost=_norm_cost,
+                  batch_flow=rowwise(last_axis_params, reduce_last=True),
                   doc="x / sqrt(mean(x^2) + eps) * w over the last axis"))
 register_op(OpDef("layernorm", _infer_norm, _layernorm, {"eps": REQUIRED}, cost=_norm_cost,
+                  batch_flow=rowwise(last_axis_params, reduce_last=True),
                   doc="(x - mean) / sqrt(var + eps) * w + b over the last axis (biased variance)"))
 
 
@@ -140,5 +156,69 @@ def _mlp_cost(ins, outs, attrs, env) -> Cost:
     return Cost(flops=2 * rows * wsize, bytes=4 * (wsize + 2 * outs[0].numel(env)))
 
 
-register_op(OpDef("mlp", _infer_mlp, _mlp, MLP_ATTRS, cost=_mlp_cost,
+register_op(OpDef("mlp", _infer_mlp, _mlp, MLP_ATTRS, cost=_mlp_cost, batch_flow=rowwise(),
                   doc="down(act(x@gate.T) * (x@up.T)) if gated else down(act(x@up.T)); inputs x, [gate], up, down"))
+
+
+# ---- matmul (plain torch code: x @ w, batched) ---------------------------------------------
+def _infer_matmul(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
+    a, b = ts
+    _expect(a.rank >= 2 and b.rank >= 2, f"matmul takes tensors of rank >= 2, got {a} and {b}")
+    _expect(a.dtype == b.dtype, f"matmul dtype mismatch {a.dtype} vs {b.dtype}")
+    _expect(a.shape[-1] == b.shape[-2], f"matmul: {a} @ {b} do not match")
+    return [TensorType(broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]), a.dtype)]
+
+
+def _matmul_flow(args: FlowArgs) -> Flow:
+    """Leading axes broadcast; a's rows and b's columns carry on; the inner axis is contracted."""
+    r = args.out_types[0].rank
+    a, b = args.in_types
+    lead_a, lead_b = broadcast_map(a.rank - 2, r - 2), broadcast_map(b.rank - 2, r - 2)
+    return one(combine(args, [[*lead_a, r - 2, None], [*lead_b, None, r - 1]]))
+
+
+def _matmul_cost(ins, outs, attrs, env) -> Cost:
+    k = ins[0].concrete(env)[-1]
+    return Cost(flops=2 * outs[0].numel(env) * k, bytes=4 * sum(t.numel(env) for t in (*ins, *outs)))
+
+
+register_op(OpDef("matmul", _infer_matmul, lambda xs, a: [np.matmul(xs[0], xs[1]).astype(xs[0].dtype)],
+                  batch_flow=_matmul_flow, cost=_matmul_cost, doc="a @ b with numpy batch broadcasting (rank >= 2)"))
+
+
+# ---- batch norm ----------------------------------------------------------------------------
+def _infer_batch_norm(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
+    x = ts[0]
+    _expect(x.rank >= 2, f"batch_norm input {x} should be [N, C, ...]")
+    _expect(len(ts) == (3 if attrs["use_batch_stats"] else 5),
+            "batch_norm takes x, weight, bias (+ running_mean, running_var unless use_batch_stats)")
+    for p in ts[1:]:
+        _expect(p.shape == (x.shape[1],), f"batch_norm parameter {p} does not match channels of {x}")
+    return [x]
+
+
+def _batch_norm(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
+    x, w, b = xs[:3]
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if attrs["use_batch_stats"]:
+        axes = (0, *range(2, x.ndim))
+        mean, var = x.mean(axes), x.var(axes)  # biased variance, as torch normalises in training
+    else:
+        mean, var = xs[3], xs[4]
+    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + attrs["eps"]) * w.reshape(shape) + b.reshape(shape)
+    return [y.astype(np.float32)]
+
+
+def _batch_norm_flow(args: FlowArgs) -> Flow:
+    """Per-channel affine with running statistics; with batch statistics every element reads
+    all positions of every axis but the channel axis, the batch axis among them."""
+    r = args.in_types[0].rank
+    reduce = [a for a in range(r) if a != 1] if args.attrs["use_batch_stats"] else []
+    why = "normalises with mean and variance computed over the batch (batch statistics)"
+    return one(combine(args, [identity_map(r), *[[1]] * (len(args.ins) - 1)], reduce=reduce, why=why))
+
+
+register_op(OpDef("batch_norm", _infer_batch_norm, _batch_norm, {"eps": REQUIRED, "use_batch_stats": REQUIRED},
+                  batch_flow=_batch_norm_flow, cost=_norm_cost,
+                  doc="(x - mean) / sqrt(var + eps) * w + b per channel (axis 1); inputs x, w, b[, running_mean, "
+                      "running_var]; statistics of the batch itself when use_batch_stats"))

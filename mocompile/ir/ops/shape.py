@@ -6,6 +6,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mocompile.ir.batch_flow import Flow, FlowArgs, Out, combine, depends_on_shapes_only, identity_map, one
 from mocompile.ir.registry import REQUIRED, OpDef, register_op
 from mocompile.ir.types import TensorType, dim_add
 
@@ -23,7 +24,18 @@ def _infer_concat(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[Te
     return [TensorType(tuple(shape), first.dtype)]
 
 
+def _concat_flow(args: FlowArgs) -> Flow:
+    """Segments joined along a non-batch axis line up position by position; joined along the
+    batch axis, rows no longer say which sample they belong to."""
+    r = args.out_types[0].rank
+    axis = args.attrs["axis"] % r
+    if any(s.axis(axis) for s in args.ins):
+        return one(Out(unknown="concatenates along the batch axis: rows no longer line up with samples"))
+    return one(combine(args, [identity_map(r)] * len(args.ins)))
+
+
 register_op(OpDef("concat", _infer_concat, lambda xs, a: [np.concatenate(xs, axis=a["axis"])], {"axis": REQUIRED},
+                  batch_flow=_concat_flow,
                   doc="concatenate along one axis"))
 
 
@@ -42,5 +54,5 @@ def _segment_ids(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.
     return [np.broadcast_to(row, (xs[0].shape[0], row.shape[0])).copy()]
 
 
-register_op(OpDef("segment_ids", _infer_segment_ids, _segment_ids, {"ids": REQUIRED},
+register_op(OpDef("segment_ids", _infer_segment_ids, _segment_ids, {"ids": REQUIRED}, batch_flow=depends_on_shapes_only,
                   doc="int32[batch, S1+..+Sn]: the id of the segment (input i, [batch, Si, ...]) each position is in"))
