@@ -19,6 +19,7 @@ from mocompile.dsl.modules import (
     Attention,
     DecoderLayer,
     Experts,
+    LatentAttention,
     MoEBlock,
     RMSNorm,
     Router,
@@ -42,13 +43,22 @@ def _ffn_block(spec: Spec, block: FFNSpec | MoESpec) -> nn.Module:
     router = Router(
         spec.hidden, block.experts, block.top_k, block.scoring, block.normalize_topk, block.routed_scale,
         block.n_group, block.topk_group, tuple((mod_index[g.modality], g.start, g.end) for g in block.groups),
-        block.capacity_factor,
+        block.capacity_factor, block.score_bias, block.group_score,
     )
     experts = Experts(block.experts, spec.hidden, block.expert_hidden, block.activation, block.gated)
-    shared = None
+    shared = gate = None
     if block.shared_experts:
         shared = MLP(spec.hidden, block.shared_experts * block.shared_hidden, block.activation, block.gated)
-    return MoEBlock(router, experts, shared)
+    if block.shared_gate:
+        gate = nn.Linear(spec.hidden, 1, bias=False)
+    return MoEBlock(router, experts, shared, gate)
+
+
+def _attention(spec: Spec) -> nn.Module:
+    if spec.mla is not None:
+        return LatentAttention(spec.hidden, spec.heads, spec.mla, spec.rope_theta, spec.out_bias)
+    return Attention(spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, spec.rope_theta,
+                     spec.qkv_bias, spec.out_bias, spec.qk_norm, spec.norm_eps)
 
 
 class MoEModel(nn.Module):
@@ -67,7 +77,7 @@ class MoEModel(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(
                 _norm(spec),
-                Attention(spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, spec.rope_theta),
+                _attention(spec),
                 _norm(spec),
                 _ffn_block(spec, spec.block(name)),
             )
@@ -135,6 +145,11 @@ def _init_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
     if len(shape) == 1:  # norm weights: around one, but not exactly (so a missed scale shows)
         return 1.0 + 0.1 * torch.randn(shape, generator=g)
     return torch.randn(shape, generator=g) / shape[-1] ** 0.5  # fan-in scaling
+
+
+def new_model(spec: Spec) -> MoEModel:
+    """The reference model of `spec` with weights not yet set (for loaders that set them all)."""
+    return _model_class(spec)(spec)
 
 
 def init_weights(model: MoEModel, seed: int) -> None:

@@ -9,29 +9,51 @@ torch.fx leaf modules; everything around them is traced through.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from mocompile.dsl.spec import MLASpec
+
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden: int, eps: float) -> None:
+    """RMSNorm over the last axis, or with `grouped` over each consecutive `hidden`-sized
+    piece of it (one attention head each: Qwen3-MoE's per-head q/k norm)."""
+
+    def __init__(self, hidden: int, eps: float, grouped: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden))
-        self.eps = eps
+        self.eps, self.grouped = eps, grouped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if self.grouped:
+            x = x.reshape(*shape[:-1], -1, self.weight.shape[0])
         var = x.pow(2).mean(-1, keepdim=True)
-        return x * torch.rsqrt(var + self.eps) * self.weight
+        return (x * torch.rsqrt(var + self.eps) * self.weight).reshape(shape)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_cos_sin(seq: int, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [seq, dim] of rotate-half rotary embeddings at positions 0..seq-1."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
 
 
 class AttentionCore(nn.Module):
@@ -49,27 +71,101 @@ class AttentionCore(nn.Module):
         k = k.view(b, s, self.kv_heads, d).transpose(1, 2)
         v = v.view(b, s, self.kv_heads, d).transpose(1, 2)
         if self.rope_theta > 0:
-            inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-            freqs = torch.outer(torch.arange(s, dtype=torch.float32), inv_freq)
-            emb = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = emb.cos(), emb.sin()
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            cos, sin = rope_cos_sin(s, d, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=self.heads != self.kv_heads)
         return out.transpose(1, 2).reshape(b, s, self.heads * d)
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, rope_theta: float) -> None:
+    """Projections around `AttentionCore`: optional q/k/v and output biases (Qwen), and an
+    optional RMSNorm of q and k before rope, over each whole projection ("whole", OLMoE) or
+    over each head ("per_head", Qwen3-MoE)."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, rope_theta: float,
+                 qkv_bias: bool = False, out_bias: bool = False, qk_norm: str = "none", eps: float = 1e-5) -> None:
         super().__init__()
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=out_bias)
+        self.q_norm = self.k_norm = None
+        if qk_norm == "whole":
+            self.q_norm, self.k_norm = RMSNorm(heads * head_dim, eps), RMSNorm(kv_heads * head_dim, eps)
+        elif qk_norm == "per_head":
+            self.q_norm, self.k_norm = RMSNorm(head_dim, eps, grouped=True), RMSNorm(head_dim, eps, grouped=True)
         self.core = AttentionCore(heads, kv_heads, head_dim, rope_theta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.o_proj(self.core(self.q_proj(x), self.k_proj(x), self.v_proj(x)))
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.o_proj(self.core(q, k, self.v_proj(x)))
+
+
+# DeepSeek normalises its latents with RMSNorm's default eps, whatever rms_norm_eps says.
+MLA_NORM_EPS = 1e-6
+
+
+class LatentAttentionCore(nn.Module):
+    """The attention part of multi-head latent attention on [batch, seq, heads*dim] tensors.
+
+    q: [b, s, H*(dn+dr)] (per head: nope channels, then rope channels); k_nope: [b, s, H*dn];
+    v: [b, s, H*dv]; k_rope: [b, s, dr], one rotary key per position shared by every head.
+    Rope (rotate-half) is applied to the rope channels of q and to k_rope; scores are scaled
+    by 1/sqrt(dn+dr); causal.
+    """
+
+    def __init__(self, heads: int, nope_dim: int, rope_dim: int, v_dim: int, rope_theta: float) -> None:
+        super().__init__()
+        self.heads, self.nope_dim, self.rope_dim, self.v_dim = heads, nope_dim, rope_dim, v_dim
+        self.rope_theta = rope_theta
+
+    def forward(self, q: torch.Tensor, k_nope: torch.Tensor, v: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+        b, s, _ = q.shape
+        h, dn, dr, dv = self.heads, self.nope_dim, self.rope_dim, self.v_dim
+        q = q.view(b, s, h, dn + dr).transpose(1, 2)
+        k_nope = k_nope.view(b, s, h, dn).transpose(1, 2)
+        v = v.view(b, s, h, dv).transpose(1, 2)
+        cos, sin = rope_cos_sin(s, dr, self.rope_theta)
+        q = torch.cat((q[..., :dn], apply_rope(q[..., dn:], cos, sin)), dim=-1)
+        k_rope = apply_rope(k_rope.view(b, 1, s, dr), cos, sin).expand(b, h, s, dr)
+        out = F.scaled_dot_product_attention(q, torch.cat((k_nope, k_rope), dim=-1), v, is_causal=True)
+        return out.transpose(1, 2).reshape(b, s, h * dv)
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3) with every projection a plain linear.
+
+    Queries: q_proj, or q_a_proj -> RMSNorm -> q_b_proj. Keys and values: kv_a_proj -> RMSNorm
+    gives the latent, expanded by k_b_proj (per-head nope keys) and v_b_proj (values);
+    k_rope_proj gives the shared rotary key. (A Hugging Face checkpoint fuses kv_a_proj with
+    k_rope_proj and k_b_proj with v_b_proj; the importer splits them.)
+    """
+
+    def __init__(self, hidden: int, heads: int, mla: "MLASpec", rope_theta: float, out_bias: bool = False) -> None:
+        super().__init__()
+        dq = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+        if mla.q_lora_rank:
+            self.q_a_proj = nn.Linear(hidden, mla.q_lora_rank, bias=False)
+            self.q_a_norm = RMSNorm(mla.q_lora_rank, MLA_NORM_EPS)
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, heads * dq, bias=False)
+        else:
+            self.q_proj = nn.Linear(hidden, heads * dq, bias=False)
+        self.kv_a_proj = nn.Linear(hidden, mla.kv_lora_rank, bias=False)
+        self.kv_a_norm = RMSNorm(mla.kv_lora_rank, MLA_NORM_EPS)
+        self.k_rope_proj = nn.Linear(hidden, mla.qk_rope_head_dim, bias=False)
+        self.k_b_proj = nn.Linear(mla.kv_lora_rank, heads * mla.qk_nope_head_dim, bias=False)
+        self.v_b_proj = nn.Linear(mla.kv_lora_rank, heads * mla.v_head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * mla.v_head_dim, hidden, bias=out_bias)
+        self.core = LatentAttentionCore(heads, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim, rope_theta)
+        self.low_rank_q = bool(mla.q_lora_rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if self.low_rank_q else self.q_proj(x)
+        latent = self.kv_a_norm(self.kv_a_proj(x))
+        out = self.core(q, self.k_b_proj(latent), self.v_b_proj(latent), self.k_rope_proj(x))
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -92,19 +188,22 @@ class Router(nn.Module):
     """Top-k token-choice router. Returns (weights [..., k], indices [..., k] int64).
 
     Semantics (mirrored exactly by the IR's `router.topk`): optional modality groups (a
-    token sees only its group's experts), softmax or sigmoid scores, DeepSeek-V3
-    group-limited selection, optional renormalisation, routed scale, optional capacity
-    limit with token dropping.
+    token sees only its group's experts), softmax or sigmoid scores, an optional score bias
+    used only to choose experts (DeepSeek-V3), group-limited selection (groups scored by the
+    sum of their top-2 choice scores, DeepSeek-V3, or their best one, DeepSeek-V2), optional
+    renormalisation, routed scale, optional capacity limit with token dropping.
     """
 
     def __init__(self, hidden: int, experts: int, top_k: int, scoring: str = "softmax", normalize: bool = True,
                  routed_scale: float = 1.0, n_group: int = 1, topk_group: int = 1,
-                 groups: tuple[tuple[int, int, int], ...] = (), capacity_factor: float | None = None) -> None:
+                 groups: tuple[tuple[int, int, int], ...] = (), capacity_factor: float | None = None,
+                 score_bias: bool = False, group_score: str = "top2_sum") -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(experts, hidden))
+        self.score_bias = nn.Parameter(torch.zeros(experts)) if score_bias else None
         self.experts, self.top_k, self.scoring, self.normalize = experts, top_k, scoring, normalize
         self.routed_scale, self.n_group, self.topk_group = routed_scale, n_group, topk_group
-        self.groups, self.capacity_factor = tuple(groups), capacity_factor
+        self.groups, self.capacity_factor, self.group_score = tuple(groups), capacity_factor, group_score
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         lead = x.shape[:-1]
@@ -125,13 +224,17 @@ class Router(nn.Module):
             scores = torch.sigmoid(logits)
             if allowed is not None:
                 scores = scores.masked_fill(~allowed, 0.0)
-        choice = scores
+        choice = scores if self.score_bias is None else scores + self.score_bias
         if self.n_group > 1:
-            grouped = scores.view(t, self.n_group, e // self.n_group)
-            group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            grouped = choice.view(t, self.n_group, e // self.n_group)
+            if self.group_score == "top2_sum":
+                group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_score = grouped.amax(-1)
             keep = group_score.topk(self.topk_group, dim=-1, sorted=False).indices
             mask = torch.zeros_like(group_score).scatter_(1, keep, 1.0).bool()
-            choice = scores.masked_fill(~mask.repeat_interleave(e // self.n_group, dim=-1), 0.0)
+            fill = 0.0 if self.score_bias is None else float("-inf")  # biased choice scores may be negative
+            choice = choice.masked_fill(~mask.repeat_interleave(e // self.n_group, dim=-1), fill)
         if allowed is not None:
             choice = choice.masked_fill(~allowed, float("-inf"))
         idx = choice.topk(self.top_k, dim=-1).indices
@@ -180,15 +283,21 @@ class Experts(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    def __init__(self, router: Router, experts: Experts, shared: MLP | None) -> None:
+    """Routed experts plus optional shared experts, whose output may be scaled by a learned
+    sigmoid gate per token (Qwen2-MoE's shared_expert_gate)."""
+
+    def __init__(self, router: Router, experts: Experts, shared: MLP | None, shared_gate: nn.Linear | None = None) -> None:
         super().__init__()
-        self.router, self.experts, self.shared = router, experts, shared
+        self.router, self.experts, self.shared, self.shared_gate = router, experts, shared, shared_gate
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None) -> torch.Tensor:
         weights, indices = self.router(x, modality_ids) if self.router.groups else self.router(x)
         y = self.experts(x, weights, indices)
         if self.shared is not None:
-            y = y + self.shared(x)
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            y = y + shared
         return y
 
 
@@ -200,7 +309,7 @@ def segment_ids(segments: list[torch.Tensor], ids: list[int]) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, attn_norm: nn.Module, attn: Attention, ffn_norm: nn.Module, ffn: nn.Module) -> None:
+    def __init__(self, attn_norm: nn.Module, attn: Attention | LatentAttention, ffn_norm: nn.Module, ffn: nn.Module) -> None:
         super().__init__()
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, NamedTuple
 from lark import Lark, Transformer
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
-from mocompile.dsl.spec import ExpertGroup, FFNSpec, Modality, MoESpec, Spec, Variant
+from mocompile.dsl.spec import ExpertGroup, FFNSpec, MLASpec, Modality, MoESpec, Spec, Variant
 from mocompile.dsl.variants import resolve_variant
 from mocompile.errors import SpecError
 
@@ -379,8 +379,20 @@ MODEL_KEYS: dict[str, Key] = {
     "norm_eps": Key(_positive_float, 1e-5),
     "rope_theta": Key(_positive_float, 10000.0),
     "tie_embeddings": Key(_bool, False),
+    "qkv_bias": Key(_bool, False),
+    "out_bias": Key(_bool, False),
+    "qk_norm": Key(_enum("none", "whole", "per_head"), "none"),
+    "attention": Key(_enum("gqa", "mla"), "gqa"),
+    # latent attention (attention = mla) only; see MLA_KEYS
+    "q_lora_rank": Key(_int(0), 0),
+    "kv_lora_rank": Key(_POS),
+    "qk_nope_head_dim": Key(_POS),
+    "qk_rope_head_dim": Key(_POS),
+    "v_head_dim": Key(_POS),
     "layers": Key(_name_list, required=True),
 }
+MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+_MLA_REQUIRED = MLA_KEYS[1:]
 
 # Exactly one of vocab / features is checked separately (neither is required alone).
 MODALITY_KEYS: dict[str, Key] = {
@@ -407,6 +419,9 @@ MOE_KEYS: dict[str, Key] = {
     "routed_scale": Key(_positive_float, 1.0),
     "n_group": Key(_POS, 1),
     "topk_group": Key(_POS, 1),
+    "group_score": Key(_enum("top2_sum", "max"), "top2_sum"),
+    "score_bias": Key(_bool, False),
+    "shared_gate": Key(_bool, False),
     "capacity_factor": Key(_positive_float),  # default: None (no capacity limit)
 }
 
@@ -557,6 +572,7 @@ class _Checker:
         moes = [self.moe(b, modalities) for b in blocks["moe"]]
 
         hidden, heads = top.values["hidden"], top.values["heads"]
+        mla = self.mla(top, model_at)
         kv_heads = top.values["kv_heads"] or heads
         if heads % kv_heads:
             raise _fail_at(
@@ -565,7 +581,9 @@ class _Checker:
                 "shares each kv head among an equal number of query heads)",
             )
         head_dim = top.values["head_dim"]
-        if head_dim is None:
+        if mla is not None:
+            head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+        elif head_dim is None:
             if hidden % heads:
                 raise _fail_at(
                     top.at("heads", model_at),
@@ -573,7 +591,7 @@ class _Checker:
                     "change one, or set 'head_dim' explicitly",
                 )
             head_dim = hidden // heads
-        if head_dim % 2:
+        if mla is None and head_dim % 2:
             raise _fail_at(
                 top.at("head_dim", top.at("heads", model_at)),
                 f"head_dim = {head_dim} must be even (rotary embeddings rotate pairs of channels)",
@@ -609,11 +627,39 @@ class _Checker:
             norm_eps=top.values["norm_eps"],
             rope_theta=top.values["rope_theta"],
             tie_embeddings=top.values["tie_embeddings"],
+            qkv_bias=top.values["qkv_bias"],
+            out_bias=top.values["out_bias"],
+            qk_norm=top.values["qk_norm"],
+            mla=mla,
             source=source,
         )
         for block, read in zip(blocks["variant"], variant_reads):
             self.recheck_variant(spec, block, read)
         return spec
+
+    @staticmethod
+    def mla(top: _Read, model_at: Any) -> MLASpec | None:
+        """The latent-attention settings: all of them with `attention = mla`, none without."""
+        if top.values["attention"] != "mla":
+            for key in MLA_KEYS:
+                if key in top.entries:
+                    raise _fail_at(top.entries[key], f"'{key}' only applies to latent attention; set 'attention = mla'")
+            return None
+        missing = [k for k in _MLA_REQUIRED if k not in top.entries]
+        if missing:
+            keys = ", ".join(f"'{k}'" for k in missing)
+            raise _fail_at(top.at("attention", model_at), f"'attention = mla' needs {keys}")
+        for key, why in (("head_dim", "the query/key head is qk_nope_head_dim + qk_rope_head_dim"),
+                         ("kv_heads", "keys and values are expanded per query head from one latent"),
+                         ("qkv_bias", "the latent projections have no bias"),
+                         ("qk_norm", "the latents are normalised instead")):
+            if key in top.entries and top.values[key] not in (False, "none", top.values["heads"]):
+                raise _fail_at(top.entries[key], f"'{key}' cannot be set with 'attention = mla' ({why})")
+        rope = top.values["qk_rope_head_dim"]
+        if rope % 2:
+            raise _fail_at(top.entries["qk_rope_head_dim"],
+                           f"qk_rope_head_dim = {rope} must be even (rotary embeddings rotate pairs of channels)")
+        return MLASpec(**{k: top.values[k] for k in MLA_KEYS})
 
     @staticmethod
     def _the_model(entries: list[_Entry | _Block]) -> _Block:
@@ -689,6 +735,9 @@ class _Checker:
         """Cross-key rules of one MoE block. `at(key)` locates a key (or a group's modality)."""
         if moe.top_k > moe.experts:
             raise _fail_at(at("top_k"), f"'top_k' = {moe.top_k} is larger than 'experts' = {moe.experts} in {what}")
+        if moe.shared_gate and not moe.shared_experts:
+            raise _fail_at(at("shared_gate"), f"'shared_gate' gates the shared experts, but {what} has none "
+                                              "(set 'shared_experts')")
         if moe.topk_group > moe.n_group:
             raise _fail_at(
                 at("topk_group"),
@@ -747,7 +796,7 @@ class _Checker:
                     f"'n_group' = {moe.n_group} does not divide 'experts' = {moe.experts} in {what}",
                 )
             per_group = moe.experts // moe.n_group
-            if per_group < 2:
+            if per_group < 2 and moe.group_score == "top2_sum":
                 raise _fail_at(
                     at("n_group"),
                     f"'n_group' = {moe.n_group} leaves {_plural(per_group, 'expert')} per routing group in {what}; "
@@ -893,7 +942,8 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
     except FileNotFoundError:
         raise SpecError("spec file not found", source, 0, 0) from None
     except IsADirectoryError:
-        raise SpecError("spec path is a directory, expected a .moe file", source, 0, 0) from None
+        raise SpecError("spec path is a directory, expected a .moe file (or a Hugging Face checkpoint directory, "
+                        "which has a config.json)", source, 0, 0) from None
     except UnicodeDecodeError as err:
         raise SpecError(f"spec file is not valid UTF-8 (byte {err.start})", source, 0, 0) from None
     except OSError as err:

@@ -15,6 +15,9 @@ from typing import Literal
 Activation = Literal["silu", "gelu"]
 NormKind = Literal["rmsnorm", "layernorm"]
 Scoring = Literal["softmax", "sigmoid"]
+GroupScore = Literal["top2_sum", "max"]
+QKNorm = Literal["none", "whole", "per_head"]
+AttentionKind = Literal["gqa", "mla"]
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,37 @@ class MoESpec:
     # top_k experts inside them. 1/1 means plain top-k.
     n_group: int = 1
     topk_group: int = 1
+    # How a routing group is scored: the sum of its top-2 scores (DeepSeek-V3) or its best
+    # score (DeepSeek-V2's group_limited_greedy).
+    group_score: GroupScore = "top2_sum"
+    # A learned per-expert bias added to the scores only to choose experts, never to weight
+    # them (DeepSeek-V3's e_score_correction_bias).
+    score_bias: bool = False
+    # Shared experts' output scaled by sigmoid(x @ w_gate), a learned [1, hidden] gate (Qwen2-MoE).
+    shared_gate: bool = False
     # Modality groups; empty means every modality shares the whole pool (ERNIE 5.0).
     groups: tuple[ExpertGroup, ...] = ()
     # Capacity-limited routing (token dropping). None = no capacity limit (per-token
     # routing). A capacity makes a token's service depend on other tokens: a batch leak.
     capacity_factor: float | None = None
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """Multi-head latent attention (DeepSeek-V2/V3): queries (optionally through a rank-
+    `q_lora_rank` bottleneck) and keys/values expanded from a rank-`kv_lora_rank` latent.
+
+    Each query/key head is [nope | rope]: `qk_nope_head_dim` channels without positions, then
+    `qk_rope_head_dim` rotary channels; the rotary part of the keys is one vector per position
+    shared by all heads. Values have `v_head_dim` channels per head. Scores are scaled by
+    1 / sqrt(qk_nope_head_dim + qk_rope_head_dim); rope is the rotate-half form.
+    """
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int = 0  # 0: queries are one projection of the hidden state
 
 
 @dataclass(frozen=True)
@@ -117,9 +146,20 @@ class Spec:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
+    # Attention options: biases on the q/k/v and output projections; RMSNorm on q and k
+    # ("whole": over each projection, OLMoE; "per_head": over each head, Qwen3-MoE); and the
+    # attention kind: grouped-query, or latent attention when `mla` is set.
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: QKNorm = "none"
+    mla: MLASpec | None = None
     source: str = ""  # file the spec came from, for messages
 
     # ---- lookups -------------------------------------------------------------------
+    @property
+    def attention(self) -> AttentionKind:
+        return "gqa" if self.mla is None else "mla"
+
     @property
     def vocab(self) -> int:
         """Output vocabulary: the first token modality's (the LM head predicts its tokens)."""

@@ -25,8 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mocompile", description="Compile mixture-of-experts models.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compile", help="compile a .moe spec into a deployable artifact directory")
-    c.add_argument("spec", help="a .moe spec file")
+    c = sub.add_parser("compile", help="compile a .moe spec or a Hugging Face checkpoint into an artifact directory")
+    c.add_argument("spec", help="a .moe spec file, or a Hugging Face checkpoint directory (config.json + safetensors)")
     c.add_argument("-o", "--out", required=True, help="artifact directory to write")
     c.add_argument("--target", default="cpu", help="code generation target (default cpu)")
     c.add_argument("--variant", help="elastic sub-model declared in the spec")
@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--require-isolation", action="store_true",
                    help="fail unless no sample of a batch can influence another sample's output")
     _add_shape_args(c, 2, 8)
+
+    h = sub.add_parser("import-hf", help="write the spec (and optionally the weights) of a Hugging Face MoE checkpoint")
+    h.add_argument("checkpoint", help="checkpoint directory: config.json and *.safetensors (with or without an index)")
+    h.add_argument("-o", "--out", required=True, help=".moe spec file to write")
+    h.add_argument("--weights", help="also write the weights, renamed for the spec, to this safetensors file")
 
     r = sub.add_parser("run", help="run an artifact on random inputs and time it")
     r.add_argument("artifact")
@@ -54,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_shape_args(b, 3, 8)
 
     i = sub.add_parser("inspect", help="summarise a spec or an artifact")
-    i.add_argument("path", help="a .moe spec or an artifact directory")
+    i.add_argument("path", help="a .moe spec, a Hugging Face checkpoint directory or an artifact directory")
     i.add_argument("--ir", action="store_true", help="print the IR")
     i.add_argument("--variant", help="with a spec: the elastic sub-model to show")
     return ap
@@ -75,6 +80,31 @@ def cmd_compile(a: argparse.Namespace) -> int:
     print(f"verified against the {v['reference']}: max relative error {v['max_rel_error']:.2e} "
           f"(tolerance {v['tolerance']:g}), max abs error {max(c['max_abs_error'] for c in v['checks']):.2e}")
     print(f"batch isolation: {art.manifest['isolation']['verdict']}")
+    return 0
+
+
+def cmd_import_hf(a: argparse.Namespace) -> int:
+    """Import a checkpoint: the spec always, checked against the weights' headers; the
+    weights themselves (streamed through the reference model) only with --weights."""
+    from mocompile.dsl.hf_import import import_checkpoint, spec_text
+
+    ckpt = import_checkpoint(a.checkpoint)
+    if a.weights:
+        from mocompile.dsl.hf_weights import build_hf_model, save_weights
+
+        save_weights(build_hf_model(ckpt), a.weights)
+    else:
+        from mocompile.dsl.hf_weights import check_checkpoint
+
+        check_checkpoint(ckpt)
+    out = Path(a.out)
+    try:
+        out.write_text(spec_text(ckpt), encoding="utf-8")
+    except OSError as e:
+        raise MocompileError(f"{out}: cannot write the spec ({e.strerror or e})") from None
+    print(f"imported {ckpt.architecture} ({ckpt.family.name}, {len(ckpt.spec.layers)} layers) -> {out}")
+    if a.weights:
+        print(f"weights -> {a.weights} (compile with: mocompile compile {out} --weights {a.weights} -o OUT)")
     return 0
 
 
@@ -139,20 +169,22 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def _inspect_spec(a: argparse.Namespace) -> int:
     from mocompile.dsl import load_spec, resolve_variant
+    from mocompile.dsl.hf_import import import_checkpoint, is_checkpoint
     from mocompile.dsl.summary import parameter_counts
 
-    spec = load_spec(a.path)
+    hf = is_checkpoint(a.path)
+    spec = import_checkpoint(a.path).spec if hf else load_spec(a.path)
     if a.variant:
         try:
             spec = resolve_variant(spec, a.variant).spec
         except KeyError as e:
             raise MocompileError(str(e.args[0])) from None
     if a.ir:
-        from mocompile.compiler import lower_source, source_from_spec
+        from mocompile.compiler import lower_source, source_from_hf, source_from_spec
         from mocompile.ir.printer import format_graph
 
-        full = load_spec(a.path)
-        print(format_graph(lower_source(source_from_spec(full, a.variant, None, 0))))
+        src = source_from_hf(a.path) if hf else source_from_spec(load_spec(a.path), a.variant, None, 0)
+        print(format_graph(lower_source(src)))
         return 0
     counts = parameter_counts(spec)
     print(f"model {spec.name}  ({spec.source})")
@@ -182,10 +214,12 @@ def _inspect_artifact(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    return _inspect_artifact(a) if Path(a.path).is_dir() else _inspect_spec(a)
+    from mocompile.dsl.hf_import import is_checkpoint
+
+    return _inspect_artifact(a) if Path(a.path).is_dir() and not is_checkpoint(a.path) else _inspect_spec(a)
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "check-isolation": cmd_check_isolation}
+COMMANDS = {"compile": cmd_compile, "import-hf": cmd_import_hf, "run": cmd_run, "inspect": cmd_inspect, "check-isolation": cmd_check_isolation}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

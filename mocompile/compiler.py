@@ -6,7 +6,6 @@ verified against the reference -> atomically renamed into place.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from mocompile.artifact import finalize, staging_dir
+from mocompile.dsl.hf_import import is_checkpoint
 from mocompile.errors import MocompileError, VerificationError
 from mocompile.ir.graph import Graph
 from mocompile.ir.interpreter import run as interpret
@@ -25,6 +25,7 @@ from mocompile.ir.types import TensorType
 from mocompile.ir.verifier import VerifyError, verify
 from mocompile.isolation import IsolationReport
 from mocompile.pass_manager import PassContext, PassManager, load_plugin
+from mocompile.threads import configure_tvm_threads
 from mocompile.runtime import LoadedArtifact, Signature, TensorSpec, random_inputs
 
 TOLERANCE = 1e-4  # relative error (max abs error / max abs reference) allowed in fp32
@@ -68,6 +69,21 @@ def source_from_spec(spec_or_path: Any, variant: str | None, weights: str | Path
     meta = {"name": spec.name, "spec_hash": spec.digest(), "variant": variant, "source": spec.source,
             "weights": str(weights) if weights else f"seed {seed}"}
     return Source(model, model.input_types(), model.spec.name, meta, high)
+
+
+def source_from_hf(path: str | Path) -> Source:
+    """A Hugging Face checkpoint directory: its config imported as a spec, its weights
+    streamed into the reference model."""
+    from mocompile.dsl.hf_import import import_checkpoint
+    from mocompile.dsl.hf_weights import build_hf_model
+
+    ckpt = import_checkpoint(path)
+    model = build_hf_model(ckpt)
+    spec = ckpt.spec
+    meta = {"name": spec.name, "spec_hash": spec.digest(), "variant": None, "source": str(ckpt.config_path),
+            "weights": str(ckpt.path), "hf_architecture": ckpt.architecture, "hf_model_type": ckpt.family.model_type,
+            "hf_source": str(Path(path).resolve())}
+    return Source(model, model.input_types(), spec.name, meta, {"text": spec.vocab})
 
 
 def source_from_module(module: Any, input_types: Mapping[str, TensorType] | None) -> Source:
@@ -180,21 +196,27 @@ def compile(
     progress: Progress | None = None,
     require_isolation: bool = False,
 ) -> LoadedArtifact:
-    """Compile a spec (object or `.moe` path) or a torch module into an artifact directory,
-    verify it against the eager model, and return it loaded.
+    """Compile a spec (object or `.moe` path), a Hugging Face checkpoint directory or a torch
+    module into an artifact directory, verify it against the eager model, and return it loaded.
 
     The artifact is checked at batch 1 and at `batch`, with `seq` positions per segment.
     The batch-isolation verdict of the final IR is recorded in the manifest; with
     `require_isolation`, a leak or an unknown fails the compile before code generation.
     """
     say = progress or (lambda m: None)
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    configure_tvm_threads()
     t0 = time.perf_counter()
     for plugin in plugins:
         load_plugin(plugin)
     backend = get_backend(target)
     say("[1/6] building the reference model")
-    if isinstance(model, (str, Path)) or type(model).__name__ == "Spec":
+    if isinstance(model, (str, Path)) and is_checkpoint(model):
+        for option, value in (("weights", weights), ("variant", variant)):
+            if value is not None:
+                raise MocompileError(f"{model}: a Hugging Face checkpoint brings its own weights and has no variants "
+                                     f"(drop --{option})")
+        src = source_from_hf(model)
+    elif isinstance(model, (str, Path)) or type(model).__name__ == "Spec":
         src = source_from_spec(model, variant, weights, seed)
     else:
         src = source_from_module(model, input_types)

@@ -22,7 +22,8 @@ from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph, Value
 from mocompile.ir.types import TensorType
 
-LEAF_MODULES: tuple[type[nn.Module], ...] = (M.AttentionCore, M.MLP, M.Router, M.Experts, M.RMSNorm)
+LEAF_MODULES: tuple[type[nn.Module], ...] = (M.AttentionCore, M.LatentAttentionCore, M.MLP, M.Router, M.Experts,
+                                             M.RMSNorm)
 
 
 class LeafTracer(torch.fx.Tracer):
@@ -93,7 +94,9 @@ def _embedding(lw: Lowering, m: nn.Embedding, path: str, args: list[Any]) -> Val
 
 @lowers_module(M.RMSNorm)
 def _rmsnorm(lw: Lowering, m: M.RMSNorm, path: str, args: list[Any]) -> Value:
-    return lw.graph.add("rmsnorm", args[0], lw.param(f"{path}.weight", m.weight), loc=path, eps=float(m.eps))
+    group = int(m.weight.shape[0]) if m.grouped else None
+    return lw.graph.add("rmsnorm", args[0], lw.param(f"{path}.weight", m.weight), loc=path, eps=float(m.eps),
+                        group=group)
 
 
 @lowers_module(nn.LayerNorm)
@@ -108,6 +111,12 @@ def _layernorm(lw: Lowering, m: nn.LayerNorm, path: str, args: list[Any]) -> Val
 def _attention(lw: Lowering, m: M.AttentionCore, path: str, args: list[Any]) -> Value:
     return lw.graph.add("attention", *args[:3], loc=path, heads=m.heads, kv_heads=m.kv_heads, head_dim=m.head_dim,
                         rope_theta=float(m.rope_theta), causal=bool(m.causal))
+
+
+@lowers_module(M.LatentAttentionCore)
+def _latent_attention(lw: Lowering, m: M.LatentAttentionCore, path: str, args: list[Any]) -> Value:
+    return lw.graph.add("attention.mla", *args[:4], loc=path, heads=m.heads, nope_dim=m.nope_dim, rope_dim=m.rope_dim,
+                        v_dim=m.v_dim, rope_theta=float(m.rope_theta))
 
 
 def _ffn_weights(lw: Lowering, path: str, gate: torch.Tensor | None, up: torch.Tensor, down: torch.Tensor,
@@ -126,11 +135,13 @@ def _mlp(lw: Lowering, m: M.MLP, path: str, args: list[Any]) -> Value:
 @lowers_module(M.Router)
 def _router(lw: Lowering, m: M.Router, path: str, args: list[Any]) -> tuple[Value, ...]:
     ins = [args[0], lw.param(f"{path}.weight", m.weight)]
+    if m.score_bias is not None:
+        ins.append(lw.param(f"{path}.score_bias", m.score_bias))
     if m.groups:
         ins.append(args[1])
     attrs = dict(top_k=m.top_k, scoring=m.scoring, normalize=m.normalize, routed_scale=float(m.routed_scale),
                  n_group=m.n_group, topk_group=m.topk_group, groups=tuple(tuple(g) for g in m.groups),
-                 capacity_factor=m.capacity_factor)
+                 capacity_factor=m.capacity_factor, score_bias=m.score_bias is not None, group_score=m.group_score)
     return tuple(lw.graph.add_node("router.topk", ins, attrs, loc=path, name=path.rsplit(".", 1)[-1]))
 
 

@@ -9,7 +9,6 @@ dependency into every deployment, so that import is blocked while TVM loads.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,11 +20,12 @@ import numpy as np
 from mocompile.artifact import read_manifest
 from mocompile.errors import ArtifactError
 from mocompile.ir.types import TensorType, bind_shape
+from mocompile.threads import configure_tvm_threads
 
 
 def import_tvm_without_torch() -> Any:
     """Import tvm; if torch is not loaded yet, keep tvm-ffi from loading it."""
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    configure_tvm_threads()
     if "tvm" in sys.modules or "torch" in sys.modules:
         import tvm
 

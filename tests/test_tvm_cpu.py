@@ -17,7 +17,7 @@ import tvm_ffi
 from tvm import relax, tirx
 from tvm.ir.expr import TensorLoad
 
-from mocompile.backends.tvm_cpu import LoweringError, build, host_target, lower
+from mocompile.backends.tvm_cpu import LoweringError, build, host_target, lower, tir_util
 from mocompile.backends.tvm_cpu.layout import pack, panel_width
 from mocompile.backends.tvm_cpu.schedule import check_scheduled, loop_kinds
 from mocompile.backends.tvm_cpu.tir_util import SERIAL_ATTR
@@ -93,6 +93,30 @@ def test_tiny_model_matches_interpreter(tiny, batch, seq):
     assert_matches(exe.run(inputs), run(g, inputs))
 
 
+def _clear_kernel_caches() -> None:
+    from mocompile.backends.tvm_cpu import (kernels_attention, kernels_gather, kernels_matmul, kernels_moe,
+                                            kernels_norm, kernels_router)
+    for module in (kernels_attention, kernels_gather, kernels_matmul, kernels_moe, kernels_norm, kernels_router):
+        for fn in vars(module).values():
+            if hasattr(fn, "cache_clear"):
+                fn.cache_clear()
+
+
+def test_thread_pool_branches_match_interpreter(monkeypatch):
+    """Decode-sized calls take the kernels' serial branch; force the parallel one everywhere."""
+    monkeypatch.setattr(tir_util, "PARALLEL_MIN_BYTES", 0)
+    _clear_kernel_caches()
+    try:
+        g = tiny_moe_lm(Weights(0))
+        exe = build(lower(g), TARGET)
+        for batch, seq in [(1, 1), (2, 5)]:
+            inputs = {"ids": np.random.default_rng(seq).integers(0, 50, (batch, seq)).astype(np.int64)}
+            assert_matches(exe.run(inputs), run(g, inputs))
+    finally:
+        monkeypatch.undo()
+        _clear_kernel_caches()
+
+
 def test_weights_are_runtime_parameters_in_documented_order(tiny):
     g, program, _ = tiny
     main = program.mod["main"]
@@ -124,8 +148,8 @@ def test_every_kernel_is_scheduled(tiny):
     serial = [n for n, f in funcs.items() if f.attrs is not None and SERIAL_ATTR in f.attrs]
     assert serial == ["moe_plan_e8_k2"]  # the O(tokens * k) counting sort, nothing else
     for name, f in funcs.items():
-        if name.startswith(("dense", "grouped", "rmsnorm", "layernorm", "attention", "moe_gather", "moe_combine",
-                            "embedding", "silu", "sigmoid", "mul")):
+        if name.startswith(("dense", "grouped", "rmsnorm", "layernorm", "attention", "gather", "moe_combine", "silu",
+                            "sigmoid", "mul")):
             kinds = loop_kinds(f)
             assert int(tirx.ForKind.PARALLEL) in kinds and int(tirx.ForKind.VECTORIZED) in kinds, name
 

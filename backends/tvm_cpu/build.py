@@ -8,7 +8,6 @@ shared library (`export_library`) that the runtime loads with
 
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -17,14 +16,9 @@ from tvm import relax
 
 from mocompile.backends.tvm_cpu.program import LoweredProgram
 from mocompile.backends.tvm_cpu.target import host_target
+from mocompile.threads import configure_tvm_threads
 
-# Both must be set before TVM's thread pool starts (its first parallel kernel):
-# - torch and TVM each keep a thread pool; sharing the cores, spinning workers of one starve
-#   the other, so TVM's workers sleep when idle;
-# - TVM sizes its pool at half the logical CPUs on x86 (it assumes hyper-threading), which on
-#   a machine without SMT runs every kernel on half the cores. Use them all.
-os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
-os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+configure_tvm_threads()  # before TVM's pool starts; see mocompile/threads.py
 
 
 class Executable:

@@ -16,6 +16,8 @@ round identically), out = x*cos + rotate_half(x)*sin.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +52,7 @@ def padded_len(s):
     return (s + KB - 1) // KB * KB
 
 
+@functools.cache
 def rope_table(head_dim: int) -> tirx.PrimFunc:
     """inv_freq[D/2] and the sequence length s (a shape argument) -> cs[s, 2, D/2] (cos, sin)."""
     half = head_dim // 2
@@ -58,11 +61,13 @@ def rope_table(head_dim: int) -> tirx.PrimFunc:
         inv_freq = U.arg("inv_freq", (half,))
         U.scalar_arg(s)
         cs = U.arg("cs", (s, 2, half))
-        with U.parallel(0, s) as pos:
+        def position(pos):
             with U.serial(0, half) as i:
                 angle = tirx.Cast("float32", pos) * inv_freq[i]
                 U.store(cs, (pos, 0, i), tirx.cos(angle))
                 U.store(cs, (pos, 1, i), tirx.sin(angle))
+
+        U.parallel_for(s, 64 * s * half, position)  # sincos costs ~ as much as moving 64 bytes
     return kern.func
 
 
@@ -74,6 +79,7 @@ def _rope(load, d, head_dim: int, cs, pos):
     return load(d) * cs[pos, 0, i] + rotated * cs[pos, 1, i]
 
 
+@functools.cache
 def attention_keys(spec: AttentionSpec) -> tirx.PrimFunc:
     """k[B, S, Hkv*D] (+ cs from rope_table) -> kt[B, Hkv, D, padded(S)]."""
     b, s = U.dim("b"), U.dim("s")
@@ -85,7 +91,7 @@ def attention_keys(spec: AttentionSpec) -> tirx.PrimFunc:
         kt = U.arg("kt", (b, hkv, D, sp))
         # One kt row (b, h, d) per task; its keys j are contiguous, so the writes vectorize
         # (the reads of k gather with stride Hkv*D).
-        with U.parallel(0, b * hkv * D) as task:
+        def row(task):
             bi, h, d = task // (hkv * D), task // D % hkv, task % D
             with U.serial(0, sp // 16) as j0:
                 with U.vectorized(0, 16) as jj:
@@ -97,9 +103,12 @@ def attention_keys(spec: AttentionSpec) -> tirx.PrimFunc:
 
                     val = _rope(load, d, D, cs, jc) if spec.rope else load(d)
                     U.store(kt, (bi, h, d, j), tirx.Select(j < s, val, U.f32(0)))
+
+        U.parallel_for(b * hkv * D, 8 * b * hkv * D * sp, row)
     return kern.func
 
 
+@functools.cache
 def attention(spec: AttentionSpec) -> tirx.PrimFunc:
     """q[B, S, H*D], kt (from attention_keys), v[B, S, Hkv*D] (+ cs) -> out[B, S, H*D].
 
@@ -114,7 +123,6 @@ def attention(spec: AttentionSpec) -> tirx.PrimFunc:
     lanes = U.lanes_for(D)
     sp = padded_len(s)
     n_qb = (s + QB - 1) // QB
-    local = U.scratch if D * 4 < U.STACK_BYTES else U.workspace
     scale = U.f32(1.0 / np.sqrt(D))
     with U.kernel(f"attention_{spec.tag()}") as kern:
         q = U.arg("q", (b, s, H * D))
@@ -122,14 +130,14 @@ def attention(spec: AttentionSpec) -> tirx.PrimFunc:
         v = U.arg("v", (b, s, hkv * D))
         cs = U.arg("cs", (s, 2, D // 2)) if spec.rope else None
         out = U.arg("out", (b, s, H * D))
-        with U.parallel(0, b * H * n_qb) as task:
+        def query_block(task):
             bi = task // (H * n_qb)
             h = task // n_qb % H
             i0 = task % n_qb * QB
             kvh = h // group
             rows = [tirx.min(i0 + qi, s - 1) for qi in range(QB)]  # clamped query positions
-            qrow = [local((D,)) for _ in range(QB)]
-            acc = [local((D,)) for _ in range(QB)]
+            qrow = [U.local((D,)) for _ in range(QB)]
+            acc = [U.local((D,)) for _ in range(QB)]
             score = [U.scratch((KB,)) for _ in range(QB)]
             run = [U.scratch((4,)) for _ in range(QB)]  # running max, running sum, block max, correction
             for qi in range(QB):
@@ -169,6 +177,9 @@ def attention(spec: AttentionSpec) -> tirx.PrimFunc:
                 with U.when(i0 + qi < s):
                     with U.vectorized(0, D) as d:
                         U.store(out, (bi, i0 + qi, h * D + d), acc[qi][d] / run[qi][1])
+
+        # work ~ FLOPs / 2: scores and weighted values, 2 * 2 * s^2 * D per head (half if causal)
+        U.parallel_for(b * H * n_qb, b * H * s * s * D * (1 if spec.causal else 2), query_block)
     return kern.func
 
 

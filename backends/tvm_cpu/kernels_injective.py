@@ -1,5 +1,5 @@
 """Elementwise and shape ops as tensor expressions (te): add/mul with numpy broadcasting,
-activations, concat, segment ids, embedding gathers.
+activations, concat, segment ids.
 
 These have no reduction and no data-dependent loop bounds, so the generic route is the
 right one: express the math with `te.compute` (emitted through `BlockBuilder.emit_te`) and
@@ -87,9 +87,3 @@ def segment_ids(ids: Sequence[int]) -> Callable[..., te.Tensor]:
             return value
         return te.compute((xs[0].shape[0], total), element, name="segment_ids")
     return compute
-
-
-def embedding(ids: te.Tensor, table: te.Tensor) -> te.Tensor:
-    """rows[t, :] = table[ids[t], :] (ids flattened to one axis)."""
-    return te.compute((ids.shape[0], table.shape[1]),
-                      lambda t, h: table[tirx.Cast("int64", ids[t]), h], name="embedding")

@@ -15,6 +15,8 @@ zero iterations and never touches its weights, which is what makes the MoE block
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 from tvm import tirx
@@ -130,6 +132,7 @@ def _writer(y, n: int, tj: int, jb, epi: Epilogue, bias=None, scale=None, residu
     return write
 
 
+@functools.cache
 def dense_matmul(k: int, n: int, tj: int, epi: Epilogue) -> tirx.PrimFunc:
     """y[m, n] = epilogue(x[m, k] @ W) with W packed as panels [NB, k, TJ or 2*TJ]."""
     nb = -(-n // tj)
@@ -143,12 +146,15 @@ def dense_matmul(k: int, n: int, tj: int, epi: Epilogue) -> tirx.PrimFunc:
         y = U.arg("y", (m, n))
         if epi.row_scale:
             raise ValueError("dense_matmul has no per-row scale")
-        with U.parallel(0, nb) as jb:
+        def panel(jb):
             write = _writer(y, n, tj, jb, epi, bias=bias, residual=residual)
             _emit_panel_rows(x, w, jb, 0, m, tj, width, k, write)
+
+        U.parallel_for(nb, F32_BYTES * (nb * k * width + m * (k + n)) + m * k * nb * width, panel)
     return kern.func
 
 
+@functools.cache
 def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue) -> tirx.PrimFunc:
     """Per-expert GEMM over expert-sorted rows: rows [indptr[e], indptr[e+1]) of x use
     expert e's panels (weights [experts*NB, k, width]). Experts without rows read nothing.
@@ -167,9 +173,12 @@ def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue) -> tirx
         y = U.arg("y", (rows, n))
         if epi.bias or epi.residual:
             raise ValueError("grouped_matmul supports glu/activation/row_scale epilogues only")
-        with U.parallel(0, nb * experts) as task:
-            jb = task // experts
-            e = task % experts
+        def task(t):
+            jb, e = t // experts, t % experts
             write = _writer(y, n, tj, jb, epi, scale=scale)
             _emit_panel_rows(x, w, e * nb + jb, U.i64(indptr[e]), U.i64(indptr[e + 1]), tj, width, k, write)
+
+        # weights read: at most min(rows, experts) experts' panels
+        weight_bytes = F32_BYTES * tirx.min(rows, experts) * nb * k * width
+        U.parallel_for(nb * experts, weight_bytes + F32_BYTES * rows * (k + n) + rows * k * nb * width, task)
     return kern.func

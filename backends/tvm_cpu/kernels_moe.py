@@ -4,7 +4,8 @@ Dispatch, per call (t tokens, k experts each, P = t*k (token, slot) pairs):
 1. `moe_plan`    counts pairs per expert, exclusive cumsum -> indptr[E+1], and assigns each
                  pair a row in expert-sorted order (stable: token order within an expert):
                  row_token[r], row_weight[r] (routing weight) and pair_row[p] (its inverse).
-2. `moe_gather`  xs[r] = x[row_token[r]]: the token copies, grouped by expert.
+2. gather       xs[r] = x[row_token[r]]: the token copies, grouped by expert
+                 (kernels_gather.gather_rows).
 3. grouped GEMMs (kernels_matmul.grouped_matmul): h = act(xs W_gate_e) * (xs W_up_e) and
                  ys = row_weight * (h W_down_e), each expert over its own rows only.
 4. `moe_combine` out[t] = sum_j ys[pair_row[t*k + j]] (+ residual): a gather, so no atomics
@@ -13,11 +14,14 @@ Dispatch, per call (t tokens, k experts each, P = t*k (token, slot) pairs):
 
 from __future__ import annotations
 
+import functools
+
 from tvm import tirx
 
 from mocompile.backends.tvm_cpu import tir_util as U
 
 
+@functools.cache
 def moe_plan(experts: int, top_k: int) -> tirx.PrimFunc:
     """indices[t, k] int32, weights[t, k] -> indptr[E+1], row_token[P], row_weight[P], pair_row[P].
 
@@ -32,19 +36,25 @@ def moe_plan(experts: int, top_k: int) -> tirx.PrimFunc:
         row_token = U.arg("row_token", (t * top_k,), "int32")
         row_weight = U.arg("row_weight", (t * top_k,))
         pair_row = U.arg("pair_row", (t * top_k,), "int32")
-        cursor = U.workspace((experts,), "int32")
+        cursor = U.local((experts,), "int32")
+
+        def expert(i, j):  # clamped: a corrupt index must not write out of bounds
+            return tirx.min(tirx.max(indices[i, j], 0), experts - 1)
+
+        # count per expert (shifted by one), then exclusive cumsum -> indptr; cursor = starts
         with U.serial(0, experts + 1) as e:
             U.store(indptr, (e,), tirx.IntImm("int32", 0))
         with U.serial(0, t) as i:
             with U.serial(0, top_k) as j:
-                e = indices[i, j]
+                e = expert(i, j)
                 U.store(indptr, (e + 1,), indptr[e + 1] + 1)
         with U.serial(0, experts) as e:
             U.store(indptr, (e + 1,), indptr[e + 1] + indptr[e])
             U.store(cursor, (e,), indptr[e])
+        # place every pair at its expert's cursor (token order within an expert)
         with U.serial(0, t) as i:
             with U.serial(0, top_k) as j:
-                e = indices[i, j]
+                e = expert(i, j)
                 r = cursor[e]
                 U.store(row_token, (r,), tirx.Cast("int32", i))
                 U.store(row_weight, (r,), weights[i, j])
@@ -53,25 +63,7 @@ def moe_plan(experts: int, top_k: int) -> tirx.PrimFunc:
     return kern.func
 
 
-def _emit_row_copy(dst, dst_row, src, src_row, hidden: int) -> None:
-    lanes = U.lanes_for(hidden)
-    with U.serial(0, hidden // lanes) as c:
-        with U.vectorized(0, lanes) as l:
-            U.store(dst, (dst_row, c * lanes + l), src[src_row, c * lanes + l])
-
-
-def moe_gather(hidden: int) -> tirx.PrimFunc:
-    """xs[r, :] = x[row_token[r], :]."""
-    t, p = U.dim("t"), U.dim("p")
-    with U.kernel(f"moe_gather_h{hidden}") as kern:
-        x = U.arg("x", (t, hidden))
-        row_token = U.arg("row_token", (p,), "int32")
-        xs = U.arg("xs", (p, hidden))
-        with U.parallel(0, p) as r:
-            _emit_row_copy(xs, r, x, U.i64(row_token[r]), hidden)
-    return kern.func
-
-
+@functools.cache
 def moe_combine(hidden: int, top_k: int, residual: bool = False) -> tirx.PrimFunc:
     """out[i, :] = sum_j ys[pair_row[i*k + j], :]  (+ residual[i, :])."""
     t = U.dim("t")
@@ -81,7 +73,8 @@ def moe_combine(hidden: int, top_k: int, residual: bool = False) -> tirx.PrimFun
         pair_row = U.arg("pair_row", (t * top_k,), "int32")
         res = U.arg("residual", (t, hidden)) if residual else None
         out = U.arg("out", (t, hidden))
-        with U.parallel(0, t) as i:
+
+        def row(i):
             with U.serial(0, hidden // lanes) as c:
                 with U.vectorized(0, lanes) as l:
                     col = c * lanes + l
@@ -89,4 +82,6 @@ def moe_combine(hidden: int, top_k: int, residual: bool = False) -> tirx.PrimFun
                     for j in range(top_k):  # fixed order: slot 0 first
                         v = v + ys[U.i64(pair_row[i * top_k + j]), col]
                     U.store(out, (i, col), v)
+
+        U.parallel_for(t, 4 * t * hidden * (top_k + 2), row)
     return kern.func

@@ -1,19 +1,23 @@
 """Top-k expert selection (router.topk after its logits matmul), one token per task.
 
 Mirrors mocompile.ir.ops.moe.route exactly: modality groups mask logits to -inf outside the
-token's group; softmax or sigmoid scores; DeepSeek-V3 group limiting (group score = sum of
-its top-2 scores, keep the topk_group best groups, zero the rest); top_k by score with ties
-to the lower index; weights = chosen scores, optionally renormalized, times routed_scale.
+token's group; softmax or sigmoid scores; experts are chosen by the scores plus an optional
+score bias (DeepSeek-V3); group limiting (group score = sum of its top-2 choice scores, or
+their max, keep the topk_group best groups, zero the rest, or -inf with a bias); top_k by
+choice score with ties to the lower index; weights = chosen scores, optionally renormalized, times routed_scale.
+The work per token is O(E * k) scalar code; it uses libm's exp (this kernel is not
+vectorized, and the selection is sensitive to the last bit of a score).
 """
 
 from __future__ import annotations
+
+import functools
 
 from dataclasses import dataclass
 
 from tvm import tirx
 
 from mocompile.backends.tvm_cpu import tir_util as U
-from mocompile.backends.tvm_cpu.kernels_math import sigmoid
 
 NEG_INF = tirx.FloatImm("float32", float("-inf"))
 
@@ -28,12 +32,15 @@ class RouterSpec:
     n_group: int = 1
     topk_group: int = 1
     groups: tuple[tuple[int, int, int], ...] = ()  # (modality_id, start, end)
+    score_bias: bool = False  # extra input bias[E]: experts are chosen by score + bias (DeepSeek-V3)
+    group_score: str = "top2_sum"  # a routing group's score: sum of its top-2 choice scores | "max"
 
     def tag(self) -> str:
         groups = "".join(f"_m{m}r{a}to{b}" for m, a, b in self.groups)
         scale = str(self.routed_scale).replace(".", "p").replace("-", "m")
+        extra = ("_bias" if self.score_bias else "") + ("_gmax" if self.group_score == "max" else "")
         return (f"e{self.experts}_k{self.top_k}_{self.scoring}{'_norm' if self.normalize else ''}"
-                f"_g{self.n_group}x{self.topk_group}{groups}_s{scale}")
+                f"_g{self.n_group}x{self.topk_group}{groups}_s{scale}{extra}")
 
 
 def _allowed(spec: RouterSpec, mod, e):
@@ -56,20 +63,22 @@ def _emit_argmax(values, taken, n: int, best) -> None:
             U.store(best, (0,), tirx.Cast("int32", i))
 
 
+@functools.cache
 def router_topk(spec: RouterSpec) -> tirx.PrimFunc:
-    """logits[t, E] (+ modality[t] int32) -> weights[t, k] f32, indices[t, k] int32."""
+    """logits[t, E] (+ score_bias[E]) (+ modality[t] int32) -> weights[t, k] f32, indices[t, k] int32."""
     E, k = spec.experts, spec.top_k
     t = U.dim("t")
-    local = U.scratch if E * 4 < U.STACK_BYTES else U.workspace
     with U.kernel(f"router_topk_{spec.tag()}") as kern:
         logits = U.arg("logits", (t, E))
+        bias = U.arg("score_bias", (E,)) if spec.score_bias else None
         modality = U.arg("modality", (t,), "int32") if spec.groups else None
         weights = U.arg("weights", (t, k))
         indices = U.arg("indices", (t, k), "int32")
-        with U.parallel(0, t) as i:
-            scores = local((E,))
-            choice = local((E,))
-            taken = local((E,), "int32")
+
+        def token(i):
+            scores = U.local((E,))
+            choice = U.local((E,))
+            taken = U.local((E,), "int32")
             acc = U.scratch((2,))  # running max / sum
             best = U.scratch((1,), "int32")
 
@@ -90,15 +99,16 @@ def router_topk(spec: RouterSpec) -> tirx.PrimFunc:
                     U.store(scores, (e,), scores[e] / acc[1])
             elif spec.scoring == "sigmoid":
                 with U.serial(0, E) as e:
-                    U.store(scores, (e,), tirx.Select(allowed(e), sigmoid(logits[i, e]), U.f32(0)))
+                    sig = U.f32(1) / (U.f32(1) + tirx.exp(-logits[i, e]))
+                    U.store(scores, (e,), tirx.Select(allowed(e), sig, U.f32(0)))
             else:
                 raise ValueError(f"unknown router scoring {spec.scoring!r}")
             with U.serial(0, E) as e:
-                U.store(choice, (e,), scores[e])
+                U.store(choice, (e,), scores[e] + bias[e] if spec.score_bias else scores[e])
                 U.store(taken, (e,), tirx.IntImm("int32", 0))
-            # group limiting: keep the topk_group groups with the best top-2 sums
+            # group limiting: keep the topk_group groups with the best top-2 sums (or maxima)
             if spec.n_group > 1:
-                _emit_group_limit(spec, scores, choice, local, best)
+                _emit_group_limit(spec, choice, best)
             if spec.groups:
                 with U.serial(0, E) as e:
                     U.store(choice, (e,), tirx.Select(allowed(e), choice[e], NEG_INF))
@@ -114,10 +124,12 @@ def router_topk(spec: RouterSpec) -> tirx.PrimFunc:
             with U.serial(0, k) as j:
                 w = weights[i, j] / (acc[1] + U.f32(1e-20)) if spec.normalize else weights[i, j]
                 U.store(weights, (i, j), w * scale)
+
+        U.parallel_for(t, 4 * t * E * 16, token)  # ~16 passes over the E scores
     return kern.func
 
 
-def _emit_group_limit(spec: RouterSpec, scores, choice, local, best) -> None:
+def _emit_group_limit(spec: RouterSpec, choice, best) -> None:
     g, size = spec.n_group, spec.experts // spec.n_group
     if spec.experts % g:
         raise ValueError(f"router: {spec.experts} experts do not split into {g} groups")
@@ -128,7 +140,7 @@ def _emit_group_limit(spec: RouterSpec, scores, choice, local, best) -> None:
         U.store(top2, (0,), NEG_INF)
         U.store(top2, (1,), NEG_INF)
         with U.serial(0, size) as s:
-            v = scores[gi * size + s]
+            v = choice[gi * size + s]
             with U.if_else(v > top2[0]) as (then, orelse):
                 with then():
                     U.store(top2, (1,), top2[0])
@@ -136,10 +148,12 @@ def _emit_group_limit(spec: RouterSpec, scores, choice, local, best) -> None:
                 with orelse():
                     with U.when(v > top2[1]):
                         U.store(top2, (1,), v)
-        U.store(group_score, (gi,), top2[0] + (top2[1] if size > 1 else U.f32(0)))
+        second = top2[1] if size > 1 and spec.group_score == "top2_sum" else U.f32(0)
+        U.store(group_score, (gi,), top2[0] + second)
         U.store(group_taken, (gi,), tirx.IntImm("int32", 0))
     for _ in range(spec.topk_group):
         _emit_argmax(group_score, group_taken, g, best)
         U.store(group_taken, (best[0],), tirx.IntImm("int32", 1))
     with U.serial(0, spec.experts) as e:
-        U.store(choice, (e,), tirx.Select(group_taken[e // size] == 1, choice[e], U.f32(0)))
+        fill = NEG_INF if spec.score_bias else U.f32(0)  # biased choice scores may be negative
+        U.store(choice, (e,), tirx.Select(group_taken[e // size] == 1, choice[e], fill))

@@ -12,10 +12,10 @@ back; the packed array and its `WeightLayout` are recorded for the artifact.
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Sequence
 
 import numpy as np
-import tvm
 from tvm import relax, tirx
 
 from mocompile.backends.tvm_cpu.layout import WeightLayout, make_layout
@@ -48,7 +48,7 @@ def lowering(*ops: str) -> Callable[[Lowering], Lowering]:
 
 
 def _register_builtin_lowerings() -> None:
-    import mocompile.backends.tvm_cpu.lowerings  # noqa: F401  (registers on import)
+    importlib.import_module("mocompile.backends.tvm_cpu.lowerings")  # registers on import
 
 
 def _product(dims: Sequence[tirx.PrimExpr]) -> tirx.PrimExpr:
@@ -187,7 +187,7 @@ class LowerContext:
         self.fused.add(id(consumer))
 
 
-def _check_signature(graph: Graph, ctx: LowerContext) -> None:
+def _check_signature(graph: Graph) -> None:
     """Every symbol must appear as a plain dim of some input (so the VM can bind it)."""
     plain = {d for v in graph.inputs for d in v.type.shape if isinstance(d, str) and "+" not in d}
     for v in graph.inputs:
@@ -204,8 +204,8 @@ def lower(graph: Graph) -> LoweredProgram:
     missing = sorted({n.op for n in graph.nodes if n.op not in LOWERINGS})
     if missing:
         raise LoweringError(f"the tvm_cpu backend has no lowering for op(s): {', '.join(missing)}")
+    _check_signature(graph)
     ctx = LowerContext(graph)
-    _check_signature(graph, ctx)
     inputs = []
     for v in graph.inputs:
         var = relax.Var(v.name, relax.TensorType(ctx.shape(v), v.type.dtype))
@@ -221,7 +221,9 @@ def lower(graph: Graph) -> LoweredProgram:
                     results = LOWERINGS[node.op](ctx, node)
                 except LoweringError:
                     raise
-                except Exception as e:  # noqa: BLE001 - say which node failed
+                except ValueError as e:  # a kernel factory refusing this configuration
+                    raise LoweringError(f"{node.op} at {node.loc or '?'}: {e}") from e
+                except Exception as e:  # a compiler bug: say which node it hit
                     raise RuntimeError(f"lowering {node.op} at {node.loc or '?'} failed: {e}") from e
                 for v, r in zip(node.outputs, results):
                     ctx.bind(v, r)

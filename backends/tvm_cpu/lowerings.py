@@ -13,7 +13,9 @@ from mocompile.backends.tvm_cpu import kernels_injective as KI
 from mocompile.backends.tvm_cpu.kernels_attention import (AttentionSpec, attention, attention_keys, padded_len,
                                                              rope_inv_freq, rope_table)
 from mocompile.backends.tvm_cpu.kernels_matmul import Epilogue, dense_matmul, grouped_matmul
-from mocompile.backends.tvm_cpu.kernels_moe import moe_combine, moe_gather, moe_plan
+from mocompile.backends.tvm_cpu.kernels_gather import gather_rows
+from mocompile.backends.tvm_cpu.kernels_mla import LatentSpec, latent_attention, latent_keys
+from mocompile.backends.tvm_cpu.kernels_moe import moe_combine, moe_plan
 from mocompile.backends.tvm_cpu.kernels_norm import norm
 from mocompile.backends.tvm_cpu.kernels_router import RouterSpec, router_topk
 from mocompile.backends.tvm_cpu.layout import panel_width
@@ -89,7 +91,14 @@ def _norm(ctx: LowerContext, node: Node):
     hidden = int(x.type.shape[-1])
     kind = "rms" if node.op == "rmsnorm" else "layer"
     params = [ctx.value(p) for p in node.inputs[1:]]
-    y = ctx.call(norm(kind, hidden, float(node.attrs["eps"])), [ctx.rows(x), *params], [((ctx.rows_of(x), hidden), F32)])
+    group = node.attrs.get("group") or hidden  # per-head norm: the same kernel on a [rows * heads, group] view
+    rows, xs = ctx.rows_of(x), ctx.rows(x)
+    if group != hidden:
+        rows = rows * (hidden // group)
+        xs = ctx.bb.emit(relax.op.reshape(xs, [rows, group]))
+    y = ctx.call(norm(kind, group, float(node.attrs["eps"])), [xs, *params], [((rows, group), F32)])
+    if group != hidden:
+        y = ctx.bb.emit(relax.op.reshape(y, [ctx.rows_of(x), hidden]))
     return [ctx.reshape_to(y, node.outputs[0])]
 
 
@@ -110,6 +119,21 @@ def _attention(ctx: LowerContext, node: Node):
     return [out]
 
 
+@lowering("attention.mla")
+def _latent_attention(ctx: LowerContext, node: Node):
+    _require_f32(node, *node.inputs)
+    q, k_nope, v, k_rope = node.inputs
+    a = node.attrs
+    spec = LatentSpec(int(a["heads"]), int(a["nope_dim"]), int(a["rope_dim"]), int(a["v_dim"]))
+    b, s = ctx.shape(q)[:2]
+    inv_freq = relax.const(rope_inv_freq(spec.rope_dim, float(a["rope_theta"])))
+    cs = ctx.call(rope_table(spec.rope_dim), [inv_freq, s], [((s, 2, spec.rope_dim // 2), F32)])
+    kt = ctx.call(latent_keys(spec), [ctx.value(k_nope), ctx.value(k_rope), cs],
+                  [((b, spec.heads, spec.qk_dim, padded_len(s)), F32)])
+    out = ctx.call(latent_attention(spec), [ctx.value(q), kt, ctx.value(v), cs], [(ctx.shape(node.outputs[0]), F32)])
+    return [out]
+
+
 @lowering("router.topk")
 def _router(ctx: LowerContext, node: Node):
     a = node.attrs
@@ -122,9 +146,11 @@ def _router(ctx: LowerContext, node: Node):
     rows = ctx.rows_of(x)
     logits = _dense(ctx, ctx.rows(x), rows, w, Epilogue())
     spec = RouterSpec(experts, k, a["scoring"], bool(a["normalize"]), float(a["routed_scale"]), int(a["n_group"]),
-                      int(a["topk_group"]), tuple(tuple(int(t) for t in g) for g in a["groups"]))
-    modality = [ctx.flat(node.inputs[2])] if spec.groups else []
-    weights, indices = ctx.call(router_topk(spec), [logits, *modality], [((rows, k), F32), ((rows, k), "int32")])
+                      int(a["topk_group"]), tuple(tuple(int(t) for t in g) for g in a["groups"]), bool(a["score_bias"]),
+                      a["group_score"])
+    bias = [ctx.value(node.inputs[2])] if spec.score_bias else []
+    modality = [ctx.flat(node.inputs[-1])] if spec.groups else []
+    weights, indices = ctx.call(router_topk(spec), [logits, *bias, *modality], [((rows, k), F32), ((rows, k), "int32")])
     return [ctx.reshape_to(weights, node.outputs[0]), ctx.reshape_to(indices, node.outputs[1])]
 
 
@@ -143,7 +169,7 @@ def _experts(ctx: LowerContext, node: Node):
     indptr, row_token, row_weight, pair_row = ctx.call(
         moe_plan(experts, k), [ctx.rows(indices), ctx.rows(weights)],
         [((experts + 1,), "int32"), ((pairs,), "int32"), ((pairs,), F32), ((pairs,), "int32")])
-    xs = ctx.call(moe_gather(hidden), [ctx.rows(x), row_token], [((pairs, hidden), F32)])
+    xs = ctx.call(gather_rows(hidden), [ctx.rows(x), row_token], [((pairs, hidden), F32)])
     tj_f = panel_width(ffn)
     w_up = (ctx.weight("expert_glu_panels", [gate, up], tj_f) if gated else ctx.weight("expert_panels", [up], tj_f))
     h = ctx.call(grouped_matmul(experts, hidden, ffn, tj_f, Epilogue(glu=gated, activation=act)),
@@ -186,5 +212,7 @@ def _segment_ids(ctx: LowerContext, node: Node):
 @lowering("embedding")
 def _embedding(ctx: LowerContext, node: Node):
     ids, table = node.inputs
-    rows = ctx.bb.emit_te(KI.embedding, ctx.flat(ids), ctx.value(table), primfunc_name_hint="embedding")
+    vocab, hidden = (int(d) for d in table.type.shape)
+    rows = ctx.call(gather_rows(hidden, ids.type.dtype, vocab), [ctx.value(table), ctx.flat(ids)],
+                    [((ctx.rows_of(node.outputs[0]), hidden), table.type.dtype)])
     return [ctx.reshape_to(rows, node.outputs[0])]

@@ -21,8 +21,9 @@ def _attr(func: tirx.PrimFunc, key: str) -> bool:
 
 
 def schedule_injective(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Vector lanes on the innermost axis (static extent), one parallel loop over the rest."""
     sch = Schedule(func)
-    blocks = sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
     if len(blocks) != 1:
         raise ValueError(f"expected one injective block, got {len(blocks)} in\n{func}")
     loops = sch.get_loops(blocks[0])
@@ -42,14 +43,6 @@ def schedule_injective(func: tirx.PrimFunc) -> tirx.PrimFunc:
         outer.append(loops[-1])
     sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
     return sch.mod["main"]
-
-
-def _has_root(sch: Schedule) -> bool:
-    try:
-        sch.get_sblock("root")
-        return True
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def schedule_module(mod: tvm.IRModule) -> tvm.IRModule:

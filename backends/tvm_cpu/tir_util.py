@@ -5,18 +5,23 @@ construction": every loop is declared parallel, vectorized, unrolled or serial w
 written) rather than as tensor expressions scheduled afterwards, because their loop bounds
 are often data-dependent (the rows an expert serves), which schedule primitives do not
 handle. The IR builder (instead of the @T.prim_func decorator) lets plain Python decide the
-parameter list and the epilogue of a kernel, so one function emits every variant.
+parameter list, the epilogue and the unrolling of a kernel, so one function emits every
+variant. Inside `with kernel(...)`, Python code *emits* TIR: `with serial(0, n) as i:`
+opens a loop, `store(buf, idx, value)` writes, `buf[idx]` reads.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import tvm
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
+
+# Loop kinds (context managers yielding the loop variable): `with parallel(0, n) as i:`.
+serial, parallel, vectorized, unroll = T.serial, T.parallel, T.vectorized, T.unroll
 
 # Function attribute of every hand-written kernel: its loops are already scheduled.
 HAND_SCHEDULED_ATTR = "mocompile.hand_scheduled"
@@ -26,13 +31,19 @@ NAME_ATTR = "mocompile.kernel"
 
 # Function attribute marking a kernel that is deliberately single-threaded (tiny,
 # inherently sequential bookkeeping). Every other kernel must contain a parallel loop;
-# `schedule_check.check_scheduled` enforces it.
+# `schedule.check_scheduled` enforces it.
 SERIAL_ATTR = "mocompile.serial"
 
 # LLVM keeps an accumulator in registers only if TVM allocates it on the stack, which it
 # does for "global"-scope allocations strictly below this many bytes (larger ones go to a
 # heap workspace that every iteration then reads and writes).
 STACK_BYTES = 1024
+
+# Below this much work, waking the thread pool's workers (~10 us when they sleep between
+# kernels) costs more than it saves: the loop runs on the calling thread. Work is counted in
+# bytes moved, plus FLOPs / 2 for compute-bound kernels (one core streams ~25 GB/s and
+# computes ~50 GFLOP/s), so 512 KiB is ~20 us of single-core time.
+PARALLEL_MIN_BYTES = 512 * 1024
 
 
 class Kernel:
@@ -56,6 +67,7 @@ def kernel(name: str, serial: bool = False) -> Iterator[Kernel]:
     out.func = ib.get()
 
 
+# ---- parameters and buffers --------------------------------------------------------------
 def arg(name: str, shape: Sequence, dtype: str = "float32") -> tirx.Buffer:
     """A tensor parameter. Symbolic dims (tirx.Var) are bound from the first buffer using them."""
     return T.arg(name, T.Buffer(tuple(shape), dtype, buffer_name=name))
@@ -71,22 +83,27 @@ def dim(name: str) -> tirx.Var:
     return tirx.Var(name, "int64")
 
 
-def scratch(shape: Sequence[int], dtype: str = "float32") -> tirx.Buffer:
-    """A small per-iteration buffer LLVM can keep in registers (see STACK_BYTES)."""
+def _nbytes(shape: Sequence[int], dtype: str) -> int:
     n = 1
     for d in shape:
         n *= int(d)
-    nbytes = n * tvm.DataType(dtype).bits // 8
+    return n * tvm.DataType(dtype).bits // 8
+
+
+def scratch(shape: Sequence[int], dtype: str = "float32") -> tirx.Buffer:
+    """A small per-iteration buffer LLVM can keep in registers (see STACK_BYTES)."""
+    nbytes = _nbytes(shape, dtype)
     if nbytes >= STACK_BYTES:
         raise ValueError(f"scratch buffer {tuple(shape)} {dtype} is {nbytes} bytes; keep it under {STACK_BYTES}")
     return T.alloc_buffer(tuple(shape), dtype, scope="global")
 
 
-def workspace(shape: Sequence, dtype: str = "float32") -> tirx.Buffer:
-    """A per-iteration buffer of any size (heap-allocated by TVM when large)."""
+def local(shape: Sequence[int], dtype: str = "float32") -> tirx.Buffer:
+    """A per-iteration buffer: on the stack when small enough, else a heap workspace."""
     return T.alloc_buffer(tuple(shape), dtype, scope="global")
 
 
+# ---- statements and expressions ------------------------------------------------------------
 def store(buf: tirx.Buffer, indices: Sequence, value) -> None:
     T.buffer_store(buf, value, list(indices))
 
@@ -114,6 +131,28 @@ def f32(x: float) -> tirx.PrimExpr:
     return tirx.FloatImm("float32", float(x))
 
 
+def lanes_for(n: int, widest: int = 16) -> int:
+    """The widest vector width (<= widest, power of two) dividing a static extent n."""
+    lanes = widest
+    while lanes > 1 and n % lanes:
+        lanes //= 2
+    return lanes
+
+
+# ---- loop patterns -----------------------------------------------------------------------
+def parallel_for(extent, work_bytes, body: Callable[[tirx.Var], None]) -> None:
+    """Emit `for i in range(extent): body(i)` as a parallel loop when the kernel's work is at
+    least PARALLEL_MIN_BYTES (`work_bytes`, an expression of its shapes), else as a serial
+    loop: decode-sized calls run without a thread-pool round trip."""
+    with if_else(work_bytes >= PARALLEL_MIN_BYTES) as (then, orelse):
+        with then():
+            with parallel(0, extent) as i:
+                body(i)
+        with orelse():
+            with serial(0, extent) as i:
+                body(i)
+
+
 def emit_reduce(dst: tirx.Buffer, dst_index: Sequence, load, n: int, combine, lanes: int | None = None) -> None:
     """dst[dst_index] = combine-reduction of load(0..n-1) (static n): `lanes` partial results
     combined with vector ops, then folded serially (short dependency chains)."""
@@ -128,18 +167,3 @@ def emit_reduce(dst: tirx.Buffer, dst_index: Sequence, load, n: int, combine, la
     for l in range(1, lanes):
         value = combine(value, part[l])
     store(dst, dst_index, value)
-
-
-def lanes_for(n: int, widest: int = 16) -> int:
-    """The widest vector width (<= widest, power of two) dividing a static extent n."""
-    lanes = widest
-    while lanes > 1 and n % lanes:
-        lanes //= 2
-    return lanes
-
-
-serial, parallel, vectorized, unroll = T.serial, T.parallel, T.vectorized, T.unroll
-
-__all__ = ["HAND_SCHEDULED_ATTR", "NAME_ATTR", "SERIAL_ATTR", "STACK_BYTES", "Kernel", "arg", "dim", "emit_reduce",
-           "f32", "i64", "if_else", "kernel", "lanes_for", "parallel", "scalar_arg", "scratch", "serial", "store", "unroll",
-           "vectorized", "when", "workspace"]

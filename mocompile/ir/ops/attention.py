@@ -89,6 +89,56 @@ register_op(OpDef("attention", _infer, _compute, ATTENTION_ATTRS, cost=_cost, ba
                   doc="softmax(rope(q) rope(k)^T / sqrt(d) + causal mask) v, grouped-query"))
 
 
+# ---- multi-head latent attention (DeepSeek-V2/V3) ---------------------------------------------
+MLA_ATTRS = {"heads": REQUIRED, "nope_dim": REQUIRED, "rope_dim": REQUIRED, "v_dim": REQUIRED, "rope_theta": REQUIRED}
+
+
+def _infer_mla(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
+    q, k_nope, v, k_rope = ts
+    h, dn, dr, dv = attrs["heads"], attrs["nope_dim"], attrs["rope_dim"], attrs["v_dim"]
+    if dr % 2:
+        raise ValueError(f"attention.mla rope_dim {dr} must be even")
+    lead = q.shape[:2]
+    for t, width, what in ((q, h * (dn + dr), "q"), (k_nope, h * dn, "k_nope"), (v, h * dv, "v"), (k_rope, dr, "k_rope")):
+        if t.rank != 3 or t.shape != lead + (width,) or t.dtype != q.dtype:
+            raise ValueError(f"attention.mla {what} {t} should be {q.dtype}[batch, seq, {width}]")
+    return [TensorType(lead + (h * dv,), q.dtype)]
+
+
+def _compute_mla(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
+    q, k_nope, v, k_rope = xs
+    b, s, _ = q.shape
+    h, dn, dr, dv = attrs["heads"], attrs["nope_dim"], attrs["rope_dim"], attrs["v_dim"]
+    q = q.reshape(b, s, h, dn + dr).transpose(0, 2, 1, 3)
+    cos, sin = rope_tables(np.arange(s), dr, attrs["rope_theta"])
+    q = np.concatenate([q[..., :dn], apply_rope(q[..., dn:], cos, sin)], axis=-1)
+    k_rope = np.broadcast_to(apply_rope(k_rope.reshape(b, 1, s, dr), cos, sin), (b, h, s, dr))
+    k = np.concatenate([k_nope.reshape(b, s, h, dn).transpose(0, 2, 1, 3), k_rope], axis=-1)
+    v = v.reshape(b, s, h, dv).transpose(0, 2, 1, 3)
+    scores = (q @ k.transpose(0, 1, 3, 2)) / np.sqrt(dn + dr)
+    scores = np.where(np.tril(np.ones((s, s), dtype=bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    return [(p @ v).transpose(0, 2, 1, 3).reshape(b, s, h * dv).astype(np.float32)]
+
+
+def _mla_cost(ins, outs, attrs, env) -> Cost:
+    b, s, _ = outs[0].concrete(env)
+    h, dq, dv = attrs["heads"], attrs["nope_dim"] + attrs["rope_dim"], attrs["v_dim"]
+    return Cost(flops=2 * b * s * s * h * (dq + dv), bytes=4 * sum(t.numel(env) for t in (*ins, *outs)))
+
+
+def _mla_flow(args: FlowArgs) -> Flow:
+    """As `attention`: each query reads every key/value position of its own row."""
+    return one(combine(args, [[0, 1, None], [0, None, None], [0, None, 2], [0, None, None]], why=ACROSS_SAMPLES))
+
+
+register_op(OpDef("attention.mla", _infer_mla, _compute_mla, MLA_ATTRS, cost=_mla_cost, batch_flow=_mla_flow,
+                  doc="causal multi-head latent attention core: per head q = [nope | rope(q_rope)], k = [k_nope | "
+                      "rope(k_rope)] with k_rope shared by all heads, scale 1/sqrt(nope_dim + rope_dim); inputs q "
+                      "[b,s,H*(dn+dr)], k_nope [b,s,H*dn], v [b,s,H*dv], k_rope [b,s,dr]"))
+
+
 # ---- scaled_dot_product_attention (plain torch code) ----------------------------------------
 SDPA_ATTRS = {"causal": False, "scale": None}
 

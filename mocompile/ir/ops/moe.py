@@ -33,10 +33,18 @@ ROUTER_ATTRS = {
     "n_group": 1,
     "topk_group": 1,
     "groups": (),  # ((modality_id, start, end), ...): route a token only within its modality's experts
+    "score_bias": False,  # an input [experts] added to the scores to choose experts only (DeepSeek-V3)
+    "group_score": "top2_sum",  # n_group > 1: a group's score is the sum of its top-2 choice scores | "max"
     "capacity_factor": None,
     "routing": "token_choice",  # | "expert_choice" | "balanced" (see the module docstring)
 }
 ROUTINGS = ("token_choice", "expert_choice", "balanced")
+GROUP_SCORES = ("top2_sum", "max")
+
+
+def router_inputs(attrs: Mapping[str, Any]) -> tuple[str, ...]:
+    """Names of router.topk's inputs, in order: x, w_router[, score_bias][, modality_ids]."""
+    return ("x", "w") + (("score_bias",) if attrs["score_bias"] else ()) + (("modality_ids",) if attrs["groups"] else ())
 
 
 def _infer_router(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
@@ -50,18 +58,27 @@ def _infer_router(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[Te
         raise ValueError(f"unknown scoring {attrs['scoring']!r}")
     if attrs["routing"] not in ROUTINGS:
         raise ValueError(f"unknown routing {attrs['routing']!r} (known: {', '.join(ROUTINGS)})")
-    if bool(attrs["groups"]) != (len(ts) == 3):
-        raise ValueError("router.topk takes modality_ids exactly when it has modality groups")
-    if len(ts) == 3 and (ts[2].shape != x.shape[:-1] or ts[2].dtype != "int32"):
-        raise ValueError(f"modality_ids {ts[2]} should be int32{list(x.shape[:-1])}")
+    if attrs["group_score"] not in GROUP_SCORES:
+        raise ValueError(f"unknown group_score {attrs['group_score']!r} (known: {', '.join(GROUP_SCORES)})")
+    names = router_inputs(attrs)
+    if len(ts) != len(names):
+        raise ValueError(f"router.topk takes {', '.join(names)}; got {len(ts)} inputs")
+    given = dict(zip(names, ts))
+    if "score_bias" in given and given["score_bias"].shape != (experts,):
+        raise ValueError(f"score_bias {given['score_bias']} should be [{experts}]")
+    mods = given.get("modality_ids")
+    if mods is not None and (mods.shape != x.shape[:-1] or mods.dtype != "int32"):
+        raise ValueError(f"modality_ids {mods} should be int32{list(x.shape[:-1])}")
     lead = x.shape[:-1]
     return [TensorType(lead + (k,), "float32"), TensorType(lead + (k,), "int32")]
 
 
 def route(
-    logits: np.ndarray, attrs: Mapping[str, Any], modality_ids: np.ndarray | None = None
+    logits: np.ndarray, attrs: Mapping[str, Any], modality_ids: np.ndarray | None = None,
+    score_bias: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k routing of [tokens, experts] logits -> (weights [tokens, k], indices [tokens, k])."""
+    """Top-k routing of [tokens, experts] logits -> (weights [tokens, k], indices [tokens, k]).
+    `score_bias` shifts the scores experts are chosen by, never the weights they get."""
     t, e = logits.shape
     k = attrs["top_k"]
     if attrs["groups"]:
@@ -76,15 +93,19 @@ def route(
         scores = z / z.sum(-1, keepdims=True)
     else:
         scores = np.where(np.isneginf(logits), 0.0, sigmoid(logits))
-    choice = scores
+    choice = scores if score_bias is None else (scores + score_bias).astype(np.float32)
     if attrs["n_group"] > 1:
         g = attrs["n_group"]
-        grouped = scores.reshape(t, g, e // g)
-        group_score = np.sort(grouped, axis=-1)[..., -2:].sum(-1)
+        grouped = choice.reshape(t, g, e // g)
+        if attrs["group_score"] == "top2_sum":
+            group_score = np.sort(grouped, axis=-1)[..., -2:].sum(-1)
+        else:
+            group_score = grouped.max(-1)
         keep = np.argsort(-group_score, axis=-1, kind="stable")[:, : attrs["topk_group"]]
         mask = np.zeros((t, g), dtype=bool)
         np.put_along_axis(mask, keep, True, axis=-1)
-        choice = np.where(np.repeat(mask, e // g, axis=-1), scores, 0.0)
+        fill = 0.0 if score_bias is None else -np.inf  # biased choice scores may be negative
+        choice = np.where(np.repeat(mask, e // g, axis=-1), choice, fill)
     if attrs["groups"]:
         choice = np.where(allowed, choice, -np.inf)
     if attrs["routing"] == "token_choice":
@@ -155,11 +176,12 @@ def drop_over_capacity(weights: np.ndarray, idx: np.ndarray, experts: int, facto
 
 
 def _router(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
-    x, w = xs[0], xs[1]
+    given = dict(zip(router_inputs(attrs), xs))
+    x, w = given["x"], given["w"]
     lead = x.shape[:-1]
     logits = x.reshape(-1, x.shape[-1]) @ w.T
-    mods = xs[2].reshape(-1) if len(xs) == 3 else None
-    weights, idx = route(logits.astype(np.float32), attrs, mods)
+    mods = given["modality_ids"].reshape(-1) if "modality_ids" in given else None
+    weights, idx = route(logits.astype(np.float32), attrs, mods, given.get("score_bias"))
     k = attrs["top_k"]
     return [weights.reshape(lead + (k,)), idx.reshape(lead + (k,))]
 
@@ -173,7 +195,8 @@ def _router_cost(ins, outs, attrs, env) -> Cost:
 def _router_flow(args: FlowArgs) -> Flow:
     """Per token along the leading axes, unless the routing looks at the whole batch."""
     x = args.in_types[0]
-    maps = [identity_map(x.rank, drop=[-1]), None] + ([identity_map(x.rank - 1)] if len(args.ins) == 3 else [])
+    maps = [identity_map(x.rank, drop=[-1]), None] + [
+        identity_map(x.rank - 1) if name == "modality_ids" else None for name in router_inputs(args.attrs)[2:]]
     out = combine(args, maps, why="routes on the last axis, and that axis carries the batch (sample) index")
     routing, factor = args.attrs["routing"], args.attrs["capacity_factor"]
     if routing == "expert_choice":
@@ -192,7 +215,8 @@ def _router_flow(args: FlowArgs) -> Flow:
 
 
 register_op(OpDef("router.topk", _infer_router, _router, ROUTER_ATTRS, cost=_router_cost, batch_flow=_router_flow,
-                  doc="(weights, indices) of the top_k experts per token; inputs x, w_router[, modality_ids]"))
+                  doc="(weights, indices) of the top_k experts per token; inputs x, w_router[, score_bias]"
+                      "[, modality_ids]"))
 
 EXPERTS_ATTRS = {"activation": "silu", "gated": True}
 

@@ -80,15 +80,24 @@ register_op(OpDef("linear", _infer_linear, _linear, batch_flow=rowwise(_linear_p
 # ---- norms -----------------------------------------------------------------------------
 def _infer_norm(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
     x = ts[0]
+    group = attrs.get("group")
+    size = x.shape[-1] if group is None else group
+    if group is not None:
+        _expect(isinstance(x.shape[-1], int) and x.shape[-1] % group == 0,
+                f"norm group {group} does not divide the last axis of {x}")
     for p in ts[1:]:
-        _expect(p.shape == (x.shape[-1],), f"norm parameter {p} does not match input {x}")
+        _expect(p.shape == (size,), f"norm parameter {p} does not match input {x}" +
+                (f" in groups of {group}" if group is not None else ""))
     return [x]
 
 
 def _rmsnorm(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
     x, w = xs
+    shape = x.shape
+    if attrs["group"] is not None:
+        x = x.reshape(*shape[:-1], -1, attrs["group"])
     var = np.mean(x.astype(np.float32) ** 2, axis=-1, keepdims=True)
-    return [(x / np.sqrt(var + attrs["eps"]) * w).astype(np.float32)]
+    return [(x / np.sqrt(var + attrs["eps"]) * w).astype(np.float32).reshape(shape)]
 
 
 def _layernorm(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
@@ -103,9 +112,10 @@ def _norm_cost(ins, outs, attrs, env) -> Cost:
     return Cost(flops=4 * n, bytes=8 * n)
 
 
-register_op(OpDef("rmsnorm", _infer_norm, _rmsnorm, {"eps": REQUIRED}, cost=_norm_cost,
+register_op(OpDef("rmsnorm", _infer_norm, _rmsnorm, {"eps": REQUIRED, "group": None}, cost=_norm_cost,
                   batch_flow=rowwise(last_axis_params, reduce_last=True),
-                  doc="x / sqrt(mean(x^2) + eps) * w over the last axis"))
+                  doc="x / sqrt(mean(x^2) + eps) * w over the last axis, or with `group` over each consecutive "
+                      "group of that many elements of it (per attention head); w is [last axis] or [group]"))
 register_op(OpDef("layernorm", _infer_norm, _layernorm, {"eps": REQUIRED}, cost=_norm_cost,
                   batch_flow=rowwise(last_axis_params, reduce_last=True),
                   doc="(x - mean) / sqrt(var + eps) * w + b over the last axis (biased variance)"))

@@ -1,0 +1,32 @@
+"""Row gathers: out[r, :] = table[index[r], :]. Serves embedding lookups (index = token ids)
+and the MoE dispatch (index = the token each expert-sorted row copies)."""
+
+from __future__ import annotations
+
+import functools
+
+from tvm import tirx
+
+from mocompile.backends.tvm_cpu import tir_util as U
+
+
+@functools.cache
+def gather_rows(hidden: int, index_dtype: str = "int32", table_rows: int | None = None) -> tirx.PrimFunc:
+    """table[n, hidden], index[p] -> out[p, hidden]. Indices are clamped into the table, so a
+    bad id reads a wrong row instead of memory outside the table."""
+    n = table_rows if table_rows is not None else U.dim("n")
+    p = U.dim("p")
+    lanes = U.lanes_for(hidden)
+    with U.kernel(f"gather_rows_h{hidden}_{index_dtype}{'' if table_rows is None else f'_n{table_rows}'}") as kern:
+        table = U.arg("table", (n, hidden))
+        index = U.arg("index", (p,), index_dtype)
+        out = U.arg("out", (p, hidden))
+
+        def row(r):
+            src = tirx.min(tirx.max(U.i64(index[r]), 0), n - 1)
+            with U.serial(0, hidden // lanes) as c:
+                with U.vectorized(0, lanes) as l:
+                    U.store(out, (r, c * lanes + l), table[src, c * lanes + l])
+
+        U.parallel_for(p, 8 * p * hidden, row)
+    return kern.func

@@ -1,0 +1,140 @@
+"""Multi-head latent attention (DeepSeek-V2/V3), the `attention.mla` core, as two kernels
+shaped like kernels_attention's (whose rope, block size and online-softmax step they reuse):
+
+- `latent_keys`: k_nope[B, S, H*dn] and the shared rotary key k_rope[B, S, dr] ->
+  Kt[B, H, dn+dr, S_pad]: per head [k_nope | rope(k_rope)], transposed and zero padded, so a
+  query scores KB keys with plain vector FMAs;
+- `latent_attention`: QB query rows of one head per task, q = [q_nope | rope(q_rope)] scaled
+  by 1/sqrt(dn+dr), causal, keys in blocks of KB with an online softmax; values and output
+  have their own head width dv.
+
+Rope is the rotate-half form over the dr rotary channels, with the cos/sin table of
+`rope_table(dr)` (the importer has already de-interleaved checkpoints that rotate pairs).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import tirx
+
+from mocompile.backends.tvm_cpu import tir_util as U
+from mocompile.backends.tvm_cpu.kernels_attention import KB, NEG_INF, QB, _emit_softmax_block, _rope, padded_len
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    heads: int
+    nope_dim: int
+    rope_dim: int
+    v_dim: int
+
+    @property
+    def qk_dim(self) -> int:
+        return self.nope_dim + self.rope_dim
+
+    def tag(self) -> str:
+        return f"h{self.heads}n{self.nope_dim}r{self.rope_dim}v{self.v_dim}"
+
+
+def _head_channel(nope, rope, d, dn: int, dr: int, cs, pos):
+    """Channel d of a [nope | rope(rope part)] head: nope(c) and rope(c) load the two parts."""
+    rotated = _rope(rope, tirx.max(d - dn, 0), dr, cs, pos)
+    return tirx.Select(d < dn, nope(tirx.min(d, dn - 1)), rotated)
+
+
+@functools.cache
+def latent_keys(spec: LatentSpec) -> tirx.PrimFunc:
+    """k_nope[B, S, H*dn], k_rope[B, S, dr], cs[S, 2, dr/2] -> kt[B, H, dn+dr, padded(S)]."""
+    b, s = U.dim("b"), U.dim("s")
+    H, dn, dr, dq = spec.heads, spec.nope_dim, spec.rope_dim, spec.qk_dim
+    sp = padded_len(s)
+    with U.kernel(f"latent_keys_{spec.tag()}") as kern:
+        k_nope = U.arg("k_nope", (b, s, H * dn))
+        k_rope = U.arg("k_rope", (b, s, dr))
+        cs = U.arg("cs", (s, 2, dr // 2))
+        kt = U.arg("kt", (b, H, dq, sp))
+
+        def row(task):  # one kt row (b, h, d): its keys j are contiguous
+            bi, h, d = task // (H * dq), task // dq % H, task % dq
+            with U.serial(0, sp // 16) as j0:
+                with U.vectorized(0, 16) as jj:
+                    j = j0 * 16 + jj
+                    jc = tirx.min(j, s - 1)  # padding keys read a valid row and store zero
+                    val = _head_channel(lambda c: k_nope[bi, jc, h * dn + c], lambda c: k_rope[bi, jc, c],
+                                        d, dn, dr, cs, jc)
+                    U.store(kt, (bi, h, d, j), tirx.Select(j < s, val, U.f32(0)))
+
+        U.parallel_for(b * H * dq, 8 * b * H * dq * sp, row)
+    return kern.func
+
+
+@functools.cache
+def latent_attention(spec: LatentSpec) -> tirx.PrimFunc:
+    """q[B, S, H*(dn+dr)], kt (from latent_keys), v[B, S, H*dv], cs -> out[B, S, H*dv], causal.
+
+    A task is QB consecutive queries of one head (each key and value vector loaded serves QB
+    queries); rows past the end compute on the last row and are not stored.
+    """
+    b, s = U.dim("b"), U.dim("s")
+    H, dn, dr, dq, dv = spec.heads, spec.nope_dim, spec.rope_dim, spec.qk_dim, spec.v_dim
+    lanes = U.lanes_for(dv)
+    sp = padded_len(s)
+    n_qb = (s + QB - 1) // QB
+    scale = U.f32(1.0 / np.sqrt(dq))
+    with U.kernel(f"latent_attention_{spec.tag()}") as kern:
+        q = U.arg("q", (b, s, H * dq))
+        kt = U.arg("kt", (b, H, dq, sp))
+        v = U.arg("v", (b, s, H * dv))
+        cs = U.arg("cs", (s, 2, dr // 2))
+        out = U.arg("out", (b, s, H * dv))
+
+        def query_block(task):
+            bi = task // (H * n_qb)
+            h = task // n_qb % H
+            i0 = task % n_qb * QB
+            rows = [tirx.min(i0 + qi, s - 1) for qi in range(QB)]  # clamped query positions
+            qrow = [U.local((dq,)) for _ in range(QB)]
+            acc = [U.local((dv,)) for _ in range(QB)]
+            score = [U.scratch((KB,)) for _ in range(QB)]
+            run = [U.scratch((4,)) for _ in range(QB)]  # running max, running sum, block max, correction
+            for qi in range(QB):
+                with U.serial(0, dq) as d:
+                    i = rows[qi]
+                    val = _head_channel(lambda c, i=i: q[bi, i, h * dq + c], lambda c, i=i: q[bi, i, h * dq + dn + c],
+                                        d, dn, dr, cs, i)
+                    U.store(qrow[qi], (d,), val * scale)
+                with U.vectorized(0, dv) as d:
+                    U.store(acc[qi], (d,), U.f32(0))
+                U.store(run[qi], (0,), NEG_INF)
+                U.store(run[qi], (1,), U.f32(0))
+            limit = [r + 1 for r in rows]  # keys query qi may see: [0, limit[qi])
+            n_keys = tirx.min(i0 + QB, s)
+            with U.serial(0, (n_keys + KB - 1) // KB) as kb:
+                j0 = kb * KB
+                for qi in range(QB):
+                    with U.vectorized(0, KB) as jj:
+                        U.store(score[qi], (jj,), U.f32(0))
+                with U.serial(0, dq) as d:
+                    for qi in range(QB):
+                        with U.vectorized(0, KB) as jj:
+                            U.store(score[qi], (jj,), score[qi][jj] + qrow[qi][d] * kt[bi, h, d, j0 + jj])
+                for qi in range(QB):
+                    _emit_softmax_block(score[qi], run[qi], acc[qi], j0, limit[qi], dv)
+                with U.serial(0, tirx.min(KB, n_keys - j0)) as jj:
+                    with U.serial(0, dv // lanes) as c:
+                        with U.vectorized(0, lanes) as l:
+                            d = c * lanes + l
+                            vv = v[bi, j0 + jj, h * dv + d]
+                            for qi in range(QB):
+                                U.store(acc[qi], (d,), acc[qi][d] + score[qi][jj] * vv)
+            for qi in range(QB):
+                with U.when(i0 + qi < s):
+                    with U.vectorized(0, dv) as d:
+                        U.store(out, (bi, i0 + qi, h * dv + d), acc[qi][d] / run[qi][1])
+
+        # work ~ FLOPs / 2: causal scores and weighted values, s^2 * (dq + dv) per head
+        U.parallel_for(b * H * n_qb, b * H * s * s * (dq + dv) // 2, query_block)
+    return kern.func
