@@ -231,7 +231,7 @@ TABLES: dict[str, dict[str, Key]] = {
     },
     "qwen3_moe": {
         **QWEN,
-        "num_local_experts": Key("experts"),  # transformers 5 writes this alias of num_experts
+        "num_local_experts": Key("experts", _int, None),  # transformers 5 writes this alias of num_experts
         "attention_bias": Key(("qkv_bias", "out_bias"), _bool, False),
     },
     "olmoe": {
@@ -272,7 +272,7 @@ def _qwen_moe(ing: Mapping[str, Any], i: int) -> bool:
 
 def _deepseek_moe(ing: Mapping[str, Any], i: int) -> bool:
     """DeepSeek: dense for the first first_k_dense_replace layers, then every moe_layer_freq-th
-    (DeepSeek's rule; transformers ignores moe_layer_freq, and no released model sets it)."""
+    (DeepSeek's own rule; transformers ignores moe_layer_freq; released V2/V3 models use 1)."""
     return i >= ing["first_dense"] and i % ing["moe_freq"] == 0
 
 
@@ -404,7 +404,8 @@ def _spec_name(path: Path) -> str:
     return name if not name[0].isdigit() else f"m_{name}"
 
 
-def _build(ing: dict[str, Any], origin: dict[str, str], family: Family, path: Path, where: Path) -> tuple[Spec, dict[str, str]]:
+def _build(ing: dict[str, Any], origin: dict[str, str], family: Family, path: Path,
+           where: Path) -> tuple[Spec, dict[str, str]]:
     heads, hidden = ing["heads"], ing["hidden"]
     n = ing["n_layers"]
     mla = None
@@ -465,7 +466,8 @@ _NOTE_KEYS = {
               "tie_embeddings": "tie_embeddings", "qkv_bias": "qkv_bias", "out_bias": "out_bias",
               **{k: k for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")}},
     SPARSE: {"experts": "experts", "top_k": "top_k", "expert_hidden": "expert_hidden",
-             "normalize_topk": "normalize_topk", "scoring": "scoring", "routed_scale": "routed_scale", "n_group": "n_group",
+             "normalize_topk": "normalize_topk", "scoring": "scoring", "routed_scale": "routed_scale",
+             "n_group": "n_group",
              "topk_group": "topk_group", "shared_experts": "shared_experts", "shared_hidden": "shared_hidden"},
     DENSE: {"hidden": "dense_hidden"},
     "text": {"vocab": "vocab"},
@@ -490,8 +492,8 @@ def _notes(origin: dict[str, str], spec: Spec, family: Family, ing: Mapping[str,
         notes[f"{SPARSE}.group_score"] = "topk_method = group_limited_greedy"
     if spec.mla is not None:
         notes["model.attention"] = "multi-head latent attention"
-    rules = {"qwen2_moe": "decoder_sparse_step, mlp_only_layers", "qwen3_moe": "decoder_sparse_step, mlp_only_layers",
-             "deepseek_v2": "first_k_dense_replace, moe_layer_freq", "deepseek_v3": "first_k_dense_replace, moe_layer_freq"}
+    qwen, deepseek = "decoder_sparse_step, mlp_only_layers", "first_k_dense_replace, moe_layer_freq"
+    rules = {"qwen2_moe": qwen, "qwen3_moe": qwen, "deepseek_v2": deepseek, "deepseek_v3": deepseek}
     notes["model.layers"] = f"{len(spec.layers)} layers (num_hidden_layers)" + (
         f", MoE by {rules[family.model_type]}" if family.model_type in rules else "")
     return notes

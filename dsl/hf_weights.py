@@ -21,11 +21,16 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 from mocompile.dsl.hf_import import DENSE, HFCheckpoint
 from mocompile.dsl.spec import MLASpec, MoESpec, Spec
 from mocompile.errors import MocompileError
+
+if TYPE_CHECKING:  # torch is imported only when weights are actually read
+    import torch
+
+    from mocompile.dsl.builder import MoEModel
 
 __all__ = ["Piece", "Target", "CheckpointFiles", "build_hf_model", "check_checkpoint", "plan_weights", "check_plan",
            "load_into", "save_weights"]
@@ -90,7 +95,7 @@ class CheckpointFiles:
                 for name in self._keys(shard):
                     self.shard_of[name] = shard
 
-    def open(self, shard: str, needed_for: str = ""):
+    def open(self, shard: str, needed_for: str = ""):  # -> safetensors' safe_open handle
         """safe_open on one shard (as a context manager); `needed_for` names a tensor it should hold."""
         from safetensors import safe_open
 
@@ -197,8 +202,8 @@ class _Planner:
         self.add(f"{ref}.k_rope_proj.weight", Piece(kv_a, tuple(_rope_rows(r, dr, rope)), 0, r + dr))
         self.copy(f"{ref}.kv_a_norm.weight", f"{hf}.kv_a_layernorm.weight")
         kv_b = f"{hf}.kv_b_proj.weight"
-        self.add(f"{ref}.k_b_proj.weight", Piece(kv_b, _per_head(h, dn + dv, [(0, list(range(dn)))]), 0, h * (dn + dv)))
-        self.add(f"{ref}.v_b_proj.weight", Piece(kv_b, _per_head(h, dn + dv, [(dn, list(range(dv)))]), 0, h * (dn + dv)))
+        for proj, part in (("k_b_proj", (0, list(range(dn)))), ("v_b_proj", (dn, list(range(dv))))):
+            self.add(f"{ref}.{proj}.weight", Piece(kv_b, _per_head(h, dn + dv, [part]), 0, h * (dn + dv)))
         self.copy(f"{ref}.o_proj.weight", f"{hf}.o_proj.weight")
         if spec.out_bias:
             self.copy(f"{ref}.o_proj.bias", f"{hf}.o_proj.bias")
@@ -271,7 +276,7 @@ def check_plan(ckpt: HFCheckpoint, targets: Sequence[Target], files: CheckpointF
                              f"does in a {ckpt.family.name} model")
 
 
-def load_into(model, targets: Sequence[Target], files: CheckpointFiles) -> None:
+def load_into(model: "torch.nn.Module", targets: Sequence[Target], files: CheckpointFiles) -> None:
     """Stream the planned tensors into `model`'s parameters, one shard open at a time, one
     tensor in memory at a time (cast to the parameter's dtype)."""
     import torch
@@ -289,7 +294,7 @@ def load_into(model, targets: Sequence[Target], files: CheckpointFiles) -> None:
                     dest.copy_(_read(f, p))
 
 
-def _read(f, p: Piece):
+def _read(f, p: Piece) -> "torch.Tensor":
     """A piece's data: the whole tensor, or only the rows it needs (read as one range)."""
     import torch
 
@@ -301,7 +306,7 @@ def _read(f, p: Piece):
     return block.index_select(p.axis, torch.tensor([r - lo for r in p.rows]))
 
 
-def save_weights(model, path: str | Path) -> None:
+def save_weights(model: "torch.nn.Module", path: str | Path) -> None:
     """The reference model's state dict as safetensors (tied tensors written once each name)."""
     from safetensors.torch import save_file
 
@@ -311,7 +316,12 @@ def save_weights(model, path: str | Path) -> None:
         t = t.detach()
         tensors[name] = t.clone() if t.data_ptr() in seen else t.contiguous()
         seen.add(t.data_ptr())
-    save_file(tensors, str(path))
+    if not Path(path).parent.is_dir():
+        raise MocompileError(f"{path}: cannot write the weights (no directory {Path(path).parent})")
+    try:
+        save_file(tensors, str(path))
+    except Exception as e:  # safetensors wraps I/O failures in its own error type
+        raise MocompileError(f"{path}: cannot write the weights ({e})") from None
 
 
 def check_checkpoint(ckpt: HFCheckpoint) -> None:
@@ -326,7 +336,7 @@ def check_checkpoint(ckpt: HFCheckpoint) -> None:
     plan_weights(ckpt, {name: tuple(p.shape) for name, p in model.named_parameters()})
 
 
-def build_hf_model(ckpt: HFCheckpoint):
+def build_hf_model(ckpt: HFCheckpoint) -> "MoEModel":
     """The reference model of an imported checkpoint with the checkpoint's weights, in eval mode."""
     from mocompile.dsl.builder import new_model
 

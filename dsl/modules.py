@@ -286,7 +286,8 @@ class MoEBlock(nn.Module):
     """Routed experts plus optional shared experts, whose output may be scaled by a learned
     sigmoid gate per token (Qwen2-MoE's shared_expert_gate)."""
 
-    def __init__(self, router: Router, experts: Experts, shared: MLP | None, shared_gate: nn.Linear | None = None) -> None:
+    def __init__(self, router: Router, experts: Experts, shared: MLP | None,
+                 shared_gate: nn.Linear | None = None) -> None:
         super().__init__()
         self.router, self.experts, self.shared, self.shared_gate = router, experts, shared, shared_gate
 
@@ -309,7 +310,8 @@ def segment_ids(segments: list[torch.Tensor], ids: list[int]) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, attn_norm: nn.Module, attn: Attention | LatentAttention, ffn_norm: nn.Module, ffn: nn.Module) -> None:
+    def __init__(self, attn_norm: nn.Module, attn: Attention | LatentAttention, ffn_norm: nn.Module,
+                 ffn: nn.Module) -> None:
         super().__init__()
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
 

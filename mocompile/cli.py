@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_shape_args(r, 1, 8)
 
     b = sub.add_parser("check-isolation", help="prove that no sample of a batch can influence another sample's output")
-    b.add_argument("path", help="a .moe spec (static proof, witness of a leak) or an artifact directory (recorded "
-                                "verdict, differential run)")
+    b.add_argument("path", help="a .moe spec or Hugging Face checkpoint (static proof, witness of a leak) or an "
+                                "artifact directory (recorded verdict, differential run)")
     b.add_argument("--variant", help="with a spec: the elastic sub-model to check")
     b.add_argument("--passes", default="", help="with a spec: pass pipeline to run before the check")
     b.add_argument("--seed", type=int, default=0, help="seed of the weights and test inputs")
@@ -134,7 +134,9 @@ def _artifact_isolation(a: argparse.Namespace):
 def cmd_check_isolation(a: argparse.Namespace) -> int:
     if a.batch < 2:
         raise MocompileError(f"--batch must be at least 2 to compare samples (got {a.batch})")
-    if Path(a.path).is_dir():
+    from mocompile.dsl.hf_import import is_checkpoint
+
+    if Path(a.path).is_dir() and not is_checkpoint(a.path):
         report = _artifact_isolation(a)
     else:
         from mocompile.isolation_check import check_spec
@@ -180,16 +182,18 @@ def _inspect_spec(a: argparse.Namespace) -> int:
         except KeyError as e:
             raise MocompileError(str(e.args[0])) from None
     if a.ir:
-        from mocompile.compiler import lower_source, source_from_hf, source_from_spec
+        from mocompile.compiler import lower_source, source_for
         from mocompile.ir.printer import format_graph
 
-        src = source_from_hf(a.path) if hf else source_from_spec(load_spec(a.path), a.variant, None, 0)
-        print(format_graph(lower_source(src)))
+        print(format_graph(lower_source(source_for(a.path, a.variant, None, 0))))
         return 0
     counts = parameter_counts(spec)
     print(f"model {spec.name}  ({spec.source})")
-    print(f"  hidden {spec.hidden}, heads {spec.heads} (kv {spec.kv_heads}, dim {spec.head_dim}), "
-          f"{len(spec.layers)} layers: {' '.join(spec.layers)}")
+    m = spec.mla
+    heads = (f"latent attention (q rank {m.q_lora_rank or '-'}, kv rank {m.kv_lora_rank}, qk dim "
+             f"{m.qk_nope_head_dim}+{m.qk_rope_head_dim} rope, v dim {m.v_head_dim})" if m else
+             f"kv {spec.kv_heads}, dim {spec.head_dim}")
+    print(f"  hidden {spec.hidden}, heads {spec.heads} ({heads}), {len(spec.layers)} layers: {' '.join(spec.layers)}")
     print(f"  modalities: {', '.join(m.name + (f' (vocab {m.vocab})' if m.is_tokens else f' (features {m.features})') for m in spec.modalities)}")
     for moe in spec.moes:
         groups = ", ".join(f"{g.modality} {g.start}..{g.end}" for g in moe.groups) or "shared pool"
@@ -219,7 +223,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return _inspect_artifact(a) if Path(a.path).is_dir() and not is_checkpoint(a.path) else _inspect_spec(a)
 
 
-COMMANDS = {"compile": cmd_compile, "import-hf": cmd_import_hf, "run": cmd_run, "inspect": cmd_inspect, "check-isolation": cmd_check_isolation}
+COMMANDS = {"compile": cmd_compile, "import-hf": cmd_import_hf, "run": cmd_run, "inspect": cmd_inspect,
+            "check-isolation": cmd_check_isolation}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

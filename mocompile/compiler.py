@@ -86,6 +86,17 @@ def source_from_hf(path: str | Path) -> Source:
     return Source(model, model.input_types(), spec.name, meta, {"text": spec.vocab})
 
 
+def source_for(model: Any, variant: str | None, weights: str | Path | None, seed: int) -> Source:
+    """A spec (object or `.moe` path) or a Hugging Face checkpoint directory, ready to lower."""
+    if isinstance(model, (str, Path)) and is_checkpoint(model):
+        for option, value in (("weights", weights), ("variant", variant)):
+            if value is not None:
+                raise MocompileError(f"{model}: a Hugging Face checkpoint brings its own weights and has no variants "
+                                     f"(drop --{option})")
+        return source_from_hf(model)
+    return source_from_spec(model, variant, weights, seed)
+
+
 def source_from_module(module: Any, input_types: Mapping[str, TensorType] | None) -> Source:
     types = dict(input_types) if input_types is not None else getattr(module, "input_types", lambda: None)()
     if types is None:
@@ -210,14 +221,8 @@ def compile(
         load_plugin(plugin)
     backend = get_backend(target)
     say("[1/6] building the reference model")
-    if isinstance(model, (str, Path)) and is_checkpoint(model):
-        for option, value in (("weights", weights), ("variant", variant)):
-            if value is not None:
-                raise MocompileError(f"{model}: a Hugging Face checkpoint brings its own weights and has no variants "
-                                     f"(drop --{option})")
-        src = source_from_hf(model)
-    elif isinstance(model, (str, Path)) or type(model).__name__ == "Spec":
-        src = source_from_spec(model, variant, weights, seed)
+    if isinstance(model, (str, Path)) or type(model).__name__ == "Spec":
+        src = source_for(model, variant, weights, seed)
     else:
         src = source_from_module(model, input_types)
     say("[2/6] tracing with torch.fx and lowering to IR")

@@ -85,15 +85,15 @@ def check_isolation(module: Any, example_inputs: Any, batch_dim: int | Mapping[s
 
 def check_spec(spec: Any, variant: str | None = None, *, weights: str | Path | None = None, seed: int = 0,
                batch: int = 2, seq: int = 8, passes: str = "") -> tuple[IsolationReport, Graph]:
-    """Build, lower (and run `passes` on) a spec, analyse it, and witness a leak on random
-    inputs of `batch` samples and `seq` positions per segment."""
-    from mocompile.compiler import lower_source, signature_of, source_from_spec
+    """Build, lower (and run `passes` on) a spec or Hugging Face checkpoint, analyse it, and
+    witness a leak on random inputs of `batch` samples and `seq` positions per segment."""
+    from mocompile.compiler import lower_source, signature_of, source_for
     from mocompile.pass_manager import PassManager
     from mocompile.runtime import random_inputs
 
     if batch < 2:
         raise MocompileError(f"--batch must be at least 2 to compare samples (got {batch})")
-    src = source_from_spec(spec, variant, weights, seed)
+    src = source_for(spec, variant, weights, seed)
     graph = lower_source(src)
     if passes:
         graph, _ = PassManager(passes).run(graph)

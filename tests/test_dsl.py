@@ -421,6 +421,17 @@ MALFORMED = [
      "needs a moe block"),
     ("variant-recheck-routing-groups", model(*HEAD, DS, LAYERS, "variant v { experts = ^4 }"),
      "variant 'v' (moe 'e' shrunk to 4 experts, top_k 4)"),
+    # -- attention options and latent attention --
+    ("latent-key-without-mla", ok("^kv_lora_rank = 8"), "'kv_lora_rank' only applies to latent attention"),
+    ("mla-missing-keys", ok("attention = ^mla  kv_lora_rank = 8"),
+     "'attention = mla' needs 'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim'"),
+    ("mla-odd-rope", ok("attention = mla  kv_lora_rank = 8  qk_nope_head_dim = 8  ^qk_rope_head_dim = 5  "
+                        "v_head_dim = 8"), "qk_rope_head_dim = 5 must be even"),
+    ("mla-with-kv-heads", ok("attention = mla  kv_lora_rank = 8  qk_nope_head_dim = 8  qk_rope_head_dim = 4  "
+                             "v_head_dim = 8  ^kv_heads = 2"), "'kv_heads' cannot be set with 'attention = mla'"),
+    ("unknown-qk-norm", ok("qk_norm = ^heads"), "unknown qk_norm 'heads', expected one of none, whole, per_head"),
+    ("shared-gate-without-shared", model(*HEAD, "moe e { experts = 4 top_k = 2 expert_hidden = 8 shared_gate = ^true }",
+                                         LAYERS), "'shared_gate' gates the shared experts, but moe 'e' has none"),
 ]
 
 
@@ -489,3 +500,30 @@ def test_damaged_examples_raise_only_spec_errors(name: str) -> None:
             parse_spec(damaged, "x.moe")
         except SpecError as err:
             assert "\n" not in str(err) and err.line >= 1 and err.column >= 1, str(err)
+
+
+# ---- options of imported architectures, and the spec writer ----------------------------------------
+
+
+def test_attention_and_routing_options() -> None:
+    spec = parse_spec(ok("qkv_bias = true  out_bias = true  qk_norm = per_head"))
+    assert (spec.qkv_bias, spec.out_bias, spec.qk_norm, spec.attention, spec.mla) == (True, True, "per_head", "gqa",
+                                                                                      None)
+    mla = parse_spec(ok("attention = mla  kv_lora_rank = 8  qk_nope_head_dim = 6  qk_rope_head_dim = 4",
+                        "v_head_dim = 5"))
+    assert mla.attention == "mla" and mla.head_dim == 10 and mla.kv_heads == mla.heads and mla.mla.q_lora_rank == 0
+    # groups of one expert are fine when a group is scored by its best expert
+    moe = parse_spec(model(*HEAD, "moe e { experts = 4 top_k = 2 expert_hidden = 8 n_group = 4 topk_group = 2 "
+                                  "group_score = max score_bias = true }", LAYERS)).moes[0]
+    assert (moe.group_score, moe.score_bias, moe.shared_gate) == ("max", True, False)
+
+
+def test_written_examples_parse_back_to_the_same_spec() -> None:
+    from dataclasses import replace
+
+    from mocompile.dsl.spec_writer import write_spec
+
+    for path in sorted(EXAMPLES.glob("*.moe")):
+        spec = load_spec(path)
+        again = parse_spec(write_spec(spec, header=["written"], notes={"model.hidden": "a note"}), "w.moe")
+        assert replace(again, source="") == replace(spec, source=""), path.name

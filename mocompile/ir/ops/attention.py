@@ -94,12 +94,15 @@ MLA_ATTRS = {"heads": REQUIRED, "nope_dim": REQUIRED, "rope_dim": REQUIRED, "v_d
 
 
 def _infer_mla(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
-    q, k_nope, v, k_rope = ts
+    if len(ts) != 4:
+        raise ValueError(f"attention.mla takes q, k_nope, v, k_rope; got {len(ts)} inputs")
+    q = ts[0]
     h, dn, dr, dv = attrs["heads"], attrs["nope_dim"], attrs["rope_dim"], attrs["v_dim"]
     if dr % 2:
         raise ValueError(f"attention.mla rope_dim {dr} must be even")
     lead = q.shape[:2]
-    for t, width, what in ((q, h * (dn + dr), "q"), (k_nope, h * dn, "k_nope"), (v, h * dv, "v"), (k_rope, dr, "k_rope")):
+    widths = {"q": h * (dn + dr), "k_nope": h * dn, "v": h * dv, "k_rope": dr}
+    for t, (what, width) in zip(ts, widths.items()):
         if t.rank != 3 or t.shape != lead + (width,) or t.dtype != q.dtype:
             raise ValueError(f"attention.mla {what} {t} should be {q.dtype}[batch, seq, {width}]")
     return [TensorType(lead + (h * dv,), q.dtype)]

@@ -44,7 +44,8 @@ GROUP_SCORES = ("top2_sum", "max")
 
 def router_inputs(attrs: Mapping[str, Any]) -> tuple[str, ...]:
     """Names of router.topk's inputs, in order: x, w_router[, score_bias][, modality_ids]."""
-    return ("x", "w") + (("score_bias",) if attrs["score_bias"] else ()) + (("modality_ids",) if attrs["groups"] else ())
+    bias = ("score_bias",) if attrs["score_bias"] else ()
+    return ("x", "w", *bias) + (("modality_ids",) if attrs["groups"] else ())
 
 
 def _infer_router(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
