@@ -22,7 +22,8 @@ def norm(kind: str, hidden: int, eps: float) -> tirx.PrimFunc:
     m = U.dim("m")
     lanes = U.lanes_for(hidden)
     inv_h = U.f32(1.0 / hidden)
-    eps_tag = f"{eps:.0e}".replace("-", "m").replace("+", "")
+    # the exact value: kernels are named (and so shared) by their parameters
+    eps_tag = repr(float(eps)).replace("-", "m").replace("+", "").replace(".", "p")
     with U.kernel(f"{kind}norm_h{hidden}_eps{eps_tag}") as kern:
         x = U.arg("x", (m, hidden))
         w = U.arg("w", (hidden,))
