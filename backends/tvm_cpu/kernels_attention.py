@@ -152,31 +152,8 @@ def attention(spec: AttentionSpec) -> tirx.PrimFunc:
                     U.store(acc[qi], (d,), U.f32(0))
                 U.store(run[qi], (0,), NEG_INF)
                 U.store(run[qi], (1,), U.f32(0))
-            # keys query qi may see: [0, limit[qi]); the block needs [0, n_keys)
-            limit = [r + 1 for r in rows] if spec.causal else [s] * QB
-            n_keys = tirx.min(i0 + QB, s) if spec.causal else s
-            with U.serial(0, (n_keys + KB - 1) // KB) as kb:
-                j0 = kb * KB
-                for qi in range(QB):
-                    with U.vectorized(0, KB) as jj:
-                        U.store(score[qi], (jj,), U.f32(0))
-                with U.serial(0, D) as d:
-                    for qi in range(QB):
-                        with U.vectorized(0, KB) as jj:
-                            U.store(score[qi], (jj,), score[qi][jj] + qrow[qi][d] * kt[bi, kvh, d, j0 + jj])
-                for qi in range(QB):
-                    _emit_softmax_block(score[qi], run[qi], acc[qi], j0, limit[qi], D)
-                with U.serial(0, tirx.min(KB, n_keys - j0)) as jj:
-                    with U.serial(0, D // lanes) as c:
-                        with U.vectorized(0, lanes) as l:
-                            d = c * lanes + l
-                            vv = v[bi, j0 + jj, kvh * D + d]
-                            for qi in range(QB):
-                                U.store(acc[qi], (d,), acc[qi][d] + score[qi][jj] * vv)
-            for qi in range(QB):
-                with U.when(i0 + qi < s):
-                    with U.vectorized(0, D) as d:
-                        U.store(out, (bi, i0 + qi, h * D + d), acc[qi][d] / run[qi][1])
+            emit_attend(qrow, acc, score, run, kt, v, out, bi=bi, kv_head=kvh, v_col=kvh * D, out_col=h * D, s=s,
+                        i0=i0, qk_dim=D, v_dim=D, lanes=lanes, causal=spec.causal)
 
         # work ~ FLOPs / 2: scores and weighted values, 2 * 2 * s^2 * D per head (half if causal)
         U.parallel_for(b * H * n_qb, b * H * s * s * D * (1 if spec.causal else 2), query_block)
@@ -198,3 +175,36 @@ def _emit_softmax_block(score, run, acc, j0, limit, head_dim: int) -> None:
     U.store(run, (1,), run[1] * run[3] + run[2])
     with U.vectorized(0, head_dim) as d:
         U.store(acc, (d,), acc[d] * run[3])
+
+
+def emit_attend(qrow, acc, score, run, kt, v, out, *, bi, kv_head, v_col, out_col, s, i0, qk_dim: int, v_dim: int,
+                lanes: int, causal: bool) -> None:
+    """The body both attention kernels share, for QB queries [i0, i0+QB) of one head whose
+    scaled queries are in `qrow` and whose accumulators are initialised: scores against the
+    visible keys block by block (kt[bi, kv_head]), online softmax, weighted values
+    (v[bi, :, v_col:]), and the store into out[bi, i, out_col:]."""
+    rows = [tirx.min(i0 + qi, s - 1) for qi in range(QB)]
+    limit = [r + 1 for r in rows] if causal else [s] * QB  # keys query qi may see: [0, limit[qi])
+    n_keys = tirx.min(i0 + QB, s) if causal else s  # the block needs [0, n_keys)
+    with U.serial(0, (n_keys + KB - 1) // KB) as kb:
+        j0 = kb * KB
+        for qi in range(QB):
+            with U.vectorized(0, KB) as jj:
+                U.store(score[qi], (jj,), U.f32(0))
+        with U.serial(0, qk_dim) as d:
+            for qi in range(QB):
+                with U.vectorized(0, KB) as jj:
+                    U.store(score[qi], (jj,), score[qi][jj] + qrow[qi][d] * kt[bi, kv_head, d, j0 + jj])
+        for qi in range(QB):
+            _emit_softmax_block(score[qi], run[qi], acc[qi], j0, limit[qi], v_dim)
+        with U.serial(0, tirx.min(KB, n_keys - j0)) as jj:
+            with U.serial(0, v_dim // lanes) as c:
+                with U.vectorized(0, lanes) as lane:
+                    d = c * lanes + lane
+                    vv = v[bi, j0 + jj, v_col + d]
+                    for qi in range(QB):
+                        U.store(acc[qi], (d,), acc[qi][d] + score[qi][jj] * vv)
+    for qi in range(QB):
+        with U.when(i0 + qi < s):
+            with U.vectorized(0, v_dim) as d:
+                U.store(out, (bi, i0 + qi, out_col + d), acc[qi][d] / run[qi][1])

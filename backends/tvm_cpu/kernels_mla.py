@@ -21,7 +21,7 @@ import numpy as np
 from tvm import tirx
 
 from mocompile.backends.tvm_cpu import tir_util as U
-from mocompile.backends.tvm_cpu.kernels_attention import KB, NEG_INF, QB, _emit_softmax_block, _rope, padded_len
+from mocompile.backends.tvm_cpu.kernels_attention import KB, NEG_INF, QB, _rope, emit_attend, padded_len
 
 
 @dataclass(frozen=True)
@@ -110,30 +110,8 @@ def latent_attention(spec: LatentSpec) -> tirx.PrimFunc:
                     U.store(acc[qi], (d,), U.f32(0))
                 U.store(run[qi], (0,), NEG_INF)
                 U.store(run[qi], (1,), U.f32(0))
-            limit = [r + 1 for r in rows]  # keys query qi may see: [0, limit[qi])
-            n_keys = tirx.min(i0 + QB, s)
-            with U.serial(0, (n_keys + KB - 1) // KB) as kb:
-                j0 = kb * KB
-                for qi in range(QB):
-                    with U.vectorized(0, KB) as jj:
-                        U.store(score[qi], (jj,), U.f32(0))
-                with U.serial(0, dq) as d:
-                    for qi in range(QB):
-                        with U.vectorized(0, KB) as jj:
-                            U.store(score[qi], (jj,), score[qi][jj] + qrow[qi][d] * kt[bi, h, d, j0 + jj])
-                for qi in range(QB):
-                    _emit_softmax_block(score[qi], run[qi], acc[qi], j0, limit[qi], dv)
-                with U.serial(0, tirx.min(KB, n_keys - j0)) as jj:
-                    with U.serial(0, dv // lanes) as c:
-                        with U.vectorized(0, lanes) as l:
-                            d = c * lanes + l
-                            vv = v[bi, j0 + jj, h * dv + d]
-                            for qi in range(QB):
-                                U.store(acc[qi], (d,), acc[qi][d] + score[qi][jj] * vv)
-            for qi in range(QB):
-                with U.when(i0 + qi < s):
-                    with U.vectorized(0, dv) as d:
-                        U.store(out, (bi, i0 + qi, h * dv + d), acc[qi][d] / run[qi][1])
+            emit_attend(qrow, acc, score, run, kt, v, out, bi=bi, kv_head=h, v_col=h * dv, out_col=h * dv, s=s,
+                        i0=i0, qk_dim=dq, v_dim=dv, lanes=lanes, causal=True)
 
         # work ~ FLOPs / 2: causal scores and weighted values, s^2 * (dq + dv) per head
         U.parallel_for(b * H * n_qb, b * H * s * s * (dq + dv) // 2, query_block)
