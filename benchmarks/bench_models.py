@@ -178,10 +178,11 @@ Read the ratios above; they are from one run on a shared 2-core machine. What th
 - **Roofline:** bytes = active parameters per token (every dense weight, top-k experts per MoE layer, one
   embedding row) x 4 bytes, over the measured copy bandwidth. The example models are tiny (0.4-0.5 M active
   parameters, ~2 MB, which sit in cache), so a batch-1 step (~25 kernel calls through the Relax VM) is bound by
-  per-call overhead, not by bandwidth: ~0.1 ms of weight traffic against ~0.2 ms per step for the text-only
-  examples. unified_tiny is further off because its step runs three segment embeddings, a concat, segment ids
-  and modality-masked routing at one position each, and its elementwise/concat kernels always wake the thread
-  pool (no small-work shortcut yet; see backends/tvm_cpu/README.md). A per-kernel profile is the next step.
+  per-call overhead, not by bandwidth: ~0.1 ms of weight traffic against 0.2-0.3 ms per step. unified_tiny has
+  the most small kernels per step (three segment embeddings, a concat, segment ids, modality-masked routing)
+  and the elementwise/concat kernels always wake the thread pool (no small-work shortcut yet; see
+  backends/tvm_cpu/README.md): it swung from 3x to 12x of its roofline between two runs on this shared machine.
+  A per-kernel profile is the next step.
 """
 
 if __name__ == "__main__":
