@@ -317,6 +317,11 @@ def test_unsupported_graphs_are_rejected_clearly():
     g.nodes[0].attrs["capacity_factor"] = 1.25
     with pytest.raises(LoweringError, match="capacity_factor"):
         lower(g)
+    for routing in ("expert_choice", "balanced"):
+        g = moe_block(Weights(1))
+        g.nodes[0].attrs["routing"] = routing
+        with pytest.raises(LoweringError, match=f"routing={routing}"):
+            lower(g)
     g = Graph("int8")
     x = g.add_input("x", TensorType(("batch", 8), "float32"))
     g.outputs = [g.add("linear", x, g.add_param("w", np.ones((4, 8), np.int8)))]

@@ -140,6 +140,9 @@ def _router(ctx: LowerContext, node: Node):
     if a["capacity_factor"] is not None:
         raise LoweringError(f"router.topk at {node.loc or '?'}: capacity_factor (token dropping) makes one sample's "
                             "output depend on the rest of the batch; the tvm_cpu backend does not compile it")
+    if a["routing"] != "token_choice":
+        raise LoweringError(f"router.topk at {node.loc or '?'}: routing={a['routing']} decides a token's experts from "
+                            "the whole batch; the tvm_cpu backend compiles token-choice routing only")
     x, w = node.inputs[:2]
     _require_f32(node, x, w)
     experts, k = int(w.type.shape[0]), int(a["top_k"])
