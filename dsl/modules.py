@@ -265,8 +265,13 @@ class Experts(nn.Module):
         self.up = nn.Parameter(torch.empty(experts, ffn, hidden))
         self.down = nn.Parameter(torch.empty(experts, hidden, ffn))
         self.experts, self.activation, self.gated = experts, activation, gated
+        # Graph exporters (ONNX) cannot express the data-dependent loop below; this switch selects
+        # an equivalent, still sparse, loop-free form (see forward_gathered). Off by default.
+        self.export_friendly = False
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        if self.export_friendly:
+            return self.forward_gathered(x, weights, indices)
         act = ACTIVATIONS[self.activation]
         flat = x.reshape(-1, x.shape[-1])
         k = indices.shape[-1]
@@ -280,6 +285,18 @@ class Experts(nn.Module):
             h = act(cur @ self.gate[e].t()) * up if self.gate is not None else act(up)
             out.index_add_(0, tok, (h @ self.down[e].t()) * flat_w[tok, slot, None])
         return out.reshape(x.shape)
+
+    def forward_gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Gather each token's top-k experts' weights and contract: no loop, still sparse (only
+        chosen experts are read), at the cost of one weight copy per (token, slot)."""
+        act = ACTIVATIONS[self.activation]
+        flat = x.reshape(-1, x.shape[-1])
+        k = indices.shape[-1]
+        idx = indices.reshape(-1, k)
+        up = torch.einsum("th,tkfh->tkf", flat, self.up[idx])
+        h = act(torch.einsum("th,tkfh->tkf", flat, self.gate[idx])) * up if self.gate is not None else act(up)
+        y = torch.einsum("tkf,tkhf->tkh", h, self.down[idx])
+        return (y * weights.reshape(-1, k, 1)).sum(1).reshape(x.shape)
 
 
 class MoEBlock(nn.Module):
