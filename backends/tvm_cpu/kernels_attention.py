@@ -135,24 +135,14 @@ def attention(spec: AttentionSpec) -> tirx.PrimFunc:
             h = task // n_qb % H
             i0 = task % n_qb * QB
             kvh = h // group
-            rows = [tirx.min(i0 + qi, s - 1) for qi in range(QB)]  # clamped query positions
-            qrow = [U.local((D,)) for _ in range(QB)]
-            acc = [U.local((D,)) for _ in range(QB)]
-            score = [U.scratch((KB,)) for _ in range(QB)]
-            run = [U.scratch((4,)) for _ in range(QB)]  # running max, running sum, block max, correction
-            for qi in range(QB):
-                with U.serial(0, D) as d:
 
-                    def load(c, i=rows[qi]):
-                        return q[bi, i, h * D + c]
+            def load_query(i, d):
+                def load(c):
+                    return q[bi, i, h * D + c]
 
-                    val = _rope(load, d, D, cs, rows[qi]) if spec.rope else load(d)
-                    U.store(qrow[qi], (d,), val * scale)
-                with U.vectorized(0, D) as d:
-                    U.store(acc[qi], (d,), U.f32(0))
-                U.store(run[qi], (0,), NEG_INF)
-                U.store(run[qi], (1,), U.f32(0))
-            emit_attend(qrow, acc, score, run, kt, v, out, bi=bi, kv_head=kvh, v_col=kvh * D, out_col=h * D, s=s,
+                return _rope(load, d, D, cs, i) if spec.rope else load(d)
+
+            emit_attend(load_query, scale, kt, v, out, bi=bi, kv_head=kvh, v_col=kvh * D, out_col=h * D, s=s,
                         i0=i0, qk_dim=D, v_dim=D, lanes=lanes, causal=spec.causal)
 
         # work ~ FLOPs / 2: scores and weighted values, 2 * 2 * s^2 * D per head (half if causal)
@@ -177,13 +167,25 @@ def _emit_softmax_block(score, run, acc, j0, limit, head_dim: int) -> None:
         U.store(acc, (d,), acc[d] * run[3])
 
 
-def emit_attend(qrow, acc, score, run, kt, v, out, *, bi, kv_head, v_col, out_col, s, i0, qk_dim: int, v_dim: int,
+def emit_attend(load_query, scale, kt, v, out, *, bi, kv_head, v_col, out_col, s, i0, qk_dim: int, v_dim: int,
                 lanes: int, causal: bool) -> None:
-    """The body both attention kernels share, for QB queries [i0, i0+QB) of one head whose
-    scaled queries are in `qrow` and whose accumulators are initialised: scores against the
-    visible keys block by block (kt[bi, kv_head]), online softmax, weighted values
-    (v[bi, :, v_col:]), and the store into out[bi, i, out_col:]."""
-    rows = [tirx.min(i0 + qi, s - 1) for qi in range(QB)]
+    """The body both attention kernels share, for QB queries [i0, i0+QB) of one head:
+    load each query (`load_query(position, channel)`, rope applied) scaled into registers,
+    then scores against the visible keys block by block (kt[bi, kv_head]), online softmax,
+    weighted values (v[bi, :, v_col:]), and the store into out[bi, i, out_col:]. Rows past
+    the end compute on the last row and are not stored."""
+    rows = [tirx.min(i0 + qi, s - 1) for qi in range(QB)]  # clamped query positions
+    qrow = [U.local((qk_dim,)) for _ in range(QB)]
+    acc = [U.local((v_dim,)) for _ in range(QB)]
+    score = [U.scratch((KB,)) for _ in range(QB)]
+    run = [U.scratch((4,)) for _ in range(QB)]  # running max, running sum, block max, correction
+    for qi in range(QB):
+        with U.serial(0, qk_dim) as d:
+            U.store(qrow[qi], (d,), load_query(rows[qi], d) * scale)
+        with U.vectorized(0, v_dim) as d:
+            U.store(acc[qi], (d,), U.f32(0))
+        U.store(run[qi], (0,), NEG_INF)
+        U.store(run[qi], (1,), U.f32(0))
     limit = [r + 1 for r in rows] if causal else [s] * QB  # keys query qi may see: [0, limit[qi])
     n_keys = tirx.min(i0 + QB, s) if causal else s  # the block needs [0, n_keys)
     with U.serial(0, (n_keys + KB - 1) // KB) as kb:

@@ -21,7 +21,7 @@ import numpy as np
 from tvm import tirx
 
 from mocompile.backends.tvm_cpu import tir_util as U
-from mocompile.backends.tvm_cpu.kernels_attention import KB, NEG_INF, QB, _rope, emit_attend, padded_len
+from mocompile.backends.tvm_cpu.kernels_attention import QB, _rope, emit_attend, padded_len
 
 
 @dataclass(frozen=True)
@@ -95,22 +95,12 @@ def latent_attention(spec: LatentSpec) -> tirx.PrimFunc:
             bi = task // (H * n_qb)
             h = task // n_qb % H
             i0 = task % n_qb * QB
-            rows = [tirx.min(i0 + qi, s - 1) for qi in range(QB)]  # clamped query positions
-            qrow = [U.local((dq,)) for _ in range(QB)]
-            acc = [U.local((dv,)) for _ in range(QB)]
-            score = [U.scratch((KB,)) for _ in range(QB)]
-            run = [U.scratch((4,)) for _ in range(QB)]  # running max, running sum, block max, correction
-            for qi in range(QB):
-                with U.serial(0, dq) as d:
-                    i = rows[qi]
-                    val = _head_channel(lambda c, i=i: q[bi, i, h * dq + c], lambda c, i=i: q[bi, i, h * dq + dn + c],
-                                        d, dn, dr, cs, i)
-                    U.store(qrow[qi], (d,), val * scale)
-                with U.vectorized(0, dv) as d:
-                    U.store(acc[qi], (d,), U.f32(0))
-                U.store(run[qi], (0,), NEG_INF)
-                U.store(run[qi], (1,), U.f32(0))
-            emit_attend(qrow, acc, score, run, kt, v, out, bi=bi, kv_head=h, v_col=h * dv, out_col=h * dv, s=s,
+
+            def load_query(i, d):
+                return _head_channel(lambda c: q[bi, i, h * dq + c], lambda c: q[bi, i, h * dq + dn + c],
+                                     d, dn, dr, cs, i)
+
+            emit_attend(load_query, scale, kt, v, out, bi=bi, kv_head=h, v_col=h * dv, out_col=h * dv, s=s,
                         i0=i0, qk_dim=dq, v_dim=dv, lanes=lanes, causal=True)
 
         # work ~ FLOPs / 2: causal scores and weighted values, s^2 * (dq + dv) per head
