@@ -152,21 +152,14 @@ def _experts(lw: Lowering, m: M.Experts, path: str, args: list[Any]) -> Value:
 
 
 # ---- functions ----------------------------------------------------------------------------
-@lowers_function(operator.add, torch.add)
-def _add(lw: Lowering, path: str, args: list[Any], kwargs: dict[str, Any]) -> Value:
-    return lw.graph.add("add", args[0], args[1], loc=path)
-
-
-@lowers_function(operator.mul, torch.mul)
-def _mul(lw: Lowering, path: str, args: list[Any], kwargs: dict[str, Any]) -> Value:
-    return lw.graph.add("mul", args[0], args[1], loc=path)
-
-
-def _unary(op: str) -> FunctionLowering:
+# Arithmetic (add, mul, sub, ...) with tensor or Python-number operands is in lower_tensor_code.py.
+def unary_lowering(op: str) -> FunctionLowering:
+    """The lowering of a one-tensor function or method to the IR op `op`."""
     return lambda lw, path, args, kwargs: lw.graph.add(op, args[0], loc=path)
 
 
-FUNCTION_LOWERINGS.update({F.silu: _unary("silu"), F.gelu: _unary("gelu"), torch.sigmoid: _unary("sigmoid")})
+FUNCTION_LOWERINGS.update({F.silu: unary_lowering("silu"), F.gelu: unary_lowering("gelu"),
+                           torch.sigmoid: unary_lowering("sigmoid")})
 
 
 @lowers_function(operator.getitem)

@@ -25,6 +25,7 @@ from mocompile.lower_fx import (
     lowers_function,
     lowers_method,
     lowers_module,
+    unary_lowering,
 )
 
 
@@ -49,11 +50,7 @@ def _binary(op: str):
     return lower
 
 
-def _unary(op: str):
-    return lambda lw, path, args, kwargs: lw.graph.add(op, args[0], loc=path)
-
-
-# add and mul are registered by lower_fx for tensor operands; these also take Python numbers.
+# Binary arithmetic: tensor operands, or a tensor and a Python number.
 for _op, _fns, _methods in (
     ("add", (operator.add, torch.add), ("add",)),
     ("mul", (operator.mul, torch.mul), ("mul",)),
@@ -66,9 +63,9 @@ for _op, _fns, _methods in (
     FUNCTION_LOWERINGS.update(dict.fromkeys(_fns, _binary(_op)))
     METHOD_LOWERINGS.update(dict.fromkeys(_methods, _binary(_op)))
 for _op, _fns in (("abs", (torch.abs,)), ("round", (torch.round,))):
-    FUNCTION_LOWERINGS.update(dict.fromkeys(_fns, _unary(_op)))
-    METHOD_LOWERINGS[_op] = _unary(_op)
-METHOD_LOWERINGS.update({"silu": _unary("silu"), "sigmoid": _unary("sigmoid")})
+    FUNCTION_LOWERINGS.update(dict.fromkeys(_fns, unary_lowering(_op)))
+    METHOD_LOWERINGS[_op] = unary_lowering(_op)
+METHOD_LOWERINGS.update({"silu": unary_lowering("silu"), "sigmoid": unary_lowering("sigmoid")})
 
 
 @lowers_function(torch.clamp)
