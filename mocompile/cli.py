@@ -79,6 +79,11 @@ def cmd_compile(a: argparse.Namespace) -> int:
           f"{' (variant ' + a.variant + ')' if a.variant else ''} for {a.target} -> {art.path}")
     print(f"verified against the {v['reference']}: max relative error {v['max_rel_error']:.2e} "
           f"(tolerance {v['tolerance']:g}), max abs error {max(c['max_abs_error'] for c in v['checks']):.2e}")
+    drift = art.manifest.get("drift_from_fp32")
+    if drift:
+        top1 = [c["top1_agreement"] for c in drift["checks"] if "top1_agreement" in c]
+        print(f"drift from the fp32 model: max relative error {drift['max_rel_error']:.2e}"
+              + (f", top-1 agreement {min(top1):.1%}" if top1 else ""))
     print(f"batch isolation: {art.manifest['isolation']['verdict']}")
     return 0
 

@@ -26,6 +26,7 @@ class PassContext:
     """What a pass may need beyond the graph: calibration inputs, the target, free-form notes."""
 
     calibration: list[dict[str, Any]] = field(default_factory=list)  # input dicts of numpy arrays
+    input_ranges: dict[str, int] = field(default_factory=dict)  # integer (token) inputs: ids are in [0, n)
     target: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)
 

@@ -99,16 +99,18 @@ class LoadedArtifact:
         if program.get("kind") != "tvm-relax-vm":
             raise ArtifactError(f"{path}: program kind {program.get('kind')!r} cannot run on this host")
         tvm = import_tvm_without_torch()
-        from safetensors.numpy import load_file
+        from safetensors import safe_open
 
         lib = tvm.runtime.load_module(str(path / program["library"]))
         self._vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
         self._fn = self._vm[program.get("function", "main")]
-        arrays = load_file(str(path / program["weights"]))
-        missing = [n for n in program["weight_order"] if n not in arrays]
-        if missing:
-            raise ArtifactError(f"{path / program['weights']}: missing weight {missing[0]!r}")
-        self._weights = [tvm.runtime.tensor(arrays[n]) for n in program["weight_order"]]
+        # One tensor at a time: the file's bytes are copied once into TVM's memory and never
+        # held twice (nor widened: low-bit weights stay low-bit).
+        with safe_open(str(path / program["weights"]), "np") as f:
+            missing = [n for n in program["weight_order"] if n not in f.keys()]
+            if missing:
+                raise ArtifactError(f"{path / program['weights']}: missing weight {missing[0]!r}")
+            self._weights = [tvm.runtime.tensor(f.get_tensor(n)) for n in program["weight_order"]]
         self._tensor = tvm.runtime.tensor
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

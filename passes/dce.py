@@ -15,15 +15,22 @@ def live_values(graph: Graph) -> set[int]:
     return live
 
 
+def drop_dead_weights(graph: Graph) -> list[str]:
+    """Remove the weights no output depends on; returns their names."""
+    live = live_values(graph)
+    dead = [name for name, v in graph.params.items() if id(v) not in live]
+    for name in dead:
+        graph.remove_param(name)
+    return dead
+
+
 @register_pass("dce")
 class DeadCodeElimination(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         live = live_values(graph)
         dead_nodes = [n for n in graph.nodes if not any(id(v) in live for v in n.outputs)]
         graph.nodes = [n for n in graph.nodes if any(id(v) in live for v in n.outputs)]
-        dead_weights = [name for name, v in graph.params.items() if id(v) not in live]
-        for name in dead_weights:
-            graph.remove_param(name)
+        dead_weights = drop_dead_weights(graph)
         return PassResult(graph, {
             "removed_nodes": [f"{n.op}@{n.loc}" for n in dead_nodes],
             "removed_weights": dead_weights,

@@ -8,6 +8,12 @@ epilogue (bias, activation, GLU, per-row scale, residual) applied while the tile
 back. Rows left over after the last full tile (all rows for a single token) go through a
 GEMV path that splits the reduction over several accumulators to hide FMA latency.
 
+Weights are float32 panels, or low-bit panels that stay low-bit in memory (`WeightFormat`):
+int8 codes, or int4 codes two per byte, with float32 scales laid out as panels too. The
+codes are converted inside the reduction loop; a per-output-channel scale multiplies the
+accumulator once in the write-back, a group-wise (int4) scale multiplies each code as it is
+loaded (its group changes along the reduction).
+
 The same row-range routine serves dense layers (rows [0, m)) and experts (rows
 [indptr[e], indptr[e+1]) of the expert-sorted token copies): an expert with no rows runs
 zero iterations and never touches its weights, which is what makes the MoE block sparse.
@@ -44,6 +50,53 @@ class Epilogue:
 
 
 @dataclass(frozen=True)
+class WeightFormat:
+    """How a kernel's weight panels are stored (see layout.py for the packing)."""
+
+    bits: int = 32  # 32: float32; 8: int8 codes; 4: int4 codes, two per uint8 along k
+    groups: int = 1  # scale groups along k per output channel (1: one scale per channel)
+
+    @property
+    def dtype(self) -> str:
+        return {32: "float32", 8: "int8", 4: "uint8"}[self.bits]
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != 32
+
+    def depth(self, k: int) -> int:
+        """Rows of a panel: one per input, or one per pair of inputs for int4."""
+        return k // 2 if self.bits == 4 else k
+
+    def tag(self) -> str:
+        return "" if not self.quantized else f"_q{self.bits}" + (f"g{self.groups}" if self.groups > 1 else "")
+
+
+F32_WEIGHTS = WeightFormat()
+
+
+def _int4(byte, high: bool):
+    """The signed value of one nibble of a uint8 code byte (stored with an offset of 8)."""
+    nibble = tirx.shift_right(byte, tirx.const(4, "uint8")) if high else tirx.bitwise_and(byte, tirx.const(15, "uint8"))
+    return tirx.Cast("float32", tirx.Cast("int32", nibble) - 8)
+
+
+def _mac(fmt: WeightFormat, k: int, x, r, w, scale, panel, kk, j, acc):
+    """acc + the contribution of panel row kk (one input, or two for int4) for output lane j."""
+    if not fmt.quantized:
+        return acc + x[r, kk] * w[panel, kk, j]
+    group = k // fmt.groups
+    s = scale[panel, (kk * 2 if fmt.bits == 4 else kk) // group, j] if fmt.groups > 1 else None
+    if fmt.bits == 8:
+        v = tirx.Cast("float32", w[panel, kk, j])
+        return acc + x[r, kk] * (v * s if s is not None else v)
+    lo, hi = _int4(w[panel, kk, j], False), _int4(w[panel, kk, j], True)
+    if s is not None:
+        lo, hi = lo * s, hi * s
+    return acc + x[r, 2 * kk] * lo + x[r, 2 * kk + 1] * hi
+
+
+@dataclass(frozen=True)
 class Tiling:
     """Tile sizes for a panel of `width` accumulator lanes and a reduction of length k."""
 
@@ -60,13 +113,15 @@ class Tiling:
         return Tiling(rows, split)
 
 
-def _emit_panel_rows(x, w, panel, row_begin, row_end, tj: int, width: int, k: int, write) -> None:
+def _emit_panel_rows(x, w, panel, row_begin, row_end, tj: int, width: int, k: int, write,
+                     fmt: WeightFormat = F32_WEIGHTS, scale=None) -> None:
     """Emit code for rows [row_begin, row_end) of x against weight panel `panel`.
 
     `write(row, acc, a)` emits the write-back of accumulator row `a` of `acc` (a buffer
     [*, width]) as output row `row`.
     """
-    tiling = Tiling.for_panel(width, k)
+    depth = fmt.depth(k)
+    tiling = Tiling.for_panel(width, depth)
     ti, ku = tiling.rows, tiling.k_unroll
     n_rows = row_end - row_begin
     n_full = n_rows // ti
@@ -77,12 +132,12 @@ def _emit_panel_rows(x, w, panel, row_begin, row_end, tj: int, width: int, k: in
         with U.unroll(0, ti) as i1:
             with U.vectorized(0, width) as j:
                 U.store(acc, (i1, j), U.f32(0))
-        with U.serial(0, k // ku) as k0:
+        with U.serial(0, depth // ku) as k0:
             with U.unroll(0, ku) as k1:
                 with U.unroll(0, ti) as i1:
                     with U.vectorized(0, width) as j:
                         kk = k0 * ku + k1
-                        U.store(acc, (i1, j), acc[i1, j] + x[r0 + i1, kk] * w[panel, kk, j])
+                        U.store(acc, (i1, j), _mac(fmt, k, x, r0 + i1, w, scale, panel, kk, j, acc[i1, j]))
         with U.unroll(0, ti) as i1:
             write(r0 + i1, acc, i1)
     # Leftover rows one at a time (a GEMV). They sum over k in exactly the order the full
@@ -96,23 +151,27 @@ def _emit_panel_rows(x, w, panel, row_begin, row_end, tj: int, width: int, k: in
         acc = U.scratch((1, width))
         with U.vectorized(0, width) as j:
             U.store(acc, (0, j), U.f32(0))
-        with U.serial(0, k // ku) as k0:
+        with U.serial(0, depth // ku) as k0:
             with U.unroll(0, ku) as k1:
                 with U.vectorized(0, width) as j:
                     kk = k0 * ku + k1
-                    U.store(acc, (0, j), acc[0, j] + x[r, kk] * w[panel, kk, j])
+                    U.store(acc, (0, j), _mac(fmt, k, x, r, w, scale, panel, kk, j, acc[0, j]))
         write(r, acc, 0)
 
 
-def _writer(y, n: int, tj: int, jb, epi: Epilogue, bias=None, scale=None, residual=None):
-    """The write-back of one accumulator row into output columns [jb*TJ, jb*TJ + TJ)."""
+def _writer(y, n: int, tj: int, jb, epi: Epilogue, bias=None, scale=None, residual=None, column_scale=None):
+    """The write-back of one accumulator row into output columns [jb*TJ, jb*TJ + TJ).
+    `column_scale(lane)`: the per-output-channel weight scale of an accumulator lane."""
 
     def write(row, acc, a) -> None:
+        def lane(i):
+            return acc[a, i] * column_scale(i) if column_scale is not None else acc[a, i]
+
         def emit(jt):
             col = jb * tj + jt
-            v = acc[a, jt]
+            v = lane(jt)
             if epi.glu:
-                v = activation(epi.activation, v) * acc[a, tj + jt]
+                v = activation(epi.activation, v) * lane(tj + jt)
             elif epi.activation:
                 v = activation(epi.activation, v)
             if epi.bias:
@@ -133,30 +192,47 @@ def _writer(y, n: int, tj: int, jb, epi: Epilogue, bias=None, scale=None, residu
     return write
 
 
+def _weight_args(fmt: WeightFormat, panels, k: int, width: int):
+    """The weight panel buffer and, for low-bit weights, its scale panels."""
+    w = U.arg("w", (panels, fmt.depth(k), width), fmt.dtype)
+    scale = U.arg("w_scale", (panels, fmt.groups, width)) if fmt.quantized else None
+    return w, scale
+
+
+def _column_scale(fmt: WeightFormat, scale, panel):
+    """The write-back scale of a per-channel quantized weight (None otherwise)."""
+    if not fmt.quantized or fmt.groups > 1:
+        return None
+    return lambda lane: scale[panel, 0, lane]
+
+
 @functools.cache
-def dense_matmul(k: int, n: int, tj: int, epi: Epilogue) -> tirx.PrimFunc:
-    """y[m, n] = epilogue(x[m, k] @ W) with W packed as panels [NB, k, TJ or 2*TJ]."""
+def dense_matmul(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32_WEIGHTS) -> tirx.PrimFunc:
+    """y[m, n] = epilogue(x[m, k] @ W) with W packed as panels [NB, k, TJ or 2*TJ]
+    (low-bit: codes [NB, depth, width] and scales [NB, groups, width])."""
     nb = -(-n // tj)
     width = 2 * tj if epi.glu else tj
     m = U.dim("m")
-    with U.kernel(f"dense_{k}x{n}_tj{tj}_{epi.tag()}") as kern:
+    with U.kernel(f"dense_{k}x{n}_tj{tj}_{epi.tag()}{fmt.tag()}") as kern:
         x = U.arg("x", (m, k))
-        w = U.arg("w", (nb, k, width))
+        w, w_scale = _weight_args(fmt, nb, k, width)
         bias = U.arg("bias", (n,)) if epi.bias else None
         residual = U.arg("residual", (m, n)) if epi.residual else None
         y = U.arg("y", (m, n))
         if epi.row_scale:
             raise ValueError("dense_matmul has no per-row scale")
         def panel(jb):
-            write = _writer(y, n, tj, jb, epi, bias=bias, residual=residual)
-            _emit_panel_rows(x, w, jb, 0, m, tj, width, k, write)
+            write = _writer(y, n, tj, jb, epi, bias=bias, residual=residual,
+                            column_scale=_column_scale(fmt, w_scale, jb))
+            _emit_panel_rows(x, w, jb, 0, m, tj, width, k, write, fmt, w_scale)
 
-        U.parallel_for(nb, F32_BYTES * (nb * k * width + m * (k + n)) + m * k * nb * width, panel)
+        weight_bytes = nb * k * width * fmt.bits // 8
+        U.parallel_for(nb, weight_bytes + F32_BYTES * m * (k + n) + m * k * nb * width, panel)
     return kern.func
 
 
 @functools.cache
-def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue) -> tirx.PrimFunc:
+def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32_WEIGHTS) -> tirx.PrimFunc:
     """Per-expert GEMM over expert-sorted rows: rows [indptr[e], indptr[e+1]) of x use
     expert e's panels (weights [experts*NB, k, width]). Experts without rows read nothing.
 
@@ -166,20 +242,21 @@ def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue) -> tirx
     nb = -(-n // tj)
     width = 2 * tj if epi.glu else tj
     rows = U.dim("rows")
-    with U.kernel(f"grouped_e{experts}_{k}x{n}_tj{tj}_{epi.tag()}") as kern:
+    with U.kernel(f"grouped_e{experts}_{k}x{n}_tj{tj}_{epi.tag()}{fmt.tag()}") as kern:
         x = U.arg("x", (rows, k))
         indptr = U.arg("indptr", (experts + 1,), "int32")
-        w = U.arg("w", (experts * nb, k, width))
+        w, w_scale = _weight_args(fmt, experts * nb, k, width)
         scale = U.arg("scale", (rows,)) if epi.row_scale else None
         y = U.arg("y", (rows, n))
         if epi.bias or epi.residual:
             raise ValueError("grouped_matmul supports glu/activation/row_scale epilogues only")
         def task(t):
             jb, e = t // experts, t % experts
-            write = _writer(y, n, tj, jb, epi, scale=scale)
-            _emit_panel_rows(x, w, e * nb + jb, U.i64(indptr[e]), U.i64(indptr[e + 1]), tj, width, k, write)
+            p = e * nb + jb
+            write = _writer(y, n, tj, jb, epi, scale=scale, column_scale=_column_scale(fmt, w_scale, p))
+            _emit_panel_rows(x, w, p, U.i64(indptr[e]), U.i64(indptr[e + 1]), tj, width, k, write, fmt, w_scale)
 
         # weights read: at most min(rows, experts) experts' panels
-        weight_bytes = F32_BYTES * tirx.min(rows, experts) * nb * k * width
+        weight_bytes = tirx.min(rows, experts) * (nb * k * width * fmt.bits // 8)
         U.parallel_for(nb * experts, weight_bytes + F32_BYTES * rows * (k + n) + rows * k * nb * width, task)
     return kern.func

@@ -5,7 +5,9 @@ of the weight contiguously per input index ([N/TJ, K, TJ], "panel-major") makes 
 weight read a contiguous vector load and every panel one sequential stream, which is what
 both the single-token GEMV (memory bound) and the batched GEMM (register tiles) want.
 
-Layouts (all fp32):
+Layouts (float32 weights; low-bit codes int8 [.., N, K] or uint8 [.., N, K/2] (int4 pairs)
+and their float32 scales [.., N, G] go through the same layouts, so code panel b and scale
+panel b cover the same output columns):
 - `panels`        w[N, K]       -> [ceil(N/TJ), K, TJ]         p[b, k, j] = w[b*TJ + j, k]
 - `glu_panels`    gate, up[F, K]-> [ceil(F/TJ), K, 2*TJ]       lanes [0,TJ) gate, [TJ,2TJ) up
 - `expert_panels` w[E, N, K]    -> [E*ceil(N/TJ), K, TJ]       expert e owns panels e*NB..e*NB+NB-1
@@ -22,6 +24,7 @@ from typing import Mapping
 import numpy as np
 
 LAYOUT_KINDS = ("identity", "panels", "glu_panels", "expert_panels", "expert_glu_panels")
+PACKABLE_DTYPES = {"float32", "int8", "uint8"}
 
 
 def panel_width(n: int) -> int:
@@ -48,8 +51,9 @@ def pack(kind: str, sources: list[np.ndarray], tj: int) -> np.ndarray:
     """Apply one layout to its source weights (see the module docstring)."""
     if kind == "identity":
         return np.ascontiguousarray(sources[0])
-    if any(a.dtype != np.float32 for a in sources):
-        raise ValueError(f"{kind}: only float32 weights can be packed, got {[str(a.dtype) for a in sources]}")
+    dtypes = {str(a.dtype) for a in sources}
+    if len(dtypes) != 1 or not dtypes <= PACKABLE_DTYPES:
+        raise ValueError(f"{kind}: packs float32, int8 or uint8 weights of one dtype, got {sorted(dtypes)}")
     if kind == "panels":
         return _panels(sources[0], tj)
     if kind == "glu_panels":

@@ -12,17 +12,19 @@ from tvm import relax
 from mocompile.backends.tvm_cpu import kernels_injective as KI
 from mocompile.backends.tvm_cpu.kernels_attention import (AttentionSpec, attention, attention_keys, padded_len,
                                                              rope_inv_freq, rope_table)
-from mocompile.backends.tvm_cpu.kernels_matmul import Epilogue, dense_matmul, grouped_matmul
+from mocompile.backends.tvm_cpu.kernels_matmul import F32_WEIGHTS, Epilogue, WeightFormat, dense_matmul, grouped_matmul
 from mocompile.backends.tvm_cpu.kernels_gather import gather_rows
 from mocompile.backends.tvm_cpu.kernels_mla import LatentSpec, latent_attention, latent_keys
 from mocompile.backends.tvm_cpu.kernels_moe import moe_combine, moe_plan
 from mocompile.backends.tvm_cpu.kernels_norm import norm
+from mocompile.backends.tvm_cpu.kernels_quant import quantize_rows
 from mocompile.backends.tvm_cpu.kernels_router import RouterSpec, router_topk
 from mocompile.backends.tvm_cpu.layout import panel_width
 from mocompile.backends.tvm_cpu.lower import LowerContext, LoweringError, lowering
 from mocompile.ir.graph import Node, Value
 
 F32 = "float32"
+QUANTIZED_READERS = ("linear", "mlp", "experts", "router.topk")  # ops whose kernels read low-bit weights
 
 
 def _require_f32(node: Node, *values: Value) -> None:
@@ -51,12 +53,57 @@ def _finish(ctx: LowerContext, node: Node, y: relax.Expr, add: Node | None) -> l
     return [out]
 
 
-def _dense(ctx: LowerContext, x_rows: relax.Expr, rows, w: Value, epi: Epilogue, extra=(), gate: Value | None = None):
+def _low_bit(w: Value) -> Node | None:
+    """The `dequantize` node producing matmul weight `w` from low-bit graph weights, if any."""
+    deq = w.producer
+    return deq if deq is not None and deq.op == "dequantize" else None
+
+
+def _matmul_weights(ctx: LowerContext, node: Node, kind: str, weights: list[Value], tj: int):
+    """The weight arguments of a matmul kernel reading `weights` in layout `kind`: float32
+    panels, or (weights produced by `dequantize`) low-bit code panels + scale panels, which
+    the kernel dequantizes as it reads them; returns (args, WeightFormat)."""
+    deqs = [_low_bit(w) for w in weights]
+    if all(d is None for d in deqs):
+        return [ctx.weight(kind, weights, tj)], F32_WEIGHTS
+    formats = {(d.attrs["bits"], int(d.inputs[1].type.shape[-1])) if d is not None else None for d in deqs}
+    if len(formats) != 1:
+        raise LoweringError(f"{node.op} at {node.loc or '?'}: its weights {', '.join(w.name for w in weights)} are "
+                            "quantized differently; quantize them alike (the kernel reads them as one panel)")
+    bits, groups = formats.pop()
+    codes, scales = [d.inputs[0] for d in deqs], [d.inputs[1] for d in deqs]
+    return [ctx.weight(kind, codes, tj), ctx.weight(kind, scales, tj)], WeightFormat(bits, groups)
+
+
+def _dense(ctx: LowerContext, node: Node, x_rows: relax.Expr, rows, w: Value, epi: Epilogue, extra=(),
+           gate: Value | None = None):
     """x_rows @ w.T through panels (or act(x @ gate.T) * (x @ w.T) with gate), + epilogue."""
     n, k = (int(d) for d in w.type.shape)
     tj = panel_width(n)
-    wp = ctx.weight("glu_panels", [gate, w], tj) if gate is not None else ctx.weight("panels", [w], tj)
-    return ctx.call(dense_matmul(k, n, tj, epi), [x_rows, wp, *extra], [((rows, n), F32)])
+    wargs, fmt = _matmul_weights(ctx, node, "glu_panels" if gate is not None else "panels",
+                                 [gate, w] if gate is not None else [w], tj)
+    return ctx.call(dense_matmul(k, n, tj, epi, fmt), [x_rows, *wargs, *extra], [((rows, n), F32)])
+
+
+@lowering("dequantize")
+def _dequantize(ctx: LowerContext, node: Node):
+    """No code of its own: the matmul reading the weight reads the low-bit codes and scales
+    (see _matmul_weights); low-bit weights are never expanded to float32 in memory."""
+    users = ctx.graph.users().get(id(node.outputs[0]), [])
+    for user in users:
+        if user.op not in QUANTIZED_READERS or node.outputs[0] is user.inputs[0]:
+            raise LoweringError(f"dequantize at {node.loc or '?'}: feeds {user.op}, which the tvm_cpu backend cannot "
+                                f"read low-bit weights in (only {', '.join(QUANTIZED_READERS)} weights)")
+    return []
+
+
+@lowering("quantize_act")
+def _quantize_act(ctx: LowerContext, node: Node):
+    x = node.inputs[0]
+    k = int(x.type.shape[-1])
+    scale = [ctx.value(node.inputs[1])] if len(node.inputs) == 2 else []
+    y = ctx.call(quantize_rows(k, node.attrs["mode"]), [ctx.rows(x), *scale], [((ctx.rows_of(x), k), F32)])
+    return [ctx.reshape_to(y, node.outputs[0])]
 
 
 @lowering("linear")
@@ -66,7 +113,7 @@ def _linear(ctx: LowerContext, node: Node):
     bias = [ctx.weight("identity", [node.inputs[2]])] if len(node.inputs) == 3 else []
     add, residual = _with_residual(ctx, node)
     epi = Epilogue(bias=bool(bias), residual=residual is not None)
-    y = _dense(ctx, ctx.rows(x), ctx.rows_of(x), w, epi, extra=bias + ([residual] if residual is not None else []))
+    y = _dense(ctx, node, ctx.rows(x), ctx.rows_of(x), w, epi, extra=bias + ([residual] if residual is not None else []))
     return _finish(ctx, node, y, add)
 
 
@@ -77,9 +124,9 @@ def _mlp(ctx: LowerContext, node: Node):
     x = node.inputs[0]
     gate, up, down = node.inputs[1:] if gated else (None, *node.inputs[1:])
     rows = ctx.rows_of(x)
-    h = _dense(ctx, ctx.rows(x), rows, up, Epilogue(glu=gated, activation=act), gate=gate)
+    h = _dense(ctx, node, ctx.rows(x), rows, up, Epilogue(glu=gated, activation=act), gate=gate)
     add, residual = _with_residual(ctx, node)
-    y = _dense(ctx, h, rows, down, Epilogue(residual=residual is not None),
+    y = _dense(ctx, node, h, rows, down, Epilogue(residual=residual is not None),
                extra=[residual] if residual is not None else [])
     return _finish(ctx, node, y, add)
 
@@ -147,7 +194,7 @@ def _router(ctx: LowerContext, node: Node):
     _require_f32(node, x, w)
     experts, k = int(w.type.shape[0]), int(a["top_k"])
     rows = ctx.rows_of(x)
-    logits = _dense(ctx, ctx.rows(x), rows, w, Epilogue())
+    logits = _dense(ctx, node, ctx.rows(x), rows, w, Epilogue())
     spec = RouterSpec(experts, k, a["scoring"], bool(a["normalize"]), float(a["routed_scale"]), int(a["n_group"]),
                       int(a["topk_group"]), tuple(tuple(int(t) for t in g) for g in a["groups"]), bool(a["score_bias"]),
                       a["group_score"])
@@ -164,7 +211,7 @@ def _experts(ctx: LowerContext, node: Node):
     gated, act = node.attrs["gated"], node.attrs["activation"]
     x, weights, indices = node.inputs[:3]
     gate, up, down = node.inputs[3:] if gated else (None, *node.inputs[3:])
-    _require_f32(node, x, weights, up, down, *([gate] if gate is not None else []))
+    _require_f32(node, x, weights, *node.inputs[3:])
     experts, ffn, hidden = (int(d) for d in up.type.shape)
     k = int(weights.type.shape[-1])
     rows = ctx.rows_of(x)
@@ -174,13 +221,14 @@ def _experts(ctx: LowerContext, node: Node):
         [((experts + 1,), "int32"), ((pairs,), "int32"), ((pairs,), F32), ((pairs,), "int32")])
     xs = ctx.call(gather_rows(hidden), [ctx.rows(x), row_token], [((pairs, hidden), F32)])
     tj_f = panel_width(ffn)
-    w_up = (ctx.weight("expert_glu_panels", [gate, up], tj_f) if gated else ctx.weight("expert_panels", [up], tj_f))
-    h = ctx.call(grouped_matmul(experts, hidden, ffn, tj_f, Epilogue(glu=gated, activation=act)),
-                 [xs, indptr, w_up], [((pairs, ffn), F32)])
+    w_up, fmt_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels",
+                                   [gate, up] if gated else [up], tj_f)
+    h = ctx.call(grouped_matmul(experts, hidden, ffn, tj_f, Epilogue(glu=gated, activation=act), fmt_up),
+                 [xs, indptr, *w_up], [((pairs, ffn), F32)])
     tj_h = panel_width(hidden)
-    w_down = ctx.weight("expert_panels", [down], tj_h)
-    ys = ctx.call(grouped_matmul(experts, ffn, hidden, tj_h, Epilogue(row_scale=True)),
-                  [h, indptr, w_down, row_weight], [((pairs, hidden), F32)])
+    w_down, fmt_down = _matmul_weights(ctx, node, "expert_panels", [down], tj_h)
+    ys = ctx.call(grouped_matmul(experts, ffn, hidden, tj_h, Epilogue(row_scale=True), fmt_down),
+                  [h, indptr, *w_down, row_weight], [((pairs, hidden), F32)])
     add, residual = _with_residual(ctx, node)
     out = ctx.call(moe_combine(hidden, k, residual is not None),
                    [ys, pair_row, *([residual] if residual is not None else [])], [((rows, hidden), F32)])

@@ -1,0 +1,176 @@
+"""Quantization ops: low-bit weights and quantized activations, as plain IR.
+
+A quantized weight stays low-bit in the graph: `dequantize(q, scale)` is an ordinary node
+between the low-bit weight and the op that reads it (`linear`, `mlp`, `experts`, ...), so
+the interpreter computes exactly the quantized model, every pass still sees an ordinary
+linear layer, and a backend recognises the pair and reads the low-bit weight inside its
+matmul kernel (constant folding never expands it: see `KEEPS_WEIGHTS_LOW_BIT`).
+
+Number formats (symmetric, no zero point):
+- int8: q int8 in [-127, 127], w = q * scale;
+- int4: q in [-8, 7] stored as q + 8 in a nibble, two per uint8 byte along the input
+  axis (even k in the low nibble), w = q * scale.
+Scales are float32 [..., N, G]: one per output channel and group of K/G consecutive
+inputs (G = 1: per output channel).
+
+`quantize_act(x[, scale])` rounds activations to int8 and back (the value a W8A8 kernel
+multiplies); its `mode` says where the scale comes from:
+- "static": a calibrated per-tensor scale, a weight [1] fixed at compile time;
+- "token": max |x| of each row (each token) at run time;
+- "tensor": max |x| of the whole tensor at run time, i.e. over the whole batch, so one
+  sample's result depends on the other samples: its batch-flow rule says so, and the
+  isolation analysis reports it as a leak.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from mocompile.ir.batch_flow import Flow, FlowArgs, combine, identity_map, one
+from mocompile.ir.registry import REQUIRED, Cost, OpDef, register_op
+from mocompile.ir.types import TensorType
+
+INT8_MAX = 127
+INT4_MIN, INT4_MAX = -8, 7
+ACT_MODES = ("static", "token", "tensor")
+KEEPS_WEIGHTS_LOW_BIT = frozenset({"dequantize"})  # ops constant folding must leave alone
+
+
+# ---- the arithmetic (shared by the ops, the quantize pass and the tests) ------------------
+def symmetric_scales(amax: np.ndarray, qmax: int) -> np.ndarray:
+    """Scale mapping [-amax, amax] onto [-qmax, qmax]; 1 where amax is 0 (q is then 0)."""
+    amax = amax.astype(np.float32)
+    return np.where(amax > 0, amax / np.float32(qmax), np.float32(1)).astype(np.float32)
+
+
+def quantize_weight(w: np.ndarray, bits: int, group: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """w [..., N, K] float32 -> (q, scale [..., N, G]); group 0 means one group per row."""
+    k = w.shape[-1]
+    group = group or k
+    if k % group:
+        raise ValueError(f"group size {group} does not divide the input width {k}")
+    if bits == 4 and group % 2:
+        raise ValueError(f"int4 groups hold whole bytes: group size {group} must be even")
+    grouped = w.reshape(*w.shape[:-1], k // group, group).astype(np.float32)
+    qmax = INT8_MAX if bits == 8 else INT4_MAX
+    scale = symmetric_scales(np.abs(grouped).max(-1), qmax)
+    q = np.round(grouped / scale[..., None])
+    if bits == 8:
+        return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8).reshape(w.shape), scale
+    if bits == 4:
+        q = np.clip(q, INT4_MIN, INT4_MAX).astype(np.int8).reshape(w.shape)
+        return pack_int4(q), scale
+    raise ValueError(f"unsupported weight bit width {bits} (8 or 4)")
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int8 values in [-8, 7], [..., K] -> uint8 [..., K/2]; even k in the low nibble."""
+    u = (q.astype(np.int16) - INT4_MIN).astype(np.uint8)
+    return np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4))
+
+
+def unpack_int4(p: np.ndarray) -> np.ndarray:
+    """uint8 [..., K/2] -> int8 [..., K] in [-8, 7]."""
+    lo = (p & 0x0F).astype(np.int8) + INT4_MIN
+    hi = (p >> 4).astype(np.int8) + INT4_MIN
+    return np.stack([lo, hi], axis=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])
+
+
+def dequantize_weight(q: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    values = unpack_int4(q) if bits == 4 else q
+    groups = scale.shape[-1]
+    grouped = values.reshape(*values.shape[:-1], groups, -1).astype(np.float32)
+    return (grouped * scale[..., None]).reshape(values.shape).astype(np.float32)
+
+
+def activation_scales(x: np.ndarray, mode: str, static: np.ndarray | None = None) -> np.ndarray:
+    """The scale each element of x is quantized with, broadcastable against x."""
+    if mode == "static":
+        return static.astype(np.float32).reshape((1,) * x.ndim)
+    if mode == "token":
+        return symmetric_scales(np.abs(x).max(-1, keepdims=True), INT8_MAX)
+    if mode == "tensor":
+        return symmetric_scales(np.abs(x).max(keepdims=True), INT8_MAX)
+    raise ValueError(f"unknown activation quantization mode {mode!r} (one of {', '.join(ACT_MODES)})")
+
+
+def quantize_activation(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """int8 codes of x under `scale` (round half to even, saturate at +-127)."""
+    return np.clip(np.round(x / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+
+
+def fake_quant(x: np.ndarray, mode: str, static: np.ndarray | None = None) -> np.ndarray:
+    scale = activation_scales(x, mode, static)
+    return (quantize_activation(x, scale).astype(np.float32) * scale).astype(np.float32)
+
+
+# ---- dequantize ----------------------------------------------------------------------------
+def _infer_dequantize(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
+    q, scale = ts
+    bits = attrs["bits"]
+    want = {8: "int8", 4: "uint8"}.get(bits)
+    if want is None:
+        raise ValueError(f"dequantize: bits must be 8 or 4, got {bits}")
+    if q.dtype != want or scale.dtype != "float32":
+        raise ValueError(f"dequantize (bits={bits}) takes {want} codes and float32 scales, got {q.dtype}, {scale.dtype}")
+    k = q.shape[-1] * (2 if bits == 4 else 1)
+    if scale.rank != q.rank or scale.shape[:-1] != q.shape[:-1] or k % scale.shape[-1]:
+        raise ValueError(f"dequantize: scales {scale} do not group the rows of {q}")
+    return [TensorType(q.shape[:-1] + (k,), "float32")]
+
+
+def _dequantize_cost(ins, outs, attrs, env) -> Cost:
+    return Cost(flops=outs[0].numel(env), bytes=ins[0].numel(env) + 4 * (ins[1].numel(env) + outs[0].numel(env)))
+
+
+def _reads_weights_only(args: FlowArgs) -> Flow:
+    """Weights in, weights out: no sample is involved."""
+    return one(combine(args, [None] * len(args.ins)))
+
+
+register_op(OpDef("dequantize", _infer_dequantize, lambda xs, a: [dequantize_weight(xs[0], xs[1], a["bits"])],
+                  {"bits": REQUIRED}, batch_flow=_reads_weights_only, cost=_dequantize_cost,
+                  doc="low-bit weight codes [..., N, K] (int8, or int4 packed two per uint8) times float32 "
+                      "scales [..., N, G] per output channel and group of K/G inputs"))
+
+
+# ---- quantize_act --------------------------------------------------------------------------
+def _infer_quantize_act(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
+    mode = attrs["mode"]
+    if mode not in ACT_MODES:
+        raise ValueError(f"quantize_act: unknown mode {mode!r} (one of {', '.join(ACT_MODES)})")
+    x = ts[0]
+    if x.dtype != "float32":
+        raise ValueError(f"quantize_act takes float32 activations, got {x.dtype}")
+    if (len(ts) == 2) != (mode == "static") or (mode == "static" and ts[1].shape != (1,)):
+        raise ValueError("quantize_act: a static scale is one float32 [1] input; dynamic modes take none")
+    return [x]
+
+
+def _quantize_act(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
+    return [fake_quant(xs[0], attrs["mode"], xs[1] if len(xs) == 2 else None)]
+
+
+def _quantize_act_flow(args: FlowArgs) -> Flow:
+    x = args.in_types[0]
+    mode = args.attrs["mode"]
+    if mode == "tensor":
+        return one(combine(args, [identity_map(x.rank)], reduce=range(x.rank),
+                           why="dynamic per-tensor activation scale: max |x| over the whole batch, so every "
+                               "sample's rounding depends on the other samples' values"))
+    reduce = [x.rank - 1] if mode == "token" else []
+    return one(combine(args, [identity_map(x.rank), *([None] if mode == "static" else [])], reduce=reduce,
+                       why="reads the whole last axis, and that axis carries the batch (sample) index"))
+
+
+def _quantize_act_cost(ins, outs, attrs, env) -> Cost:
+    n = outs[0].numel(env)
+    return Cost(flops=3 * n, bytes=8 * n)
+
+
+register_op(OpDef("quantize_act", _infer_quantize_act, _quantize_act, {"mode": REQUIRED},
+                  batch_flow=_quantize_act_flow, cost=_quantize_act_cost,
+                  doc="x rounded to int8 codes and back: scale static (input [1]), per token (row max) or per "
+                      "tensor (whole-batch max: breaks batch isolation)"))

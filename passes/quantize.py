@@ -1,0 +1,329 @@
+"""quantize: low-bit weights (int8 per channel, int4 group-wise) and int8 activations.
+
+    quantize(w=int8)                      weight-only int8, one scale per output channel
+    quantize(w=int4,group=128)            weight-only int4, one scale per 128 inputs of a row
+    quantize(w=int8,a=int8,calib=64)      W8A8: static per-tensor activation scales from 64
+                                          calibration samples, per-channel weights
+    quantize(w=int8,a=int8,smooth=0.5)    ... with SmoothQuant smoothing folded into the norms
+    quantize(w=int8,a=int8,dynamic=token) W8A8 with a per-token scale computed at run time
+    quantize(w=int4,skip=router|attention)
+
+Each quantized weight becomes low-bit codes + float32 scales feeding a `dequantize` node
+in front of the op that read it (see mocompile/ir/ops/quant.py), so the graph computes the
+quantized model exactly and a backend reads the codes inside its matmul. What gets
+quantized, by the role of the op that reads the weight: attention projections
+(`attention`), routed experts (`experts`), shared experts (`shared`), other feed-forward
+blocks and linears (`dense`), the output projection (`lm_head`); the router (`router`)
+only when asked (`router=true`): routing decisions flip on small errors.
+
+The report gives per tensor and in total the bytes before and after, and on calibration
+inputs (random tokens unless the PassContext brings some) the max and mean error of the
+outputs against the unquantized graph and, for a language model, the KL divergence of
+the next-token distributions and the top-1 agreement.
+
+A per-tensor *dynamic* activation scale (`dynamic=tensor`) is computed over the whole
+batch, so one sample's output depends on the others (a cross-batch leak): it is refused
+unless `allow_batch_leak=true`, and the report and the isolation verdict both say so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from mocompile.errors import MocompileError
+from mocompile.ir.graph import Graph, Node, Value
+from mocompile.ir.interpreter import run as interpret
+from mocompile.ir.ops.quant import INT8_MAX, quantize_weight, symmetric_scales
+from mocompile.pass_manager import Pass, PassContext, PassResult, register_pass
+from mocompile.passes.dce import drop_dead_weights
+from mocompile.runtime import Signature, TensorSpec, random_inputs
+
+ROLES = ("attention", "experts", "shared", "dense", "lm_head", "router")
+DEFAULT_ROLES = frozenset(ROLES) - {"router"}
+WEIGHT_SLOTS = {"linear": slice(1, 2), "mlp": slice(1, None), "experts": slice(3, None), "router.topk": slice(1, 2)}
+
+
+def input_side_weights(node: Node) -> list[Value]:
+    """The weights that multiply the node's input x (gate/up of a feed-forward block, not down)."""
+    ws = node.inputs[WEIGHT_SLOTS[node.op]]
+    return ws[:2] if node.op in ("mlp", "experts") and node.attrs["gated"] else ws[:1]
+ACT_QUANT_OPS = ("linear", "mlp", "experts")  # ops whose input x a W8A8 kernel reads as int8
+SMOOTH_NORMS = ("rmsnorm", "layernorm")
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if value in (None, "", False):
+        return ()
+    return tuple(str(v) for v in (value if isinstance(value, tuple) else (value,)))
+
+
+@dataclass(frozen=True)
+class Scheme:
+    bits: int
+    group: int  # 0: one scale per output channel
+    activations: str | None  # None | "static" | "token" | "tensor"
+    smooth: float | None
+
+
+def _role(node: Node, graph: Graph) -> str:
+    """What a weight-reading node is in the model (see the module docstring)."""
+    if node.op == "router.topk":
+        return "router"
+    if node.op == "experts":
+        return "experts"
+    parts = node.loc.split(".")
+    if node.op == "mlp":
+        return "shared" if "shared" in parts else "dense"
+    if any(p.startswith("attn") or p == "attention" for p in parts):
+        return "attention"
+    if any(v is node.outputs[0] for v in graph.outputs):
+        return "lm_head"
+    return "dense"
+
+
+def effective_group(requested: int, k: int, bits: int) -> int:
+    """The group size used for an input width k: the largest divisor of k not above the
+    requested size (even for int4: a byte holds two inputs of one group); 0 = per channel."""
+    if not requested or requested >= k:
+        return 0
+    step = 2 if bits == 4 else 1
+    return next(g for g in range(requested - requested % step, 0, -step) if k % g == 0)
+
+
+def _insert_before(graph: Graph, consumer: Node, op: str, inputs: Sequence[Value], attrs: dict[str, Any],
+                   name: str) -> Value:
+    """A new single-output node placed just before `consumer` (keeps the order topological)."""
+    (out,) = graph.add_node(op, inputs, attrs, loc=consumer.loc, name=name)
+    node = graph.nodes.pop()
+    graph.nodes.insert(graph.nodes.index(consumer), node)
+    return out
+
+
+def token_ranges(graph: Graph, known: dict[str, int]) -> dict[str, int]:
+    """Integer inputs -> number of ids: given, else the rows of the embedding table they index."""
+    ranges = dict(known)
+    for node in graph.nodes_of("embedding"):
+        ids = node.inputs[0]
+        if ids in graph.inputs and ids.name not in ranges:
+            ranges[ids.name] = int(node.inputs[1].type.shape[0])
+    return ranges
+
+
+def calibration_inputs(graph: Graph, ctx: PassContext, samples: int, seq: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """The context's calibration inputs, else `samples` random sequences of `seq` positions."""
+    if ctx.calibration:
+        return list(ctx.calibration)
+    ranges = token_ranges(graph, ctx.input_ranges)
+    sig = Signature(tuple(TensorSpec(v.name, v.type.dtype, v.type.shape, ranges.get(v.name)) for v in graph.inputs), ())
+    return [random_inputs(sig, 1, seq, seed + i) for i in range(samples)]
+
+
+def _observe(graph: Graph, values: Sequence[Value], inputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-channel max |value| over all calibration inputs (last axis kept)."""
+    amax: dict[str, np.ndarray] = {}
+    for sample in inputs:
+        got = interpret(graph, sample, watch=values)
+        for v in values:
+            a = np.abs(got[v.name]).reshape(-1, got[v.name].shape[-1]).max(0)
+            amax[v.name] = np.maximum(amax.get(v.name, a), a)
+    return amax
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def accuracy_report(before: Graph, after: Graph, inputs: list[dict[str, np.ndarray]], language_model: bool) -> dict[str, Any]:
+    """Errors of `after`'s outputs against `before`'s on the same inputs."""
+    max_err = mean_acc = scale = kl_acc = 0.0
+    count = agree = positions = 0
+    for sample in inputs:
+        ref, got = interpret(before, sample), interpret(after, sample)
+        for name, r in ref.items():
+            g = got[name]
+            diff = np.abs(g.astype(np.float64) - r)
+            max_err, scale = max(max_err, float(diff.max(initial=0))), max(scale, float(np.abs(r).max(initial=0)))
+            mean_acc, count = mean_acc + float(diff.sum()), count + diff.size
+            if language_model:
+                p, q = _softmax(r), _softmax(g)
+                kl = (p * (np.log(p + 1e-30) - np.log(q + 1e-30))).sum(-1)
+                kl_acc += float(kl.sum())
+                agree += int((r.argmax(-1) == g.argmax(-1)).sum())
+                positions += kl.size
+    out: dict[str, Any] = {"samples": len(inputs), "max_abs_error": max_err, "mean_abs_error": mean_acc / max(count, 1),
+                           "rel_error": max_err / max(scale, 1e-30)}
+    if language_model and positions:
+        out.update({"kl_mean": kl_acc / positions, "top1_agreement": agree / positions, "positions": positions})
+    return out
+
+
+@register_pass("quantize")
+class Quantize(Pass):
+    """See the module docstring for the options."""
+
+    preserves_semantics = False  # the compiler then checks the artifact against the IR interpreter
+
+    def __init__(self, w: str = "int8", group: int = 0, a: str | None = None, calib: int = 16, seq: int = 16,
+                 skip: Any = (), router: bool = False, dynamic: str | None = None, smooth: float | None = None,
+                 allow_batch_leak: bool = False, seed: int = 0) -> None:
+        if w not in ("int8", "int4"):
+            raise MocompileError(f"quantize: w must be int8 or int4, got {w!r}")
+        if a not in (None, "int8", "none"):
+            raise MocompileError(f"quantize: a must be int8 (or absent for weight-only), got {a!r}")
+        a = None if a == "none" else a
+        if dynamic not in (None, "token", "tensor"):
+            raise MocompileError(f"quantize: dynamic must be token or tensor, got {dynamic!r}")
+        if dynamic and not a:
+            raise MocompileError("quantize: dynamic= quantizes activations; give a=int8 with it")
+        if dynamic == "tensor" and not allow_batch_leak:
+            raise MocompileError("quantize: dynamic=tensor computes one activation scale over the whole batch, so "
+                                 "samples influence each other's outputs; use dynamic=token, or add "
+                                 "allow_batch_leak=true to accept the leak")
+        if smooth is not None and (not a or not 0 < float(smooth) < 1):
+            raise MocompileError("quantize: smooth=ALPHA (0 < ALPHA < 1) applies to W8A8 (a=int8) only")
+        unknown = set(_names(skip)) - set(ROLES)
+        if unknown:
+            raise MocompileError(f"quantize: unknown skip target(s) {sorted(unknown)} (known: {', '.join(ROLES)})")
+        if int(group) < 0 or int(calib) < 1:
+            raise MocompileError("quantize: group must be >= 0 and calib >= 1")
+        bits = 8 if w == "int8" else 4
+        self.scheme = Scheme(bits, int(group) or (128 if bits == 4 else 0), (dynamic or "static") if a else None,
+                             float(smooth) if smooth is not None else None)
+        self.roles = (DEFAULT_ROLES | ({"router"} if router else set())) - set(_names(skip))
+        self.calib, self.seq, self.seed = int(calib), int(seq), int(seed)
+        self.options = {"w": w, "group": self.scheme.group, "a": a, "dynamic": dynamic, "smooth": smooth,
+                        "skip": sorted(_names(skip)), "router": router, "calib": self.calib}
+
+    def describe(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items() if v not in (None, False, [], 0) or k == "w")
+        return f"quantize({opts})"
+
+    # ---- the pass ------------------------------------------------------------------------------
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        original = graph.clone()
+        inputs = calibration_inputs(graph, ctx, self.calib, self.seq, self.seed)
+        targets = [n for n in graph.nodes if n.op in WEIGHT_SLOTS and _role(n, graph) in self.roles]
+        report: dict[str, Any] = {"scheme": self.options}
+        if self.scheme.smooth is not None:
+            report["smoothed"] = self._smooth(graph, targets, inputs)
+        if self.scheme.activations:
+            report["activations"] = self._quantize_activations(graph, targets, inputs)
+        report["tensors"] = self._quantize_weights(graph, targets)
+        drop_dead_weights(graph)  # the fp32 originals (a tied embedding keeps its own)
+        before = sum(t["bytes_before"] for t in report["tensors"])
+        after = sum(t["bytes_after"] for t in report["tensors"])
+        report["total"] = {"tensors": len(report["tensors"]), "bytes_before": before, "bytes_after": after,
+                           "ratio": round(before / max(after, 1), 3)}
+        is_lm = any(n.op == "embedding" for n in graph.nodes)
+        report["accuracy"] = accuracy_report(original, graph, inputs, is_lm)
+        report["breaks_batch_isolation"] = self.scheme.activations == "tensor"
+        if report["breaks_batch_isolation"]:
+            report["warning"] = ("dynamic per-tensor activation scales are computed over the whole batch: one "
+                                 "sample's output depends on the other samples in the batch")
+        return PassResult(graph, report)
+
+    def _quantize_weights(self, graph: Graph, targets: list[Node]) -> list[dict[str, Any]]:
+        done: dict[int, Value] = {}
+        tensors = []
+        for node in targets:
+            slot = WEIGHT_SLOTS[node.op]
+            for i in range(len(node.inputs))[slot]:
+                w = node.inputs[i]
+                if graph.params.get(w.name) is not w or w.type.dtype != "float32":
+                    continue  # computed at run time or already low-bit
+                if id(w) not in done:
+                    done[id(w)], info = self._quantize_one(graph, node, w)
+                    tensors.append(info)
+                node.inputs[i] = done[id(w)]
+        return tensors
+
+    def _quantize_one(self, graph: Graph, consumer: Node, w: Value) -> tuple[Value, dict[str, Any]]:
+        array = graph.weights[w.name]
+        k = array.shape[-1]
+        group = effective_group(self.scheme.group, k, self.scheme.bits)
+        try:
+            codes, scales = quantize_weight(array, self.scheme.bits, group)
+        except ValueError as e:
+            raise MocompileError(f"quantize: weight {w.name} {list(array.shape)}: {e}") from None
+        q = graph.add_param(graph.fresh_name(f"{w.name}.q{self.scheme.bits}"), codes)
+        s = graph.add_param(graph.fresh_name(f"{w.name}.scale"), scales)
+        out = _insert_before(graph, consumer, "dequantize", [q, s], {"bits": self.scheme.bits}, f"{w.name}.deq")
+        info = {"tensor": w.name, "shape": list(array.shape), "bits": self.scheme.bits, "group": group or k,
+                "bytes_before": int(array.nbytes), "bytes_after": int(codes.nbytes + scales.nbytes)}
+        return out, info
+
+    def _quantize_activations(self, graph: Graph, targets: list[Node], inputs: list[dict[str, np.ndarray]]) -> list[dict]:
+        """Insert quantize_act in front of every target's input x (shared by its readers)."""
+        xs: dict[int, Value] = {}
+        for node in targets:
+            if node.op in ACT_QUANT_OPS:
+                xs.setdefault(id(node.inputs[0]), node.inputs[0])
+        mode = self.scheme.activations
+        amax = _observe(graph, list(xs.values()), inputs) if mode == "static" else {}
+        quantized: dict[int, Value] = {}
+        out = []
+        for node in targets:
+            x = node.inputs[0]
+            if node.op not in ACT_QUANT_OPS:
+                continue
+            if id(x) not in quantized:
+                extra = []
+                info: dict[str, Any] = {"value": x.name, "mode": mode}
+                if mode == "static":
+                    scale = symmetric_scales(np.array([amax[x.name].max()]), INT8_MAX)
+                    extra = [graph.add_param(graph.fresh_name(f"{x.name}.act_scale"), scale)]
+                    info["scale"] = float(scale[0])
+                quantized[id(x)] = _insert_before(graph, node, "quantize_act", [x, *extra], {"mode": mode},
+                                                  f"{x.name}_q8")
+                out.append(info)
+            node.inputs[0] = quantized[id(x)]
+        return out
+
+    def _smooth(self, graph: Graph, targets: list[Node], inputs: list[dict[str, np.ndarray]]) -> list[dict]:
+        """SmoothQuant: divide a norm's output channels by s and multiply the input columns of
+        every weight reading it by s (exact in real arithmetic), with
+        s = act_max^alpha / weight_max^(1-alpha): activation outliers move into the weights,
+        which are quantized per output channel and absorb them."""
+        alpha = self.scheme.smooth
+        users = graph.users()
+        target_ids = {id(n) for n in targets}
+        plans = []
+        for norm in graph.nodes:
+            if norm.op not in SMOOTH_NORMS or norm.attrs.get("group") is not None:
+                continue
+            x = norm.outputs[0]
+            readers = users.get(id(x), [])
+            params = norm.inputs[1:]
+            if (not readers or any(r.op not in WEIGHT_SLOTS or r.inputs[0] is not x for r in readers)
+                    or not any(id(r) in target_ids for r in readers)
+                    or any(graph.params.get(p.name) is not p for p in params) or x in graph.outputs):
+                continue  # every reader must be a matmul whose weights can absorb the factor
+            plans.append((norm, x, readers))
+        if not plans:
+            return []
+        amax = _observe(graph, [x for _, x, _ in plans], inputs)
+        report = []
+        for norm, x, readers in plans:
+            weights = [w for r in readers for w in input_side_weights(r)]
+            if any(graph.params.get(w.name) is not w for w in weights):
+                continue
+            wmax = np.max([np.abs(graph.weights[w.name]).reshape(-1, w.type.shape[-1]).max(0) for w in weights], axis=0)
+            s = (np.maximum(amax[x.name], 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)).astype(np.float32)
+            for i, p in enumerate(norm.inputs[1:], start=1):
+                self._replace_weight(graph, norm, i, graph.weights[p.name] / s)
+            for r in readers:
+                for w in input_side_weights(r):
+                    self._replace_weight(graph, r, r.inputs.index(w), graph.weights[w.name] * s)
+            report.append({"value": x.name, "readers": [r.loc for r in readers],
+                           "factor_range": [float(s.min()), float(s.max())]})
+        return report
+
+    @staticmethod
+    def _replace_weight(graph: Graph, node: Node, index: int, array: np.ndarray) -> None:
+        old = node.inputs[index]
+        node.inputs[index] = graph.add_param(graph.fresh_name(f"{old.name}.smoothed"), array.astype(np.float32))

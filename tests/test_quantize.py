@@ -1,0 +1,339 @@
+"""Quantization: the number formats, the low-bit kernels against a numpy reference of the
+same quantized arithmetic, the quantize pass (options, report, accuracy, isolation), and
+compiled artifacts (low-bit on disk and in memory, checked against the quantized IR)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from mocompile.backends.tvm_cpu import build, host_target, lower
+from mocompile.compiler import compile, lower_source, source_for
+from mocompile.errors import MocompileError
+from mocompile.ir.graph import Graph
+from mocompile.ir.interpreter import run
+from mocompile.ir.ops.quant import dequantize_weight, fake_quant, pack_int4, quantize_weight, unpack_int4
+from mocompile.ir.types import TensorType
+from mocompile.isolation import analyze
+from mocompile.pass_manager import PassContext, PassManager, parse_pipeline
+from mocompile.passes.quantize import Quantize, calibration_inputs, effective_group
+
+from conftest import EXAMPLES
+
+TARGET = host_target(num_cores=2)
+SCHEMES = [(8, 0), (8, 32), (4, 0), (4, 32)]  # (bits, group); group 0: per output channel
+
+
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+# ---- the number formats --------------------------------------------------------------------
+def test_int4_packing_is_two_nibbles_per_byte():
+    q = rng(0).integers(-8, 8, (5, 12)).astype(np.int8)
+    packed = pack_int4(q)
+    assert packed.dtype == np.uint8 and packed.shape == (5, 6)
+    np.testing.assert_array_equal(packed & 15, q[:, 0::2] + 8)  # even inputs in the low nibble
+    np.testing.assert_array_equal(packed >> 4, q[:, 1::2] + 8)
+    np.testing.assert_array_equal(unpack_int4(packed), q)
+
+
+@pytest.mark.parametrize("bits,group", SCHEMES)
+def test_weight_quantization_rounds_to_nearest_code(bits, group):
+    w = rng(1).standard_normal((3, 16, 64)).astype(np.float32)
+    q, s = quantize_weight(w, bits, group)
+    groups = 64 // (group or 64)
+    assert s.shape == (3, 16, groups) and s.dtype == np.float32
+    assert q.dtype == (np.int8 if bits == 8 else np.uint8) and q.shape == (3, 16, 64 if bits == 8 else 32)
+    codes = q if bits == 8 else unpack_int4(q)
+    qmax = 127 if bits == 8 else 7
+    assert np.abs(codes).max() <= (qmax if bits == 8 else 8)
+    err = np.abs(dequantize_weight(q, s, bits) - w).reshape(3, 16, groups, -1)
+    assert (err <= s[..., None] / 2 + 1e-6).all()  # round to nearest: at most half a step
+    # the largest magnitude of each group maps to the largest code
+    assert (np.abs(codes).reshape(3, 16, groups, -1).max(-1) == qmax).all()
+
+
+def test_effective_group_divides_the_input_width():
+    assert effective_group(32, 48, 4) == 24 and effective_group(32, 48, 8) == 24
+    assert effective_group(128, 64, 4) == 0  # group covers the row: per channel
+    assert effective_group(32, 128, 4) == 32
+
+
+# ---- kernels against a numpy reference of the quantized arithmetic ---------------------------
+def reference_dequant(q: np.ndarray, s: np.ndarray, bits: int) -> np.ndarray:
+    """Independent of mocompile: codes from the bits, times the scale of their group."""
+    if bits == 4:
+        lo, hi = (q & 15).astype(np.int32) - 8, (q >> 4).astype(np.int32) - 8
+        codes = np.empty(q.shape[:-1] + (2 * q.shape[-1],), np.int32)
+        codes[..., 0::2], codes[..., 1::2] = lo, hi
+    else:
+        codes = q.astype(np.int32)
+    group = codes.shape[-1] // s.shape[-1]
+    return codes.astype(np.float64) * np.repeat(s.astype(np.float64), group, axis=-1)
+
+
+def quantized_param(g: Graph, name: str, w: np.ndarray, bits: int, group: int):
+    q, s = quantize_weight(w, bits, group)
+    deq = g.add("dequantize", g.add_param(f"{name}.q", q), g.add_param(f"{name}.s", s), bits=bits)
+    return deq, reference_dequant(q, s, bits)
+
+
+def silu(x):
+    return x / (1 + np.exp(-x))
+
+
+@pytest.mark.parametrize("bits,group", SCHEMES)
+def test_low_bit_linear_and_mlp_kernels(bits, group):
+    """linear (+bias) and gated mlp with low-bit weights: 1 row (GEMV path) and 7 rows
+    (register tiles + leftover rows) against float64 numpy on the dequantized codes."""
+    r = rng(bits + group)
+    H, F, N = 64, 96, 40  # N: not a multiple of the panel width (padded last panel)
+    g = Graph("q")
+    x = g.add_input("x", TensorType(("rows", H), "float32"))
+    w, w_ref = quantized_param(g, "w", r.standard_normal((N, H)).astype(np.float32), bits, group)
+    b = r.standard_normal(N).astype(np.float32)
+    y = g.add("linear", x, w, g.add_param("b", b))
+    gate, gate_ref = quantized_param(g, "gate", r.standard_normal((F, H)).astype(np.float32) * 0.2, bits, group)
+    up, up_ref = quantized_param(g, "up", r.standard_normal((F, H)).astype(np.float32) * 0.2, bits, group)
+    down, down_ref = quantized_param(g, "down", r.standard_normal((H, F)).astype(np.float32) * 0.2, bits, group)
+    z = g.add("mlp", x, gate, up, down)
+    g.outputs = [y, z]
+    program = lower(g)
+    assert {str(a.dtype) for a in program.arrays.values()} == {"float32", "int8" if bits == 8 else "uint8"}
+    exe = build(program, TARGET)
+    for rows in (1, 7):
+        xs = r.standard_normal((rows, H)).astype(np.float32)
+        out = exe.run({"x": xs})
+        x64 = xs.astype(np.float64)
+        want_y = x64 @ w_ref.T + b
+        want_z = (silu(x64 @ gate_ref.T) * (x64 @ up_ref.T)) @ down_ref.T
+        for got, want in zip(out.values(), (want_y, want_z)):
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 32)])
+def test_low_bit_experts_stay_sparse_and_match(bits, group):
+    """Routed experts with low-bit weights: exact expert math, and only routed experts' codes
+    are read (every other expert's scales are NaN)."""
+    r = rng(5)
+    E, H, F, K = 8, 64, 32, 2
+    g = Graph("qmoe")
+    x = g.add_input("x", TensorType(("rows", H), "float32"))
+    rw, ri = g.add_node("router.topk", [x, g.add_param("router", r.standard_normal((E, H)).astype(np.float32))],
+                        {"top_k": K})
+    ws, refs = [], []
+    for name, shape in (("gate", (E, F, H)), ("up", (E, F, H)), ("down", (E, H, F))):
+        deq, ref = quantized_param(g, name, (r.standard_normal(shape) * 0.2).astype(np.float32), bits, group)
+        ws.append(deq)
+        refs.append(ref)
+    g.outputs = [g.add("experts", x, rw, ri, *ws), ri]
+    program = lower(g)
+    exe = build(program, TARGET)
+    xs = r.standard_normal((3, H)).astype(np.float32)
+    interp = run(g, {"x": xs}, watch=[rw])
+    weights, routing_i = interp[rw.name].astype(np.float64), interp[ri.name]
+    routed = set(np.unique(routing_i).tolist())
+    assert len(routed) < E
+    # float64 reference of the same arithmetic
+    want = np.zeros((3, H))
+    for t in range(3):
+        for j in range(K):
+            e = routing_i[t, j]
+            h = silu(xs[t] @ refs[0][e].T) * (xs[t] @ refs[1][e].T)
+            want[t] += weights[t, j] * (h @ refs[2][e].T)
+    poisoned = dict(g.weights)
+    for name in ("gate.s", "up.s", "down.s"):
+        a = poisoned[name].copy()
+        a[[e for e in range(E) if e not in routed]] = np.nan
+        poisoned[name] = a
+    exe.load_weights({spec.name: spec.pack(poisoned) for spec in program.weights})
+    got = exe.run({"x": xs})[g.outputs[0].name]
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("mode", ["static", "token", "tensor"])
+def test_activation_quantization_kernel_is_exact(mode):
+    r = rng(9)
+    g = Graph("qa")
+    x = g.add_input("x", TensorType(("rows", 48), "float32"))
+    extra = [g.add_param("s", np.array([0.02], np.float32))] if mode == "static" else []
+    g.outputs = [g.add("quantize_act", x, *extra, mode=mode)]
+    exe = build(lower(g), TARGET)
+    xs = (r.standard_normal((5, 48)) * np.array([[0.1], [1], [3], [0], [10]])).astype(np.float32)
+    got = exe.run({"x": xs})[g.outputs[0].name]
+    want = fake_quant(xs, mode, np.array([0.02], np.float32) if extra else None)
+    np.testing.assert_array_equal(got, want)
+    if mode == "token":  # an all-zero row stays zero; other rows use their own max
+        assert (got[3] == 0).all() and np.abs(got[4]).max() == pytest.approx(np.abs(xs[4]).max(), rel=1e-6)
+
+
+# ---- the pass ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mixtral_graph():
+    return lower_source(source_for(EXAMPLES / "mixtral_tiny.moe", None, None, 0))
+
+
+def quantize(graph: Graph, pipeline: str):
+    out, reports = PassManager(pipeline).run(graph, PassContext())
+    return out, reports[0]
+
+
+def test_pipeline_options_and_errors():
+    (p,) = parse_pipeline("quantize(w=int4,group=64,skip=router|attention)")
+    assert isinstance(p, Quantize) and p.scheme.bits == 4 and p.scheme.group == 64
+    assert "attention" not in p.roles and "router" not in p.roles and "experts" in p.roles
+    for bad, msg in [("quantize(w=int3)", "int8 or int4"), ("quantize(skip=embedding)", "unknown skip"),
+                     ("quantize(a=int8,dynamic=tensor)", "allow_batch_leak"), ("quantize(dynamic=token)", "a=int8"),
+                     ("quantize(w=int8,smooth=0.5)", "W8A8"), ("quantize(bogus=1)", "bad options")]:
+        with pytest.raises(MocompileError, match=msg):
+            parse_pipeline(bad)
+
+
+def test_weight_only_int8_report_and_sizes(mixtral_graph):
+    g, report = quantize(mixtral_graph, "quantize(w=int8)")
+    tensors = {t["tensor"]: t for t in report["tensors"]}
+    experts = [t for name, t in tensors.items() if ".experts." in name]
+    assert experts and all(t["bits"] == 8 for t in experts)
+    ratio = sum(t["bytes_before"] for t in experts) / sum(t["bytes_after"] for t in experts)
+    assert 3.8 < ratio <= 4.0  # int8 codes + one fp32 scale per output channel
+    assert not any("router" in name for name in tensors)  # the router stays fp32 by default
+    assert any(name == "lm_head.weight" for name in tensors)
+    assert g.weights[next(n for n in g.params if n.startswith("layers.0.ffn.router"))].dtype == np.float32
+    assert {str(a.dtype) for a in g.weights.values()} == {"float32", "int8"}
+    acc = report["accuracy"]
+    assert acc["samples"] == 16 and 0 < acc["mean_abs_error"] < acc["max_abs_error"]
+    assert 0 < acc["kl_mean"] < 0.05 and 0.8 < acc["top1_agreement"] <= 1
+    assert report["breaks_batch_isolation"] is False
+
+
+def test_int4_groups_shrink_experts_about_seven_times(mixtral_graph):
+    g, report = quantize(mixtral_graph, "quantize(w=int4,group=32)")
+    experts = [t for t in report["tensors"] if ".experts." in t["tensor"]]
+    ratio = sum(t["bytes_before"] for t in experts) / sum(t["bytes_after"] for t in experts)
+    assert 6.0 < ratio < 8.0  # 4 bits per weight + one fp32 scale per 32 weights: 32 bits / 5 bits = 6.4
+    assert {t["group"] for t in experts} == {32}
+
+
+def test_skip_keeps_roles_in_float32(mixtral_graph):
+    _, report = quantize(mixtral_graph, "quantize(w=int8,skip=attention|lm_head)")
+    names = [t["tensor"] for t in report["tensors"]]
+    assert names and not any(".attn." in n or n == "lm_head.weight" for n in names)
+    _, report = quantize(mixtral_graph, "quantize(w=int8,router=true)")
+    assert any("router" in t["tensor"] for t in report["tensors"])
+
+
+def test_quantized_graph_is_the_dequantized_model(mixtral_graph):
+    """The interpreter of the quantized graph computes the fp32 model with every weight
+    replaced by its dequantized value, and constant folding keeps the codes low-bit."""
+    g, _ = quantize(mixtral_graph, "quantize(w=int4,group=32)")
+    folded, _ = PassManager("fold-constants").run(g, PassContext())
+    assert len(folded.nodes_of("dequantize")) == len(g.nodes_of("dequantize")) > 0
+    ref = mixtral_graph.clone()
+    for node in g.nodes_of("dequantize"):
+        original = node.outputs[0].name.removesuffix(".deq")
+        ref.weights[original] = dequantize_weight(g.weights[node.inputs[0].name], g.weights[node.inputs[1].name], 4)
+    inputs = calibration_inputs(g, PassContext(), 1, 6, 3)[0]
+    (a,), (b,) = run(g, inputs).values(), run(ref, inputs).values()
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_smoothing_is_exact_before_rounding(mixtral_graph):
+    """SmoothQuant only moves scale between a norm and the weights reading it."""
+    q = Quantize(w="int8", a="int8", smooth=0.5)
+    g = mixtral_graph.clone()
+    inputs = calibration_inputs(g, PassContext(), 2, 6, 0)
+    targets = [n for n in g.nodes if n.op in ("linear", "mlp", "experts", "router.topk")]
+    smoothed = q._smooth(g, targets, inputs)
+    assert smoothed and all(s["factor_range"][0] != s["factor_range"][1] for s in smoothed)
+    for x in inputs:
+        (a,), (b,) = run(g, x).values(), run(mixtral_graph, x).values()
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_activation_modes_and_batch_isolation(mixtral_graph):
+    g, report = quantize(mixtral_graph, "quantize(w=int8,a=int8,calib=4)")
+    acts = report["activations"]
+    assert acts and all(a["mode"] == "static" and a["scale"] > 0 for a in acts)
+    assert analyze(g).verdict == "isolated"
+    g, _ = quantize(mixtral_graph, "quantize(w=int8,a=int8,dynamic=token)")
+    assert analyze(g).verdict == "isolated"
+    g, report = quantize(mixtral_graph, "quantize(w=int8,a=int8,dynamic=tensor,allow_batch_leak=true)")
+    assert report["breaks_batch_isolation"] and "whole batch" in report["warning"]
+    verdict = analyze(g)
+    assert verdict.verdict == "leaks" and any(l.op == "quantize_act" for l in verdict.leaks)
+
+
+# ---- compiled artifacts --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    out = {}
+    for name, passes in (("fp32", ""), ("int8", "quantize(w=int8)"), ("int4", "quantize(w=int4,group=32)")):
+        path = tmp_path_factory.mktemp(name)
+        out[name] = compile(EXAMPLES / "mixtral_tiny.moe", passes=passes, out_dir=path / "art")
+    return out
+
+
+def expert_bytes(path) -> int:
+    with safe_open(str(path / "weights.safetensors"), "np") as f:
+        return sum(f.get_tensor(k).nbytes for k in f.keys() if "experts" in k)
+
+
+def test_artifacts_are_verified_against_the_quantized_ir_and_report_drift(artifacts):
+    for name in ("int8", "int4"):
+        m = artifacts[name].manifest
+        assert m["verification"]["reference"] == "IR interpreter" and m["verification"]["max_rel_error"] <= 1e-4
+        drift = m["drift_from_fp32"]
+        assert drift["reference"] == "eager torch model" and 0 < drift["max_rel_error"] < 1
+        assert all("top1_agreement" in c for c in drift["checks"])
+    assert "drift_from_fp32" not in artifacts["fp32"].manifest
+
+
+def test_artifacts_keep_weights_low_bit(artifacts):
+    fp32, int8, int4 = (expert_bytes(artifacts[n].path) for n in ("fp32", "int8", "int4"))
+    assert 3.8 < fp32 / int8 <= 4.0 and 6.0 < fp32 / int4 < 8.0
+    with safe_open(str(artifacts["int4"].path / "weights.safetensors"), "np") as f:
+        dtypes = {str(f.get_tensor(k).dtype) for k in f.keys() if "experts" in k}
+    assert dtypes == {"uint8", "float32"}  # codes and their scales
+
+
+LOAD_PEAK = """
+import sys
+from mocompile.runtime import import_tvm_without_torch, load, random_inputs
+
+
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
+
+
+import_tvm_without_torch()
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
+before = status("VmRSS")
+art = load(sys.argv[1])
+art.run(random_inputs(art.signature, 1, 4))
+print(status("VmHWM") - before)
+"""
+
+
+def test_loading_does_not_inflate_memory(artifacts):
+    """Peak RSS growth from loading and running an artifact, in a fresh process: low-bit
+    weights are never expanded to fp32, so the int8 artifact costs a fraction of fp32's."""
+    growth = {}
+    for name in ("fp32", "int8"):
+        out = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(artifacts[name].path)], capture_output=True,
+                             text=True, check=True, env={**os.environ, "TVM_THREAD_POOL_SPIN_COUNT": "0"})
+        growth[name] = int(out.stdout.strip().splitlines()[-1])
+    weights = {n: (artifacts[n].path / "weights.safetensors").stat().st_size for n in growth}
+    assert growth["fp32"] >= weights["fp32"]  # the measurement sees the weights
+    # int8 saves at least the bytes the codes save (weights are not expanded at load)
+    assert growth["fp32"] - growth["int8"] >= weights["fp32"] - weights["int8"]
+    assert growth["int8"] < 2.5 * weights["int8"] + (8 << 20)
