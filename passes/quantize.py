@@ -139,11 +139,22 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def accuracy_report(before: Graph, after: Graph, inputs: list[dict[str, np.ndarray]], language_model: bool) -> dict[str, Any]:
-    """Errors of `after`'s outputs against `before`'s on the same inputs."""
+    """Errors of `after`'s outputs against `before`'s on the same inputs; for a language model
+    also the next-token KL divergence and top-1 agreement, with the fp32 top-1/top-2 logit
+    margin of the positions whose top-1 flipped (flips at tiny margins are near-ties), and
+    for an MoE model how many routing choices (token, expert) survived."""
+    routers = [(a.outputs[1], b.outputs[1]) for a, b in zip(before.nodes_of("router.topk"), after.nodes_of("router.topk"))]
     max_err = mean_acc = scale = kl_acc = 0.0
-    count = agree = positions = 0
+    count = agree = positions = routed = kept = 0
+    margins: list[np.ndarray] = []
+    flip_margins: list[np.ndarray] = []
     for sample in inputs:
-        ref, got = interpret(before, sample), interpret(after, sample)
+        ref = interpret(before, sample, watch=[r for r, _ in routers])
+        got = interpret(after, sample, watch=[q for _, q in routers])
+        for r, q in routers:
+            a, b = np.sort(ref.pop(r.name), -1), np.sort(got.pop(q.name), -1)
+            routed += a.size
+            kept += int(sum(np.isin(a[i], b[i]).sum() for i in np.ndindex(a.shape[:-1])))
         for name, r in ref.items():
             g = got[name]
             diff = np.abs(g.astype(np.float64) - r)
@@ -153,12 +164,22 @@ def accuracy_report(before: Graph, after: Graph, inputs: list[dict[str, np.ndarr
                 p, q = _softmax(r), _softmax(g)
                 kl = (p * (np.log(p + 1e-30) - np.log(q + 1e-30))).sum(-1)
                 kl_acc += float(kl.sum())
-                agree += int((r.argmax(-1) == g.argmax(-1)).sum())
+                same = r.argmax(-1) == g.argmax(-1)
+                agree += int(same.sum())
                 positions += kl.size
+                top2 = np.sort(r, -1)[..., -2:]
+                margin = top2[..., 1] - top2[..., 0]
+                margins.append(margin.ravel())
+                flip_margins.append(margin[~same].ravel())
     out: dict[str, Any] = {"samples": len(inputs), "max_abs_error": max_err, "mean_abs_error": mean_acc / max(count, 1),
                            "rel_error": max_err / max(scale, 1e-30)}
     if language_model and positions:
-        out.update({"kl_mean": kl_acc / positions, "top1_agreement": agree / positions, "positions": positions})
+        flips = np.concatenate(flip_margins)
+        out.update({"kl_mean": kl_acc / positions, "top1_agreement": agree / positions, "positions": positions,
+                    "median_top1_margin": float(np.median(np.concatenate(margins))),
+                    "max_flipped_margin": float(flips.max()) if flips.size else 0.0})
+    if routed:
+        out["routing_agreement"] = kept / routed
     return out
 
 
@@ -218,7 +239,7 @@ class Quantize(Pass):
         before = sum(t["bytes_before"] for t in report["tensors"])
         after = sum(t["bytes_after"] for t in report["tensors"])
         report["total"] = {"tensors": len(report["tensors"]), "bytes_before": before, "bytes_after": after,
-                           "ratio": round(before / max(after, 1), 3)}
+                           "ratio": round(before / after, 3) if after else 1.0}
         is_lm = any(n.op == "embedding" for n in graph.nodes)
         report["accuracy"] = accuracy_report(original, graph, inputs, is_lm)
         report["breaks_batch_isolation"] = self.scheme.activations == "tensor"

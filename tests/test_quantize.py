@@ -213,6 +213,8 @@ def test_weight_only_int8_report_and_sizes(mixtral_graph):
     acc = report["accuracy"]
     assert acc["samples"] == 16 and 0 < acc["mean_abs_error"] < acc["max_abs_error"]
     assert 0 < acc["kl_mean"] < 0.05 and 0.8 < acc["top1_agreement"] <= 1
+    assert 0.95 < acc["routing_agreement"] <= 1 and acc["median_top1_margin"] > 0
+    assert acc["max_flipped_margin"] > 0  # some near-tied positions flipped (report says how close)
     assert report["breaks_batch_isolation"] is False
 
 

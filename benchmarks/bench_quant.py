@@ -1,0 +1,108 @@
+"""Quantized artifacts side by side: fp32 eager vs fp32 / int8 / int4 artifacts.
+
+Run:  python benchmarks/bench_quant.py   (several minutes; rewrites the "quantization"
+section of benchmarks/RESULTS.md). Never run by the tests. Same inputs, same process, 2
+threads for every column. The tiny examples sit in cache (a step is bound by per-kernel
+overhead); `benchmarks/specs/moe_medium.moe` (~490 MB fp32) does not, so its single-token
+step is bound by weight bytes read: the case the issue's targets are about.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+from pathlib import Path
+
+from mocompile.threads import configure_tvm_threads
+
+configure_tvm_threads()  # before anything starts TVM's thread pool
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import mocompile  # noqa: E402
+from mocompile.dsl import build_model, load_spec  # noqa: E402
+from mocompile.dsl.summary import parameter_counts  # noqa: E402
+from mocompile.runtime import random_inputs  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import _cpu_name, copy_bandwidth, median_ms  # noqa: E402
+from results import write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "benchmarks" / ".cache" / "quant"
+MODELS = [ROOT / "examples" / "mixtral_tiny.moe", ROOT / "examples" / "deepseek_tiny.moe",
+          ROOT / "benchmarks" / "specs" / "moe_medium.moe"]
+SCHEMES = {"fp32": "", "int8": "quantize(w=int8)", "int4": "quantize(w=int4,group=32)"}
+CASES = [("decode", 1, 1), ("decode", 8, 1), ("prefill", 1, 64)]  # (kind, batch, tokens)
+
+
+def bench_model(path: Path) -> tuple[list[dict], dict]:
+    spec = load_spec(path)
+    arts, info = {}, {}
+    for scheme, passes in SCHEMES.items():
+        t0 = time.perf_counter()
+        arts[scheme] = mocompile.compile(spec, passes=passes, out_dir=CACHE / f"{spec.name}-{scheme}", batch=2, seq=4)
+        m = arts[scheme].manifest
+        weights = (arts[scheme].path / m["program"]["weights"]).stat().st_size
+        drift = m.get("drift_from_fp32", {})
+        top1 = [c["top1_agreement"] for c in drift.get("checks", []) if "top1_agreement" in c]
+        accuracy = next((p["accuracy"] for p in m["passes"] if p["pass"].startswith("quantize")), {})
+        info[scheme] = {"compile_s": time.perf_counter() - t0, "weight_mb": weights / 2**20,
+                        "drift": drift.get("max_rel_error"), "top1_verify": min(top1) if top1 else None,
+                        "top1_calib": accuracy.get("top1_agreement"), "kl": accuracy.get("kl_mean")}
+    model = build_model(spec, seed=0)
+    rows = []
+    for kind, batch, tokens in CASES:
+        inputs = random_inputs(arts["fp32"].signature, batch, tokens, seed=1)
+        torch_in = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        with torch.no_grad():
+            row = {"model": spec.name, "case": f"{kind} b{batch} x{tokens}", "eager": median_ms(lambda: model(**torch_in))}
+        for scheme, art in arts.items():
+            row[scheme] = median_ms(lambda: art.run(inputs))
+        rows.append(row)
+    return rows, info
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    bandwidth = copy_bandwidth()
+    lines = ["## Quantization (`python benchmarks/bench_quant.py`)", "",
+             f"Run on {datetime.date.today()}: {_cpu_name()}, 2 threads for every column, copy bandwidth "
+             f"{bandwidth / 1e9:.1f} GB/s. Medians in ms. Speed-ups are fp32 eager / column and fp32 artifact / "
+             "column (above 1: faster). Every case is a forward over its positions without a KV cache.", "",
+             "| model | case | eager fp32 | artifact fp32 | int8 | int4 | int8 vs eager | int8 vs fp32 art. "
+             "| int4 vs eager | int4 vs fp32 art. | roofline fp32 / int8 / int4 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    sizes = ["", "| model | scheme | weights MB | compile s | drift (rel) | top-1 (verify) | top-1 (calib) | KL (calib) |",
+             "|---|---|---|---|---|---|---|---|"]
+    targets = []
+    for path in MODELS:
+        rows, info = bench_model(path)
+        active = parameter_counts(load_spec(path))["active_per_token"]
+        roof = {s: 1e3 * active * b / bandwidth for s, b in (("fp32", 4), ("int8", 1.0), ("int4", 0.5 + 4 / 32))}
+        for r in rows:
+            roof_cell = " / ".join(f"{r[s] / roof[s]:.1f}x" for s in roof) if r["case"].startswith("decode b1") else ""
+            lines.append(f"| {r['model']} | {r['case']} | {r['eager']:.3f} | {r['fp32']:.3f} | {r['int8']:.3f} "
+                         f"| {r['int4']:.3f} | {r['eager'] / r['int8']:.2f} | {r['fp32'] / r['int8']:.2f} "
+                         f"| {r['eager'] / r['int4']:.2f} | {r['fp32'] / r['int4']:.2f} | {roof_cell} |")
+            if r["case"].startswith("decode"):
+                targets.append((r, r["eager"] / r["int8"], r["fp32"] / r["int8"], r["eager"] / r["int4"], r["fp32"] / r["int4"]))
+        for s, i in info.items():
+            fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
+            sizes.append(f"| {rows[0]['model']} | {s} | {i['weight_mb']:.1f} | {i['compile_s']:.1f} | {fmt(i['drift'], '.2e')} "
+                         f"| {fmt(i['top1_verify'], '.1%')} | {fmt(i['top1_calib'], '.1%')} | {fmt(i['kl'], '.2e')} |")
+    lines += sizes
+    lines += ["", "Single-token targets (decode rows; >= 3x eager fp32 and >= 1.8x the fp32 artifact):"]
+    for r, i8e, i8a, i4e, i4a in targets:
+        ok = lambda e, a: "met" if e >= 3 and a >= 1.8 else "missed"  # noqa: E731
+        lines.append(f"- {r['model']} {r['case']}: int8 {i8e:.2f}x / {i8a:.2f}x ({ok(i8e, i8a)}), "
+                     f"int4 {i4e:.2f}x / {i4a:.2f}x ({ok(i4e, i4a)})")
+    text = "\n".join(lines)
+    write_section("quantization", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
