@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from mocompile.errors import MocompileError
 
@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("artifact")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--repeat", type=int, default=10, help="timed calls (default 10)")
+    r.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="greedy-decode N tokens after a random prompt of --seq tokens, through the KV cache")
     _add_shape_args(r, 1, 8)
 
     b = sub.add_parser("check-isolation", help="prove that no sample of a batch can influence another sample's output")
@@ -79,6 +81,10 @@ def cmd_compile(a: argparse.Namespace) -> int:
           f"{' (variant ' + a.variant + ')' if a.variant else ''} for {a.target} -> {art.path}")
     print(f"verified against the {v['reference']}: max relative error {v['max_rel_error']:.2e} "
           f"(tolerance {v['tolerance']:g}), max abs error {max(c['max_abs_error'] for c in v['checks']):.2e}")
+    dec = art.manifest.get("decode_verification")
+    if dec:
+        print(f"cached decoding verified: prompt {dec['prompt']} + {dec['new_tokens']} tokens one at a time match the "
+              f"full-sequence forward, max relative error {dec['max_rel_error']:.2e}")
     drift = art.manifest.get("drift_from_fp32")
     if drift:
         top1 = [c["top1_agreement"] for c in drift["checks"] if "top1_agreement" in c]
@@ -159,6 +165,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     art = load(a.artifact)
     inputs = random_inputs(art.signature, a.batch, a.seq, a.seed)
+    if a.generate:
+        return _generate(art, inputs, a.generate)
     try:
         outputs = art.run(inputs)
     except ValueError as e:
@@ -171,6 +179,35 @@ def cmd_run(a: argparse.Namespace) -> int:
               f"min {arr.min():.4g} max {arr.max():.4g}{'' if finite else ' (NON-FINITE VALUES)'}")
     seconds = art.time_run(inputs, repeat=max(1, a.repeat))
     print(f"time per call: {seconds * 1e3:.3f} ms (median of {a.repeat}, batch {a.batch}, seq {a.seq})")
+    return 0
+
+
+def _generate(art: Any, prompt: dict, new_tokens: int) -> int:
+    """Prefill the prompt, then decode token by token through the cache, timing both."""
+    import time
+
+    import numpy as np
+
+    ids = next(iter(prompt.values()))
+    cache = art.new_cache(ids.shape[0], ids.shape[1] + new_tokens)  # refuses artifacts without a step function
+    name = art.signature.inputs[0].name
+    try:
+        t0 = time.perf_counter()
+        logits = list(art.step(prompt, cache).values())[0]
+        prefill = time.perf_counter() - t0
+        tokens, times = [], []
+        for _ in range(new_tokens):
+            token = logits[:, -1].argmax(-1).astype(ids.dtype)[:, None]
+            tokens.append(token)
+            t0 = time.perf_counter()
+            logits = list(art.step({name: token}, cache).values())[0]
+            times.append(time.perf_counter() - t0)
+    except ValueError as e:
+        raise MocompileError(f"{art.path}: {e}") from None
+    for b, row in enumerate(np.concatenate(tokens, axis=1)):
+        print(f"sample {b}: prompt {ids[b].tolist()} -> {row.tolist()}")
+    print(f"prefill of {ids.shape[1]} tokens: {prefill * 1e3:.3f} ms; decode: {np.median(times) * 1e3:.3f} ms per "
+          f"token (median of {new_tokens}, batch {ids.shape[0]}, KV cache of {cache.capacity} positions)")
     return 0
 
 

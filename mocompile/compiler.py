@@ -67,7 +67,7 @@ def source_from_spec(spec_or_path: Any, variant: str | None, weights: str | Path
     model = build_model(spec, seed=seed, variant=variant, weights=weights)
     high = {m.name: int(m.vocab) for m in model.spec.modalities if m.is_tokens}
     meta = {"name": spec.name, "spec_hash": spec.digest(), "variant": variant, "source": spec.source,
-            "weights": str(weights) if weights else f"seed {seed}"}
+            "weights": str(weights) if weights else f"seed {seed}", "max_seq": spec.max_seq}
     return Source(model, model.input_types(), model.spec.name, meta, high)
 
 
@@ -82,7 +82,7 @@ def source_from_hf(path: str | Path) -> Source:
     spec = ckpt.spec
     meta = {"name": spec.name, "spec_hash": spec.digest(), "variant": None, "source": str(ckpt.config_path),
             "weights": str(ckpt.path), "hf_architecture": ckpt.architecture, "hf_model_type": ckpt.family.model_type,
-            "hf_source": str(Path(path).resolve())}
+            "hf_source": str(Path(path).resolve()), "max_seq": spec.max_seq}
     return Source(model, model.input_types(), spec.name, meta, {"text": spec.vocab})
 
 
@@ -166,6 +166,30 @@ def verify_artifact(artifact: LoadedArtifact, reference: Reference, shapes: list
         raise VerificationError(
             f"artifact disagrees with the {reference.name}: relative error {bad['rel_error']:.3g} > {TOLERANCE:g} "
             f"(output {bad['output']}, batch {bad['batch']}, seq {bad['seq']})")
+    return result
+
+
+def verify_decode(artifact: LoadedArtifact, reference: Reference, batch: int, prompt: int, new_tokens: int,
+                  seed: int) -> dict[str, Any]:
+    """Prefill `prompt` positions into a KV cache, then decode `new_tokens` one at a time; each
+    step's outputs must match the reference's outputs at those positions of one full-sequence
+    forward (within TOLERANCE): the cache must change nothing but the work done."""
+    full = random_inputs(artifact.signature, batch, prompt + new_tokens, seed)
+    (name, ids), = full.items()
+    ref = list(reference.run(full).values())[0]
+    cache = artifact.new_cache(batch, prompt + new_tokens)
+    worst, where = 0.0, ""
+    spans = [(0, prompt)] + [(t, t + 1) for t in range(prompt, prompt + new_tokens)]
+    for begin, end in spans:
+        got = list(artifact.step({name: ids[:, begin:end]}, cache).values())[0]
+        rel = relative_error(got, ref[:, begin:end])[1]
+        if rel > worst:
+            worst, where = rel, f"positions {begin}..{end - 1}"
+    result = {"reference": reference.name, "batch": batch, "prompt": prompt, "new_tokens": new_tokens,
+              "max_rel_error": worst}
+    if not worst <= TOLERANCE:
+        raise VerificationError(f"cached decoding disagrees with the {reference.name} on the full sequence: relative "
+                                f"error {worst:.3g} > {TOLERANCE:g} at {where}")
     return result
 
 
@@ -263,6 +287,8 @@ def compile(
         staged = LoadedArtifact(stage, manifest)
         shapes = [(1, seq)] + ([(batch, seq)] if batch != 1 else [])
         manifest["verification"] = verify_artifact(staged, reference, shapes, seed)
+        if staged.can_decode:
+            manifest["decode_verification"] = verify_decode(staged, reference, batch, seq, 4, seed)
         if not exact:  # what the approximating passes cost against the unmodified model
             manifest["drift_from_fp32"] = compare_to_reference(staged, eager_reference(src.module), shapes, seed)
         manifest["compile_seconds"] = round(time.perf_counter() - t0, 3)

@@ -88,8 +88,37 @@ class Signature:
         return env
 
 
+class KVCache:
+    """The key/value tensors a `step` function reads and extends in place, and how many
+    positions of each sample they hold (`length`, the same for every sample of the batch).
+
+    The capacity is rounded up to `block` (the attention kernels read keys in blocks of that
+    many); positions beyond `length` may hold stale values, which the kernels never use, so
+    `reset()` only rewinds.
+    """
+
+    def __init__(self, specs: list[Mapping[str, Any]], batch: int, capacity: int, block: int, tensor: Any) -> None:
+        if batch < 1 or capacity < 1:
+            raise ValueError(f"a KV cache needs batch >= 1 and capacity >= 1 (got {batch}, {capacity})")
+        self.batch = batch
+        self.capacity = -(-capacity // block) * block
+        sizes = {"batch": batch, "cache_len": self.capacity}
+        self.tensors = [tensor(np.zeros([sizes.get(d, d) for d in spec["shape"]], dtype=spec["dtype"]))
+                        for spec in specs]
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(np.prod(t.shape) * 4 for t in self.tensors))
+
+
 class LoadedArtifact:
-    """A loaded artifact: call `.run({name: array})`."""
+    """A loaded artifact: call `.run({name: array})` for a plain forward; artifacts of token
+    models also decode incrementally: `cache = .new_cache(batch)`, then `.step(inputs,
+    cache)` over the prompt and over each new token (or `.generate(ids, n)`)."""
 
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = path
@@ -112,6 +141,9 @@ class LoadedArtifact:
                 raise ArtifactError(f"{path / program['weights']}: missing weight {missing[0]!r}")
             self._weights = [tvm.runtime.tensor(f.get_tensor(n)) for n in program["weight_order"]]
         self._tensor = tvm.runtime.tensor
+        self._shape = tvm.runtime.ShapeTuple
+        step = program.get("step")
+        self._step = self._vm[step["function"]] if step else None
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
@@ -120,6 +152,56 @@ class LoadedArtifact:
         result = self._fn(*args, *self._weights)
         outs = list(result) if len(self.signature.outputs) > 1 else [result]
         return {t.name: o.numpy() for t, o in zip(self.signature.outputs, outs)}
+
+    # ---- incremental decoding ------------------------------------------------------------
+    @property
+    def can_decode(self) -> bool:
+        return self._step is not None
+
+    def _require_step(self) -> dict[str, Any]:
+        if self._step is None:
+            why = self.manifest["program"].get("no_step_reason") or "it was compiled without one"
+            raise ArtifactError(f"{self.path}: this artifact has no cached step function ({why})")
+        return self.manifest["program"]["step"]
+
+    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `capacity` positions (default:
+        the model's max_seq, else 2048)."""
+        step = self._require_step()
+        return KVCache(step["cache"], batch, capacity or step.get("max_positions") or 2048, step["block"], self._tensor)
+
+    def step(self, inputs: Mapping[str, np.ndarray], cache: KVCache) -> dict[str, np.ndarray]:
+        """Forward over the next positions of every sequence in `cache` (the whole prompt
+        first, then one token at a time), appending their keys and values to it."""
+        self._require_step()
+        arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+        self.signature.check(arrays)
+        first = arrays[self.signature.inputs[0].name]
+        batch, seq = first.shape[0], first.shape[1]
+        if batch != cache.batch:
+            raise ValueError(f"the cache holds {cache.batch} sequences, the inputs {batch}")
+        if cache.length + seq > cache.capacity:
+            raise ValueError(f"the cache holds {cache.length} of {cache.capacity} positions; {seq} more do not fit")
+        args = [self._tensor(arrays[t.name]) for t in self.signature.inputs]
+        result = self._step(*args, self._shape([cache.length]), *cache.tensors, *self._weights)
+        cache.length += seq
+        outs = list(result) if len(self.signature.outputs) > 1 else [result]
+        return {t.name: o.numpy() for t, o in zip(self.signature.outputs, outs)}
+
+    def generate(self, ids: np.ndarray, new_tokens: int, capacity: int | None = None) -> np.ndarray:
+        """Greedy decoding: the prompt ids [batch, prompt] once, then `new_tokens` single-token
+        steps each fed the previous argmax; returns the new ids [batch, new_tokens]."""
+        spec = self.signature.inputs[0]
+        ids = np.asarray(ids, dtype=spec.dtype)
+        cache = self.new_cache(ids.shape[0], capacity or ids.shape[1] + new_tokens)
+        out = []
+        logits = self.step({spec.name: ids}, cache)[self.signature.outputs[0].name]
+        for i in range(new_tokens):
+            token = logits[:, -1].argmax(-1).astype(spec.dtype)[:, None]
+            out.append(token)
+            if i + 1 < new_tokens:
+                logits = self.step({spec.name: token}, cache)[self.signature.outputs[0].name]
+        return np.concatenate(out, axis=1) if out else np.zeros((ids.shape[0], 0), spec.dtype)
 
     def time_run(self, inputs: Mapping[str, np.ndarray], repeat: int = 10) -> float:
         """Median seconds per call (after one warm-up call)."""

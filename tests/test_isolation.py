@@ -306,7 +306,8 @@ def _fake_codegen(monkeypatch) -> None:
     import mocompile.compiler as C
 
     monkeypatch.setattr(C, "get_backend", lambda target: _FakeBackend)
-    monkeypatch.setattr(C, "LoadedArtifact", lambda path, manifest: SimpleNamespace(path=path, manifest=manifest))
+    monkeypatch.setattr(C, "LoadedArtifact", lambda path, manifest: SimpleNamespace(path=path, manifest=manifest,
+                                                                                   can_decode=False))
     monkeypatch.setattr(C, "verify_artifact", lambda *a, **k: {})
 
 

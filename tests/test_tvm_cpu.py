@@ -122,7 +122,11 @@ def test_weights_are_runtime_parameters_in_documented_order(tiny):
     main = program.mod["main"]
     assert [p.name for p in main.params] == ["ids", *program.weight_names]
     assert program.manifest()["weights"][0]["name"] == program.weight_names[0]
-    assert not [gv for gv, f in program.mod.functions.items() if isinstance(f, relax.Function) and gv.name_hint != "main"]
+    functions = {gv.name_hint for gv, f in program.mod.functions.items() if isinstance(f, relax.Function)}
+    assert functions == {"main", "step"}  # the plain forward, and the cached one (one causal attention)
+    caches = [c["name"] for c in program.cache]
+    assert len(caches) == 2 and caches[0].endswith(".keys") and caches[1].endswith(".values")
+    assert [p.name for p in program.mod["step"].params] == ["ids", "past", *caches, *program.weight_names]
     for spec in program.weights:  # every runtime weight re-derives from the graph's weights
         np.testing.assert_array_equal(spec.pack(g.weights), program.arrays[spec.name])
     assert {s for spec in program.weights for s in spec.sources} == set(g.weights)

@@ -5,7 +5,9 @@ Files written: `model.so` (the Relax VM executable; TVM runtime only) and
 `weights.safetensors` (every runtime weight, already in backend layout, keyed by name).
 The returned dict becomes the manifest's "program" entry; mocompile.runtime reads
 `library`, `weights`, `weight_order` and `function` from it and calls
-`vm[function](*inputs, *[weights[n] for n in weight_order])`.
+`vm[function](*inputs, *[weights[n] for n in weight_order])`; `step` (absent with a
+`no_step_reason` for graphs that cannot decode with a KV cache) describes the cached step
+function and its cache tensors (program.py has the calling convention).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import tvm
 from safetensors.numpy import save_file
 
 from mocompile.backends.tvm_cpu.build import build
+from mocompile.backends.tvm_cpu.kernels_attention import KB
 from mocompile.backends.tvm_cpu.lower import lower
 from mocompile.backends.tvm_cpu.target import host_target
 from mocompile.ir.graph import Graph
@@ -41,6 +44,8 @@ def emit(graph: Graph, out_dir: str | Path, target: tvm.target.Target | None = N
         "weights": WEIGHTS,
         "weight_order": program.weight_names,
         "weight_layouts": [w.to_json() for w in program.weights],
+        **({"step": {"function": "step", "cache": program.cache, "block": KB, "max_positions": graph.meta.get("max_seq")}}
+           if program.cache is not None else {"no_step_reason": program.no_step_reason}),
         "target_info": {"backend": "tvm_cpu", "llvm_target": {k: str(v) for k, v in target.export().items()
                                                                if k in ("kind", "mcpu", "num-cores")},
                         "tvm_version": tvm.__version__},

@@ -1,13 +1,21 @@
 """Causal / full multi-head attention with rotary positions and grouped-query heads.
 
-Three kernels:
-- `rope_table`: cos/sin[S, 2, D/2] for positions 0..S-1 (one libm sincos per entry, instead
-  of one per element of q and k);
-- `attention_keys`: K -> Kt[B, Hkv, D, S_pad] (rope applied, transposed, zero padded to a
-  multiple of KB) so that for a fixed head-dim index the keys are contiguous and a query
-  scores KB keys with plain vector FMAs;
+Kernels:
+- `rope_table`: cos/sin[S, 2, D/2] for positions past..past+S-1 (one libm sincos per entry,
+  instead of one per element of q and k);
+- `attention_keys`: K -> Kt[B, Hkv, D, L] at key positions past..past+S-1 (rope applied,
+  transposed) so that for a fixed head-dim index the keys are contiguous and a query scores
+  KB keys with plain vector FMAs;
+- `cache_rows`: V rows into a value cache at positions past..past+S-1;
 - `attention`: QB query rows of one head per parallel task, keys in blocks of KB with an
   online softmax (running max and sum, flash-attention style): no S x S score matrix.
+
+One set of kernels serves both calling modes. A plain forward passes past = 0 and fresh
+Kt [.., padded(S)] / V; a cached step (the artifact's `step` function: prefill, then one
+token at a time) passes the number of positions already cached and the cache tensors, which
+attention_keys / cache_rows update in place (call_tir_inplace), so earlier positions are
+never recomputed. Key blocks past the last visible key are masked before the softmax, so
+whatever a buffer holds there (padding, stale cache rows) is never used.
 
 Rope follows the interpreter (ir/ops/attention.py): angle = float32(pos) * inv_freq[i] with
 inv_freq computed by numpy at compile time and passed in as a constant table (so both sides
@@ -54,16 +62,19 @@ def padded_len(s):
 
 @functools.cache
 def rope_table(head_dim: int) -> tirx.PrimFunc:
-    """inv_freq[D/2] and the sequence length s (a shape argument) -> cs[s, 2, D/2] (cos, sin)."""
+    """inv_freq[D/2], the first position `past` and the count s (shape arguments) ->
+    cs[s, 2, D/2]: (cos, sin) of positions past..past+s-1."""
     half = head_dim // 2
     s = U.dim("s")
+    past = U.dim("past")
     with U.kernel(f"rope_table_d{head_dim}") as kern:
         inv_freq = U.arg("inv_freq", (half,))
+        U.scalar_arg(past)
         U.scalar_arg(s)
         cs = U.arg("cs", (s, 2, half))
         def position(pos):
             with U.serial(0, half) as i:
-                angle = tirx.Cast("float32", pos) * inv_freq[i]
+                angle = tirx.Cast("float32", past + pos) * inv_freq[i]
                 U.store(cs, (pos, 0, i), tirx.cos(angle))
                 U.store(cs, (pos, 1, i), tirx.sin(angle))
 
@@ -79,56 +90,86 @@ def _rope(load, d, head_dim: int, cs, pos):
     return load(d) * cs[pos, 0, i] + rotated * cs[pos, 1, i]
 
 
+def emit_key_rows(kt, rows: int, b, s, past, value) -> None:
+    """kt[bi, r, d, past + j] = value(bi, r, d, j) for j < s: one (bi, r, d) row per task, its
+    keys contiguous so the stores vectorize (the reads gather with the projection's stride)."""
+    width = kt.shape[2]
+
+    def row(task):
+        bi, r, d = task // (rows * width), task // width % rows, task % width
+        with U.serial(0, (s + 15) // 16) as j0:
+            with U.vectorized(0, 16) as jj:
+                j = j0 * 16 + jj
+                with U.when(j < s):
+                    U.store(kt, (bi, r, d, past + j), value(bi, r, d, j))
+
+    U.parallel_for(b * rows * width, 8 * b * rows * width * s, row)
+
+
 @functools.cache
 def attention_keys(spec: AttentionSpec) -> tirx.PrimFunc:
-    """k[B, S, Hkv*D] (+ cs from rope_table) -> kt[B, Hkv, D, padded(S)]."""
-    b, s = U.dim("b"), U.dim("s")
+    """k[B, S, Hkv*D] (+ cs from rope_table), past -> kt[B, Hkv, D, L] at positions past.."""
+    b, s, past, length = U.dim("b"), U.dim("s"), U.dim("past"), U.dim("kt_len")
     D, hkv = spec.head_dim, spec.kv_heads
-    sp = padded_len(s)
     with U.kernel(f"attention_keys_{spec.tag()}") as kern:
         k = U.arg("k", (b, s, hkv * D))
         cs = U.arg("cs", (s, 2, D // 2)) if spec.rope else None
-        kt = U.arg("kt", (b, hkv, D, sp))
-        # One kt row (b, h, d) per task; its keys j are contiguous, so the writes vectorize
-        # (the reads of k gather with stride Hkv*D).
+        U.scalar_arg(past)
+        kt = U.arg("kt", (b, hkv, D, length))
+
+        def value(bi, h, d, j):
+            def load(c):
+                return k[bi, j, h * D + c]
+
+            return _rope(load, d, D, cs, j) if spec.rope else load(d)
+
+        emit_key_rows(kt, hkv, b, s, past, value)
+    return kern.func
+
+
+@functools.cache
+def cache_rows(width: int) -> tirx.PrimFunc:
+    """x[B, S, W], past -> cache[B, L, W] with rows past..past+S-1 replaced (in place)."""
+    b, s, past, length = U.dim("b"), U.dim("s"), U.dim("past"), U.dim("cache_len")
+    lanes = U.lanes_for(width)
+    with U.kernel(f"cache_rows_w{width}") as kern:
+        x = U.arg("x", (b, s, width))
+        U.scalar_arg(past)
+        cache = U.arg("cache", (b, length, width))
+
         def row(task):
-            bi, h, d = task // (hkv * D), task // D % hkv, task % D
-            with U.serial(0, sp // 16) as j0:
-                with U.vectorized(0, 16) as jj:
-                    j = j0 * 16 + jj
-                    jc = tirx.min(j, s - 1)  # padding keys read a valid row and store zero
+            bi, j = task // s, task % s
+            with U.serial(0, width // lanes) as c:
+                with U.vectorized(0, lanes) as l:
+                    U.store(cache, (bi, past + j, c * lanes + l), x[bi, j, c * lanes + l])
 
-                    def load(c):
-                        return k[bi, jc, h * D + c]
-
-                    val = _rope(load, d, D, cs, jc) if spec.rope else load(d)
-                    U.store(kt, (bi, h, d, j), tirx.Select(j < s, val, U.f32(0)))
-
-        U.parallel_for(b * hkv * D, 8 * b * hkv * D * sp, row)
+        U.parallel_for(b * s, 8 * b * s * width, row)
     return kern.func
 
 
 @functools.cache
 def attention(spec: AttentionSpec) -> tirx.PrimFunc:
-    """q[B, S, H*D], kt (from attention_keys), v[B, S, Hkv*D] (+ cs) -> out[B, S, H*D].
+    """q[B, S, H*D] at positions past.., kt[B, Hkv, D, Lk] and v[B, Lv, Hkv*D] holding keys and
+    values of positions 0..past+S-1 (+ cs), past -> out[B, S, H*D].
 
     A task is QB consecutive queries of one head: each key vector loaded from kt and v
     serves QB queries (the per-query state is unrolled in Python, one scratch buffer per
     query, so it stays in registers). Rows past the end compute on the last row and are
     not stored.
     """
-    b, s = U.dim("b"), U.dim("s")
+    b, s, past = U.dim("b"), U.dim("s"), U.dim("past")
+    kt_len, v_len = U.dim("kt_len"), U.dim("v_len")
     D, H, hkv = spec.head_dim, spec.heads, spec.kv_heads
     group = H // hkv
     lanes = U.lanes_for(D)
-    sp = padded_len(s)
     n_qb = (s + QB - 1) // QB
     scale = U.f32(1.0 / np.sqrt(D))
     with U.kernel(f"attention_{spec.tag()}") as kern:
         q = U.arg("q", (b, s, H * D))
-        kt = U.arg("kt", (b, hkv, D, sp))
-        v = U.arg("v", (b, s, hkv * D))
+        kt = U.arg("kt", (b, hkv, D, kt_len))
+        v = U.arg("v", (b, v_len, hkv * D))
         cs = U.arg("cs", (s, 2, D // 2)) if spec.rope else None
+        U.scalar_arg(past)
         out = U.arg("out", (b, s, H * D))
         def query_block(task):
             bi = task // (H * n_qb)
@@ -143,10 +184,10 @@ def attention(spec: AttentionSpec) -> tirx.PrimFunc:
                 return _rope(load, d, D, cs, i) if spec.rope else load(d)
 
             emit_attend(load_query, scale, kt, v, out, bi=bi, kv_head=kvh, v_col=kvh * D, out_col=h * D, s=s,
-                        i0=i0, qk_dim=D, v_dim=D, lanes=lanes, causal=spec.causal)
+                        past=past, i0=i0, qk_dim=D, v_dim=D, lanes=lanes, causal=spec.causal)
 
-        # work ~ FLOPs / 2: scores and weighted values, 2 * 2 * s^2 * D per head (half if causal)
-        U.parallel_for(b * H * n_qb, b * H * s * s * D * (1 if spec.causal else 2), query_block)
+        # work ~ FLOPs / 2: scores and weighted values, 2 * 2 * s * (past + s) * D per head (~half if causal)
+        U.parallel_for(b * H * n_qb, b * H * s * (past + s) * D * (1 if spec.causal else 2), query_block)
     return kern.func
 
 
@@ -167,11 +208,12 @@ def _emit_softmax_block(score, run, acc, j0, limit, head_dim: int) -> None:
         U.store(acc, (d,), acc[d] * run[3])
 
 
-def emit_attend(load_query, scale, kt, v, out, *, bi, kv_head, v_col, out_col, s, i0, qk_dim: int, v_dim: int,
+def emit_attend(load_query, scale, kt, v, out, *, bi, kv_head, v_col, out_col, s, past, i0, qk_dim: int, v_dim: int,
                 lanes: int, causal: bool) -> None:
-    """The body both attention kernels share, for QB queries [i0, i0+QB) of one head:
-    load each query (`load_query(position, channel)`, rope applied) scaled into registers,
-    then scores against the visible keys block by block (kt[bi, kv_head]), online softmax,
+    """The body both attention kernels share, for QB queries [i0, i0+QB) of one head (query
+    row i sits at position past + i): load each query (`load_query(row, channel)`, rope
+    applied) scaled into registers, then scores against the visible keys block by block
+    (kt[bi, kv_head]: positions 0..past+i if causal, all past+s otherwise), online softmax,
     weighted values (v[bi, :, v_col:]), and the store into out[bi, i, out_col:]. Rows past
     the end compute on the last row and are not stored."""
     rows = [tirx.min(i0 + qi, s - 1) for qi in range(QB)]  # clamped query positions
@@ -186,8 +228,8 @@ def emit_attend(load_query, scale, kt, v, out, *, bi, kv_head, v_col, out_col, s
             U.store(acc[qi], (d,), U.f32(0))
         U.store(run[qi], (0,), NEG_INF)
         U.store(run[qi], (1,), U.f32(0))
-    limit = [r + 1 for r in rows] if causal else [s] * QB  # keys query qi may see: [0, limit[qi])
-    n_keys = tirx.min(i0 + QB, s) if causal else s  # the block needs [0, n_keys)
+    limit = [past + r + 1 for r in rows] if causal else [past + s] * QB  # keys query qi may see: [0, limit[qi])
+    n_keys = past + (tirx.min(i0 + QB, s) if causal else s)  # the block needs [0, n_keys)
     with U.serial(0, (n_keys + KB - 1) // KB) as kb:
         j0 = kb * KB
         for qi in range(QB):

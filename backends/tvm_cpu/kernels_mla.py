@@ -2,7 +2,7 @@
 shaped like kernels_attention's (whose rope, block size and online-softmax step they reuse):
 
 - `latent_keys`: k_nope[B, S, H*dn] and the shared rotary key k_rope[B, S, dr] ->
-  Kt[B, H, dn+dr, S_pad]: per head [k_nope | rope(k_rope)], transposed and zero padded, so a
+  Kt[B, H, dn+dr, L] at positions past..: per head [k_nope | rope(k_rope)], transposed, so a
   query scores KB keys with plain vector FMAs;
 - `latent_attention`: QB query rows of one head per task, q = [q_nope | rope(q_rope)] scaled
   by 1/sqrt(dn+dr), causal, keys in blocks of KB with an online softmax; values and output
@@ -21,7 +21,7 @@ import numpy as np
 from tvm import tirx
 
 from mocompile.backends.tvm_cpu import tir_util as U
-from mocompile.backends.tvm_cpu.kernels_attention import QB, _rope, emit_attend, padded_len
+from mocompile.backends.tvm_cpu.kernels_attention import QB, _rope, emit_attend, emit_key_rows
 
 
 @dataclass(frozen=True)
@@ -47,27 +47,21 @@ def _head_channel(nope, rope, d, dn: int, dr: int, cs, pos):
 
 @functools.cache
 def latent_keys(spec: LatentSpec) -> tirx.PrimFunc:
-    """k_nope[B, S, H*dn], k_rope[B, S, dr], cs[S, 2, dr/2] -> kt[B, H, dn+dr, padded(S)]."""
-    b, s = U.dim("b"), U.dim("s")
+    """k_nope[B, S, H*dn], k_rope[B, S, dr], cs[S, 2, dr/2], past -> kt[B, H, dn+dr, L] at
+    positions past.. (see kernels_attention for the two calling modes)."""
+    b, s, past, length = U.dim("b"), U.dim("s"), U.dim("past"), U.dim("kt_len")
     H, dn, dr, dq = spec.heads, spec.nope_dim, spec.rope_dim, spec.qk_dim
-    sp = padded_len(s)
     with U.kernel(f"latent_keys_{spec.tag()}") as kern:
         k_nope = U.arg("k_nope", (b, s, H * dn))
         k_rope = U.arg("k_rope", (b, s, dr))
         cs = U.arg("cs", (s, 2, dr // 2))
-        kt = U.arg("kt", (b, H, dq, sp))
+        U.scalar_arg(past)
+        kt = U.arg("kt", (b, H, dq, length))
 
-        def row(task):  # one kt row (b, h, d): its keys j are contiguous
-            bi, h, d = task // (H * dq), task // dq % H, task % dq
-            with U.serial(0, sp // 16) as j0:
-                with U.vectorized(0, 16) as jj:
-                    j = j0 * 16 + jj
-                    jc = tirx.min(j, s - 1)  # padding keys read a valid row and store zero
-                    val = _head_channel(lambda c: k_nope[bi, jc, h * dn + c], lambda c: k_rope[bi, jc, c],
-                                        d, dn, dr, cs, jc)
-                    U.store(kt, (bi, h, d, j), tirx.Select(j < s, val, U.f32(0)))
+        def value(bi, h, d, j):
+            return _head_channel(lambda c: k_nope[bi, j, h * dn + c], lambda c: k_rope[bi, j, c], d, dn, dr, cs, j)
 
-        U.parallel_for(b * H * dq, 8 * b * H * dq * sp, row)
+        emit_key_rows(kt, H, b, s, past, value)
     return kern.func
 
 
@@ -78,17 +72,18 @@ def latent_attention(spec: LatentSpec) -> tirx.PrimFunc:
     A task is QB consecutive queries of one head (each key and value vector loaded serves QB
     queries); rows past the end compute on the last row and are not stored.
     """
-    b, s = U.dim("b"), U.dim("s")
+    b, s, past = U.dim("b"), U.dim("s"), U.dim("past")
+    kt_len, v_len = U.dim("kt_len"), U.dim("v_len")
     H, dn, dr, dq, dv = spec.heads, spec.nope_dim, spec.rope_dim, spec.qk_dim, spec.v_dim
     lanes = U.lanes_for(dv)
-    sp = padded_len(s)
     n_qb = (s + QB - 1) // QB
     scale = U.f32(1.0 / np.sqrt(dq))
     with U.kernel(f"latent_attention_{spec.tag()}") as kern:
         q = U.arg("q", (b, s, H * dq))
-        kt = U.arg("kt", (b, H, dq, sp))
-        v = U.arg("v", (b, s, H * dv))
+        kt = U.arg("kt", (b, H, dq, kt_len))
+        v = U.arg("v", (b, v_len, H * dv))
         cs = U.arg("cs", (s, 2, dr // 2))
+        U.scalar_arg(past)
         out = U.arg("out", (b, s, H * dv))
 
         def query_block(task):
@@ -101,8 +96,8 @@ def latent_attention(spec: LatentSpec) -> tirx.PrimFunc:
                                      d, dn, dr, cs, i)
 
             emit_attend(load_query, scale, kt, v, out, bi=bi, kv_head=h, v_col=h * dv, out_col=h * dv, s=s,
-                        i0=i0, qk_dim=dq, v_dim=dv, lanes=lanes, causal=True)
+                        past=past, i0=i0, qk_dim=dq, v_dim=dv, lanes=lanes, causal=True)
 
-        # work ~ FLOPs / 2: causal scores and weighted values, s^2 * (dq + dv) per head
-        U.parallel_for(b * H * n_qb, b * H * s * s * (dq + dv) // 2, query_block)
+        # work ~ FLOPs / 2: causal scores and weighted values, s * (past + s) * (dq + dv) per head
+        U.parallel_for(b * H * n_qb, b * H * s * (past + s) * (dq + dv) // 2, query_block)
     return kern.func

@@ -13,6 +13,7 @@ back; the packed array and its `WeightLayout` are recorded for the artifact.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ from mocompile.ir.graph import Graph, Node, Value
 from mocompile.ir.types import Dim, dim_terms
 
 Lowering = Callable[["LowerContext", Node], Sequence[relax.Expr]]
+CACHE_LEN = "cache_len"  # the symbol of the cache tensors' length axis
 LOWERINGS: dict[str, Lowering] = {}
 
 
@@ -58,19 +60,37 @@ def _product(dims: Sequence[tirx.PrimExpr]) -> tirx.PrimExpr:
     return out
 
 
-class LowerContext:
-    """State shared by the lowerings of one graph."""
+@dataclass
+class CacheSlot:
+    """One cache tensor of the `step` function (a parameter updated in place)."""
 
-    def __init__(self, graph: Graph) -> None:
+    name: str
+    var: relax.Var
+    shape: list  # IR-style dims: ints and symbol names ("batch", CACHE_LEN)
+    dtype: str = "float32"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": self.shape, "dtype": self.dtype}
+
+
+class LowerContext:
+    """State shared by the lowerings of one graph, for one Relax function: `main` (a plain
+    forward: `past` is 0 and there is no cache) or `step` (a cached forward: `past`
+    positions are already in the cache tensors, see kernels_attention.py)."""
+
+    def __init__(self, graph: Graph, bb: relax.BlockBuilder | None = None, cached: bool = False,
+                 kernels: dict[str, relax.GlobalVar] | None = None) -> None:
         self.graph = graph
-        self.bb = relax.BlockBuilder()
+        self.bb = bb or relax.BlockBuilder()
         self.symbols: dict[str, tirx.Var] = {}
+        self.past: tirx.PrimExpr = tirx.Var("past", "int64") if cached else tirx.IntImm("int64", 0)
+        self.cache: list[CacheSlot] | None = [] if cached else None
         self._values: dict[int, relax.Expr] = {}
         self._rows: dict[int, relax.Expr] = {}
         self._weight_vars: dict[str, relax.Var] = {}
         self.weight_layouts: list[WeightLayout] = []
         self.weight_arrays: dict[str, np.ndarray] = {}
-        self._kernels: dict[str, relax.GlobalVar] = {}
+        self._kernels: dict[str, relax.GlobalVar] = kernels if kernels is not None else {}
         self._users = graph.users()
         self._outputs = {id(v) for v in graph.outputs}
         self.fused: set[int] = set()  # ids of nodes already emitted as part of another node
@@ -151,16 +171,32 @@ class LowerContext:
     def weight_params(self) -> list[relax.Var]:
         return [self._weight_vars[w.name] for w in self.weight_layouts]
 
+    # ---- the KV cache (step function only) -----------------------------------------------
+    def cache_slot(self, name: str, shape: list) -> relax.Var:
+        """A cache tensor parameter of the step function; `shape` in IR dims (the cache length
+        is the symbol CACHE_LEN, bound by the tensor the caller passes)."""
+        var = relax.Var(name, relax.TensorType([self.dim(d) for d in shape], "float32"))
+        self.cache.append(CacheSlot(name, var, list(shape)))
+        return var
+
     # ---- kernels --------------------------------------------------------------------
+    def _kernel(self, func: tirx.PrimFunc) -> relax.GlobalVar:
+        name = str(func.attrs[NAME_ATTR])
+        if name not in self._kernels:
+            self._kernels[name] = self.bb.add_func(func, name)
+        return self._kernels[name]
+
+    def call_inplace(self, func: tirx.PrimFunc, args: Sequence[relax.Expr], index: int) -> relax.Expr:
+        """Emit a call of `func` that updates args[index] in place and returns it."""
+        return self.bb.emit(relax.call_tir_inplace(self._kernel(func), list(args), [index],
+                                                   args[index].ty))
+
     def call(self, func: tirx.PrimFunc, args: Sequence[relax.Expr],
              outs: Sequence[tuple[Sequence[tirx.PrimExpr], str]]) -> relax.Expr | list[relax.Expr]:
         """Emit `call_tir(func, args)` producing tensors `outs` ((shape, dtype) pairs).
         Integer expressions among `args` (shape values) are passed as scalars."""
-        name = str(func.attrs[NAME_ATTR])
-        if name not in self._kernels:
-            self._kernels[name] = self.bb.add_func(func, name)
         types = [relax.TensorType(list(shape), dtype) for shape, dtype in outs]
-        call = relax.call_tir(self._kernels[name], list(args), types if len(types) > 1 else types[0])
+        call = relax.call_tir(self._kernel(func), list(args), types if len(types) > 1 else types[0])
         result = self.bb.emit(call)
         if len(types) == 1:
             return result
@@ -197,22 +233,16 @@ def _check_signature(graph: Graph) -> None:
                     raise LoweringError(f"input {v.name}: symbol {t!r} is not the whole size of any input axis")
 
 
-def lower(graph: Graph) -> LoweredProgram:
-    """Lower an IR graph to a Relax module `main(*inputs, *weights)`; see program.py for the
-    calling convention. Raises LoweringError for ops or attributes this backend lacks."""
-    _register_builtin_lowerings()
-    missing = sorted({n.op for n in graph.nodes if n.op not in LOWERINGS})
-    if missing:
-        raise LoweringError(f"the tvm_cpu backend has no lowering for op(s): {', '.join(missing)}")
-    _check_signature(graph)
-    ctx = LowerContext(graph)
+def _emit_function(ctx: LowerContext, name: str) -> None:
+    """Lower every node of the graph into Relax function `name` of ctx's BlockBuilder."""
+    graph, bb = ctx.graph, ctx.bb
     inputs = []
     for v in graph.inputs:
         var = relax.Var(v.name, relax.TensorType(ctx.shape(v), v.type.dtype))
         ctx.bind(v, var)
         inputs.append(var)
-    bb = ctx.bb
-    with bb.function("main"):
+    past = [relax.Var("past", relax.ShapeType([ctx.past]))] if ctx.cache is not None else []
+    with bb.function(name):
         with bb.dataflow():
             for node in graph.nodes:
                 if id(node) in ctx.fused:
@@ -228,7 +258,57 @@ def lower(graph: Graph) -> LoweredProgram:
                 for v, r in zip(node.outputs, results):
                     ctx.bind(v, r)
             outs = [bb.emit_output(ctx.value(v)) for v in graph.outputs]
-        bb.emit_func_output(outs[0] if len(outs) == 1 else relax.Tuple(outs), params=inputs + ctx.weight_params())
-    mod = schedule_module(bb.get())
+        cache = [slot.var for slot in ctx.cache or []]
+        bb.emit_func_output(outs[0] if len(outs) == 1 else relax.Tuple(outs),
+                            params=inputs + past + cache + ctx.weight_params())
+
+
+def lower(graph: Graph, cached_step: bool = True) -> LoweredProgram:
+    """Lower an IR graph to a Relax module with `main(*inputs, *weights)` and, when the graph
+    can decode with a KV cache (`decode_support`) and `cached_step`, `step(*inputs, past,
+    *caches, *weights)`; see program.py for the calling convention. Raises LoweringError for
+    ops or attributes this backend lacks."""
+    _register_builtin_lowerings()
+    missing = sorted({n.op for n in graph.nodes if n.op not in LOWERINGS})
+    if missing:
+        raise LoweringError(f"the tvm_cpu backend has no lowering for op(s): {', '.join(missing)}")
+    _check_signature(graph)
+    ctx = LowerContext(graph)
+    _emit_function(ctx, "main")
+    step = None
+    why_not = decode_support(graph) if cached_step else "not requested"
+    if why_not is None:
+        step = LowerContext(graph, ctx.bb, cached=True, kernels=ctx._kernels)
+        _emit_function(step, "step")
+        if [w.name for w in step.weight_layouts] != [w.name for w in ctx.weight_layouts]:
+            raise RuntimeError("step and main disagree on the weight order")
+    mod = schedule_module(ctx.bb.get())
     return LoweredProgram(mod, [v.name for v in graph.inputs], [v.name for v in graph.outputs],
-                          list(ctx.weight_layouts), dict(ctx.weight_arrays))
+                          list(ctx.weight_layouts), dict(ctx.weight_arrays),
+                          [slot.to_json() for slot in step.cache] if step else None, why_not)
+
+
+# Ops whose output at a position depends only on the inputs at that position (and weights):
+# with them, a forward over new positions needs the earlier ones only through attention's
+# keys and values, which is what makes a KV cache exact.
+POSITIONWISE_OPS = frozenset({"embedding", "linear", "rmsnorm", "layernorm", "mlp", "router.topk", "experts", "add",
+                              "mul", "sub", "div", "silu", "gelu", "sigmoid", "relu", "tanh", "dequantize"})
+CACHED_ATTENTION_OPS = frozenset({"attention", "attention.mla"})
+
+
+def decode_support(graph: Graph) -> str | None:
+    """None if the graph can run token by token with a KV cache, else why not."""
+    if len(graph.inputs) != 1 or graph.inputs[0].type.rank != 2 or not graph.inputs[0].type.dtype.startswith("int"):
+        return "decoding needs exactly one input, token ids [batch, seq]"
+    if not any(n.op in CACHED_ATTENTION_OPS for n in graph.nodes):
+        return "the graph has no attention to cache"
+    for n in graph.nodes:
+        if n.op in CACHED_ATTENTION_OPS:
+            if n.op == "attention" and not n.attrs["causal"]:
+                return f"attention at {n.loc or '?'} is not causal"
+        elif n.op == "quantize_act":
+            if n.attrs["mode"] == "tensor":
+                return f"quantize_act at {n.loc or '?'} takes its scale over all positions"
+        elif n.op not in POSITIONWISE_OPS:
+            return f"{n.op} at {n.loc or '?'} may mix positions"
+    return None

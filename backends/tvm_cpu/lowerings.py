@@ -10,8 +10,8 @@ from __future__ import annotations
 from tvm import relax
 
 from mocompile.backends.tvm_cpu import kernels_injective as KI
-from mocompile.backends.tvm_cpu.kernels_attention import (AttentionSpec, attention, attention_keys, padded_len,
-                                                             rope_inv_freq, rope_table)
+from mocompile.backends.tvm_cpu.kernels_attention import (AttentionSpec, attention, attention_keys, cache_rows,
+                                                             padded_len, rope_inv_freq, rope_table)
 from mocompile.backends.tvm_cpu.kernels_matmul import F32_WEIGHTS, Epilogue, WeightFormat, dense_matmul, grouped_matmul
 from mocompile.backends.tvm_cpu.kernels_gather import gather_rows
 from mocompile.backends.tvm_cpu.kernels_mla import LatentSpec, latent_attention, latent_keys
@@ -20,7 +20,7 @@ from mocompile.backends.tvm_cpu.kernels_norm import norm
 from mocompile.backends.tvm_cpu.kernels_quant import quantize_rows
 from mocompile.backends.tvm_cpu.kernels_router import RouterSpec, router_topk
 from mocompile.backends.tvm_cpu.layout import panel_width
-from mocompile.backends.tvm_cpu.lower import LowerContext, LoweringError, lowering
+from mocompile.backends.tvm_cpu.lower import CACHE_LEN, LowerContext, LoweringError, lowering
 from mocompile.ir.graph import Node, Value
 
 F32 = "float32"
@@ -149,21 +149,40 @@ def _norm(ctx: LowerContext, node: Node):
     return [ctx.reshape_to(y, node.outputs[0])]
 
 
+def _rope_table(ctx: LowerContext, dim: int, theta: float, s) -> relax.Expr:
+    """cos/sin of positions past..past+s-1."""
+    inv_freq = relax.const(rope_inv_freq(dim, theta))
+    return ctx.call(rope_table(dim), [inv_freq, ctx.past, s], [((s, 2, dim // 2), F32)])
+
+
+def _keys_and_values(ctx: LowerContext, node: Node, keys, key_args: list, rows: int, qk_dim: int, v: Value,
+                     v_width: int):
+    """(kt, v) for an attention kernel: this call's keys (transposed, roped) and values in a
+    plain forward; in the step function, the layer's caches with this call's positions
+    written in place at past.. (so the kernel sees every position so far)."""
+    b, s = ctx.shape(v)[:2]
+    if ctx.cache is None:
+        kt = ctx.call(keys, [*key_args, ctx.past], [((b, rows, qk_dim, padded_len(s)), F32)])
+        return kt, ctx.value(v)
+    batch = v.type.shape[0]
+    kc = ctx.cache_slot(f"{node.loc or node.outputs[0].name}.keys", [batch, rows, qk_dim, CACHE_LEN])
+    vc = ctx.cache_slot(f"{node.loc or node.outputs[0].name}.values", [batch, CACHE_LEN, v_width])
+    kt = ctx.call_inplace(keys, [*key_args, ctx.past, kc], len(key_args) + 1)
+    vs = ctx.call_inplace(cache_rows(v_width), [ctx.value(v), ctx.past, vc], 2)
+    return kt, vs
+
+
 @lowering("attention")
 def _attention(ctx: LowerContext, node: Node):
     _require_f32(node, *node.inputs)
     q, k, v = node.inputs
     a = node.attrs
     spec = AttentionSpec(int(a["heads"]), int(a["kv_heads"]), int(a["head_dim"]), float(a["rope_theta"]) > 0, bool(a["causal"]))
-    b, s = ctx.shape(q)[:2]
-    rope = []
-    if spec.rope:
-        inv_freq = relax.const(rope_inv_freq(spec.head_dim, float(a["rope_theta"])))
-        rope = [ctx.call(rope_table(spec.head_dim), [inv_freq, s], [((s, 2, spec.head_dim // 2), F32)])]
-    kt = ctx.call(attention_keys(spec), [ctx.value(k), *rope],
-                  [((b, spec.kv_heads, spec.head_dim, padded_len(s)), F32)])
-    out = ctx.call(attention(spec), [ctx.value(q), kt, ctx.value(v), *rope], [(ctx.shape(q), F32)])
-    return [out]
+    s = ctx.shape(q)[1]
+    rope = [_rope_table(ctx, spec.head_dim, float(a["rope_theta"]), s)] if spec.rope else []
+    kt, vs = _keys_and_values(ctx, node, attention_keys(spec), [ctx.value(k), *rope], spec.kv_heads, spec.head_dim,
+                              v, spec.kv_heads * spec.head_dim)
+    return [ctx.call(attention(spec), [ctx.value(q), kt, vs, *rope, ctx.past], [(ctx.shape(q), F32)])]
 
 
 @lowering("attention.mla")
@@ -172,13 +191,10 @@ def _latent_attention(ctx: LowerContext, node: Node):
     q, k_nope, v, k_rope = node.inputs
     a = node.attrs
     spec = LatentSpec(int(a["heads"]), int(a["nope_dim"]), int(a["rope_dim"]), int(a["v_dim"]))
-    b, s = ctx.shape(q)[:2]
-    inv_freq = relax.const(rope_inv_freq(spec.rope_dim, float(a["rope_theta"])))
-    cs = ctx.call(rope_table(spec.rope_dim), [inv_freq, s], [((s, 2, spec.rope_dim // 2), F32)])
-    kt = ctx.call(latent_keys(spec), [ctx.value(k_nope), ctx.value(k_rope), cs],
-                  [((b, spec.heads, spec.qk_dim, padded_len(s)), F32)])
-    out = ctx.call(latent_attention(spec), [ctx.value(q), kt, ctx.value(v), cs], [(ctx.shape(node.outputs[0]), F32)])
-    return [out]
+    cs = _rope_table(ctx, spec.rope_dim, float(a["rope_theta"]), ctx.shape(q)[1])
+    kt, vs = _keys_and_values(ctx, node, latent_keys(spec), [ctx.value(k_nope), ctx.value(k_rope), cs], spec.heads,
+                              spec.qk_dim, v, spec.heads * spec.v_dim)
+    return [ctx.call(latent_attention(spec), [ctx.value(q), kt, vs, cs, ctx.past], [(ctx.shape(node.outputs[0]), F32)])]
 
 
 @lowering("router.topk")

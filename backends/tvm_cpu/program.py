@@ -10,6 +10,16 @@ Calling convention of `main` (what an artifact writer / runtime must follow):
   safetensors, its array is already in the backend layout (see layout.py); `WeightLayout.
   pack` re-derives it from the graph's (torch-layout) weights;
 - outputs: `output_names` order; a tuple when there are several.
+
+and, for graphs that can decode with a KV cache (lower.decode_support), of `step`:
+
+    step(*inputs, past, *caches, *weights) -> outputs
+
+- inputs cover positions past..past+seq-1 (prefill: past = 0; decode: seq = 1);
+- past: a shape value (ShapeTuple([past])), the positions already in the cache;
+- caches: float32 tensors in `cache` order, shapes as listed there with the symbols
+  "batch" and "cache_len" (any multiple of kernels_attention.KB >= past + seq, the same for
+  all); zero-filled at first, then owned by the caller and updated in place by each call.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ class LoweredProgram:
     output_names: list[str]
     weights: list[WeightLayout]  # order of the trailing parameters of `main`
     arrays: dict[str, np.ndarray] = field(repr=False)  # weight name -> array in backend layout
+    cache: list[dict] | None = None  # the step function's cache tensors (None: no step function)
+    no_step_reason: str | None = None
 
     @property
     def weight_names(self) -> list[str]:
@@ -44,4 +56,5 @@ class LoweredProgram:
             "inputs": list(self.input_names),
             "outputs": list(self.output_names),
             "weights": [w.to_json() for w in self.weights],
+            "cache": self.cache,
         }
