@@ -3,8 +3,12 @@
 Run:  python benchmarks/bench_models.py   (a few minutes; writes benchmarks/RESULTS.md)
 Never run by the tests. Every column (artifact, eager, torch.compile, ONNX Runtime) gets the same inputs in the same
 process, 2 threads each.
-What is measured, exactly: a forward pass over the given positions with no KV cache (the
-artifact has no decode path yet), so "decode" rows are a one-position forward.
+What is measured, exactly: "prefill" rows are a forward over all positions; "decode" rows
+are one single-token step after a prompt of PAST positions held in a KV cache, on every side
+(artifact: its `step` function; torch: the reference model with a Hugging Face style cache,
+dsl/kv_cache.py, eagerly, under torch.compile and as an ONNX export taking the cache as
+inputs). A model that cannot decode with a cache (multimodal inputs) gets "forward" rows:
+a one-position forward without cache on every side.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import mocompile  # noqa: E402
+from results import write_section  # noqa: E402
 from mocompile.dsl import build_model, load_spec  # noqa: E402
+from mocompile.dsl.kv_cache import CachedStep  # noqa: E402
 from mocompile.dsl.modules import Experts  # noqa: E402
 from mocompile.dsl.summary import parameter_counts  # noqa: E402
 from mocompile.runtime import random_inputs  # noqa: E402
@@ -34,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / ".cache"
 EXAMPLES = ["mixtral_tiny.moe", "deepseek_tiny.moe", "unified_tiny.moe"]
 CASES = [("decode", 1, 1), ("decode", 8, 1), ("prefill", 1, 64), ("prefill", 1, 512)]  # (kind, batch, tokens)
+PAST = 64  # cached positions before a decode step
 
 
 def median_ms(fn: Callable[[], object], budget_s: float = 1.5, min_calls: int = 5, max_calls: int = 200) -> float:
@@ -63,7 +70,8 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def ort_runner(model: torch.nn.Module, torch_in: dict[str, torch.Tensor], path: Path) -> Callable[[], object]:
+def ort_runner(model: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list[str],
+               path: Path) -> Callable[[], object]:
     """An ONNX Runtime session (2 threads) on an export of `model` for these input shapes,
     checked against eager first. The experts run in their loop-free gathered form for export
     (same arithmetic, only the chosen experts read), then the model is switched back."""
@@ -73,24 +81,79 @@ def ort_runner(model: torch.nn.Module, torch_in: dict[str, torch.Tensor], path: 
     for m in experts:
         m.export_friendly = True
     try:
-        torch.onnx.export(model, (), str(path), kwargs=torch_in, input_names=list(torch_in), dynamo=True,
-                          verbose=False)
+        torch.onnx.export(model, args, str(path), input_names=names, dynamo=True, verbose=False)
     finally:
         for m in experts:
             m.export_friendly = False
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feeds = {k: v.numpy() for k, v in torch_in.items()}
+    feeds = {n: a.numpy() for n, a in zip(names, args)}
     with torch.no_grad():
-        ref = model(**torch_in).numpy()
+        out = model(*args)
+        ref = (out[0] if isinstance(out, tuple) else out).numpy()
     got = session.run(None, feeds)[0]
     if not np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max():
         raise RuntimeError("ONNX Runtime output disagrees with eager")
     return lambda: session.run(None, feeds)
 
 
-def bench_example(name: str) -> list[dict]:
+def _columns(row: dict, runners: dict[str, Callable[[], Callable[[], object]]]) -> None:
+    """Time each column's runner (made lazily); a failing baseline is recorded, not hidden."""
+    for column, make in runners.items():
+        try:
+            row[column] = median_ms(make())
+        except Exception as e:
+            row[column] = float("nan")
+            row.setdefault("errors", []).append(f"{column}: {type(e).__name__}: {str(e)[:100]}")
+
+
+def decode_row(name: str, art, model: torch.nn.Module, batch: int) -> dict:
+    """One single-token step after PAST cached positions, on every side."""
+    ids = random_inputs(art.signature, batch, PAST + 1, seed=1)["text"]
+    step = CachedStep(model)
+    with torch.no_grad():
+        ref, past = step.prefill(torch.from_numpy(ids[:, :PAST]))
+        token = torch.from_numpy(ids[:, PAST:])
+        want = step(token, *past)[0].numpy()
+        cache = art.new_cache(batch, PAST + 1)
+        art.step({"text": ids[:, :PAST]}, cache)
+        got = art.step({"text": ids[:, PAST:]}, cache)["logits"]
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), f"{name}: artifact step disagrees with eager"
+
+        def artifact_step() -> None:
+            cache.length = PAST  # the same step each call: stale rows past PAST are never read
+            art.step({"text": ids[:, PAST:]}, cache)
+
+        row = {"case": f"decode b{batch} x1 (+{PAST} cached)", "artifact": median_ms(artifact_step),
+               "eager": median_ms(lambda: step(token, *past))}
+        compiled = torch.compile(step)
+        names = ["ids"] + [f"past{i}" for i in range(len(past))]
+        onnx_path = CACHE / f"{name}-decode-b{batch}.onnx"
+        _columns(row, {"torch.compile": lambda: (lambda: compiled(token, *past)),
+                       "onnxruntime": lambda: ort_runner(step, (token, *past), names, onnx_path)})
+    return row
+
+
+def forward_row(name: str, art, model: torch.nn.Module, compiled, kind: str, batch: int, seq: int,
+                segments: int) -> dict:
+    """A forward over all positions (no cache), on every side."""
+    inputs = random_inputs(art.signature, batch, seq, seed=1)
+    torch_in = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    with torch.no_grad():
+        ref = model(**torch_in).numpy()
+        got = art.run(inputs)["logits"]
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), f"{name}: artifact disagrees with eager"
+        row = {"case": f"{kind} b{batch} x{seq * segments}", "artifact": median_ms(lambda: art.run(inputs)),
+               "eager": median_ms(lambda: model(**torch_in))}
+        args, names = tuple(torch_in.values()), list(torch_in)
+        onnx_path = CACHE / f"{name}-{kind}-b{batch}-s{seq}.onnx"
+        _columns(row, {"torch.compile": lambda: (lambda: compiled(**torch_in)),
+                       "onnxruntime": lambda: ort_runner(model, args, names, onnx_path)})
+    return row
+
+
+def bench_example(name: str, bandwidth: float) -> list[dict]:
     spec = load_spec(ROOT / "examples" / name)
     segments = len(spec.modalities)
     t0 = time.perf_counter()
@@ -100,50 +163,44 @@ def bench_example(name: str) -> list[dict]:
     compiled = torch.compile(model)
     rows = []
     for kind, batch, tokens in CASES:
-        seq = max(1, tokens // segments)  # a multimodal model splits the positions over its segments
-        inputs = random_inputs(art.signature, batch, seq, seed=1)
-        torch_in = {k: torch.from_numpy(v) for k, v in inputs.items()}
-        with torch.no_grad():
-            ref = model(**torch_in).numpy()
-            got = art.run(inputs)["logits"]
-            assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), f"{name}: artifact disagrees with eager"
-            row = {"model": name.removesuffix(".moe"), "case": f"{kind} b{batch} x{seq * segments}",
-                   "artifact": median_ms(lambda: art.run(inputs)),
-                   "eager": median_ms(lambda: model(**torch_in)),
-                   "compile_s": compile_s}
-            onnx_path = CACHE / f"{row['model']}-{kind}-b{batch}-s{seq}.onnx"
-            baselines = {"torch.compile": lambda: (lambda: compiled(**torch_in)),
-                         "onnxruntime": lambda: ort_runner(model, torch_in, onnx_path)}
-            for column, make in baselines.items():
-                try:
-                    row[column] = median_ms(make())
-                except Exception as e:  # record, don't hide, a baseline's failure
-                    row[column] = float("nan")
-                    row.setdefault("errors", []).append(f"{column}: {type(e).__name__}: {str(e)[:100]}")
-        rows.append(row)
+        if kind == "decode" and art.can_decode:
+            row = decode_row(name.removesuffix(".moe"), art, model, batch)
+        else:
+            seq = max(1, tokens // segments)  # a multimodal model splits the positions over its segments
+            row = forward_row(name.removesuffix(".moe"), art, model, compiled,
+                              "forward" if kind == "decode" else kind, batch, seq, segments)
+        cached = PAST if row["case"].startswith("decode") else 0
+        rows.append({"model": name.removesuffix(".moe"), "compile_s": compile_s, **row,
+                     "roof_ms": roofline_ms(name, art, bandwidth, cached)})
     return rows
 
 
-def roofline_ms(name: str, bandwidth: float) -> float:
-    """Time to read the weights one single-token step needs (active experts only) at `bandwidth`."""
+def roofline_ms(name: str, art, bandwidth: float, cached: int) -> float:
+    """Time to read what one single-token step must read at `bandwidth`: the weights it uses
+    (active experts only) and, with a cache, the keys and values of the `cached` positions."""
     active = parameter_counts(load_spec(ROOT / "examples" / name))["active_per_token"]
-    return 1e3 * 4 * active / bandwidth
+    step = art.manifest["program"].get("step")
+    per_position = 0
+    for t in (step or {}).get("cache", []) if cached else []:
+        per_position += int(np.prod([d for d in t["shape"] if isinstance(d, int)]))
+    return 1e3 * 4 * (active + per_position * (cached + 1)) / bandwidth
 
 
 def main() -> None:
     torch.set_num_threads(2)
     bandwidth = copy_bandwidth()
-    rows = [r for name in EXAMPLES for r in bench_example(name)]
-    roof = {name.removesuffix(".moe"): roofline_ms(name, bandwidth) for name in EXAMPLES}
+    rows = [r for name in EXAMPLES for r in bench_example(name, bandwidth)]
     lines = [
-        "# Benchmarks",
+        "## Models side by side (`python benchmarks/bench_models.py`)",
         "",
         f"Run of `python benchmarks/bench_models.py` on {datetime.date.today()}: "
         f"{_cpu_name()}, {torch.get_num_threads()} threads for every column, Python {platform.python_version()}, "
         f"torch {torch.__version__}, tvm {_tvm_version()}. Medians in ms; ratio = artifact / column "
-        "(below 1 means the artifact is faster). Every case is a forward pass over all its positions "
-        "without a KV cache (the artifact has no decode path yet), so `decode` rows are one-position forwards. "
-        "ONNX Runtime runs a torch.onnx (dynamo) export per shape, with the experts in their loop-free gathered "
+        f"(below 1 means the artifact is faster). `decode` rows: one single-token step after {PAST} positions held "
+        "in a KV cache on every side (artifact: its cached `step` function; torch: the reference model with a "
+        "Hugging Face style cache, `dsl/kv_cache.py`, eager / torch.compile / ONNX export with the cache as "
+        "inputs). `forward` rows (a model that cannot decode with a cache: multimodal inputs): a one-position "
+        "forward without cache on every side. `prefill` rows: a forward over all positions. ONNX Runtime runs a torch.onnx (dynamo) export per shape, with the experts in their loop-free gathered "
         "form (`Experts.forward_gathered`: same arithmetic, only the chosen experts read), checked against eager.",
         "",
         f"Measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s.",
@@ -153,38 +210,37 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        single = r["case"].startswith("decode b1 ")
-        roof_cell = f"{r['artifact'] / roof[r['model']]:.0f}x of {roof[r['model']]:.4f} ms" if single else ""
+        single = r["case"].startswith(("decode b1 ", "forward b1 "))
+        roof_cell = f"{r['artifact'] / r['roof_ms']:.1f}x of {r['roof_ms']:.4f} ms" if single else ""
         lines.append(f"| {r['model']} | {r['case']} | {r['artifact']:.3f} | {r['eager']:.3f} | {r['torch.compile']:.3f} "
                      f"| {r['onnxruntime']:.3f} | {r['artifact'] / r['eager']:.2f} "
                      f"| {r['artifact'] / r['torch.compile']:.2f} | {r['artifact'] / r['onnxruntime']:.2f} | {roof_cell} |")
     lines += ["", "Compile time without tuning (s): " + ", ".join(
-        f"{r['model']} {r['compile_s']:.1f}" for r in rows if r["case"].startswith("decode b1"))]
-    lines += ["", "## Targets in this run", *target_verdicts(rows, roof)]
+        f"{r['model']} {r['compile_s']:.1f}" for r in rows if r["case"].startswith(("decode b1", "forward b1")))]
+    lines += ["", "### Targets in this run", *target_verdicts(rows)]
     errors = [f"{r['model']} {r['case']}: {e}" for r in rows for e in r.get("errors", [])]
     if errors:
         lines += ["", "Baseline failures (NaN in the table):", *[f"- {e}" for e in errors]]
-    out = ROOT / "benchmarks" / "RESULTS.md"
-    out.write_text("\n".join(lines) + "\n" + TARGETS_NOTE)
+    write_section("models", "\n".join(lines) + "\n" + TARGETS_NOTE)
     print("\n".join(lines))
-    print(f"\nwritten to {out}", file=sys.stderr)
+    print("\nwritten to benchmarks/RESULTS.md", file=sys.stderr)
 
 
-def target_verdicts(rows: list[dict], roof: dict[str, float]) -> list[str]:
+def target_verdicts(rows: list[dict]) -> list[str]:
     """One line per target of the fast-CPU issue: met or missed in this run, and by how much."""
     def verdict(label: str, ratios: list[float], limit: float) -> str:
         worst = max(ratios)
         state = "met" if worst <= limit else f"MISSED by {worst / limit:.2f}x"
         return f"- {label} (<= {limit}): worst {worst:.2f}, {state}"
 
-    decode = [r for r in rows if r["case"].startswith("decode")]
+    decode = [r for r in rows if r["case"].startswith(("decode", "forward"))]
     prefill = [r for r in rows if r["case"].startswith("prefill")]
-    single = [r for r in decode if r["case"].startswith("decode b1 ")]
+    single = [r for r in decode if r["case"].startswith(("decode b1 ", "forward b1 "))]
     return [
-        verdict("one-position forward, artifact / eager", [r["artifact"] / r["eager"] for r in decode], 0.8),
-        verdict("one-position forward, artifact / torch.compile", [r["artifact"] / r["torch.compile"] for r in decode], 1.0),
-        verdict("one-position forward, artifact / ONNX Runtime", [r["artifact"] / r["onnxruntime"] for r in decode], 1.0),
-        verdict("batch-1 step, artifact / bandwidth roofline", [r["artifact"] / roof[r["model"]] for r in single], 1.5),
+        verdict("decode step, artifact / eager", [r["artifact"] / r["eager"] for r in decode], 0.8),
+        verdict("decode step, artifact / torch.compile", [r["artifact"] / r["torch.compile"] for r in decode], 1.0),
+        verdict("decode step, artifact / ONNX Runtime", [r["artifact"] / r["onnxruntime"] for r in decode], 1.0),
+        verdict("batch-1 step, artifact / bandwidth roofline", [r["artifact"] / r["roof_ms"] for r in single], 1.5),
         verdict("prefill 64 and 512, artifact / eager", [r["artifact"] / r["eager"] for r in prefill], 1.0),
         verdict("compile seconds without tuning", [r["compile_s"] for r in single], 30.0),
     ]

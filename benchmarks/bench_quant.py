@@ -18,7 +18,6 @@ from mocompile.threads import configure_tvm_threads
 
 configure_tvm_threads()  # before anything starts TVM's thread pool
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import mocompile  # noqa: E402

@@ -44,10 +44,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_cos_sin(seq: int, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [seq, dim] of rotate-half rotary embeddings at positions 0..seq-1."""
+def rope_cos_sin(seq: int, dim: int, theta: float, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [seq, dim] of rotate-half rotary embeddings at positions start..start+seq-1."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    freqs = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
+    freqs = torch.outer(torch.arange(start, start + seq, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -56,8 +56,46 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+class KVSlot:
+    """One attention layer's KV cache in the reference model, kept the way Hugging Face's
+    DynamicCache keeps it: keys (after rope) and values [batch, heads, positions, dim] of
+    the positions seen so far, concatenated with each call's new ones."""
+
+    def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:
+        self.k, self.v = k, v
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is not None:
+            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, causal: bool,
+                     gqa: bool = False) -> torch.Tensor:
+    """SDPA of queries at positions past.. against keys at 0..past+s-1 (causal: each query
+    sees the keys up to its own position)."""
+    s = q.shape[2]
+    if not causal or (past > 0 and s == 1):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = torch.arange(past, past + s)[:, None] >= torch.arange(past + s)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
 class AttentionCore(nn.Module):
-    """Grouped-query causal attention with rotary positions on [batch, seq, heads*dim]."""
+    """Grouped-query causal attention with rotary positions on [batch, seq, heads*dim].
+
+    `cache` (a KVSlot, set only while decoding incrementally: see dsl/kv_cache.py) holds the
+    earlier positions; it is None whenever the model is traced, so the traced graph is the
+    plain full-sequence forward."""
+
+    cache: KVSlot | None = None
 
     def __init__(self, heads: int, kv_heads: int, head_dim: int, rope_theta: float, causal: bool = True) -> None:
         super().__init__()
@@ -67,13 +105,16 @@ class AttentionCore(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, s, _ = q.shape
         d = self.head_dim
+        past = self.cache.length if self.cache is not None else 0
         q = q.view(b, s, self.heads, d).transpose(1, 2)
         k = k.view(b, s, self.kv_heads, d).transpose(1, 2)
         v = v.view(b, s, self.kv_heads, d).transpose(1, 2)
         if self.rope_theta > 0:
-            cos, sin = rope_cos_sin(s, d, self.rope_theta)
+            cos, sin = rope_cos_sin(s, d, self.rope_theta, start=past)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=self.heads != self.kv_heads)
+        if self.cache is not None:
+            k, v = self.cache.extend(k, v)
+        out = cached_attention(q, k, v, past, self.causal, gqa=self.heads != self.kv_heads)
         return out.transpose(1, 2).reshape(b, s, self.heads * d)
 
 
@@ -116,6 +157,8 @@ class LatentAttentionCore(nn.Module):
     by 1/sqrt(dn+dr); causal.
     """
 
+    cache: KVSlot | None = None  # as in AttentionCore: per-head keys [k_nope | rope(k_rope)] and values
+
     def __init__(self, heads: int, nope_dim: int, rope_dim: int, v_dim: int, rope_theta: float) -> None:
         super().__init__()
         self.heads, self.nope_dim, self.rope_dim, self.v_dim = heads, nope_dim, rope_dim, v_dim
@@ -124,13 +167,17 @@ class LatentAttentionCore(nn.Module):
     def forward(self, q: torch.Tensor, k_nope: torch.Tensor, v: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
         b, s, _ = q.shape
         h, dn, dr, dv = self.heads, self.nope_dim, self.rope_dim, self.v_dim
+        past = self.cache.length if self.cache is not None else 0
         q = q.view(b, s, h, dn + dr).transpose(1, 2)
         k_nope = k_nope.view(b, s, h, dn).transpose(1, 2)
         v = v.view(b, s, h, dv).transpose(1, 2)
-        cos, sin = rope_cos_sin(s, dr, self.rope_theta)
+        cos, sin = rope_cos_sin(s, dr, self.rope_theta, start=past)
         q = torch.cat((q[..., :dn], apply_rope(q[..., dn:], cos, sin)), dim=-1)
         k_rope = apply_rope(k_rope.view(b, 1, s, dr), cos, sin).expand(b, h, s, dr)
-        out = F.scaled_dot_product_attention(q, torch.cat((k_nope, k_rope), dim=-1), v, is_causal=True)
+        k = torch.cat((k_nope, k_rope), dim=-1)
+        if self.cache is not None:
+            k, v = self.cache.extend(k, v)
+        out = cached_attention(q, k, v, past, causal=True)
         return out.transpose(1, 2).reshape(b, s, h * dv)
 
 

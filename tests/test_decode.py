@@ -106,3 +106,28 @@ def test_cli_generates_through_the_cache(artifacts):
     assert lines[0].startswith("sample 0: prompt [") and lines[1].startswith("sample 1: prompt [")
     assert "ms per token" in lines[-1] and "KV cache of 64 positions" in lines[-1]
     assert load(artifacts["mixtral"].path).can_decode
+
+
+@pytest.mark.parametrize("example", ["mixtral_tiny", "latent_tiny"])
+def test_reference_model_cache_matches_full_forward(example):
+    """The torch reference's Hugging Face style cache (used by the decode benchmarks)."""
+    import torch
+
+    from mocompile.dsl import build_model, load_spec
+    from mocompile.dsl.kv_cache import CachedStep
+
+    model = build_model(load_spec(EXAMPLES / f"{example}.moe"), seed=0)
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+    step = CachedStep(model)
+    with torch.no_grad():
+        ref = model(ids)
+        logits, past = step.prefill(ids[:, :4])
+        outs = [logits]
+        logits, *past = step(ids[:, 4:7], *past)
+        outs.append(logits)
+        for t in range(7, 10):
+            logits, *past = step(ids[:, t:t + 1], *past)
+            outs.append(logits)
+    assert past[0].shape[2] == 10
+    assert torch.allclose(torch.cat(outs, dim=1), ref, rtol=1e-4, atol=1e-4)
+    assert all(core.cache is None for core in step.cores)  # tracing sees the plain model again
