@@ -64,6 +64,42 @@ def copy_bandwidth() -> float:
     return 2 * a.nbytes / best
 
 
+def kernel_launch_us(calls: int = 64) -> float:
+    """Cost of one kernel launch through the Relax VM, measured on this machine: a function of
+    `calls` chained 16-float kernels against one with a single call."""
+    import tvm
+    from tvm import relax
+
+    from mocompile.backends.tvm_cpu import tir_util as U
+    from mocompile.backends.tvm_cpu.target import host_target
+
+    with U.kernel("bump16", serial=True) as kern:
+        x, y = U.arg("x", (16,)), U.arg("y", (16,))
+        with U.vectorized(0, 16) as i:
+            U.store(y, (i,), x[i] + U.f32(1))
+    bb = relax.BlockBuilder()
+    gv = bb.add_func(kern.func, "bump16")
+    for name, n in (("one", 1), ("many", calls)):
+        x = relax.Var("x", relax.TensorType([16], "float32"))
+        with bb.function(name, [x]):
+            with bb.dataflow():
+                v = x
+                for _ in range(n):
+                    v = bb.emit(relax.call_tir(gv, [v], relax.TensorType([16], "float32")))
+                out = bb.emit_output(v)
+            bb.emit_func_output(out)
+    from mocompile.backends.tvm_cpu.build import relax_pipeline
+
+    target = host_target()
+    with target:
+        exe = relax.build(bb.get(), target, relax_pipeline=relax_pipeline())
+    vm = relax.VirtualMachine(exe, tvm.cpu())
+    arg = tvm.runtime.tensor(np.zeros(16, np.float32))
+    one = median_ms(lambda: vm["one"](arg), max_calls=2000)
+    many = median_ms(lambda: vm["many"](arg), max_calls=2000)
+    return 1e3 * (many - one) / (calls - 1)
+
+
 def _timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -108,24 +144,31 @@ def _columns(row: dict, runners: dict[str, Callable[[], Callable[[], object]]]) 
             row.setdefault("errors", []).append(f"{column}: {type(e).__name__}: {str(e)[:100]}")
 
 
+def artifact_step(art, ids: np.ndarray, past: int) -> Callable[[], object]:
+    """Prefill ids[:, :past] into a fresh cache; return the timed call: the step of the last
+    token (the same step each call: the cache is rewound, stale rows past `past` are never read)."""
+    cache = art.new_cache(ids.shape[0], past + 1)
+    art.step({"text": ids[:, :past]}, cache)
+
+    def step() -> dict:
+        cache.length = past
+        return art.step({"text": ids[:, past:]}, cache)
+
+    return step
+
+
 def decode_row(name: str, art, model: torch.nn.Module, batch: int) -> dict:
     """One single-token step after PAST cached positions, on every side."""
     ids = random_inputs(art.signature, batch, PAST + 1, seed=1)["text"]
     step = CachedStep(model)
     with torch.no_grad():
-        ref, past = step.prefill(torch.from_numpy(ids[:, :PAST]))
+        _, past = step.prefill(torch.from_numpy(ids[:, :PAST]))
         token = torch.from_numpy(ids[:, PAST:])
         want = step(token, *past)[0].numpy()
-        cache = art.new_cache(batch, PAST + 1)
-        art.step({"text": ids[:, :PAST]}, cache)
-        got = art.step({"text": ids[:, PAST:]}, cache)["logits"]
+        timed = artifact_step(art, ids, PAST)
+        got = timed()["logits"]
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), f"{name}: artifact step disagrees with eager"
-
-        def artifact_step() -> None:
-            cache.length = PAST  # the same step each call: stale rows past PAST are never read
-            art.step({"text": ids[:, PAST:]}, cache)
-
-        row = {"case": f"decode b{batch} x1 (+{PAST} cached)", "artifact": median_ms(artifact_step),
+        row = {"case": f"decode b{batch} x1 (+{PAST} cached)", "artifact": median_ms(timed),
                "eager": median_ms(lambda: step(token, *past))}
         compiled = torch.compile(step)
         names = ["ids"] + [f"past{i}" for i in range(len(past))]
@@ -170,8 +213,10 @@ def bench_example(name: str, bandwidth: float) -> list[dict]:
             row = forward_row(name.removesuffix(".moe"), art, model, compiled,
                               "forward" if kind == "decode" else kind, batch, seq, segments)
         cached = PAST if row["case"].startswith("decode") else 0
+        function = "step" if row["case"].startswith("decode") else "main"
         rows.append({"model": name.removesuffix(".moe"), "compile_s": compile_s, **row,
-                     "roof_ms": roofline_ms(name, art, bandwidth, cached)})
+                     "roof_ms": roofline_ms(name, art, bandwidth, cached),
+                     "kernels": art.manifest["program"]["kernel_calls"][function]})
     return rows
 
 
@@ -189,6 +234,7 @@ def roofline_ms(name: str, art, bandwidth: float, cached: int) -> float:
 def main() -> None:
     torch.set_num_threads(2)
     bandwidth = copy_bandwidth()
+    launch_us = kernel_launch_us()
     rows = [r for name in EXAMPLES for r in bench_example(name, bandwidth)]
     lines = [
         "## Models side by side (`python benchmarks/bench_models.py`)",
@@ -203,18 +249,21 @@ def main() -> None:
         "forward without cache on every side. `prefill` rows: a forward over all positions. ONNX Runtime runs a torch.onnx (dynamo) export per shape, with the experts in their loop-free gathered "
         "form (`Experts.forward_gathered`: same arithmetic, only the chosen experts read), checked against eager.",
         "",
-        f"Measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s.",
+        f"Measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s; one kernel launch through the Relax VM: "
+        f"{launch_us:.1f} us.",
         "",
         "| model | case | artifact | eager | torch.compile | onnxruntime | artifact/eager | artifact/compile "
-        "| artifact/ORT | roofline (b1) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| artifact/ORT | roofline (b1) | kernels x launch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         single = r["case"].startswith(("decode b1 ", "forward b1 "))
         roof_cell = f"{r['artifact'] / r['roof_ms']:.1f}x of {r['roof_ms']:.4f} ms" if single else ""
+        launch_cell = f"{r['kernels']} x {launch_us:.1f} us = {r['kernels'] * launch_us / 1e3:.3f} ms" if single else ""
         lines.append(f"| {r['model']} | {r['case']} | {r['artifact']:.3f} | {r['eager']:.3f} | {r['torch.compile']:.3f} "
                      f"| {r['onnxruntime']:.3f} | {r['artifact'] / r['eager']:.2f} "
-                     f"| {r['artifact'] / r['torch.compile']:.2f} | {r['artifact'] / r['onnxruntime']:.2f} | {roof_cell} |")
+                     f"| {r['artifact'] / r['torch.compile']:.2f} | {r['artifact'] / r['onnxruntime']:.2f} | {roof_cell} "
+                     f"| {launch_cell} |")
     lines += ["", "Compile time without tuning (s): " + ", ".join(
         f"{r['model']} {r['compile_s']:.1f}" for r in rows if r["case"].startswith(("decode b1", "forward b1")))]
     lines += ["", "### Targets in this run", *target_verdicts(rows)]

@@ -22,11 +22,12 @@ import torch  # noqa: E402
 
 import mocompile  # noqa: E402
 from mocompile.dsl import build_model, load_spec  # noqa: E402
+from mocompile.dsl.kv_cache import CachedStep  # noqa: E402
 from mocompile.dsl.summary import parameter_counts  # noqa: E402
 from mocompile.runtime import random_inputs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import _cpu_name, copy_bandwidth, median_ms  # noqa: E402
+from bench_models import PAST, _cpu_name, artifact_step, copy_bandwidth, median_ms  # noqa: E402
 from results import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,13 +55,23 @@ def bench_model(path: Path) -> tuple[list[dict], dict]:
     model = build_model(spec, seed=0)
     rows = []
     for kind, batch, tokens in CASES:
-        inputs = random_inputs(arts["fp32"].signature, batch, tokens, seed=1)
-        torch_in = {k: torch.from_numpy(v) for k, v in inputs.items()}
-        with torch.no_grad():
-            row = {"model": spec.name, "case": f"{kind} b{batch} x{tokens}", "eager": median_ms(lambda: model(**torch_in))}
-        for scheme, art in arts.items():
-            row[scheme] = median_ms(lambda: art.run(inputs))
-        rows.append(row)
+        if kind == "decode":  # one token after PAST cached positions, on every side
+            ids = random_inputs(arts["fp32"].signature, batch, PAST + 1, seed=1)["text"]
+            step = CachedStep(model)
+            with torch.no_grad():
+                _, past = step.prefill(torch.from_numpy(ids[:, :PAST]))
+                token = torch.from_numpy(ids[:, PAST:])
+                row = {"case": f"decode b{batch} x1 (+{PAST} cached)", "eager": median_ms(lambda: step(token, *past))}
+            for scheme, art in arts.items():
+                row[scheme] = median_ms(artifact_step(art, ids, PAST))
+        else:
+            inputs = random_inputs(arts["fp32"].signature, batch, tokens, seed=1)
+            torch_in = {k: torch.from_numpy(v) for k, v in inputs.items()}
+            with torch.no_grad():
+                row = {"case": f"{kind} b{batch} x{tokens}", "eager": median_ms(lambda: model(**torch_in))}
+            for scheme, art in arts.items():
+                row[scheme] = median_ms(lambda: art.run(inputs))
+        rows.append({"model": spec.name, **row})
     return rows, info
 
 
@@ -70,7 +81,10 @@ def main() -> None:
     lines = ["## Quantization (`python benchmarks/bench_quant.py`)", "",
              f"Run on {datetime.date.today()}: {_cpu_name()}, 2 threads for every column, copy bandwidth "
              f"{bandwidth / 1e9:.1f} GB/s. Medians in ms. Speed-ups are fp32 eager / column and fp32 artifact / "
-             "column (above 1: faster). Every case is a forward over its positions without a KV cache.", "",
+             f"column (above 1: faster). `decode` rows: one token after {PAST} positions in a KV cache (artifacts: their "
+             "`step`; eager: the reference model with a Hugging Face style cache); `prefill`: a forward over all "
+             "positions. Accuracy: drift = the artifact against the fp32 eager model at compile time (relative max "
+             "error, top-1 over its 16 checked positions); calib = the pass report on 16 random-token sequences.", "",
              "| model | case | eager fp32 | artifact fp32 | int8 | int4 | int8 vs eager | int8 vs fp32 art. "
              "| int4 vs eager | int4 vs fp32 art. | roofline fp32 / int8 / int4 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -80,6 +94,7 @@ def main() -> None:
     for path in MODELS:
         rows, info = bench_model(path)
         active = parameter_counts(load_spec(path))["active_per_token"]
+        # weight bytes per parameter: fp32 4; int8 1 (+ a scale per row); int4 0.5 + a 4-byte scale per 32
         roof = {s: 1e3 * active * b / bandwidth for s, b in (("fp32", 4), ("int8", 1.0), ("int4", 0.5 + 4 / 32))}
         for r in rows:
             roof_cell = " / ".join(f"{r[s] / roof[s]:.1f}x" for s in roof) if r["case"].startswith("decode b1") else ""

@@ -88,6 +88,20 @@ class Signature:
         return env
 
 
+ALIGNMENT = 64  # bytes: what TVM requires of tensor data it does not allocate itself
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """`a` if its data is ALIGNMENT-aligned, else an aligned copy."""
+    if a.ctypes.data % ALIGNMENT == 0:
+        return a
+    buf = np.empty(a.nbytes + ALIGNMENT, dtype=np.uint8)
+    start = -buf.ctypes.data % ALIGNMENT
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 class KVCache:
     """The key/value tensors a `step` function reads and extends in place, and how many
     positions of each sample they hold (`length`, the same for every sample of the batch).
@@ -142,16 +156,34 @@ class LoadedArtifact:
             self._weights = [tvm.runtime.tensor(f.get_tensor(n)) for n in program["weight_order"]]
         self._tensor = tvm.runtime.tensor
         self._shape = tvm.runtime.ShapeTuple
+        self._from_dlpack = tvm.runtime.from_dlpack
+        self._checked: set[tuple] = set()
         step = program.get("step")
         self._step = self._vm[step["function"]] if step else None
 
+    def _inputs(self, arrays: Mapping[str, np.ndarray]) -> list[Any]:
+        """Inputs as TVM tensors sharing the arrays' memory (DLPack; TVM wants 64-byte aligned
+        data, so an unaligned array is copied once into an aligned one): a copy through
+        tvm.runtime.tensor costs more than a small model's decode step spends in some kernels."""
+        return [self._from_dlpack(_aligned(arrays[t.name])) for t in self.signature.inputs]
+
+    def _outputs(self, result: Any) -> dict[str, np.ndarray]:
+        outs = list(result) if len(self.signature.outputs) > 1 else [result]
+        return {t.name: np.from_dlpack(o) for t, o in zip(self.signature.outputs, outs)}
+
+    def _check(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Signature check, done once per distinct set of input shapes and dtypes (a decode
+        loop repeats the same ones; the check would cost a fifth of a small model's step)."""
+        key = tuple((k, a.dtype.str, a.shape) for k, a in sorted(arrays.items()))
+        if key not in self._checked:
+            self.signature.check(arrays)
+            self._checked.add(key)
+
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
-        self.signature.check(arrays)
-        args = [self._tensor(arrays[t.name]) for t in self.signature.inputs]
-        result = self._fn(*args, *self._weights)
-        outs = list(result) if len(self.signature.outputs) > 1 else [result]
-        return {t.name: o.numpy() for t, o in zip(self.signature.outputs, outs)}
+        self._check(arrays)
+        result = self._fn(*self._inputs(arrays), *self._weights)
+        return self._outputs(result)
 
     # ---- incremental decoding ------------------------------------------------------------
     @property
@@ -175,18 +207,16 @@ class LoadedArtifact:
         first, then one token at a time), appending their keys and values to it."""
         self._require_step()
         arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
-        self.signature.check(arrays)
+        self._check(arrays)
         first = arrays[self.signature.inputs[0].name]
         batch, seq = first.shape[0], first.shape[1]
         if batch != cache.batch:
             raise ValueError(f"the cache holds {cache.batch} sequences, the inputs {batch}")
         if cache.length + seq > cache.capacity:
             raise ValueError(f"the cache holds {cache.length} of {cache.capacity} positions; {seq} more do not fit")
-        args = [self._tensor(arrays[t.name]) for t in self.signature.inputs]
-        result = self._step(*args, self._shape([cache.length]), *cache.tensors, *self._weights)
+        result = self._step(*self._inputs(arrays), self._shape([cache.length]), *cache.tensors, *self._weights)
         cache.length += seq
-        outs = list(result) if len(self.signature.outputs) > 1 else [result]
-        return {t.name: o.numpy() for t, o in zip(self.signature.outputs, outs)}
+        return self._outputs(result)
 
     def generate(self, ids: np.ndarray, new_tokens: int, capacity: int | None = None) -> np.ndarray:
         """Greedy decoding: the prompt ids [batch, prompt] once, then `new_tokens` single-token

@@ -44,6 +44,7 @@ def emit(graph: Graph, out_dir: str | Path, target: tvm.target.Target | None = N
         "weights": WEIGHTS,
         "weight_order": program.weight_names,
         "weight_layouts": [w.to_json() for w in program.weights],
+        "kernel_calls": program.kernel_calls,
         **({"step": {"function": "step", "cache": program.cache, "block": KB, "max_positions": graph.meta.get("max_seq")}}
            if program.cache is not None else {"no_step_reason": program.no_step_reason}),
         "target_info": {"backend": "tvm_cpu", "llvm_target": {k: str(v) for k, v in target.export().items()

@@ -85,6 +85,7 @@ class LowerContext:
         self.symbols: dict[str, tirx.Var] = {}
         self.past: tirx.PrimExpr = tirx.Var("past", "int64") if cached else tirx.IntImm("int64", 0)
         self.cache: list[CacheSlot] | None = [] if cached else None
+        self.kernel_calls = 0  # kernel launches per call of the function (reported in the manifest)
         self._values: dict[int, relax.Expr] = {}
         self._rows: dict[int, relax.Expr] = {}
         self._weight_vars: dict[str, relax.Var] = {}
@@ -188,13 +189,20 @@ class LowerContext:
 
     def call_inplace(self, func: tirx.PrimFunc, args: Sequence[relax.Expr], index: int) -> relax.Expr:
         """Emit a call of `func` that updates args[index] in place and returns it."""
+        self.kernel_calls += 1
         return self.bb.emit(relax.call_tir_inplace(self._kernel(func), list(args), [index],
                                                    args[index].ty))
+
+    def call_te(self, compute: Callable, args: Sequence[relax.Expr], name: str) -> relax.Expr:
+        """Emit a kernel written as a te compute (scheduled later by schedule.py)."""
+        self.kernel_calls += 1
+        return self.bb.emit_te(compute, *args, primfunc_name_hint=name)
 
     def call(self, func: tirx.PrimFunc, args: Sequence[relax.Expr],
              outs: Sequence[tuple[Sequence[tirx.PrimExpr], str]]) -> relax.Expr | list[relax.Expr]:
         """Emit `call_tir(func, args)` producing tensors `outs` ((shape, dtype) pairs).
         Integer expressions among `args` (shape values) are passed as scalars."""
+        self.kernel_calls += 1
         types = [relax.TensorType(list(shape), dtype) for shape, dtype in outs]
         call = relax.call_tir(self._kernel(func), list(args), types if len(types) > 1 else types[0])
         result = self.bb.emit(call)
@@ -285,7 +293,8 @@ def lower(graph: Graph, cached_step: bool = True) -> LoweredProgram:
     mod = schedule_module(ctx.bb.get())
     return LoweredProgram(mod, [v.name for v in graph.inputs], [v.name for v in graph.outputs],
                           list(ctx.weight_layouts), dict(ctx.weight_arrays),
-                          [slot.to_json() for slot in step.cache] if step else None, why_not)
+                          [slot.to_json() for slot in step.cache] if step else None, why_not,
+                          {"main": ctx.kernel_calls, **({"step": step.kernel_calls} if step else {})})
 
 
 # Ops whose output at a position depends only on the inputs at that position (and weights):

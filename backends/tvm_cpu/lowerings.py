@@ -256,24 +256,23 @@ def _experts(ctx: LowerContext, node: Node):
 def _binary(ctx: LowerContext, node: Node):
     a, b = node.inputs
     fn = KI.binary(node.op, KI.BINARY[node.op], ctx.shape(node.outputs[0]))
-    return [ctx.bb.emit_te(fn, ctx.value(a), ctx.value(b), primfunc_name_hint=node.op)]
+    return [ctx.call_te(fn, [ctx.value(a), ctx.value(b)], node.op)]
 
 
 @lowering("silu", "gelu", "sigmoid")
 def _unary(ctx: LowerContext, node: Node):
-    return [ctx.bb.emit_te(KI.unary(node.op), ctx.value(node.inputs[0]), primfunc_name_hint=node.op)]
+    return [ctx.call_te(KI.unary(node.op), [ctx.value(node.inputs[0])], node.op)]
 
 
 @lowering("concat")
 def _concat(ctx: LowerContext, node: Node):
-    return [ctx.bb.emit_te(KI.concat(int(node.attrs["axis"])), *[ctx.value(v) for v in node.inputs],
-                           primfunc_name_hint="concat")]
+    return [ctx.call_te(KI.concat(int(node.attrs["axis"])), [ctx.value(v) for v in node.inputs], "concat")]
 
 
 @lowering("segment_ids")
 def _segment_ids(ctx: LowerContext, node: Node):
     ids = tuple(int(i) for i in node.attrs["ids"])
-    return [ctx.bb.emit_te(KI.segment_ids(ids), *[ctx.value(v) for v in node.inputs], primfunc_name_hint="segment_ids")]
+    return [ctx.call_te(KI.segment_ids(ids), [ctx.value(v) for v in node.inputs], "segment_ids")]
 
 
 @lowering("embedding")

@@ -42,6 +42,7 @@ class LoweredProgram:
     arrays: dict[str, np.ndarray] = field(repr=False)  # weight name -> array in backend layout
     cache: list[dict] | None = None  # the step function's cache tensors (None: no step function)
     no_step_reason: str | None = None
+    kernel_calls: dict[str, int] = field(default_factory=dict)  # kernel launches per Relax function
 
     @property
     def weight_names(self) -> list[str]:
