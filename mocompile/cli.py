@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", help="safetensors file with the full model's weights (default: from --seed)")
     c.add_argument("--seed", type=int, default=0, help="seed of the deterministic weights and test inputs")
     c.add_argument("--plugin", action="append", default=[], help="Python file registering extra passes")
+    c.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="measure N kernel tilings of the matmuls on this machine and keep the fastest (the tuning "
+                        "database is saved in the artifact and reused when compiling into the same directory)")
+    c.add_argument("--tuning-db", metavar="FILE", help="tuning database to reuse (and, with --tune, to extend)")
     c.add_argument("--require-isolation", action="store_true",
                    help="fail unless no sample of a batch can influence another sample's output")
     _add_shape_args(c, 2, 8)
@@ -75,7 +79,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
             raise MocompileError(f"{name} must be at least 1 (got {value})")
     art = compile(a.spec, target=a.target, passes=a.passes, out_dir=a.out, variant=a.variant, weights=a.weights,
                   seed=a.seed, batch=a.batch, seq=a.seq, plugins=tuple(a.plugin), progress=stderr_progress,
-                  require_isolation=a.require_isolation)
+                  require_isolation=a.require_isolation, tune=a.tune, tuning_db=a.tuning_db)
     v = art.manifest["verification"]
     print(f"compiled {art.manifest['model']['name']}"
           f"{' (variant ' + a.variant + ')' if a.variant else ''} for {a.target} -> {art.path}")

@@ -216,6 +216,26 @@ def _witness_note(report: IsolationReport) -> str:
             f"sample {w['perturbed_sample']} changes)")
 
 
+def load_tuning(backend: Any, graph: Graph, out_dir: Path, trials: int, db_path: str | Path | None,
+                say: Progress) -> tuple[Any, dict[str, Any] | None]:
+    """The tuning database to compile with (None: untuned), after `trials` tuning trials."""
+    previous = out_dir / "tuning.json"
+    if trials < 0:
+        raise MocompileError(f"--tune must be >= 0 (got {trials})")
+    if db_path is not None and not trials and not Path(db_path).is_file():
+        raise MocompileError(f"{db_path}: tuning database not found")
+    if not (trials or db_path or previous.is_file()):
+        return None, None
+    db, note = backend.TuningDB.load(db_path or previous, backend.host_target())
+    report: dict[str, Any] = {"database": note}
+    if trials:
+        say(f"      tuning matmul kernels ({trials} trials)")
+        report.update(backend.tune(graph, trials, db, backend.host_target(), say))
+        if db_path is not None:
+            db.save(db_path)
+    return db, report
+
+
 def get_backend(target: str) -> Any:
     if target == "cpu":
         from mocompile.backends import tvm_cpu
@@ -239,11 +259,16 @@ def compile(
     input_types: Mapping[str, TensorType] | None = None,
     progress: Progress | None = None,
     require_isolation: bool = False,
+    tune: int = 0,
+    tuning_db: str | Path | None = None,
 ) -> LoadedArtifact:
     """Compile a spec (object or `.moe` path), a Hugging Face checkpoint directory or a torch
     module into an artifact directory, verify it against the eager model, and return it loaded.
 
     The artifact is checked at batch 1 and at `batch`, with `seq` positions per segment.
+    `tune` > 0 spends that many kernel measurements tuning the matmuls (backend-specific);
+    the tuning database is `tuning_db`, else the one a previous compile left in `out_dir`,
+    and is saved into the artifact (and back to `tuning_db` when given).
     The batch-isolation verdict of the final IR is recorded in the manifest; with
     `require_isolation`, a leak or an unknown fails the compile before code generation.
     """
@@ -270,10 +295,11 @@ def compile(
     exact = all(getattr(p, "preserves_semantics", True) for p in manager.passes)
     reference = eager_reference(src.module) if exact else Reference(lambda x: interpret(graph, x), "IR interpreter")
     out_dir = Path(out_dir or f"build/{src.name}")
+    tuning, tuning_report = load_tuning(backend, graph, out_dir, tune, tuning_db, say)
     stage = staging_dir(out_dir)
     try:
         say(f"[4/6] generating code for {target}")
-        program = backend.emit(graph, stage)
+        program = backend.emit(graph, stage, tuning=tuning)
         (stage / "ir.txt").write_text(format_graph(graph) + "\n")
         manifest: dict[str, Any] = {
             "model": graph.meta,
@@ -282,6 +308,7 @@ def compile(
             "program": program,
             "passes": reports,
             "isolation": isolation.to_json(),
+            **({"tuning": tuning_report} if tuning_report else {}),
         }
         say(f"[5/6] verifying against the {reference.name}")
         staged = LoadedArtifact(stage, manifest)

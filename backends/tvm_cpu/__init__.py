@@ -16,5 +16,7 @@ from mocompile.backends.tvm_cpu.layout import WeightLayout
 from mocompile.backends.tvm_cpu.lower import LoweringError, lower
 from mocompile.backends.tvm_cpu.program import LoweredProgram
 from mocompile.backends.tvm_cpu.target import host_cpu, host_target
+from mocompile.backends.tvm_cpu.tuning import TuningDB, tune
 
-__all__ = ["emit", "Executable", "LoweredProgram", "LoweringError", "WeightLayout", "build", "host_cpu", "host_target", "lower"]
+__all__ = ["emit", "Executable", "LoweredProgram", "LoweringError", "TuningDB", "WeightLayout", "build", "host_cpu",
+           "host_target", "lower", "tune"]

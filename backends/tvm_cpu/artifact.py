@@ -22,18 +22,24 @@ from mocompile.backends.tvm_cpu.build import build
 from mocompile.backends.tvm_cpu.kernels_attention import KB
 from mocompile.backends.tvm_cpu.lower import lower
 from mocompile.backends.tvm_cpu.target import host_target
+from mocompile.backends.tvm_cpu.tuning import TuningDB
 from mocompile.ir.graph import Graph
 
 PROGRAM_KIND = "tvm-relax-vm"
 LIBRARY = "model.so"
 WEIGHTS = "weights.safetensors"
+TUNING = "tuning.json"
 
 
-def emit(graph: Graph, out_dir: str | Path, target: tvm.target.Target | None = None) -> dict[str, Any]:
-    """Compile `graph` for the host CPU into `out_dir`; return the manifest's program entry."""
+def emit(graph: Graph, out_dir: str | Path, target: tvm.target.Target | None = None,
+         tuning: TuningDB | None = None) -> dict[str, Any]:
+    """Compile `graph` for the host CPU into `out_dir` (matmuls tiled as `tuning` says, which
+    is then saved beside the library as TUNING); return the manifest's program entry."""
     out_dir = Path(out_dir)
     target = target or host_target()
-    program = lower(graph)
+    program = lower(graph, tuning=tuning.records if tuning else None)
+    if tuning is not None and tuning.records:
+        tuning.save(out_dir / TUNING)
     exe = build(program, target)
     exe.export_library(str(out_dir / LIBRARY))
     save_file({n: program.arrays[n] for n in program.weight_names}, str(out_dir / WEIGHTS))
@@ -45,6 +51,7 @@ def emit(graph: Graph, out_dir: str | Path, target: tvm.target.Target | None = N
         "weight_order": program.weight_names,
         "weight_layouts": [w.to_json() for w in program.weights],
         "kernel_calls": program.kernel_calls,
+        "tuned_kernels": sorted(k.key() for k in program.matmuls if tuning and k.key() in tuning.records),
         **({"step": {"function": "step", "cache": program.cache, "block": KB, "max_positions": graph.meta.get("max_seq")}}
            if program.cache is not None else {"no_step_reason": program.no_step_reason}),
         "target_info": {"backend": "tvm_cpu", "llvm_target": {k: str(v) for k, v in target.export().items()

@@ -101,27 +101,64 @@ class Tiling:
     """Tile sizes for a panel of `width` accumulator lanes and a reduction of length k."""
 
     rows: int  # TI: rows per register tile
-    k_unroll: int  # KU: reduction unroll (tile path) / accumulator split (GEMV path)
+    k_unroll: int  # KU: reduction unroll
 
     @staticmethod
     def for_panel(width: int, k: int) -> "Tiling":
-        # Largest tile (<= 4 rows) and GEMV split (power of two <= 4) that stay in registers.
+        """The untuned choice: the largest tile (<= 4 rows) and unroll (power of two <= 4)
+        whose accumulators stay in registers."""
         rows = max(1, min(4, (U.STACK_BYTES - 1) // (width * F32_BYTES)))
         split = 1
         while split * 2 <= 4 and split * 2 * width * F32_BYTES < U.STACK_BYTES and k % (split * 2) == 0:
             split *= 2
         return Tiling(rows, split)
 
+    def check(self, width: int, depth: int) -> None:
+        """Refuse tiles whose accumulators would spill, or an unroll not dividing the reduction."""
+        if self.rows < 1 or self.rows * width * F32_BYTES >= U.STACK_BYTES:
+            raise ValueError(f"a {self.rows}-row tile of {width} lanes does not fit in registers")
+        if self.k_unroll < 1 or depth % self.k_unroll:
+            raise ValueError(f"unroll {self.k_unroll} does not divide the reduction ({depth})")
+
+    def tag(self) -> str:
+        return f"_t{self.rows}u{self.k_unroll}"
+
+
+@dataclass(frozen=True)
+class MatmulShape:
+    """What a matmul kernel computes, whatever its tiling: the key of a tuning record."""
+
+    experts: int  # 0: a dense matmul; else a grouped (per-expert) one over this many experts
+    k: int
+    n: int
+    glu: bool  # gate and up panels fused (2*TJ accumulator lanes)
+    fmt: WeightFormat = F32_WEIGHTS
+
+    def key(self) -> str:
+        kind = f"grouped_e{self.experts}" if self.experts else "dense"
+        return f"{kind}_{self.k}x{self.n}{'_glu' if self.glu else ''}{self.fmt.tag()}"
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """How a matmul kernel is tiled: the panel width TJ (which also fixes the weight layout)
+    and the register tile (None: Tiling.for_panel's untuned choice)."""
+
+    shape: MatmulShape
+    tj: int
+    tiling: Tiling | None = None
+
 
 def _emit_panel_rows(x, w, panel, row_begin, row_end, tj: int, width: int, k: int, write,
-                     fmt: WeightFormat = F32_WEIGHTS, scale=None) -> None:
+                     fmt: WeightFormat = F32_WEIGHTS, scale=None, tiling: Tiling | None = None) -> None:
     """Emit code for rows [row_begin, row_end) of x against weight panel `panel`.
 
     `write(row, acc, a)` emits the write-back of accumulator row `a` of `acc` (a buffer
-    [*, width]) as output row `row`.
+    [*, width]) as output row `row`. `tiling`: tuned tile sizes (default Tiling.for_panel).
     """
     depth = fmt.depth(k)
-    tiling = Tiling.for_panel(width, depth)
+    tiling = tiling or Tiling.for_panel(width, depth)
+    tiling.check(width, depth)
     ti, ku = tiling.rows, tiling.k_unroll
     n_rows = row_end - row_begin
     n_full = n_rows // ti
@@ -207,13 +244,14 @@ def _column_scale(fmt: WeightFormat, scale, panel):
 
 
 @functools.cache
-def dense_matmul(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32_WEIGHTS) -> tirx.PrimFunc:
+def dense_matmul(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32_WEIGHTS,
+                 tiling: Tiling | None = None) -> tirx.PrimFunc:
     """y[m, n] = epilogue(x[m, k] @ W) with W packed as panels [NB, k, TJ or 2*TJ]
     (low-bit: codes [NB, depth, width] and scales [NB, groups, width])."""
     nb = -(-n // tj)
     width = 2 * tj if epi.glu else tj
     m = U.dim("m")
-    with U.kernel(f"dense_{k}x{n}_tj{tj}_{epi.tag()}{fmt.tag()}") as kern:
+    with U.kernel(f"dense_{k}x{n}_tj{tj}_{epi.tag()}{fmt.tag()}{tiling.tag() if tiling else ''}") as kern:
         x = U.arg("x", (m, k))
         w, w_scale = _weight_args(fmt, nb, k, width)
         bias = U.arg("bias", (n,)) if epi.bias else None
@@ -224,7 +262,7 @@ def dense_matmul(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32
         def panel(jb):
             write = _writer(y, n, tj, jb, epi, bias=bias, residual=residual,
                             column_scale=_column_scale(fmt, w_scale, jb))
-            _emit_panel_rows(x, w, jb, 0, m, tj, width, k, write, fmt, w_scale)
+            _emit_panel_rows(x, w, jb, 0, m, tj, width, k, write, fmt, w_scale, tiling)
 
         weight_bytes = nb * k * width * fmt.bits // 8
         U.parallel_for(nb, weight_bytes + F32_BYTES * m * (k + n) + m * k * nb * width, panel)
@@ -232,7 +270,8 @@ def dense_matmul(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32
 
 
 @functools.cache
-def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32_WEIGHTS) -> tirx.PrimFunc:
+def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32_WEIGHTS,
+                   tiling: Tiling | None = None) -> tirx.PrimFunc:
     """Per-expert GEMM over expert-sorted rows: rows [indptr[e], indptr[e+1]) of x use
     expert e's panels (weights [experts*NB, k, width]). Experts without rows read nothing.
 
@@ -242,7 +281,7 @@ def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue, fmt: We
     nb = -(-n // tj)
     width = 2 * tj if epi.glu else tj
     rows = U.dim("rows")
-    with U.kernel(f"grouped_e{experts}_{k}x{n}_tj{tj}_{epi.tag()}{fmt.tag()}") as kern:
+    with U.kernel(f"grouped_e{experts}_{k}x{n}_tj{tj}_{epi.tag()}{fmt.tag()}{tiling.tag() if tiling else ''}") as kern:
         x = U.arg("x", (rows, k))
         indptr = U.arg("indptr", (experts + 1,), "int32")
         w, w_scale = _weight_args(fmt, experts * nb, k, width)
@@ -254,7 +293,8 @@ def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue, fmt: We
             jb, e = t // experts, t % experts
             p = e * nb + jb
             write = _writer(y, n, tj, jb, epi, scale=scale, column_scale=_column_scale(fmt, w_scale, p))
-            _emit_panel_rows(x, w, p, U.i64(indptr[e]), U.i64(indptr[e + 1]), tj, width, k, write, fmt, w_scale)
+            _emit_panel_rows(x, w, p, U.i64(indptr[e]), U.i64(indptr[e + 1]), tj, width, k, write, fmt, w_scale,
+                             tiling)
 
         # weights read: at most min(rows, experts) experts' panels
         weight_bytes = tirx.min(rows, experts) * (nb * k * width * fmt.bits // 8)

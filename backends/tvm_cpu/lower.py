@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from tvm import relax, tirx
 
-from mocompile.backends.tvm_cpu.layout import WeightLayout, make_layout
+from mocompile.backends.tvm_cpu.kernels_matmul import MatmulConfig, MatmulShape, Tiling
+from mocompile.backends.tvm_cpu.layout import WeightLayout, make_layout, panel_width
 from mocompile.backends.tvm_cpu.program import LoweredProgram
 from mocompile.backends.tvm_cpu.schedule import schedule_module
 from mocompile.backends.tvm_cpu.tir_util import NAME_ATTR
@@ -79,13 +80,16 @@ class LowerContext:
     positions are already in the cache tensors, see kernels_attention.py)."""
 
     def __init__(self, graph: Graph, bb: relax.BlockBuilder | None = None, cached: bool = False,
-                 kernels: dict[str, relax.GlobalVar] | None = None) -> None:
+                 kernels: dict[str, relax.GlobalVar] | None = None,
+                 tuning: Mapping[str, Mapping] | None = None) -> None:
         self.graph = graph
         self.bb = bb or relax.BlockBuilder()
         self.symbols: dict[str, tirx.Var] = {}
         self.past: tirx.PrimExpr = tirx.Var("past", "int64") if cached else tirx.IntImm("int64", 0)
         self.cache: list[CacheSlot] | None = [] if cached else None
         self.kernel_calls = 0  # kernel launches per call of the function (reported in the manifest)
+        self.tuning = tuning or {}
+        self.matmuls: dict[str, MatmulShape] = {}  # every matmul the graph needs, by tuning key
         self._values: dict[int, relax.Expr] = {}
         self._rows: dict[int, relax.Expr] = {}
         self._weight_vars: dict[str, relax.Var] = {}
@@ -181,6 +185,14 @@ class LowerContext:
         return var
 
     # ---- kernels --------------------------------------------------------------------
+    def matmul_config(self, shape: MatmulShape) -> MatmulConfig:
+        """The tuned tiling of a matmul if the tuning database has one, else the default."""
+        self.matmuls[shape.key()] = shape
+        r = self.tuning.get(shape.key())
+        if r is None:
+            return MatmulConfig(shape, panel_width(shape.n))
+        return MatmulConfig(shape, int(r["tj"]), Tiling(int(r["ti"]), int(r["ku"])))
+
     def _kernel(self, func: tirx.PrimFunc) -> relax.GlobalVar:
         name = str(func.attrs[NAME_ATTR])
         if name not in self._kernels:
@@ -271,22 +283,23 @@ def _emit_function(ctx: LowerContext, name: str) -> None:
                             params=inputs + past + cache + ctx.weight_params())
 
 
-def lower(graph: Graph, cached_step: bool = True) -> LoweredProgram:
+def lower(graph: Graph, cached_step: bool = True, tuning: Mapping[str, Mapping] | None = None) -> LoweredProgram:
     """Lower an IR graph to a Relax module with `main(*inputs, *weights)` and, when the graph
     can decode with a KV cache (`decode_support`) and `cached_step`, `step(*inputs, past,
     *caches, *weights)`; see program.py for the calling convention. Raises LoweringError for
-    ops or attributes this backend lacks."""
+    ops or attributes this backend lacks. `tuning`: tuning records ({"tj", "ti", "ku"}) by
+    MatmulShape key (see tuning.py); matmuls without one get the default tiling."""
     _register_builtin_lowerings()
     missing = sorted({n.op for n in graph.nodes if n.op not in LOWERINGS})
     if missing:
         raise LoweringError(f"the tvm_cpu backend has no lowering for op(s): {', '.join(missing)}")
     _check_signature(graph)
-    ctx = LowerContext(graph)
+    ctx = LowerContext(graph, tuning=tuning)
     _emit_function(ctx, "main")
     step = None
     why_not = decode_support(graph) if cached_step else "not requested"
     if why_not is None:
-        step = LowerContext(graph, ctx.bb, cached=True, kernels=ctx._kernels)
+        step = LowerContext(graph, ctx.bb, cached=True, kernels=ctx._kernels, tuning=tuning)
         _emit_function(step, "step")
         if [w.name for w in step.weight_layouts] != [w.name for w in ctx.weight_layouts]:
             raise RuntimeError("step and main disagree on the weight order")
@@ -294,7 +307,8 @@ def lower(graph: Graph, cached_step: bool = True) -> LoweredProgram:
     return LoweredProgram(mod, [v.name for v in graph.inputs], [v.name for v in graph.outputs],
                           list(ctx.weight_layouts), dict(ctx.weight_arrays),
                           [slot.to_json() for slot in step.cache] if step else None, why_not,
-                          {"main": ctx.kernel_calls, **({"step": step.kernel_calls} if step else {})})
+                          {"main": ctx.kernel_calls, **({"step": step.kernel_calls} if step else {})},
+                          list(ctx.matmuls.values()))
 
 
 # Ops whose output at a position depends only on the inputs at that position (and weights):

@@ -12,14 +12,14 @@ from tvm import relax
 from mocompile.backends.tvm_cpu import kernels_injective as KI
 from mocompile.backends.tvm_cpu.kernels_attention import (AttentionSpec, attention, attention_keys, cache_rows,
                                                              padded_len, rope_inv_freq, rope_table)
-from mocompile.backends.tvm_cpu.kernels_matmul import F32_WEIGHTS, Epilogue, WeightFormat, dense_matmul, grouped_matmul
+from mocompile.backends.tvm_cpu.kernels_matmul import (F32_WEIGHTS, Epilogue, MatmulShape, WeightFormat, dense_matmul,
+                                                       grouped_matmul)
 from mocompile.backends.tvm_cpu.kernels_gather import gather_rows
 from mocompile.backends.tvm_cpu.kernels_mla import LatentSpec, latent_attention, latent_keys
 from mocompile.backends.tvm_cpu.kernels_moe import moe_combine, moe_plan
 from mocompile.backends.tvm_cpu.kernels_norm import norm
 from mocompile.backends.tvm_cpu.kernels_quant import quantize_rows
 from mocompile.backends.tvm_cpu.kernels_router import RouterSpec, router_topk
-from mocompile.backends.tvm_cpu.layout import panel_width
 from mocompile.backends.tvm_cpu.lower import CACHE_LEN, LowerContext, LoweringError, lowering
 from mocompile.ir.graph import Node, Value
 
@@ -59,30 +59,31 @@ def _low_bit(w: Value) -> Node | None:
     return deq if deq is not None and deq.op == "dequantize" else None
 
 
-def _matmul_weights(ctx: LowerContext, node: Node, kind: str, weights: list[Value], tj: int):
-    """The weight arguments of a matmul kernel reading `weights` in layout `kind`: float32
-    panels, or (weights produced by `dequantize`) low-bit code panels + scale panels, which
-    the kernel dequantizes as it reads them; returns (args, WeightFormat)."""
+def _matmul_weights(ctx: LowerContext, node: Node, kind: str, weights: list[Value], experts: int, k: int, n: int):
+    """The weight arguments of a matmul kernel reading `weights` in layout `kind` (float32
+    panels, or for weights produced by `dequantize`, low-bit code panels + scale panels that
+    the kernel dequantizes as it reads them) and its MatmulConfig (tuned or default)."""
     deqs = [_low_bit(w) for w in weights]
     if all(d is None for d in deqs):
-        return [ctx.weight(kind, weights, tj)], F32_WEIGHTS
-    formats = {(d.attrs["bits"], int(d.inputs[1].type.shape[-1])) if d is not None else None for d in deqs}
-    if len(formats) != 1:
-        raise LoweringError(f"{node.op} at {node.loc or '?'}: its weights {', '.join(w.name for w in weights)} are "
-                            "quantized differently; quantize them alike (the kernel reads them as one panel)")
-    bits, groups = formats.pop()
-    codes, scales = [d.inputs[0] for d in deqs], [d.inputs[1] for d in deqs]
-    return [ctx.weight(kind, codes, tj), ctx.weight(kind, scales, tj)], WeightFormat(bits, groups)
+        fmt, sources = F32_WEIGHTS, [weights]
+    else:
+        formats = {(d.attrs["bits"], int(d.inputs[1].type.shape[-1])) if d is not None else None for d in deqs}
+        if len(formats) != 1:
+            raise LoweringError(f"{node.op} at {node.loc or '?'}: its weights {', '.join(w.name for w in weights)} "
+                                "are quantized differently; quantize them alike (the kernel reads them as one panel)")
+        fmt = WeightFormat(*formats.pop())
+        sources = [[d.inputs[0] for d in deqs], [d.inputs[1] for d in deqs]]
+    config = ctx.matmul_config(MatmulShape(experts, k, n, len(weights) == 2, fmt))
+    return [ctx.weight(kind, src, config.tj) for src in sources], config
 
 
 def _dense(ctx: LowerContext, node: Node, x_rows: relax.Expr, rows, w: Value, epi: Epilogue, extra=(),
            gate: Value | None = None):
     """x_rows @ w.T through panels (or act(x @ gate.T) * (x @ w.T) with gate), + epilogue."""
     n, k = (int(d) for d in w.type.shape)
-    tj = panel_width(n)
-    wargs, fmt = _matmul_weights(ctx, node, "glu_panels" if gate is not None else "panels",
-                                 [gate, w] if gate is not None else [w], tj)
-    return ctx.call(dense_matmul(k, n, tj, epi, fmt), [x_rows, *wargs, *extra], [((rows, n), F32)])
+    wargs, c = _matmul_weights(ctx, node, "glu_panels" if gate is not None else "panels",
+                               [gate, w] if gate is not None else [w], 0, k, n)
+    return ctx.call(dense_matmul(k, n, c.tj, epi, c.shape.fmt, c.tiling), [x_rows, *wargs, *extra], [((rows, n), F32)])
 
 
 @lowering("dequantize")
@@ -236,15 +237,13 @@ def _experts(ctx: LowerContext, node: Node):
         moe_plan(experts, k), [ctx.rows(indices), ctx.rows(weights)],
         [((experts + 1,), "int32"), ((pairs,), "int32"), ((pairs,), F32), ((pairs,), "int32")])
     xs = ctx.call(gather_rows(hidden), [ctx.rows(x), row_token], [((pairs, hidden), F32)])
-    tj_f = panel_width(ffn)
-    w_up, fmt_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels",
-                                   [gate, up] if gated else [up], tj_f)
-    h = ctx.call(grouped_matmul(experts, hidden, ffn, tj_f, Epilogue(glu=gated, activation=act), fmt_up),
-                 [xs, indptr, *w_up], [((pairs, ffn), F32)])
-    tj_h = panel_width(hidden)
-    w_down, fmt_down = _matmul_weights(ctx, node, "expert_panels", [down], tj_h)
-    ys = ctx.call(grouped_matmul(experts, ffn, hidden, tj_h, Epilogue(row_scale=True), fmt_down),
-                  [h, indptr, *w_down, row_weight], [((pairs, hidden), F32)])
+    w_up, c_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels",
+                                 [gate, up] if gated else [up], experts, hidden, ffn)
+    h = ctx.call(grouped_matmul(experts, hidden, ffn, c_up.tj, Epilogue(glu=gated, activation=act), c_up.shape.fmt,
+                                c_up.tiling), [xs, indptr, *w_up], [((pairs, ffn), F32)])
+    w_down, c_down = _matmul_weights(ctx, node, "expert_panels", [down], experts, ffn, hidden)
+    ys = ctx.call(grouped_matmul(experts, ffn, hidden, c_down.tj, Epilogue(row_scale=True), c_down.shape.fmt,
+                                 c_down.tiling), [h, indptr, *w_down, row_weight], [((pairs, hidden), F32)])
     add, residual = _with_residual(ctx, node)
     out = ctx.call(moe_combine(hidden, k, residual is not None),
                    [ys, pair_row, *([residual] if residual is not None else [])], [((rows, hidden), F32)])

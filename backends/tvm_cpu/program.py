@@ -43,6 +43,7 @@ class LoweredProgram:
     cache: list[dict] | None = None  # the step function's cache tensors (None: no step function)
     no_step_reason: str | None = None
     kernel_calls: dict[str, int] = field(default_factory=dict)  # kernel launches per Relax function
+    matmuls: list = field(default_factory=list)  # the MatmulShapes the program uses (what tuning can tune)
 
     @property
     def weight_names(self) -> list[str]:

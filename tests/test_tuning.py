@@ -1,0 +1,106 @@
+"""compile --tune: measured tilings of the matmul kernels, kept in a database beside the
+artifact and reused by the next compile; the default compile stays untuned."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+
+import numpy as np
+import pytest
+
+from mocompile.backends.tvm_cpu.kernels_matmul import MatmulShape, WeightFormat
+from mocompile.backends.tvm_cpu.tir_util import STACK_BYTES
+from mocompile.backends.tvm_cpu.tuning import candidates, default_config
+from mocompile.compiler import compile
+from mocompile.errors import MocompileError
+
+from conftest import EXAMPLES
+
+SPEC = EXAMPLES / "mixtral_tiny.moe"
+
+
+@pytest.mark.parametrize("shape", [MatmulShape(0, 128, 512, False), MatmulShape(8, 128, 256, True),
+                                   MatmulShape(0, 64, 40, False, WeightFormat(4, 2))])
+def test_candidates_fit_in_registers(shape):
+    configs = candidates(shape)
+    assert len(configs) > 10
+    for c in configs:
+        width = 2 * c.tj if shape.glu else c.tj
+        assert c.tiling.rows * width * 4 < STACK_BYTES and shape.fmt.depth(shape.k) % c.tiling.k_unroll == 0
+    default = default_config(shape)
+    default.tiling.check(2 * default.tj if shape.glu else default.tj, shape.fmt.depth(shape.k))
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tuned") / "art"
+    return out, compile(SPEC, out_dir=out, tune=10)
+
+
+def test_tune_measures_records_and_verifies(tuned):
+    out, art = tuned
+    report = art.manifest["tuning"]
+    assert 2 <= report["trials"] <= 10 and report["tuned"]
+    db = json.loads((out / "tuning.json").read_text())
+    assert set(report["tuned"]) <= set(db["records"])
+    for record in db["records"].values():
+        assert len(record["us"]) == len(record["default_us"]) == 2  # a decode-sized and a prefill-sized call
+    assert art.manifest["program"]["tuned_kernels"]
+    assert art.manifest["verification"]["max_rel_error"] <= 1e-4  # tuned kernels are checked like any other
+
+
+def test_next_compile_reuses_the_database(tuned):
+    out, art = tuned
+    again = compile(SPEC, out_dir=out)  # no --tune: the database in the old artifact is reused
+    assert "reused" in again.manifest["tuning"]["database"]
+    assert "trials" not in again.manifest["tuning"]
+    assert again.manifest["program"]["tuned_kernels"] == art.manifest["program"]["tuned_kernels"]
+    assert (out / "tuning.json").is_file()
+
+
+def test_untuned_compile_has_no_tuning(tmp_path):
+    art = compile(SPEC, out_dir=tmp_path / "plain")
+    assert "tuning" not in art.manifest and not (tmp_path / "plain" / "tuning.json").exists()
+
+
+def test_database_of_another_machine_is_ignored(tuned, tmp_path):
+    out, _ = tuned
+    db = json.loads((out / "tuning.json").read_text())
+    db["target"] = "llvm:some-other-cpu:64"
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(db))
+    art = compile(SPEC, out_dir=tmp_path / "a", tuning_db=path)
+    assert "ignored" in art.manifest["tuning"]["database"] and not art.manifest["program"]["tuned_kernels"]
+
+
+def test_bad_databases_fail_with_one_line(tuned, tmp_path):
+    out, _ = tuned
+    db = json.loads((out / "tuning.json").read_text())
+    key = next(iter(db["records"]))
+    db["records"][key]["ti"] = 64  # a tile that cannot stay in registers
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(db))
+    with pytest.raises(MocompileError, match="does not fit in registers"):
+        compile(SPEC, out_dir=tmp_path / "b", tuning_db=path)
+    path.write_text("{not json")
+    with pytest.raises(MocompileError, match="unreadable tuning database"):
+        compile(SPEC, out_dir=tmp_path / "c", tuning_db=path)
+    proc = subprocess.run([sys.executable, "-m", "mocompile.cli", "compile", str(SPEC), "-o", str(tmp_path / "d"),
+                           "--tuning-db", str(tmp_path / "missing.json")], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("missing.json: tuning database not found")
+    assert not (tmp_path / "d").exists()
+
+
+def test_tuned_artifact_matches_untuned(tuned, tmp_path):
+    out, art = tuned
+    plain = compile(SPEC, out_dir=tmp_path / "plain")
+    from mocompile.runtime import random_inputs
+
+    inputs = random_inputs(art.signature, 3, 9, seed=5)
+    a, b = art.run(inputs)["logits"], plain.run(inputs)["logits"]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
