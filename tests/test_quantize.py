@@ -177,6 +177,32 @@ def test_activation_quantization_kernel_is_exact(mode):
         assert (got[3] == 0).all() and np.abs(got[4]).max() == pytest.approx(np.abs(xs[4]).max(), rel=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["static", "token"])
+def test_w8a8_linear_is_integer_arithmetic(mode):
+    """W8A8: int8 activation codes times int8 weight codes, summed exactly in int32, scaled
+    by the activation scale (per tensor or per token) and the weight's per-channel scale."""
+    r = rng(13)
+    K, N = 96, 48
+    w = r.standard_normal((N, K)).astype(np.float32)
+    q, s = quantize_weight(w, 8)
+    g = Graph("w8a8")
+    x = g.add_input("x", TensorType(("rows", K), "float32"))
+    act_scale = np.array([0.03], np.float32)
+    extra = [g.add_param("x.scale", act_scale)] if mode == "static" else []
+    xq = g.add("quantize_act", x, *extra, mode=mode)
+    g.outputs = [g.add("linear", xq, g.add("dequantize", g.add_param("w.q", q), g.add_param("w.s", s), bits=8))]
+    exe = build(lower(g), TARGET)
+    xs = r.standard_normal((5, K)).astype(np.float32)
+    got = exe.run({"x": xs})[g.outputs[0].name]
+    if mode == "static":
+        sx = np.full((5, 1), act_scale[0], np.float32)
+    else:
+        sx = (np.abs(xs).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    codes = np.clip(np.round(xs / sx), -127, 127).astype(np.int32)
+    want = (codes @ q.astype(np.int32).T).astype(np.float64) * sx * s[:, 0]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
 # ---- the pass ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mixtral_graph():
