@@ -83,8 +83,11 @@ def cmd_compile(a: argparse.Namespace) -> int:
     v = art.manifest["verification"]
     print(f"compiled {art.manifest['model']['name']}"
           f"{' (variant ' + a.variant + ')' if a.variant else ''} for {a.target} -> {art.path}")
-    print(f"verified against the {v['reference']}: max relative error {v['max_rel_error']:.2e} "
-          f"(tolerance {v['tolerance']:g}), max abs error {max(c['max_abs_error'] for c in v['checks']):.2e}")
+    allowed = max(c.get("allowed", v["tolerance"]) for c in v["checks"])
+    bound = (f"tolerance {v['tolerance']:g}" if allowed <= v["tolerance"] else
+             f"within twice the reference's own spread under float noise at its rounding points, {allowed:.2e}")
+    print(f"verified against the {v['reference']}: max relative error {v['max_rel_error']:.2e} ({bound}), "
+          f"max abs error {max(c['max_abs_error'] for c in v['checks']):.2e}")
     dec = art.manifest.get("decode_verification")
     if dec:
         print(f"cached decoding verified: prompt {dec['prompt']} + {dec['new_tokens']} tokens one at a time match the "

@@ -39,10 +39,41 @@ def stderr_progress(message: str) -> None:
 
 @dataclass
 class Reference:
-    """What a compile checks against: the eager model, or for a graph without one, the IR."""
+    """What a compile checks against: the eager model, or for a graph without one, the IR.
+
+    `noisy(inputs, seed)`, for a reference with rounding points (activation quantization):
+    the same reference with float32-level noise added where it rounds. Rounding amplifies
+    any float difference that lands near a rounding boundary into a whole quantization step
+    (and a step can flip a routing choice), so an artifact that computes the same function
+    in a different float order may differ by more than TOLERANCE; it must then differ no more
+    than the reference differs from itself under such noise (see verify_artifact)."""
 
     run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     name: str
+    noisy: Callable[[dict[str, np.ndarray], int], dict[str, np.ndarray]] | None = None
+
+
+ROUNDING_NOISE = 1e-6  # relative float32 noise at rounding points for the envelope of a Reference
+NOISY_RUNS = 4
+
+
+def interpreter_reference(graph: Graph) -> Reference:
+    """The IR interpreter as the reference of a graph that passes changed numerically."""
+    rounding = [n for n in graph.nodes if n.op == "quantize_act"]
+
+    def noisy(inputs: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+
+        def perturb(node: Any, args: list[np.ndarray]) -> list[np.ndarray]:
+            if node.op != "quantize_act":
+                return args
+            x = args[0]
+            jitter = 1 + ROUNDING_NOISE * rng.standard_normal(x.shape).astype(np.float32)
+            return [(x * jitter).astype(np.float32), *args[1:]]
+
+        return interpret(graph, inputs, perturb=perturb)
+
+    return Reference(lambda x: interpret(graph, x), "IR interpreter", noisy if rounding else None)
 
 
 @dataclass
@@ -157,15 +188,39 @@ def compare_to_reference(artifact: LoadedArtifact, reference: Reference, shapes:
             "checks": checks}
 
 
+def rounding_envelope(reference: Reference, inputs: dict[str, np.ndarray], ref: list[np.ndarray]) -> list[float]:
+    """Per output, the largest relative change of the reference under rounding-point noise."""
+    out = [0.0] * len(ref)
+    for seed in range(NOISY_RUNS):
+        for i, (a, r) in enumerate(zip(reference.noisy(inputs, seed).values(), ref)):
+            out[i] = max(out[i], relative_error(a, r)[1])
+    return out
+
+
 def verify_artifact(artifact: LoadedArtifact, reference: Reference, shapes: list[tuple[int, int]],
                     seed: int) -> dict[str, Any]:
-    """compare_to_reference, failing beyond TOLERANCE."""
+    """compare_to_reference, failing beyond TOLERANCE (or, for a reference with rounding
+    points, beyond the larger of TOLERANCE and twice its own rounding envelope)."""
     result = {"tolerance": TOLERANCE, **compare_to_reference(artifact, reference, shapes, seed)}
-    if not result["max_rel_error"] <= TOLERANCE:
-        bad = max(result["checks"], key=lambda c: c["rel_error"])
+    for check in result["checks"]:
+        check["allowed"] = TOLERANCE
+    if reference.noisy is not None and not result["max_rel_error"] <= TOLERANCE:
+        for batch, seq in shapes:
+            inputs = random_inputs(artifact.signature, batch, seq, seed)
+            ref = list(reference.run(inputs).values())
+            envelope = rounding_envelope(reference, inputs, ref)
+            for check in result["checks"]:
+                if (check["batch"], check["seq"]) == (batch, seq):
+                    name_index = [t.name for t in artifact.signature.outputs].index(check["output"])
+                    check["rounding_envelope"] = envelope[name_index]
+                    check["allowed"] = max(TOLERANCE, 2 * envelope[name_index])
+    bad = [c for c in result["checks"] if not c["rel_error"] <= c["allowed"]]
+    if bad:
+        c = max(bad, key=lambda c: c["rel_error"] / c["allowed"])
+        beyond = f"> {c['allowed']:.3g}" + (" (twice the reference's rounding envelope)" if c["allowed"] > TOLERANCE else "")
         raise VerificationError(
-            f"artifact disagrees with the {reference.name}: relative error {bad['rel_error']:.3g} > {TOLERANCE:g} "
-            f"(output {bad['output']}, batch {bad['batch']}, seq {bad['seq']})")
+            f"artifact disagrees with the {reference.name}: relative error {c['rel_error']:.3g} {beyond} "
+            f"(output {c['output']}, batch {c['batch']}, seq {c['seq']})")
     return result
 
 
@@ -185,11 +240,14 @@ def verify_decode(artifact: LoadedArtifact, reference: Reference, batch: int, pr
         rel = relative_error(got, ref[:, begin:end])[1]
         if rel > worst:
             worst, where = rel, f"positions {begin}..{end - 1}"
+    allowed = TOLERANCE
+    if reference.noisy is not None and not worst <= TOLERANCE:
+        allowed = max(TOLERANCE, 2 * rounding_envelope(reference, full, [ref])[0])
     result = {"reference": reference.name, "batch": batch, "prompt": prompt, "new_tokens": new_tokens,
-              "max_rel_error": worst}
-    if not worst <= TOLERANCE:
+              "max_rel_error": worst, "allowed": allowed}
+    if not worst <= allowed:
         raise VerificationError(f"cached decoding disagrees with the {reference.name} on the full sequence: relative "
-                                f"error {worst:.3g} > {TOLERANCE:g} at {where}")
+                                f"error {worst:.3g} > {allowed:.3g} at {where}")
     return result
 
 
@@ -293,7 +351,7 @@ def compile(
     if require_isolation and isolation.verdict != "isolated":
         raise MocompileError(f"batch isolation required, but {isolation.summary()}{_witness_note(isolation)}")
     exact = all(getattr(p, "preserves_semantics", True) for p in manager.passes)
-    reference = eager_reference(src.module) if exact else Reference(lambda x: interpret(graph, x), "IR interpreter")
+    reference = eager_reference(src.module) if exact else interpreter_reference(graph)
     out_dir = Path(out_dir or f"build/{src.name}")
     tuning, tuning_report = load_tuning(backend, graph, out_dir, tune, tuning_db, say)
     stage = staging_dir(out_dir)

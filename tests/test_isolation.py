@@ -297,7 +297,7 @@ class _FakeBackend:
     emitted = 0
 
     @classmethod
-    def emit(cls, graph: Graph, stage) -> dict[str, Any]:
+    def emit(cls, graph: Graph, stage, tuning: Any = None) -> dict[str, Any]:
         cls.emitted += 1
         return {"kind": "fake"}
 

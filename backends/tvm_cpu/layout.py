@@ -12,6 +12,11 @@ panel b cover the same output columns):
 - `glu_panels`    gate, up[F, K]-> [ceil(F/TJ), K, 2*TJ]       lanes [0,TJ) gate, [TJ,2TJ) up
 - `expert_panels` w[E, N, K]    -> [E*ceil(N/TJ), K, TJ]       expert e owns panels e*NB..e*NB+NB-1
 - `expert_glu_panels` gate, up[E, F, K] -> [E*ceil(F/TJ), K, 2*TJ]
+- `vnni_panels`   int8 w[N, K]  -> int32 [ceil(N/16), K/4, 16]: lane j of row k4 holds the
+                  four bytes w[b*16 + j, 4*k4 .. 4*k4+3], the operand of one AVX-512 VNNI
+                  dot product (vpdpbusd) for 16 columns
+- `vnni_colsum`   int8 w[N, K]  -> int32 [ceil(N/16), 16]: 128 * sum_k w[n, k], which undoes
+                  the +128 that makes activation codes unsigned for vpdpbusd
 - `identity`      any array, passed through unchanged
 Columns past N (when TJ does not divide N) are zero and never stored by the kernels.
 """
@@ -23,7 +28,8 @@ from typing import Mapping
 
 import numpy as np
 
-LAYOUT_KINDS = ("identity", "panels", "glu_panels", "expert_panels", "expert_glu_panels")
+LAYOUT_KINDS = ("identity", "panels", "glu_panels", "expert_panels", "expert_glu_panels", "vnni_panels", "vnni_colsum")
+VNNI_LANES = 16  # int32 lanes of one AVX-512 register: output columns per VNNI panel
 PACKABLE_DTYPES = {"float32", "int8", "uint8"}
 
 
@@ -47,6 +53,19 @@ def _panels(w: np.ndarray, tj: int) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(w, -1, -2))
 
 
+def _vnni(kind: str, w: np.ndarray) -> np.ndarray:
+    if w.dtype != np.int8 or w.ndim != 2 or w.shape[1] % 4:
+        raise ValueError(f"{kind}: needs int8 [N, K] codes with K a multiple of 4, got {w.dtype}{list(w.shape)}")
+    n, k = w.shape
+    nb = -(-n // VNNI_LANES)
+    padded = np.zeros((nb * VNNI_LANES, k), np.int8)
+    padded[:n] = w
+    if kind == "vnni_colsum":
+        return (128 * padded.astype(np.int32).sum(axis=1)).astype(np.int32).reshape(nb, VNNI_LANES)
+    grouped = padded.reshape(nb, VNNI_LANES, k // 4, 4).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(grouped).view(np.int32).reshape(nb, k // 4, VNNI_LANES)
+
+
 def pack(kind: str, sources: list[np.ndarray], tj: int) -> np.ndarray:
     """Apply one layout to its source weights (see the module docstring)."""
     if kind == "identity":
@@ -58,6 +77,8 @@ def pack(kind: str, sources: list[np.ndarray], tj: int) -> np.ndarray:
         return _panels(sources[0], tj)
     if kind == "glu_panels":
         return np.ascontiguousarray(np.concatenate([_panels(sources[0], tj), _panels(sources[1], tj)], axis=-1))
+    if kind in ("vnni_panels", "vnni_colsum"):
+        return _vnni(kind, sources[0])
     if kind == "expert_panels":
         p = _panels(sources[0], tj)
         return p.reshape(-1, *p.shape[2:])

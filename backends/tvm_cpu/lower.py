@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from tvm import relax, tirx
@@ -89,6 +89,7 @@ class LowerContext:
         self.cache: list[CacheSlot] | None = [] if cached else None
         self.kernel_calls = 0  # kernel launches per call of the function (reported in the manifest)
         self.tuning = tuning or {}
+        self.derived: dict[tuple, Any] = {}  # values computed once per function and shared by several nodes
         self.matmuls: dict[str, MatmulShape] = {}  # every matmul the graph needs, by tuning key
         self._values: dict[int, relax.Expr] = {}
         self._rows: dict[int, relax.Expr] = {}

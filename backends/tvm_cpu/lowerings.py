@@ -18,13 +18,17 @@ from mocompile.backends.tvm_cpu.kernels_gather import gather_rows
 from mocompile.backends.tvm_cpu.kernels_mla import LatentSpec, latent_attention, latent_keys
 from mocompile.backends.tvm_cpu.kernels_moe import moe_combine, moe_plan
 from mocompile.backends.tvm_cpu.kernels_norm import norm
+from mocompile.backends.tvm_cpu.kernels_int8 import int8_matmul, quantize_packed
 from mocompile.backends.tvm_cpu.kernels_quant import quantize_rows
+from mocompile.backends.tvm_cpu.layout import VNNI_LANES
+from mocompile.backends.tvm_cpu.target import host_has_vnni
 from mocompile.backends.tvm_cpu.kernels_router import RouterSpec, router_topk
 from mocompile.backends.tvm_cpu.lower import CACHE_LEN, LowerContext, LoweringError, lowering
 from mocompile.ir.graph import Node, Value
 
 F32 = "float32"
 QUANTIZED_READERS = ("linear", "mlp", "experts", "router.topk")  # ops whose kernels read low-bit weights
+HAS_VNNI = host_has_vnni()  # W8A8 linears run in integers only where the CPU has the instruction
 
 
 def _require_f32(node: Node, *values: Value) -> None:
@@ -98,8 +102,38 @@ def _dequantize(ctx: LowerContext, node: Node):
     return []
 
 
+def _int8_linear(node: Node) -> tuple[Node, Node] | None:
+    """(quantize_act, dequantize) if `node` is a linear over int8-quantized activations and
+    per-channel int8 weights that the VNNI kernels compute in integers (kernels_int8.py)."""
+    if node.op != "linear" or not HAS_VNNI:
+        return None
+    qa, deq = node.inputs[0].producer, node.inputs[1].producer
+    if qa is None or qa.op != "quantize_act" or qa.attrs["mode"] not in ("static", "token"):
+        return None
+    if deq is None or deq.op != "dequantize" or deq.attrs["bits"] != 8 or int(deq.inputs[1].type.shape[-1]) != 1:
+        return None
+    return (qa, deq) if int(node.inputs[1].type.shape[1]) % 4 == 0 else None
+
+
+def _int8_codes(ctx: LowerContext, qa: Node):
+    """The packed int8 codes and row scales of a quantize_act's input (once per function)."""
+    key = ("int8_codes", id(qa))
+    if key not in ctx.derived:
+        x = qa.inputs[0]
+        k, rows = int(x.type.shape[-1]), ctx.rows_of(x)
+        static = [ctx.value(qa.inputs[1])] if len(qa.inputs) == 2 else []
+        ctx.derived[key] = ctx.call(quantize_packed(k, qa.attrs["mode"]), [ctx.rows(x), *static],
+                                    [((rows, k // 4), "int32"), ((rows,), F32)])
+    return ctx.derived[key]
+
+
 @lowering("quantize_act")
 def _quantize_act(ctx: LowerContext, node: Node):
+    """Rounded activations as float32 for the ops that read them so; nothing when every
+    reader is an int8 linear (it quantizes the input itself, see _int8_codes)."""
+    users = ctx.graph.users().get(id(node.outputs[0]), [])
+    if users and node.outputs[0] not in ctx.graph.outputs and all(_int8_linear(u) for u in users):
+        return []
     x = node.inputs[0]
     k = int(x.type.shape[-1])
     scale = [ctx.value(node.inputs[1])] if len(node.inputs) == 2 else []
@@ -114,7 +148,17 @@ def _linear(ctx: LowerContext, node: Node):
     bias = [ctx.weight("identity", [node.inputs[2]])] if len(node.inputs) == 3 else []
     add, residual = _with_residual(ctx, node)
     epi = Epilogue(bias=bool(bias), residual=residual is not None)
-    y = _dense(ctx, node, ctx.rows(x), ctx.rows_of(x), w, epi, extra=bias + ([residual] if residual is not None else []))
+    extra = bias + ([residual] if residual is not None else [])
+    int8 = _int8_linear(node)
+    if int8 is None:
+        y = _dense(ctx, node, ctx.rows(x), ctx.rows_of(x), w, epi, extra=extra)
+    else:
+        qa, deq = int8
+        n, k = (int(d) for d in w.type.shape)
+        codes = deq.inputs[0]
+        weights = [ctx.weight("vnni_panels", [codes]), ctx.weight("vnni_colsum", [codes]),
+                   ctx.weight("panels", [deq.inputs[1]], VNNI_LANES)]
+        y = ctx.call(int8_matmul(k, n, epi), [*_int8_codes(ctx, qa), *weights, *extra], [((ctx.rows_of(x), n), F32)])
     return _finish(ctx, node, y, add)
 
 

@@ -21,3 +21,12 @@ def host_target(num_cores: int | None = None, mcpu: str | None = None) -> tvm.ta
     cores = num_cores or os.cpu_count() or 1
     return tvm.target.Target({"kind": "llvm", "mcpu": mcpu or host_cpu(), "num-cores": int(cores)})
 
+
+
+def host_has_vnni() -> bool:
+    """Whether this CPU has AVX-512 VNNI (the int8 dot product the W8A8 kernels use)."""
+    try:
+        flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_vnni" in flags.split()

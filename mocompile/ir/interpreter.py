@@ -5,11 +5,11 @@ It is the oracle: every pass and every backend is checked against it.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from mocompile.ir.graph import Graph, Value
+from mocompile.ir.graph import Graph, Node, Value
 from mocompile.ir.registry import get_op
 from mocompile.ir.types import bind_shape
 
@@ -28,15 +28,24 @@ def bind_inputs(graph: Graph, inputs: Mapping[str, np.ndarray]) -> dict[str, int
     return env
 
 
-def run(graph: Graph, inputs: Mapping[str, np.ndarray], watch: Sequence[Value] = ()) -> dict[str, np.ndarray]:
+Perturb = Callable[[Node, list[np.ndarray]], list[np.ndarray]]
+
+
+def run(graph: Graph, inputs: Mapping[str, np.ndarray], watch: Sequence[Value] = (),
+        perturb: Perturb | None = None) -> dict[str, np.ndarray]:
     """Evaluate the graph; returns {output name: array}, plus the intermediate values in
-    `watch` by name (e.g. the output of one op, to see where a difference starts)."""
+    `watch` by name (e.g. the output of one op, to see where a difference starts).
+    `perturb(node, inputs)` may replace a node's inputs before it computes (to measure how
+    sensitive the outputs are to float noise at that node)."""
     bind_inputs(graph, inputs)
     env: dict[int, np.ndarray] = {id(v): np.asarray(inputs[v.name]) for v in graph.inputs}
     for name, v in graph.params.items():
         env[id(v)] = graph.weights[name]
     for node in graph.nodes:
-        results = get_op(node.op).compute([env[id(v)] for v in node.inputs], node.attrs)
+        args = [env[id(v)] for v in node.inputs]
+        if perturb is not None:
+            args = perturb(node, args)
+        results = get_op(node.op).compute(args, node.attrs)
         for v, r in zip(node.outputs, results):
             env[id(v)] = r
     return {v.name: env[id(v)] for v in (*graph.outputs, *watch)}
