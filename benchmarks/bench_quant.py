@@ -75,6 +75,27 @@ def bench_model(path: Path) -> tuple[list[dict], dict]:
     return rows, info
 
 
+QUANT_NOTE = """
+### Against the quantization issue's targets
+
+- **Speed.** Where a step is bound by weight bytes (moe_medium: 490 MB fp32, single token), int8 and
+  int4 make it 2-3x faster than the fp32 artifact and far faster than eager. The tiny examples' weights
+  (1-7 MB) sit in cache, so reading fewer bytes barely changes their steps, which are bound by fixed
+  per-step costs (see the models section's profile): their >= 1.8x-over-fp32-artifact target is missed,
+  and batch 8 of moe_medium (all 8 experts active) is at ~1.7x for int8. int4 is slower than int8 at
+  the same bandwidth: its kernels spend the saved bytes on unpacking nibbles (shift, mask, convert per
+  weight); a nibble layout that unpacks with one shuffle per 16 lanes is the next step.
+- **Accuracy.** int8 weight-only top-1 agreement on random-token inputs is 91-94% on the examples, short
+  of the 99% target. The examples have random weights, so their next-token logits are nearly flat (median
+  top-1/top-2 margin ~0.23 against a logit spread of ~1) and routing choices are near ties: the pass
+  report's `max_flipped_margin` shows flips happen only at small margins, and ~1% of routing choices change.
+  It is the models, not the quantizer: adding Gaussian noise with the RMS of int8 rounding to the same
+  weights gives 94% top-1 too, half of it 97%, and only a tenth of it (about 11-bit weights) reaches 99.6%.
+  A trained model, whose logits and router scores have real margins, is the right test; none is bundled.
+  Finer int8 groups (`group=16`) reach 95%.
+"""
+
+
 def main() -> None:
     torch.set_num_threads(2)
     bandwidth = copy_bandwidth()
@@ -113,7 +134,7 @@ def main() -> None:
         ok = lambda e, a: "met" if e >= 3 and a >= 1.8 else "missed"  # noqa: E731
         lines.append(f"- {r['model']} {r['case']}: int8 {i8e:.2f}x / {i8a:.2f}x ({ok(i8e, i8a)}), "
                      f"int4 {i4e:.2f}x / {i4a:.2f}x ({ok(i4e, i4a)})")
-    text = "\n".join(lines)
+    text = "\n".join(lines) + "\n" + QUANT_NOTE
     write_section("quantization", text)
     print(text)
 
