@@ -92,7 +92,7 @@ QUANT_NOTE = """
   It is the models, not the quantizer: adding Gaussian noise with the RMS of int8 rounding to the same
   weights gives 94% top-1 too, half of it 97%, and only a tenth of it (about 11-bit weights) reaches 99.6%.
   A trained model, whose logits and router scores have real margins, is the right test; none is bundled.
-  Finer int8 groups (`group=16`) reach 95%.
+  Finer int8 groups (`group=16`) reach 93-95%.
 """
 
 
