@@ -208,6 +208,16 @@ def check_batch_isolation(graph: Graph, src: Source, batch: int, seq: int, seed:
     return check_graph(graph, inputs, int_high=src.int_high, seed=seed)
 
 
+def cached_step_isolation(graph: Graph) -> str | None:
+    """The isolation verdict of the graph's KV-cached form (the cache rows are per sample, so
+    a step is isolated when the forward is; this proves it rather than assumes it), or None
+    for a graph that cannot decode with a cache."""
+    from mocompile.isolation import analyze
+    from mocompile.kv_cache import cached_graph, decode_support
+
+    return None if decode_support(graph) is not None else analyze(cached_graph(graph).graph).verdict
+
+
 def _witness_note(report: IsolationReport) -> str:
     w = report.witness
     if not w or not w.get("changed"):
@@ -267,6 +277,9 @@ def compile(
     say(f"      batch isolation: {isolation.summary()}")
     if require_isolation and isolation.verdict != "isolated":
         raise MocompileError(f"batch isolation required, but {isolation.summary()}{_witness_note(isolation)}")
+    step_isolation = cached_step_isolation(graph)
+    if require_isolation and step_isolation not in (None, "isolated"):
+        raise MocompileError(f"batch isolation required, but the KV-cached step's verdict is {step_isolation}")
     exact = all(getattr(p, "preserves_semantics", True) for p in manager.passes)
     reference = eager_reference(src.module) if exact else Reference(lambda x: interpret(graph, x), "IR interpreter")
     out_dir = Path(out_dir or f"build/{src.name}")
@@ -288,7 +301,8 @@ def compile(
         shapes = [(1, seq)] + ([(batch, seq)] if batch != 1 else [])
         manifest["verification"] = verify_artifact(staged, reference, shapes, seed)
         if staged.can_decode:
-            manifest["decode_verification"] = verify_decode(staged, reference, batch, seq, 4, seed)
+            manifest["decode_verification"] = {**verify_decode(staged, reference, batch, seq, 4, seed),
+                                               "isolation": step_isolation}
         if not exact:  # what the approximating passes cost against the unmodified model
             manifest["drift_from_fp32"] = compare_to_reference(staged, eager_reference(src.module), shapes, seed)
         manifest["compile_seconds"] = round(time.perf_counter() - t0, 3)

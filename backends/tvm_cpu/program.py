@@ -11,7 +11,7 @@ Calling convention of `main` (what an artifact writer / runtime must follow):
   pack` re-derives it from the graph's (torch-layout) weights;
 - outputs: `output_names` order; a tuple when there are several.
 
-and, for graphs that can decode with a KV cache (lower.decode_support), of `step`:
+and, for graphs that can decode with a KV cache (mocompile.kv_cache.decode_support), of `step`:
 
     step(*inputs, past, *caches, *weights) -> outputs
 
