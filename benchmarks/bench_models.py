@@ -313,11 +313,13 @@ TARGETS_NOTE = """
 
 Read the ratios above; they are from one run on a shared 2-core machine. What this run does not cover:
 - **ONNX Runtime:** the HF-style expert loop cannot be exported, so ORT runs the gathered form, which copies
-  each (token, slot)'s expert weights: fine for decode, memory-heavy for long prefill. Against ORT the artifact
-  is at parity for deepseek_tiny's batch-8 one-position forward (about 1.0-1.1x across runs; 16 fine-grained
-  experts, group-limited sigmoid routing and a shared expert per layer): not yet profiled.
-- **Decode with a KV cache: missing.** The artifact has no cache yet, so the decode rows compare one-position
-  forwards on both sides; a real decode step (prefix cached) is still to be built (IR op, kernel, runtime API).
+  each (token, slot)'s expert weights: fine for decode, memory-heavy for long prefill. Its closest rows are
+  the batch-1 steps of deepseek_tiny and unified_tiny (about 0.7-0.9x): not yet profiled.
+- **Decode with a KV cache:** `decode` rows time one token after 64 cached positions on every side. The
+  artifact's `step` reads and extends a preallocated cache in place (keys stored roped and transposed); the
+  torch side keeps the Hugging Face convention (`torch.cat` of past and new keys per layer, rope on the new
+  positions only), so both do the same arithmetic per token. unified_tiny (text + image + audio inputs) has no
+  cached step, so its rows are one-position forwards without a cache on every side (`forward`).
 - **Roofline:** bytes = active parameters per token (every dense weight, top-k experts per MoE layer, one
   embedding row) x 4 bytes, over the measured copy bandwidth. The example models are tiny (0.4-0.5 M active
   parameters, ~2 MB, which sit in cache), so a batch-1 step (~25 kernel calls through the Relax VM) is bound by

@@ -132,11 +132,14 @@ def _artifact_isolation(a: argparse.Namespace):
         "unknown", [Finding("unknown", "", "", "", "the artifact records no isolation verdict", [], [])], {}, {})
     sig = art.signature
     inputs = random_inputs(sig, a.batch, a.seq, a.seed)
+    axes = (input_axes_of({t.name: t.shape for t in sig.inputs}), input_axes_of({t.name: t.shape for t in sig.outputs}))
+    high = {t.name: t.high for t in sig.inputs if t.high}
     try:
-        report.differential = differential_check(
-            art.run, inputs, input_axes_of({t.name: t.shape for t in sig.inputs}),
-            input_axes_of({t.name: t.shape for t in sig.outputs}), perturbed=0, seed=a.seed,
-            int_high={t.name: t.high for t in sig.inputs if t.high})
+        report.differential = differential_check(art.run, inputs, *axes, perturbed=0, seed=a.seed, int_high=high)
+        if art.can_decode:  # the same through the KV cache: prefill, then the last positions one at a time
+            prompt = max(1, a.seq - 3)
+            report.differential["cached_step"] = {"prompt": prompt, **differential_check(
+                lambda x: art.run_cached(x, prompt), inputs, *axes, perturbed=0, seed=a.seed, int_high=high)}
     except ValueError as e:
         raise MocompileError(f"{a.path}: {e}") from None
     return report
@@ -154,7 +157,8 @@ def cmd_check_isolation(a: argparse.Namespace) -> int:
 
         report, _ = check_spec(a.path, a.variant, seed=a.seed, batch=a.batch, seq=a.seq, passes=a.passes)
     print(json.dumps(report.to_json(), indent=2) if a.json else report.format())
-    dynamic_ok = report.differential is None or report.differential["bitwise_identical"]
+    runs = [report.differential, (report.differential or {}).get("cached_step")]
+    dynamic_ok = all(d["bitwise_identical"] for d in runs if d is not None)
     return 0 if report.verdict == "isolated" and dynamic_ok else EXIT_NOT_ISOLATED
 
 

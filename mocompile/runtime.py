@@ -218,6 +218,20 @@ class LoadedArtifact:
         cache.length += seq
         return self._outputs(result)
 
+    def run_cached(self, inputs: Mapping[str, np.ndarray], prompt: int) -> dict[str, np.ndarray]:
+        """What `run(inputs)` computes, through a fresh KV cache: positions [0, prompt) in one
+        step, then one step per position; the outputs concatenated along the sequence."""
+        name = self.signature.inputs[0].name
+        if name not in inputs:
+            raise ValueError(f"missing input {name!r}")
+        ids = inputs[name]
+        if not 1 <= prompt <= ids.shape[1]:
+            raise ValueError(f"the prompt must cover 1..{ids.shape[1]} positions (got {prompt})")
+        cache = self.new_cache(ids.shape[0], ids.shape[1])
+        spans = [(0, prompt)] + [(t, t + 1) for t in range(prompt, ids.shape[1])]
+        steps = [self.step({name: ids[:, begin:end]}, cache) for begin, end in spans]
+        return {k: np.concatenate([out[k] for out in steps], axis=1) for k in steps[0]}
+
     def generate(self, ids: np.ndarray, new_tokens: int, capacity: int | None = None) -> np.ndarray:
         """Greedy decoding: the prompt ids [batch, prompt] once, then `new_tokens` single-token
         steps each fed the previous argmax; returns the new ids [batch, new_tokens]."""

@@ -100,6 +100,22 @@ def test_multimodal_artifact_has_no_step_and_says_why(tmp_path):
     assert out.stderr.strip().endswith("(decoding needs exactly one input, token ids [batch, seq])")
 
 
+def test_check_isolation_replays_the_cached_step_bit_for_bit(artifacts, capsys):
+    """`check-isolation ARTIFACT` replaces one sample and compares the others through the KV
+    cache too (prefill, then single tokens): the same logits as through `main`, bit for bit."""
+    from mocompile.cli import main
+
+    art = artifacts["latent"]
+    inputs = random_inputs(art.signature, 2, 7, seed=5)
+    cached = art.run_cached(inputs, 4)["logits"]
+    np.testing.assert_allclose(cached, art.run(inputs)["logits"], rtol=0, atol=1e-5 * np.abs(cached).max())
+    assert main(["check-isolation", str(art.path), "--seq", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "cached step (KV cache: prefill 4 positions, then one at a time): samples [1] bit for bit identical" in out
+    with pytest.raises(ValueError, match=r"the prompt must cover 1\.\.7 positions \(got 0\)"):
+        art.run_cached(inputs, 0)
+
+
 def test_cli_generates_through_the_cache(artifacts):
     out = subprocess.run([sys.executable, "-m", "mocompile.cli", "run", str(artifacts["mixtral"].path),
                           "--generate", "3", "--seq", "5", "--batch", "2"], capture_output=True, text=True, check=True)
