@@ -192,9 +192,11 @@ def _generate(art: Any, prompt: dict, new_tokens: int) -> int:
 
     import numpy as np
 
-    ids = next(iter(prompt.values()))
-    cache = art.new_cache(ids.shape[0], ids.shape[1] + new_tokens)  # refuses artifacts without a step function
-    name = art.signature.inputs[0].name
+    positions = sum(a.shape[1] for a in prompt.values())  # a multimodal prompt: every segment, tokens first
+    batch = next(iter(prompt.values())).shape[0]
+    cache = art.new_cache(batch, positions + new_tokens)  # refuses artifacts without a step function
+    name = art.token_input.name
+    ids = prompt[name]
     try:
         t0 = time.perf_counter()
         logits = list(art.step(prompt, cache).values())[0]
@@ -210,8 +212,9 @@ def _generate(art: Any, prompt: dict, new_tokens: int) -> int:
         raise MocompileError(f"{art.path}: {e}") from None
     for b, row in enumerate(np.concatenate(tokens, axis=1)):
         print(f"sample {b}: prompt {ids[b].tolist()} -> {row.tolist()}")
-    print(f"prefill of {ids.shape[1]} tokens: {prefill * 1e3:.3f} ms; decode: {np.median(times) * 1e3:.3f} ms per "
-          f"token (median of {new_tokens}, batch {ids.shape[0]}, KV cache of {cache.capacity} positions)")
+    segments = ", ".join(f"{k} {a.shape[1]}" for k, a in prompt.items())
+    print(f"prefill of {positions} positions ({segments}): {prefill * 1e3:.3f} ms; decode: {np.median(times) * 1e3:.3f} ms per "
+          f"token (median of {new_tokens}, batch {batch}, KV cache of {cache.capacity} positions)")
     return 0
 
 

@@ -8,16 +8,25 @@ this call's along the sequence) and returns the concatenations as new graph outp
 read the longer keys as positions 0..past+seq-1 and put the queries at past.. (ir/ops/
 attention.py). Prefill is past = 0 (zero-size arrays, fine for the interpreter), decode
 seq = 1. The result is what a cached step computes, so the interpreter is the reference for
-past > 0 and the isolation analysis can prove a step keeps samples apart (each cache row
-belongs to its sample). The TVM backend does not lower this graph: its `step` function keeps
-the same cache in place, in its own layout (backends/tvm_cpu/kernels_attention.py).
+past > 0 (`run_cached_graph`) and the isolation analysis can prove a step keeps samples apart
+(each cache row belongs to its sample). The TVM backend does not lower this graph: its `step`
+function keeps the same cache in place, in its own layout (backends/tvm_cpu/kernels_attention.py).
+
+A multimodal graph (one input per segment, joined along the sequence) decodes too: each call's
+positions are its segments in the model's order, after the cached ones, so text tokens can
+follow an image/audio prompt with the other segments empty (zero positions). No single forward
+puts text after audio, so for such graphs the cached graph is the reference of a decode.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
 
 from mocompile.ir.graph import Graph, Node, Value
+from mocompile.ir.interpreter import run as interpret
 from mocompile.ir.types import TensorType
 
 PAST = "past"  # the symbol of the cached positions
@@ -25,16 +34,34 @@ PAST = "past"  # the symbol of the cached positions
 # Ops whose output at a position depends only on the inputs at that position (and weights):
 # with them, a forward over new positions needs the earlier ones only through attention's
 # keys and values, which is what makes a KV cache exact.
+# segment_ids gives each position its segment's id; concat is checked on its own (features, or
+# segments joined along the sequence).
 POSITIONWISE_OPS = frozenset({"embedding", "linear", "rmsnorm", "layernorm", "mlp", "router.topk", "experts", "add",
-                              "mul", "sub", "div", "silu", "gelu", "sigmoid", "relu", "tanh", "dequantize"})
+                              "mul", "sub", "div", "silu", "gelu", "sigmoid", "relu", "tanh", "dequantize",
+                              "segment_ids"})
 # The attention ops and which of their inputs hold keys/values (cached), by short name.
 CACHED_INPUTS = {"attention": {1: "k", 2: "v"}, "attention.mla": {1: "k_nope", 2: "v", 3: "k_rope"}}
 
 
+def token_input(graph: Graph) -> Value | None:
+    """The input that decoding feeds chosen tokens back into: the first of ids [batch, seq]."""
+    return next((v for v in graph.inputs if v.type.rank == 2 and v.type.dtype.startswith("int")), None)
+
+
+def _is_symbol(d: object) -> bool:
+    return isinstance(d, str) and not any(c in d for c in "+*")
+
+
 def decode_support(graph: Graph) -> str | None:
     """None if the graph can run token by token with a KV cache, else why not."""
-    if len(graph.inputs) != 1 or graph.inputs[0].type.rank != 2 or not graph.inputs[0].type.dtype.startswith("int"):
-        return "decoding needs exactly one input, token ids [batch, seq]"
+    if token_input(graph) is None:
+        return "decoding needs a token input, ids [batch, seq], to feed the chosen tokens back"
+    batch = graph.inputs[0].type.shape[0]
+    segments = [v.type.shape[1] for v in graph.inputs if v.type.rank >= 2]
+    for v in graph.inputs:
+        if v.type.rank < 2 or v.type.shape[0] != batch or not _is_symbol(v.type.shape[1]) \
+                or segments.count(v.type.shape[1]) > 1:
+            return f"input {v.name} {v.type} is not a segment [batch, positions, ...] with positions of its own"
     if not any(n.op in CACHED_INPUTS for n in graph.nodes):
         return "the graph has no attention to cache"
     for n in graph.nodes:
@@ -43,6 +70,12 @@ def decode_support(graph: Graph) -> str | None:
                 return f"attention at {n.loc or '?'} is not causal"
             if n.inputs[1].type.shape[1] != n.inputs[0].type.shape[1]:
                 return f"{n.op} at {n.loc or '?'} already reads cached keys"
+        elif n.op == "concat":
+            rank, axis = n.outputs[0].type.rank, n.attrs["axis"] % n.outputs[0].type.rank
+            joined = [t.type.shape[1] for t in n.inputs]
+            segments_joined = axis == 1 and len(set(joined)) == len(joined) and all(d in segments for d in joined)
+            if axis != rank - 1 and not segments_joined:
+                return f"concat at {n.loc or '?'} joins along axis {axis}, which is neither the features nor segments"
         elif n.op == "router.topk" and (n.attrs.get("capacity_factor") is not None
                                         or n.attrs.get("routing", "token_choice") != "token_choice"):
             return f"router.topk at {n.loc or '?'} routes each token by the others (capacity or batch-level routing)"
@@ -52,6 +85,18 @@ def decode_support(graph: Graph) -> str | None:
         elif n.op not in POSITIONWISE_OPS:
             return f"{n.op} at {n.loc or '?'} may mix positions"
     return None
+
+
+def decode_steps(inputs: Mapping[str, np.ndarray], token: str, prompt: int) -> list[dict[str, np.ndarray]]:
+    """The calls that decode `inputs` through a cache: first every segment, the token segment
+    cut to its first `prompt` positions (the prefill), then each later token alone (the other
+    segments empty). For a token model the outputs line up with one forward over `inputs`."""
+    ids = inputs[token]
+    if not 1 <= prompt <= ids.shape[1]:
+        raise ValueError(f"the prompt must cover 1..{ids.shape[1]} positions (got {prompt})")
+    first = {k: a[:, :prompt] if k == token else a for k, a in inputs.items()}
+    return [first, *({k: a[:, t:t + 1] if k == token else a[:, :0] for k, a in inputs.items()}
+                     for t in range(prompt, ids.shape[1]))]
 
 
 @dataclass(frozen=True)
@@ -94,3 +139,18 @@ def cached_graph(graph: Graph) -> CachedGraph:
             entries.append(CacheEntry(past.name, present.name))
     g.nodes = [m for n in g.nodes for m in (*before.get(id(n), ()), n)]
     return CachedGraph(g, entries)
+
+
+def run_cached_graph(cached: CachedGraph, steps: list[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Interpret the cached graph over successive calls from an empty cache (past = 0); each
+    call's outputs other than the cache."""
+    types = {v.name: v.type for v in cached.graph.inputs}
+    batch = next(iter(steps[0].values())).shape[0]
+    cache = {e.past: np.zeros((batch, 0, types[e.past].shape[2]), types[e.past].dtype) for e in cached.entries}
+    presents = {e.present for e in cached.entries}
+    outs = []
+    for step in steps:
+        result = interpret(cached.graph, {**step, **cache})
+        cache = {e.past: result[e.present] for e in cached.entries}
+        outs.append({k: a for k, a in result.items() if k not in presents})
+    return outs
