@@ -72,7 +72,7 @@ def decode_support(graph: Graph) -> str | None:
                 return f"{n.op} at {n.loc or '?'} already reads cached keys"
         elif n.op == "concat":
             rank, axis = n.outputs[0].type.rank, n.attrs["axis"] % n.outputs[0].type.rank
-            joined = [t.type.shape[1] for t in n.inputs]
+            joined = [t.type.shape[1] if t.type.rank > 1 else None for t in n.inputs]
             segments_joined = axis == 1 and len(set(joined)) == len(joined) and all(d in segments for d in joined)
             if axis != rank - 1 and not segments_joined:
                 return f"concat at {n.loc or '?'} joins along axis {axis}, which is neither the features nor segments"
@@ -120,7 +120,6 @@ def cached_graph(graph: Graph) -> CachedGraph:
     if why is not None:
         raise ValueError(f"{graph.name}: cannot cache keys and values: {why}")
     g = graph.clone()
-    g.meta = {**g.meta, "kv_cache": True}
     before: dict[int, list[Node]] = {}
     entries: list[CacheEntry] = []
     for node in list(g.nodes):
@@ -131,8 +130,7 @@ def cached_graph(graph: Graph) -> CachedGraph:
             new: Value = node.inputs[index]
             batch, _, width = new.type.shape
             past = g.add_input(f"past.{layer}.{what}", TensorType((batch, PAST, width), new.type.dtype))
-            present = g.add(
-                "concat", past, new, axis=1, loc=node.loc, name=f"present.{layer}.{what}")
+            present = g.add("concat", past, new, axis=1, loc=node.loc, name=f"present.{layer}.{what}")
             before.setdefault(id(node), []).append(g.nodes.pop())  # placed in front of `node` below
             node.inputs[index] = present
             g.outputs.append(present)

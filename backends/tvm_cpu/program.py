@@ -15,7 +15,8 @@ and, for graphs that can decode with a KV cache (mocompile.kv_cache.decode_suppo
 
     step(*inputs, past, *caches, *weights) -> outputs
 
-- inputs cover positions past..past+seq-1 (prefill: past = 0; decode: seq = 1);
+- inputs cover positions past..past+seq-1, seq the sum of the segments' lengths in input order
+  (prefill: past = 0; decode: seq = 1; a multimodal model's other segments may be empty);
 - past: a shape value (ShapeTuple([past])), the positions already in the cache;
 - caches: float32 tensors in `cache` order, shapes as listed there with the symbols
   "batch" and "cache_len" (any multiple of kernels_attention.KB >= past + seq, the same for
