@@ -7,8 +7,8 @@ What is measured, exactly: "prefill" rows are a forward over all positions; "dec
 are one single-token step after a prompt of PAST positions held in a KV cache, on every side
 (artifact: its `step` function; torch: the reference model with a Hugging Face style cache,
 dsl/kv_cache.py, eagerly, under torch.compile and as an ONNX export taking the cache as
-inputs). A multimodal model (whose artifact decodes text after an image/audio prompt, but
-whose torch reference has no cached path here) gets "forward" rows: a one-position forward
+inputs). A multimodal model (whose artifact decodes text after an image/audio prompt; the
+cached torch step here takes token ids only) gets "forward" rows: a one-position forward
 without cache on every side.
 """
 
@@ -246,7 +246,7 @@ def main() -> None:
         f"(below 1 means the artifact is faster). `decode` rows: one single-token step after {PAST} positions held "
         "in a KV cache on every side (artifact: its cached `step` function; torch: the reference model with a "
         "Hugging Face style cache, `dsl/kv_cache.py`, eager / torch.compile / ONNX export with the cache as "
-        "inputs). `forward` rows (multimodal inputs: the torch side has no cached path for them): a one-position "
+        "inputs). `forward` rows (multimodal inputs: the cached torch step here takes token ids only): a one-position "
         "forward without cache on every side. `prefill` rows: a forward over all positions. ONNX Runtime runs a torch.onnx (dynamo) export per shape, with the experts in their loop-free gathered "
         "form (`Experts.forward_gathered`: same arithmetic, only the chosen experts read), checked against eager.",
         "",
@@ -321,7 +321,8 @@ Read the ratios above; they are from one run on a shared 2-core machine. What th
   torch side keeps the Hugging Face convention (`torch.cat` of past and new keys per layer, rope on the new
   positions only), so both do the same arithmetic per token. unified_tiny (text + image + audio inputs) gets
   one-position forwards without a cache on every side (`forward`): its artifact decodes text after a multimodal
-  prompt, but the torch reference's cached step (dsl/kv_cache.py) takes token ids only.
+  prompt (checked against the torch reference's `CachedStep.segments` in tests/test_decode.py), but the decode
+  row here (torch.compile, ONNX export with the cache as inputs) takes token ids only; not yet wired.
 - **Roofline:** bytes = active parameters per token (every dense weight, top-k experts per MoE layer, one
   embedding row) x 4 bytes, over the measured copy bandwidth. The example models are tiny (0.4-0.5 M active
   parameters, ~2 MB, which sit in cache), so a batch-1 step (~25 kernel calls through the Relax VM) is bound by

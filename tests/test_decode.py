@@ -115,6 +115,18 @@ def test_text_decodes_after_a_multimodal_prompt(tmp_path):
                            [prompt, {"text": token, **empty}])
     np.testing.assert_allclose(second, ref[1]["logits"], rtol=0, atol=1e-5 * np.abs(second).max())
     np.testing.assert_array_equal(art.generate(prompt, 3)[:, 0], token[:, 0])
+    # the torch reference decoding the same way (dsl/kv_cache.py): an independent check
+    import torch
+
+    from mocompile.dsl import build_model, load_spec
+    from mocompile.dsl.kv_cache import CachedStep
+
+    step = CachedStep(build_model(load_spec(EXAMPLES / "unified_tiny.moe"), seed=0))
+    with torch.no_grad():
+        logits, *past = step.segments({k: torch.from_numpy(a) for k, a in prompt.items()})
+        torch_second = step.segments({"text": torch.from_numpy(token)}, *past)[0].numpy()
+    np.testing.assert_allclose(logits.numpy(), first, rtol=0, atol=1e-4 * np.abs(first).max())
+    np.testing.assert_allclose(torch_second, second, rtol=0, atol=1e-4 * np.abs(second).max())
     with pytest.raises(ValueError, match="a step needs at least one position"):
         art.step({}, cache)
     out = subprocess.run([sys.executable, "-m", "mocompile.cli", "run", str(tmp_path / "uni"), "--generate", "2"],
