@@ -83,8 +83,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
           f"(tolerance {v['tolerance']:g}), max abs error {max(c['max_abs_error'] for c in v['checks']):.2e}")
     dec = art.manifest.get("decode_verification")
     if dec:
-        print(f"cached decoding verified: prompt {dec['prompt']} + {dec['new_tokens']} tokens one at a time match the "
-              f"full-sequence forward, max relative error {dec['max_rel_error']:.2e}")
+        print(f"cached decoding verified: prompt {dec['prompt']} + {dec['new_tokens']} tokens one at a time match "
+              f"{dec['reference']}, max relative error {dec['max_rel_error']:.2e}")
     drift = art.manifest.get("drift_from_fp32")
     if drift:
         top1 = [c["top1_agreement"] for c in drift["checks"] if "top1_agreement" in c]
