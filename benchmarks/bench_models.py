@@ -7,8 +7,9 @@ What is measured, exactly: "prefill" rows are a forward over all positions; "dec
 are one single-token step after a prompt of PAST positions held in a KV cache, on every side
 (artifact: its `step` function; torch: the reference model with a Hugging Face style cache,
 dsl/kv_cache.py, eagerly, under torch.compile and as an ONNX export taking the cache as
-inputs). A model that cannot decode with a cache (multimodal inputs) gets "forward" rows:
-a one-position forward without cache on every side.
+inputs). A multimodal model (whose artifact decodes text after an image/audio prompt; the
+cached torch step here takes token ids only) gets "forward" rows: a one-position forward
+without cache on every side.
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ def bench_example(name: str, bandwidth: float) -> list[dict]:
     compiled = torch.compile(model)
     rows = []
     for kind, batch, tokens in CASES:
-        if kind == "decode" and art.can_decode:
+        if kind == "decode" and art.can_decode and len(art.signature.inputs) == 1:
             row = decode_row(name.removesuffix(".moe"), art, model, batch)
         else:
             seq = max(1, tokens // segments)  # a multimodal model splits the positions over its segments
@@ -284,7 +285,7 @@ def main() -> None:
         f"(below 1 means the artifact is faster). `decode` rows: one single-token step after {PAST} positions held "
         "in a KV cache on every side (artifact: its cached `step` function; torch: the reference model with a "
         "Hugging Face style cache, `dsl/kv_cache.py`, eager / torch.compile / ONNX export with the cache as "
-        "inputs). `forward` rows (a model that cannot decode with a cache: multimodal inputs): a one-position "
+        "inputs). `forward` rows (multimodal inputs: the cached torch step here takes token ids only): a one-position "
         "forward without cache on every side. `prefill` rows: a forward over all positions. ONNX Runtime runs a torch.onnx (dynamo) export per shape, with the experts in their loop-free gathered "
         "form (`Experts.forward_gathered`: same arithmetic, only the chosen experts read), checked against eager.",
         "",
@@ -367,8 +368,10 @@ One run on a shared 2-core machine; ratios move by 10-30% between runs.
 - **Decode** rows are real cached steps on every side: the artifact's `step` function appends one
   token to a KV cache of 64 positions; the torch columns run the reference model with a Hugging Face
   style cache (`dsl/kv_cache.py`), eagerly, under torch.compile, and as an ONNX export that takes the
-  cache as inputs. unified_tiny takes three modality segments and has no cached step (its manifest
-  says why), so its rows are one-position forwards without cache on every side.
+  cache as inputs. unified_tiny (text + image + audio inputs) gets one-position forwards without a
+  cache on every side (`forward` rows): its artifact decodes text after a multimodal prompt (checked
+  against the torch reference's `CachedStep.segments` in tests/test_decode.py), but the torch.compile
+  and ONNX decode paths here take token ids only; not yet wired.
 - **ONNX Runtime** runs the experts in their loop-free gathered form (the HF-style expert loop does
   not export), which copies each (token, slot)'s expert weights: fine for decode, memory-heavy for long
   prefill (hence its prefill times).
@@ -376,7 +379,7 @@ One run on a shared 2-core machine; ratios move by 10-30% between runs.
   step reads, over the measured copy bandwidth, i.e. a DRAM stream. The example models' weights
   (5-7 MB) stay in the L3 cache between steps, so DRAM bandwidth is not what bounds them. The cached
   decode steps of mixtral_tiny and deepseek_tiny land at 1.2-1.5x of it (1.5x is the target); the
-  multimodal unified_tiny, which has no cached step and runs a three-segment forward, does not. The
+  three-segment forward of unified_tiny (timed without its cache, see above) does not. The
   profile above shows where a step of these tiny models goes: kernel launches are cheap (the
   launch column), but every step also makes 400-550 VM builtin calls (shape arithmetic, tensor
   allocation, reshapes and checks for the symbolic batch/sequence shapes) against 56-72 kernel

@@ -224,30 +224,40 @@ def verify_artifact(artifact: LoadedArtifact, reference: Reference, shapes: list
     return result
 
 
-def verify_decode(artifact: LoadedArtifact, reference: Reference, batch: int, prompt: int, new_tokens: int,
-                  seed: int) -> dict[str, Any]:
-    """Prefill `prompt` positions into a KV cache, then decode `new_tokens` one at a time; each
-    step's outputs must match the reference's outputs at those positions of one full-sequence
-    forward (within TOLERANCE): the cache must change nothing but the work done."""
+def verify_decode(artifact: LoadedArtifact, graph: Graph, reference: Reference, batch: int, prompt: int,
+                  new_tokens: int, seed: int) -> dict[str, Any]:
+    """Prefill `prompt` tokens (and every other segment) into a KV cache, then decode
+    `new_tokens` one at a time; each step's outputs must match (within TOLERANCE) the
+    reference's outputs at those positions of one full-sequence forward: the cache must change
+    nothing but the work done. A multimodal model's tokens follow its other segments, an order
+    no single forward computes: there the reference is the IR interpreter on the cached graph
+    (kv_cache.py), which tests hold to the full-sequence forward of token models."""
+    from mocompile.kv_cache import cached_graph, decode_steps, run_cached_graph, token_input
+
     full = random_inputs(artifact.signature, batch, prompt + new_tokens, seed)
-    (name, ids), = full.items()
-    ref = list(reference.run(full).values())[0]
-    cache = artifact.new_cache(batch, prompt + new_tokens)
-    worst, where = 0.0, ""
-    spans = [(0, prompt)] + [(t, t + 1) for t in range(prompt, prompt + new_tokens)]
-    for begin, end in spans:
-        got = list(artifact.step({name: ids[:, begin:end]}, cache).values())[0]
-        rel = relative_error(got, ref[:, begin:end])[1]
+    steps = decode_steps(full, token_input(graph).name, prompt)
+    got = list(artifact.run_cached(full, prompt).values())[0]
+    if len(full) == 1:
+        ref, against = list(reference.run(full).values())[0], f"the {reference.name} on the full sequence"
+    else:
+        outs = run_cached_graph(cached_graph(graph), steps)
+        ref, against = np.concatenate([o[graph.outputs[0].name] for o in outs], axis=1), "the IR's cached graph"
+    worst, where, begin = 0.0, "", 0
+    for step in steps:
+        end = begin + sum(a.shape[1] for a in step.values())
+        rel = relative_error(got[:, begin:end], ref[:, begin:end])[1]
         if rel > worst:
             worst, where = rel, f"positions {begin}..{end - 1}"
+        begin = end
     allowed = TOLERANCE
-    if reference.noisy is not None and not worst <= TOLERANCE:
-        allowed = max(TOLERANCE, 2 * rounding_envelope(reference, full, [ref])[0])
-    result = {"reference": reference.name, "batch": batch, "prompt": prompt, "new_tokens": new_tokens,
+    if reference.noisy is not None and not worst <= TOLERANCE:  # rounding points: see Reference
+        whole = list(reference.run(full).values())[0]
+        allowed = max(TOLERANCE, 2 * rounding_envelope(reference, full, [whole])[0])
+    result = {"reference": against, "batch": batch, "prompt": prompt, "new_tokens": new_tokens,
               "max_rel_error": worst, "allowed": allowed}
     if not worst <= allowed:
-        raise VerificationError(f"cached decoding disagrees with the {reference.name} on the full sequence: relative "
-                                f"error {worst:.3g} > {allowed:.3g} at {where}")
+        raise VerificationError(f"cached decoding disagrees with {against}: relative error {worst:.3g} > "
+                                f"{allowed:.3g} at {where}")
     return result
 
 
@@ -264,6 +274,16 @@ def check_batch_isolation(graph: Graph, src: Source, batch: int, seq: int, seed:
 
     inputs = random_inputs(signature_of(graph, src.int_high), max(batch, 2), seq, seed)
     return check_graph(graph, inputs, int_high=src.int_high, seed=seed)
+
+
+def cached_step_isolation(graph: Graph) -> str | None:
+    """The isolation verdict of the graph's KV-cached form (the cache rows are per sample, so
+    a step is isolated when the forward is; this proves it rather than assumes it), or None
+    for a graph that cannot decode with a cache."""
+    from mocompile.isolation import analyze
+    from mocompile.kv_cache import cached_graph, decode_support
+
+    return None if decode_support(graph) is not None else analyze(cached_graph(graph).graph).verdict
 
 
 def _witness_note(report: IsolationReport) -> str:
@@ -350,6 +370,9 @@ def compile(
     say(f"      batch isolation: {isolation.summary()}")
     if require_isolation and isolation.verdict != "isolated":
         raise MocompileError(f"batch isolation required, but {isolation.summary()}{_witness_note(isolation)}")
+    step_isolation = cached_step_isolation(graph)
+    if require_isolation and step_isolation not in (None, "isolated"):
+        raise MocompileError(f"batch isolation required, but the KV-cached step's verdict is {step_isolation}")
     exact = all(getattr(p, "preserves_semantics", True) for p in manager.passes)
     reference = eager_reference(src.module) if exact else interpreter_reference(graph)
     out_dir = Path(out_dir or f"build/{src.name}")
@@ -373,7 +396,8 @@ def compile(
         shapes = [(1, seq)] + ([(batch, seq)] if batch != 1 else [])
         manifest["verification"] = verify_artifact(staged, reference, shapes, seed)
         if staged.can_decode:
-            manifest["decode_verification"] = verify_decode(staged, reference, batch, seq, 4, seed)
+            manifest["decode_verification"] = {**verify_decode(staged, graph, reference, batch, seq, 4, seed),
+                                               "isolation": step_isolation}
         if not exact:  # what the approximating passes cost against the unmodified model
             manifest["drift_from_fp32"] = compare_to_reference(staged, eager_reference(src.module), shapes, seed)
         manifest["compile_seconds"] = round(time.perf_counter() - t0, 3)

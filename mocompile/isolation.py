@@ -133,6 +133,11 @@ class IsolationReport:
             d = self.differential
             lines.append(f"  compiled artifact: sample {d['perturbed_sample']} replaced; samples "
                          f"{d['compared_samples']} {_differential_outcome(d)}")
+            step = d.get("cached_step")
+            if step:
+                lines.append(f"  cached step (KV cache: prefill of {step['prompt']} tokens and any other segments, then one "
+                             "token at a time): "
+                             f"samples {step['compared_samples']} {_differential_outcome(step)}")
         return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from mocompile.artifact import read_manifest
 from mocompile.errors import ArtifactError
 from mocompile.ir.types import TensorType, bind_shape
+from mocompile.kv_cache import decode_steps
 from mocompile.threads import configure_tvm_threads
 
 
@@ -165,7 +166,10 @@ class LoadedArtifact:
         """Inputs as TVM tensors sharing the arrays' memory (DLPack; TVM wants 64-byte aligned
         data, so an unaligned array is copied once into an aligned one): a copy through
         tvm.runtime.tensor costs more than a small model's decode step spends in some kernels."""
-        return [self._from_dlpack(_aligned(arrays[t.name])) for t in self.signature.inputs]
+        # An empty segment (a decode step of a multimodal model) is copied: numpy gives zero-size
+        # arrays strides TVM refuses.
+        return [self._tensor(a) if a.size == 0 else self._from_dlpack(_aligned(a))
+                for a in (arrays[t.name] for t in self.signature.inputs)]
 
     def _outputs(self, result: Any) -> dict[str, np.ndarray]:
         outs = list(result) if len(self.signature.outputs) > 1 else [result]
@@ -202,36 +206,64 @@ class LoadedArtifact:
         step = self._require_step()
         return KVCache(step["cache"], batch, capacity or step.get("max_positions") or 2048, step["block"], self._tensor)
 
+    @property
+    def token_input(self) -> TensorSpec:
+        """The input decoding feeds the chosen tokens back into (ids [batch, seq])."""
+        return next(t for t in self.signature.inputs if len(t.shape) == 2 and t.dtype.startswith("int"))
+
     def step(self, inputs: Mapping[str, np.ndarray], cache: KVCache) -> dict[str, np.ndarray]:
         """Forward over the next positions of every sequence in `cache` (the whole prompt
-        first, then one token at a time), appending their keys and values to it."""
+        first, then one token at a time), appending their keys and values to it. A multimodal
+        model's segments left out are empty this step: `step({"text": ids}, cache)` after an
+        image/audio prompt continues with text."""
         self._require_step()
         arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+        batch = next(iter(arrays.values())).shape[0] if arrays else cache.batch
+        for t in self.signature.inputs:
+            if t.name not in arrays:
+                arrays[t.name] = np.zeros([batch if d == "batch" else d if isinstance(d, int) else 0 for d in t.shape],
+                                          t.dtype)
         self._check(arrays)
-        first = arrays[self.signature.inputs[0].name]
-        batch, seq = first.shape[0], first.shape[1]
+        seq = sum(a.shape[1] for a in arrays.values())
         if batch != cache.batch:
             raise ValueError(f"the cache holds {cache.batch} sequences, the inputs {batch}")
+        if seq == 0:
+            raise ValueError("a step needs at least one position")
         if cache.length + seq > cache.capacity:
             raise ValueError(f"the cache holds {cache.length} of {cache.capacity} positions; {seq} more do not fit")
         result = self._step(*self._inputs(arrays), self._shape([cache.length]), *cache.tensors, *self._weights)
         cache.length += seq
         return self._outputs(result)
 
-    def generate(self, ids: np.ndarray, new_tokens: int, capacity: int | None = None) -> np.ndarray:
-        """Greedy decoding: the prompt ids [batch, prompt] once, then `new_tokens` single-token
-        steps each fed the previous argmax; returns the new ids [batch, new_tokens]."""
-        spec = self.signature.inputs[0]
-        ids = np.asarray(ids, dtype=spec.dtype)
-        cache = self.new_cache(ids.shape[0], capacity or ids.shape[1] + new_tokens)
+    def run_cached(self, inputs: Mapping[str, np.ndarray], prompt: int) -> dict[str, np.ndarray]:
+        """`inputs` through a fresh KV cache (kv_cache.decode_steps: every segment with the first
+        `prompt` tokens, then one token per step); the outputs concatenated along the sequence in
+        that order (for a token model: what `run(inputs)` computes)."""
+        missing = [t.name for t in self.signature.inputs if t.name not in inputs]
+        if missing:
+            raise ValueError(f"missing input {missing[0]!r}")
+        steps = decode_steps(inputs, self.token_input.name, prompt)
+        cache = self.new_cache(next(iter(inputs.values())).shape[0], sum(a.shape[1] for a in inputs.values()))
+        outs = [self.step(x, cache) for x in steps]
+        return {k: np.concatenate([out[k] for out in outs], axis=1) for k in outs[0]}
+
+    def generate(self, prompt: np.ndarray | Mapping[str, np.ndarray], new_tokens: int,
+                 capacity: int | None = None) -> np.ndarray:
+        """Greedy decoding: the prompt (token ids [batch, prompt], or every segment of a
+        multimodal model by name) once, then `new_tokens` single-token steps each fed the
+        previous argmax; returns the new ids [batch, new_tokens]."""
+        spec = self.token_input
+        inputs = dict(prompt) if isinstance(prompt, Mapping) else {spec.name: np.asarray(prompt, dtype=spec.dtype)}
+        batch = next(iter(inputs.values())).shape[0]
+        cache = self.new_cache(batch, capacity or sum(a.shape[1] for a in inputs.values()) + new_tokens)
         out = []
-        logits = self.step({spec.name: ids}, cache)[self.signature.outputs[0].name]
+        logits = self.step(inputs, cache)[self.signature.outputs[0].name]
         for i in range(new_tokens):
             token = logits[:, -1].argmax(-1).astype(spec.dtype)[:, None]
             out.append(token)
             if i + 1 < new_tokens:
                 logits = self.step({spec.name: token}, cache)[self.signature.outputs[0].name]
-        return np.concatenate(out, axis=1) if out else np.zeros((ids.shape[0], 0), spec.dtype)
+        return np.concatenate(out, axis=1) if out else np.zeros((batch, 0), spec.dtype)
 
     def time_run(self, inputs: Mapping[str, np.ndarray], repeat: int = 10) -> float:
         """Median seconds per call (after one warm-up call)."""

@@ -1,10 +1,13 @@
 """Incremental decoding with a KV cache: the artifact's `step` function (prefill, then one
 token at a time) gives the outputs of one full-sequence forward, per sample, for GQA and
-latent (MLA) attention, fp32 and quantized; the cache is bounded and refuses misuse."""
+latent (MLA) attention, fp32 and quantized, and text after a multimodal prompt; the cache is
+bounded and refuses misuse. The IR's cached graph (mocompile/kv_cache.py) is the interpreter
+reference for past > 0 and is proven batch-isolated."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -88,15 +91,92 @@ def test_cache_is_bounded_and_checked(artifacts):
     np.testing.assert_array_equal(first, art.run({"text": np.ones((1, 3), np.int64)})["logits"])
 
 
-def test_multimodal_artifact_has_no_step_and_says_why(tmp_path):
+def test_text_decodes_after_a_multimodal_prompt(tmp_path):
+    """unified_tiny (text, image, audio): the prefill step over every segment is the plain
+    forward; text tokens then follow with the other segments empty, as the IR's cached graph
+    computes (the compile checks it too); the CLI generates through the cache."""
+    from mocompile.compiler import lower_source, source_for
+    from mocompile.kv_cache import cached_graph, run_cached_graph
+
     art = compile(EXAMPLES / "unified_tiny.moe", out_dir=tmp_path / "uni")
-    assert not art.can_decode and "one input" in art.manifest["program"]["no_step_reason"]
+    assert art.can_decode and art.token_input.name == "text"
+    dec = art.manifest["decode_verification"]
+    assert dec["reference"] == "the IR's cached graph" and dec["max_rel_error"] <= 1e-4
+    prompt = random_inputs(art.signature, 2, 5, seed=7)
+    cache = art.new_cache(2, 32)
+    first = art.step(prompt, cache)["logits"]
+    np.testing.assert_array_equal(first, art.run(prompt)["logits"])
+    assert cache.length == 15
+    token = first[:, -1:].argmax(-1)
+    second = art.step({"text": token}, cache)["logits"]
+    assert second.shape == (2, 1, 512) and cache.length == 16
+    empty = {k: a[:, :0] for k, a in prompt.items() if k != "text"}
+    ref = run_cached_graph(cached_graph(lower_source(source_for(EXAMPLES / "unified_tiny.moe", None, None, 0))),
+                           [prompt, {"text": token, **empty}])
+    np.testing.assert_allclose(second, ref[1]["logits"], rtol=0, atol=1e-5 * np.abs(second).max())
+    np.testing.assert_array_equal(art.generate(prompt, 3)[:, 0], token[:, 0])
+    # the torch reference decoding the same way (dsl/kv_cache.py): an independent check
+    import torch
+
+    from mocompile.dsl import build_model, load_spec
+    from mocompile.dsl.kv_cache import CachedStep
+
+    step = CachedStep(build_model(load_spec(EXAMPLES / "unified_tiny.moe"), seed=0))
+    with torch.no_grad():
+        logits, *past = step.segments({k: torch.from_numpy(a) for k, a in prompt.items()})
+        torch_second = step.segments({"text": torch.from_numpy(token)}, *past)[0].numpy()
+    np.testing.assert_allclose(logits.numpy(), first, rtol=0, atol=1e-4 * np.abs(first).max())
+    np.testing.assert_allclose(torch_second, second, rtol=0, atol=1e-4 * np.abs(second).max())
+    with pytest.raises(ValueError, match="a step needs at least one position"):
+        art.step({}, cache)
+    out = subprocess.run([sys.executable, "-m", "mocompile.cli", "run", str(tmp_path / "uni"), "--generate", "2"],
+                         capture_output=True, text=True, check=True)
+    assert "prefill of 24 positions (text 8, image 8, audio 8)" in out.stdout.splitlines()[-1]
+
+
+def test_artifact_without_a_step_says_why(tmp_path):
+    """A graph that cannot decode (here: float features, no token input) has no step; asking
+    for one names why, in one line from the CLI."""
+    import torch
+
+    from mocompile.ir.types import TensorType
+
+    class Proj(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 4)
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            return self.proj(input)
+
+    torch.manual_seed(0)
+    art = compile(Proj(), out_dir=tmp_path / "proj",
+                  input_types={"input": TensorType(("batch", "seq", 8), "float32")})
+    reason = "decoding needs a token input, ids [batch, seq], to feed the chosen tokens back"
+    assert not art.can_decode and art.manifest["program"]["no_step_reason"] == reason
     with pytest.raises(ArtifactError, match="no cached step function"):
         art.new_cache(1)
-    out = subprocess.run([sys.executable, "-m", "mocompile.cli", "run", str(tmp_path / "uni"), "--generate", "2"],
+    out = subprocess.run([sys.executable, "-m", "mocompile.cli", "run", str(tmp_path / "proj"), "--generate", "2"],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert out.stderr.strip().endswith("(decoding needs exactly one input, token ids [batch, seq])")
+    assert out.stderr.strip().endswith(f"({reason})")
+
+
+def test_check_isolation_replays_the_cached_step_bit_for_bit(artifacts, capsys):
+    """`check-isolation ARTIFACT` replaces one sample and compares the others through the KV
+    cache too (prefill, then single tokens): the same logits as through `main`, bit for bit."""
+    from mocompile.cli import main
+
+    art = artifacts["latent"]
+    inputs = random_inputs(art.signature, 2, 7, seed=5)
+    cached = art.run_cached(inputs, 4)["logits"]
+    np.testing.assert_allclose(cached, art.run(inputs)["logits"], rtol=0, atol=1e-5 * np.abs(cached).max())
+    assert main(["check-isolation", str(art.path), "--seq", "7"]) == 0
+    out = capsys.readouterr().out
+    assert ("cached step (KV cache: prefill of 4 tokens and any other segments, then one token at a time): "
+            "samples [1, 2] bit for bit identical") in out
+    with pytest.raises(ValueError, match=r"the prompt must cover 1\.\.7 positions \(got 0\)"):
+        art.run_cached(inputs, 0)
 
 
 def test_cli_generates_through_the_cache(artifacts):
@@ -131,3 +211,71 @@ def test_reference_model_cache_matches_full_forward(example):
     assert past[0].shape[2] == 10
     assert torch.allclose(torch.cat(outs, dim=1), ref, rtol=1e-4, atol=1e-4)
     assert all(core.cache is None for core in step.cores)  # tracing sees the plain model again
+
+
+# ---- the IR's cached form: the reference for past > 0 ------------------------------------------
+def _graph(example: str):
+    from mocompile.compiler import lower_source, source_for
+
+    return lower_source(source_for(EXAMPLES / f"{example}.moe", None, None, 0))
+
+
+@pytest.mark.parametrize("example", ["mixtral_tiny", "deepseek_tiny", "latent_tiny"])
+def test_interpreter_on_the_cached_graph_matches_the_full_sequence(example):
+    """Prefill (past = 0, zero-size caches), a second chunk and single tokens through the
+    cached IR graph give the interpreter's full-sequence logits."""
+    from mocompile.ir.interpreter import run
+    from mocompile.kv_cache import cached_graph, run_cached_graph
+
+    graph = _graph(example)
+    cached = cached_graph(graph)
+    inputs = {v.name: v for v in cached.graph.inputs}
+    assert [v.name for v in cached.graph.outputs] == ["logits", *(e.present for e in cached.entries)]
+    assert all(inputs[e.past].type.shape[:2] == ("batch", "past") for e in cached.entries)
+    ids = np.random.default_rng(3).integers(0, 512, (2, 9)).astype(np.int64)
+    ref = run(graph, {"text": ids})["logits"]
+    outs = run_cached_graph(cached, [{"text": ids[:, b:e]} for b, e in [(0, 4), (4, 7), (7, 8), (8, 9)]])
+    assert list(outs[0]) == ["logits"]
+    got = np.concatenate([o["logits"] for o in outs], axis=1)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_cached_graph_is_proven_isolated_and_recorded(artifacts):
+    """The cache rows are inputs and outputs with the sample on axis 0; the analysis proves a
+    step keeps samples apart, and compile records it."""
+    from mocompile.isolation import analyze
+    from mocompile.kv_cache import cached_graph
+
+    cached = cached_graph(_graph("latent_tiny"))
+    report = analyze(cached.graph)
+    assert report.verdict == "isolated", report.format()
+    assert all(report.inputs[e.past] == report.outputs[e.present] == "axis 0" for e in cached.entries)
+    assert all(a.manifest["decode_verification"]["isolation"] == "isolated" for a in artifacts.values())
+
+
+def test_graphs_that_cannot_be_cached_say_why():
+    from mocompile.compiler import lower_source, source_for
+    from mocompile.dsl import parse_spec
+    from mocompile.kv_cache import cached_graph
+
+    text = re.sub(r"top_k\s*=\s*2", "top_k = 2  capacity_factor = 1.0", (EXAMPLES / "mixtral_tiny.moe").read_text())
+    spec = parse_spec(text, "capacity.moe")
+    with pytest.raises(ValueError, match="routes each token by the others"):
+        cached_graph(lower_source(source_for(spec, None, None, 0)))
+
+
+def test_attention_reads_longer_keys_as_earlier_positions_only():
+    from mocompile.ir.registry import get_op
+
+    attrs = {"heads": 2, "kv_heads": 1, "head_dim": 4, "rope_theta": 10000.0, "causal": True}
+    q, k = np.ones((1, 3, 8), np.float32), np.ones((1, 2, 4), np.float32)
+    with pytest.raises(ValueError, match="2 key positions cannot cover 3 query positions"):
+        get_op("attention").compute([q, k, k], attrs)
+
+
+def test_tvm_backend_refuses_the_cached_ir_graph_in_one_line():
+    from mocompile.backends.tvm_cpu.lower import LoweringError, lower
+    from mocompile.kv_cache import cached_graph
+
+    with pytest.raises(LoweringError, match=r"^attention at layers\.0\.attn\.core: keys cover earlier positions"):
+        lower(cached_graph(_graph("mixtral_tiny")).graph)

@@ -364,7 +364,7 @@ def test_cli_check_isolation_on_an_artifact(tmp_path, capsys, monkeypatch, routi
     recorded = analyze(graph).to_json()
     sig = Signature((TensorSpec("x", "float32", ("batch", "seq", HIDDEN)),),
                     (TensorSpec("experts", "float32", ("batch", "seq", HIDDEN)),))
-    fake = SimpleNamespace(manifest={"isolation": recorded}, signature=sig, run=_runner(graph))
+    fake = SimpleNamespace(manifest={"isolation": recorded}, signature=sig, run=_runner(graph), can_decode=False)
     monkeypatch.setattr(mocompile.runtime, "load", lambda path: fake)
     assert main(["check-isolation", str(tmp_path)]) == code
     out = capsys.readouterr().out

@@ -27,6 +27,7 @@ from mocompile.backends.tvm_cpu.tir_util import NAME_ATTR
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph, Node, Value
 from mocompile.ir.types import Dim, dim_terms
+from mocompile.kv_cache import decode_support
 
 Lowering = Callable[["LowerContext", Node], Sequence[relax.Expr]]
 CACHE_LEN = "cache_len"  # the symbol of the cache tensors' length axis
@@ -310,29 +311,3 @@ def lower(graph: Graph, cached_step: bool = True, tuning: Mapping[str, Mapping] 
                           [slot.to_json() for slot in step.cache] if step else None, why_not,
                           {"main": ctx.kernel_calls, **({"step": step.kernel_calls} if step else {})},
                           list(ctx.matmuls.values()))
-
-
-# Ops whose output at a position depends only on the inputs at that position (and weights):
-# with them, a forward over new positions needs the earlier ones only through attention's
-# keys and values, which is what makes a KV cache exact.
-POSITIONWISE_OPS = frozenset({"embedding", "linear", "rmsnorm", "layernorm", "mlp", "router.topk", "experts", "add",
-                              "mul", "sub", "div", "silu", "gelu", "sigmoid", "relu", "tanh", "dequantize"})
-CACHED_ATTENTION_OPS = frozenset({"attention", "attention.mla"})
-
-
-def decode_support(graph: Graph) -> str | None:
-    """None if the graph can run token by token with a KV cache, else why not."""
-    if len(graph.inputs) != 1 or graph.inputs[0].type.rank != 2 or not graph.inputs[0].type.dtype.startswith("int"):
-        return "decoding needs exactly one input, token ids [batch, seq]"
-    if not any(n.op in CACHED_ATTENTION_OPS for n in graph.nodes):
-        return "the graph has no attention to cache"
-    for n in graph.nodes:
-        if n.op in CACHED_ATTENTION_OPS:
-            if n.op == "attention" and not n.attrs["causal"]:
-                return f"attention at {n.loc or '?'} is not causal"
-        elif n.op == "quantize_act":
-            if n.attrs["mode"] == "tensor":
-                return f"quantize_act at {n.loc or '?'} takes its scale over all positions"
-        elif n.op not in POSITIONWISE_OPS:
-            return f"{n.op} at {n.loc or '?'} may mix positions"
-    return None

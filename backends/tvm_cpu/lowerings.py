@@ -206,6 +206,10 @@ def _keys_and_values(ctx: LowerContext, node: Node, keys, key_args: list, rows: 
     plain forward; in the step function, the layer's caches with this call's positions
     written in place at past.. (so the kernel sees every position so far)."""
     b, s = ctx.shape(v)[:2]
+    if v.type.shape[1] != node.inputs[0].type.shape[1]:
+        raise LoweringError(f"{node.op} at {node.loc or '?'}: keys cover earlier positions than the queries (an IR "
+                            "graph with its KV cache as inputs); this backend caches keys in its own step function: "
+                            "compile the graph without the cache")
     if ctx.cache is None:
         kt = ctx.call(keys, [*key_args, ctx.past], [((b, rows, qk_dim, padded_len(s)), F32)])
         return kt, ctx.value(v)

@@ -11,11 +11,12 @@ Calling convention of `main` (what an artifact writer / runtime must follow):
   pack` re-derives it from the graph's (torch-layout) weights;
 - outputs: `output_names` order; a tuple when there are several.
 
-and, for graphs that can decode with a KV cache (lower.decode_support), of `step`:
+and, for graphs that can decode with a KV cache (mocompile.kv_cache.decode_support), of `step`:
 
     step(*inputs, past, *caches, *weights) -> outputs
 
-- inputs cover positions past..past+seq-1 (prefill: past = 0; decode: seq = 1);
+- inputs cover positions past..past+seq-1, seq the sum of the segments' lengths in input order
+  (prefill: past = 0; decode: seq = 1; a multimodal model's other segments may be empty);
 - past: a shape value (ShapeTuple([past])), the positions already in the cache;
 - caches: float32 tensors in `cache` order, shapes as listed there with the symbols
   "batch" and "cache_len" (any multiple of kernels_attention.KB >= past + seq, the same for

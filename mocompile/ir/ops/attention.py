@@ -3,6 +3,11 @@
 The q/k/v/o projections are ordinary `linear` ops around it, so quantization and
 scheduling treat them like any other matmul; this op is only what cannot be a matmul.
 Tensors stay [batch, seq, heads*head_dim] so no reshapes appear in the IR.
+
+Keys and values may cover more positions than the queries (`kv_len` >= `seq`): they are
+then the positions 0..kv_len-1 of the sequence and the queries its last `seq` positions
+(offset = kv_len - seq), which is how a KV-cached graph (mocompile/kv_cache.py) feeds the
+cached keys of earlier calls in. Rotary positions and the causal mask follow the offset.
 """
 
 from __future__ import annotations
@@ -26,10 +31,23 @@ def _infer(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorTyp
         raise ValueError(f"heads {h} not divisible by kv_heads {hkv}")
     if q.rank != 3 or q.shape[-1] != h * d:
         raise ValueError(f"attention q {q} should be [batch, seq, {h * d}]")
-    for t in (k, v):
-        if t.shape != q.shape[:2] + (hkv * d,):
-            raise ValueError(f"attention k/v {t} should be [batch, seq, {hkv * d}]")
+    if k.rank != 3 or k.shape[0] != q.shape[0] or k.shape[-1] != hkv * d:
+        raise ValueError(f"attention k {k} should be [batch, kv_len, {hkv * d}]")
+    if v.shape != k.shape:
+        raise ValueError(f"attention v {v} should have the shape of k {k}")
     return [q]
+
+
+def query_offset(q_len: int, kv_len: int) -> int:
+    """Position of the first query when keys cover positions 0..kv_len-1 (a cached call)."""
+    if kv_len < q_len:
+        raise ValueError(f"attention: {kv_len} key positions cannot cover {q_len} query positions")
+    return kv_len - q_len
+
+
+def causal_mask(q_len: int, kv_len: int) -> np.ndarray:
+    """[q_len, kv_len]: query i (at position offset+i) sees keys 0..offset+i."""
+    return np.tril(np.ones((q_len, kv_len), dtype=bool), k=query_offset(q_len, kv_len))
 
 
 def rope_tables(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -50,18 +68,20 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 def _compute(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
     q, k, v = xs
     b, s, _ = q.shape
+    n = k.shape[1]
+    past = query_offset(s, n)
     h, hkv, d = attrs["heads"], attrs["kv_heads"], attrs["head_dim"]
     q = q.reshape(b, s, h, d).transpose(0, 2, 1, 3)
-    k = k.reshape(b, s, hkv, d).transpose(0, 2, 1, 3)
-    v = v.reshape(b, s, hkv, d).transpose(0, 2, 1, 3)
+    k = k.reshape(b, n, hkv, d).transpose(0, 2, 1, 3)
+    v = v.reshape(b, n, hkv, d).transpose(0, 2, 1, 3)
     if attrs["rope_theta"] > 0:
-        cos, sin = rope_tables(np.arange(s), d, attrs["rope_theta"])
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cos, sin = rope_tables(np.arange(n), d, attrs["rope_theta"])
+        q, k = apply_rope(q, cos[past:], sin[past:]), apply_rope(k, cos, sin)
     rep = h // hkv
     k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
     scores = (q @ k.transpose(0, 1, 3, 2)) / np.sqrt(d)
     if attrs["causal"]:
-        scores = np.where(np.tril(np.ones((s, s), dtype=bool)), scores, -np.inf)
+        scores = np.where(causal_mask(s, n), scores, -np.inf)
     scores = scores - scores.max(-1, keepdims=True)
     p = np.exp(scores)
     p = p / p.sum(-1, keepdims=True)
@@ -71,7 +91,8 @@ def _compute(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndar
 
 def _cost(ins, outs, attrs, env) -> Cost:
     b, s, hd = outs[0].concrete(env)
-    return Cost(flops=4 * b * s * s * hd, bytes=4 * sum(t.numel(env) for t in (*ins, *outs)))
+    n = ins[1].concrete(env)[1]
+    return Cost(flops=4 * b * s * n * hd, bytes=4 * sum(t.numel(env) for t in (*ins, *outs)))
 
 
 ACROSS_SAMPLES = ("attends across positions of different samples: keys and values carry the batch index along "
@@ -86,7 +107,8 @@ def _flow(args: FlowArgs) -> Flow:
 
 
 register_op(OpDef("attention", _infer, _compute, ATTENTION_ATTRS, cost=_cost, batch_flow=_flow,
-                  doc="softmax(rope(q) rope(k)^T / sqrt(d) + causal mask) v, grouped-query"))
+                  doc="softmax(rope(q) rope(k)^T / sqrt(d) + causal mask) v, grouped-query; k/v [b, kv_len, ..] may "
+                      "start kv_len - seq positions before the queries (cached keys)"))
 
 
 # ---- multi-head latent attention (DeepSeek-V2/V3) ---------------------------------------------
@@ -101,25 +123,29 @@ def _infer_mla(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[Tenso
     if dr % 2:
         raise ValueError(f"attention.mla rope_dim {dr} must be even")
     lead = q.shape[:2]
+    kv_lead = (q.shape[0], ts[1].shape[1] if ts[1].rank == 3 else None)  # keys may cover earlier positions too
     widths = {"q": h * (dn + dr), "k_nope": h * dn, "v": h * dv, "k_rope": dr}
-    for t, (what, width) in zip(ts, widths.items()):
-        if t.rank != 3 or t.shape != lead + (width,) or t.dtype != q.dtype:
-            raise ValueError(f"attention.mla {what} {t} should be {q.dtype}[batch, seq, {width}]")
+    for i, (t, (what, width)) in enumerate(zip(ts, widths.items())):
+        if t.rank != 3 or t.shape != (lead if i == 0 else kv_lead) + (width,) or t.dtype != q.dtype:
+            axis = "seq" if i == 0 else "kv_len"
+            raise ValueError(f"attention.mla {what} {t} should be {q.dtype}[batch, {axis}, {width}]")
     return [TensorType(lead + (h * dv,), q.dtype)]
 
 
 def _compute_mla(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
     q, k_nope, v, k_rope = xs
     b, s, _ = q.shape
+    n = k_nope.shape[1]
+    past = query_offset(s, n)
     h, dn, dr, dv = attrs["heads"], attrs["nope_dim"], attrs["rope_dim"], attrs["v_dim"]
     q = q.reshape(b, s, h, dn + dr).transpose(0, 2, 1, 3)
-    cos, sin = rope_tables(np.arange(s), dr, attrs["rope_theta"])
-    q = np.concatenate([q[..., :dn], apply_rope(q[..., dn:], cos, sin)], axis=-1)
-    k_rope = np.broadcast_to(apply_rope(k_rope.reshape(b, 1, s, dr), cos, sin), (b, h, s, dr))
-    k = np.concatenate([k_nope.reshape(b, s, h, dn).transpose(0, 2, 1, 3), k_rope], axis=-1)
-    v = v.reshape(b, s, h, dv).transpose(0, 2, 1, 3)
+    cos, sin = rope_tables(np.arange(n), dr, attrs["rope_theta"])
+    q = np.concatenate([q[..., :dn], apply_rope(q[..., dn:], cos[past:], sin[past:])], axis=-1)
+    k_rope = np.broadcast_to(apply_rope(k_rope.reshape(b, 1, n, dr), cos, sin), (b, h, n, dr))
+    k = np.concatenate([k_nope.reshape(b, n, h, dn).transpose(0, 2, 1, 3), k_rope], axis=-1)
+    v = v.reshape(b, n, h, dv).transpose(0, 2, 1, 3)
     scores = (q @ k.transpose(0, 1, 3, 2)) / np.sqrt(dn + dr)
-    scores = np.where(np.tril(np.ones((s, s), dtype=bool)), scores, -np.inf)
+    scores = np.where(causal_mask(s, n), scores, -np.inf)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p = p / p.sum(-1, keepdims=True)
     return [(p @ v).transpose(0, 2, 1, 3).reshape(b, s, h * dv).astype(np.float32)]
@@ -127,8 +153,9 @@ def _compute_mla(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.
 
 def _mla_cost(ins, outs, attrs, env) -> Cost:
     b, s, _ = outs[0].concrete(env)
+    n = ins[1].concrete(env)[1]
     h, dq, dv = attrs["heads"], attrs["nope_dim"] + attrs["rope_dim"], attrs["v_dim"]
-    return Cost(flops=2 * b * s * s * h * (dq + dv), bytes=4 * sum(t.numel(env) for t in (*ins, *outs)))
+    return Cost(flops=2 * b * s * n * h * (dq + dv), bytes=4 * sum(t.numel(env) for t in (*ins, *outs)))
 
 
 def _mla_flow(args: FlowArgs) -> Flow:
@@ -139,7 +166,8 @@ def _mla_flow(args: FlowArgs) -> Flow:
 register_op(OpDef("attention.mla", _infer_mla, _compute_mla, MLA_ATTRS, cost=_mla_cost, batch_flow=_mla_flow,
                   doc="causal multi-head latent attention core: per head q = [nope | rope(q_rope)], k = [k_nope | "
                       "rope(k_rope)] with k_rope shared by all heads, scale 1/sqrt(nope_dim + rope_dim); inputs q "
-                      "[b,s,H*(dn+dr)], k_nope [b,s,H*dn], v [b,s,H*dv], k_rope [b,s,dr]"))
+                      "[b,s,H*(dn+dr)], k_nope [b,n,H*dn], v [b,n,H*dv], k_rope [b,n,dr] with n >= s key positions (the "
+                      "queries are the last s)"))
 
 
 # ---- scaled_dot_product_attention (plain torch code) ----------------------------------------
