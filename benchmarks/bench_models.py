@@ -104,16 +104,11 @@ def kernel_launch_us(calls: int = 64) -> float:
 def kernel_profile(art, steps: int = 200) -> list[tuple[str, float, int]]:
     """Per-call time of a batch-1 decode step (or one-position forward without a step
     function) through the Relax VM's instrumentation hook: [(kernel or VM builtin, us per
-    step, calls per step)] sorted by time. The hook adds a Python round trip to every call;
-    the per-call time of `vm.builtin.null_value` (which does nothing) is taken as that cost
-    and subtracted."""
+    step, calls per step)] sorted by time. `art` must be a freshly loaded artifact (its VM
+    stays instrumented). The hook adds a Python round trip to every call; the per-call time of
+    `vm.builtin.null_value` (which does nothing) is taken as that cost and subtracted."""
     import time as _time
 
-    import tvm
-    from tvm import relax
-
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(art.path / art.manifest["program"]["library"])), tvm.cpu())
-    ids = random_inputs(art.signature, 1, PAST + 1, seed=2)
     spent: dict[str, list[float]] = {}
     start: dict[str, float] = {}
 
@@ -124,17 +119,19 @@ def kernel_profile(art, steps: int = 200) -> list[tuple[str, float, int]]:
             spent.setdefault(name, []).append(_time.perf_counter() - start[name])
         return 0  # relax.VMInstrumentReturnKind.NO_OP
 
+    art._vm.set_instrument(hook)
     if art.can_decode:
-        cache = art.new_cache(1, PAST + 1)
-        art.step({"text": ids["text"][:, :PAST]}, cache)
-        args = [tvm.runtime.tensor(ids["text"][:, PAST:]), tvm.runtime.ShapeTuple([PAST]), *cache.tensors]
-        fn = "step"
+        segments = len(art.signature.inputs)
+        prompt = random_inputs(art.signature, 1, PAST // segments, seed=2)
+        token = {art.token_input.name: random_inputs(art.signature, 1, 1, seed=3)[art.token_input.name]}
+        call = artifact_step(art, prompt, token)
     else:
-        args = [tvm.runtime.tensor(v[:, :1]) for v in random_inputs(art.signature, 1, 1, seed=2).values()]
-        fn = "main"
-    vm.set_instrument(hook)
+        inputs = random_inputs(art.signature, 1, 1, seed=2)
+        call = lambda: art.run(inputs)  # noqa: E731
+    call()
+    spent.clear()
     for _ in range(steps):
-        vm[fn](*args, *art._weights)
+        call()
     hook_s = float(np.median(spent.get("vm.builtin.null_value", [0.0])))
     rows = [(name, 1e6 * (sum(t) - hook_s * len(t)) / steps, len(t) // steps) for name, t in spent.items()]
     return sorted(rows, key=lambda r: -r[1])
@@ -184,37 +181,55 @@ def _columns(row: dict, runners: dict[str, Callable[[], Callable[[], object]]]) 
             row.setdefault("errors", []).append(f"{column}: {type(e).__name__}: {str(e)[:100]}")
 
 
-def artifact_step(art, ids: np.ndarray, past: int) -> Callable[[], object]:
-    """Prefill ids[:, :past] into a fresh cache; return the timed call: the step of the last
-    token (the same step each call: the cache is rewound, stale rows past `past` are never read)."""
-    cache = art.new_cache(ids.shape[0], past + 1)
-    art.step({"text": ids[:, :past]}, cache)
+def artifact_step(art, prompt: dict[str, np.ndarray], token: dict[str, np.ndarray]) -> Callable[[], dict]:
+    """Prefill `prompt` into a fresh cache; return the timed call: the step of `token` (the
+    same step each call: the cache is rewound, stale rows past the prompt are never read)."""
+    cached = sum(a.shape[1] for a in prompt.values())
+    cache = art.new_cache(next(iter(prompt.values())).shape[0], cached + 1)
+    art.step(prompt, cache)
 
     def step() -> dict:
-        cache.length = past
-        return art.step({"text": ids[:, past:]}, cache)
+        cache.length = cached
+        return art.step(token, cache)
 
     return step
 
 
-def decode_row(name: str, art, model: torch.nn.Module, batch: int) -> dict:
-    """One single-token step after PAST cached positions, on every side."""
-    ids = random_inputs(art.signature, batch, PAST + 1, seed=1)["text"]
-    step = CachedStep(model)
+class TokenStep(torch.nn.Module):
+    """A decode step of the reference model fed only new tokens (a multimodal model's other
+    segments are empty in it), with the cache passed explicitly: what is exported and compiled."""
+
+    def __init__(self, step: CachedStep, token_name: str) -> None:
+        super().__init__()
+        self.step, self.token_name = step, token_name
+
+    def forward(self, token: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.step.segments({self.token_name: token}, *past)
+
+
+def decode_row(name: str, art, model: torch.nn.Module, batch: int, segments: int) -> dict:
+    """One single-token step after ~PAST cached positions (a multimodal prompt splits them over
+    its segments), on every side."""
+    token_name = art.token_input.name
+    per_segment = PAST // segments
+    cached = per_segment * segments
+    prompt = random_inputs(art.signature, batch, per_segment, seed=1)
+    token = random_inputs(art.signature, batch, 1, seed=2)[token_name]
+    step = TokenStep(CachedStep(model), token_name)
     with torch.no_grad():
-        _, past = step.prefill(torch.from_numpy(ids[:, :PAST]))
-        token = torch.from_numpy(ids[:, PAST:])
-        want = step(token, *past)[0].numpy()
-        timed = artifact_step(art, ids, PAST)
+        _, *past = step.step.segments({k: torch.from_numpy(v) for k, v in prompt.items()})
+        tok = torch.from_numpy(token)
+        want = step(tok, *past)[0].numpy()
+        timed = artifact_step(art, prompt, {token_name: token})
         got = timed()["logits"]
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), f"{name}: artifact step disagrees with eager"
-        row = {"case": f"decode b{batch} x1 (+{PAST} cached)", "artifact": median_ms(timed),
-               "eager": median_ms(lambda: step(token, *past))}
+        row = {"case": f"decode b{batch} x1 (+{cached} cached)", "artifact": median_ms(timed),
+               "eager": median_ms(lambda: step(tok, *past)), "cached": cached}
         compiled = torch.compile(step)
-        names = ["ids"] + [f"past{i}" for i in range(len(past))]
+        names = [token_name] + [f"past{i}" for i in range(len(past))]
         onnx_path = CACHE / f"{name}-decode-b{batch}.onnx"
-        _columns(row, {"torch.compile": lambda: (lambda: compiled(token, *past)),
-                       "onnxruntime": lambda: ort_runner(step, (token, *past), names, onnx_path)})
+        _columns(row, {"torch.compile": lambda: (lambda: compiled(tok, *past)),
+                       "onnxruntime": lambda: ort_runner(step, (tok, *past), names, onnx_path)})
     return row
 
 
@@ -246,13 +261,13 @@ def bench_example(name: str, bandwidth: float) -> list[dict]:
     compiled = torch.compile(model)
     rows = []
     for kind, batch, tokens in CASES:
-        if kind == "decode" and art.can_decode and len(art.signature.inputs) == 1:
-            row = decode_row(name.removesuffix(".moe"), art, model, batch)
+        if kind == "decode" and art.can_decode:
+            row = decode_row(name.removesuffix(".moe"), art, model, batch, segments)
         else:
             seq = max(1, tokens // segments)  # a multimodal model splits the positions over its segments
             row = forward_row(name.removesuffix(".moe"), art, model, compiled,
                               "forward" if kind == "decode" else kind, batch, seq, segments)
-        cached = PAST if row["case"].startswith("decode") else 0
+        cached = row.get("cached", 0)
         function = "step" if row["case"].startswith("decode") else "main"
         rows.append({"model": name.removesuffix(".moe"), "compile_s": compile_s, **row,
                      "roof_ms": roofline_ms(name, art, bandwidth, cached),
@@ -368,18 +383,16 @@ One run on a shared 2-core machine; ratios move by 10-30% between runs.
 - **Decode** rows are real cached steps on every side: the artifact's `step` function appends one
   token to a KV cache of 64 positions; the torch columns run the reference model with a Hugging Face
   style cache (`dsl/kv_cache.py`), eagerly, under torch.compile, and as an ONNX export that takes the
-  cache as inputs. unified_tiny (text + image + audio inputs) gets one-position forwards without a
-  cache on every side (`forward` rows): its artifact decodes text after a multimodal prompt (checked
-  against the torch reference's `CachedStep.segments` in tests/test_decode.py), but the torch.compile
-  and ONNX decode paths here take token ids only; not yet wired.
+  cache as inputs. unified_tiny's prompt holds 21 positions of each of its text, image and audio
+  segments; its decode step then feeds one text token (the other segments empty).
 - **ONNX Runtime** runs the experts in their loop-free gathered form (the HF-style expert loop does
   not export), which copies each (token, slot)'s expert weights: fine for decode, memory-heavy for long
   prefill (hence its prefill times).
 - **Roofline** (batch 1): bytes = active parameters per token x 4 plus the cached keys and values a
   step reads, over the measured copy bandwidth, i.e. a DRAM stream. The example models' weights
   (5-7 MB) stay in the L3 cache between steps, so DRAM bandwidth is not what bounds them. The cached
-  decode steps of mixtral_tiny and deepseek_tiny land at 1.2-1.5x of it (1.5x is the target); the
-  three-segment forward of unified_tiny (timed without its cache, see above) does not. The
+  decode steps land at 1.2-1.5x of it in a quiet run (1.5x is the target), but move by more than
+  that between runs. The
   profile above shows where a step of these tiny models goes: kernel launches are cheap (the
   launch column), but every step also makes 400-550 VM builtin calls (shape arithmetic, tensor
   allocation, reshapes and checks for the symbolic batch/sequence shapes) against 56-72 kernel

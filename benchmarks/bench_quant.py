@@ -63,7 +63,7 @@ def bench_model(path: Path) -> tuple[list[dict], dict]:
                 token = torch.from_numpy(ids[:, PAST:])
                 row = {"case": f"decode b{batch} x1 (+{PAST} cached)", "eager": median_ms(lambda: step(token, *past))}
             for scheme, art in arts.items():
-                row[scheme] = median_ms(artifact_step(art, ids, PAST))
+                row[scheme] = median_ms(artifact_step(art, {"text": ids[:, :PAST]}, {"text": ids[:, PAST:]}))
         else:
             inputs = random_inputs(arts["fp32"].signature, batch, tokens, seed=1)
             torch_in = {k: torch.from_numpy(v) for k, v in inputs.items()}
