@@ -80,24 +80,26 @@ class LowerContext:
     forward: `past` is 0 and there is no cache) or `step` (a cached forward: `past`
     positions are already in the cache tensors, see kernels_attention.py)."""
 
-    def __init__(self, graph: Graph, bb: relax.BlockBuilder | None = None, cached: bool = False,
-                 kernels: dict[str, relax.GlobalVar] | None = None,
-                 tuning: Mapping[str, Mapping] | None = None) -> None:
+    def __init__(self, graph: Graph, tuning: Mapping[str, Mapping] | None = None,
+                 main: "LowerContext | None" = None) -> None:
+        """`main`: the context of the plain forward, already lowered; given, this context
+        lowers the cached step into the same module, sharing its kernels and packed weights."""
         self.graph = graph
-        self.bb = bb or relax.BlockBuilder()
+        self.bb = main.bb if main else relax.BlockBuilder()
         self.symbols: dict[str, tirx.Var] = {}
-        self.past: tirx.PrimExpr = tirx.Var("past", "int64") if cached else tirx.IntImm("int64", 0)
-        self.cache: list[CacheSlot] | None = [] if cached else None
+        self.past: tirx.PrimExpr = tirx.Var("past", "int64") if main else tirx.IntImm("int64", 0)
+        self.cache: list[CacheSlot] | None = [] if main else None
         self.kernel_calls = 0  # kernel launches per call of the function (reported in the manifest)
-        self.tuning = tuning or {}
+        self.tuning = main.tuning if main else tuning or {}
         self.derived: dict[tuple, Any] = {}  # values computed once per function and shared by several nodes
-        self.matmuls: dict[str, MatmulShape] = {}  # every matmul the graph needs, by tuning key
+        self.matmuls: dict[str, MatmulShape] = main.matmuls if main else {}  # every matmul, by tuning key
         self._values: dict[int, relax.Expr] = {}
         self._rows: dict[int, relax.Expr] = {}
-        self._weight_vars: dict[str, relax.Var] = {}
-        self.weight_layouts: list[WeightLayout] = []
-        self.weight_arrays: dict[str, np.ndarray] = {}
-        self._kernels: dict[str, relax.GlobalVar] = kernels if kernels is not None else {}
+        self._weight_vars: dict[str, relax.Var] = {}  # this function's weight parameters
+        # Packed once per module: the step function reads the same runtime weights as main.
+        self.weight_layouts: list[WeightLayout] = main.weight_layouts if main else []
+        self.weight_arrays: dict[str, np.ndarray] = main.weight_arrays if main else {}
+        self._kernels: dict[str, relax.GlobalVar] = main._kernels if main else {}
         self._users = graph.users()
         self._outputs = {id(v) for v in graph.outputs}
         self.fused: set[int] = set()  # ids of nodes already emitted as part of another node
@@ -168,14 +170,20 @@ class LowerContext:
                 raise LoweringError(f"{kind} layout needs a graph weight, but {p.name} is computed at run time")
         names = [p.name for p in params]
         name = names[0] if kind == "identity" else f"{'+'.join(names)}@{kind}{panel}"
-        if name not in self._weight_vars:
+        if name not in self.weight_arrays:
             spec, array = make_layout(name, kind, [(n, self.graph.weights[n]) for n in names], panel)
             self.weight_layouts.append(spec)
             self.weight_arrays[name] = array
-            self._weight_vars[name] = relax.Var(name, relax.TensorType(list(spec.shape), spec.dtype))
+        if name not in self._weight_vars:
+            array = self.weight_arrays[name]
+            self._weight_vars[name] = relax.Var(name, relax.TensorType(list(array.shape), str(array.dtype)))
         return self._weight_vars[name]
 
     def weight_params(self) -> list[relax.Var]:
+        """Every runtime weight of the module, in order (each function takes all of them)."""
+        missing = [w.name for w in self.weight_layouts if w.name not in self._weight_vars]
+        if missing:
+            raise RuntimeError(f"the step function does not read weight {missing[0]} that main reads")
         return [self._weight_vars[w.name] for w in self.weight_layouts]
 
     # ---- the KV cache (step function only) -----------------------------------------------
@@ -224,13 +232,17 @@ class LowerContext:
             return result
         return [self.bb.emit(relax.TupleGetItem(result, i)) for i in range(len(types))]
 
+    def users(self, v: Value) -> list[Node]:
+        """The nodes that read `v`."""
+        return self._users.get(id(v), [])
+
     # ---- fusion ---------------------------------------------------------------------
     def residual_for(self, node: Node) -> tuple[Node, Value] | None:
         """If `node`'s only output feeds exactly one `add` (and nothing else) whose other
         operand has the same shape and is already computed, return (add node, other operand):
         the producer's kernel can add it while writing back instead of a separate pass."""
         (out,) = node.outputs
-        users = self._users.get(id(out), [])
+        users = self.users(out)
         if len(users) != 1 or id(out) in self._outputs:
             return None
         add = users[0]
@@ -301,10 +313,8 @@ def lower(graph: Graph, cached_step: bool = True, tuning: Mapping[str, Mapping] 
     step = None
     why_not = decode_support(graph) if cached_step else "not requested"
     if why_not is None:
-        step = LowerContext(graph, ctx.bb, cached=True, kernels=ctx._kernels, tuning=tuning)
+        step = LowerContext(graph, main=ctx)
         _emit_function(step, "step")
-        if [w.name for w in step.weight_layouts] != [w.name for w in ctx.weight_layouts]:
-            raise RuntimeError("step and main disagree on the weight order")
     mod = schedule_module(ctx.bb.get())
     return LoweredProgram(mod, [v.name for v in graph.inputs], [v.name for v in graph.outputs],
                           list(ctx.weight_layouts), dict(ctx.weight_arrays),
