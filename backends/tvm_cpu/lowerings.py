@@ -94,7 +94,7 @@ def _dense(ctx: LowerContext, node: Node, x_rows: relax.Expr, rows, w: Value, ep
 def _dequantize(ctx: LowerContext, node: Node):
     """No code of its own: the matmul reading the weight reads the low-bit codes and scales
     (see _matmul_weights); low-bit weights are never expanded to float32 in memory."""
-    users = ctx.graph.users().get(id(node.outputs[0]), [])
+    users = ctx.users(node.outputs[0])
     for user in users:
         if user.op not in QUANTIZED_READERS or node.outputs[0] is user.inputs[0]:
             raise LoweringError(f"dequantize at {node.loc or '?'}: feeds {user.op}, which the tvm_cpu backend cannot "
@@ -131,7 +131,7 @@ def _int8_codes(ctx: LowerContext, qa: Node):
 def _quantize_act(ctx: LowerContext, node: Node):
     """Rounded activations as float32 for the ops that read them so; nothing when every
     reader is an int8 linear (it quantizes the input itself, see _int8_codes)."""
-    users = ctx.graph.users().get(id(node.outputs[0]), [])
+    users = ctx.users(node.outputs[0])
     if users and node.outputs[0] not in ctx.graph.outputs and all(_int8_linear(u) for u in users):
         return []
     x = node.inputs[0]
