@@ -195,33 +195,24 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def _generate(art: Any, prompt: dict, new_tokens: int) -> int:
     """Prefill the prompt, then decode token by token through the cache, timing both."""
-    import time
-
     import numpy as np
 
     positions = sum(a.shape[1] for a in prompt.values())  # a multimodal prompt: every segment, tokens first
     batch = next(iter(prompt.values())).shape[0]
     cache = art.new_cache(batch, positions + new_tokens)  # refuses artifacts without a step function
-    name = art.token_input.name
-    ids = prompt[name]
+    ids = prompt[art.token_input.name]
+    times: list[float] = []
     try:
-        t0 = time.perf_counter()
-        logits = list(art.step(prompt, cache).values())[0]
-        prefill = time.perf_counter() - t0
-        tokens, times = [], []
-        for _ in range(new_tokens):
-            token = logits[:, -1].argmax(-1).astype(ids.dtype)[:, None]
-            tokens.append(token)
-            t0 = time.perf_counter()
-            logits = list(art.step({name: token}, cache).values())[0]
-            times.append(time.perf_counter() - t0)
+        tokens = art.generate(prompt, new_tokens, cache=cache, timings=times)
     except ValueError as e:
         raise MocompileError(f"{art.path}: {e}") from None
-    for b, row in enumerate(np.concatenate(tokens, axis=1)):
+    for b, row in enumerate(tokens):
         print(f"sample {b}: prompt {ids[b].tolist()} -> {row.tolist()}")
     segments = ", ".join(f"{k} {a.shape[1]}" for k, a in prompt.items())
-    print(f"prefill of {positions} positions ({segments}): {prefill * 1e3:.3f} ms; decode: {np.median(times) * 1e3:.3f} ms per "
-          f"token (median of {new_tokens}, batch {batch}, KV cache of {cache.capacity} positions)")
+    decode = (f"{np.median(times[1:]) * 1e3:.3f} ms per token (median of {len(times) - 1}" if len(times) > 1
+              else "no single-token step (one token comes from the prefill")
+    print(f"prefill of {positions} positions ({segments}): {times[0] * 1e3:.3f} ms; decode: {decode}, batch "
+          f"{batch}, KV cache of {cache.capacity} positions)")
     return 0
 
 

@@ -248,21 +248,34 @@ class LoadedArtifact:
         return {k: np.concatenate([out[k] for out in outs], axis=1) for k in outs[0]}
 
     def generate(self, prompt: np.ndarray | Mapping[str, np.ndarray], new_tokens: int,
-                 capacity: int | None = None) -> np.ndarray:
+                 capacity: int | None = None, timings: list[float] | None = None,
+                 cache: KVCache | None = None) -> np.ndarray:
         """Greedy decoding: the prompt (token ids [batch, prompt], or every segment of a
-        multimodal model by name) once, then `new_tokens` single-token steps each fed the
-        previous argmax; returns the new ids [batch, new_tokens]."""
+        multimodal model by name) once, then single-token steps each fed the previous argmax,
+        until `new_tokens` are chosen; returns the new ids [batch, new_tokens]. The cache is a
+        fresh one of `capacity` positions (default: just enough) unless `cache` is given;
+        `timings`, if given, receives the seconds of each step call (the prefill first)."""
         spec = self.token_input
         inputs = dict(prompt) if isinstance(prompt, Mapping) else {spec.name: np.asarray(prompt, dtype=spec.dtype)}
         batch = next(iter(inputs.values())).shape[0]
-        cache = self.new_cache(batch, capacity or sum(a.shape[1] for a in inputs.values()) + new_tokens)
+        if cache is None:
+            cache = self.new_cache(batch, capacity or sum(a.shape[1] for a in inputs.values()) + new_tokens)
+        output = self.signature.outputs[0].name
+
+        def timed_step(x: Mapping[str, np.ndarray]) -> np.ndarray:
+            t0 = time.perf_counter()
+            logits = self.step(x, cache)[output]
+            if timings is not None:
+                timings.append(time.perf_counter() - t0)
+            return logits
+
+        logits = timed_step(inputs)
         out = []
-        logits = self.step(inputs, cache)[self.signature.outputs[0].name]
         for i in range(new_tokens):
             token = logits[:, -1].argmax(-1).astype(spec.dtype)[:, None]
             out.append(token)
             if i + 1 < new_tokens:
-                logits = self.step({spec.name: token}, cache)[self.signature.outputs[0].name]
+                logits = timed_step({spec.name: token})
         return np.concatenate(out, axis=1) if out else np.zeros((batch, 0), spec.dtype)
 
     def time_run(self, inputs: Mapping[str, np.ndarray], repeat: int = 10) -> float:

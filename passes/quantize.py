@@ -39,7 +39,7 @@ from mocompile.ir.interpreter import run as interpret
 from mocompile.ir.ops.quant import INT8_MAX, quantize_weight, symmetric_scales
 from mocompile.pass_manager import Pass, PassContext, PassResult, register_pass
 from mocompile.passes.dce import drop_dead_weights
-from mocompile.runtime import Signature, TensorSpec, random_inputs
+from mocompile.runtime import random_inputs
 
 ROLES = ("attention", "experts", "shared", "dense", "lm_head", "router")
 DEFAULT_ROLES = frozenset(ROLES) - {"router"}
@@ -116,8 +116,9 @@ def calibration_inputs(graph: Graph, ctx: PassContext, samples: int, seq: int, s
     """The context's calibration inputs, else `samples` random sequences of `seq` positions."""
     if ctx.calibration:
         return list(ctx.calibration)
-    ranges = token_ranges(graph, ctx.input_ranges)
-    sig = Signature(tuple(TensorSpec(v.name, v.type.dtype, v.type.shape, ranges.get(v.name)) for v in graph.inputs), ())
+    from mocompile.compiler import signature_of
+
+    sig = signature_of(graph, token_ranges(graph, ctx.input_ranges))
     return [random_inputs(sig, 1, seq, seed + i) for i in range(samples)]
 
 

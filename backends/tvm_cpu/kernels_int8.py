@@ -21,9 +21,8 @@ from tvm import tirx
 
 from mocompile.backends.tvm_cpu import tir_util as U
 from mocompile.backends.tvm_cpu.kernels_matmul import Epilogue, _writer
-from mocompile.backends.tvm_cpu.kernels_quant import _scale_of
+from mocompile.backends.tvm_cpu.kernels_quant import emit_row_scale, int8_code
 from mocompile.backends.tvm_cpu.layout import VNNI_LANES
-from mocompile.ir.ops.quant import INT8_MAX
 
 LANES = VNNI_LANES
 ROWS = 4  # rows per register tile: each weight vector loaded serves 4 rows
@@ -53,17 +52,12 @@ def quantize_packed(k: int, mode: str) -> tirx.PrimFunc:
 
         def row(i):
             s = U.scratch((1,))
-            if mode == "static":
-                U.store(s, (0,), static[0])
-            else:
-                U.emit_reduce(s, (0,), lambda c: tirx.abs(x[i, c]), k, tirx.max)
-                U.store(s, (0,), _scale_of(s[0]))
+            emit_row_scale(s, x, i, k, mode, static)
             U.store(scale, (i,), s[0])
             with U.serial(0, k // 4) as c4:
                 word = tirx.IntImm("int32", 0)
                 for t in range(4):  # byte t of the word: code of input 4*c4 + t, offset to unsigned
-                    q = tirx.min(tirx.max(tirx.nearbyint(x[i, c4 * 4 + t] / s[0]), U.f32(-INT8_MAX)), U.f32(INT8_MAX))
-                    byte = tirx.Cast("int32", q) + 128
+                    byte = tirx.Cast("int32", int8_code(x[i, c4 * 4 + t], s[0])) + 128
                     word = word | tirx.shift_left(byte, tirx.IntImm("int32", 8 * t))
                 U.store(codes, (i, c4), word)
 

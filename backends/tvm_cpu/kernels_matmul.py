@@ -162,37 +162,36 @@ def _emit_panel_rows(x, w, panel, row_begin, row_end, tj: int, width: int, k: in
     ti, ku = tiling.rows, tiling.k_unroll
     n_rows = row_end - row_begin
     n_full = n_rows // ti
-    # Full TI-row tiles: the weight panel row w[panel, kk, :] is loaded once per TI rows.
+
+    def reduce_rows(acc, r0, n: int) -> None:
+        """acc[a, :] = x[r0 + a, :] @ the panel, for a < n: the weight panel row w[panel, kk, :]
+        is loaded once per n rows. One accumulator per lane, k ascending, for every n."""
+        with U.unroll(0, n) as a:
+            with U.vectorized(0, width) as j:
+                U.store(acc, (a, j), U.f32(0))
+        with U.serial(0, depth // ku) as k0:
+            with U.unroll(0, ku) as k1:
+                with U.unroll(0, n) as a:
+                    with U.vectorized(0, width) as j:
+                        kk = k0 * ku + k1
+                        U.store(acc, (a, j), _mac(fmt, k, x, r0 + a, w, scale, panel, kk, j, acc[a, j]))
+
+    # Full TI-row tiles.
     with U.serial(0, n_full) as i0:
         r0 = row_begin + i0 * ti
         acc = U.scratch((ti, width))
-        with U.unroll(0, ti) as i1:
-            with U.vectorized(0, width) as j:
-                U.store(acc, (i1, j), U.f32(0))
-        with U.serial(0, depth // ku) as k0:
-            with U.unroll(0, ku) as k1:
-                with U.unroll(0, ti) as i1:
-                    with U.vectorized(0, width) as j:
-                        kk = k0 * ku + k1
-                        U.store(acc, (i1, j), _mac(fmt, k, x, r0 + i1, w, scale, panel, kk, j, acc[i1, j]))
+        reduce_rows(acc, r0, ti)
         with U.unroll(0, ti) as i1:
             write(r0 + i1, acc, i1)
-    # Leftover rows one at a time (a GEMV). They sum over k in exactly the order the full
-    # tiles do (one accumulator, k ascending), so a row's result never depends on whether it
-    # landed in a tile or in the leftover, i.e. on how many other rows there are: the grouped
-    # expert GEMM stays batch-invariant (bit for bit), which the isolation check's
-    # differential test relies on. Split accumulators would be faster only when the weights
-    # sit in cache; a decode step streams them from memory.
+    # Leftover rows one at a time (a GEMV), through the same reduction in the same order, so a
+    # row's result never depends on whether it landed in a tile or in the leftover, i.e. on
+    # how many other rows there are: the grouped expert GEMM stays batch-invariant (bit for
+    # bit), which the isolation check's differential test relies on. Split accumulators would
+    # be faster only when the weights sit in cache; a decode step streams them from memory.
     with U.serial(0, n_rows - n_full * ti) as i:
         r = row_begin + n_full * ti + i
         acc = U.scratch((1, width))
-        with U.vectorized(0, width) as j:
-            U.store(acc, (0, j), U.f32(0))
-        with U.serial(0, depth // ku) as k0:
-            with U.unroll(0, ku) as k1:
-                with U.vectorized(0, width) as j:
-                    kk = k0 * ku + k1
-                    U.store(acc, (0, j), _mac(fmt, k, x, r, w, scale, panel, kk, j, acc[0, j]))
+        reduce_rows(acc, r, 1)
         write(r, acc, 0)
 
 

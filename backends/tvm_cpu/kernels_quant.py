@@ -21,6 +21,23 @@ def _scale_of(amax):
     return tirx.Select(amax > U.f32(0), amax / U.f32(INT8_MAX), U.f32(1))
 
 
+def emit_row_scale(s, x, i, k: int, mode: str, static=None, whole=None) -> None:
+    """s[0] = the scale row i of x[m, k] is quantized with: the static one, its own max |x| /
+    127 ("token"), or the whole tensor's (`whole[0]` holds its max |x|, "tensor")."""
+    if mode == "static":
+        U.store(s, (0,), static[0])
+    elif mode == "token":
+        U.emit_reduce(s, (0,), lambda c: tirx.abs(x[i, c]), k, tirx.max)
+        U.store(s, (0,), _scale_of(s[0]))
+    else:
+        U.store(s, (0,), _scale_of(whole[0]))
+
+
+def int8_code(value, scale):
+    """The int8 code of value under scale, as a float: round half to even, saturate at +-127."""
+    return tirx.min(tirx.max(tirx.nearbyint(value / scale), U.f32(-INT8_MAX)), U.f32(INT8_MAX))
+
+
 @functools.cache
 def quantize_rows(k: int, mode: str) -> tirx.PrimFunc:
     """y[m, k] = fake-quantized x[m, k] (inputs x[, scale[1] for "static"])."""
@@ -42,18 +59,11 @@ def quantize_rows(k: int, mode: str) -> tirx.PrimFunc:
 
         def row(i):
             s = U.scratch((1,))
-            if mode == "static":
-                U.store(s, (0,), static[0])
-            elif mode == "token":
-                U.emit_reduce(s, (0,), lambda c: tirx.abs(x[i, c]), k, tirx.max)
-                U.store(s, (0,), _scale_of(s[0]))
-            else:
-                U.store(s, (0,), _scale_of(whole[0]))
+            emit_row_scale(s, x, i, k, mode, static, whole)
             with U.serial(0, k // lanes) as c:
                 with U.vectorized(0, lanes) as l:
                     col = c * lanes + l
-                    q = tirx.min(tirx.max(tirx.nearbyint(x[i, col] / s[0]), U.f32(-INT8_MAX)), U.f32(INT8_MAX))
-                    U.store(y, (i, col), q * s[0])
+                    U.store(y, (i, col), int8_code(x[i, col], s[0]) * s[0])
 
         U.parallel_for(m, 8 * m * k, row)
     return kern.func
