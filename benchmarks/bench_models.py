@@ -390,9 +390,11 @@ One run on a shared 2-core machine; ratios move by 10-30% between runs.
   prefill (hence its prefill times).
 - **Roofline** (batch 1): bytes = active parameters per token x 4 plus the cached keys and values a
   step reads, over the measured copy bandwidth, i.e. a DRAM stream. The example models' weights
-  (5-7 MB) stay in the L3 cache between steps, so DRAM bandwidth is not what bounds them. The cached
-  decode steps land at 1.2-1.5x of it in a quiet run (1.5x is the target), but move by more than
-  that between runs. The
+  (5-7 MB) stay in the L3 cache between steps, so DRAM bandwidth is not what bounds them. Over the
+  last four runs mixtral_tiny and deepseek_tiny landed at 1.1-2.0x of it (within the 1.5x target in
+  most runs); unified_tiny, whose step runs three embeddings, a concat, segment ids and
+  modality-masked routing (71 kernel calls), at 2.4-3.2x: a miss. One of those runs also had a slow
+  deepseek_tiny batch-8 step (1.5 ms against 0.5-0.7 ms in the others, 1.07x of ONNX Runtime). The
   profile above shows where a step of these tiny models goes: kernel launches are cheap (the
   launch column), but every step also makes 400-550 VM builtin calls (shape arithmetic, tensor
   allocation, reshapes and checks for the symbolic batch/sequence shapes) against 56-72 kernel
