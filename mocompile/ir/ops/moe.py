@@ -237,7 +237,13 @@ def _infer_experts(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[T
 
 
 def _experts(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
-    """Sparse reference: each expert runs only on the tokens routed to it."""
+    """Sparse reference: only the experts some token chose are computed, and a token's output
+    takes only its own experts' rows (an unchosen expert's weights are never read).
+
+    Each chosen expert runs over all rows, not only its own tokens: BLAS rounds a row
+    differently depending on how many rows it is given, so a subset sized by the routing
+    would let one sample's routing move another sample's last bits (the interpreter is the
+    reference the batch-isolation witness search compares bit for bit)."""
     x, w, idx = xs[:3]
     gate, up, down = xs[3:] if attrs["gated"] else (None, *xs[3:])
     h = x.shape[-1]
@@ -245,7 +251,7 @@ def _experts(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndar
     out = np.zeros_like(flat_x, dtype=np.float32)
     for e in np.unique(flat_i):
         tok, slot = np.nonzero(flat_i == e)
-        y = ffn(flat_x[tok], None if gate is None else gate[e], up[e], down[e], attrs["activation"])
+        y = ffn(flat_x, None if gate is None else gate[e], up[e], down[e], attrs["activation"])[tok]
         np.add.at(out, tok, y * flat_w[tok, slot][:, None])
     return [out.reshape(x.shape)]
 
