@@ -159,6 +159,7 @@ class LoadedArtifact:
         self._shape = tvm.runtime.ShapeTuple
         self._from_dlpack = tvm.runtime.from_dlpack
         self._checked: set[tuple] = set()
+        self._empties: dict[tuple, Any] = {}
         step = program.get("step")
         self._step = self._vm[step["function"]] if step else None
 
@@ -166,10 +167,18 @@ class LoadedArtifact:
         """Inputs as TVM tensors sharing the arrays' memory (DLPack; TVM wants 64-byte aligned
         data, so an unaligned array is copied once into an aligned one): a copy through
         tvm.runtime.tensor costs more than a small model's decode step spends in some kernels."""
-        # An empty segment (a decode step of a multimodal model) is copied: numpy gives zero-size
-        # arrays strides TVM refuses.
-        return [self._tensor(a) if a.size == 0 else self._from_dlpack(_aligned(a))
+        return [self._empty_tensor(a) if a.size == 0 else self._from_dlpack(_aligned(a))
                 for a in (arrays[t.name] for t in self.signature.inputs)]
+
+    def _empty_tensor(self, a: np.ndarray) -> Any:
+        """A zero-size TVM tensor of `a`'s shape and dtype (an empty segment of a multimodal
+        decode step). numpy gives zero-size arrays strides TVM refuses, so these are TVM's own;
+        they hold nothing, so one per shape serves every call (making one costs more than a
+        tiny model's whole step)."""
+        key = (a.shape, a.dtype.str)
+        if key not in self._empties:
+            self._empties[key] = self._tensor(a)
+        return self._empties[key]
 
     def _outputs(self, result: Any) -> dict[str, np.ndarray]:
         outs = list(result) if len(self.signature.outputs) > 1 else [result]

@@ -176,7 +176,11 @@ class LowerContext:
             self.weight_arrays[name] = array
         if name not in self._weight_vars:
             array = self.weight_arrays[name]
-            self._weight_vars[name] = relax.Var(name, relax.TensorType(list(array.shape), str(array.dtype)))
+            # Rank and dtype only: the VM then skips matching every weight's shape on every call
+            # (two builtin calls per weight per step); each kernel's own argument check still
+            # verifies the exact shape of the weights it reads.
+            ty = relax.TensorType(dtype=str(array.dtype), ndim=array.ndim)
+            self._weight_vars[name] = relax.Var(name, ty)
         return self._weight_vars[name]
 
     def weight_params(self) -> list[relax.Var]:

@@ -3,17 +3,19 @@
 Hand-written kernels (tir_util.kernel) carry their schedule in their loops. Everything else
 in the module comes from te (kernels_injective) and is a single injective block; it gets
 one generic CPU schedule: the innermost axis split into vector lanes when its extent is
-static, all other axes fused into one parallel loop.
+static, all other axes fused into one loop that runs in parallel only when the call moves
+enough bytes to repay waking the thread pool (the same rule as tir_util.parallel_for; a
+decode step's elementwise adds and concats run on the calling thread).
 """
 
 from __future__ import annotations
 
 import tvm
 import tvm_ffi
-from tvm import tirx
+from tvm import s_tir, tirx
 from tvm.s_tir import Schedule
 
-from mocompile.backends.tvm_cpu.tir_util import HAND_SCHEDULED_ATTR, SERIAL_ATTR, lanes_for
+from mocompile.backends.tvm_cpu.tir_util import HAND_SCHEDULED_ATTR, PARALLEL_MIN_BYTES, SERIAL_ATTR, lanes_for
 
 
 def _attr(func: tirx.PrimFunc, key: str) -> bool:
@@ -42,7 +44,36 @@ def schedule_injective(func: tirx.PrimFunc) -> tirx.PrimFunc:
     else:
         outer.append(loops[-1])
     sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-    return sch.mod["main"]
+    return _serial_when_small(sch.mod["main"])
+
+
+def _bytes_moved(func: tirx.PrimFunc) -> tirx.PrimExpr:
+    """Bytes of all the kernel's buffers, an expression of their (symbolic) shapes."""
+    total: tirx.PrimExpr = tirx.IntImm("int64", 0)
+    for param in func.params:
+        if not hasattr(param.ty, "shape"):  # a scalar parameter
+            continue
+        size: tirx.PrimExpr = tirx.IntImm("int64", tvm.DataType(param.ty.dtype).bits // 8)
+        for d in param.ty.shape:
+            size = size * d
+        total = total + size
+    return total
+
+
+def _serial_when_small(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """`if bytes >= PARALLEL_MIN_BYTES: <parallel loop> else: <the same loop, serial>`.
+
+    The block is lowered to plain loops first so the outer loop can be duplicated;
+    ConvertSSA gives the copy its own loop variable."""
+    lowered = tvm.transform.Sequential([
+        s_tir.transform.LowerInitBlock(), s_tir.transform.ConvertBlocksToOpaque(), s_tir.transform.LowerOpaqueBlock(),
+    ])(tvm.IRModule({"main": func}))["main"]
+    loop = lowered.body
+    if not isinstance(loop, tirx.For) or loop.kind != tirx.ForKind.PARALLEL:
+        raise ValueError(f"expected the injective kernel to start with its parallel loop, got\n{lowered}")
+    serial_loop = tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body)
+    body = tirx.IfThenElse(_bytes_moved(lowered) >= PARALLEL_MIN_BYTES, loop, serial_loop)
+    return tirx.transform.ConvertSSA()(tvm.IRModule({"main": lowered.with_body(body)}))["main"]
 
 
 def schedule_module(mod: tvm.IRModule) -> tvm.IRModule:
