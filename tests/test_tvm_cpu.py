@@ -20,7 +20,7 @@ from tvm.ir.expr import TensorLoad
 from mocompile.backends.tvm_cpu import LoweringError, build, host_target, lower, tir_util
 from mocompile.backends.tvm_cpu.layout import pack, panel_width
 from mocompile.backends.tvm_cpu.schedule import check_scheduled, loop_kinds
-from mocompile.backends.tvm_cpu.tir_util import SERIAL_ATTR
+from mocompile.backends.tvm_cpu.tir_util import HAND_SCHEDULED_ATTR, SERIAL_ATTR
 from mocompile.ir.graph import Graph, Node, Value
 from mocompile.ir.interpreter import run
 from mocompile.ir.types import TensorType
@@ -156,6 +156,10 @@ def test_every_kernel_is_scheduled(tiny):
                             "sigmoid", "mul")):
             kinds = loop_kinds(f)
             assert int(tirx.ForKind.PARALLEL) in kinds and int(tirx.ForKind.VECTORIZED) in kinds, name
+    te_kernels = [n for n, f in funcs.items() if f.attrs is None or HAND_SCHEDULED_ATTR not in f.attrs]
+    assert te_kernels  # the elementwise ops of the block
+    for name in te_kernels:  # a parallel loop for large calls, the same loop serial for decode-sized ones
+        assert {int(tirx.ForKind.PARALLEL), int(tirx.ForKind.SERIAL)} <= loop_kinds(funcs[name]), name
 
 
 # ---- sparsity ----------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir import Schedule
 
-from mocompile.backends.tvm_cpu.tir_util import HAND_SCHEDULED_ATTR, PARALLEL_MIN_BYTES, SERIAL_ATTR, lanes_for
+from mocompile.backends.tvm_cpu import tir_util
+from mocompile.backends.tvm_cpu.tir_util import HAND_SCHEDULED_ATTR, SERIAL_ATTR, lanes_for
 
 
 def _attr(func: tirx.PrimFunc, key: str) -> bool:
@@ -72,7 +73,7 @@ def _serial_when_small(func: tirx.PrimFunc) -> tirx.PrimFunc:
     if not isinstance(loop, tirx.For) or loop.kind != tirx.ForKind.PARALLEL:
         raise ValueError(f"expected the injective kernel to start with its parallel loop, got\n{lowered}")
     serial_loop = tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body)
-    body = tirx.IfThenElse(_bytes_moved(lowered) >= PARALLEL_MIN_BYTES, loop, serial_loop)
+    body = tirx.IfThenElse(_bytes_moved(lowered) >= tir_util.PARALLEL_MIN_BYTES, loop, serial_loop)
     return tirx.transform.ConvertSSA()(tvm.IRModule({"main": lowered.with_body(body)}))["main"]
 
 
