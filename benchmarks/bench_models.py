@@ -46,15 +46,27 @@ PAST = 64  # cached positions before a decode step
 
 def median_ms(fn: Callable[[], object], budget_s: float = 1.5, min_calls: int = 5, max_calls: int = 200) -> float:
     """Median wall time of fn() in ms after two warm-up calls, within a time budget."""
-    fn()
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
+    return interleaved_ms({"fn": fn}, rounds=1, budget_s=budget_s, min_calls=min_calls, max_calls=max_calls)["fn"]
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int = 5, budget_s: float = 0.3,
+                   min_calls: int = 3, max_calls: int = 200) -> dict[str, float]:
+    """Median wall time in ms of each fn, timed in `rounds` alternating rounds (each fn about
+    `budget_s` per round) after two warm-up calls each: on a shared VM whose load drifts during
+    a row, every column of the row then sees the same mix of quiet and busy moments."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start, calls = time.perf_counter(), 0
+            while calls < max_calls and (calls < min_calls or time.perf_counter() - start < budget_s):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+                calls += 1
+    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
 
 
 def copy_bandwidth() -> float:
@@ -171,14 +183,20 @@ def ort_runner(model: torch.nn.Module, args: tuple[torch.Tensor, ...], names: li
     return lambda: session.run(None, feeds)
 
 
-def _columns(row: dict, runners: dict[str, Callable[[], Callable[[], object]]]) -> None:
-    """Time each column's runner (made lazily); a failing baseline is recorded, not hidden."""
+def time_columns(row: dict, runners: dict[str, Callable[[], Callable[[], object]]]) -> None:
+    """Make each column's timed call (a baseline that fails to build is recorded, not hidden),
+    then time them all interleaved; the copy bandwidth is measured around the timing (the
+    roofline of this row uses it: it drifts with the host's load)."""
+    fns = {}
     for column, make in runners.items():
         try:
-            row[column] = median_ms(make())
+            fns[column] = make()
         except Exception as e:
             row[column] = float("nan")
             row.setdefault("errors", []).append(f"{column}: {type(e).__name__}: {str(e)[:100]}")
+    before = copy_bandwidth()
+    row.update(interleaved_ms(fns))
+    row["bandwidth"] = (before + copy_bandwidth()) / 2
 
 
 def artifact_step(art, prompt: dict[str, np.ndarray], token: dict[str, np.ndarray]) -> Callable[[], dict]:
@@ -223,13 +241,13 @@ def decode_row(name: str, art, model: torch.nn.Module, batch: int, segments: int
         timed = artifact_step(art, prompt, {token_name: token})
         got = timed()["logits"]
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), f"{name}: artifact step disagrees with eager"
-        row = {"case": f"decode b{batch} x1 (+{cached} cached)", "artifact": median_ms(timed),
-               "eager": median_ms(lambda: step(tok, *past)), "cached": cached}
+        row = {"case": f"decode b{batch} x1 (+{cached} cached)", "cached": cached}
         compiled = torch.compile(step)
         names = [token_name] + [f"past{i}" for i in range(len(past))]
         onnx_path = CACHE / f"{name}-decode-b{batch}.onnx"
-        _columns(row, {"torch.compile": lambda: (lambda: compiled(tok, *past)),
-                       "onnxruntime": lambda: ort_runner(step, (tok, *past), names, onnx_path)})
+        time_columns(row, {"artifact": lambda: timed, "eager": lambda: (lambda: step(tok, *past)),
+                           "torch.compile": lambda: (lambda: compiled(tok, *past)),
+                           "onnxruntime": lambda: ort_runner(step, (tok, *past), names, onnx_path)})
     return row
 
 
@@ -242,16 +260,16 @@ def forward_row(name: str, art, model: torch.nn.Module, compiled, kind: str, bat
         ref = model(**torch_in).numpy()
         got = art.run(inputs)["logits"]
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), f"{name}: artifact disagrees with eager"
-        row = {"case": f"{kind} b{batch} x{seq * segments}", "artifact": median_ms(lambda: art.run(inputs)),
-               "eager": median_ms(lambda: model(**torch_in))}
+        row = {"case": f"{kind} b{batch} x{seq * segments}"}
         args, names = tuple(torch_in.values()), list(torch_in)
         onnx_path = CACHE / f"{name}-{kind}-b{batch}-s{seq}.onnx"
-        _columns(row, {"torch.compile": lambda: (lambda: compiled(**torch_in)),
-                       "onnxruntime": lambda: ort_runner(model, args, names, onnx_path)})
+        time_columns(row, {"artifact": lambda: (lambda: art.run(inputs)), "eager": lambda: (lambda: model(**torch_in)),
+                           "torch.compile": lambda: (lambda: compiled(**torch_in)),
+                           "onnxruntime": lambda: ort_runner(model, args, names, onnx_path)})
     return row
 
 
-def bench_example(name: str, bandwidth: float) -> list[dict]:
+def bench_example(name: str) -> list[dict]:
     spec = load_spec(ROOT / "examples" / name)
     segments = len(spec.modalities)
     t0 = time.perf_counter()
@@ -270,7 +288,7 @@ def bench_example(name: str, bandwidth: float) -> list[dict]:
         cached = row.get("cached", 0)
         function = "step" if row["case"].startswith("decode") else "main"
         rows.append({"model": name.removesuffix(".moe"), "compile_s": compile_s, **row,
-                     "roof_ms": roofline_ms(name, art, bandwidth, cached),
+                     "roof_ms": roofline_ms(name, art, row["bandwidth"], cached),
                      "kernels": art.manifest["program"]["kernel_calls"][function], "path": art.path})
     return rows
 
@@ -290,7 +308,7 @@ def main() -> None:
     torch.set_num_threads(2)
     bandwidth = copy_bandwidth()
     launch_us = kernel_launch_us()
-    rows = [r for name in EXAMPLES for r in bench_example(name, bandwidth)]
+    rows = [r for name in EXAMPLES for r in bench_example(name)]
     lines = [
         "## Models side by side (`python benchmarks/bench_models.py`)",
         "",
@@ -304,8 +322,10 @@ def main() -> None:
         "forward without cache on every side. `prefill` rows: a forward over all positions. ONNX Runtime runs a torch.onnx (dynamo) export per shape, with the experts in their loop-free gathered "
         "form (`Experts.forward_gathered`: same arithmetic, only the chosen experts read), checked against eager.",
         "",
-        f"Measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s; one kernel launch through the Relax VM: "
-        f"{launch_us:.1f} us.",
+        f"Measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s at the start; each row's roofline uses the bandwidth "
+        f"measured around its own timing ({min(r['bandwidth'] for r in rows) / 1e9:.1f}-"
+        f"{max(r['bandwidth'] for r in rows) / 1e9:.1f} GB/s in this run). The columns of a row are timed in five "
+        f"alternating rounds. One kernel launch through the Relax VM: {launch_us:.1f} us.",
         "",
         "| model | case | artifact | eager | torch.compile | onnxruntime | artifact/eager | artifact/compile "
         "| artifact/ORT | roofline (b1) | kernels x launch |",
@@ -364,10 +384,16 @@ def target_verdicts(rows: list[dict]) -> list[str]:
 
 
 def _cpu_name() -> str:
+    """The CPU's model name and its widest vector extension (the kernels' speed depends on it)."""
+    name, flags = platform.processor() or "unknown CPU", set()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    isa = "AVX-512" + (" VNNI" if "avx512_vnni" in flags else "") if "avx512f" in flags else \
+        "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
+    return f"{name} ({isa})"
 
 
 def _tvm_version() -> str:
@@ -379,7 +405,9 @@ def _tvm_version() -> str:
 TARGETS_NOTE = """
 ### Against the fast-CPU issue's targets
 
-One run on a shared 2-core machine; ratios move by 10-30% between runs.
+One run on a shared 2-core VM; ratios move by 10-30% between runs, and by more when the host is busy
+(on 2026-12-01 this machine's measured copy bandwidth ranged from 14 to 23 GB/s within one hour, and the
+torch columns slowed by up to 2x with it).
 - **Decode** rows are real cached steps on every side: the artifact's `step` function appends one
   token to a KV cache of 64 positions; the torch columns run the reference model with a Hugging Face
   style cache (`dsl/kv_cache.py`), eagerly, under torch.compile, and as an ONNX export that takes the
@@ -390,20 +418,21 @@ One run on a shared 2-core machine; ratios move by 10-30% between runs.
   prefill (hence its prefill times).
 - **Roofline** (batch 1): bytes = active parameters per token x 4 plus the cached keys and values a
   step reads, over the measured copy bandwidth, i.e. a DRAM stream. The example models' weights
-  (5-7 MB) stay in the L3 cache between steps, so DRAM bandwidth is not what bounds them. Over the
-  last four runs mixtral_tiny and deepseek_tiny landed at 1.1-2.0x of it (within the 1.5x target in
-  most runs); unified_tiny, whose step runs three embeddings, a concat, segment ids and
-  modality-masked routing (71 kernel calls), at 2.4-3.2x: a miss. One of those runs also had a slow
-  deepseek_tiny batch-8 step (1.5 ms against 0.5-0.7 ms in the others, 1.07x of ONNX Runtime). The
-  profile above shows where a step of these tiny models goes: kernel launches are cheap (the
-  launch column), but every step also makes 400-550 VM builtin calls (shape arithmetic, tensor
-  allocation, reshapes and checks for the symbolic batch/sequence shapes) against 56-72 kernel
-  calls, and the te-generated elementwise kernels (the unfused `add` of the shared expert, `concat`)
-  always wake the thread pool. Next steps: static memory planning with upper bounds for the decode
-  function (as MLC-LLM does), a small-work serial path for the te kernels, and fusing the remaining
-  adds. Where the roofline is the real bound, on a model that does not fit in cache
-  (`benchmarks/specs/moe_medium.moe`, 490 MB, in the quantization section), the fp32 artifact's
-  decode step runs at 1.0-1.1x of it.
+  (5-7 MB) stay in the L3 cache between steps, so DRAM bandwidth is not what bounds them: a step of
+  these tiny models is a few microseconds of arithmetic per kernel plus fixed costs per kernel call
+  (argument checks, the VM's shape arithmetic and allocation for symbolic shapes, the Python call).
+  The fixed costs found in earlier profiles are gone: the te-generated elementwise kernels (the shared
+  expert's add, the modality concat, segment ids) and the routed experts' GEMMs no longer wake the
+  thread pool for decode-sized work (10-20 us each on this VM), unread reshape views are dropped,
+  weights are not shape-matched by the VM on every call, and a multimodal step no longer allocates
+  empty tensors for its missing segments (that alone was 0.16 ms of unified_tiny's 0.38 ms step).
+  What a step still pays is in the profile above: ~500 VM builtin calls (the instrumentation hook
+  inflates their times several-fold; measured alone, each costs 0.05-0.25 us, 40-60 us per step in
+  all) next to 37-76 kernel calls. Static memory planning with upper bounds for `step` (as MLC-LLM
+  does, which needs a batch bound the compile does not have today) and fusing q/k/v into one kernel
+  are the next steps. Where the roofline is the real bound, on a model that does not fit in cache
+  (`benchmarks/specs/moe_medium.moe`, 490 MB, in the quantization section), the fp32 artifact's decode
+  step runs at 1.0-1.2x of it.
 - **Tuning** (`compile --tune N`, not used here: these are default compiles) searches the matmul
   kernels' panel width and register tile; see backends/tvm_cpu/tuning.py for why it is a measured
   search over these hand-written kernels rather than MetaSchedule.
