@@ -432,7 +432,7 @@ torch columns slowed by up to 2x with it).
   does, which needs a batch bound the compile does not have today) and fusing q/k/v into one kernel
   are the next steps. Where the roofline is the real bound, on a model that does not fit in cache
   (`benchmarks/specs/moe_medium.moe`, 490 MB, in the quantization section), the fp32 artifact's decode
-  step runs at 1.0-1.2x of it.
+  step ran at 1.0-1.2x of it in quiet runs (2.1x in one where the host was busy: eager slowed 2-3x too).
 - **Tuning** (`compile --tune N`, not used here: these are default compiles) searches the matmul
   kernels' panel width and register tile; see backends/tvm_cpu/tuning.py for why it is a measured
   search over these hand-written kernels rather than MetaSchedule.

@@ -279,3 +279,33 @@ def test_tvm_backend_refuses_the_cached_ir_graph_in_one_line():
 
     with pytest.raises(LoweringError, match=r"^attention at layers\.0\.attn\.core: keys cover earlier positions"):
         lower(cached_graph(_graph("mixtral_tiny")).graph)
+
+
+def test_staged_inputs_never_leak_into_earlier_results(tmp_path):
+    """The runtime copies each call's inputs into one staging buffer per input: results of an
+    earlier call, including an output that is the input itself, keep their values."""
+    import torch
+
+    from mocompile.ir.types import TensorType
+
+    class ViewAndProj(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 4)
+
+        def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.proj(input), input
+
+    torch.manual_seed(0)
+    art = compile(ViewAndProj(), out_dir=tmp_path / "view",
+                  input_types={"input": TensorType(("batch", "seq", 8), "float32")})
+    rng = np.random.default_rng(0)
+    first_in, second_in = (rng.standard_normal((2, 3, 8)).astype(np.float32) for _ in range(2))
+    first = art.run({"input": first_in})
+    kept = {k: v.copy() for k, v in first.items()}
+    second = art.run({"input": second_in})
+    for k in first:
+        np.testing.assert_array_equal(first[k], kept[k])
+        assert not np.array_equal(first[k], second[k])
+    np.testing.assert_array_equal(second[art.signature.outputs[1].name], second_in)
+    np.testing.assert_array_equal(first_in, kept[art.signature.outputs[1].name])

@@ -7,7 +7,8 @@ Kernels:
   transposed) so that for a fixed head-dim index the keys are contiguous and a query scores
   KB keys with plain vector FMAs;
 - `cache_rows`: V rows into a value cache at positions past..past+S-1;
-- `attention`: QB query rows of one head per parallel task, keys in blocks of KB with an
+- `attention`: QB query rows of one head per parallel task (one row when a call has fewer, as a
+  decode step does), keys in blocks of KB with an
   online softmax (running max and sum, flash-attention style): no S x S score matrix.
 
 One set of kernels serves both calling modes. A plain forward passes past = 0 and fresh
@@ -154,15 +155,14 @@ def attention(spec: AttentionSpec) -> tirx.PrimFunc:
 
     A task is QB consecutive queries of one head: each key vector loaded from kt and v
     serves QB queries (the per-query state is unrolled in Python, one scratch buffer per
-    query, so it stays in registers). Rows past the end compute on the last row and are
-    not stored.
+    query, so it stays in registers); a call with fewer than QB queries runs one per task
+    (query_blocks). Rows past the end compute on the last row and are not stored.
     """
     b, s, past = U.dim("b"), U.dim("s"), U.dim("past")
     kt_len, v_len = U.dim("kt_len"), U.dim("v_len")
     D, H, hkv = spec.head_dim, spec.heads, spec.kv_heads
     group = H // hkv
     lanes = U.lanes_for(D)
-    n_qb = (s + QB - 1) // QB
     scale = U.f32(1.0 / np.sqrt(D))
     with U.kernel(f"attention_{spec.tag()}") as kern:
         q = U.arg("q", (b, s, H * D))
@@ -171,10 +171,7 @@ def attention(spec: AttentionSpec) -> tirx.PrimFunc:
         cs = U.arg("cs", (s, 2, D // 2)) if spec.rope else None
         U.scalar_arg(past)
         out = U.arg("out", (b, s, H * D))
-        def query_block(task):
-            bi = task // (H * n_qb)
-            h = task // n_qb % H
-            i0 = task % n_qb * QB
+        def query_block(bi, h, i0, slots):
             kvh = h // group
 
             def load_query(i, d):
@@ -184,11 +181,28 @@ def attention(spec: AttentionSpec) -> tirx.PrimFunc:
                 return _rope(load, d, D, cs, i) if spec.rope else load(d)
 
             emit_attend(load_query, scale, kt, v, out, bi=bi, kv_head=kvh, v_col=kvh * D, out_col=h * D, s=s,
-                        past=past, i0=i0, qk_dim=D, v_dim=D, lanes=lanes, causal=spec.causal)
+                        past=past, i0=i0, qk_dim=D, v_dim=D, lanes=lanes, causal=spec.causal, slots=slots)
 
         # work ~ FLOPs / 2: scores and weighted values, 2 * 2 * s * (past + s) * D per head (~half if causal)
-        U.parallel_for(b * H * n_qb, b * H * s * (past + s) * D * (1 if spec.causal else 2), query_block)
+        query_blocks(b, H, s, b * H * s * (past + s) * D * (1 if spec.causal else 2), query_block)
     return kern.func
+
+
+def query_blocks(b, heads: int, s, work_bytes, query_block) -> None:
+    """The parallel loop over attention tasks: QB consecutive queries of one head per task
+    when the call has at least QB queries (each key and value vector loaded then serves QB of
+    them), else one query per task (a decode step: QB slots would all repeat its one query).
+    `query_block(bi, head, i0, slots)` emits a task. A query's arithmetic is the same in both
+    branches, so its result does not depend on which one runs."""
+    with U.if_else(s >= QB) as (then, orelse):
+        for branch, slots in ((then, QB), (orelse, 1)):
+            with branch():
+                n_qb = (s + slots - 1) // slots
+
+                def task(t, slots=slots, n_qb=n_qb):
+                    query_block(t // (heads * n_qb), t // n_qb % heads, t % n_qb * slots, slots)
+
+                U.parallel_for(b * heads * n_qb, work_bytes, task)
 
 
 def _emit_softmax_block(score, run, acc, j0, limit, head_dim: int) -> None:
@@ -209,46 +223,46 @@ def _emit_softmax_block(score, run, acc, j0, limit, head_dim: int) -> None:
 
 
 def emit_attend(load_query, scale, kt, v, out, *, bi, kv_head, v_col, out_col, s, past, i0, qk_dim: int, v_dim: int,
-                lanes: int, causal: bool) -> None:
-    """The body both attention kernels share, for QB queries [i0, i0+QB) of one head (query
+                lanes: int, causal: bool, slots: int = QB) -> None:
+    """The body both attention kernels share, for `slots` queries [i0, i0+slots) of one head (query
     row i sits at position past + i): load each query (`load_query(row, channel)`, rope
     applied) scaled into registers, then scores against the visible keys block by block
     (kt[bi, kv_head]: positions 0..past+i if causal, all past+s otherwise), online softmax,
     weighted values (v[bi, :, v_col:]), and the store into out[bi, i, out_col:]. Rows past
     the end compute on the last row and are not stored."""
-    rows = [tirx.min(i0 + qi, s - 1) for qi in range(QB)]  # clamped query positions
-    qrow = [U.local((qk_dim,)) for _ in range(QB)]
-    acc = [U.local((v_dim,)) for _ in range(QB)]
-    score = [U.scratch((KB,)) for _ in range(QB)]
-    run = [U.scratch((4,)) for _ in range(QB)]  # running max, running sum, block max, correction
-    for qi in range(QB):
+    rows = [tirx.min(i0 + qi, s - 1) for qi in range(slots)]  # clamped query positions
+    qrow = [U.local((qk_dim,)) for _ in range(slots)]
+    acc = [U.local((v_dim,)) for _ in range(slots)]
+    score = [U.scratch((KB,)) for _ in range(slots)]
+    run = [U.scratch((4,)) for _ in range(slots)]  # running max, running sum, block max, correction
+    for qi in range(slots):
         with U.serial(0, qk_dim) as d:
             U.store(qrow[qi], (d,), load_query(rows[qi], d) * scale)
         with U.vectorized(0, v_dim) as d:
             U.store(acc[qi], (d,), U.f32(0))
         U.store(run[qi], (0,), NEG_INF)
         U.store(run[qi], (1,), U.f32(0))
-    limit = [past + r + 1 for r in rows] if causal else [past + s] * QB  # keys query qi may see: [0, limit[qi])
-    n_keys = past + (tirx.min(i0 + QB, s) if causal else s)  # the block needs [0, n_keys)
+    limit = [past + r + 1 for r in rows] if causal else [past + s] * slots  # keys query qi may see: [0, limit[qi])
+    n_keys = past + (tirx.min(i0 + slots, s) if causal else s)  # the block needs [0, n_keys)
     with U.serial(0, (n_keys + KB - 1) // KB) as kb:
         j0 = kb * KB
-        for qi in range(QB):
+        for qi in range(slots):
             with U.vectorized(0, KB) as jj:
                 U.store(score[qi], (jj,), U.f32(0))
         with U.serial(0, qk_dim) as d:
-            for qi in range(QB):
+            for qi in range(slots):
                 with U.vectorized(0, KB) as jj:
                     U.store(score[qi], (jj,), score[qi][jj] + qrow[qi][d] * kt[bi, kv_head, d, j0 + jj])
-        for qi in range(QB):
+        for qi in range(slots):
             _emit_softmax_block(score[qi], run[qi], acc[qi], j0, limit[qi], v_dim)
         with U.serial(0, tirx.min(KB, n_keys - j0)) as jj:
             with U.serial(0, v_dim // lanes) as c:
                 with U.vectorized(0, lanes) as lane:
                     d = c * lanes + lane
                     vv = v[bi, j0 + jj, v_col + d]
-                    for qi in range(QB):
+                    for qi in range(slots):
                         U.store(acc[qi], (d,), acc[qi][d] + score[qi][jj] * vv)
-    for qi in range(QB):
+    for qi in range(slots):
         with U.when(i0 + qi < s):
             with U.vectorized(0, v_dim) as d:
                 U.store(out, (bi, i0 + qi, out_col + d), acc[qi][d] / run[qi][1])

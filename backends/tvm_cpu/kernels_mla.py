@@ -4,7 +4,7 @@ shaped like kernels_attention's (whose rope, block size and online-softmax step 
 - `latent_keys`: k_nope[B, S, H*dn] and the shared rotary key k_rope[B, S, dr] ->
   Kt[B, H, dn+dr, L] at positions past..: per head [k_nope | rope(k_rope)], transposed, so a
   query scores KB keys with plain vector FMAs;
-- `latent_attention`: QB query rows of one head per task, q = [q_nope | rope(q_rope)] scaled
+- `latent_attention`: QB query rows of one head per task (one when a call has fewer), q = [q_nope | rope(q_rope)] scaled
   by 1/sqrt(dn+dr), causal, keys in blocks of KB with an online softmax; values and output
   have their own head width dv.
 
@@ -21,7 +21,7 @@ import numpy as np
 from tvm import tirx
 
 from mocompile.backends.tvm_cpu import tir_util as U
-from mocompile.backends.tvm_cpu.kernels_attention import QB, _rope, emit_attend, emit_key_rows
+from mocompile.backends.tvm_cpu.kernels_attention import _rope, emit_attend, emit_key_rows, query_blocks
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,13 @@ def latent_attention(spec: LatentSpec) -> tirx.PrimFunc:
     """q[B, S, H*(dn+dr)], kt (from latent_keys), v[B, S, H*dv], cs -> out[B, S, H*dv], causal.
 
     A task is QB consecutive queries of one head (each key and value vector loaded serves QB
-    queries); rows past the end compute on the last row and are not stored.
+    queries), or one query when the call has fewer (query_blocks); rows past the end compute
+    on the last row and are not stored.
     """
     b, s, past = U.dim("b"), U.dim("s"), U.dim("past")
     kt_len, v_len = U.dim("kt_len"), U.dim("v_len")
     H, dn, dr, dq, dv = spec.heads, spec.nope_dim, spec.rope_dim, spec.qk_dim, spec.v_dim
     lanes = U.lanes_for(dv)
-    n_qb = (s + QB - 1) // QB
     scale = U.f32(1.0 / np.sqrt(dq))
     with U.kernel(f"latent_attention_{spec.tag()}") as kern:
         q = U.arg("q", (b, s, H * dq))
@@ -86,18 +86,14 @@ def latent_attention(spec: LatentSpec) -> tirx.PrimFunc:
         U.scalar_arg(past)
         out = U.arg("out", (b, s, H * dv))
 
-        def query_block(task):
-            bi = task // (H * n_qb)
-            h = task // n_qb % H
-            i0 = task % n_qb * QB
-
+        def query_block(bi, h, i0, slots):
             def load_query(i, d):
                 return _head_channel(lambda c: q[bi, i, h * dq + c], lambda c: q[bi, i, h * dq + dn + c],
                                      d, dn, dr, cs, i)
 
             emit_attend(load_query, scale, kt, v, out, bi=bi, kv_head=h, v_col=h * dv, out_col=h * dv, s=s,
-                        past=past, i0=i0, qk_dim=dq, v_dim=dv, lanes=lanes, causal=True)
+                        past=past, i0=i0, qk_dim=dq, v_dim=dv, lanes=lanes, causal=True, slots=slots)
 
         # work ~ FLOPs / 2: causal scores and weighted values, s * (past + s) * (dq + dv) per head
-        U.parallel_for(b * H * n_qb, b * H * s * (past + s) * (dq + dv) // 2, query_block)
+        query_blocks(b, H, s, b * H * s * (past + s) * (dq + dv) // 2, query_block)
     return kern.func
