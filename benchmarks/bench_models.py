@@ -421,11 +421,13 @@ torch columns slowed by up to 2x with it).
   (5-7 MB) stay in the L3 cache between steps, so DRAM bandwidth is not what bounds them: a step of
   these tiny models is a few microseconds of arithmetic per kernel plus fixed costs per kernel call
   (argument checks, the VM's shape arithmetic and allocation for symbolic shapes, the Python call).
-  The fixed costs found in earlier profiles are gone: the te-generated elementwise kernels (the shared
-  expert's add, the modality concat, segment ids) and the routed experts' GEMMs no longer wake the
-  thread pool for decode-sized work (10-20 us each on this VM), unread reshape views are dropped,
-  weights are not shape-matched by the VM on every call, and a multimodal step no longer allocates
-  empty tensors for its missing segments (that alone was 0.16 ms of unified_tiny's 0.38 ms step).
+  The fixed costs found in earlier profiles are gone: the te-generated kernels (the modality concat,
+  segment ids) and the routed experts' GEMMs no longer wake the thread pool for decode-sized work
+  (10-20 us each on this VM), the shared expert's add and the residual add after it are folded into
+  the shared expert's down GEMM, attention with one query no longer computes it four times, unread
+  reshape views are dropped, weights are not shape-matched by the VM on every call, inputs are staged
+  in buffers kept per input, and a multimodal step no longer allocates empty tensors for its missing
+  segments (that alone was 0.16 ms of unified_tiny's 0.38 ms step).
   What a step still pays is in the profile above: ~500 VM builtin calls (the instrumentation hook
   inflates their times several-fold; measured alone, each costs 0.05-0.25 us, 40-60 us per step in
   all) next to 37-76 kernel calls. Static memory planning with upper bounds for `step` (as MLC-LLM

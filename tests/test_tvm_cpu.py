@@ -307,6 +307,30 @@ def test_multimodal_concat_segments_and_ungated_blocks():
         assert_matches(exe.run(inputs), run(g, inputs))
 
 
+def test_shared_expert_and_residual_adds_fuse_into_one_write_back():
+    """routed + shared expert + residual stream: the two adds become the shared expert's
+    write-back (its down GEMM adds both, in the graph's order), as do a combine's."""
+    w = Weights(5)
+    H, F, E = 64, 48, 6
+    g = Graph("shared")
+    x = g.add_input("x", TensorType(("batch", "seq", H), "float32"))
+    rw, ri = g.add_node("router.topk", [x, g.add_param("router", w(E, H, scale=1.0))], {"top_k": 2})
+    routed = g.add("experts", x, rw, ri, g.add_param("gate", w(E, F, H)), g.add_param("up", w(E, F, H)),
+                   g.add_param("down", w(E, H, F)))
+    shared = g.add("mlp", x, g.add_param("s.gate", w(F, H)), g.add_param("s.up", w(F, H)), g.add_param("s.down", w(H, F)))
+    y = g.add("add", g.add("add", routed, shared), x)  # (routed + shared) + residual, as the MoE block is written
+    g.outputs = [y]
+    program = lower(g)
+    kernels = {gv.name_hint for gv, f in program.mod.functions.items() if isinstance(f, tirx.PrimFunc)}
+    assert not any(k.startswith("add") for k in kernels), kernels
+    assert any(k.endswith("_residual2") for k in kernels), kernels
+    exe = build(program, TARGET)
+    rng = np.random.default_rng(3)
+    for b, sq in [(1, 1), (2, 7)]:
+        inputs = {"x": rng.standard_normal((b, sq, H)).astype(np.float32)}
+        assert_matches(exe.run(inputs), run(g, inputs))
+
+
 def test_panel_layouts():
     w = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
     p = pack("panels", [w], 4)

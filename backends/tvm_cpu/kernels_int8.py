@@ -20,7 +20,7 @@ import functools
 from tvm import tirx
 
 from mocompile.backends.tvm_cpu import tir_util as U
-from mocompile.backends.tvm_cpu.kernels_matmul import Epilogue, _writer
+from mocompile.backends.tvm_cpu.kernels_matmul import Epilogue, _writer, residual_args
 from mocompile.backends.tvm_cpu.kernels_quant import emit_row_scale, int8_code
 from mocompile.backends.tvm_cpu.layout import VNNI_LANES
 
@@ -80,7 +80,7 @@ def int8_matmul(k: int, n: int, epi: Epilogue) -> tirx.PrimFunc:
         colsum = U.arg("w_colsum", (nb, LANES), "int32")
         ws = U.arg("w_scale", (nb, 1, LANES))
         bias = U.arg("bias", (n,)) if epi.bias else None
-        residual = U.arg("residual", (m, n)) if epi.residual else None
+        residuals = residual_args(epi, m, n)
         y = U.arg("y", (m, n))
 
         def rows(jb, r0, count: int) -> None:
@@ -98,7 +98,7 @@ def int8_matmul(k: int, n: int, epi: Epilogue) -> tirx.PrimFunc:
                     exact = tirx.Cast("float32", a[j] - colsum[jb, j])
                     U.store(tile, (i, j), exact * xs[r0 + i] * ws[jb, 0, j])
             write = _writer(y, n, LANES, jb, Epilogue(bias=epi.bias, residual=epi.residual), bias=bias,
-                            residual=residual)
+                            residuals=residuals)
             for i in range(count):
                 write(r0 + i, tile, i)
 

@@ -41,12 +41,18 @@ class Epilogue:
     activation: str | None = None  # "silu" | "gelu" | None
     bias: bool = False  # + b[col]           (extra input bias[N])
     row_scale: bool = False  # * s[row]      (extra input scale[rows])
-    residual: bool = False  # + r[row, col]  (extra input residual[rows, N])
+    residual: int = 0  # + r1[row, col] (+ r2[row, col]): extra inputs residual[rows, N] (, residual2)
 
     def tag(self) -> str:
         parts = ["glu" if self.glu else ""] + [self.activation or ""]
-        parts += [n for n in ("bias", "row_scale", "residual") if getattr(self, n)]
+        parts += [n for n in ("bias", "row_scale") if getattr(self, n)]
+        parts += ["residual" + (str(self.residual) if self.residual > 1 else "")] if self.residual else []
         return "_".join(p for p in parts if p) or "plain"
+
+
+def residual_args(epi: Epilogue, rows, n: int) -> list:
+    """The residual inputs of an epilogue, [rows, n] each, added in this order."""
+    return [U.arg("residual" + (str(i + 1) if i else ""), (rows, n)) for i in range(epi.residual)]
 
 
 @dataclass(frozen=True)
@@ -195,7 +201,7 @@ def _emit_panel_rows(x, w, panel, row_begin, row_end, tj: int, width: int, k: in
         write(r, acc, 0)
 
 
-def _writer(y, n: int, tj: int, jb, epi: Epilogue, bias=None, scale=None, residual=None, column_scale=None):
+def _writer(y, n: int, tj: int, jb, epi: Epilogue, bias=None, scale=None, residuals=(), column_scale=None):
     """The write-back of one accumulator row into output columns [jb*TJ, jb*TJ + TJ).
     `column_scale(lane)`: the per-output-channel weight scale of an accumulator lane."""
 
@@ -214,8 +220,8 @@ def _writer(y, n: int, tj: int, jb, epi: Epilogue, bias=None, scale=None, residu
                 v = v + bias[col]
             if epi.row_scale:
                 v = v * scale[row]
-            if epi.residual:
-                v = v + residual[row, col]
+            for r in residuals:
+                v = v + r[row, col]
             U.store(y, (row, col), v)
 
         with U.vectorized(0, tj) as jt:
@@ -254,12 +260,12 @@ def dense_matmul(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32
         x = U.arg("x", (m, k))
         w, w_scale = _weight_args(fmt, nb, k, width)
         bias = U.arg("bias", (n,)) if epi.bias else None
-        residual = U.arg("residual", (m, n)) if epi.residual else None
+        residuals = residual_args(epi, m, n)
         y = U.arg("y", (m, n))
         if epi.row_scale:
             raise ValueError("dense_matmul has no per-row scale")
         def panel(jb):
-            write = _writer(y, n, tj, jb, epi, bias=bias, residual=residual,
+            write = _writer(y, n, tj, jb, epi, bias=bias, residuals=residuals,
                             column_scale=_column_scale(fmt, w_scale, jb))
             _emit_panel_rows(x, w, jb, 0, m, tj, width, k, write, fmt, w_scale, tiling)
 

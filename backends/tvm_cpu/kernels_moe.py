@@ -19,6 +19,7 @@ import functools
 from tvm import tirx
 
 from mocompile.backends.tvm_cpu import tir_util as U
+from mocompile.backends.tvm_cpu.kernels_matmul import Epilogue, residual_args
 
 
 @functools.cache
@@ -64,23 +65,26 @@ def moe_plan(experts: int, top_k: int) -> tirx.PrimFunc:
 
 
 @functools.cache
-def moe_combine(hidden: int, top_k: int, residual: bool = False) -> tirx.PrimFunc:
-    """out[i, :] = sum_j ys[pair_row[i*k + j], :]  (+ residual[i, :])."""
+def moe_combine(hidden: int, top_k: int, residuals: int = 0) -> tirx.PrimFunc:
+    """out[i, :] = sum_j ys[pair_row[i*k + j], :]  (+ residual[i, :] (+ residual2[i, :]))."""
     t = U.dim("t")
     lanes = U.lanes_for(hidden)
-    with U.kernel(f"moe_combine_h{hidden}_k{top_k}{'_residual' if residual else ''}") as kern:
+    epi = Epilogue(residual=residuals)
+    with U.kernel(f"moe_combine_h{hidden}_k{top_k}{'_' + epi.tag() if residuals else ''}") as kern:
         ys = U.arg("ys", (t * top_k, hidden))
         pair_row = U.arg("pair_row", (t * top_k,), "int32")
-        res = U.arg("residual", (t, hidden)) if residual else None
+        res = residual_args(epi, t, hidden)
         out = U.arg("out", (t, hidden))
 
         def row(i):
             with U.serial(0, hidden // lanes) as c:
                 with U.vectorized(0, lanes) as l:
                     col = c * lanes + l
-                    v = res[i, col] if residual else U.f32(0)
-                    for j in range(top_k):  # fixed order: slot 0 first
+                    v = ys[U.i64(pair_row[i * top_k]), col]
+                    for j in range(1, top_k):  # fixed order: slot 0 first, then the residuals
                         v = v + ys[U.i64(pair_row[i * top_k + j]), col]
+                    for r in res:
+                        v = v + r[i, col]
                     U.store(out, (i, col), v)
 
         U.parallel_for(t, 4 * t * hidden * (top_k + 2), row)

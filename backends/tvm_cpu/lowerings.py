@@ -38,14 +38,20 @@ def _require_f32(node: Node, *values: Value) -> None:
                                 f"computes this op in float32 only")
 
 
-def _with_residual(ctx: LowerContext, node: Node):
-    """(fused add node, residual rows) if the node's output is only added to a residual."""
-    fusion = ctx.residual_for(node)
-    if fusion is None:
-        return None, None
-    add, other = fusion
-    ctx.fuse_into(add)
-    return add, ctx.rows(other)
+def _with_residual(ctx: LowerContext, node: Node) -> tuple[Node | None, list[relax.Expr]]:
+    """(the last fused add, the rows it and the adds before it add) when the node's output is
+    only added to values already computed: up to two adds in a chain, as a MoE block's routed
+    output is added to its shared expert's and then to the residual stream. The kernel adds
+    them in the chain's order, so the sums round as the graph's adds do."""
+    last, residuals = None, []
+    while len(residuals) < 2:
+        fusion = ctx.residual_for(last or node)
+        if fusion is None:
+            break
+        last, other = fusion
+        ctx.fuse_into(last)
+        residuals.append(ctx.rows(other))
+    return last, residuals
 
 
 def _finish(ctx: LowerContext, node: Node, y: relax.Expr, add: Node | None) -> list[relax.Expr]:
@@ -146,9 +152,9 @@ def _linear(ctx: LowerContext, node: Node):
     x, w = node.inputs[:2]
     _require_f32(node, *node.inputs)
     bias = [ctx.weight("identity", [node.inputs[2]])] if len(node.inputs) == 3 else []
-    add, residual = _with_residual(ctx, node)
-    epi = Epilogue(bias=bool(bias), residual=residual is not None)
-    extra = bias + ([residual] if residual is not None else [])
+    add, residuals = _with_residual(ctx, node)
+    epi = Epilogue(bias=bool(bias), residual=len(residuals))
+    extra = bias + residuals
     int8 = _int8_linear(node)
     if int8 is None:
         y = _dense(ctx, node, ctx.rows(x), ctx.rows_of(x), w, epi, extra=extra)
@@ -170,9 +176,8 @@ def _mlp(ctx: LowerContext, node: Node):
     gate, up, down = node.inputs[1:] if gated else (None, *node.inputs[1:])
     rows = ctx.rows_of(x)
     h = _dense(ctx, node, ctx.rows(x), rows, up, Epilogue(glu=gated, activation=act), gate=gate)
-    add, residual = _with_residual(ctx, node)
-    y = _dense(ctx, node, h, rows, down, Epilogue(residual=residual is not None),
-               extra=[residual] if residual is not None else [])
+    add, residuals = _with_residual(ctx, node)
+    y = _dense(ctx, node, h, rows, down, Epilogue(residual=len(residuals)), extra=residuals)
     return _finish(ctx, node, y, add)
 
 
@@ -292,9 +297,8 @@ def _experts(ctx: LowerContext, node: Node):
     w_down, c_down = _matmul_weights(ctx, node, "expert_panels", [down], experts, ffn, hidden)
     ys = ctx.call(grouped_matmul(experts, ffn, hidden, c_down.tj, Epilogue(row_scale=True), c_down.shape.fmt,
                                  c_down.tiling), [h, indptr, *w_down, row_weight], [((pairs, hidden), F32)])
-    add, residual = _with_residual(ctx, node)
-    out = ctx.call(moe_combine(hidden, k, residual is not None),
-                   [ys, pair_row, *([residual] if residual is not None else [])], [((rows, hidden), F32)])
+    add, residuals = _with_residual(ctx, node)
+    out = ctx.call(moe_combine(hidden, k, len(residuals)), [ys, pair_row, *residuals], [((rows, hidden), F32)])
     return _finish(ctx, node, out, add)
 
 
