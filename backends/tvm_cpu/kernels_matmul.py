@@ -189,13 +189,24 @@ def _emit_panel_rows(x, w, panel, row_begin, row_end, tj: int, width: int, k: in
         reduce_rows(acc, r0, ti)
         with U.unroll(0, ti) as i1:
             write(r0 + i1, acc, i1)
-    # Leftover rows one at a time (a GEMV), through the same reduction in the same order, so a
-    # row's result never depends on whether it landed in a tile or in the leftover, i.e. on
-    # how many other rows there are: the grouped expert GEMM stays batch-invariant (bit for
-    # bit), which the isolation check's differential test relies on. Split accumulators would
-    # be faster only when the weights sit in cache; a decode step streams them from memory.
-    with U.serial(0, n_rows - n_full * ti) as i:
-        r = row_begin + n_full * ti + i
+    # Leftover rows (fewer than TI) in pairs, then one alone (a GEMV), through the same
+    # reduction in the same order, so a row's result never depends on whether it landed in a
+    # tile, a pair or alone, i.e. on how many other rows there are: the grouped expert GEMM
+    # stays batch-invariant (bit for bit), which the isolation check's differential test relies
+    # on. Pairs halve the weight loads (and low-bit unpacking) of an expert serving 2-3 rows,
+    # as most do in a batch-8 decode step. Split accumulators would be faster only when the
+    # weights sit in cache; a decode step streams them from memory.
+    left_begin, left = row_begin + n_full * ti, n_rows - n_full * ti
+    pairs = left // 2 if ti > 2 else 0  # TI <= 2 leaves at most one row
+    if ti > 2:
+        with U.serial(0, pairs) as i2:
+            r = left_begin + 2 * i2
+            acc = U.scratch((2, width))
+            reduce_rows(acc, r, 2)
+            with U.unroll(0, 2) as i1:
+                write(r + i1, acc, i1)
+    with U.serial(0, left - 2 * pairs) as i:
+        r = left_begin + 2 * pairs + i
         acc = U.scratch((1, width))
         reduce_rows(acc, r, 1)
         write(r, acc, 0)
