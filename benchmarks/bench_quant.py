@@ -102,8 +102,9 @@ QUANT_NOTE = """
 ### Against the quantization issue's targets
 
 - **Speed.** Where a step is bound by weight bytes (moe_medium: 490 MB fp32, single token), int8 and
-  int4 make it 2.3-3.3x faster than the fp32 artifact (int4 at batch 8, whose 8 experts are all
-  active: 1.6-1.9x) and 4-12x faster than eager, over the runs of 2026-11-22 and 2026-12-01. The tiny examples' weights (1-7 MB) sit in cache, so
+  int4 make it 2.3-3.3x faster than the fp32 artifact and 4-12x faster than eager, over the runs of
+  2026-11-22 and 2026-12-01; int4 at batch 8, whose 8 experts are all active and each serve 2-3 rows,
+  was at 1.6-1.9x until the matmuls reduced such rows in pairs (one unpack per pair), 2.0x since. The tiny examples' weights (1-7 MB) sit in cache, so
   reading fewer bytes barely changes their steps, which are bound by fixed per-step costs (kernel calls,
   VM bookkeeping; see the models section): their >= 1.8x-over-fp32-artifact target is missed, while
   >= 3x eager holds everywhere. int4 is slower than int8 at the same bandwidth: its kernels spend the
