@@ -428,9 +428,11 @@ torch columns slowed by up to 2x with it).
   reshape views are dropped, weights are not shape-matched by the VM on every call, inputs are staged
   in buffers kept per input, and a multimodal step no longer allocates empty tensors for its missing
   segments (that alone was 0.16 ms of unified_tiny's 0.38 ms step).
-  What a step still pays is in the profile above: ~500 VM builtin calls (the instrumentation hook
-  inflates their times several-fold; measured alone, each costs 0.05-0.25 us, 40-60 us per step in
-  all) next to 37-76 kernel calls. Static memory planning with upper bounds for `step` (as MLC-LLM
+  What a step still pays is in the profile above: 250-450 VM builtin calls (the instrumentation hook
+  inflates their times several-fold; measured alone, each costs 0.05-0.25 us, 20-60 us per step in
+  all) next to 37-74 kernel calls. Over the six runs of 2026-12-01, as the fixes above landed, the batch-1
+  ratio went from 1.9-2.5x to 1.4-1.7x (mixtral_tiny), 1.2-1.9x to 1.0-1.3x (deepseek_tiny) and 1.9-2.2x
+  to 1.3-1.6x (unified_tiny): within the 1.5x target in some runs, up to ~15% over it in others. Static memory planning with upper bounds for `step` (as MLC-LLM
   does, which needs a batch bound the compile does not have today) and fusing q/k/v into one kernel
   are the next steps. Where the roofline is the real bound, on a model that does not fit in cache
   (`benchmarks/specs/moe_medium.moe`, 490 MB, in the quantization section), the fp32 artifact's decode
