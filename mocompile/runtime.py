@@ -101,6 +101,17 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass
+class _CallPlan:
+    """How to pass one set of input shapes: per signature input its name and, for an empty
+    one, the zero-size tensor passed instead of a copy; seq = the positions the call covers;
+    copied = the outputs that alias an input and are copied (known after the first call)."""
+
+    args: tuple[tuple[str, Any], ...]
+    seq: int
+    copied: tuple[int, ...] | None = None
+
+
 class KVCache:
     """The key/value tensors a `step` function reads and extends in place, and how many
     positions of each sample they hold (`length`, the same for every sample of the batch).
@@ -154,18 +165,45 @@ class LoadedArtifact:
                 raise ArtifactError(f"{path / program['weights']}: missing weight {missing[0]!r}")
             self._weights = [tvm.runtime.tensor(f.get_tensor(n)) for n in program["weight_order"]]
         self._tensor = tvm.runtime.tensor
-        self._shape = tvm.runtime.ShapeTuple
+        # tvm.runtime.ShapeTuple validates its items through abc isinstance checks (3-5 us, a
+        # fortieth of a tiny model's decode step); the registered constructor takes ints as is.
+        self._shape = tvm.get_global_func("ffi.Shape")
         self._from_dlpack = tvm.runtime.from_dlpack
-        self._checked: set[tuple] = set()
+        self._plans: dict[tuple, _CallPlan] = {}
+        self._output_names = [t.name for t in self.signature.outputs]
         self._empties: dict[tuple, Any] = {}
         self._staging: dict[str, tuple[np.ndarray, Any]] = {}  # input name -> (buffer, its TVM tensor)
         step = program.get("step")
         self._step = self._vm[step["function"]] if step else None
 
-    def _inputs(self, arrays: Mapping[str, np.ndarray]) -> list[Any]:
-        """Inputs as TVM tensors: each input's values are copied into its staging buffer."""
-        return [self._empty_tensor(a) if a.size == 0 else self._staged(t.name, a)
-                for t, a in ((t, arrays[t.name]) for t in self.signature.inputs)]
+    def _plan(self, arrays: Mapping[str, np.ndarray], batch: int | None) -> "_CallPlan":
+        """The plan of calls with these input names, shapes and dtypes: validated once (a
+        decode loop repeats one set; checking every call would cost a fifth of a small model's
+        step). `batch` set (a `step`): inputs left out are empty segments of that batch."""
+        key = (batch, *[(k, a.shape, a.dtype.str) for k, a in arrays.items()])
+        plan = self._plans.get(key)
+        if plan is None:
+            full = dict(arrays)
+            if batch is not None:
+                given = next(iter(arrays.values())).shape[0] if arrays else batch
+                if given != batch:
+                    raise ValueError(f"the cache holds {batch} sequences, the inputs {given}")
+                for t in self.signature.inputs:
+                    if t.name not in full:
+                        full[t.name] = np.zeros([batch if d == "batch" else d if isinstance(d, int) else 0
+                                                 for d in t.shape], t.dtype)
+            self.signature.check(full)
+            args = tuple((t.name, self._empty_tensor(full[t.name]) if full[t.name].size == 0 else None)
+                         for t in self.signature.inputs)
+            seq = sum(a.shape[1] for a in full.values() if a.ndim > 1)
+            if batch is not None and seq == 0:
+                raise ValueError("a step needs at least one position")
+            plan = self._plans[key] = _CallPlan(args, seq)
+        return plan
+
+    def _inputs(self, plan: "_CallPlan", arrays: Mapping[str, np.ndarray]) -> list[Any]:
+        """The plan's inputs as TVM tensors: each given input's values copied into its staging buffer."""
+        return [self._staged(name, arrays[name]) if empty is None else empty for name, empty in plan.args]
 
     def _staged(self, name: str, a: np.ndarray) -> Any:
         """The TVM tensor of input `name` holding `a`'s values: a 64-byte aligned numpy buffer
@@ -190,27 +228,23 @@ class LoadedArtifact:
             self._empties[key] = self._tensor(a)
         return self._empties[key]
 
-    def _outputs(self, result: Any) -> dict[str, np.ndarray]:
-        outs = list(result) if len(self.signature.outputs) > 1 else [result]
-        arrays = {t.name: np.from_dlpack(o) for t, o in zip(self.signature.outputs, outs)}
-        # An output that is a view of an input (a graph returning its input reshaped) would change
-        # with the next call's inputs: give it its own memory.
-        return {k: v.copy() if any(np.may_share_memory(v, buf) for buf, _ in self._staging.values()) else v
-                for k, v in arrays.items()}
-
-    def _check(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """Signature check, done once per distinct set of input shapes and dtypes (a decode
-        loop repeats the same ones; the check would cost a fifth of a small model's step)."""
-        key = tuple((k, a.dtype.str, a.shape) for k, a in sorted(arrays.items()))
-        if key not in self._checked:
-            self.signature.check(arrays)
-            self._checked.add(key)
+    def _outputs(self, result: Any, plan: "_CallPlan") -> dict[str, np.ndarray]:
+        names = self._output_names
+        arrays = [np.from_dlpack(result)] if len(names) == 1 else [np.from_dlpack(o) for o in result]
+        if plan.copied is None:
+            # An output that is a view of an input (a graph returning its input reshaped) would
+            # change with the next call's inputs: it gets its own memory. Whether one is, is a
+            # property of the program, so the first call of a plan finds out for all.
+            staged = [self._staging[name][0] for name, empty in plan.args if empty is None]
+            plan.copied = tuple(i for i, v in enumerate(arrays) if any(np.may_share_memory(v, b) for b in staged))
+        for i in plan.copied:
+            arrays[i] = arrays[i].copy()
+        return dict(zip(names, arrays))
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
-        self._check(arrays)
-        result = self._fn(*self._inputs(arrays), *self._weights)
-        return self._outputs(result)
+        arrays = {k: np.asarray(v) for k, v in inputs.items()}
+        plan = self._plan(arrays, None)
+        return self._outputs(self._fn(*self._inputs(plan, arrays), *self._weights), plan)
 
     # ---- incremental decoding ------------------------------------------------------------
     @property
@@ -239,24 +273,15 @@ class LoadedArtifact:
         first, then one token at a time), appending their keys and values to it. A multimodal
         model's segments left out are empty this step: `step({"text": ids}, cache)` after an
         image/audio prompt continues with text."""
-        self._require_step()
-        arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
-        batch = next(iter(arrays.values())).shape[0] if arrays else cache.batch
-        for t in self.signature.inputs:
-            if t.name not in arrays:
-                arrays[t.name] = np.zeros([batch if d == "batch" else d if isinstance(d, int) else 0 for d in t.shape],
-                                          t.dtype)
-        self._check(arrays)
-        seq = sum(a.shape[1] for a in arrays.values())
-        if batch != cache.batch:
-            raise ValueError(f"the cache holds {cache.batch} sequences, the inputs {batch}")
-        if seq == 0:
-            raise ValueError("a step needs at least one position")
-        if cache.length + seq > cache.capacity:
-            raise ValueError(f"the cache holds {cache.length} of {cache.capacity} positions; {seq} more do not fit")
-        result = self._step(*self._inputs(arrays), self._shape([cache.length]), *cache.tensors, *self._weights)
-        cache.length += seq
-        return self._outputs(result)
+        if self._step is None:
+            self._require_step()
+        arrays = {k: np.asarray(v) for k, v in inputs.items()}
+        plan = self._plan(arrays, cache.batch)
+        if cache.length + plan.seq > cache.capacity:
+            raise ValueError(f"the cache holds {cache.length} of {cache.capacity} positions; {plan.seq} more do not fit")
+        result = self._step(*self._inputs(plan, arrays), self._shape(cache.length), *cache.tensors, *self._weights)
+        cache.length += plan.seq
+        return self._outputs(result, plan)
 
     def run_cached(self, inputs: Mapping[str, np.ndarray], prompt: int) -> dict[str, np.ndarray]:
         """`inputs` through a fresh KV cache (kv_cache.decode_steps: every segment with the first
