@@ -200,9 +200,13 @@ def _norm(ctx: LowerContext, node: Node):
 
 
 def _rope_table(ctx: LowerContext, dim: int, theta: float, s) -> relax.Expr:
-    """cos/sin of positions past..past+s-1."""
-    inv_freq = relax.const(rope_inv_freq(dim, theta))
-    return ctx.call(rope_table(dim), [inv_freq, ctx.past, s], [((s, 2, dim // 2), F32)])
+    """cos/sin of positions past..past+s-1: one table per function for all the layers that
+    rotate the same way (a kernel call fewer per layer in each decode step)."""
+    key = ("rope", dim, theta, str(s))
+    if key not in ctx.derived:
+        inv_freq = relax.const(rope_inv_freq(dim, theta))
+        ctx.derived[key] = ctx.call(rope_table(dim), [inv_freq, ctx.past, s], [((s, 2, dim // 2), F32)])
+    return ctx.derived[key]
 
 
 def _keys_and_values(ctx: LowerContext, node: Node, keys, key_args: list, rows: int, qk_dim: int, v: Value,

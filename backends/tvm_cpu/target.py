@@ -23,10 +23,24 @@ def host_target(num_cores: int | None = None, mcpu: str | None = None) -> tvm.ta
 
 
 
-def host_has_vnni() -> bool:
-    """Whether this CPU has AVX-512 VNNI (the int8 dot product the W8A8 kernels use)."""
+def _cpu_flags() -> set[str]:
     try:
         flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
     except OSError:
-        return False
-    return "avx512_vnni" in flags.split()
+        return set()
+    return set(flags.split()[2:])
+
+
+def host_has_vnni() -> bool:
+    """Whether this CPU has AVX-512 VNNI (the int8 dot product the W8A8 kernels use)."""
+    return "avx512_vnni" in _cpu_flags()
+
+
+def vector_register_bytes() -> int:
+    """Bytes of this CPU's vector register file: 32 x 64 with AVX-512, 16 x 32 with AVX2,
+    16 x 16 (SSE) otherwise. A matmul's register tile must leave room in it for the weight
+    and input vectors, or LLVM spills accumulators to the stack on every step."""
+    flags = _cpu_flags()
+    if "avx512f" in flags:
+        return 32 * 64
+    return 16 * (32 if "avx2" in flags else 16)
