@@ -428,15 +428,25 @@ torch columns slowed by up to 2x with it).
   reshape views are dropped, weights are not shape-matched by the VM on every call, inputs are staged
   in buffers kept per input, and a multimodal step no longer allocates empty tensors for its missing
   segments (that alone was 0.16 ms of unified_tiny's 0.38 ms step).
-  What a step still pays is in the profile above: 250-450 VM builtin calls (the instrumentation hook
+  What a step still pays is in the profile above: 240-425 VM builtin calls (the instrumentation hook
   inflates their times several-fold; measured alone, each costs 0.05-0.25 us, 20-60 us per step in
-  all) next to 37-74 kernel calls. Over the six runs of 2026-12-01, as the fixes above landed, the batch-1
-  ratio went from 1.9-2.5x to 1.4-1.7x (mixtral_tiny), 1.2-1.9x to 1.0-1.3x (deepseek_tiny) and 1.9-2.2x
-  to 1.3-1.6x (unified_tiny): within the 1.5x target in some runs, up to ~15% over it in others. Static memory planning with upper bounds for `step` (as MLC-LLM
-  does, which needs a batch bound the compile does not have today) and fusing q/k/v into one kernel
-  are the next steps. Where the roofline is the real bound, on a model that does not fit in cache
-  (`benchmarks/specs/moe_medium.moe`, 490 MB, in the quantization section), the fp32 artifact's decode
-  step ran at 1.0-1.2x of it in quiet runs (2.1x in one where the host was busy: eager slowed 2-3x too).
+  all) next to 36-68 kernel calls, and the Python of `LoadedArtifact.step` (now one cached, validated
+  call plan per set of input shapes: ~10% off a tiny model's step; measured in a loop, Python code
+  that takes 5 us warm takes ~10 us between two steps, whose kernels evict its caches). Over the runs
+  of 2026-12-01 the batch-1 ratio went from 1.9-2.5x to 1.1-1.5x (mixtral_tiny), 1.2-1.9x to 1.0-1.1x
+  (deepseek_tiny) and 1.9-2.2x to 1.1-1.3x (unified_tiny): the two runs after the changes below met
+  the 1.5x target (worst 1.11x and 1.34x); the run before them missed it by 2%.
+  Static memory planning with upper bounds for `step` (as MLC-LLM does, which needs a batch bound the
+  compile does not have today) and fusing q/k/v into one kernel are the next steps. Where the roofline
+  is the real bound, on a model that does not fit in cache (`benchmarks/specs/moe_medium.moe`, 490 MB,
+  in the quantization section), the fp32 artifact's decode step ran at 1.0-1.2x of it in quiet runs
+  (2.1x in one where the host was busy: eager slowed 2-3x too).
+- **Register tiles follow the vector ISA.** The untuned tile of a matmul fills at most half the
+  vector register file: 4 rows x 32 lanes on AVX-512 (the fast-CPU recipe's tile), 2 x 32 (1 x 64 for
+  a fused GLU panel) on AVX2, where 4 x 32 filled all 16 ymm registers and spilled. Measured per
+  kernel at 64 rows on this host: 1.6x (dense 128x512, 1024x1024, grouped down) to 2.2x (grouped
+  GLU) faster; in this table 512-token prefill went from 0.67-0.82x of eager to 0.45-0.67x and
+  batch-8 decode steps got 30-45% faster.
 - **Tuning** (`compile --tune N`, not used here: these are default compiles) searches the matmul
   kernels' panel width and register tile; see backends/tvm_cpu/tuning.py for why it is a measured
   search over these hand-written kernels rather than MetaSchedule.

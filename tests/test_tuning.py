@@ -13,7 +13,8 @@ os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 import numpy as np
 import pytest
 
-from mocompile.backends.tvm_cpu.kernels_matmul import MatmulShape, WeightFormat
+from mocompile.backends.tvm_cpu.kernels_matmul import ACCUMULATOR_BYTES, MatmulShape, Tiling, WeightFormat
+from mocompile.backends.tvm_cpu.target import vector_register_bytes
 from mocompile.backends.tvm_cpu.tir_util import STACK_BYTES
 from mocompile.backends.tvm_cpu.tuning import candidates, default_config
 from mocompile.compiler import compile
@@ -34,6 +35,24 @@ def test_candidates_fit_in_registers(shape):
         assert c.tiling.rows * width * 4 < STACK_BYTES and shape.fmt.depth(shape.k) % c.tiling.k_unroll == 0
     default = default_config(shape)
     default.tiling.check(2 * default.tj if shape.glu else default.tj, shape.fmt.depth(shape.k))
+
+
+def test_untuned_tiles_fill_at_most_half_the_register_file():
+    """The default register tile follows the ISA: the fast-CPU recipe's 4 x 32 lanes with
+    AVX-512's 32 zmm registers; on AVX2's 16 ymm, 2 x 32 and one row of a 64-lane GLU panel
+    (measured 1.5-2.2x faster there than the AVX-512 tiles, which spill); int4 panels, whose
+    unpacking costs more than spills, keep the largest tile."""
+    avx512, avx2 = 32 * 64 // 2, 16 * 32 // 2
+    assert Tiling.for_panel(32, 128, budget=avx512) == Tiling(4, 4)
+    assert Tiling.for_panel(64, 128, budget=avx512).rows == 3  # below the stack limit (STACK_BYTES)
+    assert Tiling.for_panel(32, 128, budget=avx2).rows == 2
+    assert Tiling.for_panel(64, 128, budget=avx2).rows == 1
+    assert Tiling.for_panel(16, 128, budget=avx2).rows == 4
+    int4 = WeightFormat(4, 4)  # unpacking dominates: the stack limit on every ISA
+    assert Tiling.for_panel(32, 64, int4) == Tiling.for_panel(32, 64, budget=avx512) == Tiling(4, 4)
+    assert ACCUMULATOR_BYTES == vector_register_bytes() // 2
+    flags = open("/proc/cpuinfo").read()
+    assert vector_register_bytes() == (2048 if " avx512f" in flags else 512 if " avx2" in flags else 256)
 
 
 @pytest.fixture(scope="module")

@@ -112,14 +112,18 @@ class Tiling:
     k_unroll: int  # KU: reduction unroll
 
     @staticmethod
-    def for_panel(width: int, k: int) -> "Tiling":
+    def for_panel(width: int, k: int, fmt: WeightFormat = F32_WEIGHTS, budget: int | None = None) -> "Tiling":
         """The untuned choice: the largest tile (<= 4 rows) and unroll (power of two <= 4)
-        whose accumulators stay in registers, filling at most half the register file.
-        Measured at 64 rows on AVX2 (16 ymm), 2 x 32 lanes ran 1.6x faster than 4 x 32 and
-        1 x 64 (a GLU panel) 2.2x faster than 3 x 64; on AVX-512 the budget is the stack
-        limit, 4 x 32 (the fast-CPU recipe's tile)."""
-        budget = min(ACCUMULATOR_BYTES, U.STACK_BYTES - 1)
-        rows = max(1, min(4, budget // (width * F32_BYTES)))
+        whose accumulators stay in registers, filling at most half the register file
+        (`budget` bytes; default: this host's). Measured at 64 rows on AVX2 (16 ymm), 2 x 32
+        lanes ran 1.5-1.6x faster than 4 x 32 (fp32, int8) and 1 x 64 (a GLU panel) 1.7-2.2x
+        faster than 2-3 x 64; on AVX-512 the budget is the stack limit, 4 x 32 (the fast-CPU
+        recipe's tile). int4 panels always take the stack limit: unpacking a panel row costs
+        more than the spills, so unpacking it once for more rows wins (4 x 32 ran 1.2-1.5x
+        faster than 2 x 32 there)."""
+        if budget is None:
+            budget = U.STACK_BYTES if fmt.bits == 4 else ACCUMULATOR_BYTES
+        rows = max(1, min(4, min(budget, U.STACK_BYTES - 1) // (width * F32_BYTES)))
         split = 1
         while split * 2 <= 4 and split * 2 * width * F32_BYTES < U.STACK_BYTES and k % (split * 2) == 0:
             split *= 2
@@ -169,7 +173,7 @@ def _emit_panel_rows(x, w, panel, row_begin, row_end, tj: int, width: int, k: in
     [*, width]) as output row `row`. `tiling`: tuned tile sizes (default Tiling.for_panel).
     """
     depth = fmt.depth(k)
-    tiling = tiling or Tiling.for_panel(width, depth)
+    tiling = tiling or Tiling.for_panel(width, depth, fmt)
     tiling.check(width, depth)
     ti, ku = tiling.rows, tiling.k_unroll
     n_rows = row_end - row_begin

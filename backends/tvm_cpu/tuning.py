@@ -97,7 +97,7 @@ def candidates(shape: MatmulShape) -> list[MatmulConfig]:
 
 def default_config(shape: MatmulShape) -> MatmulConfig:
     tj = panel_width(shape.n)
-    return MatmulConfig(shape, tj, Tiling.for_panel(2 * tj if shape.glu else tj, shape.fmt.depth(shape.k)))
+    return MatmulConfig(shape, tj, Tiling.for_panel(2 * tj if shape.glu else tj, shape.fmt.depth(shape.k), shape.fmt))
 
 
 def _kernel(config: MatmulConfig):
