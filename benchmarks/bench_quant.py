@@ -102,15 +102,24 @@ QUANT_NOTE = """
 ### Against the quantization issue's targets
 
 - **Speed.** Where a step is bound by weight bytes (moe_medium: 490 MB fp32, single token), int8 and
-  int4 make it 2.3-3.3x faster than the fp32 artifact and 4-12x faster than eager, over the runs of
+  int4 make it 2.0-3.3x faster than the fp32 artifact and 4-12x faster than eager, over the runs of
   2026-11-22 and 2026-12-01; int4 at batch 8, whose 8 experts are all active and each serve 2-3 rows,
-  was at 1.6-1.9x until the matmuls reduced such rows in pairs (one unpack per pair), 2.0x since. The tiny examples' weights (1-7 MB) sit in cache, so
-  reading fewer bytes barely changes their steps, which are bound by fixed per-step costs (kernel calls,
-  VM bookkeeping; see the models section): their >= 1.8x-over-fp32-artifact target is missed, while
-  >= 3x eager holds everywhere. int4 is slower than int8 at the same bandwidth: its kernels spend the
-  saved bytes on unpacking nibbles (shift, mask, convert per weight). On a CPU without AVX-512 (the
-  header says which) the W8A8 linears fall back to fp32 arithmetic on the rounded values, and the low-bit
-  prefill GEMMs, which convert every weight they load, are slower than fp32 ones.
+  was at 1.6-1.9x until the matmuls reduced such rows in pairs (one unpack per pair), 2.0x since.
+  Register tiles: fp32 and int8 panels take tiles sized to the vector ISA (half the register file; on
+  this AVX2 host that made int8 prefill 1.0-1.4x the fp32 artifact's speed, from 0.9-1.3x); int4 panels
+  keep the largest tile, since unpacking a panel row once for 3-4 rows beats avoiding spills (with
+  AVX2-sized tiles its batch-8 step fell to 1.46x the fp32 artifact and its prefill slowed 1.2-1.5x).
+  The tiny examples' weights (1-7 MB) sit in cache, so reading fewer bytes barely changes their steps:
+  a `perf` profile of 180,000 mixtral_tiny fp32 steps (136 us each in that loop) puts 42% of the time
+  in the kernels (~58 us) and the rest in fixed costs: the Relax VM's interpreter and builtins (26%),
+  Python (17%), malloc/free (7%), tvm-ffi/numpy glue (6%). int8 cut the kernels' part to ~40 us (1.45x)
+  and left the ~70 us of fixed costs as they were, so the step is 1.1-1.35x faster, not 1.8x; 1.8x
+  would need the fixed costs under ~35 us (an AOT-style driver for `step` instead of the VM's
+  per-tensor shape and allocation calls). The >= 1.8x-over-fp32-artifact target is met where its
+  premise holds (moe_medium) and missed on the tiny examples, while >= 3x eager holds everywhere.
+  int4 is slower than int8 at the same bandwidth: its kernels spend the saved bytes on unpacking
+  nibbles (shift, mask, convert per weight). On a CPU without AVX-512 VNNI (the header says which) the
+  W8A8 linears fall back to fp32 arithmetic on the rounded values.
 - **Accuracy.** On the examples' trained weights (`examples/weights/`, made by
   `examples/train_synthetic.py`), int8 weight-only keeps 99.7-100% of next-token top-1 choices on
   random-token inputs (the accuracy table; `tests/test_quantize.py` holds every example to >= 99%), and
