@@ -90,6 +90,7 @@ class Signature:
 
 
 ALIGNMENT = 64  # bytes: what TVM requires of tensor data it does not allocate itself
+MAX_PLANS = 256  # call plans kept per artifact (one per set of input shapes seen)
 
 
 def _aligned_copy(a: np.ndarray) -> np.ndarray:
@@ -105,11 +106,14 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
 class _CallPlan:
     """How to pass one set of input shapes: per signature input its name and, for an empty
     one, the zero-size tensor passed instead of a copy; seq = the positions the call covers;
-    copied = the outputs that alias an input and are copied (known after the first call)."""
+    copied = the outputs that alias an input and are copied (known after the first call);
+    driver_outputs = the buffers a decode driver call writes (made at its first call)."""
 
     args: tuple[tuple[str, Any], ...]
     seq: int
+    env: dict[str, int]  # the symbols the inputs bind
     copied: tuple[int, ...] | None = None
+    driver_outputs: list[tuple[np.ndarray, Any]] | None = None  # the decode driver's output tensors
 
 
 class KVCache:
@@ -144,7 +148,7 @@ class LoadedArtifact:
     models also decode incrementally: `cache = .new_cache(batch)`, then `.step(inputs,
     cache)` over the prompt and over each new token (or `.generate(ids, n)`)."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], driver: bool = True) -> None:
         self.path = path
         self.manifest = manifest
         self.signature = Signature.from_json(manifest["signature"])
@@ -159,11 +163,22 @@ class LoadedArtifact:
         self._fn = self._vm[program.get("function", "main")]
         # One tensor at a time: the file's bytes are copied once into TVM's memory and never
         # held twice (nor widened: low-bit weights stay low-bit).
+        step = program.get("step")
+        decode = (step or {}).get("driver") if driver else None
+        constants = decode["constants"] if decode else []
         with safe_open(str(path / program["weights"]), "np") as f:
-            missing = [n for n in program["weight_order"] if n not in f.keys()]
+            missing = [n for n in program["weight_order"] + constants if n not in f.keys()]
             if missing:
                 raise ArtifactError(f"{path / program['weights']}: missing weight {missing[0]!r}")
             self._weights = [tvm.runtime.tensor(f.get_tensor(n)) for n in program["weight_order"]]
+            self._constants = [tvm.runtime.tensor(f.get_tensor(n)) for n in constants]
+        self._driver = self._driver_positions = None
+        if decode:
+            # The driver is a PrimFunc of the library the VM executable imports (driver.py).
+            library = next((m for m in lib.imports if m.implements_function(decode["function"])), None)
+            if library is None:
+                raise ArtifactError(f"{path / program['library']}: no decode driver {decode['function']!r} in it")
+            self._driver, self._driver_positions = library[decode["function"]], decode["positions"]
         self._tensor = tvm.runtime.tensor
         # tvm.runtime.ShapeTuple validates its items through abc isinstance checks (3-5 us, a
         # fortieth of a tiny model's decode step); the registered constructor takes ints as is.
@@ -173,7 +188,6 @@ class LoadedArtifact:
         self._output_names = [t.name for t in self.signature.outputs]
         self._empties: dict[tuple, Any] = {}
         self._staging: dict[str, tuple[np.ndarray, Any]] = {}  # input name -> (buffer, its TVM tensor)
-        step = program.get("step")
         self._step = self._vm[step["function"]] if step else None
 
     def _plan(self, arrays: Mapping[str, np.ndarray], batch: int | None) -> "_CallPlan":
@@ -192,13 +206,15 @@ class LoadedArtifact:
                     if t.name not in full:
                         full[t.name] = np.zeros([batch if d == "batch" else d if isinstance(d, int) else 0
                                                  for d in t.shape], t.dtype)
-            self.signature.check(full)
+            env = self.signature.check(full)
             args = tuple((t.name, self._empty_tensor(full[t.name]) if full[t.name].size == 0 else None)
                          for t in self.signature.inputs)
             seq = sum(a.shape[1] for a in full.values() if a.ndim > 1)
             if batch is not None and seq == 0:
                 raise ValueError("a step needs at least one position")
-            plan = self._plans[key] = _CallPlan(args, seq)
+            if len(self._plans) >= MAX_PLANS:  # a server seeing ever new prompt lengths
+                self._plans.clear()
+            plan = self._plans[key] = _CallPlan(args, seq, env)
         return plan
 
     def _inputs(self, plan: "_CallPlan", arrays: Mapping[str, np.ndarray]) -> list[Any]:
@@ -251,6 +267,11 @@ class LoadedArtifact:
     def can_decode(self) -> bool:
         return self._step is not None
 
+    @property
+    def has_driver(self) -> bool:
+        """Whether single-position steps run through the decode driver (no Relax VM)."""
+        return self._driver is not None
+
     def _require_step(self) -> dict[str, Any]:
         if self._step is None:
             why = self.manifest["program"].get("no_step_reason") or "it was compiled without one"
@@ -279,9 +300,26 @@ class LoadedArtifact:
         plan = self._plan(arrays, cache.batch)
         if cache.length + plan.seq > cache.capacity:
             raise ValueError(f"the cache holds {cache.length} of {cache.capacity} positions; {plan.seq} more do not fit")
+        if self._driver is not None and plan.seq == self._driver_positions:
+            return self._drive(plan, arrays, cache)
         result = self._step(*self._inputs(plan, arrays), self._shape(cache.length), *cache.tensors, *self._weights)
         cache.length += plan.seq
         return self._outputs(result, plan)
+
+    def _drive(self, plan: _CallPlan, arrays: Mapping[str, np.ndarray], cache: KVCache) -> dict[str, np.ndarray]:
+        """A step through the decode driver (the step's kernel calls without the VM, same
+        results bit for bit): it writes into output buffers kept per plan, copied out so that
+        results never change under the caller."""
+        if plan.driver_outputs is None:
+            plan.driver_outputs = []
+            for t in self.signature.outputs:
+                buf = _aligned_copy(np.zeros(t.type.concrete(plan.env), t.dtype))
+                plan.driver_outputs.append((buf, self._from_dlpack(buf)))
+        outs = plan.driver_outputs
+        self._driver(*self._inputs(plan, arrays), cache.length, *cache.tensors, *self._weights, *self._constants,
+                     *[t for _, t in outs])
+        cache.length += plan.seq
+        return {name: buf.copy() for name, (buf, _) in zip(self._output_names, outs)}
 
     def run_cached(self, inputs: Mapping[str, np.ndarray], prompt: int) -> dict[str, np.ndarray]:
         """`inputs` through a fresh KV cache (kv_cache.decode_steps: every segment with the first
@@ -337,11 +375,13 @@ class LoadedArtifact:
         return float(np.median(times))
 
 
-def load(path: str | Path) -> LoadedArtifact:
-    """Load an artifact directory after verifying the checksum of every file in it."""
+def load(path: str | Path, driver: bool = True) -> LoadedArtifact:
+    """Load an artifact directory after verifying the checksum of every file in it.
+    `driver=False`: run every step through the VM's `step`, never the decode driver (to
+    compare the two)."""
     path = Path(path)
     manifest = read_manifest(path)
-    return LoadedArtifact(path, manifest)
+    return LoadedArtifact(path, manifest, driver)
 
 
 def random_inputs(signature: Signature, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:

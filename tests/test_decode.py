@@ -57,6 +57,72 @@ def test_chunked_prefill_and_tokens_match_full_forward(artifacts, name):
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("name", ["mixtral", "latent", "deepseek_int8"])
+def test_decode_driver_matches_the_vm_step_bit_for_bit(artifacts, name):
+    """Single-token steps run through the decode driver (the step's kernel calls as one TIR
+    function, no VM): logits and caches are the VM step's bit for bit, at batch 1 and 3."""
+    art = artifacts[name]
+    assert art.has_driver and art.manifest["program"]["step"]["driver"]["positions"] == 1
+    vm = load(art.path, driver=False)
+    assert not vm.has_driver
+    for batch in (1, 3):
+        ids = random_inputs(art.signature, batch, 9, seed=batch)["text"]
+        caches = [a.new_cache(batch, 16) for a in (art, vm)]
+        outs = [[a.step({"text": ids[:, :6]}, c)["logits"]] for a, c in zip((art, vm), caches)]
+        for t in range(6, 9):
+            for a, c, o in zip((art, vm), caches, outs):
+                o.append(a.step({"text": ids[:, t:t + 1]}, c)["logits"])
+        for got, want in zip(*outs):
+            np.testing.assert_array_equal(got, want)
+        for a, b in zip(caches[0].tensors, caches[1].tensors):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        first = outs[0][1]
+        art.step({"text": ids[:, 8:9]}, caches[0])  # the next call reuses the output buffer ...
+        np.testing.assert_array_equal(first, outs[1][1])  # ... results already returned do not change
+
+
+def test_decode_driver_allocations_are_never_on_the_stack(artifacts):
+    """Kernels assume 64-byte aligned buffers; TVM puts small constant-size allocations on
+    the stack, less aligned (a vectorized kernel faulted on one, depending on the stack
+    address), so the driver pads them to STACK_BYTES, which go to the workspace pool."""
+    import tvm_ffi
+    from tvm import tirx
+
+    from mocompile.backends.tvm_cpu.driver import decode_driver
+    from mocompile.backends.tvm_cpu.lower import lower
+    from mocompile.backends.tvm_cpu.tir_util import STACK_BYTES
+    from mocompile.compiler import lower_source, source_for
+
+    program = lower(lower_source(source_for(EXAMPLES / "mixtral_tiny.moe", None, None, 0)))
+    driver = decode_driver(program.mod, program.weights)
+    sizes = []
+    tvm_ffi.structural_walk(driver.func.body, [(tirx.AllocBuffer, lambda a: sizes.append(a.buffer))])
+    assert len(sizes) > 20
+    for buf in sizes:
+        if all(isinstance(d, tirx.IntImm) for d in buf.shape):
+            assert int(np.prod([int(d) for d in buf.shape])) * np.dtype(str(buf.dtype)).itemsize >= STACK_BYTES
+
+
+def test_decode_driver_says_why_it_cannot_drive_a_step():
+    """A step binding anything but kernel calls, reshapes and tuple items gets no driver, and
+    the reason names the binding."""
+    import tvm
+    from tvm import relax, tirx
+
+    from mocompile.backends.tvm_cpu.driver import decode_driver
+
+    bb = relax.BlockBuilder()
+    n = tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType([n, 4], "float32"))
+    past = relax.Var("past", relax.ShapeType([tirx.Var("past", "int64")]))
+    with bb.function("step", [x, past]):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.add(x, x)))
+        bb.emit_func_output(y)
+    why = decode_driver(bb.get(), [])
+    assert isinstance(why, str) and "relax.add" in why
+
+
 def test_each_sample_decodes_as_if_alone(artifacts):
     """Per-sample results do not depend on the rest of the batch (bit for bit)."""
     art = artifacts["mixtral"]
@@ -110,6 +176,11 @@ def test_text_decodes_after_a_multimodal_prompt(tmp_path):
     token = first[:, -1:].argmax(-1)
     second = art.step({"text": token}, cache)["logits"]
     assert second.shape == (2, 1, 512) and cache.length == 16
+    vm = load(tmp_path / "uni", driver=False)  # the decode driver passes empty segments as the VM step does
+    vm_cache = vm.new_cache(2, 32)
+    vm.step(prompt, vm_cache)
+    assert art.has_driver and not vm.has_driver
+    np.testing.assert_array_equal(vm.step({"text": token}, vm_cache)["logits"], second)
     empty = {k: a[:, :0] for k, a in prompt.items() if k != "text"}
     ref = run_cached_graph(cached_graph(lower_source(source_for(EXAMPLES / "unified_tiny.moe", None, None, 0))),
                            [prompt, {"text": token, **empty}])

@@ -7,7 +7,9 @@ The returned dict becomes the manifest's "program" entry; mocompile.runtime read
 `library`, `weights`, `weight_order` and `function` from it and calls
 `vm[function](*inputs, *[weights[n] for n in weight_order])`; `step` (absent with a
 `no_step_reason` for graphs that cannot decode with a KV cache) describes the cached step
-function and its cache tensors (program.py has the calling convention).
+function and its cache tensors (program.py has the calling convention), and `driver` (or a
+`no_driver_reason`) the decode driver that runs its single-position steps without the VM
+(driver.py): its function in the library and its constants' keys in the weights file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import tvm
 from safetensors.numpy import save_file
 
 from mocompile.backends.tvm_cpu.build import build
+from mocompile.backends.tvm_cpu.driver import DRIVER, DRIVER_POSITIONS
 from mocompile.backends.tvm_cpu.kernels_attention import KB
 from mocompile.backends.tvm_cpu.lower import lower
 from mocompile.backends.tvm_cpu.target import host_target
@@ -42,7 +45,10 @@ def emit(graph: Graph, out_dir: str | Path, target: tvm.target.Target | None = N
         tuning.save(out_dir / TUNING)
     exe = build(program, target)
     exe.export_library(str(out_dir / LIBRARY))
-    save_file({n: program.arrays[n] for n in program.weight_names}, str(out_dir / WEIGHTS))
+    constants = {f"{DRIVER}.const{i}": a for i, a in enumerate(program.driver_constants or [])}
+    save_file({**{n: program.arrays[n] for n in program.weight_names}, **constants}, str(out_dir / WEIGHTS))
+    driver = ({"driver": {"function": DRIVER, "constants": list(constants), "positions": DRIVER_POSITIONS}}
+              if program.driver_constants is not None else {"no_driver_reason": program.no_driver_reason})
     return {
         "kind": PROGRAM_KIND,
         "library": LIBRARY,
@@ -52,7 +58,8 @@ def emit(graph: Graph, out_dir: str | Path, target: tvm.target.Target | None = N
         "weight_layouts": [w.to_json() for w in program.weights],
         "kernel_calls": program.kernel_calls,
         "tuned_kernels": sorted(k.key() for k in program.matmuls if tuning and k.key() in tuning.records),
-        **({"step": {"function": "step", "cache": program.cache, "block": KB, "max_positions": graph.meta.get("max_seq")}}
+        **({"step": {"function": "step", "cache": program.cache, "block": KB, "max_positions": graph.meta.get("max_seq"),
+                     **driver}}
            if program.cache is not None else {"no_step_reason": program.no_step_reason}),
         "target_info": {"backend": "tvm_cpu", "llvm_target": {k: str(v) for k, v in target.export().items()
                                                                if k in ("kind", "mcpu", "num-cores")},

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from tvm import relax, tirx
 
+from mocompile.backends.tvm_cpu.driver import DRIVER, Driver, decode_driver
 from mocompile.backends.tvm_cpu.kernels_matmul import MatmulConfig, MatmulShape, Tiling
 from mocompile.backends.tvm_cpu.layout import WeightLayout, make_layout, panel_width
 from mocompile.backends.tvm_cpu.program import LoweredProgram
@@ -320,8 +321,13 @@ def lower(graph: Graph, cached_step: bool = True, tuning: Mapping[str, Mapping] 
         step = LowerContext(graph, main=ctx)
         _emit_function(step, "step")
     mod = schedule_module(ctx.bb.get())
+    driver = decode_driver(mod, ctx.weight_layouts) if step else "no step function"
+    if isinstance(driver, Driver):
+        mod[DRIVER] = driver.func
     return LoweredProgram(mod, [v.name for v in graph.inputs], [v.name for v in graph.outputs],
                           list(ctx.weight_layouts), dict(ctx.weight_arrays),
                           [slot.to_json() for slot in step.cache] if step else None, why_not,
                           {"main": ctx.kernel_calls, **({"step": step.kernel_calls} if step else {})},
-                          list(ctx.matmuls.values()))
+                          list(ctx.matmuls.values()),
+                          driver_constants=driver.constants if isinstance(driver, Driver) else None,
+                          no_driver_reason=None if isinstance(driver, Driver) else driver)

@@ -21,6 +21,11 @@ and, for graphs that can decode with a KV cache (mocompile.kv_cache.decode_suppo
 - caches: float32 tensors in `cache` order, shapes as listed there with the symbols
   "batch" and "cache_len" (any multiple of kernels_attention.KB >= past + seq, the same for
   all); zero-filled at first, then owned by the caller and updated in place by each call.
+
+and, when driver.py could build it, of the decode driver (a TIR function making the step's
+kernel calls without the VM; the library's PrimFunc `decode`, see driver.py):
+
+    decode(*inputs, past, *caches, *weights, *constants, *outputs) -> None
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class LoweredProgram:
     no_step_reason: str | None = None
     kernel_calls: dict[str, int] = field(default_factory=dict)  # kernel launches per Relax function
     matmuls: list = field(default_factory=list)  # the MatmulShapes the program uses (what tuning can tune)
+    driver_constants: list[np.ndarray] | None = None  # the decode driver's constants (None: no driver)
+    no_driver_reason: str | None = None
 
     @property
     def weight_names(self) -> list[str]:

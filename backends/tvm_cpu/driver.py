@@ -1,0 +1,214 @@
+"""The decode driver: the `step` function's kernel calls as one TIR function, no Relax VM.
+
+Why: a tiny model's decode step is a few microseconds of arithmetic per kernel, and the
+Relax VM spends ~0.4 us around every kernel call on symbolic shapes (make_shape,
+alloc_storage, alloc_tensor, reshape views, argument checks): a quarter of such a step
+(profile in benchmarks/RESULTS.md). The driver makes the same calls, in the same order, to
+the same kernels, so its results are the step's bit for bit, but each call is a direct C
+call of the kernel's packed entry (`call_cpacked`, ~20 ns) and each intermediate a
+workspace buffer (TVMBackendAllocWorkspace, a per-thread pool), with reshapes as views of
+the same data. All intermediates live for the whole call (there is no memory planning),
+which is fine for a decode step's few rows and is why the runtime uses the driver only for
+steps of one position (`DRIVER_POSITIONS`); prompts go through the VM's `step`.
+
+Calling convention (`decode`):
+
+    decode(*inputs, past, *caches, *weights, *constants, *outputs) -> None
+
+- inputs, caches, weights: as `step` (program.py); `past` an int64 scalar (not a shape);
+- constants: the step's compile-time constants (rope frequencies), in `constants` order;
+- outputs: caller-allocated tensors of the graph outputs' shapes, written by the call.
+
+`decode_driver(mod, weights)` builds it from the module's Relax `step`; a step using
+anything beyond the kernel calls, in-place kernel calls, reshapes and tuple items the
+lowering emits returns the reason instead (the artifact then has no driver).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from mocompile.backends.tvm_cpu.layout import WeightLayout
+from mocompile.backends.tvm_cpu.tir_util import HAND_SCHEDULED_ATTR, NAME_ATTR, SERIAL_ATTR, STACK_BYTES
+
+DRIVER = "decode"
+DRIVER_POSITIONS = 1  # positions per sequence of the steps the runtime runs through the driver
+
+
+@dataclass
+class Driver:
+    func: tirx.PrimFunc
+    constants: list[np.ndarray] = field(default_factory=list)  # values of the constant parameters, in order
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _op_name(call: relax.Call) -> str:
+    return call.op.name if hasattr(call.op, "name") else ""
+
+
+def _shape_of(ty) -> list:
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        raise _Unsupported(f"a value of type {ty} has no known shape")
+    return list(ty.shape.values)
+
+
+@dataclass
+class _Tensor:
+    """A tensor of the step: allocated by the driver (root None), or a view of `root`'s data."""
+
+    shape: list
+    dtype: str
+    name: str
+    root: "_Tensor | None" = None
+    param: bool = False
+
+
+class _Plan:
+    """The step's bindings as allocations, views and kernel calls (no TIR yet)."""
+
+    def __init__(self, step: relax.Function, weights: list[WeightLayout]) -> None:
+        self.values: dict[relax.Var, object] = {}  # Relax var -> _Tensor, or list of them (a multi-output call)
+        self.ops: list[tuple] = []  # ("alloc", t) | ("view", t) | ("call", kernel name, [arg])
+        self.params: list[tuple[str, object]] = []  # (name, _Tensor | tirx.Var), the step's order
+        self.constants: list[tuple[_Tensor, np.ndarray]] = []
+        tensors = [p for p in step.params if not isinstance(p.ty, relax.ShapeType)]
+        first_weight = len(tensors) - len(weights)
+        for p in step.params:
+            if isinstance(p.ty, relax.ShapeType):
+                (past,) = p.ty.values
+                if not isinstance(past, tirx.Var):
+                    raise _Unsupported("the step's past is not a plain symbol")
+                self.params.append(("past", past))
+                continue
+            k = tensors.index(p)
+            if k >= first_weight:  # typed by rank and dtype only: the shape is the layout's
+                w = weights[k - first_weight]
+                t = _Tensor(list(w.shape), w.dtype, p.name, param=True)
+            else:
+                t = _Tensor(_shape_of(p.ty), p.ty.dtype, p.name, param=True)
+            self.values[p] = t
+            self.params.append((p.name, t))
+        for block in step.body.blocks:
+            for b in block.bindings:
+                if not isinstance(b, relax.VarBinding):
+                    raise _Unsupported("the step has a match_cast binding")
+                self._bind(b.var, b.value)
+        result = step.body.body
+        self.results = [self._arg(r) for r in (result.fields if isinstance(result, relax.Tuple) else [result])]
+
+    def _arg(self, e: relax.Expr):
+        if tvm.ir.is_prim_expr(e):
+            return e
+        if isinstance(e, tvm.ir.expr.Constant):
+            array = e.value.numpy()
+            t = _Tensor(list(array.shape), str(array.dtype), f"const{len(self.constants)}", param=True)
+            self.constants.append((t, array))
+            return t
+        value = self.values.get(e)
+        if not isinstance(value, _Tensor):
+            raise _Unsupported(f"{e} is not a tensor value of the step")
+        return value
+
+    def _bind(self, var: relax.Var, value: relax.Expr) -> None:
+        op = _op_name(value) if isinstance(value, relax.Call) else ""
+        if isinstance(value, relax.Var):
+            self.values[var] = self._arg(value)
+        elif isinstance(value, relax.TupleGetItem):
+            self.values[var] = self.values[value.tuple_value][value.index]
+        elif op == "relax.reshape":
+            src = self._arg(value.args[0])
+            t = _Tensor(_shape_of(var.ty), src.dtype, var.name, root=src.root or src)
+            self.ops.append(("view", t))
+            self.values[var] = t
+        elif op in ("relax.call_tir", "relax.call_tir_inplace") and len(value.args) == 2:
+            args = [self._arg(a) for a in value.args[1].fields]
+            if op == "relax.call_tir_inplace":
+                outs = [args[i] for i in value.attrs.inplace_indices]
+                self.ops.append(("call", value.args[0].name_hint, args))
+            else:
+                types = value.ty.fields if isinstance(value.ty, relax.TupleType) else [value.ty]
+                outs = [_Tensor(_shape_of(t), t.dtype, f"{var.name}{i}") for i, t in enumerate(types)]
+                self.ops += [("alloc", t) for t in outs]
+                self.ops.append(("call", value.args[0].name_hint, args + outs))
+            self.values[var] = outs if isinstance(value.ty, relax.TupleType) else outs[0]
+        else:
+            raise _Unsupported(f"the step binds {var.name} to {op or type(value).__name__}, which the driver "
+                               "does not emit")
+
+
+def _workspace(t: _Tensor) -> tirx.Buffer:
+    """A buffer for `t` in the workspace pool (64-byte aligned, as the kernels assume). TVM puts
+    allocations of a constant size under STACK_BYTES on the stack instead, aligned to fewer
+    bytes (a vectorized kernel reading one of those faulted, depending on the stack address):
+    those are padded to that size and `t` declared as a view of the padding."""
+    if all(isinstance(d, tirx.IntImm) or isinstance(d, int) for d in t.shape):
+        n = int(np.prod([int(d) for d in t.shape], dtype=np.int64))
+        itemsize = np.dtype(str(t.dtype)).itemsize
+        if n * itemsize < STACK_BYTES:
+            padded = T.alloc_buffer((STACK_BYTES // itemsize,), t.dtype)
+            return T.decl_buffer(tuple(t.shape), t.dtype, data=padded.data)
+    return T.alloc_buffer(tuple(t.shape), t.dtype)
+
+
+def _emit(plan: _Plan) -> tirx.PrimFunc:
+    """The plan as a TIR function: parameters in the calling convention's order, then the
+    allocations, views and calls in the step's order."""
+    roots = [r.root or r for r in plan.results]
+    if any(r.param for r in roots) or len(set(map(id, roots))) < len(roots):
+        raise _Unsupported("an output of the step is an input, a cache, a weight or another output")
+    buffers: dict[int, tirx.Buffer] = {}
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name(DRIVER)
+            T.func_attr({"global_symbol": DRIVER, HAND_SCHEDULED_ATTR: True, SERIAL_ATTR: True, NAME_ATTR: DRIVER})
+            for name, p in plan.params:
+                if isinstance(p, _Tensor):
+                    buffers[id(p)] = T.arg(name, T.Buffer(tuple(p.shape), p.dtype, buffer_name=name))
+                else:
+                    T.arg(name, p)
+            for t, _ in plan.constants:
+                buffers[id(t)] = T.arg(t.name, T.Buffer(tuple(t.shape), t.dtype, buffer_name=t.name))
+            outs = {}
+            for i, r in enumerate(plan.results):
+                out = T.arg(f"out{i}", T.Buffer(tuple(r.shape), r.dtype, buffer_name=f"out{i}"))
+                outs[id(r.root or r)] = out
+                if r.root is not None:  # the output is a view: its root lives in the output tensor
+                    buffers[id(r)] = out
+            for op in plan.ops:
+                if op[0] == "alloc":
+                    t = op[1]
+                    if any(t is r for r in plan.results):  # an output itself: the caller's tensor
+                        buffers[id(t)] = outs[id(t)]
+                    elif id(t) in outs:  # reshaped into an output: a view of the caller's tensor
+                        buffers[id(t)] = T.decl_buffer(tuple(t.shape), t.dtype, data=outs[id(t)].data)
+                    else:
+                        buffers[id(t)] = _workspace(t)
+                elif op[0] == "view":
+                    t = op[1]
+                    if id(t) not in buffers:
+                        buffers[id(t)] = T.decl_buffer(tuple(t.shape), t.dtype, data=buffers[id(t.root)].data)
+                else:
+                    _, kernel, args = op
+                    T.evaluate(T.call_cpacked(kernel, *[buffers[id(a)] if isinstance(a, _Tensor) else a
+                                                        for a in args]))
+    return ib.get()
+
+
+def decode_driver(mod: tvm.IRModule, weights: list[WeightLayout]) -> Driver | str:
+    """The decode driver of `mod`'s Relax `step` function, or why there is none."""
+    if not any(gv.name_hint == "step" for gv in mod.functions):
+        return "the module has no step function"
+    try:
+        plan = _Plan(mod["step"], weights)
+        return Driver(_emit(plan), [array for _, array in plan.constants])
+    except _Unsupported as e:
+        return str(e)
