@@ -325,7 +325,8 @@ def main() -> None:
         f"Measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s at the start; each row's roofline uses the bandwidth "
         f"measured around its own timing ({min(r['bandwidth'] for r in rows) / 1e9:.1f}-"
         f"{max(r['bandwidth'] for r in rows) / 1e9:.1f} GB/s in this run). The columns of a row are timed in five "
-        f"alternating rounds. One kernel launch through the Relax VM: {launch_us:.1f} us.",
+        f"alternating rounds. One kernel launch through the Relax VM: {launch_us:.1f} us (prompts; single-token steps "
+        "run through the decode driver, ~0.02 us per launch measured alone).",
         "",
         "| model | case | artifact | eager | torch.compile | onnxruntime | artifact/eager | artifact/compile "
         "| artifact/ORT | roofline (b1) | kernels x launch |",
@@ -347,7 +348,9 @@ def main() -> None:
         prof = kernel_profile(load(r["path"]))
         builtin = [p for p in prof if p[0].startswith("vm.builtin")]
         kernels = [p for p in prof if not p[0].startswith("vm.builtin")]
-        lines += ["", f"Profile of {r['model']} {r['case']} through the Relax VM's instrumentation hook. The hook "
+        lines += ["", f"Profile of the VM's `step` for {r['model']} {r['case']} (the path prompts take; the timed "
+                  "single-token step runs through the decode driver: the same kernel calls without the VM builtins "
+                  "listed here), through the Relax VM's instrumentation hook. The hook "
                   "runs Python around every call, so the absolute times are inflated several-fold (the step itself "
                   "takes the artifact column's time); read the shares and the call counts. Per step: "
                   f"{sum(p[2] for p in kernels)} calls of {len(kernels)} kernels ({sum(p[1] for p in kernels):.0f} us "
@@ -428,19 +431,21 @@ torch columns slowed by up to 2x with it).
   reshape views are dropped, weights are not shape-matched by the VM on every call, inputs are staged
   in buffers kept per input, and a multimodal step no longer allocates empty tensors for its missing
   segments (that alone was 0.16 ms of unified_tiny's 0.38 ms step).
-  What a step still pays is in the profile above: 240-425 VM builtin calls (the instrumentation hook
-  inflates their times several-fold; measured alone, each costs 0.05-0.25 us, 20-60 us per step in
-  all) next to 36-68 kernel calls, and the Python of `LoadedArtifact.step` (now one cached, validated
-  call plan per set of input shapes: ~10% off a tiny model's step; measured in a loop, Python code
-  that takes 5 us warm takes ~10 us between two steps, whose kernels evict its caches). Over the runs
-  of 2026-12-01 the batch-1 ratio went from 1.9-2.5x to 1.1-1.5x (mixtral_tiny), 1.2-1.9x to 1.0-1.1x
-  (deepseek_tiny) and 1.9-2.2x to 1.1-1.3x (unified_tiny): the two runs after the changes below met
-  the 1.5x target (worst 1.11x and 1.34x); the run before them missed it by 2%.
-  Static memory planning with upper bounds for `step` (as MLC-LLM does, which needs a batch bound the
-  compile does not have today) and fusing q/k/v into one kernel are the next steps. Where the roofline
-  is the real bound, on a model that does not fit in cache (`benchmarks/specs/moe_medium.moe`, 490 MB,
-  in the quantization section), the fp32 artifact's decode step ran at 1.0-1.2x of it in quiet runs
-  (2.1x in one where the host was busy: eager slowed 2-3x too).
+  **The decode driver** (backends/tvm_cpu/driver.py) then removed what was left of the fixed costs
+  of a single-token step: it makes the step's kernel calls as one TIR function (direct C calls of
+  the kernels, intermediates in TVM's workspace pool, reshapes as views) instead of through the
+  Relax VM, whose 240-425 builtin calls per step (shape arithmetic, allocation, views for symbolic
+  shapes; the profile above shows them on the VM's `step`, still used for prompts) and ~0.3 us per
+  kernel launch were, by a `perf` profile of 180,000 mixtral_tiny steps, 26% of a step, with malloc
+  and free another 7%. A/B in one process (same artifact, driver on and off, bit-identical results):
+  mixtral_tiny 95 -> 53 us, deepseek_tiny 181 -> 100, latent_tiny 144 -> 57, unified_tiny 202 -> 105
+  at batch 1; 20-30% off batch-8 steps. The batch-1 roofline ratios went from 1.1-1.5x over the day's
+  earlier runs to 0.6x: the tiny models' weights sit in the L3 cache, so a step now reads them
+  faster than the DRAM stream the roofline assumes. Also from today: the runtime's Python per call
+  (one cached, validated call plan per set of input shapes, ~10% of a step before the driver).
+  Where the roofline is the real bound, on a model that does not fit in cache
+  (`benchmarks/specs/moe_medium.moe`, 490 MB, in the quantization section), the fp32 artifact's decode
+  step ran at 1.0-1.2x of it in quiet runs (2.1x in one where the host was busy: eager slowed 2-3x too).
 - **Register tiles follow the vector ISA.** The untuned tile of a matmul fills at most half the
   vector register file: 4 rows x 32 lanes on AVX-512 (the fast-CPU recipe's tile), 2 x 32 (1 x 64 for
   a fused GLU panel) on AVX2, where 4 x 32 filled all 16 ymm registers and spilled. Measured per

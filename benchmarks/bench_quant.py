@@ -2,8 +2,8 @@
 
 Run:  python benchmarks/bench_quant.py   (several minutes; rewrites the "quantization"
 section of benchmarks/RESULTS.md). Never run by the tests. Same inputs, same process, 2
-threads for every column. The tiny examples sit in cache (a step is bound by per-kernel
-overhead); `benchmarks/specs/moe_medium.moe` (~490 MB fp32) does not, so its single-token
+threads for every column. The tiny examples sit in cache (a step is bound by kernel
+arithmetic, not bytes); `benchmarks/specs/moe_medium.moe` (~490 MB fp32) does not, so its single-token
 step is bound by weight bytes read: the case the issue's targets are about.
 """
 
@@ -109,17 +109,17 @@ QUANT_NOTE = """
   this AVX2 host that made int8 prefill 1.0-1.4x the fp32 artifact's speed, from 0.9-1.3x); int4 panels
   keep the largest tile, since unpacking a panel row once for 3-4 rows beats avoiding spills (with
   AVX2-sized tiles its batch-8 step fell to 1.46x the fp32 artifact and its prefill slowed 1.2-1.5x).
-  The tiny examples' weights (1-7 MB) sit in cache, so reading fewer bytes barely changes their steps:
-  a `perf` profile of 180,000 mixtral_tiny fp32 steps (136 us each in that loop) puts 42% of the time
-  in the kernels (~58 us) and the rest in fixed costs: the Relax VM's interpreter and builtins (26%),
-  Python (17%), malloc/free (7%), tvm-ffi/numpy glue (6%). int8 cut the kernels' part to ~40 us (1.45x)
-  and left the ~70 us of fixed costs as they were, so the step is 1.1-1.35x faster, not 1.8x; 1.8x
-  would need the fixed costs under ~35 us (an AOT-style driver for `step` instead of the VM's
-  per-tensor shape and allocation calls). The >= 1.8x-over-fp32-artifact target is met where its
-  premise holds (moe_medium) and missed on the tiny examples, while >= 3x eager holds everywhere.
-  int4 is slower than int8 at the same bandwidth: its kernels spend the saved bytes on unpacking
-  nibbles (shift, mask, convert per weight). On a CPU without AVX-512 VNNI (the header says which) the
-  W8A8 linears fall back to fp32 arithmetic on the rounded values.
+  The tiny examples' weights (1-7 MB) sit in cache, so reading fewer bytes helps them less. Until the
+  decode driver (models section) their steps were mostly fixed costs: a `perf` profile of 180,000
+  mixtral_tiny fp32 steps (136 us each in that loop) put 42% of the time in the kernels and the rest in
+  the Relax VM's interpreter and builtins (26%), Python (17%), malloc/free (7%) and glue (6%), so int8
+  gained only 1.1-1.35x. With the driver the steps are mostly kernel arithmetic: int8 reaches 1.84x
+  the fp32 artifact on mixtral_tiny at batch 1 in this run (1.2-1.45x on the other tiny rows), while
+  int4 stays at 0.7-0.93x there: with the weights in cache its nibble unpacking (shift, mask, convert
+  per weight, and a group scale) costs more than the bytes it saves. The >= 1.8x-over-fp32-artifact
+  target is met where its premise holds (moe_medium, every scheme and batch) and on mixtral_tiny int8
+  batch 1, and missed on the other tiny rows; >= 3x eager holds everywhere. On a CPU without AVX-512
+  VNNI (the header says which) the W8A8 linears fall back to fp32 arithmetic on the rounded values.
 - **Accuracy.** On the examples' trained weights (`examples/weights/`, made by
   `examples/train_synthetic.py`), int8 weight-only keeps 99.7-100% of next-token top-1 choices on
   random-token inputs (the accuracy table; `tests/test_quantize.py` holds every example to >= 99%), and
