@@ -80,16 +80,14 @@ class _Plan:
         self.ops: list[tuple] = []  # ("alloc", t) | ("view", t) | ("call", kernel name, [arg])
         self.params: list[tuple[str, object]] = []  # (name, _Tensor | tirx.Var), the step's order
         self.constants: list[tuple[_Tensor, np.ndarray]] = []
-        tensors = [p for p in step.params if not isinstance(p.ty, relax.ShapeType)]
-        first_weight = len(tensors) - len(weights)
-        for p in step.params:
+        first_weight = len(step.params) - len(weights)
+        for k, p in enumerate(step.params):
             if isinstance(p.ty, relax.ShapeType):
                 (past,) = p.ty.values
                 if not isinstance(past, tirx.Var):
                     raise _Unsupported("the step's past is not a plain symbol")
                 self.params.append(("past", past))
                 continue
-            k = tensors.index(p)
             if k >= first_weight:  # typed by rank and dtype only: the shape is the layout's
                 w = weights[k - first_weight]
                 t = _Tensor(list(w.shape), w.dtype, p.name, param=True)
