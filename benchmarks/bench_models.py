@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import mocompile  # noqa: E402
+from mocompile.backends.tvm_cpu.target import cpu_flags  # noqa: E402
 from results import write_section  # noqa: E402
 from mocompile.dsl import build_model, load_spec  # noqa: E402
 from mocompile.dsl.kv_cache import CachedStep  # noqa: E402
@@ -388,12 +389,11 @@ def target_verdicts(rows: list[dict]) -> list[str]:
 
 def _cpu_name() -> str:
     """The CPU's model name and its widest vector extension (the kernels' speed depends on it)."""
-    name, flags = platform.processor() or "unknown CPU", set()
+    name, flags = platform.processor() or "unknown CPU", cpu_flags()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             name = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
+            break
     isa = "AVX-512" + (" VNNI" if "avx512_vnni" in flags else "") if "avx512f" in flags else \
         "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
     return f"{name} ({isa})"

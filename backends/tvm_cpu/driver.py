@@ -26,7 +26,7 @@ lowering emits returns the reason instead (the artifact then has no driver).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -35,7 +35,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from mocompile.backends.tvm_cpu.layout import WeightLayout
-from mocompile.backends.tvm_cpu.tir_util import HAND_SCHEDULED_ATTR, NAME_ATTR, SERIAL_ATTR, STACK_BYTES
+from mocompile.backends.tvm_cpu.tir_util import HAND_SCHEDULED_ATTR, NAME_ATTR, SERIAL_ATTR, STACK_BYTES, nbytes
 
 DRIVER = "decode"
 DRIVER_POSITIONS = 1  # positions per sequence of the steps the runtime runs through the driver
@@ -44,7 +44,7 @@ DRIVER_POSITIONS = 1  # positions per sequence of the steps the runtime runs thr
 @dataclass
 class Driver:
     func: tirx.PrimFunc
-    constants: list[np.ndarray] = field(default_factory=list)  # values of the constant parameters, in order
+    constants: list[np.ndarray]  # values of the constant parameters, in order
 
 
 class _Unsupported(Exception):
@@ -76,7 +76,7 @@ class _Plan:
     """The step's bindings as allocations, views and kernel calls (no TIR yet)."""
 
     def __init__(self, step: relax.Function, weights: list[WeightLayout]) -> None:
-        self.values: dict[relax.Var, object] = {}  # Relax var -> _Tensor, or list of them (a multi-output call)
+        self.values: dict[relax.Expr, object] = {}  # Relax var or constant -> _Tensor, or list of them (a multi-output call)
         self.ops: list[tuple] = []  # ("alloc", t) | ("view", t) | ("call", kernel name, [arg])
         self.params: list[tuple[str, object]] = []  # (name, _Tensor | tirx.Var), the step's order
         self.constants: list[tuple[_Tensor, np.ndarray]] = []
@@ -107,10 +107,11 @@ class _Plan:
         if tvm.ir.is_prim_expr(e):
             return e
         if isinstance(e, tvm.ir.expr.Constant):
-            array = e.value.numpy()
-            t = _Tensor(list(array.shape), str(array.dtype), f"const{len(self.constants)}", param=True)
-            self.constants.append((t, array))
-            return t
+            if e not in self.values:  # one parameter per constant, however many calls pass it
+                array = e.value.numpy()
+                self.values[e] = _Tensor(list(array.shape), str(array.dtype), f"const{len(self.constants)}", param=True)
+                self.constants.append((self.values[e], array))
+            return self.values[e]
         value = self.values.get(e)
         if not isinstance(value, _Tensor):
             raise _Unsupported(f"{e} is not a tensor value of the step")
@@ -148,12 +149,9 @@ def _workspace(t: _Tensor) -> tirx.Buffer:
     allocations of a constant size under STACK_BYTES on the stack instead, aligned to fewer
     bytes (a vectorized kernel reading one of those faulted, depending on the stack address):
     those are padded to that size and `t` declared as a view of the padding."""
-    if all(isinstance(d, tirx.IntImm) or isinstance(d, int) for d in t.shape):
-        n = int(np.prod([int(d) for d in t.shape], dtype=np.int64))
-        itemsize = np.dtype(str(t.dtype)).itemsize
-        if n * itemsize < STACK_BYTES:
-            padded = T.alloc_buffer((STACK_BYTES // itemsize,), t.dtype)
-            return T.decl_buffer(tuple(t.shape), t.dtype, data=padded.data)
+    if all(isinstance(d, (tirx.IntImm, int)) for d in t.shape) and nbytes(t.shape, t.dtype) < STACK_BYTES:
+        padded = T.alloc_buffer((STACK_BYTES // nbytes([1], t.dtype),), t.dtype)
+        return T.decl_buffer(tuple(t.shape), t.dtype, data=padded.data)
     return T.alloc_buffer(tuple(t.shape), t.dtype)
 
 

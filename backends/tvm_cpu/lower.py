@@ -321,7 +321,7 @@ def lower(graph: Graph, cached_step: bool = True, tuning: Mapping[str, Mapping] 
         step = LowerContext(graph, main=ctx)
         _emit_function(step, "step")
     mod = schedule_module(ctx.bb.get())
-    driver = decode_driver(mod, ctx.weight_layouts) if step else "no step function"
+    driver = decode_driver(mod, ctx.weight_layouts)
     if isinstance(driver, Driver):
         mod[DRIVER] = driver.func
     return LoweredProgram(mod, [v.name for v in graph.inputs], [v.name for v in graph.outputs],

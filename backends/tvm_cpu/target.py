@@ -23,7 +23,8 @@ def host_target(num_cores: int | None = None, mcpu: str | None = None) -> tvm.ta
 
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
     try:
         flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
     except OSError:
@@ -33,14 +34,14 @@ def _cpu_flags() -> set[str]:
 
 def host_has_vnni() -> bool:
     """Whether this CPU has AVX-512 VNNI (the int8 dot product the W8A8 kernels use)."""
-    return "avx512_vnni" in _cpu_flags()
+    return "avx512_vnni" in cpu_flags()
 
 
 def vector_register_bytes() -> int:
     """Bytes of this CPU's vector register file: 32 x 64 with AVX-512, 16 x 32 with AVX2,
     16 x 16 (SSE) otherwise. A matmul's register tile must leave room in it for the weight
     and input vectors, or LLVM spills accumulators to the stack on every step."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if "avx512f" in flags:
         return 32 * 64
     return 16 * (32 if "avx2" in flags else 16)

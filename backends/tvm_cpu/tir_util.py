@@ -87,7 +87,8 @@ def dim(name: str) -> tirx.Var:
     return tirx.Var(name, "int64")
 
 
-def _nbytes(shape: Sequence[int], dtype: str) -> int:
+def nbytes(shape: Sequence[int], dtype: str) -> int:
+    """Bytes of a buffer of static `shape`."""
     n = 1
     for d in shape:
         n *= int(d)
@@ -96,9 +97,9 @@ def _nbytes(shape: Sequence[int], dtype: str) -> int:
 
 def scratch(shape: Sequence[int], dtype: str = "float32") -> tirx.Buffer:
     """A small per-iteration buffer LLVM can keep in registers (see STACK_BYTES)."""
-    nbytes = _nbytes(shape, dtype)
-    if nbytes >= STACK_BYTES:
-        raise ValueError(f"scratch buffer {tuple(shape)} {dtype} is {nbytes} bytes; keep it under {STACK_BYTES}")
+    size = nbytes(shape, dtype)
+    if size >= STACK_BYTES:
+        raise ValueError(f"scratch buffer {tuple(shape)} {dtype} is {size} bytes; keep it under {STACK_BYTES}")
     return T.alloc_buffer(tuple(shape), dtype, scope="global")
 
 
