@@ -113,12 +113,12 @@ QUANT_NOTE = """
   decode driver (models section) their steps were mostly fixed costs: a `perf` profile of 180,000
   mixtral_tiny fp32 steps (136 us each in that loop) put 42% of the time in the kernels and the rest in
   the Relax VM's interpreter and builtins (26%), Python (17%), malloc/free (7%) and glue (6%), so int8
-  gained only 1.1-1.35x. With the driver the steps are mostly kernel arithmetic: int8 reaches 1.84x
-  the fp32 artifact on mixtral_tiny at batch 1 in this run (1.2-1.45x on the other tiny rows), while
-  int4 stays at 0.7-0.93x there: with the weights in cache its nibble unpacking (shift, mask, convert
-  per weight, and a group scale) costs more than the bytes it saves. The >= 1.8x-over-fp32-artifact
-  target is met where its premise holds (moe_medium, every scheme and batch) and on mixtral_tiny int8
-  batch 1, and missed on the other tiny rows; >= 3x eager holds everywhere. On a CPU without AVX-512
+  gained only 1.1-1.35x. With the driver the steps are mostly kernel arithmetic: int8 is 1.2-1.45x
+  the fp32 artifact on the tiny rows (mixtral_tiny batch 1: 1.84x in one run, 1.35x in the next),
+  while int4 stays at 0.65-0.93x there: with the weights in cache its nibble unpacking (shift, mask,
+  convert per weight, and a group scale) costs more than the bytes it saves. The >= 1.8x-over-fp32-
+  artifact target is met where its premise holds (moe_medium: int8 in every run, int4 at 1.96-2.72x,
+  once just under at batch 8) and missed on the tiny rows; >= 3x eager holds everywhere. On a CPU without AVX-512
   VNNI (the header says which) the W8A8 linears fall back to fp32 arithmetic on the rounded values.
 - **Accuracy.** On the examples' trained weights (`examples/weights/`, made by
   `examples/train_synthetic.py`), int8 weight-only keeps 99.7-100% of next-token top-1 choices on
