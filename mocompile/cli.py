@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the deterministic weights and test inputs")
     c.add_argument("--plugin", action="append", default=[], help="Python file registering extra passes")
     c.add_argument("--tune", type=int, default=0, metavar="N",
-                   help="measure N kernel tilings of the matmuls on this machine and keep the fastest (the tuning "
+                   help="spend N measured trials tuning the matmul kernels on this machine (MetaSchedule for the "
+                        "dense ones, a tile search for the per-expert ones) and keep the fastest (the tuning "
                         "database is saved in the artifact and reused when compiling into the same directory)")
     c.add_argument("--tuning-db", metavar="FILE", help="tuning database to reuse (and, with --tune, to extend)")
     c.add_argument("--require-isolation", action="store_true",

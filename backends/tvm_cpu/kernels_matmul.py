@@ -83,24 +83,36 @@ class WeightFormat:
 F32_WEIGHTS = WeightFormat()
 
 
-def _int4(byte, high: bool):
-    """The signed value of one nibble of a uint8 code byte (stored with an offset of 8)."""
-    nibble = tirx.shift_right(byte, tirx.const(4, "uint8")) if high else tirx.bitwise_and(byte, tirx.const(15, "uint8"))
+def _int4(byte, high):
+    """The signed value of one nibble of a uint8 code byte (stored with an offset of 8);
+    `high`: a Python bool, or an expression (1: the high nibble) when the input index is a
+    loop variable (the te workload of metaschedule.py)."""
+    if isinstance(high, bool):
+        nibble = (tirx.shift_right(byte, tirx.const(4, "uint8")) if high
+                  else tirx.bitwise_and(byte, tirx.const(15, "uint8")))
+    else:
+        shift = tirx.Cast("uint8", high * 4)
+        nibble = tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, "uint8"))
     return tirx.Cast("float32", tirx.Cast("int32", nibble) - 8)
 
 
-def _mac(fmt: WeightFormat, k: int, x, r, w, scale, panel, kk, j, acc):
-    """acc + the contribution of panel row kk (one input, or two for int4) for output lane j."""
+def weight_value(fmt: WeightFormat, k: int, w, scale, panel, kk, j, high=False):
+    """The float weight of panel row kk, lane j (int4: of input 2*kk + high): the code
+    converted, and for group-wise scales multiplied by its group's scale (a per-channel
+    scale is applied once in the write-back instead, see `column_scale`)."""
     if not fmt.quantized:
-        return acc + x[r, kk] * w[panel, kk, j]
-    group = k // fmt.groups
-    s = scale[panel, (kk * 2 if fmt.bits == 4 else kk) // group, j] if fmt.groups > 1 else None
-    if fmt.bits == 8:
-        v = tirx.Cast("float32", w[panel, kk, j])
-        return acc + x[r, kk] * (v * s if s is not None else v)
-    lo, hi = _int4(w[panel, kk, j], False), _int4(w[panel, kk, j], True)
-    if s is not None:
-        lo, hi = lo * s, hi * s
+        return w[panel, kk, j]
+    source = kk * 2 if fmt.bits == 4 else kk  # both nibbles of a byte are in one group (groups are even)
+    v = tirx.Cast("float32", w[panel, kk, j]) if fmt.bits == 8 else _int4(w[panel, kk, j], high)
+    return v * scale[panel, source // (k // fmt.groups), j] if fmt.groups > 1 else v
+
+
+def _mac(fmt: WeightFormat, k: int, x, r, w, scale, panel, kk, j, acc):
+    """acc + the contribution of panel row kk (one input, or two for int4) for output lane j,
+    one input at a time in ascending order (the order every kernel path shares)."""
+    if fmt.bits != 4:
+        return acc + x[r, kk] * weight_value(fmt, k, w, scale, panel, kk, j)
+    lo, hi = (weight_value(fmt, k, w, scale, panel, kk, j, high) for high in (False, True))
     return acc + x[r, 2 * kk] * lo + x[r, 2 * kk + 1] * hi
 
 
@@ -157,12 +169,14 @@ class MatmulShape:
 
 @dataclass(frozen=True)
 class MatmulConfig:
-    """How a matmul kernel is tiled: the panel width TJ (which also fixes the weight layout)
-    and the register tile (None: Tiling.for_panel's untuned choice)."""
+    """How a matmul kernel is tiled: the panel width TJ (which also fixes the weight layout),
+    the register tile (None: Tiling.for_panel's untuned choice) and, for a dense matmul, the
+    MetaSchedule traces of its static-row kernels ((rows, trace JSON text), metaschedule.py)."""
 
     shape: MatmulShape
     tj: int
     tiling: Tiling | None = None
+    tuned_rows: tuple[tuple[int, str], ...] = ()
 
 
 def _emit_panel_rows(x, w, panel, row_begin, row_end, tj: int, width: int, k: int, write,
@@ -224,28 +238,36 @@ def _emit_panel_rows(x, w, panel, row_begin, row_end, tj: int, width: int, k: in
         write(r, acc, 0)
 
 
+def epilogue_value(epi: Epilogue, lane, jt, row, col, bias=None, scale=None, residuals=()):
+    """Output (row, col) from accumulator lanes (`lane(half, jt)`: lane jt of the row's tile,
+    or of its up half (half 1) for GLU, already scaled by its weight scale; col = panel * TJ
+    + jt), applied in Epilogue's order."""
+    v = lane(0, jt)
+    if epi.glu:
+        v = activation(epi.activation, v) * lane(1, jt)
+    elif epi.activation:
+        v = activation(epi.activation, v)
+    if epi.bias:
+        v = v + bias[col]
+    if epi.row_scale:
+        v = v * scale[row]
+    for r in residuals:
+        v = v + r[row, col]
+    return v
+
+
 def _writer(y, n: int, tj: int, jb, epi: Epilogue, bias=None, scale=None, residuals=(), column_scale=None):
     """The write-back of one accumulator row into output columns [jb*TJ, jb*TJ + TJ).
     `column_scale(lane)`: the per-output-channel weight scale of an accumulator lane."""
 
     def write(row, acc, a) -> None:
-        def lane(i):
+        def lane(half, jt):
+            i = tj + jt if half else jt
             return acc[a, i] * column_scale(i) if column_scale is not None else acc[a, i]
 
         def emit(jt):
             col = jb * tj + jt
-            v = lane(jt)
-            if epi.glu:
-                v = activation(epi.activation, v) * lane(tj + jt)
-            elif epi.activation:
-                v = activation(epi.activation, v)
-            if epi.bias:
-                v = v + bias[col]
-            if epi.row_scale:
-                v = v * scale[row]
-            for r in residuals:
-                v = v + r[row, col]
-            U.store(y, (row, col), v)
+            U.store(y, (row, col), epilogue_value(epi, lane, jt, row, col, bias, scale, residuals))
 
         with U.vectorized(0, tj) as jt:
             if n % tj:  # last panel is zero-padded: store real columns only
@@ -257,14 +279,19 @@ def _writer(y, n: int, tj: int, jb, epi: Epilogue, bias=None, scale=None, residu
     return write
 
 
+def weight_shapes(fmt: WeightFormat, panels, k: int, width: int) -> list[tuple[tuple, str]]:
+    """(shape, dtype) of the weight panels and, for low-bit weights, of their scale panels."""
+    shapes = [((panels, fmt.depth(k), width), fmt.dtype)]
+    return shapes + [((panels, fmt.groups, width), "float32")] if fmt.quantized else shapes
+
+
 def _weight_args(fmt: WeightFormat, panels, k: int, width: int):
     """The weight panel buffer and, for low-bit weights, its scale panels."""
-    w = U.arg("w", (panels, fmt.depth(k), width), fmt.dtype)
-    scale = U.arg("w_scale", (panels, fmt.groups, width)) if fmt.quantized else None
-    return w, scale
+    bufs = [U.arg(name, shape, dtype) for name, (shape, dtype) in zip(("w", "w_scale"), weight_shapes(fmt, panels, k, width))]
+    return bufs[0], bufs[1] if fmt.quantized else None
 
 
-def _column_scale(fmt: WeightFormat, scale, panel):
+def column_scale(fmt: WeightFormat, scale, panel):
     """The write-back scale of a per-channel quantized weight (None otherwise)."""
     if not fmt.quantized or fmt.groups > 1:
         return None
@@ -273,13 +300,21 @@ def _column_scale(fmt: WeightFormat, scale, panel):
 
 @functools.cache
 def dense_matmul(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32_WEIGHTS,
-                 tiling: Tiling | None = None) -> tirx.PrimFunc:
+                 tiling: Tiling | None = None, row_kernels: tuple[tuple[int, str], ...] = ()) -> tirx.PrimFunc:
     """y[m, n] = epilogue(x[m, k] @ W) with W packed as panels [NB, k, TJ or 2*TJ]
-    (low-bit: codes [NB, depth, width] and scales [NB, groups, width])."""
+    (low-bit: codes [NB, depth, width] and scales [NB, groups, width]).
+
+    `row_kernels`: (rows, name) of MetaSchedule-tuned kernels of the same computation for a
+    static number of rows (metaschedule.py), called by name: the one for 1 row when m == 1,
+    the one for R > 1 rows on each full block of R rows; the rows left go through the
+    hand-written tiles. Every path sums a row's products in the same order, so a row's result
+    does not depend on which path it took."""
     nb = -(-n // tj)
     width = 2 * tj if epi.glu else tj
     m = U.dim("m")
-    with U.kernel(f"dense_{k}x{n}_tj{tj}_{epi.tag()}{fmt.tag()}{tiling.tag() if tiling else ''}") as kern:
+    tuned = dict(row_kernels)
+    tag = "".join(f"_ms{rows}" for rows in sorted(tuned))
+    with U.kernel(f"dense_{k}x{n}_tj{tj}_{epi.tag()}{fmt.tag()}{tiling.tag() if tiling else ''}{tag}") as kern:
         x = U.arg("x", (m, k))
         w, w_scale = _weight_args(fmt, nb, k, width)
         bias = U.arg("bias", (n,)) if epi.bias else None
@@ -287,13 +322,41 @@ def dense_matmul(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32
         y = U.arg("y", (m, n))
         if epi.row_scale:
             raise ValueError("dense_matmul has no per-row scale")
-        def panel(jb):
-            write = _writer(y, n, tj, jb, epi, bias=bias, residuals=residuals,
-                            column_scale=_column_scale(fmt, w_scale, jb))
-            _emit_panel_rows(x, w, jb, 0, m, tj, width, k, write, fmt, w_scale, tiling)
 
-        weight_bytes = nb * k * width * fmt.bits // 8
-        U.parallel_for(nb, weight_bytes + F32_BYTES * m * (k + n) + m * k * nb * width, panel)
+        def rows_from(row_begin) -> None:
+            def panel(jb):
+                write = _writer(y, n, tj, jb, epi, bias=bias, residuals=residuals,
+                                column_scale=column_scale(fmt, w_scale, jb))
+                _emit_panel_rows(x, w, jb, row_begin, m, tj, width, k, write, fmt, w_scale, tiling)
+
+            weight_bytes = nb * k * width * fmt.bits // 8
+            U.parallel_for(nb, weight_bytes + F32_BYTES * m * (k + n) + m * k * nb * width, panel)
+
+        def call_tuned(rows: int, row0) -> None:
+            per_row = [x, *residuals, y]
+            views = {id(b): U.row_view(b, row0, rows) for b in per_row}
+            args = [x, w, *([w_scale] if w_scale is not None else []), *([bias] if bias is not None else []),
+                    *residuals, y]
+            U.call_kernel(tuned[rows], [views.get(id(b), b) for b in args])
+
+        block = max((r for r in tuned if r > 1), default=0)
+
+        def blocks_then_rest() -> None:
+            if not block:
+                rows_from(0)
+                return
+            with U.serial(0, m // block) as b:
+                call_tuned(block, b * block)
+            rows_from(m // block * block)
+
+        if 1 in tuned:
+            with U.if_else(m == 1) as (then, orelse):
+                with then():
+                    call_tuned(1, 0)
+                with orelse():
+                    blocks_then_rest()
+        else:
+            blocks_then_rest()
     return kern.func
 
 
@@ -320,7 +383,7 @@ def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue, fmt: We
         def task(t):
             jb, e = t // experts, t % experts
             p = e * nb + jb
-            write = _writer(y, n, tj, jb, epi, scale=scale, column_scale=_column_scale(fmt, w_scale, p))
+            write = _writer(y, n, tj, jb, epi, scale=scale, column_scale=column_scale(fmt, w_scale, p))
             _emit_panel_rows(x, w, p, U.i64(indptr[e]), U.i64(indptr[e + 1]), tj, width, k, write, fmt, w_scale,
                              tiling)
 

@@ -13,6 +13,7 @@ back; the packed array and its `WeightLayout` are recorded for the artifact.
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -101,6 +102,7 @@ class LowerContext:
         self.weight_layouts: list[WeightLayout] = main.weight_layouts if main else []
         self.weight_arrays: dict[str, np.ndarray] = main.weight_arrays if main else {}
         self._kernels: dict[str, relax.GlobalVar] = main._kernels if main else {}
+        self.callees: dict[str, tirx.PrimFunc] = main.callees if main else {}
         self._users = graph.users()
         self._outputs = {id(v) for v in graph.outputs}
         self.fused: set[int] = set()  # ids of nodes already emitted as part of another node
@@ -206,7 +208,12 @@ class LowerContext:
         r = self.tuning.get(shape.key())
         if r is None:
             return MatmulConfig(shape, panel_width(shape.n))
-        return MatmulConfig(shape, int(r["tj"]), Tiling(int(r["ti"]), int(r["ku"])))
+        tuned_rows = tuple(sorted((int(rows), json.dumps(trace)) for rows, trace in r.get("metaschedule", {}).items()))
+        return MatmulConfig(shape, int(r["tj"]), Tiling(int(r["ti"]), int(r["ku"])), tuned_rows)
+
+    def add_callee(self, func: tirx.PrimFunc) -> None:
+        """Put a kernel that other kernels call by name (not Relax) into the module."""
+        self.callees[str(func.attrs[NAME_ATTR])] = func
 
     def _kernel(self, func: tirx.PrimFunc) -> relax.GlobalVar:
         name = str(func.attrs[NAME_ATTR])
@@ -320,7 +327,10 @@ def lower(graph: Graph, cached_step: bool = True, tuning: Mapping[str, Mapping] 
     if why_not is None:
         step = LowerContext(graph, main=ctx)
         _emit_function(step, "step")
-    mod = schedule_module(ctx.bb.get())
+    mod = ctx.bb.get()
+    for name, func in ctx.callees.items():
+        mod[name] = func
+    mod = schedule_module(mod)
     driver = decode_driver(mod, ctx.weight_layouts)
     if isinstance(driver, Driver):
         mod[DRIVER] = driver.func

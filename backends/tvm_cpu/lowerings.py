@@ -12,7 +12,7 @@ from tvm import relax
 from mocompile.backends.tvm_cpu import kernels_injective as KI
 from mocompile.backends.tvm_cpu.kernels_attention import (AttentionSpec, attention, attention_keys, cache_rows,
                                                              padded_len, rope_inv_freq, rope_table)
-from mocompile.backends.tvm_cpu.kernels_matmul import (F32_WEIGHTS, Epilogue, MatmulShape, WeightFormat, dense_matmul,
+from mocompile.backends.tvm_cpu.kernels_matmul import (F32_WEIGHTS, Epilogue, MatmulShape, WeightFormat,
                                                        grouped_matmul)
 from mocompile.backends.tvm_cpu.kernels_gather import gather_rows
 from mocompile.backends.tvm_cpu.kernels_mla import LatentSpec, latent_attention, latent_keys
@@ -21,6 +21,7 @@ from mocompile.backends.tvm_cpu.kernels_norm import norm
 from mocompile.backends.tvm_cpu.kernels_int8 import int8_matmul, quantize_packed
 from mocompile.backends.tvm_cpu.kernels_quant import quantize_rows
 from mocompile.backends.tvm_cpu.layout import VNNI_LANES
+from mocompile.backends.tvm_cpu.metaschedule import dense_kernels
 from mocompile.backends.tvm_cpu.target import host_has_vnni
 from mocompile.backends.tvm_cpu.kernels_router import RouterSpec, router_topk
 from mocompile.backends.tvm_cpu.lower import CACHE_LEN, LowerContext, LoweringError, lowering
@@ -93,7 +94,10 @@ def _dense(ctx: LowerContext, node: Node, x_rows: relax.Expr, rows, w: Value, ep
     n, k = (int(d) for d in w.type.shape)
     wargs, c = _matmul_weights(ctx, node, "glu_panels" if gate is not None else "panels",
                                [gate, w] if gate is not None else [w], 0, k, n)
-    return ctx.call(dense_matmul(k, n, c.tj, epi, c.shape.fmt, c.tiling), [x_rows, *wargs, *extra], [((rows, n), F32)])
+    kernel, *called = dense_kernels(c, epi)
+    for func in called:
+        ctx.add_callee(func)
+    return ctx.call(kernel, [x_rows, *wargs, *extra], [((rows, n), F32)])
 
 
 @lowering("dequantize")

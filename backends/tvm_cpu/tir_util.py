@@ -108,6 +108,19 @@ def local(shape: Sequence[int], dtype: str = "float32") -> tirx.Buffer:
     return T.alloc_buffer(tuple(shape), dtype, scope="global")
 
 
+def row_view(buf: tirx.Buffer, row0, rows: int) -> tirx.Buffer:
+    """Rows [row0, row0 + rows) of a row-major buffer as a buffer of its own (a pointer into
+    the same data: a kernel called with it sees an ordinary tensor, byte offset 0)."""
+    ptr = T.bind(T.address_of(buf[(row0,) + (0,) * (len(buf.shape) - 1)]),
+                 tvm.ir.PointerType(tvm.ir.PrimType(buf.dtype)))
+    return T.decl_buffer((rows, *buf.shape[1:]), buf.dtype, data=ptr)
+
+
+def call_kernel(name: str, args: Sequence[tirx.Buffer]) -> None:
+    """A direct call of kernel `name` of the same library (its packed entry, no lookup)."""
+    T.evaluate(T.call_cpacked(name, *args))
+
+
 # ---- statements and expressions ------------------------------------------------------------
 def store(buf: tirx.Buffer, indices: Sequence, value) -> None:
     T.buffer_store(buf, value, list(indices))

@@ -1,25 +1,29 @@
-"""`compile --tune N`: measure tilings of the model's matmul kernels on this machine, keep
-the fastest per kernel in a tuning database, and reuse it on the next compile.
+"""`compile --tune N`: tune the model's matmul kernels on this machine, keep the fastest per
+kernel in a tuning database, and reuse it on the next compile.
 
-What is searched: for every matmul the lowered program uses (`MatmulShape`: dense or
-per-expert, k x n, fused GLU, weight format), the panel width TJ (which also fixes the
-weight layout) and the register tile (rows TI, reduction unroll KU) of
-kernels_matmul's hand-written kernels. Each candidate is built on its own and timed with
-TVM's time_evaluator at a single-token shape and a 64-row shape (random data; for a
-per-expert kernel, rows spread over the experts the way top-k routing spreads them); its
-score is the geometric mean of its two times over the default tiling's. N trials are shared
-across the kernels, the default is always measured first, and a kernel keeps the default
-unless a candidate beats it.
+Dense matmuls (attention projections, shared experts, dense FFNs, the LM head) are tuned by
+MetaSchedule (metaschedule.py): per panel width TJ, a static-shape workload at each of
+MEASURE_ROWS rows is searched by MetaSchedule's evolutionary search over the recipe's design
+space; the dense kernel built with the tuned row kernels is then timed against the
+hand-written kernel at the same TJ, and a row count keeps its tuned kernel only where it is
+faster. The TJ with the best geometric mean over the default tiling wins.
 
-Why not MetaSchedule: its schedule rules rewrite block-structured TIR of static shape. These
-kernels have symbolic row counts (batch x positions) and, in the MoE, loop bounds read from
-data (an expert's rows, from `indptr`), which is what keeps the MoE sparse; MetaSchedule
-skips such workloads. The measured search here tunes exactly the knobs those kernels expose
-(the ones the fast-CPU recipe says matter 2-4x), with the same measure-and-record loop.
+Per-expert (grouped) matmuls read their row ranges from data (`indptr`, what keeps the MoE
+sparse), which MetaSchedule cannot express; for them the search is over the hand-written
+kernels' own knobs: the panel width TJ and the register tile (rows TI, reduction unroll KU),
+each candidate built on its own and timed with TVM's time_evaluator at MEASURE_ROWS tokens
+(rows spread over the experts the way top-k routing spreads them); its score is the
+geometric mean of its times over the default tiling's.
 
-The database is JSON (`tuning.json` in the artifact): the target it was measured on and,
-per kernel key, the chosen TJ/TI/KU and the measured times. A database measured for another
-CPU is ignored (with a note in the report).
+N trials are shared between the two by their number of kernels (MetaSchedule's share counts
+its measured candidates; the grouped share counts tilings, the default always measured
+first); a kernel keeps the default unless a candidate beats it.
+
+The database is JSON (`tuning.json` in the artifact): the target it was measured on; per
+kernel key the chosen TJ/TI/KU, for dense kernels the traces of the tuned row kernels, and
+the measured times; and MetaSchedule's own database (workloads and tuning records, as its
+JSON database writes them), from which a later `--tune` continues. A database measured for
+another CPU is ignored (with a note in the report).
 """
 
 from __future__ import annotations
@@ -34,19 +38,24 @@ from typing import Any, Callable
 import numpy as np
 import tvm
 
+from tvm import tirx
+
+from mocompile.backends.tvm_cpu import metaschedule
 from mocompile.backends.tvm_cpu.kernels_matmul import (F32_BYTES, Epilogue, MatmulConfig, MatmulShape, Tiling,
-                                                       dense_matmul, grouped_matmul)
+                                                       grouped_matmul)
 from mocompile.backends.tvm_cpu.layout import panel_width
 from mocompile.backends.tvm_cpu.lower import lower
-from mocompile.backends.tvm_cpu.tir_util import STACK_BYTES
+from mocompile.backends.tvm_cpu.metaschedule import ROW_BUCKETS, dense_kernels
+from mocompile.backends.tvm_cpu.tir_util import NAME_ATTR, STACK_BYTES
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph
 
-DB_VERSION = 1
+DB_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no MetaSchedule database
 PANEL_WIDTHS = (8, 16, 32, 64)
 TILE_ROWS = (1, 2, 3, 4, 8)  # 3: 12 of AVX2's 16 ymm registers at 32 lanes, the int4 GLU default
 UNROLLS = (1, 2, 4, 8)
-MEASURE_ROWS = (1, 64)  # tokens: a decode step and a prefill chunk
+MEASURE_ROWS = ROW_BUCKETS  # tokens: a decode step and a prefill chunk
 TOP_K = 2  # routed copies per token when timing a per-expert kernel
 
 
@@ -57,9 +66,12 @@ def _target_key(target: tvm.target.Target) -> str:
 class TuningDB:
     """Tuned matmul configs by MatmulShape key, for one target."""
 
-    def __init__(self, target: str, records: dict[str, dict] | None = None) -> None:
+    def __init__(self, target: str, records: dict[str, dict] | None = None,
+                 metaschedule: dict[str, list[str]] | None = None) -> None:
         self.target = target
         self.records: dict[str, dict] = dict(records or {})
+        # MetaSchedule's JSON database: {"workloads": [line], "records": [line]}
+        self.metaschedule: dict[str, list[str]] = dict(metaschedule or {})
 
     @staticmethod
     def load(path: str | Path, target: tvm.target.Target) -> tuple["TuningDB", str]:
@@ -70,17 +82,18 @@ class TuningDB:
             return TuningDB(key), f"{path}: no tuning database"
         try:
             data = json.loads(path.read_text())
-            if data.get("version") != DB_VERSION or not isinstance(data.get("records"), dict):
+            if data.get("version") not in READABLE_VERSIONS or not isinstance(data.get("records"), dict):
                 raise ValueError("not a tuning database of this version")
         except (ValueError, OSError) as e:
             raise MocompileError(f"{path}: unreadable tuning database ({e})") from None
         if data.get("target") != key:
             return TuningDB(key), f"{path}: measured on {data.get('target')}, not {key}; ignored"
-        return TuningDB(key, data["records"]), f"{path}: {len(data['records'])} tuned kernels reused"
+        return (TuningDB(key, data["records"], data.get("metaschedule")),
+                f"{path}: {len(data['records'])} tuned kernels reused")
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"version": DB_VERSION, "target": self.target, "records": self.records},
-                                         indent=1, sort_keys=True) + "\n")
+        Path(path).write_text(json.dumps({"version": DB_VERSION, "target": self.target, "records": self.records,
+                                          "metaschedule": self.metaschedule}, indent=1, sort_keys=True) + "\n")
 
 
 def candidates(shape: MatmulShape) -> list[MatmulConfig]:
@@ -100,12 +113,17 @@ def default_config(shape: MatmulShape) -> MatmulConfig:
     return MatmulConfig(shape, tj, Tiling.for_panel(2 * tj if shape.glu else tj, shape.fmt.depth(shape.k), shape.fmt))
 
 
-def _kernel(config: MatmulConfig):
+def tuned_epilogue(shape: MatmulShape) -> Epilogue:
+    """The epilogue a kernel of `shape` is tuned with (the tiling does not depend on it)."""
+    return Epilogue(glu=shape.glu, activation="silu" if shape.glu else None, row_scale=bool(shape.experts))
+
+
+def _kernels(config: MatmulConfig) -> list[tirx.PrimFunc]:
+    """The kernel of `config`, then the kernels it calls."""
     s = config.shape
-    epi = Epilogue(glu=s.glu, activation="silu" if s.glu else None, row_scale=bool(s.experts))
     if s.experts:
-        return grouped_matmul(s.experts, s.k, s.n, config.tj, epi, s.fmt, config.tiling)
-    return dense_matmul(s.k, s.n, config.tj, epi, s.fmt, config.tiling)
+        return [grouped_matmul(s.experts, s.k, s.n, config.tj, tuned_epilogue(s), s.fmt, config.tiling)]
+    return dense_kernels(config, tuned_epilogue(s))
 
 
 def _arguments(config: MatmulConfig, tokens: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -132,8 +150,10 @@ def _arguments(config: MatmulConfig, tokens: int, rng: np.random.Generator) -> l
 
 def measure(config: MatmulConfig, target: tvm.target.Target, repeat: int = 5) -> list[float]:
     """Median seconds of one kernel call at each of MEASURE_ROWS tokens."""
-    func = _kernel(config)
-    lib = tvm.compile(tvm.IRModule({"kernel": func.with_attr("global_symbol", "kernel")}), target=target).mod
+    func, *called = _kernels(config)
+    mod = tvm.IRModule({"kernel": func.with_attr("global_symbol", "kernel"),
+                        **{str(f.attrs[NAME_ATTR]): f for f in called}})
+    lib = tvm.compile(mod, target=target).mod
     timer = lib.time_evaluator("kernel", tvm.cpu(), number=20, repeat=repeat)
     rng = np.random.default_rng(0)
     return [float(timer(*[tvm.runtime.tensor(a) for a in _arguments(config, rows, rng)]).median)
@@ -145,37 +165,101 @@ def _score(times: list[float], base: list[float]) -> float:
     return math.exp(sum(math.log(t / b) for t, b in zip(times, base)) / len(times))
 
 
+def _tile_search(shape: MatmulShape, trials: int, target: tvm.target.Target, rand: random.Random) -> tuple[dict, int]:
+    """The best of the default and up to trials - 1 random tilings of the hand-written kernel."""
+    default = default_config(shape)
+    base = measure(default, target)
+    pool = [c for c in candidates(shape) if c != default]
+    rand.shuffle(pool)
+    best, best_times = default, base
+    for config in pool[:trials - 1]:
+        times = measure(config, target)
+        if _score(times, base) < _score(best_times, base):
+            best, best_times = config, times
+    used = 1 + min(len(pool), trials - 1)
+    return _record(best, best_times, base, used), used
+
+
+def _record(config: MatmulConfig, times: list[float], base: list[float], trials: int) -> dict:
+    s = config.shape
+    tiling = config.tiling or Tiling.for_panel(2 * config.tj if s.glu else config.tj, s.fmt.depth(s.k), s.fmt)
+    record = {"tj": config.tj, "ti": tiling.rows, "ku": tiling.k_unroll, "us": [round(t * 1e6, 3) for t in times],
+              "default_us": [round(t * 1e6, 3) for t in base], "trials": trials}
+    if config.tuned_rows:
+        record["metaschedule"] = {str(rows): json.loads(trace) for rows, trace in config.tuned_rows}
+    return record
+
+
+def _panel_widths(shape: MatmulShape) -> list[int]:
+    """Panel widths a MetaSchedule workload of `shape` may use (dividing n: no padded panel)."""
+    return [tj for tj in PANEL_WIDTHS if tj >= 16 and shape.n % tj == 0]
+
+
+def _task(shape: MatmulShape, tj: int, rows: int) -> str:
+    return f"{shape.key()}_tj{tj}_r{rows}"
+
+
+def _metaschedule_search(shapes: list[MatmulShape], trials: int, db: TuningDB, target: tvm.target.Target,
+                         say: Callable[[str], None]) -> dict[str, dict]:
+    """Records for the dense `shapes`: MetaSchedule-tuned row kernels where they beat the
+    hand-written kernel at the same TJ (see the module docstring)."""
+    workloads = {_task(s, tj, rows): metaschedule.dense_workload(s.k, s.n, tj, tuned_epilogue(s), s.fmt, rows)
+                 for s in shapes for tj in _panel_widths(s) for rows in MEASURE_ROWS}
+    best = metaschedule.tune(workloads, trials, target, db.metaschedule, say)
+    records = {}
+    for shape in shapes:
+        default = default_config(shape)
+        base = measure(default, target)
+        choice, choice_times, measured = default, base, 1
+        for tj in _panel_widths(shape):
+            traces = {rows: best[_task(shape, tj, rows)]["trace"] for rows in MEASURE_ROWS
+                      if _task(shape, tj, rows) in best}
+            if not traces:
+                continue
+            hand = MatmulConfig(shape, tj, default_config(shape).tiling if tj == default.tj else None)
+            hand_times = base if tj == default.tj else measure(hand, target)
+            tuned = MatmulConfig(shape, tj, hand.tiling, tuple(sorted((r, json.dumps(t)) for r, t in traces.items())))
+            tuned_times = measure(tuned, target)
+            measured += 1 + (tj != default.tj)
+            faster = {r for r, tuned_t, hand_t in zip(MEASURE_ROWS, tuned_times, hand_times) if tuned_t < hand_t}
+            times = [min(a, b) for a, b in zip(tuned_times, hand_times)]
+            if _score(times, base) < _score(choice_times, base):
+                choice = MatmulConfig(shape, tj, hand.tiling, tuple(rt for rt in tuned.tuned_rows if rt[0] in faster))
+                choice_times = times
+        records[shape.key()] = _record(choice, choice_times, base, measured)
+    return records
+
+
 def tune(graph: Graph, trials: int, db: TuningDB, target: tvm.target.Target,
          say: Callable[[str], None] = lambda m: None, seed: int = 0) -> dict[str, Any]:
-    """Spend up to `trials` kernel measurements on the graph's matmuls not yet in `db`
-    (at least the default and one candidate each while trials last); record the winners."""
+    """Spend up to `trials` measurements on the graph's matmuls not yet in `db` (dense ones
+    through MetaSchedule, grouped ones through the tile search; each grouped kernel gets at
+    least the default and one candidate while trials last); record the winners."""
     shapes = [s for s in lower(graph, cached_step=False).matmuls if s.key() not in db.records]
     report: dict[str, Any] = {"trials": 0, "kernels": len(shapes), "tuned": {}}
     if not shapes or trials < 2:
         return report
-    per_shape = max(2, trials // len(shapes))
+    dense = [s for s in shapes if not s.experts and _panel_widths(s)]
+    grouped = [s for s in shapes if s not in dense]
+    budget = trials - (trials * len(dense) // len(shapes) if grouped else trials)
+    records = _metaschedule_search(dense, trials - budget, db, target, say) if dense else {}
+    spent = trials - budget
+    per_shape = max(2, budget // len(grouped)) if grouped else 0
     rand = random.Random(seed)
-    budget = trials
-    for shape in shapes:
+    for shape in grouped:
         if budget < 2:
             break
-        default = default_config(shape)
-        base = measure(default, target)
-        pool = [c for c in candidates(shape) if c != default]
-        rand.shuffle(pool)
-        best, best_score, best_times = default, 1.0, base
-        for config in pool[:min(per_shape, budget) - 1]:
-            times = measure(config, target)
-            score = _score(times, base)
-            if score < best_score:
-                best, best_score, best_times = config, score, times
-        used = 1 + min(len(pool), min(per_shape, budget) - 1)
+        records[shape.key()], used = _tile_search(shape, min(per_shape, budget), target, rand)
         budget -= used
-        db.records[shape.key()] = {"tj": best.tj, "ti": best.tiling.rows, "ku": best.tiling.k_unroll,
-                                   "us": [round(t * 1e6, 3) for t in best_times],
-                                   "default_us": [round(t * 1e6, 3) for t in base], "trials": used}
-        report["tuned"][shape.key()] = round(1 / best_score, 3)
-        say(f"      tuned {shape.key()}: {1 / best_score:.2f}x over the default ({used} trials)")
-    report["trials"] = trials - budget
+        spent += used
+    for key, record in records.items():
+        db.records[key] = record
+        speedup = _score(record["default_us"], record["us"])
+        report["tuned"][key] = round(speedup, 3)
+        if record.get("metaschedule"):
+            how = f"MetaSchedule kernels for {', '.join(sorted(record['metaschedule']))} rows"
+        else:
+            how = f"hand-written, TJ {record['tj']} TI {record['ti']} KU {record['ku']}"
+        say(f"      tuned {key}: {speedup:.2f}x over the default ({how})")
+    report["trials"] = spent
     return report
-
