@@ -106,6 +106,14 @@ def test_bad_databases_fail_with_one_line(tuned, tmp_path):
     path.write_text(json.dumps(db))
     with pytest.raises(MocompileError, match="does not fit in registers"):
         compile(SPEC, out_dir=tmp_path / "b", tuning_db=path)
+    db = json.loads((out / "tuning.json").read_text())
+    dense = next(k for k in db["records"]  # a dense matmul whose panel width divides its n (dense_KxN...)
+                 if k.startswith("dense_") and int(k.split("_")[1].split("x")[1]) % db["records"][k]["tj"] == 0)
+    db["records"][dense]["metaschedule"] = {"1": [["GetSBlock", "no such block"]]}  # a tampered trace
+    path.write_text(json.dumps(db))
+    with pytest.raises(MocompileError, match="MetaSchedule trace of dense_.* does not apply"):
+        compile(SPEC, out_dir=tmp_path / "b2", tuning_db=path)
+    assert not (tmp_path / "b2").exists()
     path.write_text("{not json")
     with pytest.raises(MocompileError, match="unreadable tuning database"):
         compile(SPEC, out_dir=tmp_path / "c", tuning_db=path)

@@ -149,7 +149,11 @@ def row_kernel(name: str, k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFor
     with the same tiles (the trace names blocks and loops only, so it applies to any
     epilogue)."""
     sch = Schedule(dense_workload(k, n, tj, epi, fmt, rows))
-    Trace.apply_json_to_schedule(trace, sch)
+    try:
+        Trace.apply_json_to_schedule(trace, sch)
+    except Exception as e:  # a tampered or foreign record: one line, not TVM's diagnostic dump
+        first = (str(e).strip().splitlines() or ["?"])[-1][:200]
+        raise ValueError(f"the MetaSchedule trace of {name} in the tuning database does not apply ({first})") from None
     func = sch.mod["main"]
     attrs = {"global_symbol": name, NAME_ATTR: name, HAND_SCHEDULED_ATTR: True}
     if not has_parallel_loop(func):
