@@ -412,7 +412,7 @@ TARGETS_NOTE = """
 ### Against the fast-CPU issue's targets
 
 One run on a shared 2-core VM; ratios move by 10-30% between runs, and by more when the host is busy
-(on 2026-12-01 this machine's measured copy bandwidth ranged from 14 to 23 GB/s within one hour, and the
+(on 2026-12-01 the AVX2 host's measured copy bandwidth ranged from 14 to 23 GB/s within one hour, and the
 torch columns slowed by up to 2x with it).
 - **Decode** rows are real cached steps on every side: the artifact's `step` function appends one
   token to a KV cache of 64 positions; the torch columns run the reference model with a Hugging Face

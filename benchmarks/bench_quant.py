@@ -106,20 +106,27 @@ QUANT_NOTE = """
   2026-11-22 and 2026-12-01; int4 at batch 8, whose 8 experts are all active and each serve 2-3 rows,
   was at 1.6-1.9x until the matmuls reduced such rows in pairs (one unpack per pair), 2.0x since.
   Register tiles: fp32 and int8 panels take tiles sized to the vector ISA (half the register file; on
-  this AVX2 host that made int8 prefill 1.0-1.4x the fp32 artifact's speed, from 0.9-1.3x); int4 panels
+  the AVX2 host that made int8 prefill 1.0-1.4x the fp32 artifact's speed, from 0.9-1.3x); int4 panels
   keep the largest tile, since unpacking a panel row once for 3-4 rows beats avoiding spills (with
   AVX2-sized tiles its batch-8 step fell to 1.46x the fp32 artifact and its prefill slowed 1.2-1.5x).
   The tiny examples' weights (1-7 MB) sit in cache, so reading fewer bytes helps them less. Until the
   decode driver (models section) their steps were mostly fixed costs: a `perf` profile of 180,000
   mixtral_tiny fp32 steps (136 us each in that loop) put 42% of the time in the kernels and the rest in
   the Relax VM's interpreter and builtins (26%), Python (17%), malloc/free (7%) and glue (6%), so int8
-  gained only 1.1-1.35x. With the driver the steps are mostly kernel arithmetic: int8 is 1.2-1.45x
-  the fp32 artifact on the tiny rows (mixtral_tiny batch 1: 1.84x in one run, 1.35x in the next),
-  while int4 stays at 0.65-0.93x there: with the weights in cache its nibble unpacking (shift, mask,
-  convert per weight, and a group scale) costs more than the bytes it saves. The >= 1.8x-over-fp32-
-  artifact target is met where its premise holds (moe_medium: int8 in every run, int4 at 1.96-2.72x,
-  once just under at batch 8) and missed on the tiny rows; >= 3x eager holds everywhere. On a CPU without AVX-512
-  VNNI (the header says which) the W8A8 linears fall back to fp32 arithmetic on the rounded values.
+  gained only 1.1-1.35x. With the driver the steps are mostly kernel arithmetic: on the AVX2 host int8
+  was 1.2-1.45x the fp32 artifact on the tiny rows (mixtral_tiny batch 1: 1.84x in one run, 1.35x in
+  the next) and int4 0.65-0.93x. On the AVX-512 host of the table above (2026-12-01, after 23:00 UTC),
+  int8 is 1.22-1.75x and int4 1.10-1.49x there, moe_medium int8 2.20-2.25x and int4 2.33-2.38x.
+  Why the tiny rows stay under 1.8x: with the weights in cache a step is bound by arithmetic, not bytes,
+  and weight-only int8/int4 does the same float arithmetic as fp32 plus the conversion of each code
+  (int4: shift, mask, convert, group scale). The matmuls are also only part of a step: in the VM
+  profile of the models section, mixtral_tiny's matmul kernels take ~60% of the step's kernel time
+  (attention, norms, routing and the rest ~40%, identical in every scheme), so even matmuls twice as
+  fast give ~1.4x, and 1.8x would need them almost 4x faster than fp32 from cache. The >= 1.8x-over-fp32-
+  artifact target is met where its premise holds (moe_medium, every run on both hosts, int4 once just
+  under at batch 8 on the AVX2 host) and missed on the tiny rows; >= 3x eager holds everywhere. On a
+  CPU without AVX-512 VNNI (the header says which) the W8A8 linears fall back to fp32 arithmetic on the
+  rounded values.
 - **Accuracy.** On the examples' trained weights (`examples/weights/`, made by
   `examples/train_synthetic.py`), int8 weight-only keeps 99.7-100% of next-token top-1 choices on
   random-token inputs (the accuracy table; `tests/test_quantize.py` holds every example to >= 99%), and

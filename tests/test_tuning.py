@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from mocompile.backends.tvm_cpu.kernels_matmul import ACCUMULATOR_BYTES, MatmulShape, Tiling, WeightFormat
-from mocompile.backends.tvm_cpu.target import vector_register_bytes
+from mocompile.backends.tvm_cpu.target import host_target, last_level_cache_bytes, vector_register_bytes
 from mocompile.backends.tvm_cpu.tir_util import STACK_BYTES
-from mocompile.backends.tvm_cpu.tuning import candidates, default_config
+from mocompile.backends.tvm_cpu.tuning import candidates, default_config, measure
 from mocompile.compiler import compile
 from mocompile.errors import MocompileError
 
@@ -53,6 +53,16 @@ def test_untuned_tiles_fill_at_most_half_the_register_file():
     assert ACCUMULATOR_BYTES == vector_register_bytes() // 2
     flags = open("/proc/cpuinfo").read()
     assert vector_register_bytes() == (2048 if " avx512f" in flags else 512 if " avx2" in flags else 256)
+
+
+def test_cold_timing_flushes_the_weights():
+    """A model larger than the last-level cache is tuned with the caches flushed before each
+    call: a kernel streaming its weights from memory is slower than the same kernel warm."""
+    assert 256 * 1024 <= last_level_cache_bytes() <= 4 * 1024 ** 3
+    config = default_config(MatmulShape(0, 1024, 2048, False))  # 8 MB of weights
+    warm, cold = measure(config, host_target()), measure(config, host_target(), cold=True)
+    assert all(t > 0 for t in warm + cold)
+    assert cold[0] > warm[0]  # one row: bound by the weight bytes, from DRAM when flushed
 
 
 @pytest.fixture(scope="module")

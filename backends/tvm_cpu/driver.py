@@ -35,7 +35,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from mocompile.backends.tvm_cpu.layout import WeightLayout
-from mocompile.backends.tvm_cpu.tir_util import HAND_SCHEDULED_ATTR, NAME_ATTR, SERIAL_ATTR, STACK_BYTES, nbytes
+from mocompile.backends.tvm_cpu.tir_util import (HAND_SCHEDULED_ATTR, NAME_ATTR, SERIAL_ATTR, STACK_BYTES, call_kernel,
+                                                 nbytes)
 
 DRIVER = "decode"
 DRIVER_POSITIONS = 1  # positions per sequence of the steps the runtime runs through the driver
@@ -194,8 +195,7 @@ def _emit(plan: _Plan) -> tirx.PrimFunc:
                         buffers[id(t)] = T.decl_buffer(tuple(t.shape), t.dtype, data=buffers[id(t.root)].data)
                 else:
                     _, kernel, args = op
-                    T.evaluate(T.call_cpacked(kernel, *[buffers[id(a)] if isinstance(a, _Tensor) else a
-                                                        for a in args]))
+                    call_kernel(kernel, [buffers[id(a)] if isinstance(a, _Tensor) else a for a in args])
     return ib.get()
 
 

@@ -191,11 +191,12 @@ def _register_x86_intrinsics() -> None:
 
 
 def tune(workloads: dict[str, tirx.PrimFunc], trials: int, target: tvm.target.Target, database: dict,
-         say: Callable[[str], None] = lambda m: None) -> dict[str, dict]:
+         cold: bool = False, say: Callable[[str], None] = lambda m: None) -> dict[str, dict]:
     """Run MetaSchedule on `workloads` (task name -> static-shape PrimFunc) for up to `trials`
     measured candidates in all, continuing from `database` ({"workloads": [...], "records":
-    [...]}: a MetaSchedule JSON database's lines, updated in place). Returns, per task that
-    has a measured record, its best trace (JSON) and time in seconds."""
+    [...]}: a MetaSchedule JSON database's lines, updated in place); `cold`: candidates timed
+    with their arguments flushed from the caches. Returns, per task that has a measured
+    record, its best trace (JSON) and time in seconds."""
     from tvm.s_tir import meta_schedule as ms
 
     with tempfile.TemporaryDirectory(prefix="mocompile-ms-") as work:
@@ -220,7 +221,8 @@ def tune(workloads: dict[str, tirx.PrimFunc], trials: int, target: tvm.target.Ta
                           num_trials_per_iter=per_iter, database=db,
                           builder=ms.builder.LocalBuilder(initializer=_register_x86_intrinsics),
                           runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
-                              number=10, repeat=3, min_repeat_ms=0, enable_cpu_cache_flush=False)))
+                              number=1 if cold else 10, repeat=12 if cold else 3, min_repeat_ms=0,
+                              enable_cpu_cache_flush=cold)))
         best = {}
         for name, mod in mods.items():
             records = db.get_top_k(db.commit_workload(mod), 1) if db.has_workload(mod) else []

@@ -7,6 +7,7 @@ loop runs at a quarter of the width the kernels are written for (16-lane fp32 on
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import tvm
 
@@ -45,3 +46,18 @@ def vector_register_bytes() -> int:
     if "avx512f" in flags:
         return 32 * 64
     return 16 * (32 if "avx2" in flags else 16)
+
+
+def last_level_cache_bytes() -> int:
+    """Size of this CPU's largest cache (sysfs; 32 MiB where it cannot be read). A model whose
+    weights exceed it streams them from memory on every decode step, so its kernels are tuned
+    with the caches flushed before each call (tuning.py)."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        scale = {"K": 1024, "M": 1024 ** 2}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KM")) * scale)
+        except ValueError:
+            continue
+    return max(sizes, default=32 * 1024 ** 2)

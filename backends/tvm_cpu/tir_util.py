@@ -116,8 +116,9 @@ def row_view(buf: tirx.Buffer, row0, rows: int) -> tirx.Buffer:
     return T.decl_buffer((rows, *buf.shape[1:]), buf.dtype, data=ptr)
 
 
-def call_kernel(name: str, args: Sequence[tirx.Buffer]) -> None:
-    """A direct call of kernel `name` of the same library (its packed entry, no lookup)."""
+def call_kernel(name: str, args: Sequence) -> None:
+    """A direct call of kernel `name` of the same library (its packed entry, no lookup) with
+    buffers and scalars."""
     T.evaluate(T.call_cpacked(name, *args))
 
 

@@ -15,6 +15,10 @@ each candidate built on its own and timed with TVM's time_evaluator at MEASURE_R
 (rows spread over the experts the way top-k routing spreads them); its score is the
 geometric mean of its times over the default tiling's.
 
+Candidates are timed warm for a model whose weights fit in the last-level cache and with the
+caches flushed before each call for one whose weights do not (a decode step of such a model
+streams its weights from memory: a tile that wins with them in cache may lose there).
+
 N trials are shared between the two by their number of kernels (MetaSchedule's share counts
 its measured candidates; the grouped share counts tilings, the default always measured
 first); a kernel keeps the default unless a candidate beats it.
@@ -28,6 +32,7 @@ another CPU is ignored (with a note in the report).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -46,6 +51,7 @@ from mocompile.backends.tvm_cpu.kernels_matmul import (F32_BYTES, Epilogue, Matm
 from mocompile.backends.tvm_cpu.layout import panel_width
 from mocompile.backends.tvm_cpu.lower import lower
 from mocompile.backends.tvm_cpu.metaschedule import ROW_BUCKETS, dense_kernels
+from mocompile.backends.tvm_cpu.target import last_level_cache_bytes
 from mocompile.backends.tvm_cpu.tir_util import NAME_ATTR, STACK_BYTES
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph
@@ -57,6 +63,7 @@ TILE_ROWS = (1, 2, 3, 4, 8)  # 3: 12 of AVX2's 16 ymm registers at 32 lanes, the
 UNROLLS = (1, 2, 4, 8)
 MEASURE_ROWS = ROW_BUCKETS  # tokens: a decode step and a prefill chunk
 TOP_K = 2  # routed copies per token when timing a per-expert kernel
+COLD_CACHE = "cache_flush_cpu_non_first_arg"  # time_evaluator's flush of every argument but the input
 
 
 def _target_key(target: tvm.target.Target) -> str:
@@ -148,13 +155,15 @@ def _arguments(config: MatmulConfig, tokens: int, rng: np.random.Generator) -> l
     return [x, indptr, *weights, rng.random(rows, dtype=np.float32), y]
 
 
-def measure(config: MatmulConfig, target: tvm.target.Target, repeat: int = 5) -> list[float]:
-    """Median seconds of one kernel call at each of MEASURE_ROWS tokens."""
+def measure(config: MatmulConfig, target: tvm.target.Target, repeat: int = 5, cold: bool = False) -> list[float]:
+    """Median seconds of one kernel call at each of MEASURE_ROWS tokens; `cold`: with the
+    arguments flushed from the caches before each call (weights streamed from memory)."""
     func, *called = _kernels(config)
     mod = tvm.IRModule({"kernel": func.with_attr("global_symbol", "kernel"),
                         **{str(f.attrs[NAME_ATTR]): f for f in called}})
     lib = tvm.compile(mod, target=target).mod
-    timer = lib.time_evaluator("kernel", tvm.cpu(), number=20, repeat=repeat)
+    timer = (lib.time_evaluator("kernel", tvm.cpu(), number=1, repeat=4 * repeat, f_preproc=COLD_CACHE) if cold
+             else lib.time_evaluator("kernel", tvm.cpu(), number=20, repeat=repeat))
     rng = np.random.default_rng(0)
     return [float(timer(*[tvm.runtime.tensor(a) for a in _arguments(config, rows, rng)]).median)
             for rows in MEASURE_ROWS]
@@ -165,15 +174,18 @@ def _score(times: list[float], base: list[float]) -> float:
     return math.exp(sum(math.log(t / b) for t, b in zip(times, base)) / len(times))
 
 
-def _tile_search(shape: MatmulShape, trials: int, target: tvm.target.Target, rand: random.Random) -> tuple[dict, int]:
+Timer = Callable[[MatmulConfig], list[float]]  # seconds of a config's kernel at each of MEASURE_ROWS
+
+
+def _tile_search(shape: MatmulShape, trials: int, timer: Timer, rand: random.Random) -> tuple[dict, int]:
     """The best of the default and up to trials - 1 random tilings of the hand-written kernel."""
     default = default_config(shape)
-    base = measure(default, target)
+    base = timer(default)
     pool = [c for c in candidates(shape) if c != default]
     rand.shuffle(pool)
     best, best_times = default, base
     for config in pool[:trials - 1]:
-        times = measure(config, target)
+        times = timer(config)
         if _score(times, base) < _score(best_times, base):
             best, best_times = config, times
     used = 1 + min(len(pool), trials - 1)
@@ -200,16 +212,16 @@ def _task(shape: MatmulShape, tj: int, rows: int) -> str:
 
 
 def _metaschedule_search(shapes: list[MatmulShape], trials: int, db: TuningDB, target: tvm.target.Target,
-                         say: Callable[[str], None]) -> dict[str, dict]:
+                         timer: Timer, cold: bool, say: Callable[[str], None]) -> dict[str, dict]:
     """Records for the dense `shapes`: MetaSchedule-tuned row kernels where they beat the
     hand-written kernel at the same TJ (see the module docstring)."""
     workloads = {_task(s, tj, rows): metaschedule.dense_workload(s.k, s.n, tj, tuned_epilogue(s), s.fmt, rows)
                  for s in shapes for tj in _panel_widths(s) for rows in MEASURE_ROWS}
-    best = metaschedule.tune(workloads, trials, target, db.metaschedule, say)
+    best = metaschedule.tune(workloads, trials, target, db.metaschedule, cold, say)
     records = {}
     for shape in shapes:
         default = default_config(shape)
-        base = measure(default, target)
+        base = timer(default)
         choice, choice_times, measured = default, base, 1
         for tj in _panel_widths(shape):
             traces = {rows: best[_task(shape, tj, rows)]["trace"] for rows in MEASURE_ROWS
@@ -217,9 +229,9 @@ def _metaschedule_search(shapes: list[MatmulShape], trials: int, db: TuningDB, t
             if not traces:
                 continue
             hand = MatmulConfig(shape, tj, default_config(shape).tiling if tj == default.tj else None)
-            hand_times = base if tj == default.tj else measure(hand, target)
+            hand_times = base if tj == default.tj else timer(hand)
             tuned = MatmulConfig(shape, tj, hand.tiling, tuple(sorted((r, json.dumps(t)) for r, t in traces.items())))
-            tuned_times = measure(tuned, target)
+            tuned_times = timer(tuned)
             measured += 1 + (tj != default.tj)
             faster = {r for r, tuned_t, hand_t in zip(MEASURE_ROWS, tuned_times, hand_times) if tuned_t < hand_t}
             times = [min(a, b) for a, b in zip(tuned_times, hand_times)]
@@ -235,21 +247,26 @@ def tune(graph: Graph, trials: int, db: TuningDB, target: tvm.target.Target,
     """Spend up to `trials` measurements on the graph's matmuls not yet in `db` (dense ones
     through MetaSchedule, grouped ones through the tile search; each grouped kernel gets at
     least the default and one candidate while trials last); record the winners."""
-    shapes = [s for s in lower(graph, cached_step=False).matmuls if s.key() not in db.records]
-    report: dict[str, Any] = {"trials": 0, "kernels": len(shapes), "tuned": {}}
+    program = lower(graph, cached_step=False)
+    shapes = [s for s in program.matmuls if s.key() not in db.records]
+    # A model whose weights outgrow the last-level cache reads them from memory on every step:
+    # time its kernels that way (what the tuner then picks is what is fast there).
+    cold = sum(a.nbytes for a in program.arrays.values()) > last_level_cache_bytes()
+    timer = functools.partial(measure, target=target, cold=cold)
+    report: dict[str, Any] = {"trials": 0, "kernels": len(shapes), "tuned": {}, "cold_caches": cold}
     if not shapes or trials < 2:
         return report
     dense = [s for s in shapes if not s.experts and _panel_widths(s)]
     grouped = [s for s in shapes if s not in dense]
     budget = trials - (trials * len(dense) // len(shapes) if grouped else trials)
-    records = _metaschedule_search(dense, trials - budget, db, target, say) if dense else {}
+    records = _metaschedule_search(dense, trials - budget, db, target, timer, cold, say) if dense else {}
     spent = trials - budget
     per_shape = max(2, budget // len(grouped)) if grouped else 0
     rand = random.Random(seed)
     for shape in grouped:
         if budget < 2:
             break
-        records[shape.key()], used = _tile_search(shape, min(per_shape, budget), target, rand)
+        records[shape.key()], used = _tile_search(shape, min(per_shape, budget), timer, rand)
         budget -= used
         spent += used
     for key, record in records.items():
