@@ -41,7 +41,7 @@ from mocompile.backends.tvm_cpu.schedule import has_parallel_loop
 from mocompile.backends.tvm_cpu.tir_util import HAND_SCHEDULED_ATTR, NAME_ATTR, SERIAL_ATTR, STACK_BYTES
 
 ROW_BUCKETS = (1, 64)
-TILE_ROWS = (1, 2, 4, 8)  # register tile rows MetaSchedule may pick (each divides every bucket)
+TILE_ROWS = (1, 2, 4, 8)  # register tile rows MetaSchedule may pick (those dividing the bucket)
 MAX_UNROLL = 8  # innermost reduction factor
 FAILED_RUN_SECS = 1e9  # MetaSchedule records a candidate that failed to build or run as 1e10 s
 
