@@ -112,13 +112,13 @@ Notes:
   (results are bit-identical either way). The per-expert matmuls are tuned by the tile search: their row
   ranges come from the routing at run time, which no static-shape workload expresses. Candidates of a model
   larger than the last-level cache (moe_medium) are timed with the caches flushed before each call.
-- The hand-written kernels are already the recipe's schedule with ISA-sized tiles. In the 2026-12-02 run the
-  tuner's per-kernel gains (1.1-1.6x, each kernel timed alone) did not carry over to whole steps: decode steps
-  of tuned and untuned artifacts were within 0-6% of each other (about this host's run-to-run noise) and
-  prompts 2-5% slower, because a kernel's score is the geometric mean of its 1-row and 64-row times and some
-  picks trade 64-row for 1-row speed (moe_medium's grouped down GEMM: 64 rows 2629 -> 2891 us). The run
-  before it timed moe_medium's kernels warm, and the kernels it picked made the decode step 12% slower;
-  cold timing for models larger than the cache came from that.
+- The hand-written kernels are already the recipe's schedule with ISA-sized tiles, so the tuner's per-kernel
+  gains (1.1-1.5x, each kernel timed alone) mostly vanish in whole steps. Over three runs on 2026-12-02: the
+  first timed moe_medium's kernels warm, and its picks made the decode step 12% slower, so a model larger than
+  the cache is now tuned cold; the second scored a kernel by the geometric mean of its 1-row and 64-row times
+  alone, and some picks traded 64-row for 1-row speed (prompts 2-5% slower); since then a candidate must also
+  be no slower than the default at either row count. In the run above, tuned steps are 0.96-1.10x the untuned
+  ones: within this host's run-to-run noise, with the 512-token prefill of moe_medium 10% faster.
 """
 
 

@@ -6,14 +6,16 @@ MetaSchedule (metaschedule.py): per panel width TJ, a static-shape workload at e
 MEASURE_ROWS rows is searched by MetaSchedule's evolutionary search over the recipe's design
 space; the dense kernel built with the tuned row kernels is then timed against the
 hand-written kernel at the same TJ, and a row count keeps its tuned kernel only where it is
-faster. The TJ with the best geometric mean over the default tiling wins.
+faster. The TJ with the best geometric mean over the default tiling wins, among those no
+slower than the default at either row count.
 
 Per-expert (grouped) matmuls read their row ranges from data (`indptr`, what keeps the MoE
 sparse), which MetaSchedule cannot express; for them the search is over the hand-written
 kernels' own knobs: the panel width TJ and the register tile (rows TI, reduction unroll KU),
 each candidate built on its own and timed with TVM's time_evaluator at MEASURE_ROWS tokens
 (rows spread over the experts the way top-k routing spreads them); its score is the
-geometric mean of its times over the default tiling's.
+geometric mean of its times over the default tiling's, and it must be no slower than the
+default at either row count (a tuned kernel never trades prompts for decode steps).
 
 Candidates are timed warm for a model whose weights fit in the last-level cache and with the
 caches flushed before each call for one whose weights do not (a decode step of such a model
@@ -169,6 +171,12 @@ def measure(config: MatmulConfig, target: tvm.target.Target, repeat: int = 5, co
             for rows in MEASURE_ROWS]
 
 
+def _improves(times: list[float], best: list[float], base: list[float]) -> bool:
+    """Whether `times` beats the best so far: no slower than the default at any measured row
+    count (tuning must not trade prompts for decode steps or back) and a better score."""
+    return all(t <= b for t, b in zip(times, base)) and _score(times, base) < _score(best, base)
+
+
 def _score(times: list[float], base: list[float]) -> float:
     """Geometric mean of the time ratios to the default (below 1: faster)."""
     return math.exp(sum(math.log(t / b) for t, b in zip(times, base)) / len(times))
@@ -186,7 +194,7 @@ def _tile_search(shape: MatmulShape, trials: int, timer: Timer, rand: random.Ran
     best, best_times = default, base
     for config in pool[:trials - 1]:
         times = timer(config)
-        if _score(times, base) < _score(best_times, base):
+        if _improves(times, best_times, base):
             best, best_times = config, times
     used = 1 + min(len(pool), trials - 1)
     return _record(best, best_times, base, used), used
@@ -235,7 +243,7 @@ def _metaschedule_search(shapes: list[MatmulShape], trials: int, db: TuningDB, t
             measured += 1 + (tj != default.tj)
             faster = {r for r, tuned_t, hand_t in zip(MEASURE_ROWS, tuned_times, hand_times) if tuned_t < hand_t}
             times = [min(a, b) for a, b in zip(tuned_times, hand_times)]
-            if _score(times, base) < _score(choice_times, base):
+            if _improves(times, choice_times, base):
                 choice = MatmulConfig(shape, tj, hand.tiling, tuple(rt for rt in tuned.tuned_rows if rt[0] in faster))
                 choice_times = times
         records[shape.key()] = _record(choice, choice_times, base, measured)
