@@ -10,7 +10,8 @@ faster. The TJ with the best geometric mean over the default tiling wins, among 
 slower than the default at either row count.
 
 Per-expert (grouped) matmuls read their row ranges from data (`indptr`, what keeps the MoE
-sparse), which MetaSchedule cannot express; for them the search is over the hand-written
+sparse), which MetaSchedule cannot express; for them, and for dense matmuls too narrow for a
+panel of 16 (a router's few columns), the search is over the hand-written
 kernels' own knobs: the panel width TJ and the register tile (rows TI, reduction unroll KU),
 each candidate built on its own and timed with TVM's time_evaluator at MEASURE_ROWS tokens
 (rows spread over the experts the way top-k routing spreads them); its score is the
@@ -117,9 +118,14 @@ def candidates(shape: MatmulShape) -> list[MatmulConfig]:
     return out
 
 
+def default_tiling(shape: MatmulShape, tj: int) -> Tiling:
+    """The untuned register tile of `shape` at panel width `tj`."""
+    return Tiling.for_panel(2 * tj if shape.glu else tj, shape.fmt.depth(shape.k), shape.fmt)
+
+
 def default_config(shape: MatmulShape) -> MatmulConfig:
     tj = panel_width(shape.n)
-    return MatmulConfig(shape, tj, Tiling.for_panel(2 * tj if shape.glu else tj, shape.fmt.depth(shape.k), shape.fmt))
+    return MatmulConfig(shape, tj, default_tiling(shape, tj))
 
 
 def tuned_epilogue(shape: MatmulShape) -> Epilogue:
@@ -201,8 +207,7 @@ def _tile_search(shape: MatmulShape, trials: int, timer: Timer, rand: random.Ran
 
 
 def _record(config: MatmulConfig, times: list[float], base: list[float], trials: int) -> dict:
-    s = config.shape
-    tiling = config.tiling or Tiling.for_panel(2 * config.tj if s.glu else config.tj, s.fmt.depth(s.k), s.fmt)
+    tiling = config.tiling or default_tiling(config.shape, config.tj)
     record = {"tj": config.tj, "ti": tiling.rows, "ku": tiling.k_unroll, "us": [round(t * 1e6, 3) for t in times],
               "default_us": [round(t * 1e6, 3) for t in base], "trials": trials}
     if config.tuned_rows:
@@ -236,11 +241,11 @@ def _metaschedule_search(shapes: list[MatmulShape], trials: int, db: TuningDB, t
                       if _task(shape, tj, rows) in best}
             if not traces:
                 continue
-            hand = MatmulConfig(shape, tj, default_config(shape).tiling if tj == default.tj else None)
-            hand_times = base if tj == default.tj else timer(hand)
+            hand = default if tj == default.tj else MatmulConfig(shape, tj, default_tiling(shape, tj))
+            hand_times = base if hand is default else timer(hand)
             tuned = MatmulConfig(shape, tj, hand.tiling, tuple(sorted((r, json.dumps(t)) for r, t in traces.items())))
             tuned_times = timer(tuned)
-            measured += 1 + (tj != default.tj)
+            measured += 1 + (hand is not default)
             faster = {r for r, tuned_t, hand_t in zip(MEASURE_ROWS, tuned_times, hand_times) if tuned_t < hand_t}
             times = [min(a, b) for a, b in zip(tuned_times, hand_times)]
             if _improves(times, choice_times, base):
@@ -253,8 +258,8 @@ def _metaschedule_search(shapes: list[MatmulShape], trials: int, db: TuningDB, t
 def tune(graph: Graph, trials: int, db: TuningDB, target: tvm.target.Target,
          say: Callable[[str], None] = lambda m: None, seed: int = 0) -> dict[str, Any]:
     """Spend up to `trials` measurements on the graph's matmuls not yet in `db` (dense ones
-    through MetaSchedule, grouped ones through the tile search; each grouped kernel gets at
-    least the default and one candidate while trials last); record the winners."""
+    through MetaSchedule, grouped and too-narrow dense ones through the tile search, each of
+    those getting at least the default and one candidate while trials last); record the winners."""
     program = lower(graph, cached_step=False)
     shapes = [s for s in program.matmuls if s.key() not in db.records]
     # A model whose weights outgrow the last-level cache reads them from memory on every step:
