@@ -8,6 +8,13 @@
     quantize(w=int8,a=int8,dynamic=token) W8A8 with a per-token scale computed at run time
     quantize(w=int4,skip=router|attention)
 
+Under W8A8 every matmul reads int8 activations: the input of a linear layer, feed-forward
+block or experts op through a `quantize_act` node (static or dynamic scale, as asked), and
+the hidden activation inside a feed-forward block or expert, between its GLU and its down
+projection, with a scale per row (`hidden_quant=token` on the op: per token, so batch
+isolation holds, and computed at run time, since a static scale per expert would need
+calibration data reaching every expert).
+
 Each quantized weight becomes low-bit codes + float32 scales feeding a `dequantize` node
 in front of the op that read it (see mocompile/ir/ops/quant.py), so the graph computes the
 quantized model exactly and a backend reads the codes inside its matmul. What gets
@@ -36,14 +43,13 @@ import numpy as np
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph, Node, Value
 from mocompile.ir.interpreter import run as interpret
-from mocompile.ir.ops.quant import INT8_MAX, quantize_weight, symmetric_scales
+from mocompile.ir.ops.quant import INT8_MAX, WEIGHT_SLOTS, quantize_weight, symmetric_scales
 from mocompile.pass_manager import Pass, PassContext, PassResult, register_pass
 from mocompile.passes.dce import drop_dead_weights
 from mocompile.runtime import random_inputs
 
 ROLES = ("attention", "experts", "shared", "dense", "lm_head", "router")
 DEFAULT_ROLES = frozenset(ROLES) - {"router"}
-WEIGHT_SLOTS = {"linear": slice(1, 2), "mlp": slice(1, None), "experts": slice(3, None), "router.topk": slice(1, 2)}
 
 
 def input_side_weights(node: Node) -> list[Value]:
@@ -235,6 +241,7 @@ class Quantize(Pass):
             report["smoothed"] = self._smooth(graph, targets, inputs)
         if self.scheme.activations:
             report["activations"] = self._quantize_activations(graph, targets, inputs)
+            report["hidden_per_token"] = self._quantize_hidden(targets)
         report["tensors"] = self._quantize_weights(graph, targets)
         drop_dead_weights(graph)  # the fp32 originals (a tied embedding keeps its own)
         before = sum(t["bytes_before"] for t in report["tensors"])
@@ -305,6 +312,15 @@ class Quantize(Pass):
                 out.append(info)
             node.inputs[0] = quantized[id(x)]
         return out
+
+    @staticmethod
+    def _quantize_hidden(targets: list[Node]) -> list[str]:
+        """Round the hidden activation of every feed-forward block and experts op per row
+        (their down projections then read int8 too); returns where."""
+        blocks = [n for n in targets if n.op in ("mlp", "experts")]
+        for node in blocks:
+            node.attrs["hidden_quant"] = "token"
+        return [n.loc or n.outputs[0].name for n in blocks]
 
     def _smooth(self, graph: Graph, targets: list[Node], inputs: list[dict[str, np.ndarray]]) -> list[dict]:
         """SmoothQuant: divide a norm's output channels by s and multiply the input columns of

@@ -23,6 +23,7 @@ from mocompile.ir.graph import Graph
 from mocompile.ir.interpreter import run
 from mocompile.ir.ops.quant import dequantize_weight, fake_quant, pack_int4, quantize_weight, unpack_int4
 from mocompile.ir.types import TensorType
+from mocompile.ir.verifier import VerifyError, verify
 from mocompile.isolation import analyze
 from mocompile.pass_manager import PassContext, PassManager, parse_pipeline
 from mocompile.passes.quantize import Quantize, calibration_inputs, effective_group
@@ -208,6 +209,128 @@ def test_w8a8_linear_is_integer_arithmetic(mode):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+def int8_codes(x: np.ndarray, mode: str, static: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Independent of mocompile: (int32 codes, float32 scale per row) of x's rows."""
+    if mode == "static":
+        s = np.full((x.shape[0], 1), static, np.float32)
+    else:
+        amax = np.abs(x).max(-1, keepdims=True)
+        s = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    return np.clip(np.round(x / s), -127, 127).astype(np.int32), s
+
+
+def integer_codes(q: np.ndarray, bits: int) -> np.ndarray:
+    """Independent of mocompile: the signed weight codes of int8, or packed int4, codes."""
+    if bits == 8:
+        return q.astype(np.int64)
+    codes = np.empty(q.shape[:-1] + (2 * q.shape[-1],), np.int64)
+    codes[..., 0::2], codes[..., 1::2] = (q & 15).astype(np.int64) - 8, (q >> 4).astype(np.int64) - 8
+    return codes
+
+
+def integer_matmul(codes: np.ndarray, s_row: np.ndarray, weight) -> np.ndarray:
+    """int8 activation codes x low-bit weight codes: exact integer sums per scale group,
+    times the group's scale, summed over groups, times the row's scale (float64)."""
+    q, s, bits = weight
+    w = integer_codes(q, bits)
+    groups = s.shape[-1]
+    size = w.shape[-1] // groups
+    out = 0.0
+    for g in range(groups):
+        part = codes[:, g * size:(g + 1) * size].astype(np.int64) @ w[:, g * size:(g + 1) * size].T
+        out = out + part.astype(np.float64) * s[:, g]
+    return out * s_row
+
+
+def int8_activation_ffn(x: np.ndarray, gate, up, down, mode: str, static: float = 0.0) -> np.ndarray:
+    """A feed-forward block over int8 activations in numpy: all three matmuls in integers,
+    the hidden activation requantized per row; weights (codes, scales, bits)."""
+    xc, xs = int8_codes(x, mode, static)
+    h = silu(integer_matmul(xc, xs, gate)) * integer_matmul(xc, xs, up)
+    return integer_matmul(*int8_codes(h.astype(np.float32), "token"), down)
+
+
+def int8_activation_block_graph(mode: str, hidden: int, ffn: int, experts: int, seed: int, bits: int = 8,
+                                group: int = 0):
+    """x -> quantize_act -> mlp (or routed experts) with low-bit weights and a per-row hidden
+    scale, as `quantize(w=int8|int4,a=int8)` leaves a block; returns the graph, the weights
+    (codes, scales, bits) and the routing outputs (experts)."""
+    r = rng(seed)
+    g = Graph("int8_activation_block")
+    x = g.add_input("x", TensorType(("rows", hidden), "float32"))
+    extra = [g.add_param("x.scale", np.array([0.03], np.float32))] if mode == "static" else []
+    xq = g.add("quantize_act", x, *extra, mode=mode)
+    lead = (experts,) if experts else ()
+    ws, deqs = [], []
+    for name, shape in (("gate", (ffn, hidden)), ("up", (ffn, hidden)), ("down", (hidden, ffn))):
+        q, s = quantize_weight((r.standard_normal(lead + shape) * 0.2).astype(np.float32), bits, group)
+        ws.append((q, s, bits))
+        deqs.append(g.add("dequantize", g.add_param(f"{name}.q", q), g.add_param(f"{name}.s", s), bits=bits))
+    if experts:
+        router = r.standard_normal((experts, hidden)).astype(np.float32)
+        rw, ri = g.add_node("router.topk", [x, g.add_param("router", router)], {"top_k": 2})
+        out = g.add("experts", xq, rw, ri, *deqs, hidden_quant="token")
+    else:
+        out = g.add("mlp", xq, *deqs, hidden_quant="token")
+    g.outputs = [out]
+    return g, ws, (rw, ri) if experts else None
+
+
+@pytest.mark.skipif(not host_has_vnni(), reason="the integer kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("mode,experts,bits,group", [("static", 0, 8, 0), ("token", 0, 8, 0), ("static", 8, 8, 0),
+                                                     ("token", 8, 8, 0), ("token", 0, 4, 32), ("static", 8, 4, 16),
+                                                     ("token", 8, 8, 16)])
+def test_int8_activation_blocks_are_integer_arithmetic(mode, experts, bits, group):
+    """A feed-forward block (dense or routed experts) over int8 activations runs all its
+    matmuls on integer codes (int8 weights, or int4 unpacked in registers; exact int32 sums
+    per scale group), the hidden activation requantized per row, matching numpy's integer
+    arithmetic; a row's result is the same bits alone or among others (integer sums are
+    exact, so a lone row's split reduction changes nothing)."""
+    H, F = 64, 96 if not experts else 32
+    g, ws, routing = int8_activation_block_graph(mode, H, F, experts, 21 + experts, bits, group)
+    program = lower(g)
+    kernels = {gv.name_hint for gv in program.mod.functions}
+    prefix = f"int8_grouped_e{experts}" if experts else "int8_dense"
+    assert {k.split("_q")[0] for k in kernels if k.startswith("int8_")} == {
+        f"{prefix}_{H}x{F}_glu_silu", f"{prefix}_{F}x{H}_{'row_scale' if experts else 'plain'}"}
+    assert not any(k.startswith(("quantize_act", "grouped_")) for k in kernels)  # no float matmul left
+    assert all(k.startswith(f"dense_{H}x{experts}_") for k in kernels if k.startswith("dense_"))  # but the router's
+    exe = build(program, TARGET)
+    xs = rng(7).standard_normal((7, H)).astype(np.float32)
+    got = exe.run({"x": xs})[g.outputs[0].name]
+    if experts:
+        interp = run(g, {"x": xs}, watch=list(routing))
+        weights, chosen = interp[routing[0].name], interp[routing[1].name]
+        want = np.zeros((7, H), np.float64)
+        for t in range(7):
+            for j, e in enumerate(chosen[t]):
+                per_expert = [(q[e], s[e], b) for q, s, b in ws]
+                want[t] += weights[t, j] * int8_activation_ffn(xs[t:t + 1], *per_expert, mode, 0.03)[0]
+    else:
+        want = int8_activation_ffn(xs, *ws, mode, 0.03)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    alone = exe.run({"x": xs[:1]})[g.outputs[0].name]
+    np.testing.assert_array_equal(alone[0], got[0])
+    np.testing.assert_allclose(run(g, {"x": xs})[g.outputs[0].name], got, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_hidden_quant_rounds_the_hidden_activation_per_row():
+    """The IR's hidden_quant=token: the block's hidden activation is fake-quantized per row
+    between the GLU and the down projection (the interpreter is the compile's reference)."""
+    g, ws, _ = int8_activation_block_graph("token", 32, 48, 0, seed=4)
+    node = g.nodes_of("mlp")[0]
+    assert node.attrs["hidden_quant"] == "token"
+    xs = rng(8).standard_normal((3, 32)).astype(np.float32)
+    (got,) = run(g, {"x": xs}).values()
+    gate, up, down = (dequantize_weight(q, s, bits) for q, s, bits in ws)
+    xq = fake_quant(xs, "token")
+    h = fake_quant((silu(xq @ gate.T) * (xq @ up.T)).astype(np.float32), "token")
+    np.testing.assert_allclose(got, h @ down.T, rtol=1e-5, atol=1e-6)
+    node.attrs["hidden_quant"] = "tensor"  # a whole-batch scale is not offered here
+    with pytest.raises(VerifyError, match="hidden_quant"):
+        verify(g)
+
+
 # ---- the pass ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mixtral_graph():
@@ -319,8 +442,13 @@ def test_activation_modes_and_batch_isolation(mixtral_graph):
     acts = report["activations"]
     assert acts and all(a["mode"] == "static" and a["scale"] > 0 for a in acts)
     assert analyze(g).verdict == "isolated"
+    blocks = [n for n in g.nodes if n.op in ("mlp", "experts")]
+    assert blocks and all(n.attrs["hidden_quant"] == "token" for n in blocks)  # down projections read int8 too
+    assert report["hidden_per_token"] == [n.loc for n in blocks]
     g, _ = quantize(mixtral_graph, "quantize(w=int8,a=int8,dynamic=token)")
     assert analyze(g).verdict == "isolated"
+    g, _ = quantize(mixtral_graph, "quantize(w=int8)")
+    assert all(n.attrs["hidden_quant"] is None for n in g.nodes if n.op in ("mlp", "experts"))
     g, report = quantize(mixtral_graph, "quantize(w=int8,a=int8,dynamic=tensor,allow_batch_leak=true)")
     assert report["breaks_batch_isolation"] and "whole batch" in report["warning"]
     verdict = analyze(g)
@@ -350,6 +478,26 @@ def test_artifacts_are_verified_against_the_quantized_ir_and_report_drift(artifa
         assert drift["reference"] == "eager torch model" and 0 < drift["max_rel_error"] < 1
         assert all("top1_agreement" in c for c in drift["checks"])
     assert "drift_from_fp32" not in artifacts["fp32"].manifest
+
+
+@pytest.mark.parametrize("passes,integer", [("quantize(w=int8,a=int8,dynamic=token)", True),
+                                            ("quantize(w=int4,group=32,a=int8,calib=4)", True),
+                                            ("quantize(w=int4,group=4,a=int8,calib=4)", False)])
+def test_int8_activation_artifacts_verify_decode_and_stay_isolated(passes, integer, tmp_path):
+    """A whole model over int8 activations compiles and matches the quantized IR (plain
+    forward and cached decoding), per-token scales keeping batch isolation: in integers on a
+    VNNI host where the weights' scale groups hold whole panel words (int8, or int4 in
+    groups of 8 or more); otherwise the float kernels read the rounded activations, the
+    hidden one included (the rounding still happens, only not in integers)."""
+    art = compile(EXAMPLES / "mixtral_tiny.moe", passes=passes, out_dir=tmp_path / "art")
+    m = art.manifest
+    assert m["verification"]["reference"] == "IR interpreter"
+    assert m["verification"]["max_rel_error"] <= max(c["allowed"] for c in m["verification"]["checks"])
+    assert m["decode_verification"]["max_rel_error"] <= m["decode_verification"]["allowed"]
+    assert m["isolation"]["verdict"] == "isolated"
+    with safe_open(str(art.path / "weights.safetensors"), "np") as f:
+        layouts = {k.split("@")[-1].rstrip("0123456789") for k in f.keys() if "experts" in k}
+    assert ("vnni_panels" in layouts) == (integer and host_has_vnni()) and ("expert_glu_panels" in layouts)
 
 
 def test_artifacts_keep_weights_low_bit(artifacts):

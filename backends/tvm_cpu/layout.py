@@ -14,9 +14,14 @@ panel b cover the same output columns):
 - `expert_glu_panels` gate, up[E, F, K] -> [E*ceil(F/TJ), K, 2*TJ]
 - `vnni_panels`   int8 w[N, K]  -> int32 [ceil(N/16), K/4, 16]: lane j of row k4 holds the
                   four bytes w[b*16 + j, 4*k4 .. 4*k4+3], the operand of one AVX-512 VNNI
-                  dot product (vpdpbusd) for 16 columns
-- `vnni_colsum`   int8 w[N, K]  -> int32 [ceil(N/16), 16]: 128 * sum_k w[n, k], which undoes
-                  the +128 that makes activation codes unsigned for vpdpbusd
+                  dot product (vpdpbusd) for 16 columns; int4 codes (uint8 [N, K/2]) ->
+                  [ceil(N/16), K/8, 16]: byte t of a lane's word holds code 8*k8 + t (low
+                  nibble) and 8*k8 + 4 + t (high nibble), each + 8; per expert w[E, N, K] ->
+                  [E*ceil(N/16), ...]; two sources (gate, up) -> 32 lanes, gate's first
+- `vnni_colsum`   -> int32 [ceil(N/16), G, 16]: 128 * the sum of each column's codes over each
+                  of G groups of K/G inputs (`panel` holds G), which undoes the +128 that
+                  makes activation codes unsigned for vpdpbusd (experts and gate|up pairs
+                  as for vnni_panels)
 - `identity`      any array, passed through unchanged
 Columns past N (when TJ does not divide N) are zero and never stored by the kernels.
 """
@@ -53,17 +58,43 @@ def _panels(w: np.ndarray, tj: int) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(w, -1, -2))
 
 
-def _vnni(kind: str, w: np.ndarray) -> np.ndarray:
-    if w.dtype != np.int8 or w.ndim != 2 or w.shape[1] % 4:
-        raise ValueError(f"{kind}: needs int8 [N, K] codes with K a multiple of 4, got {w.dtype}{list(w.shape)}")
-    n, k = w.shape
+def _vnni_codes(kind: str, w: np.ndarray) -> np.ndarray:
+    """The signed codes [..., N, K] of int8 or packed int4 weights, for the VNNI layouts."""
+    if w.dtype not in (np.int8, np.uint8) or w.ndim not in (2, 3):
+        raise ValueError(f"{kind}: needs int8 [N, K] or int4 (uint8 [N, K/2]) codes, optionally per expert, "
+                         f"got {w.dtype}{list(w.shape)}")
+    if w.dtype == np.int8:
+        return w.astype(np.int32)
+    codes = np.empty((*w.shape[:-1], 2 * w.shape[-1]), np.int32)
+    codes[..., 0::2], codes[..., 1::2] = (w & 15).astype(np.int32) - 8, (w >> 4).astype(np.int32) - 8
+    return codes
+
+
+def _vnni_one(kind: str, w: np.ndarray, groups: int) -> np.ndarray:
+    """One source -> panels [..., NB, words, 16] or column sums [..., NB, groups, 16]."""
+    codes = _vnni_codes(kind, w)
+    *lead, n, k = codes.shape
+    per_word = 8 if w.dtype == np.uint8 else 4
+    if k % per_word or k % max(groups, 1) or (k // max(groups, 1)) % per_word:
+        raise ValueError(f"{kind}: {k} inputs do not split into {groups} groups of whole {per_word}-input words")
     nb = -(-n // VNNI_LANES)
-    padded = np.zeros((nb * VNNI_LANES, k), np.int8)
-    padded[:n] = w
+    padded = np.zeros((*lead, nb * VNNI_LANES, k), np.int32)
+    padded[..., :n, :] = codes
     if kind == "vnni_colsum":
-        return (128 * padded.astype(np.int32).sum(axis=1)).astype(np.int32).reshape(nb, VNNI_LANES)
-    grouped = padded.reshape(nb, VNNI_LANES, k // 4, 4).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(grouped).view(np.int32).reshape(nb, k // 4, VNNI_LANES)
+        sums = 128 * padded.reshape(*lead, nb, VNNI_LANES, groups, k // groups).sum(axis=-1)
+        return np.swapaxes(sums, -1, -2).astype(np.int32)
+    words = padded.reshape(*lead, nb, VNNI_LANES, k // per_word, per_word)
+    if per_word == 8:  # nibble pairs (t, t + 4) of each 8 inputs, stored + 8
+        words = (words[..., :4] + 8) | ((words[..., 4:] + 8) << 4)
+    as_bytes = np.swapaxes(words, -3, -2).astype(np.int8 if per_word == 4 else np.uint8)
+    return np.ascontiguousarray(as_bytes).view(np.int32).reshape(*lead, nb, k // per_word, VNNI_LANES)
+
+
+def _vnni(kind: str, sources: list[np.ndarray], groups: int) -> np.ndarray:
+    """VNNI panels or column sums of one weight, or of a gate|up pair side by side; the
+    experts of a stacked weight one after another."""
+    joined = np.concatenate([_vnni_one(kind, w, groups) for w in sources], axis=-1)
+    return np.ascontiguousarray(joined.reshape(-1, *joined.shape[-2:]))
 
 
 def pack(kind: str, sources: list[np.ndarray], tj: int) -> np.ndarray:
@@ -78,7 +109,7 @@ def pack(kind: str, sources: list[np.ndarray], tj: int) -> np.ndarray:
     if kind == "glu_panels":
         return np.ascontiguousarray(np.concatenate([_panels(sources[0], tj), _panels(sources[1], tj)], axis=-1))
     if kind in ("vnni_panels", "vnni_colsum"):
-        return _vnni(kind, sources[0])
+        return _vnni(kind, sources, max(tj, 1))
     if kind == "expert_panels":
         p = _panels(sources[0], tj)
         return p.reshape(-1, *p.shape[2:])
@@ -99,7 +130,7 @@ class WeightLayout:
     name: str
     kind: str
     sources: tuple[str, ...]
-    panel: int  # TJ; 0 for identity
+    panel: int  # TJ; the scale groups G for vnni_colsum; 0 for identity
     shape: tuple[int, ...]
     dtype: str
 

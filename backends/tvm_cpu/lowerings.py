@@ -19,6 +19,7 @@ from mocompile.backends.tvm_cpu.kernels_mla import LatentSpec, latent_attention,
 from mocompile.backends.tvm_cpu.kernels_moe import moe_combine, moe_plan
 from mocompile.backends.tvm_cpu.kernels_norm import norm
 from mocompile.backends.tvm_cpu.kernels_int8 import int8_matmul, quantize_packed
+from mocompile.backends.tvm_cpu.kernels_int8 import supports as int8_supports
 from mocompile.backends.tvm_cpu.kernels_quant import quantize_rows
 from mocompile.backends.tvm_cpu.layout import VNNI_LANES
 from mocompile.backends.tvm_cpu.metaschedule import dense_kernels
@@ -26,6 +27,7 @@ from mocompile.backends.tvm_cpu.target import host_has_vnni
 from mocompile.backends.tvm_cpu.kernels_router import RouterSpec, router_topk
 from mocompile.backends.tvm_cpu.lower import CACHE_LEN, LowerContext, LoweringError, lowering
 from mocompile.ir.graph import Node, Value
+from mocompile.ir.ops.quant import WEIGHT_SLOTS
 
 F32 = "float32"
 QUANTIZED_READERS = ("linear", "mlp", "experts", "router.topk")  # ops whose kernels read low-bit weights
@@ -112,37 +114,76 @@ def _dequantize(ctx: LowerContext, node: Node):
     return []
 
 
-def _int8_linear(node: Node) -> tuple[Node, Node] | None:
-    """(quantize_act, dequantize) if `node` is a linear over int8-quantized activations and
-    per-channel int8 weights that the VNNI kernels compute in integers (kernels_int8.py)."""
-    if node.op != "linear" or not HAS_VNNI:
+def _integer_format(deq: Node | None) -> WeightFormat | None:
+    """The format of a low-bit weight if the integer kernels read it (int8_supports), else None."""
+    if deq is None:
         return None
-    qa, deq = node.inputs[0].producer, node.inputs[1].producer
+    fmt = WeightFormat(deq.attrs["bits"], int(deq.inputs[1].type.shape[-1]))
+    return fmt if int8_supports(fmt, int(deq.outputs[0].type.shape[-1])) else None
+
+
+def _int8_deqs(node: Node) -> list[Node] | None:
+    """The dequantize nodes of a matmul op's weights if the integer kernels read them all
+    (a gate|up pair alike), else None."""
+    deqs = [_low_bit(w) for w in node.inputs[WEIGHT_SLOTS[node.op]]]
+    formats = [_integer_format(d) for d in deqs]
+    if None in formats or (node.op != "linear" and len(set(formats[:-1])) != 1):
+        return None
+    return deqs
+
+
+def _int8_reader(node: Node) -> tuple[Node, list[Node]] | None:
+    """(quantize_act, weight dequantizes) if `node` is a linear, feed-forward block or experts
+    op over int8-quantized activations and int8 or int4 weights, which the VNNI kernels
+    compute in integers (kernels_int8.py); None where the host lacks VNNI."""
+    if node.op not in ("linear", "mlp", "experts") or not HAS_VNNI:
+        return None
+    qa = node.inputs[0].producer
     if qa is None or qa.op != "quantize_act" or qa.attrs["mode"] not in ("static", "token"):
         return None
-    if deq is None or deq.op != "dequantize" or deq.attrs["bits"] != 8 or int(deq.inputs[1].type.shape[-1]) != 1:
-        return None
-    return (qa, deq) if int(node.inputs[1].type.shape[1]) % 4 == 0 else None
+    deqs = _int8_deqs(node)
+    return (qa, deqs) if deqs is not None else None
 
 
 def _int8_codes(ctx: LowerContext, qa: Node):
     """The packed int8 codes and row scales of a quantize_act's input (once per function)."""
     key = ("int8_codes", id(qa))
     if key not in ctx.derived:
-        x = qa.inputs[0]
-        k, rows = int(x.type.shape[-1]), ctx.rows_of(x)
-        static = [ctx.value(qa.inputs[1])] if len(qa.inputs) == 2 else []
-        ctx.derived[key] = ctx.call(quantize_packed(k, qa.attrs["mode"]), [ctx.rows(x), *static],
-                                    [((rows, k // 4), "int32"), ((rows,), F32)])
+        ctx.derived[key] = _pack_rows(ctx, qa, ctx.rows(qa.inputs[0]), ctx.rows_of(qa.inputs[0]))
     return ctx.derived[key]
+
+
+def _pack_rows(ctx: LowerContext, qa: Node, x_rows: relax.Expr, rows) -> list[relax.Expr]:
+    """[codes, scales] of rows x_rows quantized as quantize_act `qa` says."""
+    k = int(qa.inputs[0].type.shape[-1])
+    static = [ctx.value(qa.inputs[1])] if len(qa.inputs) == 2 else []
+    return list(ctx.call(quantize_packed(k, qa.attrs["mode"]), [x_rows, *static],
+                         [((rows, k // 4), "int32"), ((rows,), F32)]))
+
+
+def _int8_weights(ctx: LowerContext, deqs: list[Node], experts: int) -> tuple[list[relax.Expr], WeightFormat]:
+    """VNNI code panels, their column sums and the matching scale panels of one weight (or
+    of a gate|up pair, side by side), per expert for a stacked weight; and their format."""
+    codes, scales = [d.inputs[0] for d in deqs], [d.inputs[1] for d in deqs]
+    fmt = _integer_format(deqs[0])
+    scale_kind = ("expert_" if experts else "") + ("glu_panels" if len(deqs) == 2 else "panels")
+    return [ctx.weight("vnni_panels", codes), ctx.weight("vnni_colsum", codes, fmt.groups),
+            ctx.weight(scale_kind, scales, VNNI_LANES)], fmt
+
+
+def _int8_call(ctx: LowerContext, k: int, n: int, epi: Epilogue, packed: list, deqs: list[Node], rows,
+               plan: list = (), extra: list = (), experts: int = 0) -> relax.Expr:
+    """int8 activations (`packed`: codes, scales) x the weights of `deqs` through int8_matmul."""
+    weights, fmt = _int8_weights(ctx, deqs, experts)
+    return ctx.call(int8_matmul(k, n, epi, experts, fmt), [*packed, *plan, *weights, *extra], [((rows, n), F32)])
 
 
 @lowering("quantize_act")
 def _quantize_act(ctx: LowerContext, node: Node):
     """Rounded activations as float32 for the ops that read them so; nothing when every
-    reader is an int8 linear (it quantizes the input itself, see _int8_codes)."""
+    reader computes in integers (it quantizes the input itself, see _int8_codes)."""
     users = ctx.users(node.outputs[0])
-    if users and node.outputs[0] not in ctx.graph.outputs and all(_int8_linear(u) for u in users):
+    if users and node.outputs[0] not in ctx.graph.outputs and all(_int8_reader(u) for u in users):
         return []
     x = node.inputs[0]
     k = int(x.type.shape[-1])
@@ -159,17 +200,36 @@ def _linear(ctx: LowerContext, node: Node):
     add, residuals = _with_residual(ctx, node)
     epi = Epilogue(bias=bool(bias), residual=len(residuals))
     extra = bias + residuals
-    int8 = _int8_linear(node)
+    int8 = _int8_reader(node)
     if int8 is None:
         y = _dense(ctx, node, ctx.rows(x), ctx.rows_of(x), w, epi, extra=extra)
     else:
-        qa, deq = int8
+        qa, deqs = int8
         n, k = (int(d) for d in w.type.shape)
-        codes = deq.inputs[0]
-        weights = [ctx.weight("vnni_panels", [codes]), ctx.weight("vnni_colsum", [codes]),
-                   ctx.weight("panels", [deq.inputs[1]], VNNI_LANES)]
-        y = ctx.call(int8_matmul(k, n, epi), [*_int8_codes(ctx, qa), *weights, *extra], [((ctx.rows_of(x), n), F32)])
+        y = _int8_call(ctx, k, n, epi, _int8_codes(ctx, qa), deqs, ctx.rows_of(x), extra=extra)
     return _finish(ctx, node, y, add)
+
+
+def _down_projection(ctx: LowerContext, node: Node, h: relax.Expr, rows, epi: Epilogue, extra: list,
+                     int8: tuple[Node, list[Node]] | None, plan: list = ()) -> relax.Expr:
+    """The down projection of a feed-forward block or of the experts (`plan`: [indptr], with
+    the routing weight as the per-row scale in `extra`), from its hidden activation h. With
+    hidden_quant, h is rounded per row first: in integers (VNNI) when the block's input side
+    was (`int8`: its _int8_reader), else as float32 for the float kernels."""
+    down = node.inputs[-1]
+    experts = int(down.type.shape[0]) if plan else 0
+    hidden, ffn = (int(d) for d in down.type.shape[-2:])
+    mode = node.attrs["hidden_quant"]
+    if mode is not None and int8 is not None:
+        packed = ctx.call(quantize_packed(ffn, mode), [h], [((rows, ffn // 4), "int32"), ((rows,), F32)])
+        return _int8_call(ctx, ffn, hidden, epi, packed, int8[1][-1:], rows, plan, extra, experts)
+    if mode is not None:
+        h = ctx.call(quantize_rows(ffn, mode), [h], [((rows, ffn), F32)])
+    if not plan:
+        return _dense(ctx, node, h, rows, down, epi, extra=extra)
+    w_down, c = _matmul_weights(ctx, node, "expert_panels", [down], experts, ffn, hidden)
+    return ctx.call(grouped_matmul(experts, ffn, hidden, c.tj, epi, c.shape.fmt, c.tiling), [h, *plan, *w_down, *extra],
+                    [((rows, hidden), F32)])
 
 
 @lowering("mlp")
@@ -177,11 +237,18 @@ def _mlp(ctx: LowerContext, node: Node):
     _require_f32(node, *node.inputs)
     gated, act = node.attrs["gated"], node.attrs["activation"]
     x = node.inputs[0]
-    gate, up, down = node.inputs[1:] if gated else (None, *node.inputs[1:])
+    gate, up = node.inputs[1:3] if gated else (None, node.inputs[1])
     rows = ctx.rows_of(x)
-    h = _dense(ctx, node, ctx.rows(x), rows, up, Epilogue(glu=gated, activation=act), gate=gate)
+    epi_up = Epilogue(glu=gated, activation=act)
+    int8 = _int8_reader(node)
+    if int8 is None:
+        h = _dense(ctx, node, ctx.rows(x), rows, up, epi_up, gate=gate)
+    else:
+        qa, deqs = int8
+        ffn, k = (int(d) for d in up.type.shape)
+        h = _int8_call(ctx, k, ffn, epi_up, _int8_codes(ctx, qa), deqs[:-1], rows)
     add, residuals = _with_residual(ctx, node)
-    y = _dense(ctx, node, h, rows, down, Epilogue(residual=len(residuals)), extra=residuals)
+    y = _down_projection(ctx, node, h, rows, Epilogue(residual=len(residuals)), residuals, int8)
     return _finish(ctx, node, y, add)
 
 
@@ -285,10 +352,12 @@ def _router(ctx: LowerContext, node: Node):
 @lowering("experts")
 def _experts(ctx: LowerContext, node: Node):
     """Sparse MoE: plan (counting sort by expert) -> gather -> grouped GLU GEMM -> grouped
-    down GEMM scaled by the routing weight -> combine. See kernels_moe.py."""
+    down GEMM scaled by the routing weight -> combine. See kernels_moe.py. Experts over int8
+    activations with int8 or int4 weights (on a VNNI host) quantize the gathered rows and
+    run both GEMMs in integers (kernels_int8.py)."""
     gated, act = node.attrs["gated"], node.attrs["activation"]
     x, weights, indices = node.inputs[:3]
-    gate, up, down = node.inputs[3:] if gated else (None, *node.inputs[3:])
+    gate, up = node.inputs[3:5] if gated else (None, node.inputs[3])
     _require_f32(node, x, weights, *node.inputs[3:])
     experts, ffn, hidden = (int(d) for d in up.type.shape)
     k = int(weights.type.shape[-1])
@@ -297,14 +366,21 @@ def _experts(ctx: LowerContext, node: Node):
     indptr, row_token, row_weight, pair_row = ctx.call(
         moe_plan(experts, k), [ctx.rows(indices), ctx.rows(weights)],
         [((experts + 1,), "int32"), ((pairs,), "int32"), ((pairs,), F32), ((pairs,), "int32")])
-    xs = ctx.call(gather_rows(hidden), [ctx.rows(x), row_token], [((pairs, hidden), F32)])
-    w_up, c_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels",
-                                 [gate, up] if gated else [up], experts, hidden, ffn)
-    h = ctx.call(grouped_matmul(experts, hidden, ffn, c_up.tj, Epilogue(glu=gated, activation=act), c_up.shape.fmt,
-                                c_up.tiling), [xs, indptr, *w_up], [((pairs, ffn), F32)])
-    w_down, c_down = _matmul_weights(ctx, node, "expert_panels", [down], experts, ffn, hidden)
-    ys = ctx.call(grouped_matmul(experts, ffn, hidden, c_down.tj, Epilogue(row_scale=True), c_down.shape.fmt,
-                                 c_down.tiling), [h, indptr, *w_down, row_weight], [((pairs, hidden), F32)])
+    epi_up = Epilogue(glu=gated, activation=act)
+    int8 = _int8_reader(node)
+    # integer experts gather the unrounded tokens and quantize each copy: the same codes
+    source = x if int8 is None else int8[0].inputs[0]
+    xs = ctx.call(gather_rows(hidden), [ctx.rows(source), row_token], [((pairs, hidden), F32)])
+    if int8 is None:
+        w_up, c_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels",
+                                     [gate, up] if gated else [up], experts, hidden, ffn)
+        h = ctx.call(grouped_matmul(experts, hidden, ffn, c_up.tj, epi_up, c_up.shape.fmt, c_up.tiling),
+                     [xs, indptr, *w_up], [((pairs, ffn), F32)])
+    else:
+        qa, deqs = int8
+        h = _int8_call(ctx, hidden, ffn, epi_up, _pack_rows(ctx, qa, xs, pairs), deqs[:-1], pairs, [indptr],
+                       experts=experts)
+    ys = _down_projection(ctx, node, h, pairs, Epilogue(row_scale=True), [row_weight], int8, [indptr])
     add, residuals = _with_residual(ctx, node)
     out = ctx.call(moe_combine(hidden, k, len(residuals)), [ys, pair_row, *residuals], [((rows, hidden), F32)])
     return _finish(ctx, node, out, add)

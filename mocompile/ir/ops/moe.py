@@ -21,7 +21,7 @@ import numpy as np
 
 from mocompile.ir.batch_flow import Flow, FlowArgs, Out, combine, identity_map, rowwise
 from mocompile.ir.ops.elementwise import ACTIVATIONS, sigmoid
-from mocompile.ir.ops.nn import ffn, ffn_weight_types
+from mocompile.ir.ops.nn import check_hidden_quant, ffn, ffn_weight_types
 from mocompile.ir.registry import REQUIRED, Cost, OpDef, register_op
 from mocompile.ir.types import TensorType
 
@@ -219,7 +219,7 @@ register_op(OpDef("router.topk", _infer_router, _router, ROUTER_ATTRS, cost=_rou
                   doc="(weights, indices) of the top_k experts per token; inputs x, w_router[, score_bias]"
                       "[, modality_ids]"))
 
-EXPERTS_ATTRS = {"activation": "silu", "gated": True}
+EXPERTS_ATTRS = {"activation": "silu", "gated": True, "hidden_quant": None}  # hidden_quant: as mlp's
 
 
 def _infer_experts(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
@@ -228,6 +228,7 @@ def _infer_experts(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[T
         raise ValueError(f"experts (gated={gated}) takes x, weights, indices, {'gate, ' if gated else ''}up, down")
     if attrs["activation"] not in ACTIVATIONS:
         raise ValueError(f"unknown activation {attrs['activation']!r}")
+    check_hidden_quant(attrs)
     x, w, idx = ts[:3]
     if w.shape != idx.shape or w.shape[:-1] != x.shape[:-1] or idx.dtype != "int32":
         raise ValueError(f"experts: routing {w} / {idx} does not match tokens {x}")
@@ -251,7 +252,7 @@ def _experts(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndar
     out = np.zeros_like(flat_x, dtype=np.float32)
     for e in np.unique(flat_i):
         tok, slot = np.nonzero(flat_i == e)
-        y = ffn(flat_x, None if gate is None else gate[e], up[e], down[e], attrs["activation"])[tok]
+        y = ffn(flat_x, None if gate is None else gate[e], up[e], down[e], attrs["activation"], attrs["hidden_quant"])[tok]
         np.add.at(out, tok, y * flat_w[tok, slot][:, None])
     return [out.reshape(x.shape)]
 

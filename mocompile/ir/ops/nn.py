@@ -12,6 +12,7 @@ import numpy as np
 
 from mocompile.ir.ops.elementwise import ACTIVATIONS, broadcast_shapes
 from mocompile.ir.batch_flow import Flow, FlowArgs, broadcast_map, combine, identity_map, last_axis_params, one, rowwise
+from mocompile.ir.ops.quant import fake_quant
 from mocompile.ir.registry import REQUIRED, Cost, OpDef, register_op
 from mocompile.ir.types import TensorType
 
@@ -122,7 +123,10 @@ register_op(OpDef("layernorm", _infer_norm, _layernorm, {"eps": REQUIRED}, cost=
 
 
 # ---- mlp (dense feed-forward block) ----------------------------------------------------
-MLP_ATTRS = {"activation": "silu", "gated": True}
+# hidden_quant "token": the hidden activation h is rounded to int8 with a scale per row
+# (max |h| / 127) before the down projection, as a W8A8 block computes it (quantize pass).
+MLP_ATTRS = {"activation": "silu", "gated": True, "hidden_quant": None}
+HIDDEN_QUANT_MODES = (None, "token")
 
 
 def ffn_weight_types(ts: Sequence[TensorType], gated: bool, hidden: Any, experts: Any = None) -> None:
@@ -140,15 +144,24 @@ def ffn_weight_types(ts: Sequence[TensorType], gated: bool, hidden: Any, experts
 def _infer_mlp(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
     _expect(len(ts) == (4 if attrs["gated"] else 3), f"mlp (gated={attrs['gated']}) got {len(ts)} inputs")
     _expect(attrs["activation"] in ACTIVATIONS, f"unknown activation {attrs['activation']!r}")
+    check_hidden_quant(attrs)
     x = ts[0]
     ffn_weight_types(ts[1:], attrs["gated"], x.shape[-1])
     return [x]
 
 
-def ffn(x: np.ndarray, gate: np.ndarray | None, up: np.ndarray, down: np.ndarray, activation: str) -> np.ndarray:
+def check_hidden_quant(attrs: Mapping[str, Any]) -> None:
+    _expect(attrs["hidden_quant"] in HIDDEN_QUANT_MODES,
+            f"hidden_quant must be token or absent, got {attrs['hidden_quant']!r}")
+
+
+def ffn(x: np.ndarray, gate: np.ndarray | None, up: np.ndarray, down: np.ndarray, activation: str,
+        hidden_quant: str | None = None) -> np.ndarray:
     """The feed-forward block shared by dense layers, shared experts and routed experts."""
     act = ACTIVATIONS[activation]
     h = act(x @ gate.T) * (x @ up.T) if gate is not None else act(x @ up.T)
+    if hidden_quant is not None:
+        h = fake_quant(h.astype(np.float32), hidden_quant)
     return (h @ down.T).astype(np.float32)
 
 
@@ -157,7 +170,7 @@ def _mlp(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]
         x, gate, up, down = xs
     else:
         (x, up, down), gate = xs, None
-    return [ffn(x, gate, up, down, attrs["activation"])]
+    return [ffn(x, gate, up, down, attrs["activation"], attrs["hidden_quant"])]
 
 
 def _mlp_cost(ins, outs, attrs, env) -> Cost:

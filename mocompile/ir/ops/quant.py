@@ -36,6 +36,9 @@ INT8_MAX = 127
 INT4_MIN, INT4_MAX = -8, 7
 ACT_MODES = ("static", "token", "tensor")
 KEEPS_WEIGHTS_LOW_BIT = frozenset({"dequantize"})  # ops constant folding must leave alone
+# The inputs of each matmul-like op that are weights (what quantization replaces, and what
+# a backend reads low-bit)
+WEIGHT_SLOTS = {"linear": slice(1, 2), "mlp": slice(1, None), "experts": slice(3, None), "router.topk": slice(1, 2)}
 
 
 # ---- the arithmetic (shared by the ops, the quantize pass and the tests) ------------------
