@@ -274,4 +274,5 @@ def _experts_params(args: FlowArgs) -> list:
 # routing and the expert weights, whichever other tokens share the experts.
 register_op(OpDef("experts", _infer_experts, _experts, EXPERTS_ATTRS, cost=_experts_cost,
                   batch_flow=rowwise(_experts_params),
-                  doc="sum_j weights[t,j] * FFN_{indices[t,j]}(x[t]); inputs x, weights, indices, [gate], up, down"))
+                  doc="sum_j weights[t,j] * FFN_{indices[t,j]}(x[t]) (FFN as mlp's, hidden_quant included); inputs x, "
+                      "weights, indices, [gate], up, down"))

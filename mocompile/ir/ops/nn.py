@@ -180,7 +180,8 @@ def _mlp_cost(ins, outs, attrs, env) -> Cost:
 
 
 register_op(OpDef("mlp", _infer_mlp, _mlp, MLP_ATTRS, cost=_mlp_cost, batch_flow=rowwise(),
-                  doc="down(act(x@gate.T) * (x@up.T)) if gated else down(act(x@up.T)); inputs x, [gate], up, down"))
+                  doc="down(act(x@gate.T) * (x@up.T)) if gated else down(act(x@up.T)), the hidden activation rounded to "
+                      "int8 per row first with hidden_quant=token; inputs x, [gate], up, down"))
 
 
 # ---- matmul (plain torch code: x @ w, batched) ---------------------------------------------
