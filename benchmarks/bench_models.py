@@ -458,9 +458,12 @@ torch columns slowed by up to 2x with it).
 - **Tuning** (`compile --tune N`, not used here: these are default compiles) runs MetaSchedule on
   the dense matmuls and a tile search on the per-expert ones; `benchmarks/bench_tune.py` compares
   tuned and untuned artifacts (the "tuning" section).
-- **Hosts.** The runs before 2026-12-01 23:00 UTC were on an AVX2 EPYC (16 ymm registers); the
-  table above is from an AVX-512 VNNI EPYC (Zen 5 by LLVM's detection), where every column, eager
-  included, is 2-3x faster. The measurements quoted in these notes are from the host they name.
+- **Hosts.** The runs before 2026-12-01 23:00 UTC were on an AVX2 EPYC (16 ymm registers), those
+  of 2026-12-01 on an AVX-512 VNNI EPYC (Zen 5 by LLVM's detection), where every column, eager
+  included, was 2-3x faster; the table above (2026-12-02) is from an Intel Xeon with AVX-512 VNNI,
+  2 MB of L2 per core, where the tiny models' fp32 steps are slower than on the Zen 5 host (their
+  5-7 MB of weights stream from L3) and every target still holds. The measurements quoted in these
+  notes are from the host they name.
 """
 
 if __name__ == "__main__":

@@ -105,32 +105,36 @@ def accuracy_rows() -> list[str]:
 QUANT_NOTE = """
 ### Against the quantization issue's targets
 
-- **Speed.** Where a step is bound by weight bytes (moe_medium: 490 MB fp32, single token), int8 and
-  int4 make it 2.0-3.3x faster than the fp32 artifact and 4-12x faster than eager, over the runs of
-  2026-11-22 and 2026-12-01; int4 at batch 8, whose 8 experts are all active and each serve 2-3 rows,
-  was at 1.6-1.9x until the matmuls reduced such rows in pairs (one unpack per pair), 2.0x since.
-  Register tiles: fp32 and int8 panels take tiles sized to the vector ISA (half the register file; on
-  the AVX2 host that made int8 prefill 1.0-1.4x the fp32 artifact's speed, from 0.9-1.3x); int4 panels
-  keep the largest tile, since unpacking a panel row once for 3-4 rows beats avoiding spills (with
-  AVX2-sized tiles its batch-8 step fell to 1.46x the fp32 artifact and its prefill slowed 1.2-1.5x).
-  The tiny examples' weights (1-7 MB) sit in cache, so reading fewer bytes helps them less. Until the
-  decode driver (models section) their steps were mostly fixed costs: a `perf` profile of 180,000
-  mixtral_tiny fp32 steps (136 us each in that loop) put 42% of the time in the kernels and the rest in
-  the Relax VM's interpreter and builtins (26%), Python (17%), malloc/free (7%) and glue (6%), so int8
-  gained only 1.1-1.35x. With the driver the steps are mostly kernel arithmetic: on the AVX2 host int8
-  was 1.2-1.45x the fp32 artifact on the tiny rows (mixtral_tiny batch 1: 1.84x in one run, 1.35x in
-  the next) and int4 0.65-0.93x. On the AVX-512 host of the table above (2026-12-01, after 23:00 UTC),
-  int8 is 1.22-1.75x and int4 1.10-1.49x there, moe_medium int8 2.20-2.25x and int4 2.33-2.38x.
-  Why the tiny rows stay under 1.8x: with the weights in cache a step is bound by arithmetic, not bytes,
-  and weight-only int8/int4 does the same float arithmetic as fp32 plus the conversion of each code
-  (int4: shift, mask, convert, group scale). The matmuls are also only part of a step: in the VM
-  profile of the models section, mixtral_tiny's matmul kernels take ~60% of the step's kernel time
-  (attention, norms, routing and the rest ~40%, identical in every scheme), so even matmuls twice as
-  fast give ~1.4x, and 1.8x would need them almost 4x faster than fp32 from cache. The >= 1.8x-over-fp32-
-  artifact target is met where its premise holds (moe_medium, every run on both hosts, int4 once just
-  under at batch 8 on the AVX2 host) and missed on the tiny rows; >= 3x eager holds everywhere. On a
-  CPU without AVX-512 VNNI (the header says which) the W8A8 linears fall back to fp32 arithmetic on the
-  rounded values.
+- **Speed with int8 activations (w8a8, w4a8).** `quantize(w=int8|int4,a=int8,dynamic=token)` runs
+  every matmul on integer codes with AVX-512 VNNI (`backends/tvm_cpu/kernels_int8.py`): the
+  attention projections, the LM head, dense and shared feed-forward blocks, and the routed
+  experts' grouped GEMMs, whose hidden activation is requantized per token before the down
+  projection. On 2026-12-02 (Intel Xeon, AVX-512 VNNI) every decode row met both targets:
+  w8a8 2.07-4.82x and w4a8 2.19-5.69x the fp32 artifact, 5-58x eager; prefill 1.55-2.89x the
+  fp32 artifact. They are fast also where the weights sit in cache: one vpdpbusd does 64
+  multiply-adds where an fp32 FMA does 16, and integer sums are exact in any order, so a
+  decode step's lone row splits each reduction over 4 independent accumulators (a float GEMV
+  keeps one chain per output to stay batch-invariant, and waits on FMA latency) and still
+  computes the same bits as in a batch. Accuracy on the trained examples: w8a8 keeps
+  99.5-99.9% of next-token top-1 choices, w4a8 (groups of 32) 95-99% (the accuracy table).
+- **Speed, weight-only (int8, int4).** int8 weight-only met both targets at batch 1 on every
+  model (2.29-3.76x the fp32 artifact), and at batch 8 on deepseek_tiny (1.84x) and, against
+  the fp32 artifact, moe_medium (2.02x; 2.84x eager, under 3x: this host's eager runs that
+  step in 28 ms, the AVX-512 EPYC's in 59). It missed at batch 8 on mixtral_tiny (1.68x); int4
+  weight-only met on moe_medium and missed on the tiny models (1.59-2.25x at batch 1, 1.62x at
+  batch 8). Why: weight-only kernels multiply in fp32, so each code is converted first (int8:
+  sign-extend + convert, two instructions per 16 weights; int4: shift, mask, convert, group
+  scale). In a batch-8 step of an 8-expert top-2 model each expert serves ~2 rows, so a
+  converted weight feeds only 2 FMAs: from cache that is compute-bound, and measured alone
+  with warm caches mixtral_tiny's int8 grouped GLU GEMM (8 experts x 2 rows) took 33 us
+  against fp32's 31.5 us. The step still gains 1.6-1.8x because the 6.3 MB of fp32 expert
+  weights overflow the L2 (2 MB per core) and the 1.6 MB of int8 ones do not. Where a step is bound by weight bytes
+  from memory (moe_medium, batch 1) weight-only int8 and int4 are 3.3-3.8x the fp32 artifact.
+- **Hosts.** The runs before 2026-12-02 were on AMD EPYCs (AVX2, then AVX-512 VNNI Zen 5), where
+  weight-only int8 was 1.22-1.75x and int4 1.10-1.49x the fp32 artifact on the tiny rows and
+  2.2-2.4x on moe_medium; the integer schemes did not exist yet. On a CPU without AVX-512 VNNI
+  the int8-activation schemes run the float kernels on the rounded values (same results to
+  float rounding, no integer speed-up).
 - **Accuracy.** On the examples' trained weights (`examples/weights/`, made by
   `examples/train_synthetic.py`), int8 weight-only keeps 99.7-100% of next-token top-1 choices on
   random-token inputs (the accuracy table; `tests/test_quantize.py` holds every example to >= 99%), and
