@@ -8,7 +8,8 @@ epilogue (bias, activation, GLU, per-row scale, residual) applied while the tile
 back. Rows left over after the last full tile (all rows for a single token) go through a
 GEMV path that splits the reduction over several accumulators to hide FMA latency.
 
-Weights are float32 panels, or low-bit panels that stay low-bit in memory (`WeightFormat`):
+Weights are float32 panels, or low-bit panels that stay low-bit in memory (`WeightFormat`;
+on a CPU with AVX-512 VNNI the lowering sends the low-bit formats kernels_int8.py takes there):
 int8 codes, or int4 codes two per byte, with float32 scales laid out as panels too. The
 codes are converted inside the reduction loop; a per-output-channel scale multiplies the
 accumulator once in the write-back, a group-wise (int4) scale multiplies each code as it is

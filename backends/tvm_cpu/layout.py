@@ -13,15 +13,12 @@ panel b cover the same output columns):
 - `expert_panels` w[E, N, K]    -> [E*ceil(N/TJ), K, TJ]       expert e owns panels e*NB..e*NB+NB-1
 - `expert_glu_panels` gate, up[E, F, K] -> [E*ceil(F/TJ), K, 2*TJ]
 - `vnni_panels`   int8 w[N, K]  -> int32 [ceil(N/16), K/4, 16]: lane j of row k4 holds the
-                  four bytes w[b*16 + j, 4*k4 .. 4*k4+3], the operand of one AVX-512 VNNI
-                  dot product (vpdpbusd) for 16 columns; int4 codes (uint8 [N, K/2]) ->
-                  [ceil(N/16), K/8, 16]: byte t of a lane's word holds code 8*k8 + t (low
-                  nibble) and 8*k8 + 4 + t (high nibble), each + 8; per expert w[E, N, K] ->
-                  [E*ceil(N/16), ...]; two sources (gate, up) -> 32 lanes, gate's first
-- `vnni_colsum`   -> int32 [ceil(N/16), G, 16]: 128 * the sum of each column's codes over each
-                  of G groups of K/G inputs (`panel` holds G), which undoes the +128 that
-                  makes activation codes unsigned for vpdpbusd (experts and gate|up pairs
-                  as for vnni_panels)
+                  four bytes w[b*16 + j, 4*k4 .. 4*k4+3] + 128 (unsigned), the weight operand
+                  of one AVX-512 VNNI dot product (vpdpbusd) for 16 columns; int4 codes
+                  (uint8 [N, K/2]) -> [ceil(N/16), K/8, 16]: byte t of a lane's word holds
+                  code 8*k8 + t (low nibble) and 8*k8 + 4 + t (high nibble), each + 8; per
+                  expert w[E, N, K] -> [E*ceil(N/16), ...]; two sources (gate, up) -> 32
+                  lanes, gate's first (see kernels_int8.py for the offsets)
 - `identity`      any array, passed through unchanged
 Columns past N (when TJ does not divide N) are zero and never stored by the kernels.
 """
@@ -33,7 +30,7 @@ from typing import Mapping
 
 import numpy as np
 
-LAYOUT_KINDS = ("identity", "panels", "glu_panels", "expert_panels", "expert_glu_panels", "vnni_panels", "vnni_colsum")
+LAYOUT_KINDS = ("identity", "panels", "glu_panels", "expert_panels", "expert_glu_panels", "vnni_panels")
 VNNI_LANES = 16  # int32 lanes of one AVX-512 register: output columns per VNNI panel
 PACKABLE_DTYPES = {"float32", "int8", "uint8"}
 
@@ -58,42 +55,40 @@ def _panels(w: np.ndarray, tj: int) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(w, -1, -2))
 
 
-def _vnni_codes(kind: str, w: np.ndarray) -> np.ndarray:
-    """The signed codes [..., N, K] of int8 or packed int4 weights, for the VNNI layouts."""
+def vnni_offset(bits: int) -> int:
+    """What the VNNI layout adds to a signed code to store it unsigned (vpdpbusd's operand)."""
+    return 128 if bits == 8 else 8
+
+
+def _vnni_one(w: np.ndarray) -> np.ndarray:
+    """One source [..., N, K] of int8 or packed int4 codes -> panels [..., NB, words, 16]."""
     if w.dtype not in (np.int8, np.uint8) or w.ndim not in (2, 3):
-        raise ValueError(f"{kind}: needs int8 [N, K] or int4 (uint8 [N, K/2]) codes, optionally per expert, "
+        raise ValueError(f"vnni_panels: needs int8 [N, K] or int4 (uint8 [N, K/2]) codes, optionally per expert, "
                          f"got {w.dtype}{list(w.shape)}")
-    if w.dtype == np.int8:
-        return w.astype(np.int32)
-    codes = np.empty((*w.shape[:-1], 2 * w.shape[-1]), np.int32)
-    codes[..., 0::2], codes[..., 1::2] = (w & 15).astype(np.int32) - 8, (w >> 4).astype(np.int32) - 8
-    return codes
-
-
-def _vnni_one(kind: str, w: np.ndarray, groups: int) -> np.ndarray:
-    """One source -> panels [..., NB, words, 16] or column sums [..., NB, groups, 16]."""
-    codes = _vnni_codes(kind, w)
+    int4 = w.dtype == np.uint8
+    if int4:  # nibbles (code + 8) of inputs 2j, 2j + 1
+        codes = np.empty((*w.shape[:-1], 2 * w.shape[-1]), np.int32)
+        codes[..., 0::2], codes[..., 1::2] = w & 15, w >> 4
+    else:
+        codes = w.astype(np.int32) + vnni_offset(8)
     *lead, n, k = codes.shape
-    per_word = 8 if w.dtype == np.uint8 else 4
-    if k % per_word or k % max(groups, 1) or (k // max(groups, 1)) % per_word:
-        raise ValueError(f"{kind}: {k} inputs do not split into {groups} groups of whole {per_word}-input words")
+    per_word = 8 if int4 else 4
+    if k % per_word:
+        raise ValueError(f"vnni_panels: {k} inputs do not fill whole {per_word}-input words")
     nb = -(-n // VNNI_LANES)
     padded = np.zeros((*lead, nb * VNNI_LANES, k), np.int32)
     padded[..., :n, :] = codes
-    if kind == "vnni_colsum":
-        sums = 128 * padded.reshape(*lead, nb, VNNI_LANES, groups, k // groups).sum(axis=-1)
-        return np.swapaxes(sums, -1, -2).astype(np.int32)
     words = padded.reshape(*lead, nb, VNNI_LANES, k // per_word, per_word)
-    if per_word == 8:  # nibble pairs (t, t + 4) of each 8 inputs, stored + 8
-        words = (words[..., :4] + 8) | ((words[..., 4:] + 8) << 4)
-    as_bytes = np.swapaxes(words, -3, -2).astype(np.int8 if per_word == 4 else np.uint8)
+    if int4:  # byte t: inputs t (low nibble) and t + 4 (high) of each 8
+        words = words[..., :4] | (words[..., 4:] << 4)
+    as_bytes = np.swapaxes(words, -3, -2).astype(np.uint8)
     return np.ascontiguousarray(as_bytes).view(np.int32).reshape(*lead, nb, k // per_word, VNNI_LANES)
 
 
-def _vnni(kind: str, sources: list[np.ndarray], groups: int) -> np.ndarray:
-    """VNNI panels or column sums of one weight, or of a gate|up pair side by side; the
-    experts of a stacked weight one after another."""
-    joined = np.concatenate([_vnni_one(kind, w, groups) for w in sources], axis=-1)
+def _vnni(sources: list[np.ndarray]) -> np.ndarray:
+    """VNNI panels of one weight, or of a gate|up pair side by side; the experts of a
+    stacked weight one after another."""
+    joined = np.concatenate([_vnni_one(w) for w in sources], axis=-1)
     return np.ascontiguousarray(joined.reshape(-1, *joined.shape[-2:]))
 
 
@@ -108,8 +103,8 @@ def pack(kind: str, sources: list[np.ndarray], tj: int) -> np.ndarray:
         return _panels(sources[0], tj)
     if kind == "glu_panels":
         return np.ascontiguousarray(np.concatenate([_panels(sources[0], tj), _panels(sources[1], tj)], axis=-1))
-    if kind in ("vnni_panels", "vnni_colsum"):
-        return _vnni(kind, sources, max(tj, 1))
+    if kind == "vnni_panels":
+        return _vnni(sources)
     if kind == "expert_panels":
         p = _panels(sources[0], tj)
         return p.reshape(-1, *p.shape[2:])
@@ -130,7 +125,7 @@ class WeightLayout:
     name: str
     kind: str
     sources: tuple[str, ...]
-    panel: int  # TJ; the scale groups G for vnni_colsum; 0 for identity
+    panel: int  # TJ; 0 for identity
     shape: tuple[int, ...]
     dtype: str
 

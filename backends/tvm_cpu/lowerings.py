@@ -18,7 +18,7 @@ from mocompile.backends.tvm_cpu.kernels_gather import gather_rows
 from mocompile.backends.tvm_cpu.kernels_mla import LatentSpec, latent_attention, latent_keys
 from mocompile.backends.tvm_cpu.kernels_moe import moe_combine, moe_plan
 from mocompile.backends.tvm_cpu.kernels_norm import norm
-from mocompile.backends.tvm_cpu.kernels_int8 import int8_matmul, quantize_packed
+from mocompile.backends.tvm_cpu.kernels_int8 import digits_of, int8_matmul, quantize_packed
 from mocompile.backends.tvm_cpu.kernels_int8 import supports as int8_supports
 from mocompile.backends.tvm_cpu.kernels_quant import quantize_rows
 from mocompile.backends.tvm_cpu.layout import VNNI_LANES
@@ -92,8 +92,12 @@ def _matmul_weights(ctx: LowerContext, node: Node, kind: str, weights: list[Valu
 
 def _dense(ctx: LowerContext, node: Node, x_rows: relax.Expr, rows, w: Value, epi: Epilogue, extra=(),
            gate: Value | None = None):
-    """x_rows @ w.T through panels (or act(x @ gate.T) * (x @ w.T) with gate), + epilogue."""
+    """x_rows @ w.T through panels (or act(x @ gate.T) * (x @ w.T) with gate), + epilogue;
+    low-bit weights the integer kernels take are read by them (_integer_weights)."""
     n, k = (int(d) for d in w.type.shape)
+    deqs = _integer_weights([gate, w] if gate is not None else [w])
+    if deqs is not None:
+        return _int8_call(ctx, x_rows, rows, "float", deqs, epi, extra=list(extra))
     wargs, c = _matmul_weights(ctx, node, "glu_panels" if gate is not None else "panels",
                                [gate, w] if gate is not None else [w], 0, k, n)
     kernel, *called = dense_kernels(c, epi)
@@ -145,43 +149,54 @@ def _int8_reader(node: Node) -> tuple[Node, list[Node]] | None:
     return (qa, deqs) if deqs is not None else None
 
 
-def _int8_codes(ctx: LowerContext, qa: Node):
-    """The packed int8 codes and row scales of a quantize_act's input (once per function)."""
-    key = ("int8_codes", id(qa))
-    if key not in ctx.derived:
-        ctx.derived[key] = _pack_rows(ctx, qa, ctx.rows(qa.inputs[0]), ctx.rows_of(qa.inputs[0]))
-    return ctx.derived[key]
+def _activation_codes(ctx: LowerContext, x_rows: relax.Expr, rows, k: int, mode: str, group: int,
+                      static: list = ()) -> list[relax.Expr]:
+    """[codes, scales, group sums] of activation rows for the integer kernels (quantize_packed),
+    once per value, mode and group size."""
+    key = ("codes", id(x_rows), mode, group)
+    source, packed = ctx.derived.get(key, (None, None))
+    if source is not x_rows:  # (kept with its source: an id is reused once its object is gone)
+        digits = digits_of(mode)
+        packed = list(ctx.call(quantize_packed(k, mode, group), [x_rows, *static],
+                               [((rows, digits * k), "int8"), ((rows,), F32), ((rows, digits * (k // group)), "int32")]))
+        ctx.derived[key] = (x_rows, packed)
+    return packed
 
 
-def _pack_rows(ctx: LowerContext, qa: Node, x_rows: relax.Expr, rows) -> list[relax.Expr]:
-    """[codes, scales] of rows x_rows quantized as quantize_act `qa` says."""
-    k = int(qa.inputs[0].type.shape[-1])
-    static = [ctx.value(qa.inputs[1])] if len(qa.inputs) == 2 else []
-    return list(ctx.call(quantize_packed(k, qa.attrs["mode"]), [x_rows, *static],
-                         [((rows, k // 4), "int32"), ((rows,), F32)]))
+def _integer_weights(weights: list[Value]) -> list[Node] | None:
+    """The dequantize nodes of a matmul's low-bit weights when the integer kernels read them
+    (on a VNNI host, all in one format they take), else None."""
+    deqs = [_low_bit(w) for w in weights]
+    formats = {_integer_format(d) for d in deqs}
+    return deqs if HAS_VNNI and None not in formats and len(formats) == 1 else None
 
 
-def _int8_weights(ctx: LowerContext, deqs: list[Node], experts: int) -> tuple[list[relax.Expr], WeightFormat]:
-    """VNNI code panels, their column sums and the matching scale panels of one weight (or
-    of a gate|up pair, side by side), per expert for a stacked weight; and their format."""
+def _int8_call(ctx: LowerContext, x_rows: relax.Expr, rows, mode: str, deqs: list[Node], epi: Epilogue,
+               plan: list = (), extra: list = (), static: list = ()) -> relax.Expr:
+    """x_rows @ the low-bit weights of `deqs` (one, or a gate|up pair) through int8_matmul:
+    activation codes as `mode` says (quantize_act's static / token rounding, or "float" for a
+    weight-only matmul), weights as VNNI panels with their scale panels, per expert when
+    `plan` ([indptr]) is given."""
     codes, scales = [d.inputs[0] for d in deqs], [d.inputs[1] for d in deqs]
+    *lead, n, k = (int(d) for d in deqs[0].outputs[0].type.shape)
+    experts = lead[0] if plan else 0
     fmt = _integer_format(deqs[0])
     scale_kind = ("expert_" if experts else "") + ("glu_panels" if len(deqs) == 2 else "panels")
-    return [ctx.weight("vnni_panels", codes), ctx.weight("vnni_colsum", codes, fmt.groups),
-            ctx.weight(scale_kind, scales, VNNI_LANES)], fmt
+    weights = [ctx.weight("vnni_panels", codes), ctx.weight(scale_kind, scales, VNNI_LANES)]
+    packed = _activation_codes(ctx, x_rows, rows, k, mode, k // fmt.groups, static)
+    return ctx.call(int8_matmul(k, n, epi, experts, fmt, digits_of(mode)), [*packed, *plan, *weights, *extra],
+                    [((rows, n), F32)])
 
 
-def _int8_call(ctx: LowerContext, k: int, n: int, epi: Epilogue, packed: list, deqs: list[Node], rows,
-               plan: list = (), extra: list = (), experts: int = 0) -> relax.Expr:
-    """int8 activations (`packed`: codes, scales) x the weights of `deqs` through int8_matmul."""
-    weights, fmt = _int8_weights(ctx, deqs, experts)
-    return ctx.call(int8_matmul(k, n, epi, experts, fmt), [*packed, *plan, *weights, *extra], [((rows, n), F32)])
+def _quantize_act_args(ctx: LowerContext, qa: Node) -> dict:
+    """The mode and static scale of a quantize_act, as _int8_call takes them."""
+    return {"mode": qa.attrs["mode"], "static": [ctx.value(qa.inputs[1])] if len(qa.inputs) == 2 else []}
 
 
 @lowering("quantize_act")
 def _quantize_act(ctx: LowerContext, node: Node):
     """Rounded activations as float32 for the ops that read them so; nothing when every
-    reader computes in integers (it quantizes the input itself, see _int8_codes)."""
+    reader computes in integers (it quantizes the input itself, see _activation_codes)."""
     users = ctx.users(node.outputs[0])
     if users and node.outputs[0] not in ctx.graph.outputs and all(_int8_reader(u) for u in users):
         return []
@@ -206,23 +221,24 @@ def _linear(ctx: LowerContext, node: Node):
     else:
         qa, deqs = int8
         n, k = (int(d) for d in w.type.shape)
-        y = _int8_call(ctx, k, n, epi, _int8_codes(ctx, qa), deqs, ctx.rows_of(x), extra=extra)
+        y = _int8_call(ctx, ctx.rows(qa.inputs[0]), ctx.rows_of(x), deqs=deqs, epi=epi, extra=extra,
+                       **_quantize_act_args(ctx, qa))
     return _finish(ctx, node, y, add)
 
 
 def _down_projection(ctx: LowerContext, node: Node, h: relax.Expr, rows, epi: Epilogue, extra: list,
-                     int8: tuple[Node, list[Node]] | None, plan: list = ()) -> relax.Expr:
+                     plan: list = ()) -> relax.Expr:
     """The down projection of a feed-forward block or of the experts (`plan`: [indptr], with
-    the routing weight as the per-row scale in `extra`), from its hidden activation h. With
-    hidden_quant, h is rounded per row first: in integers (VNNI) when the block's input side
-    was (`int8`: its _int8_reader), else as float32 for the float kernels."""
+    the routing weight as the per-row scale in `extra`), from its hidden activation h,
+    rounded per row first with hidden_quant: in integers where the integer kernels read the
+    weight, else as float32 for the float kernels."""
     down = node.inputs[-1]
     experts = int(down.type.shape[0]) if plan else 0
     hidden, ffn = (int(d) for d in down.type.shape[-2:])
     mode = node.attrs["hidden_quant"]
-    if mode is not None and int8 is not None:
-        packed = ctx.call(quantize_packed(ffn, mode), [h], [((rows, ffn // 4), "int32"), ((rows,), F32)])
-        return _int8_call(ctx, ffn, hidden, epi, packed, int8[1][-1:], rows, plan, extra, experts)
+    deqs = _integer_weights([down])
+    if deqs is not None:
+        return _int8_call(ctx, h, rows, mode or "float", deqs, epi, plan, extra)
     if mode is not None:
         h = ctx.call(quantize_rows(ffn, mode), [h], [((rows, ffn), F32)])
     if not plan:
@@ -246,9 +262,9 @@ def _mlp(ctx: LowerContext, node: Node):
     else:
         qa, deqs = int8
         ffn, k = (int(d) for d in up.type.shape)
-        h = _int8_call(ctx, k, ffn, epi_up, _int8_codes(ctx, qa), deqs[:-1], rows)
+        h = _int8_call(ctx, ctx.rows(qa.inputs[0]), rows, deqs=deqs[:-1], epi=epi_up, **_quantize_act_args(ctx, qa))
     add, residuals = _with_residual(ctx, node)
-    y = _down_projection(ctx, node, h, rows, Epilogue(residual=len(residuals)), residuals, int8)
+    y = _down_projection(ctx, node, h, rows, Epilogue(residual=len(residuals)), residuals)
     return _finish(ctx, node, y, add)
 
 
@@ -352,9 +368,10 @@ def _router(ctx: LowerContext, node: Node):
 @lowering("experts")
 def _experts(ctx: LowerContext, node: Node):
     """Sparse MoE: plan (counting sort by expert) -> gather -> grouped GLU GEMM -> grouped
-    down GEMM scaled by the routing weight -> combine. See kernels_moe.py. Experts over int8
-    activations with int8 or int4 weights (on a VNNI host) quantize the gathered rows and
-    run both GEMMs in integers (kernels_int8.py)."""
+    down GEMM scaled by the routing weight -> combine. See kernels_moe.py. Experts with int8
+    or int4 weights on a VNNI host run both GEMMs in integers (kernels_int8.py) on the
+    gathered rows, quantized as their quantize_act says (the same codes as quantizing the
+    tokens) or, for weight-only experts, as float digits."""
     gated, act = node.attrs["gated"], node.attrs["activation"]
     x, weights, indices = node.inputs[:3]
     gate, up = node.inputs[3:5] if gated else (None, node.inputs[3])
@@ -368,19 +385,19 @@ def _experts(ctx: LowerContext, node: Node):
         [((experts + 1,), "int32"), ((pairs,), "int32"), ((pairs,), F32), ((pairs,), "int32")])
     epi_up = Epilogue(glu=gated, activation=act)
     int8 = _int8_reader(node)
-    # integer experts gather the unrounded tokens and quantize each copy: the same codes
-    source = x if int8 is None else int8[0].inputs[0]
+    source = x if int8 is None else int8[0].inputs[0]  # the unrounded tokens: each copy is quantized
     xs = ctx.call(gather_rows(hidden), [ctx.rows(source), row_token], [((pairs, hidden), F32)])
-    if int8 is None:
-        w_up, c_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels",
-                                     [gate, up] if gated else [up], experts, hidden, ffn)
+    up_side = [gate, up] if gated else [up]
+    if int8 is not None:
+        h = _int8_call(ctx, xs, pairs, deqs=int8[1][:-1], epi=epi_up, plan=[indptr], **_quantize_act_args(ctx, int8[0]))
+    elif _integer_weights(up_side) is not None:
+        h = _int8_call(ctx, xs, pairs, "float", _integer_weights(up_side), epi_up, [indptr])
+    else:
+        w_up, c_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels", up_side, experts,
+                                     hidden, ffn)
         h = ctx.call(grouped_matmul(experts, hidden, ffn, c_up.tj, epi_up, c_up.shape.fmt, c_up.tiling),
                      [xs, indptr, *w_up], [((pairs, ffn), F32)])
-    else:
-        qa, deqs = int8
-        h = _int8_call(ctx, hidden, ffn, epi_up, _pack_rows(ctx, qa, xs, pairs), deqs[:-1], pairs, [indptr],
-                       experts=experts)
-    ys = _down_projection(ctx, node, h, pairs, Epilogue(row_scale=True), [row_weight], int8, [indptr])
+    ys = _down_projection(ctx, node, h, pairs, Epilogue(row_scale=True), [row_weight], [indptr])
     add, residuals = _with_residual(ctx, node)
     out = ctx.call(moe_combine(hidden, k, len(residuals)), [ys, pair_row, *residuals], [((rows, hidden), F32)])
     return _finish(ctx, node, out, add)
