@@ -318,6 +318,34 @@ def test_int8_activation_blocks_are_integer_arithmetic(mode, experts, bits, grou
     np.testing.assert_allclose(run(g, {"x": xs})[g.outputs[0].name], got, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.skipif(not host_has_vnni(), reason="the integer kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 32)])
+def test_weight_only_integer_matmul_keeps_float32_precision(bits, group):
+    """Weight-only matmuls on a VNNI host split each float activation into three int8 digits
+    relative to its row's max |x| (s = max/127): each activation is then off by at most
+    s / 2 / 254^2 (float32's precision at the row's largest element), however small it is,
+    so even rows mixing 1e-3 and 1e3 stay within that bound times sum |w| (plus float32
+    rounding of the combine), while a lost digit would be 254x over it."""
+    r = rng(31)
+    K, N = 256, 48
+    g = Graph("digits")
+    x = g.add_input("x", TensorType(("rows", K), "float32"))
+    w, w_ref = quantized_param(g, "w", r.standard_normal((N, K)).astype(np.float32), bits, group)
+    g.outputs = [g.add("linear", x, w)]
+    program = lower(g)
+    assert any(gv.name_hint.startswith("int8_dense") and "_d" in gv.name_hint for gv in program.mod.functions)
+    exe = build(program, TARGET)
+    magnitude = np.float32(10) ** r.uniform(-3, 3, (5, K)).astype(np.float32)
+    xs = (r.choice([-1, 1], (5, K)) * magnitude).astype(np.float32)
+    got = exe.run({"x": xs})[g.outputs[0].name].astype(np.float64)
+    x64 = xs.astype(np.float64)
+    want = x64 @ w_ref.T
+    step = np.abs(x64).max(1, keepdims=True) / 127
+    bound = step / 2 / 254 ** 2 * np.abs(w_ref).sum(1) + 1e-6 * (np.abs(x64) @ np.abs(w_ref).T)
+    assert (np.abs(got - want) <= bound).all()
+    assert np.abs(got - want).max() > 0  # not float64 by accident: the bound is what is tested
+
+
 def test_hidden_quant_rounds_the_hidden_activation_per_row():
     """The IR's hidden_quant=token: the block's hidden activation is fake-quantized per row
     between the GLU and the down projection (the interpreter is the compile's reference)."""
