@@ -105,44 +105,48 @@ def accuracy_rows() -> list[str]:
 QUANT_NOTE = """
 ### Against the quantization issue's targets
 
-- **Speed with int8 activations (w8a8, w4a8).** `quantize(w=int8|int4,a=int8,dynamic=token)` runs
-  every matmul on integer codes with AVX-512 VNNI (`backends/tvm_cpu/kernels_int8.py`): the
-  attention projections, the LM head, dense and shared feed-forward blocks, and the routed
-  experts' grouped GEMMs, whose hidden activation is requantized per token before the down
-  projection. On 2026-12-02 (Intel Xeon, AVX-512 VNNI) every decode row met both targets:
-  w8a8 2.07-4.82x and w4a8 2.19-5.69x the fp32 artifact, 5-58x eager; prefill 1.55-2.89x the
-  fp32 artifact. They are fast also where the weights sit in cache: one vpdpbusd does 64
-  multiply-adds where an fp32 FMA does 16, and integer sums are exact in any order, so a
-  decode step's lone row splits each reduction over 4 independent accumulators (a float GEMV
-  keeps one chain per output to stay batch-invariant, and waits on FMA latency) and still
-  computes the same bits as in a batch. Accuracy on the trained examples: w8a8 keeps
-  99.5-99.9% of next-token top-1 choices, w4a8 (groups of 32) 95-99% (the accuracy table).
-- **Speed, weight-only (int8, int4).** int8 weight-only met both targets at batch 1 on every
-  model (2.29-3.76x the fp32 artifact), and at batch 8 on deepseek_tiny (1.84x) and, against
-  the fp32 artifact, moe_medium (2.02x; 2.84x eager, under 3x: this host's eager runs that
-  step in 28 ms, the AVX-512 EPYC's in 59). It missed at batch 8 on mixtral_tiny (1.68x); int4
-  weight-only met on moe_medium and missed on the tiny models (1.59-2.25x at batch 1, 1.62x at
-  batch 8). Why: weight-only kernels multiply in fp32, so each code is converted first (int8:
-  sign-extend + convert, two instructions per 16 weights; int4: shift, mask, convert, group
-  scale). In a batch-8 step of an 8-expert top-2 model each expert serves ~2 rows, so a
-  converted weight feeds only 2 FMAs: from cache that is compute-bound, and measured alone
-  with warm caches mixtral_tiny's int8 grouped GLU GEMM (8 experts x 2 rows) took 33 us
-  against fp32's 31.5 us. The step still gains 1.6-1.8x because the 6.3 MB of fp32 expert
-  weights overflow the L2 (2 MB per core) and the 1.6 MB of int8 ones do not. Where a step is bound by weight bytes
-  from memory (moe_medium, batch 1) weight-only int8 and int4 are 3.3-3.8x the fp32 artifact.
-- **Hosts.** The runs before 2026-12-02 were on AMD EPYCs (AVX2, then AVX-512 VNNI Zen 5), where
-  weight-only int8 was 1.22-1.75x and int4 1.10-1.49x the fp32 artifact on the tiny rows and
-  2.2-2.4x on moe_medium; the integer schemes did not exist yet. On a CPU without AVX-512 VNNI
-  the int8-activation schemes run the float kernels on the rounded values (same results to
-  float rounding, no integer speed-up).
+- **Integer kernels.** On a CPU with AVX-512 VNNI (the header says which) every low-bit matmul
+  runs in integers (`backends/tvm_cpu/kernels_int8.py`): activation codes times the weight codes
+  (int4 unpacked in registers), exact int32 sums per scale group. For w8a8 / w4a8 the codes are
+  the rounded activations (every matmul's input, and the hidden activation of each FFN and
+  expert, per token); for the weight-only int8 / int4 schemes each float activation becomes
+  three int8 digits relative to its row's largest value (a 24-bit mantissa, float32's precision;
+  `tests/test_quantize.py` checks the bound on rows mixing 1e-3 and 1e3), so a weight-only matmul
+  computes the float product without converting any weight code to float. They are fast also
+  where the weights sit in cache: one vpdpbusd does 64 multiply-adds where an fp32 FMA does 16,
+  and integer sums are exact in any order, so a decode step's lone row splits each reduction
+  over independent accumulators (a float GEMV keeps one chain per output to stay
+  batch-invariant, and waits on FMA latency) and still computes the same bits as in a batch.
+- **Decode targets in this run (2026-12-02, Intel Xeon, AVX-512 VNNI).** w8a8 and w4a8 met both
+  targets on every decode row: 2.15-4.71x and 2.31-6.29x the fp32 artifact, 4.8-64x eager.
+  Weight-only int8 and int4 met both on every decode row but one: mixtral_tiny 2.13-3.13x the
+  fp32 artifact, deepseek_tiny at batch 1 3.41-3.55x, moe_medium 2.46-5.24x (3.4-7.8x eager). The
+  miss is deepseek_tiny at batch 8: int8 1.72x, int4 1.48x. There each of 16 experts serves ~2 of
+  the 32 (token, expert) rows, so its matmuls are compute-bound, and three digit products per
+  weight cost more than the one of w8a8 (2.15x, 2.31x for w4a8 in the same row); attention, the
+  same in every scheme, is also about 40 us of that step (13 us per layer measured alone).
+  Before the integer weight-only kernels (float kernels converting every code, the previous
+  run on this host) weight-only int8 was 1.68-3.76x and int4 1.59-3.30x the fp32 artifact: int8
+  missed mixtral_tiny at batch 8, int4 three of the four tiny-model rows.
+- **Prompts.** Three digit products per weight make weight-only prefill compute-bound: 64-token
+  prefill ran at 0.95-1.73x the fp32 artifact for int8 and 0.78-1.12x for int4 (the float
+  kernels before: 1.07-1.34x and 0.92-1.09x); w8a8 / w4a8 prefill at 1.74-3.12x. A row must
+  compute the same bits whatever else is in the call (batch isolation), so a call cannot mix
+  digit products for some rows with float FMAs for others; serving prompts through float
+  kernels would need a second copy of the weights in the float kernels' layout.
+- **Hosts.** The runs before 2026-12-02 were on AMD EPYCs (AVX2, then AVX-512 VNNI Zen 5), with
+  float weight-only kernels only: int8 1.22-1.75x and int4 1.10-1.49x the fp32 artifact on the
+  tiny rows, 2.2-2.4x on moe_medium. On a CPU without AVX-512 VNNI every scheme runs the float
+  kernels (the int8-activation schemes on the rounded values: same results to float rounding).
 - **Accuracy.** On the examples' trained weights (`examples/weights/`, made by
   `examples/train_synthetic.py`), int8 weight-only keeps 99.7-100% of next-token top-1 choices on
-  random-token inputs (the accuracy table; `tests/test_quantize.py` holds every example to >= 99%), and
-  int4 with groups of 32 keeps 95-99%. With random weights the same quantizer keeps 91-96%: a random
-  model's next-token logits are nearly flat (median top-1/top-2 margin 0.22, against ~0.8 trained) and its
-  routing choices are near ties, so rounding flips them; adding Gaussian noise with the RMS of int8
-  rounding to those weights flips as many. The compile-time columns (drift, top-1 of verify/calib in the
-  second table) are for the random-weight artifacts the speed rows time.
+  random-token inputs (the accuracy table; `tests/test_quantize.py` holds every example to >= 99%),
+  w8a8 99.5-99.9%, int4 and w4a8 with groups of 32 95-99%. With random weights the same quantizers
+  keep 85-96% (int8, w8a8): a random model's next-token logits are nearly flat (median top-1/top-2
+  margin 0.22, against ~0.8 trained) and its routing choices are near ties, so rounding flips them;
+  adding Gaussian noise with the RMS of int8 rounding to those weights flips as many. The
+  compile-time columns (drift, top-1 of verify/calib in the second table) are for the
+  random-weight artifacts the speed rows time.
 """
 
 
