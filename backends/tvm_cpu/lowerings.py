@@ -31,7 +31,7 @@ from mocompile.ir.ops.quant import WEIGHT_SLOTS
 
 F32 = "float32"
 QUANTIZED_READERS = ("linear", "mlp", "experts", "router.topk")  # ops whose kernels read low-bit weights
-HAS_VNNI = host_has_vnni()  # W8A8 linears run in integers only where the CPU has the instruction
+HAS_VNNI = host_has_vnni()  # low-bit matmuls run in integers only where the CPU has the instruction
 
 
 def _require_f32(node: Node, *values: Value) -> None:
@@ -126,26 +126,18 @@ def _integer_format(deq: Node | None) -> WeightFormat | None:
     return fmt if int8_supports(fmt, int(deq.outputs[0].type.shape[-1])) else None
 
 
-def _int8_deqs(node: Node) -> list[Node] | None:
-    """The dequantize nodes of a matmul op's weights if the integer kernels read them all
-    (a gate|up pair alike), else None."""
-    deqs = [_low_bit(w) for w in node.inputs[WEIGHT_SLOTS[node.op]]]
-    formats = [_integer_format(d) for d in deqs]
-    if None in formats or (node.op != "linear" and len(set(formats[:-1])) != 1):
-        return None
-    return deqs
-
-
 def _int8_reader(node: Node) -> tuple[Node, list[Node]] | None:
-    """(quantize_act, weight dequantizes) if `node` is a linear, feed-forward block or experts
-    op over int8-quantized activations and int8 or int4 weights, which the VNNI kernels
-    compute in integers (kernels_int8.py); None where the host lacks VNNI."""
-    if node.op not in ("linear", "mlp", "experts") or not HAS_VNNI:
+    """(quantize_act, dequantize nodes of the weights reading its output) if `node` is a
+    linear, feed-forward block or experts op over int8-quantized activations whose input-side
+    weights (a linear's, the gate|up of a block) the integer kernels read (kernels_int8.py);
+    None where they do not, e.g. on a host without VNNI."""
+    if node.op not in ("linear", "mlp", "experts"):
         return None
     qa = node.inputs[0].producer
     if qa is None or qa.op != "quantize_act" or qa.attrs["mode"] not in ("static", "token"):
         return None
-    deqs = _int8_deqs(node)
+    weights = node.inputs[WEIGHT_SLOTS[node.op]]
+    deqs = _integer_weights(weights if node.op == "linear" else weights[:-1])
     return (qa, deqs) if deqs is not None else None
 
 
@@ -262,7 +254,7 @@ def _mlp(ctx: LowerContext, node: Node):
     else:
         qa, deqs = int8
         ffn, k = (int(d) for d in up.type.shape)
-        h = _int8_call(ctx, ctx.rows(qa.inputs[0]), rows, deqs=deqs[:-1], epi=epi_up, **_quantize_act_args(ctx, qa))
+        h = _int8_call(ctx, ctx.rows(qa.inputs[0]), rows, deqs=deqs, epi=epi_up, **_quantize_act_args(ctx, qa))
     add, residuals = _with_residual(ctx, node)
     y = _down_projection(ctx, node, h, rows, Epilogue(residual=len(residuals)), residuals)
     return _finish(ctx, node, y, add)
@@ -389,7 +381,7 @@ def _experts(ctx: LowerContext, node: Node):
     xs = ctx.call(gather_rows(hidden), [ctx.rows(source), row_token], [((pairs, hidden), F32)])
     up_side = [gate, up] if gated else [up]
     if int8 is not None:
-        h = _int8_call(ctx, xs, pairs, deqs=int8[1][:-1], epi=epi_up, plan=[indptr], **_quantize_act_args(ctx, int8[0]))
+        h = _int8_call(ctx, xs, pairs, deqs=int8[1], epi=epi_up, plan=[indptr], **_quantize_act_args(ctx, int8[0]))
     elif _integer_weights(up_side) is not None:
         h = _int8_call(ctx, xs, pairs, "float", _integer_weights(up_side), epi_up, [indptr])
     else:
