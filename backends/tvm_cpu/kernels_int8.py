@@ -107,9 +107,10 @@ def quantize_packed(k: int, mode: str, group: int) -> tirx.PrimFunc:
         sums = U.arg("sums", (m, digits * groups), "int32")
 
         def row(i):
-            s = U.scratch((1,))
+            s = U.scratch((2,))  # the scale, and what x is multiplied by to get the first digit
             emit_row_scale(s, x, i, k, "token" if mode == "float" else mode, static)
             U.store(scale, (i,), s[0])
+            U.store(s, (1,), U.f32(1) / s[0])
             with U.serial(0, groups) as g:
                 part = U.scratch((digits, lanes), "int32")
                 for d in range(digits):
@@ -118,17 +119,18 @@ def quantize_packed(k: int, mode: str, group: int) -> tirx.PrimFunc:
                 with U.serial(0, group // lanes) as c:
                     with U.vectorized(0, lanes) as l:
                         col = g * group + c * lanes + l
-                        rest = x[i, col] / s[0]  # as int8_code: clamp(round(x / s)), here clamped first
+                        # rounded codes as int8_code computes them (x / s); float digits need not
+                        rest = x[i, col] * s[1] if digits > 1 else x[i, col] / s[0]
                         for d in range(digits):  # each digit takes the rounding residual of the one before
                             code = _round_to_int32(tirx.min(tirx.max(rest, U.f32(-INT8_MAX)), U.f32(INT8_MAX)))
                             U.store(codes, (i, d * k + col), tirx.Cast("int8", code))
                             U.store(part, (d, l), part[d, l] + code)
                             rest = (rest - tirx.Cast("float32", code)) * U.f32(DIGIT_BASE)
-                for d in range(digits):
-                    total = part[d, 0]
-                    for l in range(1, lanes):
-                        total = total + part[d, l]
-                    U.store(sums, (i, d * groups + g), total)
+                for d in range(digits):  # pairwise: short dependency chains
+                    terms = [part[d, l] for l in range(lanes)]
+                    while len(terms) > 1:
+                        terms = [a + b for a, b in zip(terms[::2], terms[1::2])]
+                    U.store(sums, (i, d * groups + g), terms[0])
 
         U.parallel_for(m, 8 * m * k * digits, row)
     return kern.func
