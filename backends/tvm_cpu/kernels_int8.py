@@ -202,7 +202,7 @@ def _emit_int8_rows(codes, xs, sums, w, ws, panel, row_begin, row_end, fmt: Weig
                             exact = exact + acc[slot(i, d, s), j]
                         exact = exact - offset * sums[r0 + i, d * fmt.groups + g]
                         term = tirx.Cast("float32", exact)
-                        value = term if value is None else term + value / U.f32(DIGIT_BASE)
+                        value = term if value is None else term + value * U.f32(1 / DIGIT_BASE)
                     U.store(total, (i, j), total[i, j] + value * ws[panel, g, j])
         for i in range(count):
             with U.vectorized(0, width) as j:
