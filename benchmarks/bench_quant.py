@@ -118,20 +118,21 @@ QUANT_NOTE = """
   over independent accumulators (a float GEMV keeps one chain per output to stay
   batch-invariant, and waits on FMA latency) and still computes the same bits as in a batch.
 - **Decode targets in this run (2026-12-02, Intel Xeon, AVX-512 VNNI).** w8a8 and w4a8 met both
-  targets on every decode row: 2.24-4.81x and 2.41-6.65x the fp32 artifact, 4.7-65x eager.
-  Weight-only int8 met both on every decode row too: 1.84-4.58x the fp32 artifact, 3.5-52x eager.
-  Weight-only int4 met them on every row but one: 2.32-5.52x the fp32 artifact, except
-  deepseek_tiny at batch 8 (1.59x; int8 1.84x, w4a8 2.41x in the same row). There each of 16
-  experts serves ~2 of the 32 (token, expert) rows, so the matmuls are compute-bound: three
-  digit products per weight cost more than w4a8's one, and int4's scale groups of 32 add a
-  float flush per group that int8's per-channel scale does not. Attention, the same in every
-  scheme, is also about 40 us of that step (13 us per layer measured alone). Before the integer
-  weight-only kernels (float kernels converting every code; this host's first run of the day)
-  weight-only int8 was 1.68-3.76x and int4 1.59-3.30x the fp32 artifact: int8 missed
-  mixtral_tiny at batch 8, int4 three of the four tiny-model rows.
+  targets on every decode row: 2.14-4.66x and 2.23-6.61x the fp32 artifact, 4.9-59x eager.
+  Weight-only int8 and int4 met both on every row but one: 2.48-4.52x (int8) and 2.62-6.08x
+  (int4) the fp32 artifact, 3.5-50x eager. The exception is deepseek_tiny at batch 8: int8
+  1.79x and int4 1.68x here (1.84x and 1.59x in the run before, so int8 sits on the line),
+  where w8a8 / w4a8 reach 2.14x / 2.23x. There each of 16 experts serves ~2 of the 32 (token,
+  expert) rows, so the matmuls are compute-bound: three digit products per weight cost more
+  than one, and int4's scale groups of 32 add a float flush per group. Attention, the same in
+  every scheme, is also about 40 us of that step (13 us per layer measured alone), and writing
+  one token's keys into the transposed key cache about 25 us (one cache line per head
+  channel). Before the integer weight-only kernels (float kernels converting every code; this
+  host's first run of the day) weight-only int8 was 1.68-3.76x and int4 1.59-3.30x the fp32
+  artifact: int8 missed mixtral_tiny at batch 8, int4 three of the four tiny-model rows.
 - **Prompts.** Three digit products per weight make weight-only prefill compute-bound: 64-token
-  prefill ran at 1.02-1.76x the fp32 artifact for int8 and 0.81-1.14x for int4 (the float
-  kernels before: 1.07-1.34x and 0.92-1.09x); w8a8 / w4a8 prefill at 1.74-3.04x. A row must
+  prefill ran at 1.01-1.79x the fp32 artifact for int8 and 0.89-1.57x for int4 (the float
+  kernels before: 1.07-1.34x and 0.92-1.09x); w8a8 / w4a8 prefill at 1.65-3.07x. A row must
   compute the same bits whatever else is in the call (batch isolation), so a call cannot mix
   digit products for some rows with float FMAs for others; serving prompts through float
   kernels would need a second copy of the weights in the float kernels' layout.
