@@ -252,7 +252,8 @@ def _experts(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndar
     out = np.zeros_like(flat_x, dtype=np.float32)
     for e in np.unique(flat_i):
         tok, slot = np.nonzero(flat_i == e)
-        y = ffn(flat_x, None if gate is None else gate[e], up[e], down[e], attrs["activation"], attrs["hidden_quant"])[tok]
+        y = ffn(flat_x, None if gate is None else gate[e], up[e], down[e], attrs["activation"],
+                attrs["hidden_quant"])[tok]
         np.add.at(out, tok, y * flat_w[tok, slot][:, None])
     return [out.reshape(x.shape)]
 
