@@ -129,7 +129,8 @@ QUANT_NOTE = """
   one token's keys into the transposed key cache about 25 us (one cache line per head
   channel). Before the integer weight-only kernels (float kernels converting every code; this
   host's first run of the day) weight-only int8 was 1.68-3.76x and int4 1.59-3.30x the fp32
-  artifact: int8 missed mixtral_tiny at batch 8, int4 three of the four tiny-model rows.
+  artifact: int8 missed mixtral_tiny at batch 8 (and moe_medium at batch 8 against eager,
+  2.84x), int4 three of the four tiny-model rows.
 - **Prompts.** Three digit products per weight make weight-only prefill compute-bound: 64-token
   prefill ran at 1.01-1.79x the fp32 artifact for int8 and 0.89-1.57x for int4 (the float
   kernels before: 1.07-1.34x and 0.92-1.09x); w8a8 / w4a8 prefill at 1.65-3.07x. A row must
