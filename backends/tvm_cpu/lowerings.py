@@ -380,10 +380,11 @@ def _experts(ctx: LowerContext, node: Node):
     source = x if int8 is None else int8[0].inputs[0]  # the unrounded tokens: each copy is quantized
     xs = ctx.call(gather_rows(hidden), [ctx.rows(source), row_token], [((pairs, hidden), F32)])
     up_side = [gate, up] if gated else [up]
+    weight_only = _integer_weights(up_side) if int8 is None else None
     if int8 is not None:
         h = _int8_call(ctx, xs, pairs, deqs=int8[1], epi=epi_up, plan=[indptr], **_quantize_act_args(ctx, int8[0]))
-    elif _integer_weights(up_side) is not None:
-        h = _int8_call(ctx, xs, pairs, "float", _integer_weights(up_side), epi_up, [indptr])
+    elif weight_only is not None:
+        h = _int8_call(ctx, xs, pairs, "float", weight_only, epi_up, [indptr])
     else:
         w_up, c_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels", up_side, experts,
                                      hidden, ffn)
