@@ -107,10 +107,11 @@ def quantize_packed(k: int, mode: str, group: int) -> tirx.PrimFunc:
         sums = U.arg("sums", (m, digits * groups), "int32")
 
         def row(i):
-            s = U.scratch((2,))  # the scale, and what x is multiplied by to get the first digit
+            s = U.scratch((2,))  # the scale, and (float digits) what x is multiplied by for the first digit
             emit_row_scale(s, x, i, k, "token" if mode == "float" else mode, static)
             U.store(scale, (i,), s[0])
-            U.store(s, (1,), U.f32(1) / s[0])
+            if digits > 1:
+                U.store(s, (1,), U.f32(1) / s[0])
             with U.serial(0, groups) as g:
                 part = U.scratch((digits, lanes), "int32")
                 for d in range(digits):

@@ -212,7 +212,6 @@ def _linear(ctx: LowerContext, node: Node):
         y = _dense(ctx, node, ctx.rows(x), ctx.rows_of(x), w, epi, extra=extra)
     else:
         qa, deqs = int8
-        n, k = (int(d) for d in w.type.shape)
         y = _int8_call(ctx, ctx.rows(qa.inputs[0]), ctx.rows_of(x), deqs=deqs, epi=epi, extra=extra,
                        **_quantize_act_args(ctx, qa))
     return _finish(ctx, node, y, add)
@@ -253,7 +252,6 @@ def _mlp(ctx: LowerContext, node: Node):
         h = _dense(ctx, node, ctx.rows(x), rows, up, epi_up, gate=gate)
     else:
         qa, deqs = int8
-        ffn, k = (int(d) for d in up.type.shape)
         h = _int8_call(ctx, ctx.rows(qa.inputs[0]), rows, deqs=deqs, epi=epi_up, **_quantize_act_args(ctx, qa))
     add, residuals = _with_residual(ctx, node)
     y = _down_projection(ctx, node, h, rows, Epilogue(residual=len(residuals)), residuals)
