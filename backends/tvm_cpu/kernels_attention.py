@@ -5,10 +5,12 @@ Kernels:
   instead of one per element of q and k);
 - `attention_keys`: K -> Kt[B, Hkv, D, L] at key positions past..past+S-1 (rope applied,
   transposed) so that for a fixed head-dim index the keys are contiguous and a query scores
-  KB keys with plain vector FMAs;
+  KB keys with plain vector FMAs. Kt's storage is chunked (key_chunks): TAIL positions of
+  all D channels together, each channel's TAIL keys one cache line, so the keys a step reads
+  are one contiguous run whatever the cache capacity;
 - `cache_rows`: V rows into a value cache at positions past..past+S-1;
-- `attention`: QB query rows of one head per parallel task (one row when a call has fewer, as a
-  decode step does), keys in blocks of KB with an
+- `attention`: QB (query row, head) slots per parallel task (QB rows of one head in a prompt,
+  QB heads of one row in a decode step), keys in blocks of KB with an
   online softmax (running max and sum, flash-attention style): no S x S score matrix.
 
 One set of kernels serves both calling modes. A plain forward passes past = 0 and fresh
@@ -26,7 +28,7 @@ round identically), out = x*cos + rotate_half(x)*sin.
 from __future__ import annotations
 
 import functools
-
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +38,7 @@ from mocompile.backends.tvm_cpu import tir_util as U
 from mocompile.backends.tvm_cpu.kernels_math import exp
 
 KB = 64  # keys per block: four 16-lane vectors of independent FMA chains
+TAIL = 16  # keys per chunk of the key layout (key_chunks): one cache line per channel
 QB = 4  # queries per task: each loaded key / value vector is used QB times
 NEG_INF = tirx.FloatImm("float32", float("-inf"))
 
@@ -91,20 +94,45 @@ def _rope(load, d, head_dim: int, cs, pos):
     return load(d) * cs[pos, 0, i] + rotated * cs[pos, 1, i]
 
 
+def key_chunks(kt: tirx.Buffer) -> tirx.Buffer:
+    """kt[B, H, D, L] as it is stored: [B, H, L / TAIL, D, TAIL], key (d, j) at [j // TAIL, d,
+    j % TAIL]. The positions a step reads (0..past) are then one contiguous run of its head's
+    slab, streamed whole; rows of L keys would touch a few lines of every D-th stretch of
+    L * 4 bytes (and pull in the neighbouring, unused lines), more so the larger the cache."""
+    b, heads, width, length = kt.shape
+    return U.reshaped(kt, (b, heads, length // TAIL, width, TAIL))
+
+
 def emit_key_rows(kt, rows: int, b, s, past, value) -> None:
-    """kt[bi, r, d, past + j] = value(bi, r, d, j) for j < s: one (bi, r, d) row per task, its
-    keys contiguous so the stores vectorize (the reads gather with the projection's stride)."""
+    """Key (bi, r, d) of position past + j = value(bi, r, d, j) for j < s (into key_chunks).
+    With at least a vector of keys, one (bi, r, d) row per task, a masked vector store per
+    chunk (the reads gather with the projection's stride); with fewer (a decode step's one key
+    per row), one (bi, r) head per task, a scalar store per channel: a vector per row would
+    mostly be masked lanes, and a task per channel costs more than its one store."""
     width = kt.shape[2]
+    chunks = key_chunks(kt)
+    work = 8 * b * rows * width * s
+    with U.if_else(s >= TAIL) as (then, orelse):
+        with then():
+            def row(task):
+                bi, r, d = task // (rows * width), task // width % rows, task % width
+                first = past // TAIL
+                with U.serial(first, (past + s + TAIL - 1) // TAIL) as c:
+                    with U.vectorized(0, TAIL) as l:
+                        j = c * TAIL + l - past
+                        with U.when(tirx.all(j >= 0, j < s)):
+                            U.store(chunks, (bi, r, c, d, l), value(bi, r, d, j))
 
-    def row(task):
-        bi, r, d = task // (rows * width), task // width % rows, task % width
-        with U.serial(0, (s + 15) // 16) as j0:
-            with U.vectorized(0, 16) as jj:
-                j = j0 * 16 + jj
-                with U.when(j < s):
-                    U.store(kt, (bi, r, d, past + j), value(bi, r, d, j))
+            U.parallel_for(b * rows * width, work, row)
+        with orelse():
+            def head(task):
+                bi, r = task // rows, task % rows
+                with U.serial(0, width) as d:
+                    with U.serial(0, s) as j:
+                        pos = past + j
+                        U.store(chunks, (bi, r, pos // TAIL, d, pos % TAIL), value(bi, r, d, j))
 
-    U.parallel_for(b * rows * width, 8 * b * rows * width * s, row)
+            U.parallel_for(b * rows, work, head)
 
 
 @functools.cache
@@ -153,10 +181,8 @@ def attention(spec: AttentionSpec) -> tirx.PrimFunc:
     """q[B, S, H*D] at positions past.., kt[B, Hkv, D, Lk] and v[B, Lv, Hkv*D] holding keys and
     values of positions 0..past+S-1 (+ cs), past -> out[B, S, H*D].
 
-    A task is QB consecutive queries of one head: each key vector loaded from kt and v
-    serves QB queries (the per-query state is unrolled in Python, one scratch buffer per
-    query, so it stays in registers); a call with fewer than QB queries runs one per task
-    (query_blocks). Rows past the end compute on the last row and are not stored.
+    A task attends for QB (query row, head) slots at once (query_blocks): QB consecutive rows
+    of one head in a prompt, QB heads of one row in a decode step.
     """
     b, s, past = U.dim("b"), U.dim("s"), U.dim("past")
     kt_len, v_len = U.dim("kt_len"), U.dim("v_len")
@@ -171,38 +197,69 @@ def attention(spec: AttentionSpec) -> tirx.PrimFunc:
         cs = U.arg("cs", (s, 2, D // 2)) if spec.rope else None
         U.scalar_arg(past)
         out = U.arg("out", (b, s, H * D))
-        def query_block(bi, h, i0, slots):
-            kvh = h // group
 
-            def load_query(i, d):
+        def slot(bi, h, row, live):
+            def load_query(d):
                 def load(c):
-                    return q[bi, i, h * D + c]
+                    return q[bi, row, h * D + c]
 
-                return _rope(load, d, D, cs, i) if spec.rope else load(d)
+                return _rope(load, d, D, cs, row) if spec.rope else load(d)
 
-            emit_attend(load_query, scale, kt, v, out, bi=bi, kv_head=kvh, v_col=kvh * D, out_col=h * D, s=s,
-                        past=past, i0=i0, qk_dim=D, v_dim=D, lanes=lanes, causal=spec.causal, slots=slots)
+            kvh = h // group
+            return Slot(row, live, kvh, kvh * D, h * D, load_query)
+
+        def attend(bi, slots):
+            emit_attend(slots, scale, kt, v, out, bi=bi, s=s, past=past, qk_dim=D, v_dim=D, lanes=lanes,
+                        causal=spec.causal)
 
         # work ~ FLOPs / 2: scores and weighted values, 2 * 2 * s * (past + s) * D per head (~half if causal)
-        query_blocks(b, H, s, b * H * s * (past + s) * D * (1 if spec.causal else 2), query_block)
+        query_blocks(b, H, s, b * H * s * (past + s) * D * (1 if spec.causal else 2), slot, attend)
     return kern.func
 
 
-def query_blocks(b, heads: int, s, work_bytes, query_block) -> None:
-    """The parallel loop over attention tasks: QB consecutive queries of one head per task
-    when the call has at least QB queries (each key and value vector loaded then serves QB of
-    them), else one query per task (a decode step: QB slots would all repeat its one query).
-    `query_block(bi, head, i0, slots)` emits a task. A query's arithmetic is the same in both
-    branches, so its result does not depend on which one runs."""
+@dataclass(frozen=True)
+class Slot:
+    """One (query row, head) pair a task attends for: `load_query(d)` is channel d of its query
+    (rope applied), kt[bi, kv_head] / v[bi, :, v_col:] its keys and values, out[bi, row,
+    out_col:] where its result goes if `live` (rows past the end compute on the last row)."""
+    row: tirx.PrimExpr
+    live: tirx.PrimExpr
+    kv_head: tirx.PrimExpr
+    v_col: tirx.PrimExpr
+    out_col: tirx.PrimExpr
+    load_query: Callable[[tirx.PrimExpr], tirx.PrimExpr]
+
+
+def head_block(heads: int) -> int:
+    """Heads per decode task: the largest divisor of `heads` up to QB."""
+    return max(n for n in range(1, QB + 1) if heads % n == 0)
+
+
+def query_blocks(b, heads: int, s, work_bytes, slot, attend) -> None:
+    """The parallel loop over attention tasks, each `attend(bi, slots)` for QB slots made by
+    `slot(bi, head, row, live)`. A single query's scores, softmax and weighted sum are chains
+    of dependent vector ops, so a task interleaves QB independent ones: in a call with at least
+    QB queries, QB consecutive rows of one head (each key and value vector loaded then serves
+    all of them); in a decode step, QB heads of one row. A slot's arithmetic is the same in
+    either grouping, so a row's result does not depend on which one runs."""
     with U.if_else(s >= QB) as (then, orelse):
-        for branch, slots in ((then, QB), (orelse, 1)):
-            with branch():
-                n_qb = (s + slots - 1) // slots
+        with then():
+            n_qb = (s + QB - 1) // QB
 
-                def task(t, slots=slots, n_qb=n_qb):
-                    query_block(t // (heads * n_qb), t // n_qb % heads, t % n_qb * slots, slots)
+            def rows_task(t):
+                bi, h, i0 = t // (heads * n_qb), t // n_qb % heads, t % n_qb * QB
+                attend(bi, [slot(bi, h, tirx.min(i0 + qi, s - 1), i0 + qi < s) for qi in range(QB)])
 
-                U.parallel_for(b * heads * n_qb, work_bytes, task)
+            U.parallel_for(b * heads * n_qb, work_bytes, rows_task)
+        with orelse():
+            hb = head_block(heads)
+            n_hb = heads // hb
+
+            def heads_task(t):
+                bi, h0, row = t // (n_hb * s), t // s % n_hb * hb, t % s
+                attend(bi, [slot(bi, h0 + k, row, tirx.const(True)) for k in range(hb)])
+
+            U.parallel_for(b * n_hb * s, work_bytes, heads_task)
 
 
 def _emit_softmax_block(score, run, acc, j0, limit, head_dim: int) -> None:
@@ -222,47 +279,69 @@ def _emit_softmax_block(score, run, acc, j0, limit, head_dim: int) -> None:
         U.store(acc, (d,), acc[d] * run[3])
 
 
-def emit_attend(load_query, scale, kt, v, out, *, bi, kv_head, v_col, out_col, s, past, i0, qk_dim: int, v_dim: int,
-                lanes: int, causal: bool, slots: int = QB) -> None:
-    """The body both attention kernels share, for `slots` queries [i0, i0+slots) of one head (query
-    row i sits at position past + i): load each query (`load_query(row, channel)`, rope
-    applied) scaled into registers, then scores against the visible keys block by block
-    (kt[bi, kv_head]: positions 0..past+i if causal, all past+s otherwise), online softmax,
-    weighted values (v[bi, :, v_col:]), and the store into out[bi, i, out_col:]. Rows past
-    the end compute on the last row and are not stored."""
-    rows = [tirx.min(i0 + qi, s - 1) for qi in range(slots)]  # clamped query positions
-    qrow = [U.local((qk_dim,)) for _ in range(slots)]
-    acc = [U.local((v_dim,)) for _ in range(slots)]
-    score = [U.scratch((KB,)) for _ in range(slots)]
-    run = [U.scratch((4,)) for _ in range(slots)]  # running max, running sum, block max, correction
-    for qi in range(slots):
+def emit_attend(slots: Sequence[Slot], scale, kt, v, out, *, bi, s, past, qk_dim: int, v_dim: int, lanes: int,
+                causal: bool) -> None:
+    """The body every attention kernel shares, for `slots` (query row, head) pairs of batch row
+    bi (query row i sits at position past + i): load each query scaled into registers, then
+    scores against the visible keys block by block (positions 0..past+i if causal, all past+s
+    otherwise), online softmax, weighted values, and the store of the live slots. The slots'
+    dependency chains are interleaved op by op."""
+    n = len(slots)
+    keys = key_chunks(kt)
+    qrow = [U.local((qk_dim,)) for _ in range(n)]
+    acc = [U.local((v_dim,)) for _ in range(n)]
+    score = [U.scratch((KB,)) for _ in range(n)]
+    run = [U.scratch((4,)) for _ in range(n)]  # running max, running sum, block max, correction
+    for qi, sl in enumerate(slots):
         with U.serial(0, qk_dim) as d:
-            U.store(qrow[qi], (d,), load_query(rows[qi], d) * scale)
+            U.store(qrow[qi], (d,), sl.load_query(d) * scale)
         with U.vectorized(0, v_dim) as d:
             U.store(acc[qi], (d,), U.f32(0))
         U.store(run[qi], (0,), NEG_INF)
         U.store(run[qi], (1,), U.f32(0))
-    limit = [past + r + 1 for r in rows] if causal else [past + s] * slots  # keys query qi may see: [0, limit[qi])
-    n_keys = past + (tirx.min(i0 + slots, s) if causal else s)  # the block needs [0, n_keys)
-    with U.serial(0, (n_keys + KB - 1) // KB) as kb:
+    last_row = functools.reduce(tirx.max, [sl.row for sl in slots])
+    limit = [past + sl.row + 1 for sl in slots] if causal else [past + s] * n  # keys slot qi may see: [0, limit[qi])
+    n_keys = past + (last_row + 1 if causal else s)  # the task needs [0, n_keys)
+
+    def add_scores(dst, at, j0, c, qi: int, sl: Slot, d) -> None:
+        """dst[at..at+TAIL) += slot qi's query channel d x key channel d of chunk c (keys j0 + TAIL*c ..)."""
+        with U.vectorized(0, TAIL) as l:
+            key = keys[bi, sl.kv_head, j0 // TAIL + c, d, l]
+            U.store(dst, (at + l,), dst[at + l] + qrow[qi][d] * key)
+
+    with U.serial(0, (n_keys + KB - 1) // KB) as kb:  # blocks of keys [j0, j0 + KB), keys >= n_keys masked
         j0 = kb * KB
-        for qi in range(slots):
+        for qi in range(n):
             with U.vectorized(0, KB) as jj:
                 U.store(score[qi], (jj,), U.f32(0))
-        with U.serial(0, qk_dim) as d:
-            for qi in range(slots):
-                with U.vectorized(0, KB) as jj:
-                    U.store(score[qi], (jj,), score[qi][jj] + qrow[qi][d] * kt[bi, kv_head, d, j0 + jj])
-        for qi in range(slots):
+        with U.if_else(n_keys - j0 >= KB) as (then, orelse):
+            with then():  # a full block: every slot's KB / TAIL chunks, QB x 4 independent chains
+                with U.serial(0, qk_dim) as d:
+                    for qi, sl in enumerate(slots):
+                        for c in range(KB // TAIL):
+                            add_scores(score[qi], c * TAIL, j0, c, qi, sl, d)
+            with orelse():  # the last block: only the chunks holding keys (a decode step one past a
+                # block boundary reads one chunk, not KB keys); the lanes left are masked below
+                with U.serial(0, (n_keys - j0 + TAIL - 1) // TAIL) as c:
+                    chunk = [U.scratch((TAIL,)) for _ in range(n)]  # (a fixed place: kept in a register)
+                    for qi in range(n):
+                        with U.vectorized(0, TAIL) as l:
+                            U.store(chunk[qi], (l,), U.f32(0))
+                    with U.serial(0, qk_dim) as d:
+                        for qi, sl in enumerate(slots):
+                            add_scores(chunk[qi], 0, j0, c, qi, sl, d)
+                    for qi in range(n):
+                        with U.vectorized(0, TAIL) as l:
+                            U.store(score[qi], (c * TAIL + l,), chunk[qi][l])
+        for qi in range(n):
             _emit_softmax_block(score[qi], run[qi], acc[qi], j0, limit[qi], v_dim)
         with U.serial(0, tirx.min(KB, n_keys - j0)) as jj:
             with U.serial(0, v_dim // lanes) as c:
                 with U.vectorized(0, lanes) as lane:
                     d = c * lanes + lane
-                    vv = v[bi, j0 + jj, v_col + d]
-                    for qi in range(slots):
-                        U.store(acc[qi], (d,), acc[qi][d] + score[qi][jj] * vv)
-    for qi in range(slots):
-        with U.when(i0 + qi < s):
+                    for qi, sl in enumerate(slots):
+                        U.store(acc[qi], (d,), acc[qi][d] + score[qi][jj] * v[bi, j0 + jj, sl.v_col + d])
+    for qi, sl in enumerate(slots):
+        with U.when(sl.live):
             with U.vectorized(0, v_dim) as d:
-                U.store(out, (bi, i0 + qi, out_col + d), acc[qi][d] / run[qi][1])
+                U.store(out, (bi, sl.row, sl.out_col + d), acc[qi][d] / run[qi][1])

@@ -123,15 +123,14 @@ def quantize_packed(k: int, mode: str, group: int) -> tirx.PrimFunc:
                         # rounded codes as int8_code computes them (x / s); float digits need not
                         rest = x[i, col] * s[1] if digits > 1 else x[i, col] / s[0]
                         for d in range(digits):  # each digit takes the rounding residual of the one before
-                            code = _round_to_int32(tirx.min(tirx.max(rest, U.f32(-INT8_MAX)), U.f32(INT8_MAX)))
+                            # (a residual digit lies in [-127, 127] already: |rest - round(rest)| <= 1/2)
+                            clamped = tirx.min(tirx.max(rest, U.f32(-INT8_MAX)), U.f32(INT8_MAX)) if d == 0 else rest
+                            code = _round_to_int32(clamped)
                             U.store(codes, (i, d * k + col), tirx.Cast("int8", code))
                             U.store(part, (d, l), part[d, l] + code)
                             rest = (rest - tirx.Cast("float32", code)) * U.f32(DIGIT_BASE)
-                for d in range(digits):  # pairwise: short dependency chains
-                    terms = [part[d, l] for l in range(lanes)]
-                    while len(terms) > 1:
-                        terms = [a + b for a, b in zip(terms[::2], terms[1::2])]
-                    U.store(sums, (i, d * groups + g), terms[0])
+                for d in range(digits):
+                    U.store(sums, (i, d * groups + g), U.fold_lanes(part, (d,), lanes, lambda a, b: a + b))
 
         U.parallel_for(m, 8 * m * k * digits, row)
     return kern.func
@@ -143,11 +142,12 @@ def _splits(words: int, budget: int) -> int:
 
 
 def _emit_int8_rows(codes, xs, sums, w, ws, panel, row_begin, row_end, fmt: WeightFormat, k: int, width: int,
-                    digits: int, write) -> None:
+                    digits: int, write, source=lambda row: row) -> None:
     """Rows [row_begin, row_end) against VNNI panel `panel` ([*, words, width] int32 words,
     scale groups of words / groups words): register tiles of several rows, then each row left
-    alone with each group's reduction split over independent accumulators. `write(row, tile,
-    a)` writes float row `a` of a tile."""
+    alone with each group's reduction split over independent accumulators. Row r's
+    activations are row source(r) of codes / xs / sums. `write(row, tile, a)` writes float
+    row `a` of a tile."""
     vectors = width // LANES
     words = k // k_per_word(fmt)
     per_group = words // fmt.groups
@@ -157,7 +157,7 @@ def _emit_int8_rows(codes, xs, sums, w, ws, panel, row_begin, row_end, fmt: Weig
 
     def activation_word(row, d, c4):
         """Activation word c4 (4 codes) of digit plane d of a row, broadcast to every lane."""
-        return tirx.Broadcast(tirx.reinterpret("int32", codes[row, tirx.Ramp(d * k + 4 * c4, 1, 4)]), LANES)
+        return tirx.Broadcast(tirx.reinterpret("int32", codes[source(row), tirx.Ramp(d * k + 4 * c4, 1, 4)]), LANES)
 
     def products(acc, row, d, c, wv):
         """acc + the products of weight word c (vector wv) with digit d of row's codes."""
@@ -201,13 +201,13 @@ def _emit_int8_rows(codes, xs, sums, w, ws, panel, row_begin, row_end, fmt: Weig
                         exact = acc[slot(i, d, 0), j]
                         for s in range(1, splits):
                             exact = exact + acc[slot(i, d, s), j]
-                        exact = exact - offset * sums[r0 + i, d * fmt.groups + g]
+                        exact = exact - offset * sums[source(r0 + i), d * fmt.groups + g]
                         term = tirx.Cast("float32", exact)
                         value = term if value is None else term + value * U.f32(1 / DIGIT_BASE)
                     U.store(total, (i, j), total[i, j] + value * ws[panel, g, j])
         for i in range(count):
             with U.vectorized(0, width) as j:
-                U.store(total, (i, j), total[i, j] * xs[r0 + i])
+                U.store(total, (i, j), total[i, j] * xs[source(r0 + i)])
             write(r0 + i, total, i)
 
     full = (row_end - row_begin) // tile_rows
@@ -219,7 +219,7 @@ def _emit_int8_rows(codes, xs, sums, w, ws, panel, row_begin, row_end, fmt: Weig
 
 @functools.cache
 def int8_matmul(k: int, n: int, epi: Epilogue, experts: int = 0, fmt: WeightFormat = INT8_PER_CHANNEL,
-                digits: int = 1) -> tirx.PrimFunc:
+                digits: int = 1, gathered: bool = False) -> tirx.PrimFunc:
     """y = epilogue(int8 activations x low-bit weights); see the module docstring.
 
     Dense (experts = 0): codes[m, D*k], x_scale[m], sums[m, D*G] (quantize_packed with
@@ -227,7 +227,14 @@ def int8_matmul(k: int, n: int, epi: Epilogue, experts: int = 0, fmt: WeightForm
     + residuals) -> y[m, n]; words = k/4 (int8) or k/8 (int4), G scale groups. Grouped: the
     same over expert-sorted rows, rows [indptr[e], indptr[e+1]) against expert e's panels
     ([experts*NB, ...]), + a per-row scale (the routing weight). W = 16, or 32 for a GLU
-    panel (gate lanes, then up lanes)."""
+    panel (gate lanes, then up lanes).
+
+    `gathered` (grouped only): codes, x_scale and sums hold the tokens' activations
+    [tokens, ...], and an index row_token[rows] (after indptr) says which token each
+    expert-sorted row copies: the MoE dispatch reads the tokens' codes, quantized once,
+    instead of a quantized copy per (token, expert) pair (the same codes either way)."""
+    if gathered and not experts:
+        raise ValueError("int8_matmul: gathered rows are the grouped (experts) form's")
     if not supports(fmt, k) or (experts and (epi.bias or epi.residual)) or (not experts and epi.row_scale):
         raise ValueError(f"int8_matmul: {fmt.bits}-bit weights in {fmt.groups} groups of a {k}-wide input, or an "
                          "epilogue it lacks (bias/residual are dense-only, row_scale grouped-only)")
@@ -235,13 +242,15 @@ def int8_matmul(k: int, n: int, epi: Epilogue, experts: int = 0, fmt: WeightForm
     words = k // k_per_word(fmt)
     width = 2 * LANES if epi.glu else LANES
     rows = U.dim("rows")
+    tokens = U.dim("tokens") if gathered else rows
     kind = f"grouped_e{experts}" if experts else "dense"
     tags = (fmt.tag() if fmt != INT8_PER_CHANNEL else "") + (f"_d{digits}" if digits > 1 else "")
-    with U.kernel(f"int8_{kind}_{k}x{n}_{epi.tag()}{tags}") as kern:
-        codes = U.arg("codes", (rows, digits * k), "int8")
-        xs = U.arg("x_scale", (rows,))
-        sums = U.arg("sums", (rows, digits * fmt.groups), "int32")
+    with U.kernel(f"int8_{kind}_{k}x{n}_{epi.tag()}{tags}{'_gathered' if gathered else ''}") as kern:
+        codes = U.arg("codes", (tokens, digits * k), "int8")
+        xs = U.arg("x_scale", (tokens,))
+        sums = U.arg("sums", (tokens, digits * fmt.groups), "int32")
         indptr = U.arg("indptr", (experts + 1,), "int32") if experts else None
+        row_token = U.arg("row_token", (rows,), "int32") if gathered else None
         panels = max(experts, 1) * nb
         w = U.arg("w", (panels, words, width), "int32")
         ws = U.arg("w_scale", (panels, fmt.groups, width))
@@ -255,7 +264,8 @@ def int8_matmul(k: int, n: int, epi: Epilogue, experts: int = 0, fmt: WeightForm
             p = e * nb + jb
             begin, end = (U.i64(indptr[e]), U.i64(indptr[e + 1])) if experts else (0, rows)
             write = _writer(y, n, LANES, jb, epi, bias=bias, scale=row_scale, residuals=residuals)
-            _emit_int8_rows(codes, xs, sums, w, ws, p, begin, end, fmt, k, width, digits, write)
+            source = (lambda r: tirx.min(tirx.max(U.i64(row_token[r]), 0), tokens - 1)) if gathered else (lambda r: r)
+            _emit_int8_rows(codes, xs, sums, w, ws, p, begin, end, fmt, k, width, digits, write, source)
 
         weight_bytes = (tirx.min(rows, experts) if experts else 1) * nb * width * k * fmt.bits // 8
         U.parallel_for(panels, weight_bytes + 4 * rows * (k + n) + digits * rows * k * nb * width // 8, task)

@@ -4,7 +4,7 @@ shaped like kernels_attention's (whose rope, block size and online-softmax step 
 - `latent_keys`: k_nope[B, S, H*dn] and the shared rotary key k_rope[B, S, dr] ->
   Kt[B, H, dn+dr, L] at positions past..: per head [k_nope | rope(k_rope)], transposed, so a
   query scores KB keys with plain vector FMAs;
-- `latent_attention`: QB query rows of one head per task (one when a call has fewer), q = [q_nope | rope(q_rope)] scaled
+- `latent_attention`: QB (query row, head) slots per task, q = [q_nope | rope(q_rope)] scaled
   by 1/sqrt(dn+dr), causal, keys in blocks of KB with an online softmax; values and output
   have their own head width dv.
 
@@ -21,7 +21,7 @@ import numpy as np
 from tvm import tirx
 
 from mocompile.backends.tvm_cpu import tir_util as U
-from mocompile.backends.tvm_cpu.kernels_attention import _rope, emit_attend, emit_key_rows, query_blocks
+from mocompile.backends.tvm_cpu.kernels_attention import Slot, _rope, emit_attend, emit_key_rows, query_blocks
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,8 @@ def latent_keys(spec: LatentSpec) -> tirx.PrimFunc:
 def latent_attention(spec: LatentSpec) -> tirx.PrimFunc:
     """q[B, S, H*(dn+dr)], kt (from latent_keys), v[B, S, H*dv], cs -> out[B, S, H*dv], causal.
 
-    A task is QB consecutive queries of one head (each key and value vector loaded serves QB
-    queries), or one query when the call has fewer (query_blocks); rows past the end compute
-    on the last row and are not stored.
+    A task attends for QB (query row, head) slots (query_blocks): QB consecutive rows of one
+    head in a prompt, QB heads of one row in a decode step.
     """
     b, s, past = U.dim("b"), U.dim("s"), U.dim("past")
     kt_len, v_len = U.dim("kt_len"), U.dim("v_len")
@@ -86,14 +85,16 @@ def latent_attention(spec: LatentSpec) -> tirx.PrimFunc:
         U.scalar_arg(past)
         out = U.arg("out", (b, s, H * dv))
 
-        def query_block(bi, h, i0, slots):
-            def load_query(i, d):
-                return _head_channel(lambda c: q[bi, i, h * dq + c], lambda c: q[bi, i, h * dq + dn + c],
-                                     d, dn, dr, cs, i)
+        def slot(bi, h, row, live):
+            def load_query(d):
+                return _head_channel(lambda c: q[bi, row, h * dq + c], lambda c: q[bi, row, h * dq + dn + c],
+                                     d, dn, dr, cs, row)
 
-            emit_attend(load_query, scale, kt, v, out, bi=bi, kv_head=h, v_col=h * dv, out_col=h * dv, s=s,
-                        past=past, i0=i0, qk_dim=dq, v_dim=dv, lanes=lanes, causal=True, slots=slots)
+            return Slot(row, live, h, h * dv, h * dv, load_query)
+
+        def attend(bi, slots):
+            emit_attend(slots, scale, kt, v, out, bi=bi, s=s, past=past, qk_dim=dq, v_dim=dv, lanes=lanes, causal=True)
 
         # work ~ FLOPs / 2: causal scores and weighted values, s * (past + s) * (dq + dv) per head
-        query_blocks(b, H, s, b * H * s * (past + s) * (dq + dv) // 2, query_block)
+        query_blocks(b, H, s, b * H * s * (past + s) * (dq + dv) // 2, slot, attend)
     return kern.func

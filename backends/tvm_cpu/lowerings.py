@@ -164,11 +164,12 @@ def _integer_weights(weights: list[Value]) -> list[Node] | None:
 
 
 def _int8_call(ctx: LowerContext, x_rows: relax.Expr, rows, mode: str, deqs: list[Node], epi: Epilogue,
-               plan: list = (), extra: list = (), static: list = ()) -> relax.Expr:
+               plan: list = (), extra: list = (), static: list = (), gather: tuple = ()) -> relax.Expr:
     """x_rows @ the low-bit weights of `deqs` (one, or a gate|up pair) through int8_matmul:
     activation codes as `mode` says (quantize_act's static / token rounding, or "float" for a
     weight-only matmul), weights as VNNI panels with their scale panels, per expert when
-    `plan` ([indptr]) is given."""
+    `plan` ([indptr]) is given. With `gather` (row_token, pairs), x_rows are the tokens and
+    the expert-sorted rows read their codes through row_token (quantized once per token)."""
     codes, scales = [d.inputs[0] for d in deqs], [d.inputs[1] for d in deqs]
     *lead, n, k = (int(d) for d in deqs[0].outputs[0].type.shape)
     experts = lead[0] if plan else 0
@@ -176,8 +177,9 @@ def _int8_call(ctx: LowerContext, x_rows: relax.Expr, rows, mode: str, deqs: lis
     scale_kind = ("expert_" if experts else "") + ("glu_panels" if len(deqs) == 2 else "panels")
     weights = [ctx.weight("vnni_panels", codes), ctx.weight(scale_kind, scales, VNNI_LANES)]
     packed = _activation_codes(ctx, x_rows, rows, k, mode, k // fmt.groups, static)
-    return ctx.call(int8_matmul(k, n, epi, experts, fmt, digits_of(mode)), [*packed, *plan, *weights, *extra],
-                    [((rows, n), F32)])
+    index, out_rows = ([gather[0]], gather[1]) if gather else ([], rows)
+    return ctx.call(int8_matmul(k, n, epi, experts, fmt, digits_of(mode), bool(gather)),
+                    [*packed, *plan, *index, *weights, *extra], [((out_rows, n), F32)])
 
 
 def _quantize_act_args(ctx: LowerContext, qa: Node) -> dict:
@@ -361,7 +363,9 @@ def _experts(ctx: LowerContext, node: Node):
     down GEMM scaled by the routing weight -> combine. See kernels_moe.py. Experts with int8
     or int4 weights on a VNNI host run both GEMMs in integers (kernels_int8.py) on the
     gathered rows, quantized as their quantize_act says (the same codes as quantizing the
-    tokens) or, for weight-only experts, as float digits."""
+    tokens) or, for weight-only experts, as float digits: the tokens are quantized once (a
+    shared expert reading the same tokens shares their codes) and the up GEMM reads each
+    sorted row's codes through the plan's row_token."""
     gated, act = node.attrs["gated"], node.attrs["activation"]
     x, weights, indices = node.inputs[:3]
     gate, up = node.inputs[3:5] if gated else (None, node.inputs[3])
@@ -375,15 +379,16 @@ def _experts(ctx: LowerContext, node: Node):
         [((experts + 1,), "int32"), ((pairs,), "int32"), ((pairs,), F32), ((pairs,), "int32")])
     epi_up = Epilogue(glu=gated, activation=act)
     int8 = _int8_reader(node)
-    source = x if int8 is None else int8[0].inputs[0]  # the unrounded tokens: each copy is quantized
-    xs = ctx.call(gather_rows(hidden), [ctx.rows(source), row_token], [((pairs, hidden), F32)])
     up_side = [gate, up] if gated else [up]
     weight_only = _integer_weights(up_side) if int8 is None else None
+    gather = (row_token, pairs)
     if int8 is not None:
-        h = _int8_call(ctx, xs, pairs, deqs=int8[1], epi=epi_up, plan=[indptr], **_quantize_act_args(ctx, int8[0]))
+        h = _int8_call(ctx, ctx.rows(int8[0].inputs[0]), rows, deqs=int8[1], epi=epi_up, plan=[indptr], gather=gather,
+                       **_quantize_act_args(ctx, int8[0]))
     elif weight_only is not None:
-        h = _int8_call(ctx, xs, pairs, "float", weight_only, epi_up, [indptr])
+        h = _int8_call(ctx, ctx.rows(x), rows, "float", weight_only, epi_up, [indptr], gather=gather)
     else:
+        xs = ctx.call(gather_rows(hidden), [ctx.rows(x), row_token], [((pairs, hidden), F32)])
         w_up, c_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels", up_side, experts,
                                      hidden, ffn)
         h = ctx.call(grouped_matmul(experts, hidden, ffn, c_up.tj, epi_up, c_up.shape.fmt, c_up.tiling),

@@ -116,6 +116,12 @@ def row_view(buf: tirx.Buffer, row0, rows: int) -> tirx.Buffer:
     return T.decl_buffer((rows, *buf.shape[1:]), buf.dtype, data=ptr)
 
 
+def reshaped(buf: tirx.Buffer, shape: Sequence) -> tirx.Buffer:
+    """The data of `buf` seen with another shape of the same size (e.g. a storage layout
+    behind the shape a calling convention fixes)."""
+    return T.decl_buffer(tuple(shape), buf.dtype, data=buf.data)
+
+
 def call_kernel(name: str, args: Sequence) -> None:
     """A direct call of kernel `name` of the same library (its packed entry, no lookup) with
     buffers and scalars."""
@@ -174,7 +180,7 @@ def parallel_for(extent, work_bytes, body: Callable[[tirx.Var], None]) -> None:
 
 def emit_reduce(dst: tirx.Buffer, dst_index: Sequence, load, n: int, combine, lanes: int | None = None) -> None:
     """dst[dst_index] = combine-reduction of load(0..n-1) (static n): `lanes` partial results
-    combined with vector ops, then folded serially (short dependency chains)."""
+    combined with vector ops, then folded (fold_lanes)."""
     lanes = lanes or lanes_for(n)
     part = scratch((lanes,))
     with vectorized(0, lanes) as l:
@@ -182,7 +188,16 @@ def emit_reduce(dst: tirx.Buffer, dst_index: Sequence, load, n: int, combine, la
     with serial(1, n // lanes) as c:
         with vectorized(0, lanes) as l:
             store(part, (l,), combine(part[l], load(c * lanes + l)))
-    value = part[0]
-    for l in range(1, lanes):
-        value = combine(value, part[l])
-    store(dst, dst_index, value)
+    store(dst, dst_index, fold_lanes(part, (), lanes, combine))
+
+
+def fold_lanes(buf: tirx.Buffer, index: tuple, lanes: int, combine) -> tirx.PrimExpr:
+    """The combine-fold of buf[index + (0..lanes-1)] (a scratch row, overwritten), as a halving
+    tree: log2(lanes) dependent vector steps where a serial fold takes lanes - 1 scalar ones."""
+    width = lanes
+    while width > 1:
+        half = width // 2
+        with vectorized(0, half) as l:
+            store(buf, index + (l,), combine(buf[index + (l,)], buf[index + (l + half,)]))
+        width = half
+    return buf[index + (0,)]
