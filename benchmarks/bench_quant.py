@@ -117,26 +117,32 @@ QUANT_NOTE = """
   and integer sums are exact in any order, so a decode step's lone row splits each reduction
   over independent accumulators (a float GEMV keeps one chain per output to stay
   batch-invariant, and waits on FMA latency) and still computes the same bits as in a batch.
-- **Decode targets in this run (2026-12-02, Intel Xeon, AVX-512 VNNI).** w8a8 and w4a8 met both
-  targets on every decode row: 2.14-4.66x and 2.23-6.61x the fp32 artifact, 4.9-59x eager.
-  Weight-only int8 and int4 met both on every row but one: 2.48-4.52x (int8) and 2.62-6.08x
-  (int4) the fp32 artifact, 3.5-50x eager. The exception is deepseek_tiny at batch 8: int8
-  1.79x and int4 1.68x here (1.84x and 1.59x in the run before, so int8 sits on the line),
-  where w8a8 / w4a8 reach 2.14x / 2.23x. There each of 16 experts serves ~2 of the 32 (token,
-  expert) rows, so the matmuls are compute-bound: three digit products per weight cost more
-  than one, and int4's scale groups of 32 add a float flush per group. Attention, the same in
-  every scheme, is also about 40 us of that step (13 us per layer measured alone), and writing
-  one token's keys into the transposed key cache about 25 us (one cache line per head
-  channel). Before the integer weight-only kernels (float kernels converting every code; this
-  host's first run of the day) weight-only int8 was 1.68-3.76x and int4 1.59-3.30x the fp32
-  artifact: int8 missed mixtral_tiny at batch 8 (and moe_medium at batch 8 against eager,
-  2.84x), int4 three of the four tiny-model rows.
+- **Decode targets (2026-12-02, Intel Xeon, AVX-512 VNNI): met on every decode row by every
+  scheme, in two runs.** Against the fp32 artifact: int8 2.14-4.69x, int4 2.15-5.66x, w8a8
+  2.52-5.48x, w4a8 2.81-6.46x; against eager fp32 3.6x (moe_medium int8 at batch 8) to 73x. The
+  last cell to close was deepseek_tiny at batch 8 (int8 1.79x, int4 1.68x in the run before
+  these; 2.14-2.15x and 2.15-2.23x now). Its 16 experts serve ~2 of the 32 (token, expert) rows
+  each, so its matmuls are compute-bound, and work that is the same in every scheme weighs on
+  the ratio. What changed:
+  - attention of a decode step: a task interleaves four heads of one row (one head before: a
+    single chain of dependent ops); the key cache is stored in chunks of 16 positions
+    (`kernels_attention.key_chunks`: each channel's 16 keys one cache line, a step's keys one
+    contiguous run at any cache capacity); the last, partial block reads only the chunks that
+    hold keys (one key past a 64-key boundary read 64 keys per channel). Measured alone at
+    batch 8 with 65 keys: ~13 -> ~9-11 us with warm caches, ~21 -> ~13-16 us cold;
+  - one token's keys written by a task per head (was a task per channel with a 16-lane masked
+    store): 5.1 -> 2.4 us at batch 8;
+  - the experts' up GEMM reads each sorted row's codes through the plan's `row_token`: the
+    tokens are quantized once (sharing their codes with the shared expert), not each (token,
+    expert) copy;
+  - `quantize_packed`: lane sums folded as a halving tree, no clamp on residual digits
+    (they are within +-127 by construction): 5.6 -> 3.2 us for 32 rows of 128 float digits.
 - **Prompts.** Three digit products per weight make weight-only prefill compute-bound: 64-token
-  prefill ran at 1.01-1.79x the fp32 artifact for int8 and 0.89-1.57x for int4 (the float
-  kernels before: 1.07-1.34x and 0.92-1.09x); w8a8 / w4a8 prefill at 1.65-3.07x. A row must
-  compute the same bits whatever else is in the call (batch isolation), so a call cannot mix
-  digit products for some rows with float FMAs for others; serving prompts through float
-  kernels would need a second copy of the weights in the float kernels' layout.
+  prefill ran at 1.14-1.83x the fp32 artifact for int8 and 1.07-1.63x for int4 (the float
+  kernels of this host's first run of the day: 1.07-1.34x and 0.92-1.09x); w8a8 / w4a8 at
+  1.79-3.14x. A row must compute the same bits whatever else is in the call (batch isolation),
+  so a call cannot mix digit products for some rows with float FMAs for others; serving prompts
+  through float kernels would need a second copy of the weights in the float kernels' layout.
 - **Hosts.** The runs before 2026-12-02 were on AMD EPYCs (AVX2, then AVX-512 VNNI Zen 5), with
   float weight-only kernels only: int8 1.22-1.75x and int4 1.10-1.49x the fp32 artifact on the
   tiny rows, 2.2-2.4x on moe_medium. On a CPU without AVX-512 VNNI every scheme runs the float
