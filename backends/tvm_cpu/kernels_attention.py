@@ -39,7 +39,8 @@ from mocompile.backends.tvm_cpu.kernels_math import exp
 
 KB = 64  # keys per block: four 16-lane vectors of independent FMA chains
 TAIL = 16  # keys per chunk of the key layout (key_chunks): one cache line per channel
-QB = 4  # queries per task: each loaded key / value vector is used QB times
+QB = 4  # slots per task: QB query rows of a prompt share each loaded key / value vector; a
+# decode step's task takes QB heads instead (independent chains, see query_blocks)
 NEG_INF = tirx.FloatImm("float32", float("-inf"))
 
 
@@ -303,10 +304,10 @@ def emit_attend(slots: Sequence[Slot], scale, kt, v, out, *, bi, s, past, qk_dim
     limit = [past + sl.row + 1 for sl in slots] if causal else [past + s] * n  # keys slot qi may see: [0, limit[qi])
     n_keys = past + (last_row + 1 if causal else s)  # the task needs [0, n_keys)
 
-    def add_scores(dst, at, j0, c, qi: int, sl: Slot, d) -> None:
+    def add_scores(dst, at, j0, c, qi: int, d) -> None:
         """dst[at..at+TAIL) += slot qi's query channel d x key channel d of chunk c (keys j0 + TAIL*c ..)."""
         with U.vectorized(0, TAIL) as l:
-            key = keys[bi, sl.kv_head, j0 // TAIL + c, d, l]
+            key = keys[bi, slots[qi].kv_head, j0 // TAIL + c, d, l]
             U.store(dst, (at + l,), dst[at + l] + qrow[qi][d] * key)
 
     with U.serial(0, (n_keys + KB - 1) // KB) as kb:  # blocks of keys [j0, j0 + KB), keys >= n_keys masked
@@ -317,9 +318,9 @@ def emit_attend(slots: Sequence[Slot], scale, kt, v, out, *, bi, s, past, qk_dim
         with U.if_else(n_keys - j0 >= KB) as (then, orelse):
             with then():  # a full block: every slot's KB / TAIL chunks, QB x 4 independent chains
                 with U.serial(0, qk_dim) as d:
-                    for qi, sl in enumerate(slots):
+                    for qi in range(n):
                         for c in range(KB // TAIL):
-                            add_scores(score[qi], c * TAIL, j0, c, qi, sl, d)
+                            add_scores(score[qi], c * TAIL, j0, c, qi, d)
             with orelse():  # the last block: only the chunks holding keys (a decode step one past a
                 # block boundary reads one chunk, not KB keys); the lanes left are masked below
                 with U.serial(0, (n_keys - j0 + TAIL - 1) // TAIL) as c:
@@ -328,8 +329,8 @@ def emit_attend(slots: Sequence[Slot], scale, kt, v, out, *, bi, s, past, qk_dim
                         with U.vectorized(0, TAIL) as l:
                             U.store(chunk[qi], (l,), U.f32(0))
                     with U.serial(0, qk_dim) as d:
-                        for qi, sl in enumerate(slots):
-                            add_scores(chunk[qi], 0, j0, c, qi, sl, d)
+                        for qi in range(n):
+                            add_scores(chunk[qi], 0, j0, c, qi, d)
                     for qi in range(n):
                         with U.vectorized(0, TAIL) as l:
                             U.store(score[qi], (c * TAIL + l,), chunk[qi][l])
