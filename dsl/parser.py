@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 from lark import Lark, Transformer
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
+from mocompile.dsl import limits
 from mocompile.dsl.spec import ExpertGroup, FFNSpec, MLASpec, Modality, MoESpec, Spec, Variant
 from mocompile.dsl.variants import resolve_variant
 from mocompile.errors import SpecError
@@ -89,7 +90,8 @@ class _Block:
 
 
 class _ToAst(Transformer):
-    """Lark tree -> `_Block` / `_Entry` / `_Val`. Never raises: all checks come later."""
+    """Lark tree -> `_Block` / `_Entry` / `_Val`. Raises only for an integer too long to
+    read (`_read_int`); all other checks come later."""
 
     def start(self, items: list) -> list:
         return list(items)
@@ -108,7 +110,7 @@ class _ToAst(Transformer):
 
     def integer(self, items: list) -> _Val:
         (tok,) = items
-        return _Val("int", int(tok), tok.line, tok.column)
+        return _Val("int", _read_int(tok), tok.line, tok.column)
 
     def number(self, items: list) -> _Val:
         (tok,) = items
@@ -120,7 +122,7 @@ class _ToAst(Transformer):
 
     def expert_range(self, items: list) -> _Val:
         start, _dots, end = items
-        return _Val("range", (int(start), int(end)), start.line, start.column)
+        return _Val("range", (_read_int(start), _read_int(end)), start.line, start.column)
 
     def bracket_list(self, items: list) -> _Val:
         bracket, *values = items
@@ -146,6 +148,15 @@ class _Fail(Exception):
         self.message = message
         self.line = line
         self.column = column
+
+
+def _read_int(tok: Any) -> int:
+    """An INT token's value; past limits.MAX_INT_DIGITS digits (where Python's own int() limit
+    would raise ValueError) a located error instead."""
+    digits = len(tok.lstrip("-"))
+    if digits > limits.MAX_INT_DIGITS:
+        raise _Fail(f"integer of {digits} digits is too long (at most {limits.MAX_INT_DIGITS})", tok.line, tok.column)
+    return int(tok)
 
 
 def _fail_at(node: Any, message: str) -> _Fail:
@@ -253,37 +264,49 @@ def _syntax_error(err: UnexpectedInput) -> _Fail:
 # ---- value evaluation and types ------------------------------------------------------------
 
 
-def _evaluate(v: _Val) -> _Val:
-    """Expand list expressions: `[a] + [b] * 3` -> one list value (items keep positions)."""
+def _evaluate(v: _Val, key: str) -> _Val:
+    """Expand list expressions: `[a] + [b] * 3` -> one list value (items keep positions).
+    A list longer than limits.MAX_LAYERS is refused before it is built, naming `key`."""
     if v.kind == "list":
-        return _Val("list", [_evaluate(x) for x in v.data], v.line, v.column)
+        _check_length(len(v.data), key, v)
+        return _Val("list", [_evaluate(x, key) for x in v.data], v.line, v.column)
     if v.kind == "concat":
-        lhs, rhs = (_evaluate(x) for x in v.data)
+        lhs, rhs = (_evaluate(x, key) for x in v.data)
         for side in (lhs, rhs):
             if side.kind != "list":
                 raise _fail_at(side, f"'+' joins lists, found {_describe(side)}")
+        _check_length(len(lhs.data) + len(rhs.data), key, v)
         return _Val("list", lhs.data + rhs.data, lhs.line, lhs.column)
     if v.kind == "repeat":
-        lhs, count = (_evaluate(x) for x in v.data)
+        lhs, count = (_evaluate(x, key) for x in v.data)
         if lhs.kind != "list":
             raise _fail_at(lhs, f"'*' repeats a list, found {_describe(lhs)}")
         if count.kind != "int" or count.data < 0:
             raise _fail_at(count, f"repeat count must be a non-negative integer, found {_describe(count)}")
+        _check_length(len(lhs.data) * count.data, key, count)
         return _Val("list", lhs.data * count.data, lhs.line, lhs.column)
     return v
+
+
+def _check_length(n: int, key: str, at: _Val) -> None:
+    if n > limits.MAX_LAYERS:
+        raise _fail_at(at, f"'{key}' would have {n} items, more than the {limits.MAX_LAYERS} this compiler accepts")
 
 
 # A type turns a value into a Python value or raises a located error naming the key.
 TypeFn = Callable[[_Val, str], Any]
 
 
-def _int(minimum: int) -> TypeFn:
+def _int(minimum: int, maximum: int) -> TypeFn:
+    """An integer in [minimum, maximum]; maximum is one of the bounds in limits.py."""
     def convert(v: _Val, key: str) -> int:
         if v.kind != "int":
             raise _fail_at(v, f"'{key}' expects an integer, found {_describe(v)}")
         if v.data < minimum:
             need = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
             raise _fail_at(v, f"'{key}' must be {need}, found {v.data}")
+        if v.data > maximum:
+            raise _fail_at(v, f"'{key}' = {v.data} is more than the {maximum} this compiler accepts")
         return v.data
 
     return convert
@@ -366,15 +389,20 @@ class Key(NamedTuple):
     required: bool = False
 
 
-_POS = _int(1)
+# Each size is bounded (limits.py) so a huge number fails here, before anything uses it.
+_HIDDEN = _int(1, limits.MAX_HIDDEN)
+_FFN_HIDDEN = _int(1, limits.MAX_FFN_HIDDEN)
+_HEADS = _int(1, limits.MAX_HEADS)
+_VOCAB = _int(1, limits.MAX_VOCAB)
+_EXPERTS = _int(1, limits.MAX_EXPERTS)
 _ACTIVATION = _enum("silu", "gelu")
 
 MODEL_KEYS: dict[str, Key] = {
-    "hidden": Key(_POS, required=True),
-    "heads": Key(_POS, required=True),
-    "kv_heads": Key(_POS),  # default: heads
-    "head_dim": Key(_POS),  # default: hidden // heads
-    "max_seq": Key(_POS, required=True),
+    "hidden": Key(_HIDDEN, required=True),
+    "heads": Key(_HEADS, required=True),
+    "kv_heads": Key(_HEADS),  # default: heads
+    "head_dim": Key(_HIDDEN),  # default: hidden // heads
+    "max_seq": Key(_int(1, limits.MAX_SEQ), required=True),
     "norm": Key(_enum("rmsnorm", "layernorm"), "rmsnorm"),
     "norm_eps": Key(_positive_float, 1e-5),
     "rope_theta": Key(_positive_float, 10000.0),
@@ -384,11 +412,11 @@ MODEL_KEYS: dict[str, Key] = {
     "qk_norm": Key(_enum("none", "whole", "per_head"), "none"),
     "attention": Key(_enum("gqa", "mla"), "gqa"),
     # latent attention (attention = mla) only; see MLA_KEYS
-    "q_lora_rank": Key(_int(0), 0),
-    "kv_lora_rank": Key(_POS),
-    "qk_nope_head_dim": Key(_POS),
-    "qk_rope_head_dim": Key(_POS),
-    "v_head_dim": Key(_POS),
+    "q_lora_rank": Key(_int(0, limits.MAX_HIDDEN), 0),
+    "kv_lora_rank": Key(_HIDDEN),
+    "qk_nope_head_dim": Key(_HIDDEN),
+    "qk_rope_head_dim": Key(_HIDDEN),
+    "v_head_dim": Key(_HIDDEN),
     "layers": Key(_name_list, required=True),
 }
 MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
@@ -396,29 +424,29 @@ _MLA_REQUIRED = MLA_KEYS[1:]
 
 # Exactly one of vocab / features is checked separately (neither is required alone).
 MODALITY_KEYS: dict[str, Key] = {
-    "vocab": Key(_POS),
-    "features": Key(_POS),
+    "vocab": Key(_VOCAB),
+    "features": Key(_VOCAB),
 }
 
 FFN_KEYS: dict[str, Key] = {
-    "hidden": Key(_POS, required=True),
+    "hidden": Key(_FFN_HIDDEN, required=True),
     "activation": Key(_ACTIVATION, "silu"),
     "gated": Key(_bool, True),
 }
 
 MOE_KEYS: dict[str, Key] = {
-    "experts": Key(_POS, required=True),
-    "top_k": Key(_POS, required=True),
-    "expert_hidden": Key(_POS, required=True),
+    "experts": Key(_EXPERTS, required=True),
+    "top_k": Key(_EXPERTS, required=True),
+    "expert_hidden": Key(_FFN_HIDDEN, required=True),
     "activation": Key(_ACTIVATION, "silu"),
     "gated": Key(_bool, True),
-    "shared_experts": Key(_int(0), 0),
-    "shared_hidden": Key(_POS),  # default: expert_hidden
+    "shared_experts": Key(_int(0, limits.MAX_EXPERTS), 0),
+    "shared_hidden": Key(_FFN_HIDDEN),  # default: expert_hidden
     "scoring": Key(_enum("softmax", "sigmoid"), "softmax"),
     "normalize_topk": Key(_bool, True),
     "routed_scale": Key(_positive_float, 1.0),
-    "n_group": Key(_POS, 1),
-    "topk_group": Key(_POS, 1),
+    "n_group": Key(_EXPERTS, 1),
+    "topk_group": Key(_EXPERTS, 1),
     "group_score": Key(_enum("top2_sum", "max"), "top2_sum"),
     "score_bias": Key(_bool, False),
     "shared_gate": Key(_bool, False),
@@ -427,8 +455,8 @@ MOE_KEYS: dict[str, Key] = {
 
 VARIANT_KEYS: dict[str, Key] = {
     "layers": Key(_layer_selection),
-    "experts": Key(_POS),
-    "top_k": Key(_POS),
+    "experts": Key(_EXPERTS),
+    "top_k": Key(_EXPERTS),
 }
 
 # Block kinds allowed inside `model { }` and their keys. `group <modality> = a..b` is the
@@ -514,7 +542,7 @@ class _Checker:
                     entry, f"duplicate key '{entry.key}' in {what} (first set at line {seen[entry.key].line})"
                 )
             seen[entry.key] = entry
-            values[entry.key] = schema[entry.key].type(_evaluate(entry.value), entry.key)
+            values[entry.key] = schema[entry.key].type(_evaluate(entry.value, entry.key), entry.key)
         missing = [k for k, spec in schema.items() if spec.required and k not in seen]
         if missing:
             keys = ", ".join(f"'{k}'" for k in missing)
@@ -717,7 +745,7 @@ class _Checker:
                     f"{_suggest(entry.qualifier or '', known)}; known modalities: {', '.join(known) or 'none'}",
                     entry.q_line, entry.q_column,
                 )
-            start, end = _range(_evaluate(entry.value), f"group {entry.qualifier}")
+            start, end = _range(_evaluate(entry.value, f"group {entry.qualifier}"), f"group {entry.qualifier}")
             groups.append(ExpertGroup(entry.qualifier, start, end))
         values = dict(read.values)
         if values["shared_hidden"] is None:
@@ -925,7 +953,9 @@ def parse_spec(text: str, source: str = "<string>") -> Spec:
             raise _syntax_error(err) from None
         try:
             entries = _ToAst().transform(tree)
-        except VisitError as err:  # not expected: the transformer does not raise
+        except VisitError as err:  # the transformer raises only _Fail (an over-long integer)
+            if isinstance(err.orig_exc, _Fail):
+                raise err.orig_exc from None
             raise _Fail(f"internal parser error: {err.orig_exc}", 1, 1) from None
         return _Checker().check(entries, source)
     except _Fail as fail:

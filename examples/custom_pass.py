@@ -23,6 +23,8 @@ class FlopsReport(Pass):
 
     It changes nothing; a pass that rewrites the graph works the same way: mutate the graph
     it is given (a private copy) and return it. The verifier runs after it either way.
+    Its options are the annotated parameters of __init__: the pipeline parser reads and
+    checks them from those (`flops-report(seq=long)`: option 'seq' expects an integer).
     """
 
     def __init__(self, batch: int = 1, seq: int = 1) -> None:

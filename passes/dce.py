@@ -26,6 +26,8 @@ def drop_dead_weights(graph: Graph) -> list[str]:
 
 @register_pass("dce")
 class DeadCodeElimination(Pass):
+    """Drop the nodes and weights no graph output depends on."""
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         live = live_values(graph)
         dead_nodes = [n for n in graph.nodes if not any(id(v) in live for v in n.outputs)]

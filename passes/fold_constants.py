@@ -14,6 +14,8 @@ from mocompile.passes.dce import drop_dead_weights
 
 @register_pass("fold-constants")
 class FoldConstants(Pass):
+    """Compute nodes whose inputs are all weights at compile time; keep low-bit dequantization."""
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         constant = {id(v): graph.weights[name] for name, v in graph.params.items()}
         folded = []

@@ -15,5 +15,7 @@ from mocompile.pass_manager import Pass, PassContext, PassResult, register_pass
 
 @register_pass("check-isolation")
 class CheckIsolation(Pass):
+    """Report whether any sample of a batch can influence another's output (graph unchanged)."""
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         return PassResult(graph, {"isolation": analyze(graph).to_json()})

@@ -36,7 +36,7 @@ unless `allow_batch_leak=true`, and the report and the isolation verdict both sa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -192,12 +192,17 @@ def accuracy_report(before: Graph, after: Graph, inputs: list[dict[str, np.ndarr
 
 @register_pass("quantize")
 class Quantize(Pass):
-    """See the module docstring for the options."""
+    """Low-bit weights (int8 per channel, int4 group-wise), optionally int8 activations (W8A8).
+
+    The options are described in the module docstring; their annotations are what the
+    pipeline parser checks (see `Pass`).
+    """
 
     preserves_semantics = False  # the compiler then checks the artifact against the IR interpreter
 
-    def __init__(self, w: str = "int8", group: int = 0, a: str | None = None, calib: int = 16, seq: int = 16,
-                 skip: Any = (), router: bool = False, dynamic: str | None = None, smooth: float | None = None,
+    def __init__(self, w: Literal["int8", "int4"] = "int8", group: int = 0, a: Literal["int8"] | None = None,
+                 calib: int = 16, seq: int = 16, skip: tuple[str, ...] = (), router: bool = False,
+                 dynamic: Literal["token", "tensor"] | None = None, smooth: float | None = None,
                  allow_batch_leak: bool = False, seed: int = 0) -> None:
         if w not in ("int8", "int4"):
             raise MocompileError(f"quantize: w must be int8 or int4, got {w!r}")
