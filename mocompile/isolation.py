@@ -69,7 +69,7 @@ class IsolationReport:
     sample_ids: str | None = None
     seconds: float = 0.0  # the static analysis alone
     witness: dict[str, Any] | None = None  # leaks: sample i's output changes when only sample j changes
-    differential: dict[str, Any] | None = None  # compiled artifact: the others bit for bit when one sample changes
+    differential: dict[str, Any] | None = None  # compiled artifact: the others bit for bit as each sample changes
     states: dict[str, BatchState] = field(default_factory=dict, repr=False)  # every value's abstract state
 
     @staticmethod
@@ -120,8 +120,7 @@ class IsolationReport:
             if f.chain:
                 lines.append(f"    chain to output %{f.outputs[0]}: {' -> '.join(f.chain)}")
             if f.witness:
-                lines.append(f"    at this op: sample {f.witness['observed_sample']} changed by "
-                             f"{f.witness['max_change']:.3g}")
+                lines.append(f"    at this op: {_op_change(f.witness)}")
         if self.witness:
             w = self.witness
             if w.get("changed"):
@@ -131,23 +130,64 @@ class IsolationReport:
                 lines.append(f"  witness: no change of another sample's output found ({w.get('note', '')})")
         if self.differential:
             d = self.differential
-            lines.append(f"  compiled artifact: sample {d['perturbed_sample']} replaced; samples "
-                         f"{d['compared_samples']} {_differential_outcome(d)}")
+            lines.append(f"  differential run: {_differential_outcome(d, self.verdict)}")
             step = d.get("cached_step")
             if step:
-                lines.append(f"  cached step (KV cache: prefill of {step['prompt']} tokens and any other segments, then one "
-                             "token at a time): "
-                             f"samples {step['compared_samples']} {_differential_outcome(step)}")
+                lines.append(f"  differential run, cached step (KV cache: prefill of {step['prompt']} tokens and any "
+                             f"other segments, then one token at a time): {_differential_outcome(step, self.verdict)}")
         return "\n".join(lines)
 
 
-def _differential_outcome(d: Mapping[str, Any]) -> str:
+def _op_change(w: Mapping[str, Any]) -> str:
+    """How much a leak's own op output moved in the witness runs. A leak op that did not
+    move (its batch-wide statistic held by an unchanged sample) says so instead of
+    printing a change of 0; manifests written before `changed` was recorded count any
+    nonzero change as one."""
+    i, change = w["observed_sample"], w["max_change"]
+    when = f" when {w['perturbation']}" if w.get("perturbation") else ""
+    if w.get("changed", change > 0):
+        return f"sample {i} changed by {change:.3g}{when}"
+    if change == 0:
+        tried = "any perturbation tried" if "changed" in w else "the witness's perturbation"
+        return (f"sample {i} did not change under {tried} (the static analysis still finds that it depends on "
+                "the other samples; these inputs do not show it)")
+    return (f"sample {i} changed only by {change:.3g} (relative {w.get('relative_change', 0.0):.2g}), "
+            f"float-rounding level{when}")
+
+
+def _differential_outcome(d: Mapping[str, Any], verdict: str) -> str:
+    """One sentence on a differential run (`witness.differential_search`): which replacement
+    changed which sample by how much, or every replacement tried when none changed anything.
+    A model the static analysis found leaky is never reported plain "identical"."""
+    tried = d.get("tried")
+    if tried is None:  # one replacement of `perturbed_sample` (`differential_check` of an older record)
+        tried = [f"sample {d['perturbed_sample']} replaced"]
+    if not tried:
+        return "no replacement applies to these inputs, nothing was compared"
+    if not d.get("outputs"):
+        return "no output has a batch axis, nothing was compared"
+    listed = ", ".join(tried)
+    on = f" on {d['inputs']}" if d.get("inputs") else ""
     if d["bitwise_identical"]:
-        return "bit for bit identical"
+        if verdict == "leaks":
+            return (f"no replacement changed another sample (tried{on}: {listed}), although the static analysis "
+                    "found a leak: these replacements are no witness of it in the compiled code")
+        return f"every replacement left the other samples bit for bit identical (tried{on}: {listed})"
     rel = d.get("relative_diff", 1.0)
-    why = (": rounding-level, the summation order of some kernel depends on the rest of the batch (e.g. how many "
-           "tokens each expert gets), though no value flows between samples") if rel < RELATIVE_ROUNDING else ""
-    return f"DIFFERENT (max {d['max_abs_diff']:.3g}, relative {rel:.2g}){why}"
+    what = f"replacing sample {d['perturbed_sample']}" + (f" ({d['phrase']})" if d.get("phrase") else "")
+    whom = (f"sample {d['observed_sample']}'s {d['output']}" if d.get("output") else
+            f"samples {d['compared_samples']}")
+    text = f"{what} changes {whom} by {d['max_abs_diff']:.3g} (relative {rel:.2g}): DIFFERENT"
+    if rel < RELATIVE_ROUNDING:
+        text += (", rounding-level: the summation order of some kernel depends on the rest of the batch (e.g. how "
+                 "many tokens each expert gets), though no value flows between samples")
+    elif verdict == "isolated":
+        text += ", although the static analysis proved isolation: the compiled code mixes samples"
+    elif verdict == "leaks":
+        text += ", the leak the static analysis found shows in the compiled code"
+    if len(tried) > 1:  # the replacements before it changed nothing
+        text += f" (before it, {', '.join(tried[:-1])} left the other samples identical)"
+    return text
 
 
 def describe_axes(state: BatchState) -> str:

@@ -4,15 +4,17 @@
   interpreter; sample i's output changes. It is tried with a few perturbations of sample j
   (scaled up, made a copy of sample i so the two compete for the same experts, redrawn)
   in both orders of (i, j), and the first that shows the leak is reported with its numbers.
-- The differential check of a compiled artifact: replace one sample, compare every other
-  sample's outputs bit for bit (catches a backend that batches samples into one kernel
-  unsafely, which the IR-level proof cannot see).
+- The differential check of a compiled artifact: replace one sample at a time (the same
+  kinds of perturbation, planned by `mocompile.artifact_isolation`), compare every other
+  sample's outputs bit for bit (shows a proven leak in the compiled code, and catches a
+  backend that batches samples into one kernel unsafely, which the IR-level proof cannot see).
 
 Neither is a proof of isolation: that is the static analysis (`mocompile.isolation`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -22,6 +24,7 @@ from mocompile.ir.graph import Graph
 from mocompile.ir.interpreter import bind_inputs, run
 from mocompile.ir.types import eval_dim
 from mocompile.isolation import RELATIVE_ROUNDING, IsolationReport
+
 PERTURBATIONS = ("scale", "copy", "random")
 
 Selector = tuple[Any, ...]
@@ -116,7 +119,12 @@ def _sample_change(report: IsolationReport, name: str, base: np.ndarray, new: np
 def find_witness(graph: Graph, report: IsolationReport, inputs: Mapping[str, np.ndarray], seed: int = 0,
                  int_high: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Run the interpreter on batches that differ only in sample j until sample i's output
-    changes; record the numbers in `report.witness` (and per leak, the change right at its op)."""
+    changes; record the numbers in `report.witness` (and per leak, the change right at its op).
+
+    A leak's own op may not move under the perturbation that shows the output change (a
+    batch-wide max stays put when the sample holding it is not the one changed), so the
+    remaining perturbations keep running until every leak's op has changed or all were
+    tried; a leak whose op never changed records `changed: False` rather than a bare 0."""
     env = bind_inputs(graph, inputs)
     labels = np.asarray(inputs[report.sample_ids]).reshape(-1) if report.sample_ids else None
     samples = _batch_size(report, inputs, labels)
@@ -128,57 +136,159 @@ def find_witness(graph: Graph, report: IsolationReport, inputs: Mapping[str, np.
     with np.errstate(all="ignore"):  # perturbed samples may overflow; that is not the point
         base = run(graph, inputs, watch)
     rng = np.random.default_rng(seed)
-    best: dict[str, Any] = {"changed": False, "max_change": 0.0, "note": "tried every perturbation"}
+    best: dict[str, Any] = {"changed": False, "max_change": 0.0}
+    pending = [f for f in report.leaks if f.value in base]  # leaks whose op has not changed yet
+    tried: list[str] = []
     for i, j in ((samples[-1], samples[0]), (samples[0], samples[-1])):
         for kind in PERTURBATIONS:
             trial = _changed_inputs(report, inputs, i, j, kind, env, labels, rng, int_high or {})
             if trial is None:
                 continue
+            tried.append(trial[1])
             with np.errstate(all="ignore"):
                 new = run(graph, trial[0], watch)
-            for out in graph.outputs:
-                change, scale = _sample_change(report, out.name, base[out.name], new[out.name], i, env, labels)
-                if change > best["max_change"] or not best.get("perturbation"):
-                    best = {"changed": change > RELATIVE_ROUNDING * max(scale, 1e-30), "perturbed_sample": j,
-                            "observed_sample": i, "perturbation": trial[1], "output": out.name,
-                            "max_change": change, "relative_change": change / max(scale, 1e-30)}
-            if best["changed"]:
-                for f in report.leaks:
-                    if f.value in base:
-                        change, _ = _sample_change(report, f.value, base[f.value], new[f.value], i, env, labels)
-                        f.witness = {"observed_sample": i, "max_change": change}
-                report.witness = best
-                return best
+            if not best["changed"]:
+                for out in graph.outputs:
+                    change, scale = _sample_change(report, out.name, base[out.name], new[out.name], i, env, labels)
+                    if change > best["max_change"] or not best.get("perturbation"):
+                        best = {"changed": change > RELATIVE_ROUNDING * max(scale, 1e-30), "perturbed_sample": j,
+                                "observed_sample": i, "perturbation": trial[1], "kind": kind, "output": out.name,
+                                "max_change": change, "relative_change": change / max(scale, 1e-30)}
+            for f in list(pending):
+                change, scale = _sample_change(report, f.value, base[f.value], new[f.value], i, env, labels)
+                changed = change > RELATIVE_ROUNDING * max(scale, 1e-30)
+                if changed or f.witness is None or change > f.witness["max_change"]:
+                    f.witness = {"observed_sample": i, "perturbed_sample": j, "perturbation": trial[1],
+                                 "changed": changed, "max_change": change,
+                                 "relative_change": change / max(scale, 1e-30)}
+                if changed:
+                    pending.remove(f)
+            if best["changed"] and not pending:
+                break
+        if best["changed"] and not pending:
+            break
+    if not best["changed"]:
+        best["note"] = "tried: " + "; ".join(tried) if tried else "no perturbation applies to these inputs"
     report.witness = best
     return best
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One sample of a batch changed, every other sample left alone: `kind` is one of
+    PERTURBATIONS; a copy takes the rows of sample `source` (so the two compete for the same
+    experts and batch-wide statistics); `draw` tells redraws of the same sample apart."""
+
+    sample: int
+    kind: str
+    source: int | None = None
+    draw: int = 0
+
+    def label(self, integer: bool) -> str:
+        """For a list of what was tried: "sample 0 scaled", "sample 0 copied from 1"."""
+        if self.kind == "copy":
+            return f"sample {self.sample} copied from {self.source}"
+        if self.kind == "scale" and not integer:
+            return f"sample {self.sample} scaled"
+        return f"sample {self.sample} redrawn" + (f" (draw {self.draw + 1})" if self.draw else "")
+
+    def phrase(self, integer: bool) -> str:
+        """What sample `sample` became: "copy of sample 0", "scaled by 100", "redrawn"."""
+        if self.kind == "copy":
+            return f"copy of sample {self.source}"
+        return "scaled by 100" if self.kind == "scale" and not integer else "redrawn"
+
+
+def is_integer_batch(inputs: Mapping[str, np.ndarray], input_axes: Mapping[str, int | None]) -> bool:
+    """Whether every batched input is integer or boolean (token ids): "scale" then redraws, like "random"."""
+    batched = [a for n, a in inputs.items() if input_axes.get(n) is not None]
+    return bool(batched) and all(np.asarray(a).dtype.kind in "biu" for a in batched)
+
+
+def replace_sample(inputs: Mapping[str, np.ndarray], input_axes: Mapping[str, int | None], r: Replacement,
+                   seed: int = 0, int_high: Mapping[str, int] | None = None,
+                   rng: np.random.Generator | None = None) -> dict[str, np.ndarray] | None:
+    """`inputs` with sample `r.sample` of every batched input changed as `r` says (integer
+    inputs stay in [0, high)); None when the replacement does not apply (a copy of rows of
+    another length). Redraws come from `rng`, by default one seeded by `seed` and the
+    replacement itself, so a plan's draws do not depend on what ran before them."""
+    rng = rng or np.random.default_rng([seed, r.sample, r.draw, PERTURBATIONS.index(r.kind)])
+    out = dict(inputs)
+    for name, a in inputs.items():
+        axis = input_axes.get(name)
+        if axis is None:
+            continue
+        sel = sample_selector(a.shape, BatchAxis(axis), r.sample, {}, None)
+        src = sel if r.source is None else sample_selector(a.shape, BatchAxis(axis), r.source, {}, None)
+        changed = perturb(a, sel, src, r.kind, rng, (int_high or {}).get(name))
+        if changed is None:
+            return None
+        out[name] = changed[0]
+    return out
+
+
+def compare_others(base: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray],
+                   output_axes: Mapping[str, int | None], perturbed: int, batch: int) -> dict[str, Any]:
+    """Every sample but `perturbed`, output by output, before and after: whether all are bit
+    for bit identical, the largest change and which sample and output it is in."""
+    others = [s for s in range(batch) if s != perturbed]
+    diffs: dict[str, float] = {}
+    scale, worst, where = 0.0, 0.0, (others[0] if others else None, None)
+    for name, a in base.items():
+        axis = output_axes.get(name)
+        if axis is None:
+            continue
+        for s in others:
+            before, after = np.take(a, s, axis=axis), np.take(new[name], s, axis=axis)
+            change = max_change(before, after)
+            diffs[name] = max(diffs.get(name, 0.0), change)
+            if change > worst or where[1] is None:
+                worst, where = max(worst, change), (s, name)
+            finite = np.abs(before[np.isfinite(before)])
+            scale = max(scale, float(finite.max()) if finite.size else 0.0)
+    return {"perturbed_sample": perturbed, "compared_samples": others, "outputs": diffs,
+            "bitwise_identical": all(d == 0.0 for d in diffs.values()) and bool(diffs),
+            "max_abs_diff": worst, "relative_diff": worst / max(scale, 1e-30),
+            "observed_sample": where[0], "output": where[1]}
+
+
+def differential_search(run_fn: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
+                        inputs: Mapping[str, np.ndarray], input_axes: Mapping[str, int | None],
+                        output_axes: Mapping[str, int | None], plan: Sequence[Replacement], seed: int = 0,
+                        int_high: Mapping[str, int] | None = None,
+                        rng: np.random.Generator | None = None) -> dict[str, Any]:
+    """Run `inputs` once, then each replacement of `plan` in turn, until one changes another
+    sample's outputs (a compiled artifact's leak shown, or a backend bug) or the plan is done.
+
+    The result is the compare_others() entry of the replacement that changed something (the
+    last one tried when none did), with `replacement` (its label), `phrase` (what the sample
+    became) and `tried` (the labels of every replacement run, in order); `bitwise_identical`
+    is True only when every replacement left every other sample bit for bit identical.
+    `rng`, if given, draws every replacement's random values in turn (see replace_sample)."""
+    batch = next(a.shape[input_axes[n]] for n, a in inputs.items() if input_axes.get(n) is not None)
+    integer = is_integer_batch(inputs, input_axes)
+    base = run_fn(dict(inputs))
+    tried: list[str] = []
+    result: dict[str, Any] = {"bitwise_identical": False, "outputs": {}, "max_abs_diff": 0.0, "relative_diff": 0.0}
+    for r in plan:
+        changed = replace_sample(inputs, input_axes, r, seed, int_high, rng)
+        if changed is None:
+            continue
+        tried.append(r.label(integer))
+        result = {**compare_others(base, run_fn(changed), output_axes, r.sample, batch),
+                  "replacement": r.label(integer), "phrase": r.phrase(integer)}
+        if not result["bitwise_identical"]:
+            break
+    return {**result, "tried": tried}
 
 
 def differential_check(run_fn: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
                        inputs: Mapping[str, np.ndarray], input_axes: Mapping[str, int | None],
                        output_axes: Mapping[str, int | None], perturbed: int = 0, seed: int = 0,
                        int_high: Mapping[str, int] | None = None) -> dict[str, Any]:
-    """Replace sample `perturbed` of every batched input and compare every other sample's
-    outputs bit for bit (for a compiled artifact; `run_fn` maps inputs to outputs)."""
-    rng = np.random.default_rng(seed)
-    changed = dict(inputs)
-    batch = next(a.shape[input_axes[n]] for n, a in inputs.items() if input_axes.get(n) is not None)
-    for name, a in inputs.items():
-        axis = input_axes.get(name)
-        if axis is not None:
-            sel = sample_selector(a.shape, BatchAxis(axis), perturbed, {}, None)
-            changed[name] = perturb(a, sel, sel, "random", rng, (int_high or {}).get(name))[0]
-    base, new = run_fn(dict(inputs)), run_fn(changed)
-    others = [s for s in range(batch) if s != perturbed]
-    diffs, scale = {}, 0.0
-    for name, a in base.items():
-        axis = output_axes.get(name)
-        if axis is None:
-            continue
-        keep = np.take(a, others, axis=axis), np.take(new[name], others, axis=axis)
-        diffs[name] = max_change(*keep)
-        finite = np.abs(keep[0][np.isfinite(keep[0])])
-        scale = max(scale, float(finite.max()) if finite.size else 0.0)
-    worst = max(diffs.values(), default=0.0)
-    return {"perturbed_sample": perturbed, "compared_samples": others, "outputs": diffs,
-            "bitwise_identical": all(d == 0.0 for d in diffs.values()) and bool(diffs),
-            "max_abs_diff": worst, "relative_diff": worst / max(scale, 1e-30)}
+    """One random replacement of sample `perturbed` (drawn from numpy's generator seeded by
+    `seed`), every other sample's outputs compared bit for bit. A single random redraw can
+    miss a leak (a batch-wide max held by another sample does not move); artifacts are
+    checked with a targeted plan instead (`mocompile.artifact_isolation`)."""
+    return differential_search(run_fn, inputs, input_axes, output_axes, [Replacement(perturbed, "random")],
+                               seed, int_high, np.random.default_rng(seed))

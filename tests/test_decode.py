@@ -260,7 +260,7 @@ def test_check_isolation_replays_the_cached_step_bit_for_bit(artifacts, capsys):
     assert main(["check-isolation", str(art.path), "--seq", "7"]) == 0
     out = capsys.readouterr().out
     assert ("cached step (KV cache: prefill of 4 tokens and any other segments, then one token at a time): "
-            "samples [1, 2] bit for bit identical") in out
+            "every replacement left the other samples bit for bit identical") in out
     with pytest.raises(ValueError, match=r"the prompt must cover 1\.\.7 positions \(got 0\)"):
         art.run_cached(inputs, 0)
 
