@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 from mocompile.dsl.hf_import import DENSE, HFCheckpoint
 from mocompile.dsl.spec import MLASpec, MoESpec, Spec
 from mocompile.errors import MocompileError
+from mocompile.files import write_atomically
 
 if TYPE_CHECKING:  # torch is imported only when weights are actually read
     import torch
@@ -316,12 +317,14 @@ def save_weights(model: "torch.nn.Module", path: str | Path) -> None:
         t = t.detach()
         tensors[name] = t.clone() if t.data_ptr() in seen else t.contiguous()
         seen.add(t.data_ptr())
-    if not Path(path).parent.is_dir():
-        raise MocompileError(f"{path}: cannot write the weights (no directory {Path(path).parent})")
-    try:
-        save_file(tensors, str(path))
-    except Exception as e:  # safetensors wraps I/O failures in its own error type
-        raise MocompileError(f"{path}: cannot write the weights ({e})") from None
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp))
+        except Exception as e:  # safetensors wraps I/O failures in its own error type
+            raise MocompileError(f"{path}: cannot write the weights ({e})") from None
+
+    write_atomically(path, write, "weights")
 
 
 def check_checkpoint(ckpt: HFCheckpoint) -> None:

@@ -1,6 +1,8 @@
-"""The `mocompile` command. Every user-facing failure is one line on stderr and exit 1
-(`check-isolation` exits 3 when the model leaks between samples or isolation is unknown);
-set MOCOMPILE_DEBUG=1 to see the traceback of an internal error."""
+"""The `mocompile` command. Every user-facing failure is one line on stderr and exit 1; a
+usage error (an unknown option, a negative count) exits 2 before any work starts;
+`check-isolation` exits 3 when the model leaks between samples or isolation is unknown; an
+internal error (a compiler bug) exits 70; a closed stdout (`| head`) ends quietly with 141. Set MOCOMPILE_DEBUG=1 to see the traceback of
+an internal error and TVM's own log lines."""
 
 from __future__ import annotations
 
@@ -12,18 +14,47 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mocompile.errors import MocompileError
+from mocompile.native_log import native_log_filter
 
 EXIT_NOT_ISOLATED = 3  # check-isolation: the model leaks between samples, or isolation could not be shown
+EXIT_INTERNAL = 70  # a compiler bug (BSD's EX_SOFTWARE), told apart from argparse's usage errors (2)
+EXIT_BROKEN_PIPE = 141  # stdout closed by its reader (128 + SIGPIPE, what a shell reports for cat | head)
+
+
+def _integer(low: int) -> Any:
+    """An argparse type: an integer of at least `low`, so a bad value fails before any work."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+POSITIVE, COUNT = _integer(1), _integer(0)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line: `mocompile: error: ...`, exit 2."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_shape_args(p: argparse.ArgumentParser, batch: int, seq: int) -> None:
-    p.add_argument("--batch", type=int, default=batch, help=f"batch size (default {batch})")
-    p.add_argument("--seq", type=int, default=seq, help=f"positions per input segment (default {seq})")
+    p.add_argument("--batch", type=POSITIVE, default=batch, help=f"batch size (default {batch})")
+    p.add_argument("--seq", type=POSITIVE, default=seq, help=f"positions per input segment (default {seq})")
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mocompile", description="Compile mixture-of-experts models.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="mocompile", description="Compile mixture-of-experts models.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compile", help="compile a .moe spec or a Hugging Face checkpoint into an artifact directory")
     c.add_argument("spec", help="a .moe spec file, or a Hugging Face checkpoint directory (config.json + safetensors)")
@@ -32,9 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--variant", help="elastic sub-model declared in the spec")
     c.add_argument("--passes", default="", help='pass pipeline, e.g. "dce,fold-constants"')
     c.add_argument("--weights", help="safetensors file with the full model's weights (default: from --seed)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the deterministic weights and test inputs")
+    c.add_argument("--seed", type=COUNT, default=0, help="seed of the deterministic weights and test inputs")
     c.add_argument("--plugin", action="append", default=[], help="Python file registering extra passes")
-    c.add_argument("--tune", type=int, default=0, metavar="N",
+    c.add_argument("--tune", type=COUNT, default=0, metavar="N",
                    help="spend N measured trials tuning the matmul kernels on this machine (MetaSchedule for the "
                         "dense ones, a tile search for the per-expert ones) and keep the fastest (the tuning "
                         "database is saved in the artifact and reused when compiling into the same directory)")
@@ -50,9 +81,9 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run an artifact on random inputs and time it")
     r.add_argument("artifact")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--repeat", type=int, default=10, help="timed calls (default 10)")
-    r.add_argument("--generate", type=int, default=0, metavar="N",
+    r.add_argument("--seed", type=COUNT, default=0)
+    r.add_argument("--repeat", type=POSITIVE, default=10, help="timed calls (default 10)")
+    r.add_argument("--generate", type=COUNT, default=0, metavar="N",
                    help="greedy-decode N tokens after a random prompt of --seq tokens, through the KV cache")
     _add_shape_args(r, 1, 8)
 
@@ -61,9 +92,13 @@ def _parser() -> argparse.ArgumentParser:
                                 "artifact directory (recorded verdict, differential run)")
     b.add_argument("--variant", help="with a spec: the elastic sub-model to check")
     b.add_argument("--passes", default="", help="with a spec: pass pipeline to run before the check")
-    b.add_argument("--seed", type=int, default=0, help="seed of the weights and test inputs")
+    b.add_argument("--plugin", action="append", default=[], help="Python file registering extra passes")
+    b.add_argument("--seed", type=COUNT, default=0, help="seed of the weights and test inputs")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_shape_args(b, 3, 8)
+
+    pl = sub.add_parser("passes", help="list the passes a pipeline may use, with their options")
+    pl.add_argument("--plugin", action="append", default=[], help="Python file registering extra passes")
 
     i = sub.add_parser("inspect", help="summarise a spec or an artifact")
     i.add_argument("path", help="a .moe spec, a Hugging Face checkpoint directory or an artifact directory")
@@ -75,9 +110,6 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_compile(a: argparse.Namespace) -> int:
     from mocompile.compiler import compile, stderr_progress
 
-    for name, value in (("--batch", a.batch), ("--seq", a.seq)):
-        if value < 1:
-            raise MocompileError(f"{name} must be at least 1 (got {value})")
     art = compile(a.spec, target=a.target, passes=a.passes, out_dir=a.out, variant=a.variant, weights=a.weights,
                   seed=a.seed, batch=a.batch, seq=a.seq, plugins=tuple(a.plugin), progress=stderr_progress,
                   require_isolation=a.require_isolation, tune=a.tune, tuning_db=a.tuning_db)
@@ -106,9 +138,16 @@ def cmd_import_hf(a: argparse.Namespace) -> int:
     """Import a checkpoint: the spec always, checked against the weights' headers; the
     weights themselves (streamed through the reference model) only with --weights."""
     from mocompile.dsl.hf_import import import_checkpoint, spec_text
+    from mocompile.files import refuse_overwriting_inputs, write_atomically
 
     ckpt = import_checkpoint(a.checkpoint)
+    out = Path(a.out)
+    read = [p for p in Path(a.checkpoint).iterdir() if p.is_file()]  # config, weights, index, tokenizer
+    refuse_overwriting_inputs(out, read, "the spec")
     if a.weights:
+        refuse_overwriting_inputs(Path(a.weights), read, "the weights")
+        if Path(a.weights).expanduser().resolve() == out.expanduser().resolve():
+            raise MocompileError(f"{out}: given as both the spec (-o) and the --weights file; name two files")
         from mocompile.dsl.hf_weights import build_hf_model, save_weights
 
         save_weights(build_hf_model(ckpt), a.weights)
@@ -116,11 +155,7 @@ def cmd_import_hf(a: argparse.Namespace) -> int:
         from mocompile.dsl.hf_weights import check_checkpoint
 
         check_checkpoint(ckpt)
-    out = Path(a.out)
-    try:
-        out.write_text(spec_text(ckpt), encoding="utf-8")
-    except OSError as e:
-        raise MocompileError(f"{out}: cannot write the spec ({e.strerror or e})") from None
+    write_atomically(out, lambda tmp: tmp.write_text(spec_text(ckpt), encoding="utf-8"), "spec")
     print(f"imported {ckpt.architecture} ({ckpt.family.name}, {len(ckpt.spec.layers)} layers) -> {out}")
     if a.weights:
         print(f"weights -> {a.weights} (compile with: mocompile compile {out} --weights {a.weights} -o OUT)")
@@ -129,28 +164,10 @@ def cmd_import_hf(a: argparse.Namespace) -> int:
 
 def _artifact_isolation(a: argparse.Namespace):
     """The verdict recorded at compile time, plus a differential run of the compiled code."""
-    from mocompile.isolation import Finding, IsolationReport
-    from mocompile.isolation_check import input_axes_of
-    from mocompile.runtime import load, random_inputs
-    from mocompile.witness import differential_check
+    from mocompile.artifact_isolation import check_artifact
+    from mocompile.runtime import load
 
-    art = load(a.path)
-    recorded = art.manifest.get("isolation")
-    report = IsolationReport.from_json(recorded) if recorded else IsolationReport(
-        "unknown", [Finding("unknown", "", "", "", "the artifact records no isolation verdict", [], [])], {}, {})
-    sig = art.signature
-    inputs = random_inputs(sig, a.batch, a.seq, a.seed)
-    axes = (input_axes_of({t.name: t.shape for t in sig.inputs}), input_axes_of({t.name: t.shape for t in sig.outputs}))
-    high = {t.name: t.high for t in sig.inputs if t.high}
-    try:
-        report.differential = differential_check(art.run, inputs, *axes, perturbed=0, seed=a.seed, int_high=high)
-        if art.can_decode:  # the same through the KV cache: prefill, then the last positions one at a time
-            prompt = max(1, a.seq - 3)
-            report.differential["cached_step"] = {"prompt": prompt, **differential_check(
-                lambda x: art.run_cached(x, prompt), inputs, *axes, perturbed=0, seed=a.seed, int_high=high)}
-    except ValueError as e:
-        raise MocompileError(f"{a.path}: {e}") from None
-    return report
+    return check_artifact(load(a.path), a.batch, a.seq, a.seed)
 
 
 def cmd_check_isolation(a: argparse.Namespace) -> int:
@@ -162,7 +179,10 @@ def cmd_check_isolation(a: argparse.Namespace) -> int:
         report = _artifact_isolation(a)
     else:
         from mocompile.isolation_check import check_spec
+        from mocompile.pass_manager import load_plugin
 
+        for plugin in a.plugin:
+            load_plugin(plugin)
         report, _ = check_spec(a.path, a.variant, seed=a.seed, batch=a.batch, seq=a.seq, passes=a.passes)
     print(json.dumps(report.to_json(), indent=2) if a.json else report.format())
     runs = [report.differential, (report.differential or {}).get("cached_step")]
@@ -271,14 +291,29 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return _inspect_artifact(a) if Path(a.path).is_dir() and not is_checkpoint(a.path) else _inspect_spec(a)
 
 
-COMMANDS = {"compile": cmd_compile, "import-hf": cmd_import_hf, "run": cmd_run, "inspect": cmd_inspect,
+def cmd_passes(a: argparse.Namespace) -> int:
+    from mocompile.pass_manager import describe_passes, load_plugin
+
+    for plugin in a.plugin:
+        load_plugin(plugin)
+    print(describe_passes())
+    return 0
+
+
+COMMANDS = {"passes": cmd_passes, "compile": cmd_compile, "import-hf": cmd_import_hf, "run": cmd_run, "inspect": cmd_inspect,
             "check-isolation": cmd_check_isolation}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    debug = bool(os.environ.get("MOCOMPILE_DEBUG"))
     try:
-        return COMMANDS[args.command](args)
+        with native_log_filter(enabled=not debug):
+            return COMMANDS[args.command](args)
+    except BrokenPipeError:  # `mocompile ... | head`: the reader left; end quietly, as cat would
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush cannot fail again
+        return EXIT_BROKEN_PIPE
     except MocompileError as e:
         print(f"mocompile: error: {e}", file=sys.stderr)
         return 1
@@ -286,11 +321,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mocompile: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a compiler bug: say so in one line unless debugging
-        if os.environ.get("MOCOMPILE_DEBUG"):
+        if debug:
             raise
         print(f"mocompile: internal error: {type(e).__name__}: {e} (set MOCOMPILE_DEBUG=1 for the traceback)",
               file=sys.stderr)
-        return 2
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from mocompile.artifact import finalize, staging_dir
+from mocompile.artifact import check_output_dir, finalize, staging_dir
 from mocompile.dsl.hf_import import is_checkpoint
 from mocompile.errors import MocompileError, VerificationError
 from mocompile.ir.graph import Graph
@@ -307,11 +307,7 @@ def _witness_note(report: IsolationReport) -> str:
 def load_tuning(backend: Any, graph: Graph, out_dir: Path, trials: int, db_path: str | Path | None,
                 say: Progress) -> tuple[Any, dict[str, Any] | None]:
     """The tuning database to compile with (None: untuned), after `trials` tuning trials."""
-    previous = out_dir / "tuning.json"
-    if trials < 0:
-        raise MocompileError(f"--tune must be >= 0 (got {trials})")
-    if db_path is not None and not trials and not Path(db_path).is_file():
-        raise MocompileError(f"{db_path}: tuning database not found")
+    previous = out_dir / "tuning.json"  # options were checked by check_options
     if not (trials or db_path or previous.is_file()):
         return None, None
     db, note = backend.TuningDB.load(db_path or previous, backend.host_target())
@@ -322,6 +318,32 @@ def load_tuning(backend: Any, graph: Graph, out_dir: Path, trials: int, db_path:
         if db_path is not None:
             db.save(db_path)
     return db, report
+
+
+def _input_paths(model: Any, weights: Any, tuning_db: Any, plugins: tuple[str, ...]) -> tuple[str | Path, ...]:
+    """The files a compile reads, which its output must not replace."""
+    given = (model if isinstance(model, (str, Path)) else None, weights, tuning_db, *plugins)
+    return tuple(p for p in given if p is not None)
+
+
+def check_options(model: Any, out_dir: str | Path | None, *, weights: str | Path | None, batch: int, seq: int,
+                  plugins: tuple[str, ...], tune: int, tuning_db: str | Path | None) -> None:
+    """Everything about a compile's options that can be checked before any heavy work: the
+    files it reads exist, the sizes are positive, and the output may be written."""
+    for name, value in (("batch", batch), ("seq", seq)):
+        if not isinstance(value, int) or value < 1:
+            raise MocompileError(f"--{name} must be a positive integer (got {value!r})")
+    if not isinstance(tune, int) or tune < 0:
+        raise MocompileError(f"--tune must be >= 0 (got {tune!r})")
+    if isinstance(model, (str, Path)) and not Path(model).exists():
+        raise MocompileError(f"{model}: no such spec file or checkpoint directory")
+    for option, path in (("weights", weights), ("plugin", next((p for p in plugins if not Path(p).is_file()), None))):
+        if path is not None and not Path(path).is_file():
+            raise MocompileError(f"{path}: --{option} file not found")
+    if tuning_db is not None and not tune and not Path(tuning_db).is_file():
+        raise MocompileError(f"{tuning_db}: tuning database not found")
+    if out_dir is not None:
+        check_output_dir(out_dir, _input_paths(model, weights, tuning_db, plugins))
 
 
 def get_backend(target: str) -> Any:
@@ -361,11 +383,13 @@ def compile(
     `require_isolation`, a leak or an unknown fails the compile before code generation.
     """
     say = progress or (lambda m: None)
-    configure_tvm_threads()
     t0 = time.perf_counter()
+    check_options(model, out_dir, weights=weights, batch=batch, seq=seq, plugins=plugins, tune=tune,
+                  tuning_db=tuning_db)
+    backend = get_backend(target)
+    configure_tvm_threads()
     for plugin in plugins:
         load_plugin(plugin)
-    backend = get_backend(target)
     say("[1/6] building the reference model")
     if isinstance(model, (str, Path)) or type(model).__name__ == "Spec":
         src = source_for(model, variant, weights, seed)
@@ -385,7 +409,7 @@ def compile(
         raise MocompileError(f"batch isolation required, but the KV-cached step's verdict is {step_isolation}")
     exact = all(getattr(p, "preserves_semantics", True) for p in manager.passes)
     reference = eager_reference(src.module) if exact else interpreter_reference(graph)
-    out_dir = Path(out_dir or f"build/{src.name}")
+    out_dir = check_output_dir(out_dir or f"build/{src.name}", _input_paths(model, weights, tuning_db, plugins))
     tuning, tuning_report = load_tuning(backend, graph, out_dir, tune, tuning_db, say)
     stage = staging_dir(out_dir)
     try:

@@ -34,20 +34,26 @@ from mocompile.kv_cache import decode_support
 Lowering = Callable[["LowerContext", Node], Sequence[relax.Expr]]
 CACHE_LEN = "cache_len"  # the symbol of the cache tensors' length axis
 LOWERINGS: dict[str, Lowering] = {}
+# Per op, what the lowering refuses to compile: a node -> the reason, or None. Asked for every
+# node before any Relax is built, so a refused graph fails before code generation starts.
+REFUSALS: dict[str, Callable[[Node], str | None]] = {}
 
 
 class LoweringError(MocompileError):
     """The graph uses something this backend cannot compile (an op, a dtype, an attribute)."""
 
 
-def lowering(*ops: str) -> Callable[[Lowering], Lowering]:
-    """Register the decorated function as the lowering of the IR op(s) `ops`."""
+def lowering(*ops: str, refuses: Callable[[Node], str | None] | None = None) -> Callable[[Lowering], Lowering]:
+    """Register the decorated function as the lowering of the IR op(s) `ops`; `refuses(node)`
+    says why a node of these ops cannot be compiled (None: it can)."""
 
     def register(fn: Lowering) -> Lowering:
         for op in ops:
             if op in LOWERINGS:
                 raise ValueError(f"lowering for {op!r} registered twice")
             LOWERINGS[op] = fn
+            if refuses is not None:
+                REFUSALS[op] = refuses
         return fn
 
     return register
@@ -288,6 +294,19 @@ def _emit_function(ctx: LowerContext, name: str) -> None:
         ctx.bind(v, var)
         inputs.append(var)
     past = [relax.Var("past", relax.ShapeType([ctx.past]))] if ctx.cache is not None else []
+    try:
+        _emit_body(ctx, name, inputs, past)
+    except BaseException:
+        # A lowering that raises leaves the function's binding block and variable scope open
+        # (Relax's FunctionScope does not close them on an exception), and TVM then warns on
+        # stderr when the builder is freed; close them so a refused graph fails quietly.
+        bb._end_block()
+        bb.end_scope()
+        raise
+
+
+def _emit_body(ctx: LowerContext, name: str, inputs: list[relax.Var], past: list[relax.Var]) -> None:
+    graph, bb = ctx.graph, ctx.bb
     with bb.function(name):
         with bb.dataflow():
             for node in graph.nodes:
@@ -319,6 +338,10 @@ def lower(graph: Graph, cached_step: bool = True, tuning: Mapping[str, Mapping] 
     missing = sorted({n.op for n in graph.nodes if n.op not in LOWERINGS})
     if missing:
         raise LoweringError(f"the tvm_cpu backend has no lowering for op(s): {', '.join(missing)}")
+    for node in graph.nodes:
+        why = REFUSALS[node.op](node) if node.op in REFUSALS else None
+        if why:
+            raise LoweringError(f"{node.op} at {node.loc or '?'}: {why}")
     _check_signature(graph)
     ctx = LowerContext(graph, tuning=tuning)
     _emit_function(ctx, "main")

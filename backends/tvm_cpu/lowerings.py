@@ -334,15 +334,20 @@ def _latent_attention(ctx: LowerContext, node: Node):
     return [ctx.call(latent_attention(spec), [ctx.value(q), kt, vs, cs, ctx.past], [(ctx.shape(node.outputs[0]), F32)])]
 
 
-@lowering("router.topk")
-def _router(ctx: LowerContext, node: Node):
+def _router_refusal(node: Node) -> str | None:
     a = node.attrs
     if a["capacity_factor"] is not None:
-        raise LoweringError(f"router.topk at {node.loc or '?'}: capacity_factor (token dropping) makes one sample's "
-                            "output depend on the rest of the batch; the tvm_cpu backend does not compile it")
+        return ("capacity_factor (token dropping) makes one sample's output depend on the rest of the batch; "
+                "the tvm_cpu backend does not compile it")
     if a["routing"] != "token_choice":
-        raise LoweringError(f"router.topk at {node.loc or '?'}: routing={a['routing']} decides a token's experts from "
-                            "the whole batch; the tvm_cpu backend compiles token-choice routing only")
+        return (f"routing={a['routing']} decides a token's experts from the whole batch; the tvm_cpu backend "
+                "compiles token-choice routing only")
+    return None
+
+
+@lowering("router.topk", refuses=_router_refusal)
+def _router(ctx: LowerContext, node: Node):
+    a = node.attrs
     x, w = node.inputs[:2]
     _require_f32(node, x, w)
     experts, k = int(w.type.shape[0]), int(a["top_k"])
