@@ -220,10 +220,10 @@ def _generate(art: Any, prompt: dict, new_tokens: int) -> int:
 
     positions = sum(a.shape[1] for a in prompt.values())  # a multimodal prompt: every segment, tokens first
     batch = next(iter(prompt.values())).shape[0]
-    cache = art.new_cache(batch, positions + new_tokens)  # refuses artifacts without a step function
     ids = prompt[art.token_input.name]
     times: list[float] = []
     try:
+        cache = art.new_cache(batch, positions + new_tokens)  # refuses artifacts without a step function
         tokens = art.generate(prompt, new_tokens, cache=cache, timings=times)
     except ValueError as e:
         raise MocompileError(f"{art.path}: {e}") from None

@@ -346,6 +346,23 @@ def check_options(model: Any, out_dir: str | Path | None, *, weights: str | Path
         check_output_dir(out_dir, _input_paths(model, weights, tuning_db, plugins))
 
 
+DECODE_CHECK_TOKENS = 4  # tokens decoded one at a time after the prompt when a compile verifies a step
+
+
+def check_verification_length(graph: Graph, seq: int) -> None:
+    """Refuse a --seq whose verification inputs would be longer than the model's max_seq
+    (every segment gets `seq` positions, and DECODE_CHECK_TOKENS more where it decodes): the
+    artifact refuses such inputs, and positions past max_seq are not what it is built for."""
+    from mocompile.kv_cache import decode_support
+
+    max_seq = graph.meta.get("max_seq")
+    segments = sum(1 for v in graph.inputs if v.type.rank >= 2 and isinstance(v.type.shape[1], str)) or 1
+    per_segment = seq + (DECODE_CHECK_TOKENS if decode_support(graph) is None else 0)
+    if max_seq and per_segment * segments > max_seq:
+        raise MocompileError(f"--seq {seq}: verifying takes {per_segment * segments} positions ({segments} segment(s) "
+                             f"of {per_segment}), past the model's max_seq of {max_seq}; give a smaller --seq")
+
+
 def get_backend(target: str) -> Any:
     if target == "cpu":
         from mocompile.backends import tvm_cpu
@@ -390,6 +407,7 @@ def compile(
     configure_tvm_threads()
     for plugin in plugins:
         load_plugin(plugin)
+    manager = PassManager(passes)  # the pipeline text is checked before any model is built
     say("[1/6] building the reference model")
     if isinstance(model, (str, Path)) or type(model).__name__ == "Spec":
         src = source_for(model, variant, weights, seed)
@@ -397,8 +415,8 @@ def compile(
         src = source_from_module(model, input_types)
     say("[2/6] tracing with torch.fx and lowering to IR")
     graph = lower_source(src)
+    check_verification_length(graph, seq)
     say(f"[3/6] running passes: {passes or '(none)'}")
-    manager = PassManager(passes)
     graph, reports = manager.run(graph, PassContext(target=target, input_ranges=dict(src.int_high)))
     isolation = check_batch_isolation(graph, src, batch, seq, seed)
     say(f"      batch isolation: {isolation.summary()}")
@@ -430,7 +448,7 @@ def compile(
         shapes = [(1, seq)] + ([(batch, seq)] if batch != 1 else [])
         manifest["verification"] = verify_artifact(staged, reference, shapes, seed)
         if staged.can_decode:
-            manifest["decode_verification"] = {**verify_decode(staged, graph, reference, batch, seq, 4, seed),
+            manifest["decode_verification"] = {**verify_decode(staged, graph, reference, batch, seq, DECODE_CHECK_TOKENS, seed),
                                                "isolation": step_isolation}
         if not exact:  # what the approximating passes cost against the unmodified model
             manifest["drift_from_fp32"] = compare_to_reference(staged, eager_reference(src.module), shapes, seed)

@@ -26,3 +26,9 @@ class ArtifactError(MocompileError):
 
 class VerificationError(MocompileError):
     """A compiled artifact that does not agree with its reference."""
+
+
+class ArtifactInputError(MocompileError, ValueError):
+    """An input an artifact refuses at its boundary (a token id outside the vocabulary, an
+    empty or too long sequence, a wrong dtype or shape, a KV cache too large to allocate).
+    Also a ValueError: callers catching either kind of error get it."""

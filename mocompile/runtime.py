@@ -1,10 +1,11 @@
 """Run a compiled artifact without the compiler: numpy in, numpy out, no torch.
 
 `load(path)` checks every file's checksum, loads the compiled library and the weights once,
-and returns an object with `.signature` and `.run(inputs)`. This module imports only numpy,
-safetensors and the TVM runtime; tvm-ffi opportunistically imports torch when it is
-installed (a workaround for a Windows symbol clash), which would drag ~1 s and a GB-sized
-dependency into every deployment, so that import is blocked while TVM loads.
+and returns an object with `.signature` and `.run(inputs)`; every call's inputs are checked
+at this boundary (runtime_inputs.py), since the compiled kernels trust them. This module
+imports only numpy, safetensors and the TVM runtime; tvm-ffi opportunistically imports
+torch when it is installed (a workaround for a Windows symbol clash), which would drag ~1 s
+and a GB-sized dependency into every deployment, so that import is blocked while TVM loads.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from mocompile.artifact import read_manifest
-from mocompile.errors import ArtifactError
+from mocompile.errors import ArtifactError, ArtifactInputError
 from mocompile.ir.types import TensorType, bind_shape
 from mocompile.kv_cache import decode_steps
+from mocompile.runtime_inputs import (DEFAULT_CACHE_POSITIONS, KVCache, as_arrays, bounded_ids, check_batch,
+                                      check_ids, check_positions, positive_int, segments, token_ids)
 from mocompile.threads import configure_tvm_threads
 
 
@@ -73,19 +76,30 @@ class Signature:
         return Signature(tuple(map(TensorSpec.from_json, d["inputs"])), tuple(map(TensorSpec.from_json, d["outputs"])))
 
     def check(self, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
-        """Validate inputs (names, dtypes, shapes); return the bound symbolic dims."""
+        """Validate inputs (names, dtypes, shapes); return the bound symbolic dims. Dtypes
+        must match exactly: a silent cast would hide float64 data losing precision, or ids
+        meant for another vocabulary."""
         env: dict[str, int] = {}
         names = {t.name for t in self.inputs}
         extra = set(inputs) - names
         if extra:
-            raise ValueError(f"unexpected input(s) {sorted(extra)}; the artifact takes {sorted(names)}")
+            raise ArtifactInputError(f"unexpected input(s) {sorted(extra)}; the artifact takes {sorted(names)}")
         for t in self.inputs:
             if t.name not in inputs:
-                raise ValueError(f"missing input {t.name!r} ({t.type})")
+                raise ArtifactInputError(f"missing input {t.name!r} ({t.type})")
             a = inputs[t.name]
             if str(a.dtype) != t.dtype:
-                raise ValueError(f"input {t.name!r}: expected {t.dtype}, got {a.dtype}")
-            bind_shape(t.type, a.shape, env, f"input {t.name!r}")
+                raise ArtifactInputError(f"input {t.name!r}: expected {t.dtype}, got {a.dtype} "
+                                         f"(convert it with .astype({t.dtype!r}))")
+            wrong = next(((i, d) for i, d in enumerate(t.shape)
+                          if isinstance(d, int) and a.ndim == len(t.shape) and a.shape[i] != d), None)
+            if wrong is not None:
+                raise ArtifactInputError(f"input {t.name!r}: axis {wrong[0]} is {a.shape[wrong[0]]} "
+                                         f"(shape {a.shape}), the artifact takes {wrong[1]} ({t.type})")
+            try:
+                bind_shape(t.type, a.shape, env, f"input {t.name!r}")
+            except ValueError as e:
+                raise ArtifactInputError(str(e)) from None
         return env
 
 
@@ -106,53 +120,34 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
 class _CallPlan:
     """How to pass one set of input shapes: per signature input its name and, for an empty
     one, the zero-size tensor passed instead of a copy; seq = the positions the call covers;
+    bounded = the token inputs whose values every call checks (runtime_inputs.check_ids);
     copied = the outputs that alias an input and are copied (known after the first call);
     driver_outputs = the buffers a decode driver call writes (made at its first call)."""
 
     args: tuple[tuple[str, Any], ...]
     seq: int
     env: dict[str, int]  # the symbols the inputs bind
+    bounded: tuple[tuple[str, int], ...] = ()
     copied: tuple[int, ...] | None = None
     driver_outputs: list[tuple[np.ndarray, Any]] | None = None  # the decode driver's output tensors
 
 
-class KVCache:
-    """The key/value tensors a `step` function reads and extends in place, and how many
-    positions of each sample they hold (`length`, the same for every sample of the batch).
-
-    The capacity is rounded up to `block` (the attention kernels read keys in blocks of that
-    many); positions beyond `length` may hold stale values, which the kernels never use, so
-    `reset()` only rewinds.
-    """
-
-    def __init__(self, specs: list[Mapping[str, Any]], batch: int, capacity: int, block: int, tensor: Any) -> None:
-        if batch < 1 or capacity < 1:
-            raise ValueError(f"a KV cache needs batch >= 1 and capacity >= 1 (got {batch}, {capacity})")
-        self.batch = batch
-        self.capacity = -(-capacity // block) * block
-        sizes = {"batch": batch, "cache_len": self.capacity}
-        self.tensors = [tensor(np.zeros([sizes.get(d, d) for d in spec["shape"]], dtype=spec["dtype"]))
-                        for spec in specs]
-        self.length = 0
-
-    def reset(self) -> None:
-        self.length = 0
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(np.prod(t.shape) * 4 for t in self.tensors))
-
-
 class LoadedArtifact:
     """A loaded artifact: call `.run({name: array})` for a plain forward; artifacts of token
-    models also decode incrementally: `cache = .new_cache(batch)`, then `.step(inputs,
-    cache)` over the prompt and over each new token (or `.generate(ids, n)`)."""
+    models also decode incrementally: `cache = .new_cache(batch, capacity)`, then `.step(inputs,
+    cache)` over the prompt and over each new token (or `.generate(ids, n)`). Every call
+    refuses, with an ArtifactInputError (a ValueError), inputs the compiled code would
+    silently get wrong: see runtime_inputs.py."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], driver: bool = True) -> None:
         self.path = path
         self.manifest = manifest
         self.signature = Signature.from_json(manifest["signature"])
         program = manifest["program"]
+        # The longest sequence the model was built for (None: a traced module states none).
+        self.max_seq: int | None = (manifest.get("model") or {}).get("max_seq") \
+            or (program.get("step") or {}).get("max_positions")
+        self._highs = {t.name: t.high for t in self.signature.inputs if t.high is not None}
         if program.get("kind") != "tvm-relax-vm":
             raise ArtifactError(f"{path}: program kind {program.get('kind')!r} cannot run on this host")
         tvm = import_tvm_without_torch()
@@ -198,10 +193,12 @@ class LoadedArtifact:
         plan = self._plans.get(key)
         if plan is None:
             full = dict(arrays)
+            check_batch(arrays)
             if batch is not None:
-                given = next(iter(arrays.values())).shape[0] if arrays else batch
+                first = next(iter(arrays.values()), None)
+                given = first.shape[0] if first is not None and first.ndim else batch
                 if given != batch:
-                    raise ValueError(f"the cache holds {batch} sequences, the inputs {given}")
+                    raise ArtifactInputError(f"the cache holds {batch} sequences, the inputs {given}")
                 for t in self.signature.inputs:
                     if t.name not in full:
                         full[t.name] = np.zeros([batch if d == "batch" else d if isinstance(d, int) else 0
@@ -209,12 +206,14 @@ class LoadedArtifact:
             env = self.signature.check(full)
             args = tuple((t.name, self._empty_tensor(full[t.name]) if full[t.name].size == 0 else None)
                          for t in self.signature.inputs)
-            seq = sum(a.shape[1] for a in full.values() if a.ndim > 1)
+            seq = sum(segments(full).values())
             if batch is not None and seq == 0:
-                raise ValueError("a step needs at least one position")
+                raise ArtifactInputError("a step needs at least one position")
+            if batch is None:  # a step's bound depends on the cache too (`step`)
+                check_positions(segments(full), self.max_seq)
             if len(self._plans) >= MAX_PLANS:  # a server seeing ever new prompt lengths
                 self._plans.clear()
-            plan = self._plans[key] = _CallPlan(args, seq, env)
+            plan = self._plans[key] = _CallPlan(args, seq, env, bounded_ids(full, self._highs))
         return plan
 
     def _inputs(self, plan: "_CallPlan", arrays: Mapping[str, np.ndarray]) -> list[Any]:
@@ -258,8 +257,12 @@ class LoadedArtifact:
         return dict(zip(names, arrays))
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays = {k: np.asarray(v) for k, v in inputs.items()}
+        """One forward over every position of `inputs` ({name: array}, dtypes exactly the
+        signature's); refuses empty batches and sequences, more positions than the model's
+        max_seq, and token ids outside the vocabulary."""
+        arrays = as_arrays(inputs)
         plan = self._plan(arrays, None)
+        check_ids(plan.bounded, arrays)
         return self._outputs(self._fn(*self._inputs(plan, arrays), *self._weights), plan)
 
     # ---- incremental decoding ------------------------------------------------------------
@@ -279,10 +282,20 @@ class LoadedArtifact:
         return self.manifest["program"]["step"]
 
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
-        """An empty KV cache for `batch` sequences of up to `capacity` positions (default:
-        the model's max_seq, else 2048)."""
+        """An empty KV cache for `batch` sequences of up to `capacity` positions, allocated
+        up front (`cache.nbytes`, `cache.describe()`). Size it to the prompt plus the tokens to
+        generate: the default is DEFAULT_CACHE_POSITIONS (2048) or max_seq if smaller, not
+        max_seq itself, which is 131072 for many imported checkpoints (gigabytes per sequence
+        of a large model). Refuses a capacity past max_seq and a cache larger than the memory
+        available."""
         step = self._require_step()
-        return KVCache(step["cache"], batch, capacity or step.get("max_positions") or 2048, step["block"], self._tensor)
+        batch = positive_int(batch, "new_cache: batch")
+        if capacity is None:
+            capacity = min(DEFAULT_CACHE_POSITIONS, self.max_seq or DEFAULT_CACHE_POSITIONS)
+        capacity = positive_int(capacity, "new_cache: capacity")
+        if self.max_seq is not None and capacity > self.max_seq:
+            raise ArtifactInputError(f"new_cache: capacity {capacity} is past the model's max_seq of {self.max_seq}")
+        return KVCache(step["cache"], batch, capacity, step["block"], self._tensor)
 
     @property
     def token_input(self) -> TensorSpec:
@@ -296,10 +309,16 @@ class LoadedArtifact:
         image/audio prompt continues with text."""
         if self._step is None:
             self._require_step()
-        arrays = {k: np.asarray(v) for k, v in inputs.items()}
+        arrays = as_arrays(inputs)
         plan = self._plan(arrays, cache.batch)
-        if cache.length + plan.seq > cache.capacity:
-            raise ValueError(f"the cache holds {cache.length} of {cache.capacity} positions; {plan.seq} more do not fit")
+        end = cache.length + plan.seq
+        if end > cache.capacity:
+            raise ArtifactInputError(f"the cache holds {cache.length} of {cache.capacity} positions; "
+                                     f"{plan.seq} more do not fit")
+        if self.max_seq is not None and end > self.max_seq:
+            raise ArtifactInputError(f"the cache holds {cache.length} positions; {plan.seq} more would pass the "
+                                     f"model's max_seq of {self.max_seq}")
+        check_ids(plan.bounded, arrays)
         if self._driver is not None and plan.seq == self._driver_positions:
             return self._drive(plan, arrays, cache)
         result = self._step(*self._inputs(plan, arrays), self._shape(cache.length), *cache.tensors, *self._weights)
@@ -325,11 +344,12 @@ class LoadedArtifact:
         """`inputs` through a fresh KV cache (kv_cache.decode_steps: every segment with the first
         `prompt` tokens, then one token per step); the outputs concatenated along the sequence in
         that order (for a token model: what `run(inputs)` computes)."""
-        missing = [t.name for t in self.signature.inputs if t.name not in inputs]
-        if missing:
-            raise ValueError(f"missing input {missing[0]!r}")
+        inputs = as_arrays(inputs)
+        self.signature.check(inputs)
+        check_batch(inputs)
+        check_positions(segments(inputs), self.max_seq)
         steps = decode_steps(inputs, self.token_input.name, prompt)
-        cache = self.new_cache(next(iter(inputs.values())).shape[0], sum(a.shape[1] for a in inputs.values()))
+        cache = self.new_cache(next(iter(inputs.values())).shape[0], sum(segments(inputs).values()))
         outs = [self.step(x, cache) for x in steps]
         return {k: np.concatenate([out[k] for out in outs], axis=1) for k in outs[0]}
 
@@ -340,12 +360,29 @@ class LoadedArtifact:
         multimodal model by name) once, then single-token steps each fed the previous argmax,
         until `new_tokens` are chosen; returns the new ids [batch, new_tokens]. The cache is a
         fresh one of `capacity` positions (default: just enough) unless `cache` is given;
-        `timings`, if given, receives the seconds of each step call (the prefill first)."""
+        `timings`, if given, receives the seconds of each step call (the prefill first).
+        Refuses up front a prompt and new tokens past the model's max_seq or the cache."""
+        self._require_step()
         spec = self.token_input
-        inputs = dict(prompt) if isinstance(prompt, Mapping) else {spec.name: np.asarray(prompt, dtype=spec.dtype)}
-        batch = next(iter(inputs.values())).shape[0]
+        inputs = as_arrays(prompt, "the prompt") if isinstance(prompt, Mapping) else \
+            {spec.name: token_ids(spec.name, prompt, spec.dtype, spec.high)}
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, (int, np.integer)) or new_tokens < 0:
+            raise ArtifactInputError(f"generate: new_tokens must be a non-negative integer (got {new_tokens!r})")
+        first = next(iter(inputs.values()), None)
+        batch = cache.batch if cache is not None else first.shape[0] if first is not None and first.ndim else 1
+        positions = self._plan(inputs, batch).seq  # validates the prompt; the prefill step reuses the plan
+        held = cache.length if cache is not None else 0
+        if self.max_seq is not None and held + positions + new_tokens > self.max_seq:
+            cached = f"{held} cached positions, " if held else ""
+            raise ArtifactInputError(f"generate: {cached}the prompt's {positions} positions and {new_tokens} new "
+                                     f"tokens make {held + positions + new_tokens}, past the model's max_seq of "
+                                     f"{self.max_seq}")
         if cache is None:
-            cache = self.new_cache(batch, capacity or sum(a.shape[1] for a in inputs.values()) + new_tokens)
+            cache = self.new_cache(batch, positions + new_tokens if capacity is None else capacity)
+        fed = positions + max(new_tokens - 1, 0)  # the last token chosen is not fed back
+        if cache.length + fed > cache.capacity:
+            raise ArtifactInputError(f"generate: the cache has room for {cache.capacity - cache.length} more "
+                                     f"positions; the prompt's {positions} and {new_tokens} new tokens need {fed}")
         output = self.signature.outputs[0].name
 
         def timed_step(x: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -109,6 +109,7 @@ def test_bad_options_fail_before_any_work(tmp_path, capsys, no_heavy_work) -> No
     out = str(tmp_path / "out")
     assert "tuning database not found" in refused(capsys, "compile", str(SPEC), "-o", out, "--tuning-db", "no.json")
     assert "--plugin file not found" in refused(capsys, "compile", str(SPEC), "-o", out, "--plugin", "no.py")
+    assert "no option 'bits'" in refused(capsys, "compile", str(SPEC), "-o", out, "--passes", "quantize(bits=8)")
     for argv in (["--tune", "-1"], ["--batch", "0"], ["--seq", "-2"], ["--seed", "x"]):
         with pytest.raises(SystemExit) as e:
             cli.main(["compile", str(SPEC), "-o", out, *argv])
