@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -46,8 +46,31 @@ def _named_inputs(module: Any, example_inputs: Any) -> dict[str, Any]:
     return dict(zip(names, values))
 
 
+LOWERINGS = ("auto", "ir", "aten")
+
+
+def _lower_to_ir(module: Any, named: Mapping[str, Any], axes: Mapping[str, int | None], sym: str) -> Graph:
+    """The module through the MoE lowering (torch.fx to the IR), verified; each batch axis
+    becomes the symbolic dim `sym`, the others stay static."""
+    from mocompile.ir.verifier import VerifyError, verify
+    from mocompile.lower_fx import lower_module
+
+    types = {}
+    for name, t in named.items():
+        shape: list[Any] = list(t.shape)
+        if axes[name] is not None:
+            shape[axes[name]] = sym
+        types[name] = TensorType(tuple(shape), str(t.dtype).removeprefix("torch."))
+    graph = lower_module(module, types, type(module).__name__)
+    try:
+        verify(graph)
+    except VerifyError as e:
+        raise MocompileError(f"lowering {type(module).__name__} produced an invalid graph: {e}") from None
+    return graph
+
+
 def check_isolation(module: Any, example_inputs: Any, batch_dim: int | Mapping[str, int | None] = 0, *,
-                    sample_ids: str | None = None, seed: int = 0) -> IsolationReport:
+                    sample_ids: str | None = None, seed: int = 0, lowering: str = "auto") -> IsolationReport:
     """Trace a torch module and decide whether any sample of a batch can influence another's output.
 
     `example_inputs`: a tensor, a tuple in forward order, or a dict by argument name.
@@ -55,41 +78,45 @@ def check_isolation(module: Any, example_inputs: Any, batch_dim: int | Mapping[s
     (None: shared by all samples); it becomes the symbolic dim "batch", the others stay
     static. `sample_ids`: the input holding each position's sample id when sequences of
     several samples are packed along `batch_dim` (continuous batching).
+    `lowering`: "ir" the MoE lowering (torch.fx to the IR: the DSL's layers and the tensor
+    code it knows), "aten" any module torch.export can capture, decomposed to Core ATen
+    (`mocompile.aten`); "auto" (default) tries the IR first, so the models it understands
+    keep their verdicts and witnesses, and takes the ATen road for everything it refuses.
     The verdict is `.verdict` ("isolated", "leaks", "unknown"), the details `.findings`; a
     leak comes with `.witness`, a run on the example inputs showing the change.
     """
-    from mocompile.ir.verifier import VerifyError, verify
-    from mocompile.lower_fx import lower_module
-
+    if lowering not in LOWERINGS:
+        raise MocompileError(f"lowering must be one of {', '.join(LOWERINGS)}, not {lowering!r}")
     named = _named_inputs(module, example_inputs)
-    sym = "tokens" if sample_ids else BATCH_SYMBOL
-    types, axes = {}, {}
+    axes: dict[str, int | None] = {}
     for name, t in named.items():
         axis = batch_dim.get(name) if isinstance(batch_dim, Mapping) else batch_dim
-        shape: list[Any] = list(t.shape)
-        if axis is not None:
-            if not -t.dim() <= axis < t.dim():
-                raise MocompileError(f"input {name!r} of shape {tuple(t.shape)} has no axis {axis}")
-            axis %= t.dim()
-            shape[axis] = sym
-        types[name] = TensorType(tuple(shape), str(t.dtype).removeprefix("torch."))
-        axes[name] = axis
-    graph = lower_module(module, types, type(module).__name__)
-    try:
-        verify(graph)
-    except VerifyError as e:
-        raise MocompileError(f"lowering {type(module).__name__} produced an invalid graph: {e}") from None
-    inputs = {n: t.detach().cpu().numpy() for n, t in named.items()}
-    return check_graph(graph, inputs, batch_axes=axes, sample_ids=sample_ids, seed=seed)
+        if axis is not None and not -t.dim() <= axis < t.dim():
+            raise MocompileError(f"input {name!r} of shape {tuple(t.shape)} has no axis {axis}")
+        axes[name] = None if axis is None else axis % t.dim()
+    if sample_ids is not None and sample_ids not in named:
+        raise MocompileError(f"sample_ids {sample_ids!r} is not an input of {type(module).__name__}")
+    if lowering != "aten":
+        try:
+            graph = _lower_to_ir(module, named, axes, "tokens" if sample_ids else BATCH_SYMBOL)
+        except Exception:  # the IR lowering refuses (or trips on) what it does not know: the ATen road takes it
+            if lowering == "ir":
+                raise
+        else:
+            inputs = {n: t.detach().cpu().numpy() for n, t in named.items()}
+            return check_graph(graph, inputs, batch_axes=axes, sample_ids=sample_ids, seed=seed)
+    from mocompile.aten.check import check_module
+
+    return check_module(module, named, axes, sample_ids, seed)
 
 
 def check_spec(spec: Any, variant: str | None = None, *, weights: str | Path | None = None, seed: int = 0,
                batch: int = 2, seq: int = 8, passes: str = "") -> tuple[IsolationReport, Graph]:
     """Build, lower (and run `passes` on) a spec or Hugging Face checkpoint, analyse it, and
     witness a leak on random inputs of `batch` samples and `seq` positions per segment."""
-    from mocompile.compiler import lower_source, signature_of, source_for
+    from mocompile.frontend import lower_source, source_for
     from mocompile.pass_manager import PassManager
-    from mocompile.runtime import random_inputs
+    from mocompile.signature import random_inputs, signature_of
 
     if batch < 2:
         raise MocompileError(f"--batch must be at least 2 to compare samples (got {batch})")
@@ -99,8 +126,3 @@ def check_spec(spec: Any, variant: str | None = None, *, weights: str | Path | N
         graph, _ = PassManager(passes).run(graph)
     inputs = random_inputs(signature_of(graph, src.int_high), batch, seq, seed)
     return check_graph(graph, inputs, int_high=src.int_high, seed=seed), graph
-
-
-def input_axes_of(shapes: Mapping[str, Sequence[Any]]) -> dict[str, int | None]:
-    """The batch axis of each tensor of a signature: where its dim is the symbol "batch"."""
-    return {n: next((a for a, d in enumerate(s) if d == BATCH_SYMBOL), None) for n, s in shapes.items()}
