@@ -27,20 +27,10 @@ import numpy as np
 
 from mocompile.ir.graph import Graph, Node, Value
 from mocompile.ir.interpreter import run as interpret
+from mocompile.ir.registry import get_op
 from mocompile.ir.types import TensorType
 
 PAST = "past"  # the symbol of the cached positions
-
-# Ops whose output at a position depends only on the inputs at that position (and weights):
-# with them, a forward over new positions needs the earlier ones only through attention's
-# keys and values, which is what makes a KV cache exact.
-# segment_ids gives each position its segment's id; concat is checked on its own (features, or
-# segments joined along the sequence).
-POSITIONWISE_OPS = frozenset({"embedding", "linear", "rmsnorm", "layernorm", "mlp", "router.topk", "experts", "add",
-                              "mul", "sub", "div", "silu", "gelu", "sigmoid", "relu", "tanh", "dequantize",
-                              "segment_ids"})
-# The attention ops and which of their inputs hold keys/values (cached), by short name.
-CACHED_INPUTS = {"attention": {1: "k", 2: "v"}, "attention.mla": {1: "k_nope", 2: "v", 3: "k_rope"}}
 
 
 def token_input(graph: Graph) -> Value | None:
@@ -53,7 +43,12 @@ def _is_symbol(d: object) -> bool:
 
 
 def decode_support(graph: Graph) -> str | None:
-    """None if the graph can run token by token with a KV cache, else why not."""
+    """None if the graph can run token by token with a KV cache, else why not.
+
+    A KV cache is exact when a forward over new positions needs the earlier ones only
+    through the keys and values of attention: every op must be declared `positionwise`,
+    keep positions apart by its `position_check`, or be an attention op (`cached_inputs`)
+    whose keys are this call's (ir/registry.py)."""
     if token_input(graph) is None:
         return "decoding needs a token input, ids [batch, seq], to feed the chosen tokens back"
     batch = graph.inputs[0].type.shape[0]
@@ -62,27 +57,17 @@ def decode_support(graph: Graph) -> str | None:
         if v.type.rank < 2 or v.type.shape[0] != batch or not _is_symbol(v.type.shape[1]) \
                 or segments.count(v.type.shape[1]) > 1:
             return f"input {v.name} {v.type} is not a segment [batch, positions, ...] with positions of its own"
-    if not any(n.op in CACHED_INPUTS for n in graph.nodes):
+    if not any(get_op(n.op).cached_inputs for n in graph.nodes):
         return "the graph has no attention to cache"
     for n in graph.nodes:
-        if n.op in CACHED_INPUTS:
-            if n.op == "attention" and not n.attrs["causal"]:
-                return f"attention at {n.loc or '?'} is not causal"
-            if n.inputs[1].type.shape[1] != n.inputs[0].type.shape[1]:
+        op = get_op(n.op)
+        why = op.position_check(n, segments) if op.position_check is not None else None
+        if why is not None:
+            return why
+        if op.cached_inputs:
+            if n.inputs[min(op.cached_inputs)].type.shape[1] != n.inputs[0].type.shape[1]:
                 return f"{n.op} at {n.loc or '?'} already reads cached keys"
-        elif n.op == "concat":
-            rank, axis = n.outputs[0].type.rank, n.attrs["axis"] % n.outputs[0].type.rank
-            joined = [t.type.shape[1] if t.type.rank > 1 else None for t in n.inputs]
-            segments_joined = axis == 1 and len(set(joined)) == len(joined) and all(d in segments for d in joined)
-            if axis != rank - 1 and not segments_joined:
-                return f"concat at {n.loc or '?'} joins along axis {axis}, which is neither the features nor segments"
-        elif n.op == "router.topk" and (n.attrs.get("capacity_factor") is not None
-                                        or n.attrs.get("routing", "token_choice") != "token_choice"):
-            return f"router.topk at {n.loc or '?'} routes each token by the others (capacity or batch-level routing)"
-        elif n.op == "quantize_act":
-            if n.attrs["mode"] == "tensor":
-                return f"quantize_act at {n.loc or '?'} takes its scale over all positions"
-        elif n.op not in POSITIONWISE_OPS:
+        elif op.position_check is None and not op.positionwise:
             return f"{n.op} at {n.loc or '?'} may mix positions"
     return None
 
@@ -123,10 +108,11 @@ def cached_graph(graph: Graph) -> CachedGraph:
     before: dict[int, list[Node]] = {}
     entries: list[CacheEntry] = []
     for node in list(g.nodes):
-        if node.op not in CACHED_INPUTS:
+        cached_inputs = get_op(node.op).cached_inputs
+        if not cached_inputs:
             continue
         layer = node.loc or node.outputs[0].name
-        for index, what in CACHED_INPUTS[node.op].items():
+        for index, what in cached_inputs.items():
             new: Value = node.inputs[index]
             batch, _, width = new.type.shape
             past = g.add_input(f"past.{layer}.{what}", TensorType((batch, PAST, width), new.type.dtype))

@@ -1,14 +1,14 @@
 """Constant folding: a node whose inputs are all weights is computed once, at compile time,
 with the op's reference semantics, and replaced by a weight holding the result (e.g. a
-transpose or scale applied to a weight, or what a pass left behind). Dequantization of
-low-bit weights is left alone: expanding them to fp32 would undo the quantize pass."""
+transpose or scale applied to a weight, or what a pass left behind). Ops that declare
+`keeps_weights_low_bit` (dequantization of low-bit weights) are left alone: expanding them
+to fp32 would undo the quantize pass."""
 
 from __future__ import annotations
 
 from mocompile.ir.graph import Graph
 from mocompile.ir.registry import get_op
 from mocompile.pass_manager import Pass, PassContext, PassResult, register_pass
-from mocompile.ir.ops.quant import KEEPS_WEIGHTS_LOW_BIT
 from mocompile.passes.dce import drop_dead_weights
 
 
@@ -21,8 +21,9 @@ class FoldConstants(Pass):
         folded = []
         keep = []
         for node in graph.nodes:
-            if node.inputs and node.op not in KEEPS_WEIGHTS_LOW_BIT and all(id(v) in constant for v in node.inputs):
-                results = get_op(node.op).compute([constant[id(v)] for v in node.inputs], node.attrs)
+            op = get_op(node.op)
+            if node.inputs and not op.keeps_weights_low_bit and all(id(v) in constant for v in node.inputs):
+                results = op.compute([constant[id(v)] for v in node.inputs], node.attrs)
                 for out, array in zip(node.outputs, results):
                     new = graph.add_param(graph.fresh_name(f"{node.loc or node.op}.folded"), array)
                     constant[id(new)] = array

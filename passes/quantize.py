@@ -43,21 +43,16 @@ import numpy as np
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph, Node, Value
 from mocompile.ir.interpreter import run as interpret
-from mocompile.ir.ops.quant import INT8_MAX, WEIGHT_SLOTS, quantize_weight, symmetric_scales
+from mocompile.ir.ops.quant import INT8_MAX, quantize_weight, symmetric_scales
+from mocompile.ir.registry import get_op, input_side_weights
 from mocompile.pass_manager import Pass, PassContext, PassResult, register_pass
 from mocompile.passes.dce import drop_dead_weights
-from mocompile.runtime import random_inputs
+from mocompile.calibration import channel_max, for_graph
 
 ROLES = ("attention", "experts", "shared", "dense", "lm_head", "router")
 DEFAULT_ROLES = frozenset(ROLES) - {"router"}
 
 
-def input_side_weights(node: Node) -> list[Value]:
-    """The weights that multiply the node's input x (gate/up of a feed-forward block, not down)."""
-    ws = node.inputs[WEIGHT_SLOTS[node.op]]
-    return ws[:2] if node.op in ("mlp", "experts") and node.attrs["gated"] else ws[:1]
-ACT_QUANT_OPS = ("linear", "mlp", "experts")  # ops whose input x a W8A8 kernel reads as int8
-SMOOTH_NORMS = ("rmsnorm", "layernorm")
 
 
 def _names(value: Any) -> tuple[str, ...]:
@@ -75,14 +70,14 @@ class Scheme:
 
 
 def _role(node: Node, graph: Graph) -> str:
-    """What a weight-reading node is in the model (see the module docstring)."""
-    if node.op == "router.topk":
-        return "router"
-    if node.op == "experts":
-        return "experts"
+    """What a weight-reading node is in the model (see the module docstring): its op's
+    `weight_role`, else where it sits."""
+    role = get_op(node.op).weight_role
     parts = node.loc.split(".")
-    if node.op == "mlp":
+    if role == "ffn":
         return "shared" if "shared" in parts else "dense"
+    if role is not None:
+        return role
     if any(p.startswith("attn") or p == "attention" for p in parts):
         return "attention"
     if any(v is node.outputs[0] for v in graph.outputs):
@@ -109,34 +104,14 @@ def _insert_before(graph: Graph, consumer: Node, op: str, inputs: Sequence[Value
 
 
 def token_ranges(graph: Graph, known: dict[str, int]) -> dict[str, int]:
-    """Integer inputs -> number of ids: given, else the rows of the embedding table they index."""
+    """Integer inputs -> number of ids: given, else the rows of the table they index (an op
+    that `embeds_tokens`)."""
     ranges = dict(known)
-    for node in graph.nodes_of("embedding"):
+    for node in (n for n in graph.nodes if get_op(n.op).embeds_tokens):
         ids = node.inputs[0]
         if ids in graph.inputs and ids.name not in ranges:
             ranges[ids.name] = int(node.inputs[1].type.shape[0])
     return ranges
-
-
-def calibration_inputs(graph: Graph, ctx: PassContext, samples: int, seq: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """The context's calibration inputs, else `samples` random sequences of `seq` positions."""
-    if ctx.calibration:
-        return list(ctx.calibration)
-    from mocompile.compiler import signature_of
-
-    sig = signature_of(graph, token_ranges(graph, ctx.input_ranges))
-    return [random_inputs(sig, 1, seq, seed + i) for i in range(samples)]
-
-
-def _observe(graph: Graph, values: Sequence[Value], inputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-channel max |value| over all calibration inputs (last axis kept)."""
-    amax: dict[str, np.ndarray] = {}
-    for sample in inputs:
-        got = interpret(graph, sample, watch=values)
-        for v in values:
-            a = np.abs(got[v.name]).reshape(-1, got[v.name].shape[-1]).max(0)
-            amax[v.name] = np.maximum(amax.get(v.name, a), a)
-    return amax
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -145,12 +120,17 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def _routing_choices(graph: Graph) -> list[Value]:
+    """The experts chosen per token, one value per routing node (an op's `routing_choices`)."""
+    return [n.outputs[get_op(n.op).routing_choices] for n in graph.nodes if get_op(n.op).routing_choices is not None]
+
+
 def accuracy_report(before: Graph, after: Graph, inputs: list[dict[str, np.ndarray]], language_model: bool) -> dict[str, Any]:
     """Errors of `after`'s outputs against `before`'s on the same inputs; for a language model
     also the next-token KL divergence and top-1 agreement, with the fp32 top-1/top-2 logit
     margin of the positions whose top-1 flipped (flips at tiny margins are near-ties), and
     for an MoE model how many routing choices (token, expert) survived."""
-    routers = [(a.outputs[1], b.outputs[1]) for a, b in zip(before.nodes_of("router.topk"), after.nodes_of("router.topk"))]
+    routers = list(zip(_routing_choices(before), _routing_choices(after)))
     max_err = mean_acc = scale = kl_acc = 0.0
     count = agree = positions = routed = kept = 0
     margins: list[np.ndarray] = []
@@ -239,9 +219,11 @@ class Quantize(Pass):
     # ---- the pass ------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         original = graph.clone()
-        inputs = calibration_inputs(graph, ctx, self.calib, self.seq, self.seed)
-        targets = [n for n in graph.nodes if n.op in WEIGHT_SLOTS and _role(n, graph) in self.roles]
-        report: dict[str, Any] = {"scheme": self.options}
+        calibration = for_graph(graph, ctx.calibration, token_ranges(graph, ctx.input_ranges), self.calib, self.seq,
+                                self.seed)
+        inputs = calibration.inputs
+        targets = [n for n in graph.nodes if get_op(n.op).weight_slots is not None and _role(n, graph) in self.roles]
+        report: dict[str, Any] = {"scheme": self.options, "calibration": calibration.to_json()}
         if self.scheme.smooth is not None:
             report["smoothed"] = self._smooth(graph, targets, inputs)
         if self.scheme.activations:
@@ -253,7 +235,7 @@ class Quantize(Pass):
         after = sum(t["bytes_after"] for t in report["tensors"])
         report["total"] = {"tensors": len(report["tensors"]), "bytes_before": before, "bytes_after": after,
                            "ratio": round(before / after, 3) if after else 1.0}
-        is_lm = any(n.op == "embedding" for n in graph.nodes)
+        is_lm = any(get_op(n.op).embeds_tokens for n in graph.nodes)
         report["accuracy"] = accuracy_report(original, graph, inputs, is_lm)
         report["breaks_batch_isolation"] = self.scheme.activations == "tensor"
         if report["breaks_batch_isolation"]:
@@ -265,7 +247,7 @@ class Quantize(Pass):
         done: dict[int, Value] = {}
         tensors = []
         for node in targets:
-            slot = WEIGHT_SLOTS[node.op]
+            slot = get_op(node.op).weight_slots
             for i in range(len(node.inputs))[slot]:
                 w = node.inputs[i]
                 if graph.params.get(w.name) is not w or w.type.dtype != "float32":
@@ -295,15 +277,15 @@ class Quantize(Pass):
         """Insert quantize_act in front of every target's input x (shared by its readers)."""
         xs: dict[int, Value] = {}
         for node in targets:
-            if node.op in ACT_QUANT_OPS:
+            if get_op(node.op).act_quant_input:
                 xs.setdefault(id(node.inputs[0]), node.inputs[0])
         mode = self.scheme.activations
-        amax = _observe(graph, list(xs.values()), inputs) if mode == "static" else {}
+        amax = channel_max(graph, list(xs.values()), inputs) if mode == "static" else {}
         quantized: dict[int, Value] = {}
         out = []
         for node in targets:
             x = node.inputs[0]
-            if node.op not in ACT_QUANT_OPS:
+            if not get_op(node.op).act_quant_input:
                 continue
             if id(x) not in quantized:
                 extra = []
@@ -320,9 +302,9 @@ class Quantize(Pass):
 
     @staticmethod
     def _quantize_hidden(targets: list[Node]) -> list[str]:
-        """Round the hidden activation of every feed-forward block and experts op per row
-        (their down projections then read int8 too); returns where."""
-        blocks = [n for n in targets if n.op in ("mlp", "experts")]
+        """Round the hidden activation of every op with a `down_projection` (feed-forward
+        blocks, experts) per row (their down projections then read int8 too); returns where."""
+        blocks = [n for n in targets if get_op(n.op).down_projection]
         for node in blocks:
             node.attrs["hidden_quant"] = "token"
         return [n.loc or n.outputs[0].name for n in blocks]
@@ -337,19 +319,19 @@ class Quantize(Pass):
         target_ids = {id(n) for n in targets}
         plans = []
         for norm in graph.nodes:
-            if norm.op not in SMOOTH_NORMS or norm.attrs.get("group") is not None:
+            if not get_op(norm.op).affine_channels or norm.attrs.get("group") is not None:
                 continue
             x = norm.outputs[0]
             readers = users.get(id(x), [])
             params = norm.inputs[1:]
-            if (not readers or any(r.op not in WEIGHT_SLOTS or r.inputs[0] is not x for r in readers)
+            if (not readers or any(get_op(r.op).weight_slots is None or r.inputs[0] is not x for r in readers)
                     or not any(id(r) in target_ids for r in readers)
                     or any(graph.params.get(p.name) is not p for p in params) or x in graph.outputs):
                 continue  # every reader must be a matmul whose weights can absorb the factor
             plans.append((norm, x, readers))
         if not plans:
             return []
-        amax = _observe(graph, [x for _, x, _ in plans], inputs)
+        amax = channel_max(graph, [x for _, x, _ in plans], inputs)
         report = []
         for norm, x, readers in plans:
             weights = [w for r in readers for w in input_side_weights(r)]

@@ -12,28 +12,43 @@ vectorized, and the selection is sensitive to the last bit of a score).
 from __future__ import annotations
 
 import functools
-
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
 
 from tvm import tirx
 
 from mocompile.backends.tvm_cpu import tir_util as U
+from mocompile.ir.ops.moe import ROUTER_ATTRS
+from mocompile.ir.registry import REQUIRED
 
 NEG_INF = tirx.FloatImm("float32", float("-inf"))
 
 
 @dataclass(frozen=True)
 class RouterSpec:
+    """What a router kernel is specialised on: the expert count, and the router.topk
+    attributes of the same names (their meaning and defaults: mocompile.ir.ops.moe's
+    ROUTER_ATTRS), as the hashable, typed values `of` reads from a node's attributes."""
+
     experts: int
     top_k: int
-    scoring: str = "softmax"
-    normalize: bool = True
-    routed_scale: float = 1.0
-    n_group: int = 1
-    topk_group: int = 1
-    groups: tuple[tuple[int, int, int], ...] = ()  # (modality_id, start, end)
-    score_bias: bool = False  # extra input bias[E]: experts are chosen by score + bias (DeepSeek-V3)
-    group_score: str = "top2_sum"  # a routing group's score: sum of its top-2 choice scores | "max"
+    scoring: str
+    normalize: bool
+    routed_scale: float
+    n_group: int
+    topk_group: int
+    groups: tuple[tuple[int, int, int], ...]  # (modality_id, start, end)
+    score_bias: bool  # extra input bias[E]: experts are chosen by score + bias (DeepSeek-V3)
+    group_score: str  # a routing group's score: sum of its top-2 choice scores | "max"
+
+    @classmethod
+    def of(cls, experts: int, attrs: Mapping[str, Any]) -> RouterSpec:
+        """The spec of a router over `experts` experts with router.topk attributes `attrs`
+        (absent ones take the op's defaults), each converted to its field's type."""
+        given = {**{k: v for k, v in ROUTER_ATTRS.items() if v is not REQUIRED}, **attrs}
+        hints = typing.get_type_hints(cls)
+        return cls(int(experts), **{f.name: _as_type(hints[f.name], given[f.name]) for f in fields(cls)[1:]})
 
     def tag(self) -> str:
         groups = "".join(f"_m{m}r{a}to{b}" for m, a, b in self.groups)
@@ -41,6 +56,16 @@ class RouterSpec:
         extra = ("_bias" if self.score_bias else "") + ("_gmax" if self.group_score == "max" else "")
         return (f"e{self.experts}_k{self.top_k}_{self.scoring}{'_norm' if self.normalize else ''}"
                 f"_g{self.n_group}x{self.topk_group}{groups}_s{scale}{extra}")
+
+
+def _as_type(hint: Any, value: Any) -> Any:
+    """`value` as the type `hint` names: a scalar type's constructor, tuples element by element."""
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_as_type(args[0], v) for v in value)
+        return tuple(_as_type(a, v) for a, v in zip(args, value, strict=True))
+    return hint(value)
 
 
 def _allowed(spec: RouterSpec, mod, e):

@@ -29,23 +29,50 @@ def bind_inputs(graph: Graph, inputs: Mapping[str, np.ndarray]) -> dict[str, int
 
 
 Perturb = Callable[[Node, list[np.ndarray]], list[np.ndarray]]
+AfterNode = Callable[[Node, list[np.ndarray]], None]
+
+
+def last_uses(graph: Graph) -> dict[int, list[Value]]:
+    """Node index -> the values no later node reads (freed once that node has run)."""
+    last: dict[int, int] = {}
+    for i, node in enumerate(graph.nodes):
+        for v in node.inputs:
+            last[id(v)] = i
+    by_node: dict[int, list[Value]] = {}
+    values = {id(v): v for node in graph.nodes for v in node.inputs}
+    for key, i in last.items():
+        by_node.setdefault(i, []).append(values[key])
+    return by_node
 
 
 def run(graph: Graph, inputs: Mapping[str, np.ndarray], watch: Sequence[Value] = (),
-        perturb: Perturb | None = None) -> dict[str, np.ndarray]:
+        perturb: Perturb | None = None, after: AfterNode | None = None) -> dict[str, np.ndarray]:
     """Evaluate the graph; returns {output name: array}, plus the intermediate values in
     `watch` by name (e.g. the output of one op, to see where a difference starts).
     `perturb(node, inputs)` may replace a node's inputs before it computes (to measure how
-    sensitive the outputs are to float noise at that node)."""
+    sensitive the outputs are to float noise at that node); `after(node, outputs)` sees each
+    node's results as they are made (calibration statistics). An intermediate is dropped as
+    soon as no later node reads it, so memory holds the live values only, not every
+    activation of the model."""
     bind_inputs(graph, inputs)
     env: dict[int, np.ndarray] = {id(v): np.asarray(inputs[v.name]) for v in graph.inputs}
     for name, v in graph.params.items():
         env[id(v)] = graph.weights[name]
-    for node in graph.nodes:
+    keep = {id(v) for v in (*graph.outputs, *watch, *graph.inputs, *graph.params.values())}
+    frees = last_uses(graph)
+    read = {id(v) for n in graph.nodes for v in n.inputs}
+    for i, node in enumerate(graph.nodes):
         args = [env[id(v)] for v in node.inputs]
         if perturb is not None:
             args = perturb(node, args)
         results = get_op(node.op).compute(args, node.attrs)
+        if after is not None:
+            after(node, results)
         for v, r in zip(node.outputs, results):
-            env[id(v)] = r
+            if id(v) in keep or id(v) in read:
+                env[id(v)] = r
+        del args
+        for v in frees.get(i, ()):
+            if id(v) not in keep:
+                env.pop(id(v), None)
     return {v.name: env[id(v)] for v in (*graph.outputs, *watch)}

@@ -12,7 +12,11 @@ Facets a registered op carries:
   types and attrs, to each output's state, with `Out(mixes="why")` where the op itself
   makes an output depend on other samples. An op without one makes the verdict "unknown",
   never "isolated";
-- `cost`: FLOPs and bytes moved for concrete shapes (placement, reports, rooflines).
+- `cost`: FLOPs and bytes moved for concrete shapes (placement, reports, rooflines);
+- properties (positionwise, weight slots, cached inputs, ...): typed fields of `OpDef`,
+  declared where the op is registered, that passes and backends ask through `get_op(name)`
+  instead of keeping lists of op names (the `OpDef` docstring says what each means and who
+  reads it).
 Backend lowerings live with each backend (a backend registers a lowering per op name and
 refuses a graph holding an op it has none for), so the core never imports TVM.
 """
@@ -20,12 +24,15 @@ refuses a graph holding an op it has none for), so the core never imports TVM.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
 from mocompile.ir.batch_flow import BatchFlowFn
-from mocompile.ir.types import TensorType
+from mocompile.ir.types import Dim, TensorType
+
+if TYPE_CHECKING:  # the graph module imports this one
+    from mocompile.ir.graph import Node, Value
 
 
 class _Required:
@@ -37,6 +44,10 @@ REQUIRED: Any = _Required()
 
 InferFn = Callable[[Sequence[TensorType], Mapping[str, Any]], list[TensorType]]
 ComputeFn = Callable[[Sequence[np.ndarray], Mapping[str, Any]], list[np.ndarray]]
+# (node, the sequence dims of the graph's segment inputs) -> why the node's outputs at new
+# positions could depend on earlier positions other than through a KV cache, or None
+PositionCheck = Callable[["Node", Sequence[Dim]], "str | None"]
+WeightRole = Literal["router", "experts", "ffn"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,54 @@ class Cost:
 
 @dataclass(frozen=True)
 class OpDef:
+    """One op: its semantics (infer, compute, batch_flow, cost; see the module doc) and its
+    properties, which passes and backends read from here instead of testing op names. A
+    property at its default makes no claim, and its readers then treat the op conservatively.
+
+    positionwise: the output at a position depends only on the inputs at that position (and
+        weights), whatever the attributes. mocompile.kv_cache.decode_support lets such ops
+        into a graph that decodes token by token with a KV cache; an op without it, a
+        `position_check` or `cached_inputs` is taken to mix positions.
+    position_check: for an op that keeps positions apart only for some attributes or inputs
+        (concat along the features, routing without capacity, a per-token scale; attention
+        only if causal): `check(node, segments)` says why this node's outputs at new positions
+        would depend on earlier ones other than through a KV cache, None if they do not
+        (`segments`: the sequence dims of the graph's segment inputs). Read by decode_support.
+    cached_inputs: attention ops: the inputs holding keys and values (index -> short name).
+        mocompile.kv_cache.cached_graph feeds the earlier positions in front of them
+        (past.<layer>.<short name>); decode_support requires them to be this call's.
+    weight_slots: the inputs that are weights a quantizer may replace by low-bit codes behind
+        a `dequantize` (the quantize pass; input 0, the activation x, never is one). Backends
+        read the codes of those inputs inside their matmul kernels.
+    down_projection: the op computes a hidden activation inside (a feed-forward block) and its
+        last weight slot projects it back: that weight multiplies the hidden activation, not
+        x (`input_side_weights`, read by the quantize pass's SmoothQuant and by the backends'
+        integer kernels), and W8A8 rounds the hidden activation per row through the op's
+        `hidden_quant` attribute (the quantize pass sets it).
+    act_quant_input: under W8A8 the op reads its input x as int8: the quantize pass puts a
+        `quantize_act` in front of it, and a backend's integer kernel reads the codes.
+    rounds_input: the op rounds its input to a quantization grid, so float noise in that
+        input can move a result by a whole step (verification's rounding envelope perturbs
+        there; blocks with a `hidden_quant` attribute round inside).
+    keeps_weights_low_bit: the op expands low-bit weights (`dequantize`): fold-constants
+        leaves it even when all its inputs are weights, since the float32 result would undo
+        the quantization.
+    affine_channels: the output channels (last axis) are scaled (and shifted) one by one by
+        the op's parameter inputs 1..: dividing those by s divides output channel c by s[c].
+        The quantize pass's SmoothQuant folds its factors into such ops (norms) unless they
+        are grouped (attribute `group`).
+    weight_role: what the weights the op reads are in a model, for passes that treat the
+        parts of a model apart (the quantize pass's roles and skip=): "router", "experts"
+        (routed experts), "ffn" (a feed-forward block: a shared expert or a dense block, told
+        apart by where it sits), or None (a plain projection, whose role where it sits says:
+        attention, lm_head or dense).
+    embeds_tokens: input 0 holds token ids indexing the rows of input 1 (a vocabulary table).
+        The quantize pass takes a graph with such an op for a language model (its report
+        compares next-token distributions) and draws calibration ids below the table's rows.
+    routing_choices: the index of the output holding the experts chosen for each token. The
+        quantize report counts how many of those choices quantization kept.
+    """
+
     name: str
     infer: InferFn
     compute: ComputeFn
@@ -54,6 +113,19 @@ class OpDef:
     batch_flow: BatchFlowFn | None = None
     cost: Callable[[Sequence[TensorType], Sequence[TensorType], Mapping[str, Any], Mapping[str, int]], Cost] | None = None
     doc: str = ""
+    # ---- properties (see the class docstring) ----------------------------------------------
+    positionwise: bool = False
+    position_check: PositionCheck | None = None
+    cached_inputs: Mapping[int, str] | None = None
+    weight_slots: slice | None = None
+    down_projection: bool = False
+    act_quant_input: bool = False
+    rounds_input: bool = False
+    keeps_weights_low_bit: bool = False
+    affine_channels: bool = False
+    weight_role: WeightRole | None = None
+    embeds_tokens: bool = False
+    routing_choices: int | None = None
 
     def check_attrs(self, attrs: dict[str, Any], where: str = "") -> None:
         """Fill defaults in place; reject unknown or missing attributes."""
@@ -71,6 +143,7 @@ _OPS: dict[str, OpDef] = {}
 
 
 def register_op(opdef: OpDef) -> OpDef:
+    """Make `opdef` known by its name (to graphs, the verifier, the interpreter, passes)."""
     if opdef.name in _OPS:
         raise ValueError(f"op {opdef.name!r} registered twice")
     _OPS[opdef.name] = opdef
@@ -93,3 +166,17 @@ def all_ops() -> dict[str, OpDef]:
 def _load_builtin_ops() -> None:
     # Importing the package registers the built-in ops (each file calls register_op).
     import mocompile.ir.ops  # noqa: F401
+
+
+# ---- queries on a node's properties ---------------------------------------------------------
+def weight_inputs(node: Node) -> list[Value]:
+    """The node's inputs in its op's weight slots (none for an op without)."""
+    slots = get_op(node.op).weight_slots
+    return [] if slots is None else node.inputs[slots]
+
+
+def input_side_weights(node: Node) -> list[Value]:
+    """The weights that multiply the node's input x: all its weights but a down projection
+    (the gate/up of a feed-forward block, not its down)."""
+    weights = weight_inputs(node)
+    return weights[:-1] if get_op(node.op).down_projection else weights

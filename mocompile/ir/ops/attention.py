@@ -12,14 +12,17 @@ cached keys of earlier calls in. Rotary positions and the causal mask follow the
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from mocompile.ir.batch_flow import SAME_SAMPLE, BatchState, Flow, FlowArgs, broadcast_map, combine, one
 from mocompile.ir.ops.elementwise import broadcast_shapes
 from mocompile.ir.registry import REQUIRED, Cost, OpDef, register_op
-from mocompile.ir.types import TensorType
+from mocompile.ir.types import Dim, TensorType
+
+if TYPE_CHECKING:
+    from mocompile.ir.graph import Node
 
 ATTENTION_ATTRS = {"heads": REQUIRED, "kv_heads": REQUIRED, "head_dim": REQUIRED, "rope_theta": 0.0, "causal": True}
 
@@ -106,7 +109,13 @@ def _flow(args: FlowArgs) -> Flow:
     return one(combine(args, [[0, 1, None], [0, None, None], [0, None, 2]], why=ACROSS_SAMPLES))
 
 
+def _causal_only(node: Node, segments: Sequence[Dim]) -> str | None:
+    """Keys and values of earlier positions are all a causal query reads (a cache holds them)."""
+    return None if node.attrs["causal"] else f"{node.op} at {node.loc or '?'} is not causal"
+
+
 register_op(OpDef("attention", _infer, _compute, ATTENTION_ATTRS, cost=_cost, batch_flow=_flow,
+                  cached_inputs={1: "k", 2: "v"}, position_check=_causal_only,
                   doc="softmax(rope(q) rope(k)^T / sqrt(d) + causal mask) v, grouped-query; k/v [b, kv_len, ..] may "
                       "start kv_len - seq positions before the queries (cached keys)"))
 
@@ -164,6 +173,7 @@ def _mla_flow(args: FlowArgs) -> Flow:
 
 
 register_op(OpDef("attention.mla", _infer_mla, _compute_mla, MLA_ATTRS, cost=_mla_cost, batch_flow=_mla_flow,
+                  cached_inputs={1: "k_nope", 2: "v", 3: "k_rope"},
                   doc="causal multi-head latent attention core: per head q = [nope | rope(q_rope)], k = [k_nope | "
                       "rope(k_rope)] with k_rope shared by all heads, scale 1/sqrt(nope_dim + rope_dim); inputs q "
                       "[b,s,H*(dn+dr)], k_nope [b,n,H*dn], v [b,n,H*dv], k_rope [b,n,dr] with n >= s key positions (the "

@@ -46,14 +46,15 @@ def _elementwise_cost(ins, outs, attrs, env) -> Cost:
     return Cost(flops=n, bytes=4 * (n + sum(t.numel(env) for t in ins)))
 
 
-def _binary(name: str, fn: Callable[[np.ndarray, np.ndarray], np.ndarray], doc: str) -> None:
+def _binary(name: str, fn: Callable[[np.ndarray, np.ndarray], np.ndarray], doc: str,
+            positionwise: bool = False) -> None:
     register_op(OpDef(name, _infer_binary, lambda xs, a: [fn(xs[0], xs[1])], batch_flow=elementwise,
-                      cost=_elementwise_cost, doc=doc))
+                      cost=_elementwise_cost, doc=doc, positionwise=positionwise))
 
 
-def _unary(name: str, fn: Callable[[np.ndarray], np.ndarray], doc: str) -> None:
+def _unary(name: str, fn: Callable[[np.ndarray], np.ndarray], doc: str, positionwise: bool = False) -> None:
     register_op(OpDef(name, _infer_unary, lambda xs, a: [fn(xs[0]).astype(np.float32)], batch_flow=elementwise,
-                      cost=_elementwise_cost, doc=doc))
+                      cost=_elementwise_cost, doc=doc, positionwise=positionwise))
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -71,16 +72,19 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"silu": silu, "gelu": gelu}
 
-_binary("add", np.add, "a + b (numpy broadcasting)")
-_binary("mul", np.multiply, "a * b (numpy broadcasting)")
-_unary("silu", silu, "x * sigmoid(x)")
-_unary("gelu", gelu, "exact erf GELU")
-_unary("sigmoid", sigmoid, "1 / (1 + exp(-x))")
+# positionwise=True on the ops a model's layers use between attentions and on sub/div; the
+# other glue ops (abs, round, clamp, eq, logical_and) leave it undeclared, so a graph holding
+# them gets no token-by-token decode step (mocompile.kv_cache).
+_binary("add", np.add, "a + b (numpy broadcasting)", positionwise=True)
+_binary("mul", np.multiply, "a * b (numpy broadcasting)", positionwise=True)
+_unary("silu", silu, "x * sigmoid(x)", positionwise=True)
+_unary("gelu", gelu, "exact erf GELU", positionwise=True)
+_unary("sigmoid", sigmoid, "1 / (1 + exp(-x))", positionwise=True)
 
 # ---- glue that plain torch code needs (dynamic quantization, masks) ------------------------
-_binary("sub", np.subtract, "a - b (numpy broadcasting)")
+_binary("sub", np.subtract, "a - b (numpy broadcasting)", positionwise=True)
 _binary("div", lambda a, b: np.divide(a, b).astype(a.dtype) if a.dtype.kind == "f" else np.floor_divide(a, b),
-        "a / b (floor division for integers, as torch's //)")
+        "a / b (floor division for integers, as torch's //)", positionwise=True)
 _unary("abs", np.abs, "|x|")
 _unary("round", np.round, "round half to even, as torch.round")
 

@@ -15,7 +15,7 @@ experts) assignments, best scores first).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -23,7 +23,10 @@ from mocompile.ir.batch_flow import Flow, FlowArgs, Out, combine, identity_map, 
 from mocompile.ir.ops.elementwise import ACTIVATIONS, sigmoid
 from mocompile.ir.ops.nn import check_hidden_quant, ffn, ffn_weight_types
 from mocompile.ir.registry import REQUIRED, Cost, OpDef, register_op
-from mocompile.ir.types import TensorType
+from mocompile.ir.types import Dim, TensorType
+
+if TYPE_CHECKING:
+    from mocompile.ir.graph import Node
 
 ROUTER_ATTRS = {
     "top_k": REQUIRED,
@@ -215,7 +218,15 @@ def _router_flow(args: FlowArgs) -> Flow:
     return Flow((out, out))
 
 
+def _router_positions(node: Node, segments: Sequence[Dim]) -> str | None:
+    """Token-choice routing without capacity routes each position on its own."""
+    if node.attrs.get("capacity_factor") is not None or node.attrs.get("routing", "token_choice") != "token_choice":
+        return f"{node.op} at {node.loc or '?'} routes each token by the others (capacity or batch-level routing)"
+    return None
+
+
 register_op(OpDef("router.topk", _infer_router, _router, ROUTER_ATTRS, cost=_router_cost, batch_flow=_router_flow,
+                  position_check=_router_positions, weight_slots=slice(1, 2), weight_role="router", routing_choices=1,
                   doc="(weights, indices) of the top_k experts per token; inputs x, w_router[, score_bias]"
                       "[, modality_ids]"))
 
@@ -274,6 +285,7 @@ def _experts_params(args: FlowArgs) -> list:
 # Sparse dispatch by per-token indices: a token's output reads only its own row, its own
 # routing and the expert weights, whichever other tokens share the experts.
 register_op(OpDef("experts", _infer_experts, _experts, EXPERTS_ATTRS, cost=_experts_cost,
-                  batch_flow=rowwise(_experts_params),
+                  batch_flow=rowwise(_experts_params), positionwise=True, weight_slots=slice(3, None),
+                  down_projection=True, act_quant_input=True, weight_role="experts",
                   doc="sum_j weights[t,j] * FFN_{indices[t,j]}(x[t]) (FFN as mlp's, hidden_quant included); inputs x, "
                       "weights, indices, [gate], up, down"))

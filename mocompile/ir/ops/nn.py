@@ -41,7 +41,7 @@ def _embedding_flow(args: FlowArgs) -> Flow:
 
 
 register_op(OpDef("embedding", _infer_embedding, lambda xs, a: [xs[1][xs[0]]], batch_flow=_embedding_flow,
-                  cost=_embedding_cost,
+                  cost=_embedding_cost, positionwise=True, embeds_tokens=True,
                   doc="table[ids]; rows of a [vocab, hidden] table"))
 
 
@@ -75,6 +75,7 @@ def _linear_params(args: FlowArgs) -> list:
 
 
 register_op(OpDef("linear", _infer_linear, _linear, batch_flow=rowwise(_linear_params), cost=_linear_cost,
+                  positionwise=True, weight_slots=slice(1, 2), act_quant_input=True,
                   doc="x @ w.T (+ b); w is [out, in]"))
 
 
@@ -114,11 +115,11 @@ def _norm_cost(ins, outs, attrs, env) -> Cost:
 
 
 register_op(OpDef("rmsnorm", _infer_norm, _rmsnorm, {"eps": REQUIRED, "group": None}, cost=_norm_cost,
-                  batch_flow=rowwise(last_axis_params, reduce_last=True),
+                  batch_flow=rowwise(last_axis_params, reduce_last=True), positionwise=True, affine_channels=True,
                   doc="x / sqrt(mean(x^2) + eps) * w over the last axis, or with `group` over each consecutive "
                       "group of that many elements of it (per attention head); w is [last axis] or [group]"))
 register_op(OpDef("layernorm", _infer_norm, _layernorm, {"eps": REQUIRED}, cost=_norm_cost,
-                  batch_flow=rowwise(last_axis_params, reduce_last=True),
+                  batch_flow=rowwise(last_axis_params, reduce_last=True), positionwise=True, affine_channels=True,
                   doc="(x - mean) / sqrt(var + eps) * w + b over the last axis (biased variance)"))
 
 
@@ -179,7 +180,8 @@ def _mlp_cost(ins, outs, attrs, env) -> Cost:
     return Cost(flops=2 * rows * wsize, bytes=4 * (wsize + 2 * outs[0].numel(env)))
 
 
-register_op(OpDef("mlp", _infer_mlp, _mlp, MLP_ATTRS, cost=_mlp_cost, batch_flow=rowwise(),
+register_op(OpDef("mlp", _infer_mlp, _mlp, MLP_ATTRS, cost=_mlp_cost, batch_flow=rowwise(), positionwise=True,
+                  weight_slots=slice(1, None), down_projection=True, act_quant_input=True, weight_role="ffn",
                   doc="down(act(x@gate.T) * (x@up.T)) if gated else down(act(x@up.T)), the hidden activation rounded to "
                       "int8 per row first with hidden_quant=token; inputs x, [gate], up, down"))
 

@@ -4,7 +4,7 @@ A quantized weight stays low-bit in the graph: `dequantize(q, scale)` is an ordi
 between the low-bit weight and the op that reads it (`linear`, `mlp`, `experts`, ...), so
 the interpreter computes exactly the quantized model, every pass still sees an ordinary
 linear layer, and a backend recognises the pair and reads the low-bit weight inside its
-matmul kernel (constant folding never expands it: see `KEEPS_WEIGHTS_LOW_BIT`).
+matmul kernel (constant folding never expands it: the op declares `keeps_weights_low_bit`).
 
 Number formats (symmetric, no zero point):
 - int8: q int8 in [-127, 127], w = q * scale;
@@ -24,21 +24,20 @@ multiplies); its `mode` says where the scale comes from:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from mocompile.ir.batch_flow import Flow, FlowArgs, combine, identity_map, one
 from mocompile.ir.registry import REQUIRED, Cost, OpDef, register_op
-from mocompile.ir.types import TensorType
+from mocompile.ir.types import Dim, TensorType
+
+if TYPE_CHECKING:
+    from mocompile.ir.graph import Node
 
 INT8_MAX = 127
 INT4_MIN, INT4_MAX = -8, 7
 ACT_MODES = ("static", "token", "tensor")
-KEEPS_WEIGHTS_LOW_BIT = frozenset({"dequantize"})  # ops constant folding must leave alone
-# The inputs of each matmul-like op that are weights (what quantization replaces, and what
-# a backend reads low-bit)
-WEIGHT_SLOTS = {"linear": slice(1, 2), "mlp": slice(1, None), "experts": slice(3, None), "router.topk": slice(1, 2)}
 
 
 # ---- the arithmetic (shared by the ops, the quantize pass and the tests) ------------------
@@ -134,7 +133,8 @@ def _reads_weights_only(args: FlowArgs) -> Flow:
 
 
 register_op(OpDef("dequantize", _infer_dequantize, lambda xs, a: [dequantize_weight(xs[0], xs[1], a["bits"])],
-                  {"bits": REQUIRED}, batch_flow=_reads_weights_only, cost=_dequantize_cost,
+                  {"bits": REQUIRED}, batch_flow=_reads_weights_only, cost=_dequantize_cost, positionwise=True,
+                  keeps_weights_low_bit=True,
                   doc="low-bit weight codes [..., N, K] (int8, or int4 packed two per uint8) times float32 "
                       "scales [..., N, G] per output channel and group of K/G inputs"))
 
@@ -173,7 +173,15 @@ def _quantize_act_cost(ins, outs, attrs, env) -> Cost:
     return Cost(flops=3 * n, bytes=8 * n)
 
 
+def _quantize_act_positions(node: Node, segments: Sequence[Dim]) -> str | None:
+    """A static or per-token scale rounds each position on its own."""
+    if node.attrs["mode"] == "tensor":
+        return f"{node.op} at {node.loc or '?'} takes its scale over all positions"
+    return None
+
+
 register_op(OpDef("quantize_act", _infer_quantize_act, _quantize_act, {"mode": REQUIRED},
-                  batch_flow=_quantize_act_flow, cost=_quantize_act_cost,
+                  batch_flow=_quantize_act_flow, cost=_quantize_act_cost, position_check=_quantize_act_positions,
+                  rounds_input=True,
                   doc="x rounded to int8 codes and back: scale static (input [1]), per token (row max) or per "
                       "tensor (whole-batch max: breaks batch isolation)"))

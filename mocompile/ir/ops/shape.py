@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from mocompile.ir.batch_flow import Flow, FlowArgs, Out, combine, depends_on_shapes_only, identity_map, one
 from mocompile.ir.registry import REQUIRED, OpDef, register_op
-from mocompile.ir.types import TensorType, dim_add
+from mocompile.ir.types import Dim, TensorType, dim_add
+
+if TYPE_CHECKING:
+    from mocompile.ir.graph import Node
 
 
 def _infer_concat(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
@@ -34,8 +37,19 @@ def _concat_flow(args: FlowArgs) -> Flow:
     return one(combine(args, [identity_map(r)] * len(args.ins)))
 
 
+def _concat_positions(node: Node, segments: Sequence[Dim]) -> str | None:
+    """Joining features keeps positions apart, and so does joining whole segments (graph
+    inputs with sequence axes of their own) along the sequence: each keeps its positions."""
+    rank, axis = node.outputs[0].type.rank, node.attrs["axis"] % node.outputs[0].type.rank
+    joined = [t.type.shape[1] if t.type.rank > 1 else None for t in node.inputs]
+    segments_joined = axis == 1 and len(set(joined)) == len(joined) and all(d in segments for d in joined)
+    if axis != rank - 1 and not segments_joined:
+        return f"{node.op} at {node.loc or '?'} joins along axis {axis}, which is neither the features nor segments"
+    return None
+
+
 register_op(OpDef("concat", _infer_concat, lambda xs, a: [np.concatenate(xs, axis=a["axis"])], {"axis": REQUIRED},
-                  batch_flow=_concat_flow,
+                  batch_flow=_concat_flow, position_check=_concat_positions,
                   doc="concatenate along one axis"))
 
 
@@ -55,4 +69,5 @@ def _segment_ids(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.
 
 
 register_op(OpDef("segment_ids", _infer_segment_ids, _segment_ids, {"ids": REQUIRED}, batch_flow=depends_on_shapes_only,
+                  positionwise=True,
                   doc="int32[batch, S1+..+Sn]: the id of the segment (input i, [batch, Si, ...]) each position is in"))
