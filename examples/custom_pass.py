@@ -52,7 +52,7 @@ class FlopsReport(Pass):
 
 
 def main() -> None:
-    from mocompile.compiler import lower_source, source_from_spec
+    from mocompile.frontend import lower_source, source_from_spec
 
     spec = Path(__file__).parent / "mixtral_tiny.moe"
     graph = lower_source(source_from_spec(spec, variant=None, weights=None, seed=0))

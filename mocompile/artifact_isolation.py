@@ -23,8 +23,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from mocompile.errors import MocompileError
-from mocompile.isolation import Finding, IsolationReport
-from mocompile.isolation_check import input_axes_of
+from mocompile.isolation import Finding, IsolationReport, input_axes_of
 from mocompile.runtime import LoadedArtifact, random_inputs
 from mocompile.witness import PERTURBATIONS, Replacement, differential_search, is_integer_batch
 

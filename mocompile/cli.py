@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a .moe spec or a Hugging Face checkpoint into an artifact directory")
     c.add_argument("spec", help="a .moe spec file, or a Hugging Face checkpoint directory (config.json + safetensors)")
     c.add_argument("-o", "--out", required=True, help="artifact directory to write")
-    c.add_argument("--target", default="cpu", help="code generation target (default cpu)")
+    c.add_argument("--target", default="cpu", help="code generation target and its options (default cpu, this "
+                                                   "machine's CPU; cpu [-mcpu=NAME] [-mattr=+f,-f] [-num-cores=N])")
     c.add_argument("--variant", help="elastic sub-model declared in the spec")
     c.add_argument("--passes", default="", help='pass pipeline, e.g. "dce,fold-constants"')
     c.add_argument("--weights", help="safetensors file with the full model's weights (default: from --seed)")
@@ -70,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                         "dense ones, a tile search for the per-expert ones) and keep the fastest (the tuning "
                         "database is saved in the artifact and reused when compiling into the same directory)")
     c.add_argument("--tuning-db", metavar="FILE", help="tuning database to reuse (and, with --tune, to extend)")
+    c.add_argument("--calib", metavar="FILE.npy", help="calibration token ids [n, seq] for the data-driven passes "
+                                                       "(default: random tokens, which the manifest records)")
     c.add_argument("--require-isolation", action="store_true",
                    help="fail unless no sample of a batch can influence another sample's output")
     _add_shape_args(c, 2, 8)
@@ -112,10 +115,16 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
     art = compile(a.spec, target=a.target, passes=a.passes, out_dir=a.out, variant=a.variant, weights=a.weights,
                   seed=a.seed, batch=a.batch, seq=a.seq, plugins=tuple(a.plugin), progress=stderr_progress,
-                  require_isolation=a.require_isolation, tune=a.tune, tuning_db=a.tuning_db)
+                  require_isolation=a.require_isolation, tune=a.tune, tuning_db=a.tuning_db, calibration=a.calib)
     v = art.manifest["verification"]
     print(f"compiled {art.manifest['model']['name']}"
           f"{' (variant ' + a.variant + ')' if a.variant else ''} for {a.target} -> {art.path}")
+    if v["status"] != "verified":
+        print(f"NOT VERIFIED by running it: the artifact cannot run on this machine ({v['reason']})")
+        for check in v["checked"]:
+            print(f"  checked instead: {check}")
+        print(f"batch isolation: {art.manifest['isolation']['verdict']}")
+        return 0
     allowed = max(c.get("allowed", v["tolerance"]) for c in v["checks"])
     bound = (f"tolerance {v['tolerance']:g}" if allowed <= v["tolerance"] else
              f"within twice the reference's own spread under float noise at its rounding points, {allowed:.2e}")
@@ -220,10 +229,10 @@ def _generate(art: Any, prompt: dict, new_tokens: int) -> int:
 
     positions = sum(a.shape[1] for a in prompt.values())  # a multimodal prompt: every segment, tokens first
     batch = next(iter(prompt.values())).shape[0]
-    ids = prompt[art.token_input.name]
     times: list[float] = []
     try:
         cache = art.new_cache(batch, positions + new_tokens)  # refuses artifacts without a step function
+        ids = prompt[art.token_input.name]
         tokens = art.generate(prompt, new_tokens, cache=cache, timings=times)
     except ValueError as e:
         raise MocompileError(f"{art.path}: {e}") from None
@@ -250,7 +259,7 @@ def _inspect_spec(a: argparse.Namespace) -> int:
         except KeyError as e:
             raise MocompileError(str(e.args[0])) from None
     if a.ir:
-        from mocompile.compiler import lower_source, source_for
+        from mocompile.frontend import lower_source, source_for
         from mocompile.ir.printer import format_graph
 
         print(format_graph(lower_source(source_for(a.path, a.variant, None, 0))))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from mocompile.ir.batch_flow import (
     LABEL,
@@ -324,3 +324,8 @@ def analyze(graph: Graph, batch_axes: Mapping[str, int | None] | None = None,
         outputs={v.name: describe_axes(states[id(v)]) for v in graph.outputs},
         sample_ids=sample_ids, seconds=time.perf_counter() - start,
         states={names[k]: s for k, s in states.items() if k in names})
+
+
+def input_axes_of(shapes: Mapping[str, Sequence[Any]]) -> dict[str, int | None]:
+    """The batch axis of each tensor of a signature: where its dim is the symbol "batch"."""
+    return {n: next((a for a, d in enumerate(s) if d == BATCH_SYMBOL), None) for n, s in shapes.items()}

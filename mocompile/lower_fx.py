@@ -2,14 +2,15 @@
 
 The module is traced with the layers the IR keeps whole (attention core, MLP, router,
 experts, norms, linear, embedding) as fx leaves; every fx node is then mapped by a table
-keyed on the leaf module's class or the called function. A node with no entry is an error
-that names the op and where it is in the model, never a silent drop.
+keyed on the leaf module's class or the called function (the tables live in fx_tables.py;
+the DSL's layers register here, plain tensor code in lower_tensor_code.py). A node with no
+entry is an error that names the op and where it is in the model, never a silent drop.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -17,8 +18,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from mocompile import lower_tensor_code  # noqa: F401  (registers the lowerings of plain tensor code)
 from mocompile.dsl import modules as M
 from mocompile.errors import MocompileError
+from mocompile.fx_tables import (FUNCTION_LOWERINGS, METHOD_LOWERINGS, MODULE_LOWERINGS, Lowering, lowers_function,
+                                 lowers_module, unary_lowering)
 from mocompile.ir.graph import Graph, Value
 from mocompile.ir.types import TensorType
 
@@ -29,53 +33,6 @@ LEAF_MODULES: tuple[type[nn.Module], ...] = (M.AttentionCore, M.LatentAttentionC
 class LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, LEAF_MODULES) or super().is_leaf_module(m, qualname)
-
-
-class Lowering:
-    """State of one lowering: the IR graph being built and the weights already added."""
-
-    def __init__(self, graph: Graph) -> None:
-        self.graph = graph
-        self._by_tensor: dict[int, Value] = {}
-
-    def param(self, name: str, tensor: torch.Tensor) -> Value:
-        """The IR weight for a torch tensor; tied tensors (same storage) become one weight."""
-        key = id(tensor)
-        if key not in self._by_tensor:
-            self._by_tensor[key] = self.graph.add_param(name, tensor.detach().to(torch.float32).numpy().copy())
-        return self._by_tensor[key]
-
-
-ModuleLowering = Callable[[Lowering, nn.Module, str, list[Any]], Any]
-FunctionLowering = Callable[[Lowering, str, list[Any], dict[str, Any]], Any]
-
-MODULE_LOWERINGS: dict[type, ModuleLowering] = {}
-FUNCTION_LOWERINGS: dict[Any, FunctionLowering] = {}
-METHOD_LOWERINGS: dict[str, FunctionLowering] = {}  # tensor methods by name; args[0] is the tensor
-
-
-def lowers_module(*classes: type) -> Callable[[ModuleLowering], ModuleLowering]:
-    def deco(fn: ModuleLowering) -> ModuleLowering:
-        for c in classes:
-            MODULE_LOWERINGS[c] = fn
-        return fn
-    return deco
-
-
-def lowers_function(*targets: Any) -> Callable[[FunctionLowering], FunctionLowering]:
-    def deco(fn: FunctionLowering) -> FunctionLowering:
-        for t in targets:
-            FUNCTION_LOWERINGS[t] = fn
-        return fn
-    return deco
-
-
-def lowers_method(*names: str) -> Callable[[FunctionLowering], FunctionLowering]:
-    def deco(fn: FunctionLowering) -> FunctionLowering:
-        for n in names:
-            METHOD_LOWERINGS[n] = fn
-        return fn
-    return deco
 
 
 # ---- leaf modules -----------------------------------------------------------------------
@@ -153,11 +110,6 @@ def _experts(lw: Lowering, m: M.Experts, path: str, args: list[Any]) -> Value:
 
 # ---- functions ----------------------------------------------------------------------------
 # Arithmetic (add, mul, sub, ...) with tensor or Python-number operands is in lower_tensor_code.py.
-def unary_lowering(op: str) -> FunctionLowering:
-    """The lowering of a one-tensor function or method to the IR op `op`."""
-    return lambda lw, path, args, kwargs: lw.graph.add(op, args[0], loc=path)
-
-
 FUNCTION_LOWERINGS.update({F.silu: unary_lowering("silu"), F.gelu: unary_lowering("gelu"),
                            torch.sigmoid: unary_lowering("sigmoid")})
 
@@ -239,7 +191,3 @@ def _get_attr(model: nn.Module, target: str) -> torch.Tensor:
 
 def numpy_inputs(inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in inputs.items()}
-
-
-# Lowerings of plain tensor code (reshape, reductions, sdpa, batch norm, ...) register into the tables above.
-from mocompile import lower_tensor_code  # noqa: E402,F401

@@ -18,7 +18,7 @@ from torch import nn
 
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Value
-from mocompile.lower_fx import (
+from mocompile.fx_tables import (
     FUNCTION_LOWERINGS,
     METHOD_LOWERINGS,
     Lowering,

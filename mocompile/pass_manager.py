@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from mocompile.calibration import Calibration
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph
 from mocompile.ir.verifier import VerifyError, verify
@@ -34,7 +35,9 @@ from mocompile.ir.verifier import VerifyError, verify
 class PassContext:
     """What a pass may need beyond the graph: calibration inputs, the target, free-form notes."""
 
-    calibration: list[dict[str, Any]] = field(default_factory=list)  # input dicts of numpy arrays
+    # The user's calibration data: a Calibration or a list of input dicts (None: passes draw
+    # random inputs, see mocompile.calibration.for_graph).
+    calibration: Calibration | list[dict[str, Any]] | None = None
     input_ranges: dict[str, int] = field(default_factory=dict)  # integer (token) inputs: ids are in [0, n)
     target: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)

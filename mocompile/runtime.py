@@ -14,14 +14,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from mocompile.artifact import read_manifest
+from mocompile.cpu_features import missing_cpu_features
 from mocompile.errors import ArtifactError, ArtifactInputError
-from mocompile.ir.types import TensorType, bind_shape
 from mocompile.kv_cache import decode_steps
+from mocompile.signature import Signature, TensorSpec, random_inputs  # noqa: F401  (the runtime's API)
 from mocompile.runtime_inputs import (DEFAULT_CACHE_POSITIONS, KVCache, as_arrays, bounded_ids, check_batch,
                                       check_ids, check_positions, positive_int, segments, token_ids)
 from mocompile.threads import configure_tvm_threads
@@ -41,66 +42,6 @@ def import_tvm_without_torch() -> Any:
     finally:
         del sys.modules["torch"]
     return tvm
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]
-    high: int | None = None  # integer inputs (token ids) take values in [0, high)
-
-    @property
-    def type(self) -> TensorType:
-        return TensorType(self.shape, self.dtype)
-
-    def to_json(self) -> dict[str, Any]:
-        d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-        return d if self.high is None else {**d, "high": self.high}
-
-    @staticmethod
-    def from_json(d: Mapping[str, Any]) -> "TensorSpec":
-        return TensorSpec(d["name"], d["dtype"], tuple(d["shape"]), d.get("high"))
-
-
-@dataclass(frozen=True)
-class Signature:
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs]}
-
-    @staticmethod
-    def from_json(d: Mapping[str, Any]) -> "Signature":
-        return Signature(tuple(map(TensorSpec.from_json, d["inputs"])), tuple(map(TensorSpec.from_json, d["outputs"])))
-
-    def check(self, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
-        """Validate inputs (names, dtypes, shapes); return the bound symbolic dims. Dtypes
-        must match exactly: a silent cast would hide float64 data losing precision, or ids
-        meant for another vocabulary."""
-        env: dict[str, int] = {}
-        names = {t.name for t in self.inputs}
-        extra = set(inputs) - names
-        if extra:
-            raise ArtifactInputError(f"unexpected input(s) {sorted(extra)}; the artifact takes {sorted(names)}")
-        for t in self.inputs:
-            if t.name not in inputs:
-                raise ArtifactInputError(f"missing input {t.name!r} ({t.type})")
-            a = inputs[t.name]
-            if str(a.dtype) != t.dtype:
-                raise ArtifactInputError(f"input {t.name!r}: expected {t.dtype}, got {a.dtype} "
-                                         f"(convert it with .astype({t.dtype!r}))")
-            wrong = next(((i, d) for i, d in enumerate(t.shape)
-                          if isinstance(d, int) and a.ndim == len(t.shape) and a.shape[i] != d), None)
-            if wrong is not None:
-                raise ArtifactInputError(f"input {t.name!r}: axis {wrong[0]} is {a.shape[wrong[0]]} "
-                                         f"(shape {a.shape}), the artifact takes {wrong[1]} ({t.type})")
-            try:
-                bind_shape(t.type, a.shape, env, f"input {t.name!r}")
-            except ValueError as e:
-                raise ArtifactInputError(str(e)) from None
-        return env
 
 
 ALIGNMENT = 64  # bytes: what TVM requires of tensor data it does not allocate itself
@@ -150,6 +91,11 @@ class LoadedArtifact:
         self._highs = {t.name: t.high for t in self.signature.inputs if t.high is not None}
         if program.get("kind") != "tvm-relax-vm":
             raise ArtifactError(f"{path}: program kind {program.get('kind')!r} cannot run on this host")
+        target = manifest.get("target", {})
+        missing = missing_cpu_features(target.get("features", ()))
+        if missing:  # loading would crash the process at the first such instruction
+            raise ArtifactError(f"{path}: built for {target.get('spec') or target.get('mcpu')}; this CPU lacks "
+                                f"{', '.join(missing)} (recompile with --target cpu for this machine)")
         tvm = import_tvm_without_torch()
         from safetensors import safe_open
 
@@ -412,24 +358,35 @@ class LoadedArtifact:
         return float(np.median(times))
 
 
-def load(path: str | Path, driver: bool = True) -> LoadedArtifact:
-    """Load an artifact directory after verifying the checksum of every file in it.
-    `driver=False`: run every step through the VM's `step`, never the decode driver (to
-    compare the two)."""
+# program kind (the manifest's program.kind) -> what opens an artifact of that kind:
+# loader(path, manifest, **options) -> an object with .signature and .run (and, where the
+# program decodes, .new_cache / .step / .run_cached / .generate). A loader ignores options it
+# does not know. Backends whose artifacts run through other runtimes register theirs.
+ProgramLoader = Callable[..., Any]
+_LOADERS: dict[str, ProgramLoader] = {"tvm-relax-vm": LoadedArtifact}
+
+
+def register_program_kind(kind: str, loader: ProgramLoader) -> None:
+    """Make artifacts whose manifest says `program.kind == kind` loadable by `load`."""
+    if _LOADERS.get(kind, loader) is not loader:
+        raise ValueError(f"program kind {kind!r} registered twice")
+    _LOADERS[kind] = loader
+
+
+def open_artifact(path: Path, manifest: dict[str, Any], **options: Any) -> Any:
+    """The loaded program of an artifact whose manifest is already read (and checked)."""
+    kind = manifest.get("program", {}).get("kind")
+    loader = _LOADERS.get(kind)
+    if loader is None:
+        raise ArtifactError(f"{path}: program kind {kind!r} has no loader here (this runtime loads: "
+                            f"{', '.join(sorted(_LOADERS))})")
+    return loader(path, manifest, **options)
+
+
+def load(path: str | Path, driver: bool = True) -> Any:
+    """Load an artifact directory after verifying the checksum of every file in it, with the
+    loader of its program kind (a TVM Relax VM artifact: LoadedArtifact). `driver=False`: run
+    every step through the VM's `step`, never the decode driver (to compare the two)."""
     path = Path(path)
     manifest = read_manifest(path)
-    return LoadedArtifact(path, manifest, driver)
-
-
-def random_inputs(signature: Signature, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs for a signature: the symbolic dim `batch` gets `batch`, every other
-    symbol gets `seq`; integer inputs draw ids in [0, high)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for t in signature.inputs:
-        shape = tuple(d if isinstance(d, int) else (batch if d == "batch" else seq) for d in t.shape)
-        if t.dtype.startswith("int"):
-            out[t.name] = rng.integers(0, t.high or 2, size=shape).astype(t.dtype)
-        else:
-            out[t.name] = rng.standard_normal(shape).astype(t.dtype)
-    return out
+    return open_artifact(path, manifest, driver=driver)

@@ -98,10 +98,10 @@ def test_tampered_weights_are_refused(artifacts, tmp_path) -> None:
 
 
 def test_failed_verification_leaves_no_artifact(tmp_path, monkeypatch) -> None:
-    import mocompile.compiler as compiler
+    import mocompile.verification as verification
 
     out = tmp_path / "never"
-    monkeypatch.setattr(compiler, "TOLERANCE", -1.0)  # nothing can pass
+    monkeypatch.setattr(verification, "TOLERANCE", -1.0)  # nothing can pass
     with pytest.raises(VerificationError, match="disagrees with the eager torch model"):
         mocompile.compile(EXAMPLES / "mixtral_tiny.moe", out_dir=out, batch=1, seq=2)
     assert not out.exists()
@@ -192,3 +192,26 @@ def test_compiled_examples_are_batch_invariant_bit_for_bit(artifacts, spec_name:
         inputs = random_inputs(art.signature, 4, 6, seed=seed)
         result = differential_check(art.run, inputs, axes, {"logits": 0}, perturbed=seed % 4, seed=seed, int_high=high)
         assert result["bitwise_identical"], result
+
+
+GOLDEN = json.loads((Path(__file__).parent / "data" / "golden" / "fp32_examples.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN["outputs"]))
+def test_generated_code_computes_the_recorded_bits(artifacts, name: str) -> None:
+    """The fp32 example artifacts' outputs (forward and cached decode), bit for bit, against
+    sha256 digests recorded on a host of the same LLVM CPU: a refactor of the compiler that
+    changes any kernel's arithmetic fails here (elsewhere the eager comparisons above hold)."""
+    import hashlib
+
+    from mocompile.backends.tvm_cpu.target import host_cpu
+
+    if host_cpu() != GOLDEN["llvm_cpu"]:
+        pytest.skip(f"digests recorded on {GOLDEN['llvm_cpu']}, this host is {host_cpu()}")
+    art = load(artifacts[(f"{name}.moe", None)])
+    x = random_inputs(art.signature, 3, 9, seed=11)
+    got = {f"main.{k}": v for k, v in art.run(x).items()}
+    if art.can_decode:
+        got.update({f"cached.{k}": v for k, v in art.run_cached(x, 5).items()})
+    digests = {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for k, v in got.items()}
+    assert digests == GOLDEN["outputs"][name]

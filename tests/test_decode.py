@@ -106,7 +106,7 @@ def test_decode_driver_allocations_are_never_on_the_stack(artifacts):
     from mocompile.backends.tvm_cpu.driver import decode_driver
     from mocompile.backends.tvm_cpu.lower import lower
     from mocompile.backends.tvm_cpu.tir_util import STACK_BYTES
-    from mocompile.compiler import lower_source, source_for
+    from mocompile.frontend import lower_source, source_for
 
     program = lower(lower_source(source_for(EXAMPLES / "mixtral_tiny.moe", None, None, 0)))
     driver = decode_driver(program.mod, program.weights)
@@ -176,7 +176,7 @@ def test_text_decodes_after_a_multimodal_prompt(tmp_path):
     """unified_tiny (text, image, audio): the prefill step over every segment is the plain
     forward; text tokens then follow with the other segments empty, as the IR's cached graph
     computes (the compile checks it too); the CLI generates through the cache."""
-    from mocompile.compiler import lower_source, source_for
+    from mocompile.frontend import lower_source, source_for
     from mocompile.kv_cache import cached_graph, run_cached_graph
 
     art = compile(EXAMPLES / "unified_tiny.moe", out_dir=tmp_path / "uni")
@@ -248,6 +248,75 @@ def test_artifact_without_a_step_says_why(tmp_path):
     assert out.stderr.strip().endswith(f"({reason})")
 
 
+def _refuses_to_decode(art, reason: str, capsys) -> None:
+    """No step function, and every way of decoding says `reason`; the plain forward still runs."""
+    from mocompile.cli import main
+
+    assert not art.can_decode and art.manifest["program"]["no_step_reason"] == reason
+    assert "decode_verification" not in art.manifest
+    ids = np.zeros((1, 3), np.int64)
+    why = f"this artifact has no cached step function \\({re.escape(reason)}\\)"
+    with pytest.raises(ArtifactError, match=why):
+        art.new_cache(1)
+    with pytest.raises(ArtifactError, match=why):
+        art.step({"text": ids}, None)
+    with pytest.raises(ArtifactError, match=why):
+        art.generate(ids, 2)
+    assert main(["run", str(art.path), "--generate", "2"]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"({reason})")
+    assert np.isfinite(art.run({"text": ids})["logits"]).all()
+
+
+def test_non_causal_attention_is_not_decoded(tmp_path, capsys):
+    """Bidirectional attention lets an earlier position read later ones: a KV cache would
+    change what it computes, so the artifact has no step and says so."""
+    import torch
+
+    from mocompile.dsl.modules import AttentionCore
+    from mocompile.ir.types import TensorType
+
+    class Bidirectional(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(64, 32)
+            self.q, self.k, self.v = (torch.nn.Linear(32, 32, bias=False) for _ in range(3))
+            self.core = AttentionCore(2, 2, 16, 10000.0, causal=False)
+            self.head = torch.nn.Linear(32, 64, bias=False)
+
+        def forward(self, text: torch.Tensor) -> torch.Tensor:
+            x = self.embed(text)
+            return self.head(x + self.core(self.q(x), self.k(x), self.v(x)))
+
+    torch.manual_seed(0)
+    art = compile(Bidirectional().eval(), out_dir=tmp_path / "bidi", batch=1, seq=3,
+                  input_types={"text": TensorType(("batch", "seq"), "int64")})
+    assert art.manifest["verification"]["max_rel_error"] <= 1e-4
+    _refuses_to_decode(art, "attention at core is not causal", capsys)
+
+
+SMALL_LM = """
+model small_lm {
+    hidden = 32  heads = 2  kv_heads = 2  max_seq = 64
+    modality text { vocab = 64 }
+    moe sparse { experts = 4  top_k = 2  expert_hidden = 32 }
+    layers = [sparse]
+}
+"""
+
+
+def test_per_tensor_activation_scales_are_not_decoded(tmp_path, capsys):
+    """One activation scale over all positions (and samples) of a call: a position's output
+    depends on the later ones, so the artifact compiles (its leak recorded) but cannot decode."""
+    spec = tmp_path / "small_lm.moe"
+    spec.write_text(SMALL_LM)
+    art = compile(spec, passes="quantize(w=int8,a=int8,dynamic=tensor,allow_batch_leak=true)",
+                  out_dir=tmp_path / "tensor", batch=1, seq=3)
+    assert art.manifest["isolation"]["verdict"] == "leaks"
+    reason = art.manifest["program"]["no_step_reason"]
+    assert re.fullmatch(r"quantize_act at layers\.0\.\S+ takes its scale over all positions", reason), reason
+    _refuses_to_decode(art, reason, capsys)
+
+
 def test_check_isolation_replays_the_cached_step_bit_for_bit(artifacts, capsys):
     """`check-isolation ARTIFACT` replaces one sample and compares the others through the KV
     cache too (prefill, then single tokens): the same logits as through `main`, bit for bit."""
@@ -301,7 +370,7 @@ def test_reference_model_cache_matches_full_forward(example):
 
 # ---- the IR's cached form: the reference for past > 0 ------------------------------------------
 def _graph(example: str):
-    from mocompile.compiler import lower_source, source_for
+    from mocompile.frontend import lower_source, source_for
 
     return lower_source(source_for(EXAMPLES / f"{example}.moe", None, None, 0))
 
@@ -340,7 +409,7 @@ def test_cached_graph_is_proven_isolated_and_recorded(artifacts):
 
 
 def test_graphs_that_cannot_be_cached_say_why():
-    from mocompile.compiler import lower_source, source_for
+    from mocompile.frontend import lower_source, source_for
     from mocompile.dsl import parse_spec
     from mocompile.kv_cache import cached_graph
 

@@ -203,6 +203,13 @@ def _drop_tensor(path: Path, name: str) -> None:
     save_file(tensors, str(file), metadata={"format": "pt"})
 
 
+def _add_tensor(path: Path, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    save_file({**load_file(str(file)), name: torch.zeros(4, 4)}, str(file), metadata={"format": "pt"})
+
+
 def _damage(kind: str, checkpoints, tmp_path: Path) -> Path:
     if kind == "missing shard":
         path = _copy(checkpoints, SHARDED, tmp_path)
@@ -228,6 +235,18 @@ def _damage(kind: str, checkpoints, tmp_path: Path) -> Path:
     elif kind == "unknown key":
         path = _copy(checkpoints, "mixtral", tmp_path)
         _edit_config(path, attn_logit_softcapping=30.0)
+    elif kind == "qwen sliding window":
+        path = _copy(checkpoints, "qwen2_moe", tmp_path)
+        _edit_config(path, use_sliding_window=True, sliding_window=16)
+    elif kind == "quantized":
+        path = _copy(checkpoints, "mixtral", tmp_path)
+        _edit_config(path, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    elif kind == "latent attention bias":
+        path = _copy(checkpoints, "deepseek_v2", tmp_path)
+        _edit_config(path, attention_bias=True)
+    elif kind == "unknown tensor":
+        path = _copy(checkpoints, "mixtral", tmp_path)
+        _add_tensor(path, "model.layers.0.block_sparse_moe.experts.0.w4.weight")
     else:
         raise ValueError(kind)
     return path
@@ -242,6 +261,12 @@ ERRORS = {
     "sliding window": "sliding_window: 16 is shorter than max_position_embeddings",
     "qkv clipping": "clip_qkv: 8.0 is not supported (clipping q/k/v activations)",
     "unknown key": "attn_logit_softcapping: unknown Mixtral config key",
+    "qwen sliding window": "use_sliding_window: True is not supported (sliding-window attention is not supported)",
+    "quantized": "quantization_config: {'quant_method': 'fp8', 'weight_block_size': [128, 128]} is not supported "
+                 "(quantized checkpoints are not supported)",
+    "latent attention bias": "attention_bias: True is not supported (biased latent-attention projections)",
+    "unknown tensor": "unexpected tensor 'model.layers.0.block_sparse_moe.experts.0.w4.weight'; the importer does "
+                      "not know what it does in a Mixtral model",
 }
 
 
@@ -291,7 +316,7 @@ def test_kernels_of_the_new_ops_are_scheduled(checkpoints) -> None:
 
     from mocompile.backends.tvm_cpu import lower
     from mocompile.backends.tvm_cpu.schedule import loop_kinds
-    from mocompile.compiler import lower_source, source_for
+    from mocompile.frontend import lower_source, source_for
 
     wanted = {"deepseek_v3": ("latent_keys", "latent_attention"), "qwen3_moe": ("rmsnorm_h24",)}
     for family, prefixes in wanted.items():

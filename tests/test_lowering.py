@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import EXAMPLES, example_variants
-from mocompile.compiler import lower_source, source_from_spec
+from mocompile.frontend import lower_source, source_from_spec
 from mocompile.ir.interpreter import run
 from mocompile.ir.printer import format_graph
 from mocompile.lower_fx import numpy_inputs

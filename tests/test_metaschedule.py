@@ -19,7 +19,8 @@ from mocompile.backends.tvm_cpu.target import host_target
 from mocompile.backends.tvm_cpu.tuning import TuningDB
 from mocompile.backends.tvm_cpu.lower import lower
 from mocompile.backends.tvm_cpu.tuning import tuned_epilogue
-from mocompile.compiler import compile, lower_source, source_for
+from mocompile.compiler import compile
+from mocompile.frontend import lower_source, source_for
 from mocompile.runtime import random_inputs
 
 from conftest import EXAMPLES
@@ -80,7 +81,9 @@ def test_metaschedule_tunes_and_continues_from_its_database():
     best = metaschedule.tune(workloads, 6, host_target(), database)
     assert set(best) == set(workloads) and database["workloads"] and len(database["records"]) >= 2
     for name, found in best.items():
-        assert 0 < found["s"] < 0.1
+        # a measured run, not MetaSchedule's 1e10 s for a candidate that failed to build or run
+        # (how fast it was is the host's business: no bound on the time itself)
+        assert 0 < found["s"] < metaschedule.FAILED_RUN_SECS
         rows = int(name[1:])
         kernel = metaschedule.row_kernel(f"k{rows}", 64, 128, 32, epi, WeightFormat(), rows, found["trace"])
         assert kernel.attrs["global_symbol"] == f"k{rows}"

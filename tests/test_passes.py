@@ -68,7 +68,7 @@ def test_verifier_catches_a_pass_that_breaks_the_graph() -> None:
 
 
 def test_user_pass_from_a_plugin_file_runs_through_the_manager() -> None:
-    from mocompile.compiler import lower_source, source_from_spec
+    from mocompile.frontend import lower_source, source_from_spec
 
     load_plugin(EXAMPLES / "custom_pass.py")
     graph = lower_source(source_from_spec(EXAMPLES / "mixtral_tiny.moe", None, None, 0))

@@ -4,7 +4,6 @@ compiled artifacts (low-bit on disk and in memory, checked against the quantized
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,8 @@ from safetensors import safe_open
 
 from mocompile.backends.tvm_cpu import build, host_target, lower
 from mocompile.backends.tvm_cpu.target import host_has_vnni
-from mocompile.compiler import compile, lower_source, source_for
+from mocompile.compiler import compile
+from mocompile.frontend import lower_source, source_for
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph
 from mocompile.ir.interpreter import run
@@ -26,9 +26,11 @@ from mocompile.ir.types import TensorType
 from mocompile.ir.verifier import VerifyError, verify
 from mocompile.isolation import analyze
 from mocompile.pass_manager import PassContext, PassManager, parse_pipeline
-from mocompile.passes.quantize import Quantize, calibration_inputs, effective_group
+from mocompile.calibration import for_graph
+from mocompile.passes.quantize import Quantize, effective_group, token_ranges
 
 from conftest import EXAMPLES
+from cpu_targets import PATHS, TARGETS, skip_unless_runs_here
 
 TARGET = host_target(num_cores=2)
 SCHEMES = [(8, 0), (8, 32), (4, 0), (4, 32)]  # (bits, group); group 0: per output channel
@@ -93,10 +95,13 @@ def silu(x):
     return x / (1 + np.exp(-x))
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bits,group", SCHEMES)
-def test_low_bit_linear_and_mlp_kernels(bits, group):
+def test_low_bit_linear_and_mlp_kernels(bits, group, path):
     """linear (+bias) and gated mlp with low-bit weights: 1 row (GEMV path) and 7 rows
-    (register tiles + leftover rows) against float64 numpy on the dequantized codes."""
+    (register tiles + leftover rows) against float64 numpy on the dequantized codes, for
+    each kernel path (cpu_targets.py: integer VNNI, float with AVX-512 or AVX2 tiles)."""
+    cpu = TARGETS[path]
     r = rng(bits + group)
     H, F, N = 64, 96, 40  # N: not a multiple of the panel width (padded last panel)
     g = Graph("q")
@@ -109,13 +114,15 @@ def test_low_bit_linear_and_mlp_kernels(bits, group):
     down, down_ref = quantized_param(g, "down", r.standard_normal((H, F)).astype(np.float32) * 0.2, bits, group)
     z = g.add("mlp", x, gate, up, down)
     g.outputs = [y, z]
-    program = lower(g)
+    program = lower(g, target=cpu)
     codes = {str(a.dtype) for a in program.arrays.values()} - {"float32"}
-    assert codes == ({"int32"} if host_has_vnni() else {"int8" if bits == 8 else "uint8"})  # VNNI words: 4 or 8 codes
+    # VNNI words (4 or 8 codes each) for the integer kernels, else the codes as stored
+    assert codes == ({"int32"} if cpu.integer_matmuls else {"int8" if bits == 8 else "uint8"})
     low_bit = sum(a.nbytes for a in program.arrays.values() if str(a.dtype) != "float32")
     raw = sum(a.nbytes for a in g.weights.values() if a.dtype != np.float32)
     assert raw <= low_bit < 1.5 * raw  # the codes stay low-bit in any layout (padding, column sums aside)
-    exe = build(program, TARGET)
+    exe = build(program, cpu.llvm(num_cores=2))
+    skip_unless_runs_here(cpu)
     for rows in (1, 7):
         xs = r.standard_normal((rows, H)).astype(np.float32)
         out = exe.run({"x": xs})
@@ -126,10 +133,12 @@ def test_low_bit_linear_and_mlp_kernels(bits, group):
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bits,group", [(8, 0), (4, 32)])
-def test_low_bit_experts_stay_sparse_and_match(bits, group):
+def test_low_bit_experts_stay_sparse_and_match(bits, group, path):
     """Routed experts with low-bit weights: exact expert math, and only routed experts' codes
-    are read (every other expert's scales are NaN)."""
+    are read (every other expert's scales are NaN), on each kernel path."""
+    cpu = TARGETS[path]
     r = rng(5)
     E, H, F, K = 8, 64, 32, 2
     g = Graph("qmoe")
@@ -142,8 +151,9 @@ def test_low_bit_experts_stay_sparse_and_match(bits, group):
         ws.append(deq)
         refs.append(ref)
     g.outputs = [g.add("experts", x, rw, ri, *ws), ri]
-    program = lower(g)
-    exe = build(program, TARGET)
+    program = lower(g, target=cpu)
+    exe = build(program, cpu.llvm(num_cores=2))
+    skip_unless_runs_here(cpu)
     xs = r.standard_normal((3, H)).astype(np.float32)
     interp = run(g, {"x": xs}, watch=[rw])
     weights, routing_i = interp[rw.name].astype(np.float64), interp[ri.name]
@@ -183,10 +193,13 @@ def test_activation_quantization_kernel_is_exact(mode):
         assert (got[3] == 0).all() and np.abs(got[4]).max() == pytest.approx(np.abs(xs[4]).max(), rel=1e-6)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("mode", ["static", "token"])
-def test_w8a8_linear_is_integer_arithmetic(mode):
+def test_w8a8_linear_is_integer_arithmetic(mode, path):
     """W8A8: int8 activation codes times int8 weight codes, summed exactly in int32, scaled
-    by the activation scale (per tensor or per token) and the weight's per-channel scale."""
+    by the activation scale (per tensor or per token) and the weight's per-channel scale;
+    the float kernels (no VNNI) compute the same from the rounded activations."""
+    cpu = TARGETS[path]
     r = rng(13)
     K, N = 96, 48
     w = r.standard_normal((N, K)).astype(np.float32)
@@ -197,11 +210,13 @@ def test_w8a8_linear_is_integer_arithmetic(mode):
     extra = [g.add_param("x.scale", act_scale)] if mode == "static" else []
     xq = g.add("quantize_act", x, *extra, mode=mode)
     g.outputs = [g.add("linear", xq, g.add("dequantize", g.add_param("w.q", q), g.add_param("w.s", s), bits=8))]
-    program = lower(g)
+    program = lower(g, target=cpu)
     kernels = {gv.name_hint for gv in program.mod.functions}
-    if host_has_vnni():  # integer kernels (VNNI dot products), no float fake-quant pass
-        assert any(k.startswith("int8_dense") for k in kernels) and not any(k.startswith("quantize_act") for k in kernels)
-    exe = build(program, TARGET)
+    int8, fake_quant = (any(k.startswith(p) for k in kernels) for p in ("int8_dense", "quantize_act"))
+    # integer kernels (VNNI dot products) and no float fake-quant pass, or the float ones after it
+    assert (int8, fake_quant) == (cpu.integer_matmuls, not cpu.integer_matmuls)
+    exe = build(program, cpu.llvm(num_cores=2))
+    skip_unless_runs_here(cpu)
     xs = r.standard_normal((5, K)).astype(np.float32)
     got = exe.run({"x": xs})[g.outputs[0].name]
     if mode == "static":
@@ -280,29 +295,40 @@ def int8_activation_block_graph(mode: str, hidden: int, ffn: int, experts: int, 
     return g, ws, (rw, ri) if experts else None
 
 
-@pytest.mark.skipif(not host_has_vnni(), reason="the integer kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("mode,experts,bits,group", [("static", 0, 8, 0), ("token", 0, 8, 0), ("static", 8, 8, 0),
                                                      ("token", 8, 8, 0), ("token", 0, 4, 32), ("static", 8, 4, 16),
                                                      ("token", 8, 8, 16)])
-def test_int8_activation_blocks_are_integer_arithmetic(mode, experts, bits, group):
+def test_int8_activation_blocks_are_integer_arithmetic(mode, experts, bits, group, path):
     """A feed-forward block (dense or routed experts) over int8 activations runs all its
     matmuls on integer codes (int8 weights, or int4 unpacked in registers; exact int32 sums
     per scale group), the hidden activation requantized per row, matching numpy's integer
     arithmetic; a row's result is the same bits alone or among others (integer sums are
-    exact, so a lone row's split reduction changes nothing)."""
+    exact, so a lone row's split reduction changes nothing). For a target without VNNI the
+    float kernels read the rounded activations (input and hidden) and match the same
+    reference to float32 rounding, batch-invariant too (one summation order per row)."""
+    cpu = TARGETS[path]
     H, F = 64, 96 if not experts else 32
     g, ws, routing = int8_activation_block_graph(mode, H, F, experts, 21 + experts, bits, group)
-    program = lower(g)
+    program = lower(g, target=cpu)
     kernels = {gv.name_hint for gv in program.mod.functions}
-    prefix = f"int8_grouped_e{experts}" if experts else "int8_dense"
-    assert {k.removesuffix("_gathered").split("_q")[0] for k in kernels if k.startswith("int8_")} == {
-        f"{prefix}_{H}x{F}_glu_silu", f"{prefix}_{F}x{H}_{'row_scale' if experts else 'plain'}"}
-    assert not any(k.startswith(("quantize_act", "grouped_")) for k in kernels)  # no float matmul left
-    if experts:  # the tokens are quantized once; the up GEMM reads each sorted row's codes through the plan
-        assert any(k.startswith(f"{prefix}_{H}x{F}") and k.endswith("_gathered") for k in kernels)
-        assert not any(k.startswith("gather_rows") for k in kernels)
-    assert all(k.startswith(f"dense_{H}x{experts}_") for k in kernels if k.startswith("dense_"))  # but the router's
-    exe = build(program, TARGET)
+    if cpu.integer_matmuls:
+        prefix = f"int8_grouped_e{experts}" if experts else "int8_dense"
+        assert {k.removesuffix("_gathered").split("_q")[0] for k in kernels if k.startswith("int8_")} == {
+            f"{prefix}_{H}x{F}_glu_silu", f"{prefix}_{F}x{H}_{'row_scale' if experts else 'plain'}"}
+        assert not any(k.startswith(("quantize_act", "grouped_")) for k in kernels)  # no float matmul left
+        if experts:  # the tokens are quantized once; the up GEMM reads each sorted row's codes through the plan
+            assert any(k.startswith(f"{prefix}_{H}x{F}") and k.endswith("_gathered") for k in kernels)
+            assert not any(k.startswith("gather_rows") for k in kernels)
+        assert all(k.startswith(f"dense_{H}x{experts}_") for k in kernels if k.startswith("dense_"))  # but the router's
+    else:  # float low-bit matmuls after the input's and the hidden activation's rounding kernels
+        assert not any(k.startswith("int8_") for k in kernels)
+        assert {k for k in kernels if k.startswith("quantize_act")} == {f"quantize_act_{mode}_k{H}",
+                                                                         f"quantize_act_token_k{F}"}
+        kind = f"grouped_e{experts}" if experts else "dense"
+        assert sum(k.startswith(kind) and f"_q{bits}" in k for k in kernels) == 2
+    exe = build(program, cpu.llvm(num_cores=2))
+    skip_unless_runs_here(cpu)
     xs = rng(7).standard_normal((7, H)).astype(np.float32)
     got = exe.run({"x": xs})[g.outputs[0].name]
     if experts:
@@ -321,30 +347,35 @@ def test_int8_activation_blocks_are_integer_arithmetic(mode, experts, bits, grou
     np.testing.assert_allclose(run(g, {"x": xs})[g.outputs[0].name], got, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.skipif(not host_has_vnni(), reason="the integer kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bits,group", [(8, 0), (4, 32)])
-def test_weight_only_integer_matmul_keeps_float32_precision(bits, group):
-    """Weight-only matmuls on a VNNI host split each float activation into three int8 digits
-    relative to its row's max |x| (s = max/127): each activation is then off by at most
-    s / 2 / 254^2 (float32's precision at the row's largest element), however small it is,
-    so even rows mixing 1e-3 and 1e3 stay within that bound times sum |w| (plus float32
-    rounding of the combine), while a lost digit would be 254x over it."""
+def test_weight_only_integer_matmul_keeps_float32_precision(bits, group, path):
+    """Weight-only matmuls for a VNNI target split each float activation into three int8
+    digits relative to its row's max |x| (s = max/127): each activation is then off by at
+    most s / 2 / 254^2 (float32's precision at the row's largest element), however small it
+    is, so even rows mixing 1e-3 and 1e3 stay within that bound times sum |w| (plus float32
+    rounding of the combine), while a lost digit would be 254x over it. The float kernels
+    (no VNNI) multiply the float activations: float32 rounding alone."""
+    cpu = TARGETS[path]
     r = rng(31)
     K, N = 256, 48
     g = Graph("digits")
     x = g.add_input("x", TensorType(("rows", K), "float32"))
     w, w_ref = quantized_param(g, "w", r.standard_normal((N, K)).astype(np.float32), bits, group)
     g.outputs = [g.add("linear", x, w)]
-    program = lower(g)
-    assert any(gv.name_hint.startswith("int8_dense") and "_d" in gv.name_hint for gv in program.mod.functions)
-    exe = build(program, TARGET)
+    program = lower(g, target=cpu)
+    digits = any(gv.name_hint.startswith("int8_dense") and "_d" in gv.name_hint for gv in program.mod.functions)
+    assert digits == cpu.integer_matmuls
+    exe = build(program, cpu.llvm(num_cores=2))
+    skip_unless_runs_here(cpu)
     magnitude = np.float32(10) ** r.uniform(-3, 3, (5, K)).astype(np.float32)
     xs = (r.choice([-1, 1], (5, K)) * magnitude).astype(np.float32)
     got = exe.run({"x": xs})[g.outputs[0].name].astype(np.float64)
     x64 = xs.astype(np.float64)
     want = x64 @ w_ref.T
     step = np.abs(x64).max(1, keepdims=True) / 127
-    bound = step / 2 / 254 ** 2 * np.abs(w_ref).sum(1) + 1e-6 * (np.abs(x64) @ np.abs(w_ref).T)
+    rounding = 1e-6 * (np.abs(x64) @ np.abs(w_ref).T)
+    bound = (step / 2 / 254 ** 2 * np.abs(w_ref).sum(1) if digits else 0) + rounding
     assert (np.abs(got - want) <= bound).all()
     assert np.abs(got - want).max() > 0  # not float64 by accident: the bound is what is tested
 
@@ -454,7 +485,7 @@ def test_quantized_graph_is_the_dequantized_model(mixtral_graph):
     for node in g.nodes_of("dequantize"):
         original = node.outputs[0].name.removesuffix(".deq")
         ref.weights[original] = dequantize_weight(g.weights[node.inputs[0].name], g.weights[node.inputs[1].name], 4)
-    inputs = calibration_inputs(g, PassContext(), 1, 6, 3)[0]
+    inputs = for_graph(g, None, token_ranges(g, {}), 1, 6, 3).inputs[0]
     (a,), (b,) = run(g, inputs).values(), run(ref, inputs).values()
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -463,7 +494,7 @@ def test_smoothing_is_exact_before_rounding(mixtral_graph):
     """SmoothQuant only moves scale between a norm and the weights reading it."""
     q = Quantize(w="int8", a="int8", smooth=0.5)
     g = mixtral_graph.clone()
-    inputs = calibration_inputs(g, PassContext(), 2, 6, 0)
+    inputs = for_graph(g, None, token_ranges(g, {}), 2, 6, 0).inputs
     targets = [n for n in g.nodes if n.op in ("linear", "mlp", "experts", "router.topk")]
     smoothed = q._smooth(g, targets, inputs)
     assert smoothed and all(s["factor_range"][0] != s["factor_range"][1] for s in smoothed)
@@ -535,6 +566,48 @@ def test_int8_activation_artifacts_verify_decode_and_stay_isolated(passes, integ
     assert ("vnni_panels" in layouts) == (integer and host_has_vnni()) and ("expert_glu_panels" in layouts)
 
 
+SMOOTH_SPEC = """
+model smooth_tiny {
+    hidden = 64  heads = 4  kv_heads = 2  max_seq = 64
+    modality text { vocab = 96 }
+    moe sparse { experts = 4  top_k = 2  expert_hidden = 64 }
+    layers = [sparse]
+}
+"""
+
+
+def test_smoothquant_end_to_end(tmp_path):
+    """quantize(w=int8,a=int8,smooth=0.5) compiled: every norm feeding matmuls is smoothed
+    (report), and the artifact computes the smoothed W8A8 model, recomputed here with the IR
+    interpreter on fresh inputs. Per position: a rounding step or routing flip may move a few
+    positions, so most (not all) must match to 1e-4; the same scheme without smoothing
+    matches at none, so a compile that dropped the smoothing fails."""
+    from mocompile.runtime import random_inputs
+
+    spec = tmp_path / "smooth.moe"
+    spec.write_text(SMOOTH_SPEC)
+    pipeline = "quantize(w=int8,a=int8,smooth=0.5)"
+    art = compile(spec, passes=pipeline, out_dir=tmp_path / "art", batch=1, seq=3)
+    smoothed = art.manifest["passes"][0]["smoothed"]
+    assert [s["value"] for s in smoothed] == ["attn_norm", "ffn_norm", "norm"]
+    assert smoothed[2]["readers"] == ["lm_head"] and "layers.0.ffn.experts" in smoothed[1]["readers"]
+    assert all(lo < hi for lo, hi in (s["factor_range"] for s in smoothed))  # per-channel factors
+    graph = lower_source(source_for(spec, None, None, 0))
+    ctx = lambda: PassContext(target="cpu", input_ranges={"text": 96})  # what compile gives the pass
+    want, _ = PassManager(pipeline).run(graph, ctx())
+    plain, _ = PassManager("quantize(w=int8,a=int8)").run(graph, ctx())
+
+    def positions_matching(got, ref):
+        return float(np.mean(np.abs(got - ref).max(-1) <= 1e-4 * np.abs(ref).max()))
+
+    for batch, seq, seed in ((1, 5, 9), (3, 7, 9), (4, 8, 1)):
+        inputs = random_inputs(art.signature, batch, seq, seed=seed)
+        got, ref = art.run(inputs)["logits"], run(want, inputs)["logits"]
+        assert positions_matching(got, ref) >= 0.75, (batch, seq)  # measured: 95-100%
+        assert np.mean(got.argmax(-1) == ref.argmax(-1)) >= 0.9
+        assert positions_matching(run(plain, inputs)["logits"], ref) <= 0.1  # measured: 0%
+
+
 def test_artifacts_keep_weights_low_bit(artifacts):
     fp32, int8, int4 = (expert_bytes(artifacts[n].path) for n in ("fp32", "int8", "int4"))
     assert 3.8 < fp32 / int8 <= 4.0 and 6.0 < fp32 / int4 < 8.0
@@ -572,9 +645,14 @@ def test_loading_does_not_inflate_memory(artifacts):
         growth[name] = int(out.stdout.strip().splitlines()[-1])
     weights = {n: (artifacts[n].path / "weights.safetensors").stat().st_size for n in growth}
     assert growth["fp32"] >= weights["fp32"]  # the measurement sees the weights
-    # int8 saves at least the bytes the codes save (weights are not expanded at load)
-    assert growth["fp32"] - growth["int8"] >= weights["fp32"] - weights["int8"]
-    assert growth["int8"] < 2.5 * weights["int8"] + (8 << 20)
+    # Peak RSS does not depend on how busy the machine is, and repeats to ~0.2 MB between
+    # runs (measured: fp32 17.7 MB, int8 6.6 MB of growth for 6.9 / 2.0 MB of weights). What
+    # the runtime costs besides the weights (its library, thread pool, workspace) is the same
+    # for both artifacts and cancels in the difference, so no absolute bound that depends on
+    # the host (its core count) is needed. An int8 artifact whose codes were expanded to fp32
+    # at load would grow at least as much as the fp32 one; asking it to save only half of the
+    # bytes its codes save leaves ~2.5 MB of headroom, over ten times the run-to-run spread.
+    assert growth["fp32"] - growth["int8"] >= 0.5 * (weights["fp32"] - weights["int8"]), growth
 
 
 def test_verification_of_rounding_graphs_still_catches_real_errors():
@@ -583,7 +661,8 @@ def test_verification_of_rounding_graphs_still_catches_real_errors():
     off by a systematic 1% still fails, and a graph without rounding has no such allowance."""
     from types import SimpleNamespace
 
-    from mocompile.compiler import interpreter_reference, signature_of, verify_artifact
+    from mocompile.signature import signature_of
+    from mocompile.verification import interpreter_reference, verify_artifact
     from mocompile.errors import VerificationError
 
     g = Graph("rounding")

@@ -6,8 +6,11 @@ library run by the Relax VM.
     exe.export_library("model.so")    # runtime: load_module + relax.VirtualMachine
     outputs = exe.run({"ids": ids})
 
-`emit(graph, out_dir)` does all of it for the compiler (artifact.py). See program.py for the
-calling convention and layout.py for the weight layouts.
+`emit(graph, out_dir)` does all of it for the compiler (artifact.py). `lower`, `build` and
+`emit` take a `target` (target.py's CpuTarget or its text, default this host, e.g.
+`lower(graph, target=CpuTarget.parse("cpu -mcpu=haswell"))`): it decides how the kernels
+are shaped and what they are built for. See program.py for the calling convention and
+layout.py for the weight layouts.
 """
 
 from mocompile.backends.tvm_cpu.artifact import emit
@@ -15,8 +18,8 @@ from mocompile.backends.tvm_cpu.build import Executable, build
 from mocompile.backends.tvm_cpu.layout import WeightLayout
 from mocompile.backends.tvm_cpu.lower import LoweringError, lower
 from mocompile.backends.tvm_cpu.program import LoweredProgram
-from mocompile.backends.tvm_cpu.target import host_cpu, host_target
+from mocompile.backends.tvm_cpu.target import CpuTarget, host_cpu, host_target, missing_features, runs_here
 from mocompile.backends.tvm_cpu.tuning import TuningDB, tune
 
-__all__ = ["emit", "Executable", "LoweredProgram", "LoweringError", "TuningDB", "WeightLayout", "build", "host_cpu",
-           "host_target", "lower", "tune"]
+__all__ = ["emit", "CpuTarget", "Executable", "LoweredProgram", "LoweringError", "TuningDB", "WeightLayout", "build",
+           "host_cpu", "host_target", "lower", "missing_features", "runs_here", "tune"]

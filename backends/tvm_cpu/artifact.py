@@ -24,7 +24,7 @@ from mocompile.backends.tvm_cpu.build import build
 from mocompile.backends.tvm_cpu.driver import DRIVER, DRIVER_POSITIONS
 from mocompile.backends.tvm_cpu.kernels_attention import KB
 from mocompile.backends.tvm_cpu.lower import lower
-from mocompile.backends.tvm_cpu.target import host_target
+from mocompile.backends.tvm_cpu.target import CpuTarget, as_cpu_target
 from mocompile.backends.tvm_cpu.tuning import TuningDB
 from mocompile.ir.graph import Graph
 
@@ -34,16 +34,19 @@ WEIGHTS = "weights.safetensors"
 TUNING = "tuning.json"
 
 
-def emit(graph: Graph, out_dir: str | Path, target: tvm.target.Target | None = None,
-         tuning: TuningDB | None = None) -> dict[str, Any]:
-    """Compile `graph` for the host CPU into `out_dir` (matmuls tiled as `tuning` says, which
-    is then saved beside the library as TUNING); return the manifest's program entry."""
+def emit(graph: Graph, out_dir: str | Path, tuning: TuningDB | None = None,
+         target: CpuTarget | str | tvm.target.Target | None = None) -> dict[str, Any]:
+    """Compile `graph` for `target` (a CpuTarget or its text, e.g. "cpu -mcpu=haswell";
+    default: this host) into `out_dir` (matmuls tiled as `tuning` says, which is then saved
+    beside the library as TUNING); return the manifest's program entry, whose target_info
+    says what the code is built for (CpuTarget.info(): mcpu, features, low-bit path)."""
     out_dir = Path(out_dir)
-    target = target or host_target()
-    program = lower(graph, tuning=tuning.records if tuning else None)
+    cpu = as_cpu_target(target)
+    program = lower(graph, tuning=tuning.records if tuning else None, target=cpu)
     if tuning is not None and tuning.records:
         tuning.save(out_dir / TUNING)
-    exe = build(program, target)
+    llvm = cpu.llvm()
+    exe = build(program, llvm)
     exe.export_library(str(out_dir / LIBRARY))
     constants = {f"{DRIVER}.const{i}": a for i, a in enumerate(program.driver_constants or [])}
     save_file({**{n: program.arrays[n] for n in program.weight_names}, **constants}, str(out_dir / WEIGHTS))
@@ -61,7 +64,7 @@ def emit(graph: Graph, out_dir: str | Path, target: tvm.target.Target | None = N
         **({"step": {"function": "step", "cache": program.cache, "block": KB, "max_positions": graph.meta.get("max_seq"),
                      **driver}}
            if program.cache is not None else {"no_step_reason": program.no_step_reason}),
-        "target_info": {"backend": "tvm_cpu", "llvm_target": {k: str(v) for k, v in target.export().items()
+        "target_info": {"backend": "tvm_cpu", "llvm_target": {k: str(v) for k, v in llvm.export().items()
                                                                if k in ("kind", "mcpu", "num-cores")},
-                        "tvm_version": tvm.__version__},
+                        **cpu.info(), "tvm_version": tvm.__version__},
     }

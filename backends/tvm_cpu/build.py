@@ -15,7 +15,7 @@ import tvm
 from tvm import relax
 
 from mocompile.backends.tvm_cpu.program import LoweredProgram
-from mocompile.backends.tvm_cpu.target import host_target
+from mocompile.backends.tvm_cpu.target import VNNI, CpuTarget, as_cpu_target
 from mocompile.threads import configure_tvm_threads
 
 configure_tvm_threads()  # before TVM's pool starts; see mocompile/threads.py
@@ -86,9 +86,18 @@ def relax_pipeline() -> tvm.transform.Pass:
     ], name="mocompile_tvm_cpu")
 
 
-def build(program: LoweredProgram, target: tvm.target.Target | None = None) -> Executable:
-    """Compile a lowered program for `target` (default: this host CPU, all cores)."""
-    target = target or host_target()
+def build(program: LoweredProgram, target: CpuTarget | str | tvm.target.Target | None = None) -> Executable:
+    """Compile a lowered program for `target` (a CpuTarget, its text or a TVM LLVM target;
+    default: the target the program was lowered for, all cores). A target other than the
+    one the kernels were shaped for is the caller's choice (e.g. another thread count)."""
+    if isinstance(target, tvm.target.Target):
+        cpu = as_cpu_target(target)
+    else:
+        cpu = as_cpu_target(target if target is not None else program.target)
+        target = cpu.llvm()
+    if program.target is not None and program.target.integer_matmuls and not cpu.integer_matmuls:
+        raise ValueError(f"the program's integer kernels need {VNNI}, which {cpu.text()} lacks; lower it for that "
+                         "target instead")
     with target:
         exe = relax.build(program.mod, target, relax_pipeline=relax_pipeline())
     return Executable(exe, program)

@@ -9,7 +9,7 @@ back. Rows left over after the last full tile (all rows for a single token) go t
 GEMV path that splits the reduction over several accumulators to hide FMA latency.
 
 Weights are float32 panels, or low-bit panels that stay low-bit in memory (`WeightFormat`;
-on a CPU with AVX-512 VNNI the lowering sends the low-bit formats kernels_int8.py takes there):
+for a target with AVX-512 VNNI the lowering sends the low-bit formats kernels_int8.py takes there):
 int8 codes, or int4 codes two per byte, with float32 scales laid out as panels too. The
 codes are converted inside the reduction loop; a per-output-channel scale multiplies the
 accumulator once in the write-back, a group-wise (int4) scale multiplies each code as it is
@@ -33,7 +33,9 @@ from mocompile.backends.tvm_cpu.kernels_math import activation
 from mocompile.backends.tvm_cpu.target import vector_register_bytes
 
 F32_BYTES = 4
-ACCUMULATOR_BYTES = vector_register_bytes() // 2  # what an untuned register tile may fill
+# What an untuned register tile may fill on the host target: the budget of kernels built
+# outside a lowering (the tuner measures on the host); a lowering passes its target's.
+ACCUMULATOR_BYTES = vector_register_bytes() // 2
 
 
 @dataclass(frozen=True)
@@ -128,14 +130,17 @@ class Tiling:
     def for_panel(width: int, k: int, fmt: WeightFormat = F32_WEIGHTS, budget: int | None = None) -> "Tiling":
         """The untuned choice: the largest tile (<= 4 rows) and unroll (power of two <= 4)
         whose accumulators stay in registers, filling at most half the register file
-        (`budget` bytes; default: this host's). Measured at 64 rows on AVX2 (16 ymm), 2 x 32
-        lanes ran 1.5-1.6x faster than 4 x 32 (fp32, int8) and 1 x 64 (a GLU panel) 1.7-2.2x
-        faster than 2-3 x 64; on AVX-512 the budget is the stack limit, 4 x 32 (the fast-CPU
-        recipe's tile). int4 panels always take the stack limit: unpacking a panel row costs
-        more than the spills, so unpacking it once for more rows wins (4 x 32 ran 1.2-1.5x
-        faster than 2 x 32 there)."""
-        if budget is None:
-            budget = U.STACK_BYTES if fmt.bits == 4 else ACCUMULATOR_BYTES
+        (`budget` bytes: the target's accumulator_bytes; default: the host target's).
+        Measured at 64 rows on AVX2 (16 ymm), 2 x 32 lanes ran 1.5-1.6x faster than 4 x 32
+        (fp32, int8) and 1 x 64 (a GLU panel) 1.7-2.2x faster than 2-3 x 64; on AVX-512 the
+        budget is the stack limit, 4 x 32 (the fast-CPU recipe's tile). int4 panels always
+        take the stack limit, whatever the budget: unpacking a panel row costs more than the
+        spills, so unpacking it once for more rows wins (4 x 32 ran 1.2-1.5x faster than
+        2 x 32 there)."""
+        if fmt.bits == 4:
+            budget = U.STACK_BYTES
+        elif budget is None:
+            budget = ACCUMULATOR_BYTES
         rows = max(1, min(4, min(budget, U.STACK_BYTES - 1) // (width * F32_BYTES)))
         split = 1
         while split * 2 <= 4 and split * 2 * width * F32_BYTES < U.STACK_BYTES and k % (split * 2) == 0:
@@ -171,24 +176,28 @@ class MatmulShape:
 @dataclass(frozen=True)
 class MatmulConfig:
     """How a matmul kernel is tiled: the panel width TJ (which also fixes the weight layout),
-    the register tile (None: Tiling.for_panel's untuned choice) and, for a dense matmul, the
-    MetaSchedule traces of its static-row kernels ((rows, trace JSON text), metaschedule.py)."""
+    the register tile (None: Tiling.for_panel's untuned choice within `budget`, the target's
+    accumulator bytes, None: the host target's) and, for a dense matmul, the MetaSchedule
+    traces of its static-row kernels ((rows, trace JSON text), metaschedule.py)."""
 
     shape: MatmulShape
     tj: int
     tiling: Tiling | None = None
     tuned_rows: tuple[tuple[int, str], ...] = ()
+    budget: int | None = None
 
 
 def _emit_panel_rows(x, w, panel, row_begin, row_end, tj: int, width: int, k: int, write,
-                     fmt: WeightFormat = F32_WEIGHTS, scale=None, tiling: Tiling | None = None) -> None:
+                     fmt: WeightFormat = F32_WEIGHTS, scale=None, tiling: Tiling | None = None,
+                     budget: int | None = None) -> None:
     """Emit code for rows [row_begin, row_end) of x against weight panel `panel`.
 
     `write(row, acc, a)` emits the write-back of accumulator row `a` of `acc` (a buffer
-    [*, width]) as output row `row`. `tiling`: tuned tile sizes (default Tiling.for_panel).
+    [*, width]) as output row `row`. `tiling`: tuned tile sizes (default Tiling.for_panel
+    within the target's accumulator `budget`).
     """
     depth = fmt.depth(k)
-    tiling = tiling or Tiling.for_panel(width, depth, fmt)
+    tiling = tiling or Tiling.for_panel(width, depth, fmt, budget)
     tiling.check(width, depth)
     ti, ku = tiling.rows, tiling.k_unroll
     n_rows = row_end - row_begin
@@ -301,9 +310,11 @@ def column_scale(fmt: WeightFormat, scale, panel):
 
 @functools.cache
 def dense_matmul(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32_WEIGHTS,
-                 tiling: Tiling | None = None, row_kernels: tuple[tuple[int, str], ...] = ()) -> tirx.PrimFunc:
+                 tiling: Tiling | None = None, row_kernels: tuple[tuple[int, str], ...] = (),
+                 budget: int | None = None) -> tirx.PrimFunc:
     """y[m, n] = epilogue(x[m, k] @ W) with W packed as panels [NB, k, TJ or 2*TJ]
-    (low-bit: codes [NB, depth, width] and scales [NB, groups, width]).
+    (low-bit: codes [NB, depth, width] and scales [NB, groups, width]). `budget`: the
+    target's accumulator bytes, which shape the untuned tile (None: the host target's).
 
     `row_kernels`: (rows, name) of MetaSchedule-tuned kernels of the same computation for a
     static number of rows (metaschedule.py), called by name: the one for 1 row when m == 1,
@@ -328,7 +339,7 @@ def dense_matmul(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32
             def panel(jb):
                 write = _writer(y, n, tj, jb, epi, bias=bias, residuals=residuals,
                                 column_scale=column_scale(fmt, w_scale, jb))
-                _emit_panel_rows(x, w, jb, row_begin, m, tj, width, k, write, fmt, w_scale, tiling)
+                _emit_panel_rows(x, w, jb, row_begin, m, tj, width, k, write, fmt, w_scale, tiling, budget)
 
             weight_bytes = nb * k * width * fmt.bits // 8
             U.parallel_for(nb, weight_bytes + F32_BYTES * m * (k + n) + m * k * nb * width, panel)
@@ -363,9 +374,10 @@ def dense_matmul(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32
 
 @functools.cache
 def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32_WEIGHTS,
-                   tiling: Tiling | None = None) -> tirx.PrimFunc:
+                   tiling: Tiling | None = None, budget: int | None = None) -> tirx.PrimFunc:
     """Per-expert GEMM over expert-sorted rows: rows [indptr[e], indptr[e+1]) of x use
     expert e's panels (weights [experts*NB, k, width]). Experts without rows read nothing.
+    `budget`: as dense_matmul's.
 
     Tasks are ordered panel-major (task = jb * experts + e) so a static split of the
     parallel loop gives every thread a share of every expert's columns, whatever the routing.
@@ -386,7 +398,7 @@ def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue, fmt: We
             p = e * nb + jb
             write = _writer(y, n, tj, jb, epi, scale=scale, column_scale=column_scale(fmt, w_scale, p))
             _emit_panel_rows(x, w, p, U.i64(indptr[e]), U.i64(indptr[e + 1]), tj, width, k, write, fmt, w_scale,
-                             tiling)
+                             tiling, budget)
 
         # weights read: at most min(rows, experts) experts' panels
         weight_bytes = tirx.min(rows, experts) * (nb * k * width * fmt.bits // 8)

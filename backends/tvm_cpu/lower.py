@@ -25,6 +25,7 @@ from mocompile.backends.tvm_cpu.kernels_matmul import MatmulConfig, MatmulShape,
 from mocompile.backends.tvm_cpu.layout import WeightLayout, make_layout, panel_width
 from mocompile.backends.tvm_cpu.program import LoweredProgram
 from mocompile.backends.tvm_cpu.schedule import schedule_module
+from mocompile.backends.tvm_cpu.target import CpuTarget
 from mocompile.backends.tvm_cpu.tir_util import NAME_ATTR
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph, Node, Value
@@ -37,15 +38,21 @@ LOWERINGS: dict[str, Lowering] = {}
 # Per op, what the lowering refuses to compile: a node -> the reason, or None. Asked for every
 # node before any Relax is built, so a refused graph fails before code generation starts.
 REFUSALS: dict[str, Callable[[Node], str | None]] = {}
+# The ops whose lowering reads low-bit weights (the codes and scales of a `dequantize` in one
+# of the op's weight slots) inside its kernels, in registration order.
+LOW_BIT_READERS: list[str] = []
 
 
 class LoweringError(MocompileError):
     """The graph uses something this backend cannot compile (an op, a dtype, an attribute)."""
 
 
-def lowering(*ops: str, refuses: Callable[[Node], str | None] | None = None) -> Callable[[Lowering], Lowering]:
+def lowering(*ops: str, refuses: Callable[[Node], str | None] | None = None,
+             reads_low_bit: bool = False) -> Callable[[Lowering], Lowering]:
     """Register the decorated function as the lowering of the IR op(s) `ops`; `refuses(node)`
-    says why a node of these ops cannot be compiled (None: it can)."""
+    says why a node of these ops cannot be compiled (None: it can); `reads_low_bit`: the
+    lowering reads weights that a `dequantize` produces as low-bit codes in its kernels
+    (the dequantize itself then emits nothing)."""
 
     def register(fn: Lowering) -> Lowering:
         for op in ops:
@@ -54,6 +61,8 @@ def lowering(*ops: str, refuses: Callable[[Node], str | None] | None = None) -> 
             LOWERINGS[op] = fn
             if refuses is not None:
                 REFUSALS[op] = refuses
+            if reads_low_bit:
+                LOW_BIT_READERS.append(op)
         return fn
 
     return register
@@ -86,13 +95,16 @@ class CacheSlot:
 class LowerContext:
     """State shared by the lowerings of one graph, for one Relax function: `main` (a plain
     forward: `past` is 0 and there is no cache) or `step` (a cached forward: `past`
-    positions are already in the cache tensors, see kernels_attention.py)."""
+    positions are already in the cache tensors, see kernels_attention.py). `target`: the
+    CPU the kernels are shaped for (integer or float low-bit matmuls, register tiles)."""
 
     def __init__(self, graph: Graph, tuning: Mapping[str, Mapping] | None = None,
-                 main: "LowerContext | None" = None) -> None:
+                 main: "LowerContext | None" = None, target: CpuTarget | None = None) -> None:
         """`main`: the context of the plain forward, already lowered; given, this context
-        lowers the cached step into the same module, sharing its kernels and packed weights."""
+        lowers the cached step into the same module, sharing its kernels, packed weights and
+        target (default: the host's)."""
         self.graph = graph
+        self.target: CpuTarget = main.target if main else target or CpuTarget.host()
         self.bb = main.bb if main else relax.BlockBuilder()
         self.symbols: dict[str, tirx.Var] = {}
         self.past: tirx.PrimExpr = tirx.Var("past", "int64") if main else tirx.IntImm("int64", 0)
@@ -213,7 +225,7 @@ class LowerContext:
         self.matmuls[shape.key()] = shape
         r = self.tuning.get(shape.key())
         if r is None:
-            return MatmulConfig(shape, panel_width(shape.n))
+            return MatmulConfig(shape, panel_width(shape.n), budget=self.target.accumulator_bytes)
         tuned_rows = tuple(sorted((int(rows), json.dumps(trace)) for rows, trace in r.get("metaschedule", {}).items()))
         return MatmulConfig(shape, int(r["tj"]), Tiling(int(r["ti"]), int(r["ku"])), tuned_rows)
 
@@ -328,22 +340,33 @@ def _emit_body(ctx: LowerContext, name: str, inputs: list[relax.Var], past: list
                             params=inputs + past + cache + ctx.weight_params())
 
 
-def lower(graph: Graph, cached_step: bool = True, tuning: Mapping[str, Mapping] | None = None) -> LoweredProgram:
+def refusal(graph: Graph) -> str | None:
+    """Why this backend cannot compile `graph` (an op without a lowering, a node its lowering
+    refuses), or None; cheap, so the compiler asks before any code is generated."""
+    _register_builtin_lowerings()
+    missing = sorted({n.op for n in graph.nodes if n.op not in LOWERINGS})
+    if missing:
+        return f"the tvm_cpu backend has no lowering for op(s): {', '.join(missing)}"
+    for node in graph.nodes:
+        why = REFUSALS[node.op](node) if node.op in REFUSALS else None
+        if why:
+            return f"{node.op} at {node.loc or '?'}: {why}"
+    return None
+
+
+def lower(graph: Graph, cached_step: bool = True, tuning: Mapping[str, Mapping] | None = None,
+          target: CpuTarget | None = None) -> LoweredProgram:
     """Lower an IR graph to a Relax module with `main(*inputs, *weights)` and, when the graph
     can decode with a KV cache (`decode_support`) and `cached_step`, `step(*inputs, past,
     *caches, *weights)`; see program.py for the calling convention. Raises LoweringError for
     ops or attributes this backend lacks. `tuning`: tuning records ({"tj", "ti", "ku"}) by
-    MatmulShape key (see tuning.py); matmuls without one get the default tiling."""
-    _register_builtin_lowerings()
-    missing = sorted({n.op for n in graph.nodes if n.op not in LOWERINGS})
-    if missing:
-        raise LoweringError(f"the tvm_cpu backend has no lowering for op(s): {', '.join(missing)}")
-    for node in graph.nodes:
-        why = REFUSALS[node.op](node) if node.op in REFUSALS else None
-        if why:
-            raise LoweringError(f"{node.op} at {node.loc or '?'}: {why}")
+    MatmulShape key (see tuning.py); matmuls without one get the default tiling. `target`:
+    the CPU the kernels are shaped for (default: this host), kept in the program for build."""
+    why = refusal(graph)
+    if why:
+        raise LoweringError(why)
     _check_signature(graph)
-    ctx = LowerContext(graph, tuning=tuning)
+    ctx = LowerContext(graph, tuning=tuning, target=target)
     _emit_function(ctx, "main")
     step = None
     why_not = decode_support(graph) if cached_step else "not requested"
@@ -363,4 +386,4 @@ def lower(graph: Graph, cached_step: bool = True, tuning: Mapping[str, Mapping] 
                           {"main": ctx.kernel_calls, **({"step": step.kernel_calls} if step else {})},
                           list(ctx.matmuls.values()),
                           driver_constants=driver.constants if isinstance(driver, Driver) else None,
-                          no_driver_reason=None if isinstance(driver, Driver) else driver)
+                          no_driver_reason=None if isinstance(driver, Driver) else driver, target=ctx.target)

@@ -23,15 +23,12 @@ from mocompile.backends.tvm_cpu.kernels_int8 import supports as int8_supports
 from mocompile.backends.tvm_cpu.kernels_quant import quantize_rows
 from mocompile.backends.tvm_cpu.layout import VNNI_LANES
 from mocompile.backends.tvm_cpu.metaschedule import dense_kernels
-from mocompile.backends.tvm_cpu.target import host_has_vnni
 from mocompile.backends.tvm_cpu.kernels_router import RouterSpec, router_topk
-from mocompile.backends.tvm_cpu.lower import CACHE_LEN, LowerContext, LoweringError, lowering
+from mocompile.backends.tvm_cpu.lower import CACHE_LEN, LOW_BIT_READERS, LowerContext, LoweringError, lowering
 from mocompile.ir.graph import Node, Value
-from mocompile.ir.ops.quant import WEIGHT_SLOTS
+from mocompile.ir.registry import get_op, input_side_weights
 
 F32 = "float32"
-QUANTIZED_READERS = ("linear", "mlp", "experts", "router.topk")  # ops whose kernels read low-bit weights
-HAS_VNNI = host_has_vnni()  # low-bit matmuls run in integers only where the CPU has the instruction
 
 
 def _require_f32(node: Node, *values: Value) -> None:
@@ -95,7 +92,7 @@ def _dense(ctx: LowerContext, node: Node, x_rows: relax.Expr, rows, w: Value, ep
     """x_rows @ w.T through panels (or act(x @ gate.T) * (x @ w.T) with gate), + epilogue;
     low-bit weights the integer kernels take are read by them (_integer_weights)."""
     n, k = (int(d) for d in w.type.shape)
-    deqs = _integer_weights([gate, w] if gate is not None else [w])
+    deqs = _integer_weights(ctx, [gate, w] if gate is not None else [w])
     if deqs is not None:
         return _int8_call(ctx, x_rows, rows, "float", deqs, epi, extra=list(extra))
     wargs, c = _matmul_weights(ctx, node, "glu_panels" if gate is not None else "panels",
@@ -112,9 +109,9 @@ def _dequantize(ctx: LowerContext, node: Node):
     (see _matmul_weights); low-bit weights are never expanded to float32 in memory."""
     users = ctx.users(node.outputs[0])
     for user in users:
-        if user.op not in QUANTIZED_READERS or node.outputs[0] is user.inputs[0]:
+        if user.op not in LOW_BIT_READERS or node.outputs[0] is user.inputs[0]:
             raise LoweringError(f"dequantize at {node.loc or '?'}: feeds {user.op}, which the tvm_cpu backend cannot "
-                                f"read low-bit weights in (only {', '.join(QUANTIZED_READERS)} weights)")
+                                f"read low-bit weights in (only {', '.join(LOW_BIT_READERS)} weights)")
     return []
 
 
@@ -126,18 +123,18 @@ def _integer_format(deq: Node | None) -> WeightFormat | None:
     return fmt if int8_supports(fmt, int(deq.outputs[0].type.shape[-1])) else None
 
 
-def _int8_reader(node: Node) -> tuple[Node, list[Node]] | None:
-    """(quantize_act, dequantize nodes of the weights reading its output) if `node` is a
-    linear, feed-forward block or experts op over int8-quantized activations whose input-side
-    weights (a linear's, the gate|up of a block) the integer kernels read (kernels_int8.py);
-    None where they do not, e.g. on a host without VNNI."""
-    if node.op not in ("linear", "mlp", "experts"):
+def _int8_reader(ctx: LowerContext, node: Node) -> tuple[Node, list[Node]] | None:
+    """(quantize_act, dequantize nodes of the weights reading its output) if `node` is an op
+    that reads its input as int8 under W8A8 (`act_quant_input`: linear, feed-forward block,
+    experts; each of their lowerings calls this) over int8-quantized activations whose
+    input-side weights (a linear's, the gate|up of a block) the integer kernels read
+    (kernels_int8.py); None where they do not, e.g. for a target without VNNI."""
+    if not get_op(node.op).act_quant_input:
         return None
     qa = node.inputs[0].producer
     if qa is None or qa.op != "quantize_act" or qa.attrs["mode"] not in ("static", "token"):
         return None
-    weights = node.inputs[WEIGHT_SLOTS[node.op]]
-    deqs = _integer_weights(weights if node.op == "linear" else weights[:-1])
+    deqs = _integer_weights(ctx, input_side_weights(node))
     return (qa, deqs) if deqs is not None else None
 
 
@@ -155,12 +152,12 @@ def _activation_codes(ctx: LowerContext, x_rows: relax.Expr, rows, k: int, mode:
     return packed
 
 
-def _integer_weights(weights: list[Value]) -> list[Node] | None:
+def _integer_weights(ctx: LowerContext, weights: list[Value]) -> list[Node] | None:
     """The dequantize nodes of a matmul's low-bit weights when the integer kernels read them
-    (on a VNNI host, all in one format they take), else None."""
+    (for a target with AVX-512 VNNI, ctx.target, all in one format they take), else None."""
     deqs = [_low_bit(w) for w in weights]
     formats = {_integer_format(d) for d in deqs}
-    return deqs if HAS_VNNI and None not in formats and len(formats) == 1 else None
+    return deqs if ctx.target.integer_matmuls and None not in formats and len(formats) == 1 else None
 
 
 def _int8_call(ctx: LowerContext, x_rows: relax.Expr, rows, mode: str, deqs: list[Node], epi: Epilogue,
@@ -192,7 +189,7 @@ def _quantize_act(ctx: LowerContext, node: Node):
     """Rounded activations as float32 for the ops that read them so; nothing when every
     reader computes in integers (it quantizes the input itself, see _activation_codes)."""
     users = ctx.users(node.outputs[0])
-    if users and node.outputs[0] not in ctx.graph.outputs and all(_int8_reader(u) for u in users):
+    if users and node.outputs[0] not in ctx.graph.outputs and all(_int8_reader(ctx, u) for u in users):
         return []
     x = node.inputs[0]
     k = int(x.type.shape[-1])
@@ -201,7 +198,7 @@ def _quantize_act(ctx: LowerContext, node: Node):
     return [ctx.reshape_to(y, node.outputs[0])]
 
 
-@lowering("linear")
+@lowering("linear", reads_low_bit=True)
 def _linear(ctx: LowerContext, node: Node):
     x, w = node.inputs[:2]
     _require_f32(node, *node.inputs)
@@ -209,7 +206,7 @@ def _linear(ctx: LowerContext, node: Node):
     add, residuals = _with_residual(ctx, node)
     epi = Epilogue(bias=bool(bias), residual=len(residuals))
     extra = bias + residuals
-    int8 = _int8_reader(node)
+    int8 = _int8_reader(ctx, node)
     if int8 is None:
         y = _dense(ctx, node, ctx.rows(x), ctx.rows_of(x), w, epi, extra=extra)
     else:
@@ -229,7 +226,7 @@ def _down_projection(ctx: LowerContext, node: Node, h: relax.Expr, rows, epi: Ep
     experts = int(down.type.shape[0]) if plan else 0
     hidden, ffn = (int(d) for d in down.type.shape[-2:])
     mode = node.attrs["hidden_quant"]
-    deqs = _integer_weights([down])
+    deqs = _integer_weights(ctx, [down])
     if deqs is not None:
         return _int8_call(ctx, h, rows, mode or "float", deqs, epi, plan, extra)
     if mode is not None:
@@ -237,11 +234,11 @@ def _down_projection(ctx: LowerContext, node: Node, h: relax.Expr, rows, epi: Ep
     if not plan:
         return _dense(ctx, node, h, rows, down, epi, extra=extra)
     w_down, c = _matmul_weights(ctx, node, "expert_panels", [down], experts, ffn, hidden)
-    return ctx.call(grouped_matmul(experts, ffn, hidden, c.tj, epi, c.shape.fmt, c.tiling), [h, *plan, *w_down, *extra],
-                    [((rows, hidden), F32)])
+    kernel = grouped_matmul(experts, ffn, hidden, c.tj, epi, c.shape.fmt, c.tiling, c.budget)
+    return ctx.call(kernel, [h, *plan, *w_down, *extra], [((rows, hidden), F32)])
 
 
-@lowering("mlp")
+@lowering("mlp", reads_low_bit=True)
 def _mlp(ctx: LowerContext, node: Node):
     _require_f32(node, *node.inputs)
     gated, act = node.attrs["gated"], node.attrs["activation"]
@@ -249,7 +246,7 @@ def _mlp(ctx: LowerContext, node: Node):
     gate, up = node.inputs[1:3] if gated else (None, node.inputs[1])
     rows = ctx.rows_of(x)
     epi_up = Epilogue(glu=gated, activation=act)
-    int8 = _int8_reader(node)
+    int8 = _int8_reader(ctx, node)
     if int8 is None:
         h = _dense(ctx, node, ctx.rows(x), rows, up, epi_up, gate=gate)
     else:
@@ -345,7 +342,7 @@ def _router_refusal(node: Node) -> str | None:
     return None
 
 
-@lowering("router.topk", refuses=_router_refusal)
+@lowering("router.topk", refuses=_router_refusal, reads_low_bit=True)
 def _router(ctx: LowerContext, node: Node):
     a = node.attrs
     x, w = node.inputs[:2]
@@ -353,20 +350,18 @@ def _router(ctx: LowerContext, node: Node):
     experts, k = int(w.type.shape[0]), int(a["top_k"])
     rows = ctx.rows_of(x)
     logits = _dense(ctx, node, ctx.rows(x), rows, w, Epilogue())
-    spec = RouterSpec(experts, k, a["scoring"], bool(a["normalize"]), float(a["routed_scale"]), int(a["n_group"]),
-                      int(a["topk_group"]), tuple(tuple(int(t) for t in g) for g in a["groups"]), bool(a["score_bias"]),
-                      a["group_score"])
+    spec = RouterSpec.of(experts, a)
     bias = [ctx.value(node.inputs[2])] if spec.score_bias else []
     modality = [ctx.flat(node.inputs[-1])] if spec.groups else []
     weights, indices = ctx.call(router_topk(spec), [logits, *bias, *modality], [((rows, k), F32), ((rows, k), "int32")])
     return [ctx.reshape_to(weights, node.outputs[0]), ctx.reshape_to(indices, node.outputs[1])]
 
 
-@lowering("experts")
+@lowering("experts", reads_low_bit=True)
 def _experts(ctx: LowerContext, node: Node):
     """Sparse MoE: plan (counting sort by expert) -> gather -> grouped GLU GEMM -> grouped
     down GEMM scaled by the routing weight -> combine. See kernels_moe.py. Experts with int8
-    or int4 weights on a VNNI host run both GEMMs in integers (kernels_int8.py) on the
+    or int4 weights for a VNNI target run both GEMMs in integers (kernels_int8.py) on the
     gathered rows, quantized as their quantize_act says (the same codes as quantizing the
     tokens) or, for weight-only experts, as float digits: the tokens are quantized once (a
     shared expert reading the same tokens shares their codes) and the up GEMM reads each
@@ -383,9 +378,9 @@ def _experts(ctx: LowerContext, node: Node):
         moe_plan(experts, k), [ctx.rows(indices), ctx.rows(weights)],
         [((experts + 1,), "int32"), ((pairs,), "int32"), ((pairs,), F32), ((pairs,), "int32")])
     epi_up = Epilogue(glu=gated, activation=act)
-    int8 = _int8_reader(node)
+    int8 = _int8_reader(ctx, node)
     up_side = [gate, up] if gated else [up]
-    weight_only = _integer_weights(up_side) if int8 is None else None
+    weight_only = _integer_weights(ctx, up_side) if int8 is None else None
     gather = (row_token, pairs)
     if int8 is not None:
         h = _int8_call(ctx, ctx.rows(int8[0].inputs[0]), rows, deqs=int8[1], epi=epi_up, plan=[indptr], gather=gather,
@@ -396,7 +391,8 @@ def _experts(ctx: LowerContext, node: Node):
         xs = ctx.call(gather_rows(hidden), [ctx.rows(x), row_token], [((pairs, hidden), F32)])
         w_up, c_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels", up_side, experts,
                                      hidden, ffn)
-        h = ctx.call(grouped_matmul(experts, hidden, ffn, c_up.tj, epi_up, c_up.shape.fmt, c_up.tiling),
+        h = ctx.call(grouped_matmul(experts, hidden, ffn, c_up.tj, epi_up, c_up.shape.fmt, c_up.tiling,
+                                    c_up.budget),
                      [xs, indptr, *w_up], [((pairs, ffn), F32)])
     ys = _down_projection(ctx, node, h, pairs, Epilogue(row_scale=True), [row_weight], [indptr])
     add, residuals = _with_residual(ctx, node)

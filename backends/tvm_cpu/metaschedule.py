@@ -170,7 +170,7 @@ def dense_kernels(config: MatmulConfig, epi: Epilogue) -> list[tirx.PrimFunc]:
     names = {rows: f"dense_{s.k}x{s.n}_tj{config.tj}_{epi.tag()}{s.fmt.tag()}_r{rows}" for rows, _ in config.tuned_rows}
     row_funcs = [row_kernel(names[rows], s.k, s.n, config.tj, epi, s.fmt, rows, json.loads(trace))
                  for rows, trace in config.tuned_rows]
-    main = dense_matmul(s.k, s.n, config.tj, epi, s.fmt, config.tiling, tuple(sorted(names.items())))
+    main = dense_matmul(s.k, s.n, config.tj, epi, s.fmt, config.tiling, tuple(sorted(names.items())), config.budget)
     return [main, *row_funcs]
 
 

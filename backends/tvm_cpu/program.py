@@ -37,6 +37,7 @@ import numpy as np
 import tvm
 
 from mocompile.backends.tvm_cpu.layout import WeightLayout
+from mocompile.backends.tvm_cpu.target import CpuTarget
 
 
 @dataclass
@@ -52,6 +53,7 @@ class LoweredProgram:
     matmuls: list = field(default_factory=list)  # the MatmulShapes the program uses (what tuning can tune)
     driver_constants: list[np.ndarray] | None = None  # the decode driver's constants (None: no driver)
     no_driver_reason: str | None = None
+    target: CpuTarget | None = None  # what the kernels are shaped for (build's default target)
 
     @property
     def weight_names(self) -> list[str]:

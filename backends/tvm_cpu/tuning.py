@@ -54,7 +54,7 @@ from mocompile.backends.tvm_cpu.kernels_matmul import (F32_BYTES, Epilogue, Matm
 from mocompile.backends.tvm_cpu.layout import panel_width
 from mocompile.backends.tvm_cpu.lower import lower
 from mocompile.backends.tvm_cpu.metaschedule import ROW_BUCKETS, dense_kernels
-from mocompile.backends.tvm_cpu.target import last_level_cache_bytes
+from mocompile.backends.tvm_cpu.target import as_cpu_target, last_level_cache_bytes
 from mocompile.backends.tvm_cpu.tir_util import NAME_ATTR, STACK_BYTES
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph
@@ -70,7 +70,10 @@ COLD_CACHE = "cache_flush_cpu_non_first_arg"  # time_evaluator's flush of every 
 
 
 def _target_key(target: tvm.target.Target) -> str:
-    return f"{target.kind.name}:{target.attrs.get('mcpu', '')}:{target.attrs.get('num-cores', '')}"
+    """What a database was measured on: kind, mcpu, cores, and any mattr changes."""
+    mattr = ",".join(str(a) for a in target.attrs.get("mattr", ()))
+    return f"{target.kind.name}:{target.attrs.get('mcpu', '')}:{target.attrs.get('num-cores', '')}" + (
+        f":{mattr}" if mattr else "")
 
 
 class TuningDB:
@@ -259,8 +262,10 @@ def tune(graph: Graph, trials: int, db: TuningDB, target: tvm.target.Target,
          say: Callable[[str], None] = lambda m: None, seed: int = 0) -> dict[str, Any]:
     """Spend up to `trials` measurements on the graph's matmuls not yet in `db` (dense ones
     through MetaSchedule, grouped and too-narrow dense ones through the tile search, each of
-    those getting at least the default and one candidate while trials last); record the winners."""
-    program = lower(graph, cached_step=False)
+    those getting at least the default and one candidate while trials last); record the winners.
+    `target` is measured on, so it must run here; the graph is lowered for it (the matmuls it
+    gets: a VNNI target's integer ones are not tuned), the baseline tiles are the host's."""
+    program = lower(graph, cached_step=False, target=as_cpu_target(target))
     shapes = [s for s in program.matmuls if s.key() not in db.records]
     # A model whose weights outgrow the last-level cache reads them from memory on every step:
     # time its kernels that way (what the tuner then picks is what is fast there).

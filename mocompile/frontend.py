@@ -1,0 +1,91 @@
+"""Where a compile starts: a spec (object or `.moe` file), a Hugging Face checkpoint directory
+or a torch module, made into a `Source` (the reference torch module, its input types, where it
+came from) and lowered to a verified IR graph.
+
+The compiler, the isolation check and the CLI's `inspect --ir` all start here, so it sits
+below them and knows nothing of passes, backends or artifacts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from mocompile.dsl.hf_import import is_checkpoint
+from mocompile.errors import MocompileError
+from mocompile.ir.graph import Graph
+from mocompile.ir.types import TensorType
+from mocompile.ir.verifier import VerifyError, verify
+
+
+@dataclass
+class Source:
+    """A model ready to lower: the torch module, its input types, and where it came from."""
+
+    module: Any  # torch.nn.Module
+    input_types: dict[str, TensorType]
+    name: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    int_high: dict[str, int] = field(default_factory=dict)  # token inputs: ids are in [0, high)
+
+
+def source_from_spec(spec_or_path: Any, variant: str | None, weights: str | Path | None, seed: int) -> Source:
+    from mocompile.dsl import build_model, load_spec
+    from mocompile.dsl.spec import Spec
+
+    spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
+    if variant is not None and variant not in {v.name for v in spec.variants}:
+        known = ", ".join(v.name for v in spec.variants) or "none"
+        raise MocompileError(f"{spec.source or spec.name}: no variant {variant!r} (known: {known})")
+    model = build_model(spec, seed=seed, variant=variant, weights=weights)
+    high = {m.name: int(m.vocab) for m in model.spec.modalities if m.is_tokens}
+    meta = {"name": spec.name, "spec_hash": spec.digest(), "variant": variant, "source": spec.source,
+            "weights": str(weights) if weights else f"seed {seed}", "max_seq": spec.max_seq}
+    return Source(model, model.input_types(), model.spec.name, meta, high)
+
+
+def source_from_hf(path: str | Path) -> Source:
+    """A Hugging Face checkpoint directory: its config imported as a spec, its weights
+    streamed into the reference model."""
+    from mocompile.dsl.hf_import import import_checkpoint
+    from mocompile.dsl.hf_weights import build_hf_model
+
+    ckpt = import_checkpoint(path)
+    model = build_hf_model(ckpt)
+    spec = ckpt.spec
+    meta = {"name": spec.name, "spec_hash": spec.digest(), "variant": None, "source": str(ckpt.config_path),
+            "weights": str(ckpt.path), "hf_architecture": ckpt.architecture, "hf_model_type": ckpt.family.model_type,
+            "hf_source": str(Path(path).resolve()), "max_seq": spec.max_seq}
+    return Source(model, model.input_types(), spec.name, meta, {"text": spec.vocab})
+
+
+def source_for(model: Any, variant: str | None, weights: str | Path | None, seed: int) -> Source:
+    """A spec (object or `.moe` path) or a Hugging Face checkpoint directory, ready to lower."""
+    if isinstance(model, (str, Path)) and is_checkpoint(model):
+        for option, value in (("weights", weights), ("variant", variant)):
+            if value is not None:
+                raise MocompileError(f"{model}: a Hugging Face checkpoint brings its own weights and has no variants "
+                                     f"(drop --{option})")
+        return source_from_hf(model)
+    return source_from_spec(model, variant, weights, seed)
+
+
+def source_from_module(module: Any, input_types: Mapping[str, TensorType] | None) -> Source:
+    types = dict(input_types) if input_types is not None else getattr(module, "input_types", lambda: None)()
+    if types is None:
+        raise MocompileError(f"{type(module).__name__}: pass input_types={{name: TensorType}} to compile a plain torch module")
+    high = {m.name: int(m.vocab) for m in getattr(getattr(module, "spec", None), "modalities", ()) if m.is_tokens}
+    return Source(module, types, type(module).__name__, {"name": type(module).__name__}, high)
+
+
+def lower_source(src: Source) -> Graph:
+    from mocompile.lower_fx import lower_module
+
+    graph = lower_module(src.module, src.input_types, src.name, ("logits",))
+    try:
+        verify(graph)
+    except VerifyError as e:
+        raise MocompileError(f"lowering {src.name} produced an invalid graph: {e}") from None
+    graph.meta.update(src.meta)
+    return graph
