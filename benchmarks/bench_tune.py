@@ -1,40 +1,35 @@
 """Tuned against untuned artifacts: what `compile --tune N` buys on this machine.
 
-Run:  python benchmarks/bench_tune.py [N]   (N trials per model, default 160; ~10 minutes;
-rewrites the "tuning" section of benchmarks/RESULTS.md). Never run by the tests. For each
-model: an untuned compile and one with `--tune N` (MetaSchedule for the dense matmuls, the
-tile search for the per-expert ones, see backends/tvm_cpu/tuning.py), the per-kernel
-speed-ups the tuner measured and which kernels kept MetaSchedule's, then both artifacts
-timed side by side in one process (2 threads, alternating rounds): decode steps at batch 1
-and 8, prefill of 64 and 512 tokens.
+Run:  python benchmarks/bench_tune.py [TRIALS] [--threads N] [--models M ...] [--out PATH]
+(TRIALS per model, default 160; rewrites the "tuning" section of benchmarks/RESULTS.md). Never run
+by the tests. For each model: an untuned compile and one with `--tune N` (MetaSchedule for
+the dense matmuls, the tile search for the per-expert ones, see backends/tvm_cpu/tuning.py),
+the per-kernel speed-ups the tuner measured and which kernels kept MetaSchedule's, then both
+artifacts timed side by side in one process (one thread count, engines.py; alternating
+rounds): decode steps at batch 1 and 8, prefill of 64 and 512 tokens (or max_seq). The section holds only
+what the run measured; analysis and history are in benchmarks/NOTES.md.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 import time
 from pathlib import Path
 
-from mocompile.threads import configure_tvm_threads
-
-configure_tvm_threads()  # before anything starts TVM's thread pool
-
-import torch  # noqa: E402
-
-import mocompile  # noqa: E402
-from mocompile.dsl import load_spec  # noqa: E402
-from mocompile.runtime import random_inputs  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import PAST, _cpu_name, artifact_step, time_columns  # noqa: E402
-from results import write_section  # noqa: E402
+import mocompile
+from engines import THREADS, set_threads
+from harness import ROUNDS, RunClock, artifact_columns, cpu_name, fit_positions, options, time_columns, versions
+from mocompile.backends.tvm_cpu.tuning import MEASURE_ROWS
+from mocompile.dsl import load_spec
+from results import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / ".cache" / "tune"
-MODELS = [ROOT / "examples" / "mixtral_tiny.moe", ROOT / "benchmarks" / "specs" / "moe_medium.moe"]
+MODELS = {"mixtral_tiny": ROOT / "examples" / "mixtral_tiny.moe",
+          "moe_medium": ROOT / "benchmarks" / "specs" / "moe_medium.moe"}
 CASES = [("decode", 1, 1), ("decode", 8, 1), ("prefill", 1, 64), ("prefill", 1, 512)]  # (kind, batch, tokens)
+# a case longer than a model's max_seq runs at max_seq (harness.fit_positions)
 
 
 def compile_pair(path: Path, trials: int) -> tuple[dict, dict]:
@@ -58,15 +53,11 @@ def bench_model(path: Path, trials: int) -> tuple[list[dict], dict]:
     arts, info = compile_pair(path, trials)
     rows = []
     for kind, batch, tokens in CASES:
-        row = {"model": path.stem, "case": f"{kind} b{batch} x{tokens}" + (f" (+{PAST} cached)" if kind == "decode" else "")}
-        if kind == "decode":
-            ids = random_inputs(arts["untuned"].signature, batch, PAST + 1, seed=1)["text"]
-            time_columns(row, {n: (lambda a=a: artifact_step(a, {"text": ids[:, :PAST]}, {"text": ids[:, PAST:]}))
-                               for n, a in arts.items()})
-        else:
-            inputs = random_inputs(arts["untuned"].signature, batch, tokens, seed=1)
-            time_columns(row, {n: (lambda a=a: (lambda: a.run(inputs))) for n, a in arts.items()})
+        case, makers, _ = artifact_columns(arts, kind, batch, fit_positions(arts["untuned"], tokens))
+        row = {"model": path.stem, "case": case}
+        time_columns(row, makers)
         rows.append(row)
+        print(f"{path.stem} {row['case']}: untuned {row['untuned']:.3f}, tuned {row['tuned']:.3f}", file=sys.stderr)
     return rows, info
 
 
@@ -81,45 +72,38 @@ def kernel_lines(model: str, info: dict) -> list[str]:
 
 
 def main() -> None:
-    trials = int(sys.argv[1]) if len(sys.argv) > 1 else 160
-    torch.set_num_threads(2)
-    lines = ["## Tuning (`python benchmarks/bench_tune.py`)", "",
-             f"Run on {datetime.date.today()}: {_cpu_name()}, `--tune {trials}` per model from an empty database, "
-             "2 threads. Per kernel: the tuner's own measurement (us at 1 row / 64 rows, default -> chosen) and what it "
-             "chose; then both artifacts side by side (medians in ms, five alternating rounds).", "",
-             "| model | kernel | us at 1 / 64 rows | speed-up | chosen |", "|---|---|---|---|---|"]
+    parser = options(__doc__.splitlines()[0], list(MODELS))
+    parser.add_argument("trials", nargs="?", type=int, default=160, help="tuning trials per model (default 160)")
+    args = parser.parse_args()
+    clock = RunClock()
+    set_threads(args.threads)
+    trials = args.trials
+    rows_label = " / ".join(map(str, MEASURE_ROWS))
+    lines = [f"| model | kernel | us at {rows_label} rows | speed-up | chosen |", "|---|---|---|---|---|"]
     timing = ["", "| model | case | untuned | tuned | untuned / tuned |", "|---|---|---|---|---|"]
     summary = [""]
-    for path in MODELS:
-        rows, info = bench_model(path, trials)
-        lines += kernel_lines(path.stem, info)
+    ratios = []
+    for name in args.models:
+        rows, info = bench_model(MODELS[name], trials)
+        lines += kernel_lines(name, info)
         timing += [f"| {r['model']} | {r['case']} | {r['untuned']:.3f} | {r['tuned']:.3f} | {r['untuned'] / r['tuned']:.2f} |"
                    for r in rows]
+        ratios += [r["untuned"] / r["tuned"] for r in rows]
         kept = sum(1 for r in info["records"].values() if r.get("metaschedule"))
-        summary.append(f"- {path.stem}: compile {info['untuned_s']:.1f} s untuned, {info['tuned_s']:.1f} s with "
+        summary.append(f"- {name}: compile {info['untuned_s']:.1f} s untuned, {info['tuned_s']:.1f} s with "
                        f"`--tune {trials}` ({info['report']['trials']} trials over {info['report']['kernels']} kernels; "
                        f"{kept} dense kernels kept MetaSchedule's row kernels)")
-    text = "\n".join(lines + timing + summary) + "\n" + TUNE_NOTE
-    write_section("tuning", text)
+    summary += [f"- untuned / tuned over the {len(ratios)} rows: {min(ratios):.2f}-{max(ratios):.2f}"]
+    head = ["## Tuning (`python benchmarks/bench_tune.py`)", "",
+            f"Run of `python benchmarks/bench_tune.py{''.join(' ' + a for a in sys.argv[1:])}` ({clock.stamp()}): "
+            f"{cpu_name()}, {versions()}; `--tune {trials}` per model from an empty database; "
+            f"{THREADS.header(['artifact'])}. Per kernel: the tuner's own measurement (us at {rows_label} rows, default "
+            f"-> chosen) and what it chose; then both artifacts side by side (medians in ms, {ROUNDS} alternating rounds).",
+            ""]
+    text = "\n".join(head + lines + timing + summary
+                     + ["", "Notes on this and earlier runs, written by hand and dated: `benchmarks/NOTES.md`."])
+    write_section("tuning", text, args.out)
     print(text)
-
-
-TUNE_NOTE = """
-Notes:
-- MetaSchedule searches static-shape copies of each dense matmul (1 and 64 rows, one task per panel width); the
-  dense kernel then calls the tuned kernel for a single row and for each full block of 64 rows, and keeps it
-  for a row count only where the tuner measured it faster than the hand-written tiles at the same panel width
-  (results are bit-identical either way). The per-expert matmuls are tuned by the tile search: their row
-  ranges come from the routing at run time, which no static-shape workload expresses. Candidates of a model
-  larger than the last-level cache (moe_medium) are timed with the caches flushed before each call.
-- The hand-written kernels are already the recipe's schedule with ISA-sized tiles, so the tuner's per-kernel
-  gains (1.1-1.5x, each kernel timed alone) mostly vanish in whole steps. Over three runs on 2026-12-02: the
-  first timed moe_medium's kernels warm, and its picks made the decode step 12% slower, so a model larger than
-  the cache is now tuned cold; the second scored a kernel by the geometric mean of its 1-row and 64-row times
-  alone, and some picks traded 64-row for 1-row speed (prompts 2-5% slower); since then a candidate must also
-  be no slower than the default at either row count. In the run above, tuned steps are 0.96-1.10x the untuned
-  ones: within this host's run-to-run noise, with the 512-token prefill of moe_medium 10% faster.
-"""
 
 
 if __name__ == "__main__":

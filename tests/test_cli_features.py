@@ -42,13 +42,25 @@ def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """One compile through the CLI, in a fresh process, with all of these options at once (a
-    compile is the slow part): the example plugin's pass in the pipeline, 2 tuning trials,
-    weights from seed 3, batch isolation required."""
+    compile is the slow part): the example plugin's pass in the pipeline, weights from seed 3,
+    batch isolation required."""
     root = tmp_path_factory.mktemp("cli")
     spec, out = root / "small.moe", root / "art"
     spec.write_text(SPEC)
     proc = _cli("compile", str(spec), "-o", str(out), "--plugin", str(PLUGIN), "--passes", "dce,flops-report(seq=4)",
-                "--tune", "2", "--seed", "3", "--require-isolation", "--batch", "1", "--seq", "2")
+                "--seed", "3", "--require-isolation", "--batch", "1", "--seq", "2")
+    assert proc.returncode == 0, proc.stderr
+    return spec, out, proc, json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A compile through the CLI with 2 tuning trials (MetaSchedule's search makes it the
+    slowest compile here; tests/test_tuning.py covers tuning through the API by default)."""
+    root = tmp_path_factory.mktemp("cli_tune")
+    spec, out = root / "small.moe", root / "art"
+    spec.write_text(SPEC)
+    proc = _cli("compile", str(spec), "-o", str(out), "--tune", "2", "--batch", "1", "--seq", "2")
     assert proc.returncode == 0, proc.stderr
     return spec, out, proc, json.loads((out / "manifest.json").read_text())
 
@@ -87,8 +99,9 @@ def test_custom_pass_example_runs_from_python(tmp_path) -> None:
 
 
 # ---- compile --tune ---------------------------------------------------------------------------
-def test_tune_spends_its_trials_and_saves_the_database(compiled) -> None:
-    _, out, proc, manifest = compiled
+@pytest.mark.slow
+def test_tune_spends_its_trials_and_saves_the_database(tuned) -> None:
+    _, out, proc, manifest = tuned
     assert "tuning matmul kernels (2 trials)" in proc.stderr
     tuning = manifest["tuning"]
     assert 1 <= tuning["trials"] <= 2 and tuning["kernels"] > 0 and tuning["tuned"]

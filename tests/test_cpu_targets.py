@@ -173,8 +173,13 @@ def _relative_error(graph: Graph, out_dir, entry: dict) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-@pytest.mark.parametrize("pipeline", PIPELINES)
-@pytest.mark.parametrize("path", PATHS)
+# Every path with W4A8 (int4 weights, int8 activations: the most kernels) in the default suite;
+# with plain int8 weights under -m slow.
+PER_TARGET = [pytest.param(path, pipeline, marks=[pytest.mark.slow] if pipeline == PIPELINES[0] else [])
+              for path in PATHS for pipeline in PIPELINES]
+
+
+@pytest.mark.parametrize("path,pipeline", PER_TARGET)
 def test_quantized_model_per_target(path, pipeline, mixtral, tmp_path):
     """mixtral_tiny quantized, emitted for each path's target: the program entry's
     target_info says what it is built for, its weight layouts show the path taken (VNNI
