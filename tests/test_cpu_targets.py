@@ -173,9 +173,11 @@ def _relative_error(graph: Graph, out_dir, entry: dict) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-# Every path with W4A8 (int4 weights, int8 activations: the most kernels) in the default suite;
-# with plain int8 weights under -m slow.
-PER_TARGET = [pytest.param(path, pipeline, marks=[pytest.mark.slow] if pipeline == PIPELINES[0] else [])
+# The integer (VNNI) and AVX2 float paths with W4A8 (int4 weights, int8 activations: the most
+# kernels) in the default suite; plain int8 weights, and the AVX-512 float path (the AVX2 one's
+# kernels with wider tiles), under -m slow.
+PER_TARGET = [pytest.param(path, pipeline,
+                           marks=[pytest.mark.slow] if pipeline == PIPELINES[0] or path == "avx512" else [])
               for path in PATHS for pipeline in PIPELINES]
 
 
@@ -213,6 +215,7 @@ def test_a_kernel_off_by_one_percent_fails_its_kernel_test(path):
     assert hits and all(epi.bias for epi in hits)
 
 
+@pytest.mark.slow  # the kernel-level knob above and test_backend_interface's 1%-off backend run by default
 def test_a_kernel_off_by_one_percent_fails_the_model_check(mixtral, tmp_path):
     """The same knob on the model's plain matmuls (projections, LM head): the end-to-end
     comparison with the interpreter, which passes unperturbed (test above), fails."""
