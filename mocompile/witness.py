@@ -116,6 +116,39 @@ def _sample_change(report: IsolationReport, name: str, base: np.ndarray, new: np
     return max_change(a, b), float(finite.max()) if finite.size else 0.0
 
 
+Change = Callable[[Any], "tuple[float, float] | None"]
+
+
+def score_trial(best: dict[str, Any], pending: list[Any], outputs: Sequence[tuple[str, Any]],
+                key_of: Callable[[Any], Any], change_at: Change, i: int, j: int, perturbation: str,
+                kind: str) -> dict[str, Any]:
+    """One trial of a witness search (sample j perturbed, sample i watched), scored: the
+    search's best output change (until one shows the leak), and each pending leak finding's
+    change right at its op (a finding leaves `pending` once its op moved, or when its value
+    was not observed: `change_at` None). `outputs` are (name, key) pairs, `key_of(finding)`
+    the key of a finding's value; `change_at(key)` gives sample i's (max change, scale)."""
+    if not best["changed"]:
+        for name, key in outputs:
+            change, scale = change_at(key)
+            if change > best["max_change"] or not best.get("perturbation"):
+                best = {"changed": change > RELATIVE_ROUNDING * max(scale, 1e-30), "perturbed_sample": j,
+                        "observed_sample": i, "perturbation": perturbation, "kind": kind, "output": name,
+                        "max_change": change, "relative_change": change / max(scale, 1e-30)}
+    for f in list(pending):
+        measured = change_at(key_of(f))
+        if measured is None:
+            pending.remove(f)
+            continue
+        change, scale = measured
+        changed = change > RELATIVE_ROUNDING * max(scale, 1e-30)
+        if changed or f.witness is None or change > f.witness["max_change"]:
+            f.witness = {"observed_sample": i, "perturbed_sample": j, "perturbation": perturbation,
+                         "changed": changed, "max_change": change, "relative_change": change / max(scale, 1e-30)}
+        if changed:
+            pending.remove(f)
+    return best
+
+
 def find_witness(graph: Graph, report: IsolationReport, inputs: Mapping[str, np.ndarray], seed: int = 0,
                  int_high: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Run the interpreter on batches that differ only in sample j until sample i's output
@@ -147,22 +180,9 @@ def find_witness(graph: Graph, report: IsolationReport, inputs: Mapping[str, np.
             tried.append(trial[1])
             with np.errstate(all="ignore"):
                 new = run(graph, trial[0], watch)
-            if not best["changed"]:
-                for out in graph.outputs:
-                    change, scale = _sample_change(report, out.name, base[out.name], new[out.name], i, env, labels)
-                    if change > best["max_change"] or not best.get("perturbation"):
-                        best = {"changed": change > RELATIVE_ROUNDING * max(scale, 1e-30), "perturbed_sample": j,
-                                "observed_sample": i, "perturbation": trial[1], "kind": kind, "output": out.name,
-                                "max_change": change, "relative_change": change / max(scale, 1e-30)}
-            for f in list(pending):
-                change, scale = _sample_change(report, f.value, base[f.value], new[f.value], i, env, labels)
-                changed = change > RELATIVE_ROUNDING * max(scale, 1e-30)
-                if changed or f.witness is None or change > f.witness["max_change"]:
-                    f.witness = {"observed_sample": i, "perturbed_sample": j, "perturbation": trial[1],
-                                 "changed": changed, "max_change": change,
-                                 "relative_change": change / max(scale, 1e-30)}
-                if changed:
-                    pending.remove(f)
+            best = score_trial(best, pending, [(out.name, out.name) for out in graph.outputs], lambda f: f.value,
+                               lambda name: _sample_change(report, name, base[name], new[name], i, env, labels),
+                               i, j, trial[1], kind)
             if best["changed"] and not pending:
                 break
         if best["changed"] and not pending:

@@ -19,8 +19,8 @@ import torch.fx
 from mocompile.aten.analysis import Analysis
 from mocompile.aten.shapes import dims_of
 from mocompile.aten.state import Axis, State
-from mocompile.isolation import RELATIVE_ROUNDING, Finding, IsolationReport
-from mocompile.witness import PERTURBATIONS, max_change, perturb
+from mocompile.isolation import Finding, IsolationReport
+from mocompile.witness import PERTURBATIONS, max_change, perturb, score_trial
 
 
 class ProgramRunner:
@@ -162,26 +162,14 @@ def find_witness(analysis: Analysis, runner: ProgramRunner, inputs: Sequence[tor
                 tried.append(f"{trial[1]}: the run failed ({type(e).__name__})")
                 continue
             tried.append(trial[1])
-            if not best["changed"]:
-                for out in analysis.outputs:
-                    change, scale = _change(base[out], new[out], observed_axis(analysis, out), i, labels)
-                    if change > best["max_change"] or not best.get("perturbation"):
-                        best = {"changed": change > RELATIVE_ROUNDING * max(scale, 1e-30), "perturbed_sample": j,
-                                "observed_sample": i, "perturbation": trial[1], "kind": kind, "output": out.name,
-                                "max_change": change, "relative_change": change / max(scale, 1e-30)}
-            for f in list(pending):
-                node = by_name[f.value]
+
+            def change_at(node: Any) -> tuple[float, float] | None:
                 if node not in base or node not in new:
-                    pending.remove(f)
-                    continue
-                change, scale = _change(_first(base[node]), _first(new[node]), observed_axis(analysis, node), i, labels)
-                changed = change > RELATIVE_ROUNDING * max(scale, 1e-30)
-                if changed or f.witness is None or change > f.witness["max_change"]:
-                    f.witness = {"observed_sample": i, "perturbed_sample": j, "perturbation": trial[1],
-                                 "changed": changed, "max_change": change,
-                                 "relative_change": change / max(scale, 1e-30)}
-                if changed:
-                    pending.remove(f)
+                    return None
+                return _change(_first(base[node]), _first(new[node]), observed_axis(analysis, node), i, labels)
+
+            best = score_trial(best, pending, [(out.name, out) for out in analysis.outputs],
+                               lambda f: by_name[f.value], change_at, i, j, trial[1], kind)
             if best["changed"] and not pending:
                 break
         if best["changed"] and not pending:
