@@ -65,11 +65,9 @@ def _witness_note(report: IsolationReport) -> str:
 def load_tuning(backend: Backend, graph: Graph, out_dir: Path, trials: int, db_path: str | Path | None,
                 say: Progress) -> tuple[Any, dict[str, Any] | None]:
     """The tuning database to compile with (None: untuned), after `trials` tuning trials."""
-    previous = out_dir / "tuning.json"  # options were checked by check_options
-    if not (trials or db_path or previous.is_file()):
+    previous = out_dir / "tuning.json"  # options were checked by check_options and compile
+    if not backend.can_tune or not (trials or db_path or previous.is_file()):
         return None, None
-    if not backend.can_tune:
-        raise MocompileError(f"the {backend.name} target has no tuning (drop --tune / --tuning-db)")
     db, note = backend.load_tuning(Path(db_path or previous))
     report: dict[str, Any] = {"database": note}
     if trials:
