@@ -30,6 +30,7 @@ import numpy as np
 
 from mocompile.ir.batch_flow import Flow, FlowArgs, combine, identity_map, one
 from mocompile.ir.registry import REQUIRED, Cost, OpDef, register_op
+from mocompile.ir.rounding import round_half_even
 from mocompile.ir.types import Dim, TensorType
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ def activation_scales(x: np.ndarray, mode: str, static: np.ndarray | None = None
 
 def quantize_activation(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """int8 codes of x under `scale` (round half to even, saturate at +-127)."""
-    return np.clip(np.round(x / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return np.clip(round_half_even(x / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
 
 
 def fake_quant(x: np.ndarray, mode: str, static: np.ndarray | None = None) -> np.ndarray:
