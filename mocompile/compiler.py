@@ -17,7 +17,7 @@ from mocompile.artifact import check_output_dir, finalize, staging_dir
 from mocompile.backends.base import Backend, get_backend
 from mocompile.calibration import Calibration, for_graph, load_token_file
 from mocompile.errors import ArtifactError, MocompileError
-from mocompile.frontend import Source, lower_source, source_for, source_from_module
+from mocompile.frontend import COMPILE_BYTES_PER_PARAM, Source, lower_source, source_for, source_from_module
 from mocompile.ir.graph import Graph
 from mocompile.ir.printer import format_graph
 from mocompile.ir.types import TensorType
@@ -219,7 +219,7 @@ def compile(
     manager = PassManager(passes)  # the pipeline text is checked before any model is built
     say("[1/6] building the reference model")
     if isinstance(model, (str, Path)) or type(model).__name__ == "Spec":
-        src = source_for(model, variant, weights, seed)
+        src = source_for(model, variant, weights, seed, COMPILE_BYTES_PER_PARAM)
     else:
         src = source_from_module(model, input_types)
     say("[2/6] tracing with torch.fx and lowering to IR")

@@ -13,10 +13,28 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mocompile.dsl.hf_import import is_checkpoint
+from mocompile.dsl.summary import parameter_counts
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph
 from mocompile.ir.types import TensorType
 from mocompile.ir.verifier import VerifyError, verify
+from mocompile.memory import check_fits
+
+# Peak bytes per parameter while the float32 torch reference and the IR lowered from it
+# coexist (each holds the weights in float32).
+REFERENCE_BYTES_PER_PARAM = 8
+# Peak bytes per parameter of a whole compile: the reference and IR above, the passes' new
+# weights, the artifact's weight file and the verification runs. Measured: a 0.79B-parameter
+# Mixtral-shaped checkpoint peaked at 16.2 GB (about 20.5 bytes per parameter).
+COMPILE_BYTES_PER_PARAM = 20
+
+
+def check_spec_fits(spec: Any, where: str, bytes_per_param: int) -> None:
+    """Refuse a model whose reference would not fit this machine's free memory, with the
+    figures, before any of it is allocated."""
+    n = parameter_counts(spec)["total"]
+    check_fits(n * bytes_per_param, f"{spec.name} has {n:,} parameters, and working on it at about "
+               f"{bytes_per_param} bytes per parameter", where)
 
 
 @dataclass
@@ -30,7 +48,8 @@ class Source:
     int_high: dict[str, int] = field(default_factory=dict)  # token inputs: ids are in [0, high)
 
 
-def source_from_spec(spec_or_path: Any, variant: str | None, weights: str | Path | None, seed: int) -> Source:
+def source_from_spec(spec_or_path: Any, variant: str | None, weights: str | Path | None, seed: int,
+                     bytes_per_param: int = REFERENCE_BYTES_PER_PARAM) -> Source:
     from mocompile.dsl import build_model, load_spec
     from mocompile.dsl.spec import Spec
 
@@ -38,6 +57,7 @@ def source_from_spec(spec_or_path: Any, variant: str | None, weights: str | Path
     if variant is not None and variant not in {v.name for v in spec.variants}:
         known = ", ".join(v.name for v in spec.variants) or "none"
         raise MocompileError(f"{spec.source or spec.name}: no variant {variant!r} (known: {known})")
+    check_spec_fits(spec, str(spec.source or spec.name), bytes_per_param)
     model = build_model(spec, seed=seed, variant=variant, weights=weights)
     high = {m.name: int(m.vocab) for m in model.spec.modalities if m.is_tokens}
     meta = {"name": spec.name, "spec_hash": spec.digest(), "variant": variant, "source": spec.source,
@@ -45,13 +65,14 @@ def source_from_spec(spec_or_path: Any, variant: str | None, weights: str | Path
     return Source(model, model.input_types(), model.spec.name, meta, high)
 
 
-def source_from_hf(path: str | Path) -> Source:
+def source_from_hf(path: str | Path, bytes_per_param: int = REFERENCE_BYTES_PER_PARAM) -> Source:
     """A Hugging Face checkpoint directory: its config imported as a spec, its weights
     streamed into the reference model."""
     from mocompile.dsl.hf_import import import_checkpoint
     from mocompile.dsl.hf_weights import build_hf_model
 
     ckpt = import_checkpoint(path)
+    check_spec_fits(ckpt.spec, str(path), bytes_per_param)
     model = build_hf_model(ckpt)
     spec = ckpt.spec
     meta = {"name": spec.name, "spec_hash": spec.digest(), "variant": None, "source": str(ckpt.config_path),
@@ -60,15 +81,18 @@ def source_from_hf(path: str | Path) -> Source:
     return Source(model, model.input_types(), spec.name, meta, {"text": spec.vocab})
 
 
-def source_for(model: Any, variant: str | None, weights: str | Path | None, seed: int) -> Source:
-    """A spec (object or `.moe` path) or a Hugging Face checkpoint directory, ready to lower."""
+def source_for(model: Any, variant: str | None, weights: str | Path | None, seed: int,
+               bytes_per_param: int = REFERENCE_BYTES_PER_PARAM) -> Source:
+    """A spec (object or `.moe` path) or a Hugging Face checkpoint directory, ready to lower;
+    refused up front where building it needs more than `bytes_per_param` per parameter of
+    free memory."""
     if isinstance(model, (str, Path)) and is_checkpoint(model):
         for option, value in (("weights", weights), ("variant", variant)):
             if value is not None:
                 raise MocompileError(f"{model}: a Hugging Face checkpoint brings its own weights and has no variants "
                                      f"(drop --{option})")
-        return source_from_hf(model)
-    return source_from_spec(model, variant, weights, seed)
+        return source_from_hf(model, bytes_per_param)
+    return source_from_spec(model, variant, weights, seed, bytes_per_param)
 
 
 def source_from_module(module: Any, input_types: Mapping[str, TensorType] | None) -> Source:

@@ -14,12 +14,12 @@ A KV cache is sized up front and reserves its whole capacity, so `KVCache` state
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from mocompile.errors import ArtifactInputError
+from mocompile.memory import available_memory, format_bytes
 
 # The capacity of a KV cache made without one: an imported checkpoint's max_seq is often
 # 131072 positions, which would reserve tens of GiB per sequence for a large model; a cache
@@ -121,32 +121,6 @@ def token_ids(name: str, ids: Any, dtype: str, high: int | None) -> np.ndarray:
 
 
 # ---- KV caches -------------------------------------------------------------------------------
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation without swapping (Linux MemAvailable;
-    elsewhere the free physical pages); None where neither is known."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def format_bytes(n: int) -> str:
-    """`n` bytes in binary units, e.g. 1.5 MiB."""
-    value, unit = float(n), "B"
-    for bigger in ("KiB", "MiB", "GiB", "TiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{value:.1f}".rstrip("0").rstrip(".") + f" {unit}"
-
 
 class KVCache:
     """The key/value tensors a `step` function reads and extends in place, and how many

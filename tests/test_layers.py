@@ -16,7 +16,7 @@ FOLDERS = {"mocompile": "mocompile", "dsl": "mocompile.dsl", "passes": "mocompil
 # module (or package prefix) -> layer; longest prefix wins
 LAYER_OF = {
     "mocompile.errors": "foundation", "mocompile.ir.types": "foundation", "mocompile.files": "foundation", "mocompile.threads": "foundation",
-    "mocompile.native_log": "foundation", "mocompile.cpu_features": "foundation",
+    "mocompile.native_log": "foundation", "mocompile.cpu_features": "foundation", "mocompile.memory": "foundation",
     "mocompile.dsl": "dsl",
     "mocompile.ir": "ir", "mocompile.signature": "ir", "mocompile.kv_cache": "ir", "mocompile.isolation": "ir",
     "mocompile.witness": "ir", "mocompile.calibration": "ir",
