@@ -30,6 +30,7 @@ from mocompile.progress import Bar
 from mocompile.report_svg import bars, heatmap
 
 LOAD_SAMPLES = 16  # random sequences routed for the expert-load heatmap without calibration data
+PLOTTED_KERNELS = 12  # the slowest kernels drawn per profile (the table lists all)
 PROFILE_PROMPT = 64  # positions of the profiled prefill, and cached positions before the decode step
 
 CSS = """
@@ -163,11 +164,12 @@ def profile_section(path: Path, bar: Bar) -> str:
         call = next(c for n, c, _ in _profile_calls(art) if n == name)
         bar.update(0, f"profiling the {name}")
         prof = vm_trace.kernel_profile(art, call)
-        kernels = [k for k in prof if not k.builtin][:12]
+        kernels = [k for k in prof if not k.builtin]
         builtin_us = sum(k.us for k in prof if k.builtin)
         total = sum(k.us for k in prof if not k.builtin)
-        plots.append(bars([k.name for k in kernels], [k.us for k in kernels],
-                          [k.roofline_us(bandwidth) for k in kernels], f"{name}: time per kernel"))
+        top = kernels[:PLOTTED_KERNELS]
+        plots.append(bars([k.name for k in top], [k.us for k in top], [k.roofline_us(bandwidth) for k in top],
+                          f"{name}: time per kernel" + (f" (the {len(top)} slowest)" if len(top) < len(kernels) else "")))
         rows = [(k.name, k.calls, f"{k.us:.1f}", S._bytes(k.bytes), f"{k.roofline_us(bandwidth):.2f}",
                  f"{k.roofline_us(bandwidth) / k.us:.0%}" if k.us > 0 else "-") for k in kernels]
         body.append(f"<h3>{escape(name)}</h3><p class='note'>{escape(what)}: {total:.0f} us in "
@@ -203,6 +205,9 @@ def render(path: str | Path, measure: bool = True) -> str:
     title = f"mocompile report: {model.get('name', path.name)}"
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            # nothing may load from anywhere: a browser refuses (and logs) any fetch the page would make
+            "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; style-src 'unsafe-inline'; "
+            "img-src data:\">"
             f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
             f"<header><h1>{escape(title)}</h1><p>{escape(str(path))} · {escape(str((manifest.get('target') or {}).get('text')))}"
             f"</p><nav>{nav}</nav></header><main>{''.join(parts)}</main></body></html>\n")
