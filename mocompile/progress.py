@@ -103,6 +103,15 @@ class Bar:
             return
         self._drawn = True
 
+    def print(self, message: str) -> None:
+        """Print a line of the work's own output to the bar's stream above the bar."""
+        drawn = self._drawn
+        if drawn:
+            self.stream.write("\r\x1b[K")
+        print(message, file=self.stream, flush=True)
+        if drawn:
+            self._draw(time.monotonic())
+
     def close(self) -> None:
         """Erase the bar's line (the work's own output then continues on a clean line)."""
         if self._drawn:
