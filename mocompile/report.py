@@ -152,9 +152,10 @@ def profile_section(path: Path, bar: Bar) -> str:
     bandwidth, flops = vm_trace.memory_bandwidth(), vm_trace.peak_flops()
     body.append(f"<p>This machine ({escape(platform.machine())}, {escape(platform.processor() or platform.system())}): "
                 f"memory copies at {bandwidth / 1e9:.1f} GB/s, float32 matrix products at {flops / 1e9:.0f} GFLOP/s "
-                "(measured now). A kernel's roofline floor is the bytes its arguments hold (per-expert weights "
-                "only for the experts that get rows) at that bandwidth; a kernel faster than its floor is served "
-                "from caches.</p>")
+                f"(measured now): a kernel doing fewer than {flops / bandwidth:.1f} flops per byte it moves is bound by "
+                "memory. A kernel's roofline floor is the bytes its arguments hold (per-expert weights only for the "
+                "experts that get rows) at that bandwidth; a kernel faster than its floor is served from caches, one "
+                "far slower is bound by arithmetic or by its schedule.</p>")
     probe = _load(path)
     if isinstance(probe, str):
         return S.section("profile", "Where the time goes", f"<p class='note'>Not measured: {escape(probe)}</p>")

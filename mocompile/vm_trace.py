@@ -151,7 +151,7 @@ def memory_bandwidth(megabytes: int = 64, repeat: int = 5) -> float:
     return 2 * a.nbytes / best
 
 
-def peak_flops(n: int = 512, repeat: int = 5) -> float:
+def peak_flops(n: int = 1024, repeat: int = 3) -> float:
     """Float32 multiply-adds per second (counted as 2 flops) of numpy's matrix product of two
     n x n matrices, best of `repeat`: the flat part of the roofline, as a BLAS reaches it here."""
     rng = np.random.default_rng(0)
