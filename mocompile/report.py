@@ -79,7 +79,7 @@ def _load_inputs(art: Any) -> tuple[list[dict[str, np.ndarray]], str]:
             pass
     checks = (art.manifest.get("verification") or {}).get("checks") or [{"seq": 8}]
     seq = int(max(c["seq"] for c in checks))
-    return ([art.signature and random_inputs(art.signature, 1, seq, seed) for seed in range(LOAD_SAMPLES)],
+    return ([random_inputs(art.signature, 1, seq, seed) for seed in range(LOAD_SAMPLES)],
             f"{LOAD_SAMPLES} random-token sequences of {seq} positions (the verification's shape; "
             "the manifest names no calibration file that is still readable)")
 
@@ -148,6 +148,9 @@ def _profile_calls(art: Any) -> list[tuple[str, Any, str]]:
 
 
 def profile_section(path: Path, bar: Bar) -> str:
+    probe = _load(path)
+    if isinstance(probe, str):
+        return S.section("profile", "Where the time goes", f"<p class='note'>Not measured: {escape(probe)}</p>")
     body = []
     bandwidth, flops = vm_trace.memory_bandwidth(), vm_trace.peak_flops()
     body.append(f"<p>This machine ({escape(platform.machine())}, {escape(platform.processor() or platform.system())}): "
@@ -156,10 +159,6 @@ def profile_section(path: Path, bar: Bar) -> str:
                 "memory. A kernel's roofline floor is the bytes its arguments hold (per-expert weights only for the "
                 "experts that get rows) at that bandwidth; a kernel faster than its floor is served from caches, one "
                 "far slower is bound by arithmetic or by its schedule.</p>")
-    probe = _load(path)
-    if isinstance(probe, str):
-        return S.section("profile", "Where the time goes", f"<p class='note'>Not measured: {escape(probe)}</p>")
-    plots = []
     for name, _, what in _profile_calls(probe):
         art = _load(path)  # a VM of its own: instrumented for good once traced
         call = next(c for n, c, _ in _profile_calls(art) if n == name)
@@ -169,14 +168,14 @@ def profile_section(path: Path, bar: Bar) -> str:
         builtin_us = sum(k.us for k in prof if k.builtin)
         total = sum(k.us for k in prof if not k.builtin)
         top = kernels[:PLOTTED_KERNELS]
-        plots.append(bars([k.name for k in top], [k.us for k in top], [k.roofline_us(bandwidth) for k in top],
-                          f"{name}: time per kernel" + (f" (the {len(top)} slowest)" if len(top) < len(kernels) else "")))
-        rows = [(k.name, k.calls, f"{k.us:.1f}", S._bytes(k.bytes), f"{k.roofline_us(bandwidth):.2f}",
+        plot = bars([k.name for k in top], [k.us for k in top], [k.roofline_us(bandwidth) for k in top],
+                    f"{name}: time per kernel" + (f" (the {len(top)} slowest)" if len(top) < len(kernels) else ""))
+        rows = [(k.name, k.calls, f"{k.us:.1f}", S.human_bytes(k.bytes), f"{k.roofline_us(bandwidth):.2f}",
                  f"{k.roofline_us(bandwidth) / k.us:.0%}" if k.us > 0 else "-") for k in kernels]
         body.append(f"<h3>{escape(name)}</h3><p class='note'>{escape(what)}: {total:.0f} us in "
                     f"{sum(k.calls for k in prof if not k.builtin)} kernel calls, {builtin_us:.0f} us in VM builtins "
                     "(shapes, allocation; timed through the hook, which adds its own cost to every call).</p>")
-        body.append(plots[-1])
+        body.append(plot)
         body.append(S.table(("kernel", "calls", "us", "bytes", "floor us", "of roofline"), rows))
     return S.section("profile", "Where the time goes", "".join(body))
 

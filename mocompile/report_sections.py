@@ -103,7 +103,7 @@ def _count(n: float) -> str:
     return f"{n:g}"
 
 
-def _bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
@@ -123,7 +123,7 @@ def glance(manifest: Mapping[str, Any], facts: ModelFacts, experts: int | None) 
             ("parameters", f"{_count(facts.total)} total, {_count(facts.active)} active per token"),
             ("target", f"{target.get('text')} ({target.get('spec', target.get('name'))}; low-bit matmuls: "
                        f"{target.get('low_bit_matmuls', '-')})"),
-            ("precision", precision + (f", weights {_bytes(weight_bytes)}" if weight_bytes else "")),
+            ("precision", precision + (f", weights {human_bytes(weight_bytes)}" if weight_bytes else "")),
             ("compile time", f"{manifest.get('compile_seconds', '-')} s")]
     return section("glance", "The model at a glance", table(("", ""), rows, "kv"))
 
@@ -143,7 +143,7 @@ def pipeline(manifest: Mapping[str, Any]) -> str:
             f"top-1 {acc['top1_agreement']:.1%}" if "top1_agreement" in acc else "",
             f"routing kept {acc['routing_agreement']:.1%}" if "routing_agreement" in acc else "") if s) or "none (exact)"
         rows.append((p.get("pass"), f"{p.get('seconds', 0):.2f} s", f"{nodes[0]} → {nodes[1]}",
-                     f"{_bytes(wb[0])} → {_bytes(wb[1])}" if wb[0] else "-",
+                     f"{human_bytes(wb[0])} → {human_bytes(wb[1])}" if wb[0] else "-",
                      f"{_count(ppt[0])} → {_count(ppt[1])}" if isinstance(ppt, list) else None, cost))
     head = ["pass", "time", "nodes", "weight bytes", "params per token", "quality cost"]
     if all(r[4] is None for r in rows):  # no pass changes which parameters a token reads: say it once, above

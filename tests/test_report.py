@@ -117,3 +117,24 @@ def test_report_errors_are_one_line(reports: dict, tmp_path: Path) -> None:
                           text=True)
     assert done.returncode == 0 and done.stdout.strip() == f"report -> {tmp_path / 'r.html'}"
     assert "Not measured (--no-run)" in (tmp_path / "r.html").read_text()
+
+
+def test_artifact_for_another_cpu_gets_its_page_without_measurements(reports: dict, tmp_path: Path) -> None:
+    """An artifact built for a CPU this one is not (its manifest names a feature this CPU
+    lacks) is never loaded: its page has every recorded section and says why the measured
+    ones are missing."""
+    import shutil
+
+    from mocompile.cpu_features import CPUINFO_FLAGS, missing_cpu_features
+
+    lacking = next((f for f in CPUINFO_FLAGS if missing_cpu_features([f])), None)
+    if lacking is None:
+        pytest.skip("this CPU has every feature the backend may use")
+    foreign = tmp_path / "foreign"
+    shutil.copytree(reports["mixtral_tiny"][0], foreign)
+    manifest = json.loads((foreign / "manifest.json").read_text())
+    manifest["target"]["features"].append(lacking)
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    page = write_report(foreign, tmp_path / "foreign.html").read_text()
+    assert page.count(f"Not measured: {foreign}: built for") == 2 and f"lacks {lacking}" in page
+    assert "<section id='verification'>" in page and "<section id='isolation'>" in page
