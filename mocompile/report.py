@@ -156,9 +156,9 @@ def profile_section(path: Path, bar: Bar) -> str:
     body.append(f"<p>This machine ({escape(platform.machine())}, {escape(platform.processor() or platform.system())}): "
                 f"memory copies at {bandwidth / 1e9:.1f} GB/s, float32 matrix products at {flops / 1e9:.0f} GFLOP/s "
                 f"(measured now): a kernel doing fewer than {flops / bandwidth:.1f} flops per byte it moves is bound by "
-                "memory. A kernel's roofline floor is the bytes its arguments hold (per-expert weights only for the "
-                "experts that get rows) at that bandwidth; a kernel faster than its floor is served from caches, one "
-                "far slower is bound by arithmetic or by its schedule.</p>")
+                "memory. A kernel's roofline floor is the longer of moving the bytes its arguments hold (per-expert "
+                "weights only for the experts that get rows) at that bandwidth and, for a matmul, doing its flops at "
+                "that rate; a kernel faster than its floor is served from caches.</p>")
     for name, _, what in _profile_calls(probe):
         art = _load(path)  # a VM of its own: instrumented for good once traced
         call = next(c for n, c, _ in _profile_calls(art) if n == name)
@@ -168,15 +168,16 @@ def profile_section(path: Path, bar: Bar) -> str:
         builtin_us = sum(k.us for k in prof if k.builtin)
         total = sum(k.us for k in prof if not k.builtin)
         top = kernels[:PLOTTED_KERNELS]
-        plot = bars([k.name for k in top], [k.us for k in top], [k.roofline_us(bandwidth) for k in top],
+        plot = bars([k.name for k in top], [k.us for k in top], [k.roofline_us(bandwidth, flops) for k in top],
                     f"{name}: time per kernel" + (f" (the {len(top)} slowest)" if len(top) < len(kernels) else ""))
-        rows = [(k.name, k.calls, f"{k.us:.1f}", S.human_bytes(k.bytes), f"{k.roofline_us(bandwidth):.2f}",
-                 f"{k.roofline_us(bandwidth) / k.us:.0%}" if k.us > 0 else "-") for k in kernels]
+        rows = [(k.name, k.calls, f"{k.us:.1f}", S.human_bytes(k.bytes), f"{k.flops / 1e6:.2f}" if k.flops else "-",
+                 f"{k.roofline_us(bandwidth, flops):.2f} ({k.bound(bandwidth, flops)})",
+                 f"{k.roofline_us(bandwidth, flops) / k.us:.0%}" if k.us > 0 else "-") for k in kernels]
         body.append(f"<h3>{escape(name)}</h3><p class='note'>{escape(what)}: {total:.0f} us in "
                     f"{sum(k.calls for k in prof if not k.builtin)} kernel calls, {builtin_us:.0f} us in VM builtins "
                     "(shapes, allocation; timed through the hook, which adds its own cost to every call).</p>")
         body.append(plot)
-        body.append(S.table(("kernel", "calls", "us", "bytes", "floor us", "of roofline"), rows))
+        body.append(S.table(("kernel", "calls", "us", "bytes", "Mflop", "floor us", "floor / time"), rows))
     return S.section("profile", "Where the time goes", "".join(body))
 
 

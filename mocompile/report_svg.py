@@ -82,7 +82,7 @@ def bars(labels: Sequence[str], values: Sequence[float], floors: Sequence[float 
            f"<rect x='{label_w}' y='24' width='12' height='10' fill='#3b7dd8'/>"
            f"<text x='{label_w + 16}' y='33' font-size='11'>measured</text>"
            f"<rect x='{label_w + 90}' y='24' width='3' height='10' fill='#d62728'/>"
-           f"<text x='{label_w + 98}' y='33' font-size='11'>roofline floor (bytes / bandwidth)</text>"]
+           f"<text x='{label_w + 98}' y='33' font-size='11'>roofline floor</text>"]
     for i, (label, value, floor) in enumerate(zip(labels, values, floors)):
         y = 44 + (bar_h + 6) * i
         short = label if len(label) * 7 < label_w - 12 else label[:(label_w - 12) // 7 - 1] + "…"

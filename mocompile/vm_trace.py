@@ -20,7 +20,7 @@ import numpy as np
 
 from mocompile.errors import ArtifactError
 
-Call = Callable[[str, Sequence[Any]], None]  # (callee name, its arguments) after each call
+Call = Callable[[str, Sequence[Any]], None]  # (callee name, its arguments)
 BUILTIN = "vm.builtin."
 NO_OP = 0  # relax.VMInstrumentReturnKind.NO_OP
 
@@ -60,34 +60,52 @@ def tensor_bytes(args: Sequence[Any], expert_reads: Mapping[str, Any] | None = N
                for i, a in enumerate(args))
 
 
+def matmul_flops(args: Sequence[Any], per_row: int | None) -> int:
+    """Flops of a matmul kernel call: `per_row` (the manifest's `program.kernel_flops`) times
+    the rows of its output, the last argument; 0 for a kernel without a count."""
+    out = next((a for a in reversed(args) if getattr(a, "shape", None) is not None), None)
+    if not per_row or out is None:
+        return 0
+    return per_row * int(np.prod(tuple(out.shape)[:-1], dtype=np.int64))
+
+
 @dataclass
 class KernelTime:
     """One kernel (or VM builtin) of a profiled call: microseconds and calls per call of the
-    profiled function, and the bytes its arguments hold per call (roofline_us: those bytes at
-    the machine's bandwidth)."""
+    profiled function, and per call the bytes its arguments hold and, for a matmul, its flops.
+    Its roofline floor is the longer of moving those bytes at the machine's bandwidth and doing
+    those flops at its peak rate."""
 
     name: str
     us: float
     calls: int
     bytes: int
+    flops: int = 0
 
     @property
     def builtin(self) -> bool:
         return self.name.startswith(BUILTIN)
 
-    def roofline_us(self, bandwidth: float) -> float:
-        return 1e6 * self.bytes / bandwidth
+    def roofline_us(self, bandwidth: float, peak: float) -> float:
+        return 1e6 * max(self.bytes / bandwidth, self.flops / peak)
+
+    def bound(self, bandwidth: float, peak: float) -> str:
+        """Which roof the floor comes from: "memory" or "compute"."""
+        return "compute" if self.flops / peak > self.bytes / bandwidth else "memory"
 
     def to_json(self) -> dict[str, Any]:
-        return {"kernel": self.name, "us": round(self.us, 3), "calls": self.calls, "bytes": self.bytes}
+        return {"kernel": self.name, "us": round(self.us, 3), "calls": self.calls, "bytes": self.bytes,
+                "flops": self.flops}
 
 
 def kernel_profile(art: Any, call: Callable[[], object], repeat: int = 20) -> list[KernelTime]:
     """Time of every kernel and builtin per `call()` (once to warm up, then `repeat` times),
     sorted by time; `art` gets instrumented for good."""
-    reads = art.manifest.get("program", {}).get("expert_reads", {})
+    program = art.manifest.get("program", {})
+    reads, per_row = program.get("expert_reads", {}), program.get("kernel_flops", {})
     spent: dict[str, list[float]] = {}
     moved: dict[str, int] = {}
+    flops: dict[str, int] = {}
     start: dict[str, float] = {}
 
     def before(name: str, args: Sequence[Any]) -> None:
@@ -97,16 +115,18 @@ def kernel_profile(art: Any, call: Callable[[], object], repeat: int = 20) -> li
         spent.setdefault(name, []).append(time.perf_counter() - start[name])
         if not name.startswith(BUILTIN):
             moved[name] = moved.get(name, 0) + tensor_bytes(args, reads.get(name))
+            flops[name] = flops.get(name, 0) + matmul_flops(args, per_row.get(name))
 
     instrument(art, before, after)
     call()
     spent.clear()
     moved.clear()
+    flops.clear()
     for _ in range(repeat):
         call()
     hook_s = float(np.median(spent.get(BUILTIN + "null_value", [0.0])))
     rows = [KernelTime(name, max(0.0, 1e6 * (sum(t) - hook_s * len(t)) / repeat), len(t) // repeat,
-                       moved.get(name, 0) // repeat) for name, t in spent.items()]
+                       moved.get(name, 0) // repeat, flops.get(name, 0) // repeat) for name, t in spent.items()]
     return sorted(rows, key=lambda r: -r.us)
 
 
@@ -142,7 +162,7 @@ def expert_load(art: Any, inputs: Sequence[Mapping[str, np.ndarray]]) -> tuple[l
     return [r["router"] for r in routing], counts
 
 
-def memory_bandwidth(megabytes: int = 64, repeat: int = 5) -> float:
+def memory_bandwidth(megabytes: int = 64, repeat: int = 10) -> float:
     """Bytes per second this machine's memory moves in a large copy (read + write, best of
     `repeat`): the slope of the memory roofline. The buffer outgrows common last-level caches."""
     a = np.ones(megabytes * 2**20 // 4, np.float32)
@@ -151,9 +171,11 @@ def memory_bandwidth(megabytes: int = 64, repeat: int = 5) -> float:
     return 2 * a.nbytes / best
 
 
-def peak_flops(n: int = 1024, repeat: int = 3) -> float:
+def peak_flops(n: int = 256, repeat: int = 30) -> float:
     """Float32 multiply-adds per second (counted as 2 flops) of numpy's matrix product of two
-    n x n matrices, best of `repeat`: the flat part of the roofline, as a BLAS reaches it here."""
+    n x n matrices, best of `repeat`: the flat part of the roofline, as a BLAS reaches it here.
+    The matrices fit in cache and each product takes well under a millisecond, so that on a
+    busy machine some of the repeats run undisturbed."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
     a @ b

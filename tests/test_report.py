@@ -138,3 +138,52 @@ def test_artifact_for_another_cpu_gets_its_page_without_measurements(reports: di
     page = write_report(foreign, tmp_path / "foreign.html").read_text()
     assert page.count(f"Not measured: {foreign}: built for") == 2 and f"lacks {lacking}" in page
     assert "<section id='verification'>" in page and "<section id='isolation'>" in page
+
+
+def test_heatmap_routes_the_calibration_tokens_when_their_file_is_there(reports: dict, tmp_path: Path) -> None:
+    """A manifest whose calibration came from a token file still readable: the heatmap routes
+    those tokens (each router row sums to their count times top-k), and says so."""
+    import shutil
+
+    ids = np.random.default_rng(0).integers(0, 512, size=(3, 5)).astype(np.int64)
+    np.save(tmp_path / "calib.npy", ids)
+    art = tmp_path / "calibrated"
+    shutil.copytree(reports["mixtral_tiny"][0], art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["calibration"] = {"source": f"{tmp_path / 'calib.npy'} (3 sequences of 5 tokens)", "samples": 3,
+                               "random": False}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    page = write_report(art, tmp_path / "calibrated.html").read_text()
+    assert f"the calibration tokens {tmp_path / 'calib.npy'}" in page
+    for router in ("layers.0.ffn.router", "layers.1.ffn.router"):
+        cells = re.findall(rf"<title>{re.escape(router)}, expert \d+: [\d.]+% \((\d+)\)</title>", page)
+        assert sum(int(c) for c in cells) == ids.size * 2
+
+
+def test_profile_counts_what_each_kernel_must_move_and_compute(reports: dict) -> None:
+    """A decode step of mixtral_tiny (hidden 128, 8 experts of 256, top-2, vocab 512): the LM
+    head's matmul reads its whole weight and does 2 x 128 x 512 flops for its one row; the
+    experts' up projection reads only the two chosen experts' gate|up panels."""
+    from mocompile import vm_trace
+    from mocompile.runtime import load, random_inputs
+
+    art = load(reports["mixtral_tiny"][0], driver=False)
+    cache = art.new_cache(1, 9)
+    art.step(random_inputs(art.signature, 1, 8, 0), cache)
+    token = random_inputs(art.signature, 1, 1, 1)
+
+    def decode() -> None:
+        cache.length = 8
+        art.step(token, cache)
+
+    prof = {k.name: k for k in vm_trace.kernel_profile(art, decode, repeat=3)}
+    head = next(k for name, k in prof.items() if name.startswith("dense_128x512"))
+    assert head.calls == 1 and head.flops == 2 * 128 * 512
+    assert head.bytes == 4 * (128 + 128 * 512 + 512)  # the row in, the weight, the logits out
+    up = next(k for name, k in prof.items() if name.startswith("grouped_e8_128x256"))
+    assert up.calls == 2 and up.flops == 2 * (2 * 2 * 128 * 2 * 256)  # 2 layers x 2 routed rows x 2 flops x K x gate|up
+    panels = 8 * 2 * 256 * 128 * 4  # every expert's gate|up weights, float32
+    per_layer = 2 * 128 * 4 + 9 * 4 + panels * 2 // 8 + 2 * 256 * 4  # rows in, offsets, 2 of 8 experts, rows out
+    assert up.bytes == 2 * per_layer
+    bandwidth, peak = 1e10, 1e11
+    assert head.roofline_us(bandwidth, peak) == pytest.approx(1e6 * max(head.bytes / bandwidth, head.flops / peak))

@@ -101,7 +101,8 @@ def _dense(ctx: LowerContext, node: Node, x_rows: relax.Expr, rows, w: Value, ep
     kernel, *called = dense_kernels(c, epi)
     for func in called:
         ctx.add_callee(func)
-    return ctx.call(kernel, [x_rows, *wargs, *extra], [((rows, n), F32)])
+    return ctx.call(kernel, [x_rows, *wargs, *extra], [((rows, n), F32)],
+                    flops_per_row=2 * k * n * (2 if gate is not None else 1))
 
 
 @lowering("dequantize")
@@ -178,7 +179,7 @@ def _int8_call(ctx: LowerContext, x_rows: relax.Expr, rows, mode: str, deqs: lis
     index, out_rows = ([gather[0]], gather[1]) if gather else ([], rows)
     return ctx.call(int8_matmul(k, n, epi, experts, fmt, digits_of(mode), bool(gather)),
                     [*packed, *plan, *index, *weights, *extra], [((out_rows, n), F32)],
-                    (plan[0], weights, experts) if plan else None)
+                    (plan[0], weights, experts) if plan else None, flops_per_row=2 * k * n * len(deqs))
 
 
 def _quantize_act_args(ctx: LowerContext, qa: Node) -> dict:
@@ -237,7 +238,8 @@ def _down_projection(ctx: LowerContext, node: Node, h: relax.Expr, rows, epi: Ep
         return _dense(ctx, node, h, rows, down, epi, extra=extra)
     w_down, c = _matmul_weights(ctx, node, "expert_panels", [down], experts, ffn, hidden)
     kernel = grouped_matmul(experts, ffn, hidden, c.tj, epi, c.shape.fmt, c.tiling, c.budget)
-    return ctx.call(kernel, [h, *plan, *w_down, *extra], [((rows, hidden), F32)], (plan[0], w_down, experts))
+    return ctx.call(kernel, [h, *plan, *w_down, *extra], [((rows, hidden), F32)], (plan[0], w_down, experts),
+                    flops_per_row=2 * ffn * hidden)
 
 
 @lowering("mlp", reads_low_bit=True)
@@ -398,7 +400,8 @@ def _experts(ctx: LowerContext, node: Node):
                                      hidden, ffn)
         h = ctx.call(grouped_matmul(experts, hidden, ffn, c_up.tj, epi_up, c_up.shape.fmt, c_up.tiling,
                                     c_up.budget),
-                     [xs, indptr, *w_up], [((pairs, ffn), F32)], (indptr, w_up, experts))
+                     [xs, indptr, *w_up], [((pairs, ffn), F32)], (indptr, w_up, experts),
+                     flops_per_row=2 * hidden * ffn * len(up_side))
     ys = _down_projection(ctx, node, h, pairs, Epilogue(row_scale=True), [row_weight], [indptr])
     add, residuals = _with_residual(ctx, node)
     out = ctx.call(moe_combine(hidden, k, len(residuals)), [ys, pair_row, *residuals], [((rows, hidden), F32)])
