@@ -29,6 +29,7 @@ from harness import PAST, ROUNDS, RunClock, artifact_step, cell, copy_bandwidth,
     options, ratio, rows_text, time_columns, versions
 from mocompile.dsl import build_model, load_spec
 from mocompile.dsl.summary import parameter_counts
+from mocompile.progress import Bar
 from mocompile.runtime import load, random_inputs
 from results import write_section
 from vm_profile import kernel_launch_us, kernel_profile, profile_lines
@@ -91,17 +92,21 @@ def bench_example(name: str) -> list[dict]:
     model = build_model(spec, seed=0)
     twin = loop_free(model)
     rows = []
+    bar = Bar(f"benchmarking {name}", len(CASES), unit="cases", delay=0)
     for kind, batch, tokens in CASES:
+        bar.update(0, f"{kind} batch {batch}")
         if kind == "decode" and art.can_decode:
             row = decode_row(name, art, model, twin, batch, segments)
         else:
             seq = max(1, fit_positions(art, tokens) // segments)  # a multimodal model splits them over its segments
             row = forward_row(name, art, model, twin, "forward" if kind == "decode" else kind, batch, seq, segments)
-        print(f"{name} {row['case']}: " + ", ".join(f"{c} {cell(row, c)}" for c in COLUMNS), file=sys.stderr)
+        bar.print(f"{name} {row['case']}: " + ", ".join(f"{c} {cell(row, c)}" for c in COLUMNS))
+        bar.update(1)
         function = "step" if row["case"].startswith("decode") else "main"
         rows.append({"model": name, "compile_s": compile_s, **row,
                      "roof_ms": roofline_ms(spec, art, row["bandwidth"], row.get("cached", 0)),
                      "kernels": art.manifest["program"]["kernel_calls"][function], "path": art.path})
+    bar.close()
     return rows
 
 

@@ -25,6 +25,7 @@ from harness import PAST, ROUNDS, RunClock, artifact_columns, copy_bandwidth, cp
 from mocompile.dsl import build_model, load_spec
 from mocompile.dsl.kv_cache import CachedStep
 from mocompile.dsl.summary import parameter_counts
+from mocompile.progress import Bar
 from results import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,9 @@ ACCURACY_CALIB = 64  # random-token sequences of the accuracy table's pass repor
 def bench_model(path: Path) -> tuple[list[dict], dict]:
     spec = load_spec(path)
     arts, info = {}, {}
+    bar = Bar(f"compiling {spec.name}", len(SCHEMES), unit="schemes", delay=0)
     for scheme, passes in SCHEMES.items():
+        bar.update(0, scheme)
         t0 = time.perf_counter()
         arts[scheme] = mocompile.compile(spec, passes=passes, out_dir=CACHE / f"{spec.name}-{scheme}", batch=2, seq=4)
         compile_s = time.perf_counter() - t0
@@ -54,15 +57,18 @@ def bench_model(path: Path) -> tuple[list[dict], dict]:
         checked = [c for c in drift.get("checks", []) if c.get("output") == "logits" and "top1_agreement" in c]
         verified = sum(c["batch"] * c["seq"] for c in checked)  # positions: one next-token choice each
         accuracy = next((p["accuracy"] for p in m["passes"] if p["pass"].startswith("quantize")), {})
-        print(f"compiled {spec.name} {scheme} in {compile_s:.1f} s", file=sys.stderr)
+        bar.print(f"compiled {spec.name} {scheme} in {compile_s:.1f} s")
+        bar.update(1)
         info[scheme] = {"compile_s": compile_s, "weight_mb": weights / 2**20,
                         "drift": drift.get("max_rel_error"),
                         "top1_verify": sum(c["top1_agreement"] * c["batch"] * c["seq"] for c in checked) / verified
                         if verified else None, "verify_positions": verified,
                         "top1_calib": accuracy.get("top1_agreement"), "calib_positions": accuracy.get("positions"),
                         "kl": accuracy.get("kl_mean")}
+    bar.close()
     model = build_model(spec, seed=0)
     rows = []
+    bar = Bar(f"benchmarking {spec.name}", len(CASES), unit="cases", delay=0)
     for kind, batch, tokens in CASES:
         case, makers, inputs = artifact_columns(arts, kind, batch, fit_positions(arts["fp32"], tokens))
         row = {"case": case}
@@ -76,8 +82,9 @@ def bench_model(path: Path) -> tuple[list[dict], dict]:
                 torch_in = {k: torch.from_numpy(v) for k, v in inputs.items()}
                 time_columns(row, {"eager": lambda: (lambda: model(**torch_in)), **makers})
         rows.append({"model": spec.name, **row})
-        print(f"{spec.name} {row['case']}: " + ", ".join(f"{c} {row[c]:.3f}" for c in ["eager", *SCHEMES]),
-              file=sys.stderr)
+        bar.print(f"{spec.name} {row['case']}: " + ", ".join(f"{c} {row[c]:.3f}" for c in ["eager", *SCHEMES]))
+        bar.update(1)
+    bar.close()
     return rows, info
 
 

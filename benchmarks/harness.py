@@ -64,17 +64,10 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int = ROUNDS, b
 
 
 def copy_bandwidth() -> float:
-    """Bytes per second of a large numpy copy (read + write), best of five."""
-    a = np.ones(64 * 2**20, dtype=np.float32)  # 256 MiB
-    b = np.empty_like(a)
-    best = min(_timed(lambda: np.copyto(b, a)) for _ in range(5))
-    return 2 * a.nbytes / best
+    """Bytes per second of a 256 MiB numpy copy (read + write), best of five."""
+    from mocompile.vm_trace import memory_bandwidth
 
-
-def _timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    return memory_bandwidth(megabytes=256)
 
 
 class NotMeasured(Exception):

@@ -5,11 +5,10 @@ rather than compare it, so they sit apart from the side-by-side rows.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from harness import PAST, artifact_step, median_ms
+from mocompile import vm_trace
 from mocompile.runtime import random_inputs
 
 
@@ -50,21 +49,9 @@ def kernel_launch_us(calls: int = 64) -> float:
 
 def kernel_profile(art, steps: int = 200) -> list[tuple[str, float, int]]:
     """Per-call time of a batch-1 decode step (or one-position forward without a step
-    function) through the Relax VM's instrumentation hook: [(kernel or VM builtin, us per
-    step, calls per step)] sorted by time. `art` must be a freshly loaded artifact (its VM
-    stays instrumented). The hook adds a Python round trip to every call; the per-call time of
-    `vm.builtin.null_value` (which does nothing) is taken as that cost and subtracted."""
-    spent: dict[str, list[float]] = {}
-    start: dict[str, float] = {}
-
-    def hook(func, name, before, ret, *args):
-        if before:
-            start[name] = time.perf_counter()
-        else:
-            spent.setdefault(name, []).append(time.perf_counter() - start[name])
-        return 0  # relax.VMInstrumentReturnKind.NO_OP
-
-    art._vm.set_instrument(hook)
+    function) through the Relax VM's instrumentation hook (mocompile.vm_trace, the hook's own
+    cost subtracted): [(kernel or VM builtin, us per step, calls per step)] sorted by time.
+    `art` must be a freshly loaded artifact (its VM stays instrumented)."""
     if art.can_decode:
         segments = len(art.signature.inputs)
         prompt = random_inputs(art.signature, 1, PAST // segments, seed=2)
@@ -73,13 +60,7 @@ def kernel_profile(art, steps: int = 200) -> list[tuple[str, float, int]]:
     else:
         inputs = random_inputs(art.signature, 1, 1, seed=2)
         call = lambda: art.run(inputs)  # noqa: E731
-    call()
-    spent.clear()
-    for _ in range(steps):
-        call()
-    hook_s = float(np.median(spent.get("vm.builtin.null_value", [0.0])))
-    rows = [(name, 1e6 * (sum(t) - hook_s * len(t)) / steps, len(t) // steps) for name, t in spent.items()]
-    return sorted(rows, key=lambda r: -r[1])
+    return [(k.name, k.us, k.calls) for k in vm_trace.kernel_profile(art, call, repeat=steps)]
 
 
 def profile_lines(model: str, case: str, artifact_ms: float, prof: list[tuple[str, float, int]]) -> list[str]:

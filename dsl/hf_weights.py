@@ -27,6 +27,7 @@ from mocompile.dsl.hf_import import DENSE, HFCheckpoint
 from mocompile.dsl.spec import MLASpec, MoESpec, Spec
 from mocompile.errors import MocompileError
 from mocompile.files import write_atomically
+from mocompile.progress import Bar
 
 if TYPE_CHECKING:  # torch is imported only when weights are actually read
     import torch
@@ -287,12 +288,14 @@ def load_into(model: "torch.nn.Module", targets: Sequence[Target], files: Checkp
     for t in targets:
         for slot, p in enumerate(t.pieces):
             jobs.setdefault(files.shard_of[p.source], []).append((t, slot, p))
-    with torch.no_grad():
+    total = sum(len(items) for items in jobs.values())
+    with torch.no_grad(), Bar(f"reading {files.path.name}", total, unit="tensors") as bar:
         for shard, items in sorted(jobs.items()):
             with files.open(shard, items[0][2].source) as f:
                 for t, slot, p in items:
                     dest = params[t.name][slot] if t.stacked else params[t.name]
                     dest.copy_(_read(f, p))
+                    bar.update(1, shard)
 
 
 def _read(f, p: Piece) -> "torch.Tensor":

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from mocompile.errors import MocompileError
+from mocompile.progress import progress
 from mocompile.ir.graph import Graph, Node, Value
 from mocompile.ir.interpreter import run as interpret
 from mocompile.signature import Signature, random_inputs, signature_of
@@ -100,7 +101,7 @@ def observe(graph: Graph, calibration: Calibration | Sequence[Inputs], hooks: Se
         for hook in hooks:
             hook(node, outputs)
 
-    for sample in inputs:
+    for sample in progress(inputs, "calibrating: interpreting the model", unit="samples"):
         interpret(graph, sample, after=after)
 
 

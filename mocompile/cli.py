@@ -103,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("passes", help="list the passes a pipeline may use, with their options")
     pl.add_argument("--plugin", action="append", default=[], help="Python file registering extra passes")
 
+    rp = sub.add_parser("report", help="write an HTML report of an artifact (model, passes, expert load, profile, "
+                                       "isolation, verification)")
+    rp.add_argument("artifact", help="an artifact directory")
+    rp.add_argument("-o", "--out", help="HTML file to write (default: ARTIFACT.report.html beside the directory)")
+    rp.add_argument("--no-run", action="store_true", help="only what the files say: no expert load, no profile")
+
     i = sub.add_parser("inspect", help="summarise a spec or an artifact")
     i.add_argument("path", help="a .moe spec, a Hugging Face checkpoint directory or an artifact directory")
     i.add_argument("--ir", action="store_true", help="print the IR")
@@ -313,7 +319,14 @@ def cmd_passes(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"passes": cmd_passes, "compile": cmd_compile, "import-hf": cmd_import_hf, "run": cmd_run, "inspect": cmd_inspect,
+def cmd_report(a: argparse.Namespace) -> int:
+    from mocompile.report import write_report
+
+    print(f"report -> {write_report(a.artifact, a.out, measure=not a.no_run)}")
+    return 0
+
+
+COMMANDS = {"report": cmd_report, "passes": cmd_passes, "compile": cmd_compile, "import-hf": cmd_import_hf, "run": cmd_run, "inspect": cmd_inspect,
             "check-isolation": cmd_check_isolation}
 
 

@@ -60,6 +60,12 @@ def emit(graph: Graph, out_dir: str | Path, tuning: TuningDB | None = None,
         "weight_order": program.weight_names,
         "weight_layouts": [w.to_json() for w in program.weights],
         "kernel_calls": program.kernel_calls,
+        # each router kernel call of `main` in order, its last argument the chosen experts [rows, top_k]
+        "routing": [{"kernel": kernel, "router": place, "indices_arg": -1} for kernel, place in program.routers],
+        # per-expert kernels: which arguments are weights read only for experts with rows (offsets [E+1])
+        "expert_reads": program.expert_reads,
+        # matmul kernels: flops per row of the output (the last argument), for rooflines
+        "kernel_flops": program.kernel_flops,
         "tuned_kernels": sorted(k.key() for k in program.matmuls if tuning and k.key() in tuning.records),
         **({"step": {"function": "step", "cache": program.cache, "block": KB, "max_positions": graph.meta.get("max_seq"),
                      **driver}}

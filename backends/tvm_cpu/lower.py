@@ -110,6 +110,14 @@ class LowerContext:
         self.past: tirx.PrimExpr = tirx.Var("past", "int64") if main else tirx.IntImm("int64", 0)
         self.cache: list[CacheSlot] | None = [] if main else None
         self.kernel_calls = 0  # kernel launches per call of the function (reported in the manifest)
+        # (kernel, router node's place) of each routing decision of `main`, in call order: the
+        # manifest's `routing` entry, from which a report reads the experts each token chose
+        self.routers: list[tuple[str, str]] = main.routers if main else []
+        # kernel -> which of its arguments are per-expert weights, read only for the experts that
+        # have rows (the offsets argument says which): the manifest's `expert_reads`, for rooflines
+        self.expert_reads: dict[str, dict[str, Any]] = main.expert_reads if main else {}
+        # matmul kernel -> flops per row of its (last) output: the manifest's `kernel_flops`, for rooflines
+        self.kernel_flops: dict[str, int] = main.kernel_flops if main else {}
         self.tuning = main.tuning if main else tuning or {}
         self.derived: dict[tuple, Any] = {}  # values computed once per function and shared by several nodes
         self.matmuls: dict[str, MatmulShape] = main.matmuls if main else {}  # every matmul, by tuning key
@@ -251,9 +259,21 @@ class LowerContext:
         return self.bb.emit_te(compute, *args, primfunc_name_hint=name)
 
     def call(self, func: tirx.PrimFunc, args: Sequence[relax.Expr],
-             outs: Sequence[tuple[Sequence[tirx.PrimExpr], str]]) -> relax.Expr | list[relax.Expr]:
+             outs: Sequence[tuple[Sequence[tirx.PrimExpr], str]],
+             experts: tuple[relax.Expr, Sequence[relax.Expr], int] | None = None,
+             flops_per_row: int | None = None) -> relax.Expr | list[relax.Expr]:
         """Emit `call_tir(func, args)` producing tensors `outs` ((shape, dtype) pairs).
-        Integer expressions among `args` (shape values) are passed as scalars."""
+        Integer expressions among `args` (shape values) are passed as scalars. `experts`:
+        (offsets [E+1], the per-expert weights among `args`, E) of a kernel that reads each
+        expert's weights only for the rows routed to it (recorded in `expert_reads`);
+        `flops_per_row`: a matmul's flops per row of its output (recorded in `kernel_flops`)."""
+        if flops_per_row is not None:
+            self.kernel_flops[str(func.attrs[NAME_ATTR])] = int(flops_per_row)
+        if experts is not None:
+            offsets, weights, count = experts
+            where = lambda x: next(i for i, a in enumerate(args) if a.same_as(x))  # noqa: E731
+            self.expert_reads[str(func.attrs[NAME_ATTR])] = {
+                "offsets_arg": where(offsets), "weight_args": [where(w) for w in weights], "experts": count}
         self.kernel_calls += 1
         types = [relax.TensorType(list(shape), dtype) for shape, dtype in outs]
         call = relax.call_tir(self._kernel(func), list(args), types if len(types) > 1 else types[0])
@@ -386,4 +406,6 @@ def lower(graph: Graph, cached_step: bool = True, tuning: Mapping[str, Mapping] 
                           {"main": ctx.kernel_calls, **({"step": step.kernel_calls} if step else {})},
                           list(ctx.matmuls.values()),
                           driver_constants=driver.constants if isinstance(driver, Driver) else None,
-                          no_driver_reason=None if isinstance(driver, Driver) else driver, target=ctx.target)
+                          no_driver_reason=None if isinstance(driver, Driver) else driver, target=ctx.target,
+                          routers=list(ctx.routers), expert_reads=dict(ctx.expert_reads),
+                          kernel_flops=dict(ctx.kernel_flops))

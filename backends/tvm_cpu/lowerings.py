@@ -23,6 +23,7 @@ from mocompile.backends.tvm_cpu.kernels_int8 import supports as int8_supports
 from mocompile.backends.tvm_cpu.kernels_quant import quantize_rows
 from mocompile.backends.tvm_cpu.layout import VNNI_LANES
 from mocompile.backends.tvm_cpu.metaschedule import dense_kernels
+from mocompile.backends.tvm_cpu.tir_util import NAME_ATTR
 from mocompile.backends.tvm_cpu.kernels_router import RouterSpec, router_topk
 from mocompile.backends.tvm_cpu.lower import CACHE_LEN, LOW_BIT_READERS, LowerContext, LoweringError, lowering
 from mocompile.ir.graph import Node, Value
@@ -100,7 +101,8 @@ def _dense(ctx: LowerContext, node: Node, x_rows: relax.Expr, rows, w: Value, ep
     kernel, *called = dense_kernels(c, epi)
     for func in called:
         ctx.add_callee(func)
-    return ctx.call(kernel, [x_rows, *wargs, *extra], [((rows, n), F32)])
+    return ctx.call(kernel, [x_rows, *wargs, *extra], [((rows, n), F32)],
+                    flops_per_row=2 * k * n * (2 if gate is not None else 1))
 
 
 @lowering("dequantize")
@@ -176,7 +178,8 @@ def _int8_call(ctx: LowerContext, x_rows: relax.Expr, rows, mode: str, deqs: lis
     packed = _activation_codes(ctx, x_rows, rows, k, mode, k // fmt.groups, static)
     index, out_rows = ([gather[0]], gather[1]) if gather else ([], rows)
     return ctx.call(int8_matmul(k, n, epi, experts, fmt, digits_of(mode), bool(gather)),
-                    [*packed, *plan, *index, *weights, *extra], [((out_rows, n), F32)])
+                    [*packed, *plan, *index, *weights, *extra], [((out_rows, n), F32)],
+                    (plan[0], weights, experts) if plan else None, flops_per_row=2 * k * n * len(deqs))
 
 
 def _quantize_act_args(ctx: LowerContext, qa: Node) -> dict:
@@ -235,7 +238,8 @@ def _down_projection(ctx: LowerContext, node: Node, h: relax.Expr, rows, epi: Ep
         return _dense(ctx, node, h, rows, down, epi, extra=extra)
     w_down, c = _matmul_weights(ctx, node, "expert_panels", [down], experts, ffn, hidden)
     kernel = grouped_matmul(experts, ffn, hidden, c.tj, epi, c.shape.fmt, c.tiling, c.budget)
-    return ctx.call(kernel, [h, *plan, *w_down, *extra], [((rows, hidden), F32)])
+    return ctx.call(kernel, [h, *plan, *w_down, *extra], [((rows, hidden), F32)], (plan[0], w_down, experts),
+                    flops_per_row=2 * ffn * hidden)
 
 
 @lowering("mlp", reads_low_bit=True)
@@ -353,7 +357,10 @@ def _router(ctx: LowerContext, node: Node):
     spec = RouterSpec.of(experts, a)
     bias = [ctx.value(node.inputs[2])] if spec.score_bias else []
     modality = [ctx.flat(node.inputs[-1])] if spec.groups else []
-    weights, indices = ctx.call(router_topk(spec), [logits, *bias, *modality], [((rows, k), F32), ((rows, k), "int32")])
+    kernel = router_topk(spec)
+    weights, indices = ctx.call(kernel, [logits, *bias, *modality], [((rows, k), F32), ((rows, k), "int32")])
+    if ctx.cache is None:  # main: its calls expose each layer's routing (the manifest's `routing`)
+        ctx.routers.append((str(kernel.attrs[NAME_ATTR]), node.loc or node.name))
     return [ctx.reshape_to(weights, node.outputs[0]), ctx.reshape_to(indices, node.outputs[1])]
 
 
@@ -393,7 +400,8 @@ def _experts(ctx: LowerContext, node: Node):
                                      hidden, ffn)
         h = ctx.call(grouped_matmul(experts, hidden, ffn, c_up.tj, epi_up, c_up.shape.fmt, c_up.tiling,
                                     c_up.budget),
-                     [xs, indptr, *w_up], [((pairs, ffn), F32)])
+                     [xs, indptr, *w_up], [((pairs, ffn), F32)], (indptr, w_up, experts),
+                     flops_per_row=2 * hidden * ffn * len(up_side))
     ys = _down_projection(ctx, node, h, pairs, Epilogue(row_scale=True), [row_weight], [indptr])
     add, residuals = _with_residual(ctx, node)
     out = ctx.call(moe_combine(hidden, k, len(residuals)), [ys, pair_row, *residuals], [((rows, hidden), F32)])

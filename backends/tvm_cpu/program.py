@@ -54,6 +54,9 @@ class LoweredProgram:
     driver_constants: list[np.ndarray] | None = None  # the decode driver's constants (None: no driver)
     no_driver_reason: str | None = None
     target: CpuTarget | None = None  # what the kernels are shaped for (build's default target)
+    routers: list[tuple[str, str]] = field(default_factory=list)  # (router kernel, node place) in main's call order
+    expert_reads: dict[str, dict] = field(default_factory=dict)  # kernel -> its per-expert weight arguments
+    kernel_flops: dict[str, int] = field(default_factory=dict)  # matmul kernel -> flops per output row
 
     @property
     def weight_names(self) -> list[str]:

@@ -58,6 +58,7 @@ from mocompile.backends.tvm_cpu.target import as_cpu_target, last_level_cache_by
 from mocompile.backends.tvm_cpu.tir_util import NAME_ATTR, STACK_BYTES
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph
+from mocompile.progress import Bar
 
 DB_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: no MetaSchedule database
@@ -194,15 +195,21 @@ def _score(times: list[float], base: list[float]) -> float:
 Timer = Callable[[MatmulConfig], list[float]]  # seconds of a config's kernel at each of MEASURE_ROWS
 
 
-def _tile_search(shape: MatmulShape, trials: int, timer: Timer, rand: random.Random) -> tuple[dict, int]:
-    """The best of the default and up to trials - 1 random tilings of the hand-written kernel."""
+def _tile_search(shape: MatmulShape, trials: int, timer: Timer, rand: random.Random,
+                 bar: Bar | None = None) -> tuple[dict, int]:
+    """The best of the default and up to trials - 1 random tilings of the hand-written kernel
+    (each measurement counted on `bar`)."""
     default = default_config(shape)
     base = timer(default)
     pool = [c for c in candidates(shape) if c != default]
     rand.shuffle(pool)
     best, best_times = default, base
+    if bar is not None:
+        bar.update(1, shape.key())
     for config in pool[:trials - 1]:
         times = timer(config)
+        if bar is not None:
+            bar.update(1)
         if _improves(times, best_times, base):
             best, best_times = config, times
     used = 1 + min(len(pool), trials - 1)
@@ -281,12 +288,13 @@ def tune(graph: Graph, trials: int, db: TuningDB, target: tvm.target.Target,
     spent = trials - budget
     per_shape = max(2, budget // len(grouped)) if grouped else 0
     rand = random.Random(seed)
-    for shape in grouped:
-        if budget < 2:
-            break
-        records[shape.key()], used = _tile_search(shape, min(per_shape, budget), timer, rand)
-        budget -= used
-        spent += used
+    with Bar("tuning per-expert matmuls", budget, unit="trials") as bar:
+        for shape in grouped:
+            if budget < 2:
+                break
+            records[shape.key()], used = _tile_search(shape, min(per_shape, budget), timer, rand, bar)
+            budget -= used
+            spent += used
     for key, record in records.items():
         db.records[key] = record
         speedup = _score(record["default_us"], record["us"])
