@@ -19,7 +19,8 @@ LAYER_OF = {
     "mocompile.native_log": "foundation", "mocompile.cpu_features": "foundation",
     "mocompile.dsl": "dsl",
     "mocompile.ir": "ir", "mocompile.signature": "ir", "mocompile.kv_cache": "ir", "mocompile.isolation": "ir",
-    "mocompile.witness": "ir", "mocompile.calibration": "ir",
+    "mocompile.witness": "ir", "mocompile.calibration": "ir", "mocompile.blocks": "ir", "mocompile.calib_record": "ir",
+    "mocompile.quality": "ir",
     "mocompile.frontend": "frontend", "mocompile.lower_fx": "frontend", "mocompile.fx_tables": "frontend",
     "mocompile.lower_tensor_code": "frontend",
     "mocompile.aten": "frontend",  # torch.export to Core ATen and its batch-flow rules: reads torch, builds on ir
