@@ -58,6 +58,34 @@ def shrink_block(graph: Graph, node: Node, keep: np.ndarray, pass_name: str) -> 
     reinfer(node)
 
 
+def ffn_blocks(graph: Graph) -> list[Node]:
+    """The feed-forward blocks and experts ops (`down_projection` with `hidden_abs_sum`)."""
+    return [n for n in graph.nodes if get_op(n.op).hidden_abs_sum is not None and get_op(n.op).down_projection]
+
+
+def prune_neurons(graph: Graph, hidden: dict[str, np.ndarray], ratio: float, multiple: int,
+                  pass_name: str) -> list[dict[str, Any]]:
+    """Remove the share `ratio` of each block's neurons by WINA score, from the mean
+    |hidden activation| per block (`hidden`: node key -> [E, F]); a report per block."""
+    blocks = ffn_blocks(graph)
+    for node in blocks:
+        for i in range(len(node.inputs))[get_op(node.op).weight_slots]:
+            param_input(graph, node, i, pass_name)  # refuse before any change
+    report = []
+    for node in blocks:
+        down = graph.weights[weight_inputs(node)[-1].name]
+        scores = neuron_scores(hidden[node_key(node)], down)
+        width = scores.shape[-1]
+        n = kept_count(width, ratio, multiple)
+        keep = np.sort(np.argsort(-scores, axis=-1, kind="stable")[:, :n], axis=-1)
+        if n < width:
+            shrink_block(graph, node, keep, pass_name)
+        removed = np.sort(scores, axis=-1)[:, :width - n].sum()
+        report.append({"block": node_key(node), "neurons": [width, n], "experts": int(scores.shape[0]),
+                       "score_share_removed": round(float(removed / max(scores.sum(), 1e-30)), 4)})
+    return report
+
+
 @register_pass("prune-neurons")
 class PruneNeurons(CalibratedPass):
     """Remove the lowest-scoring hidden neurons (WINA: mean |activation| x down-column norm) of every FFN and expert."""
@@ -73,24 +101,10 @@ class PruneNeurons(CalibratedPass):
         return f"prune-neurons(ratio={self.ratio:g})"
 
     def transform(self, graph: Graph, fit: Calibration, ctx: PassContext) -> tuple[dict[str, Any], str]:
-        blocks = [n for n in graph.nodes if get_op(n.op).hidden_abs_sum is not None and get_op(n.op).down_projection]
-        if not blocks:
+        if not ffn_blocks(graph):
             raise MocompileError(f"prune-neurons: {graph.name} has no feed-forward blocks")
-        for node in blocks:
-            for i in range(len(node.inputs))[get_op(node.op).weight_slots]:
-                param_input(graph, node, i, self.name)  # refuse before any change
-        hidden = record(graph, fit, ["hidden"]).hidden
-        report, before, after = [], 0, 0
-        for node in blocks:
-            down = graph.weights[weight_inputs(node)[-1].name]
-            scores = neuron_scores(hidden[node_key(node)].mean, down)
-            width = scores.shape[-1]
-            n = kept_count(width, self.ratio, self.multiple)
-            keep = np.sort(np.argsort(-scores, axis=-1, kind="stable")[:, :n], axis=-1)
-            if n < width:
-                shrink_block(graph, node, keep, self.name)
-            removed = np.sort(scores, axis=-1)[:, :width - n].sum()
-            report.append({"block": node_key(node), "neurons": [width, n], "experts": int(scores.shape[0]),
-                           "score_share_removed": round(float(removed / max(scores.sum(), 1e-30)), 4)})
-            before, after = before + width * scores.shape[0], after + n * scores.shape[0]
+        hidden = {k: h.mean for k, h in record(graph, fit, ["hidden"]).hidden.items()}
+        report = prune_neurons(graph, hidden, self.ratio, self.multiple, self.name)
+        before = sum(r["neurons"][0] * r["experts"] for r in report)
+        after = sum(r["neurons"][1] * r["experts"] for r in report)
         return {"blocks": report}, f"hidden neurons {before:,} -> {after:,} in {len(report)} block(s)"

@@ -168,3 +168,26 @@ def test_pipeline_text_and_summaries(deepseek, calib) -> None:
         PassManager("quantize(w=int8),prune-neurons(ratio=0.5)").run(deepseek, PassContext(calibration=calib))
     with pytest.raises(MocompileError, match="cannot remove 2 of 3 layers keeping the first and last"):
         PassManager("skip-layers(n=2)").run(deepseek, PassContext(calibration=calib))
+
+
+def test_elastic_picks_the_best_candidate_within_the_budget(deepseek, calib, tmp_path) -> None:
+    from mocompile.passes.elastic import Elastic
+
+    plot = tmp_path / "front.png"
+    result = Elastic(budget=0.8, skip=(0, 1), experts=(1.0, 0.5), k=(4, 2), neurons=(0.0,),
+                     plot=str(plot)).run(deepseek.clone(), PassContext(calibration=calib))
+    r = result.report
+    scored = [p for p in r["candidates"] if "cost" in p]
+    assert len(scored) == 8 and r["candidates"][0]["candidate"] == "full model"
+    fits = [p for p in scored if p["cost"] <= 0.8]
+    best = min(fits, key=lambda p: (p["kl_mean"], p["cost"]))
+    assert r["chosen"] == best["candidate"] and r["active_params"][1] <= 0.8 * r["active_params"][0]
+    front = [p for p in scored if p["candidate"] in r["pareto_front"]]
+    for p in scored:  # nothing on the front is beaten in both cost and quality
+        assert not any(q["cost"] < p["cost"] and q["kl_mean"] < p["kl_mean"] for q in scored) or p not in front
+    assert r["plot"] == str(plot) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert r["summary"].startswith(f"chose {best['candidate']}")
+    verify(result.graph)
+    with pytest.raises(MocompileError, match="no candidate fits budget 0.1"):
+        Elastic(budget=0.1, skip=(0,), experts=(1.0,), k=(4,), neurons=(0.0,)).run(deepseek.clone(),
+                                                                                  PassContext(calibration=calib))
