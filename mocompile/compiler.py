@@ -22,6 +22,7 @@ from mocompile.ir.graph import Graph
 from mocompile.ir.printer import format_graph
 from mocompile.ir.types import TensorType
 from mocompile.isolation import IsolationReport
+from mocompile.latency import PROBE, latency_probe
 from mocompile.pass_manager import PassContext, PassManager, load_plugin
 from mocompile.runtime import open_artifact
 from mocompile.signature import random_inputs, signature_of
@@ -232,7 +233,8 @@ def compile(
     check_verification_length(graph, seq)
     say(f"[3/6] running passes: {passes or '(none)'}")
     calib = given_calibration(calibration, graph, src.int_high, model)
-    ctx = PassContext(calibration=calib, input_ranges=dict(src.int_high), target=backend.name)
+    ctx = PassContext(calibration=calib, input_ranges=dict(src.int_high), target=backend.name,
+                      options={PROBE: latency_probe(backend, src.int_high)})
     graph, reports = manager.run(graph, ctx)
     isolation = check_batch_isolation(graph, src, batch, seq, seed)
     say(f"      batch isolation: {isolation.summary()}")

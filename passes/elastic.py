@@ -13,8 +13,11 @@ the first experts of each group, its top_k). The calibration statistics are reco
 the full model (fit part); every candidate is built from them and its quality measured on
 the held-out part (KL of the next-token distributions against the full model, top-1
 agreement). Cost is the share of the full model's active parameters per token, or with
-`metric=latency` the share of the bytes a single-token decode step reads, summed from the
-ops' cost facets (an estimate of a memory-bound step's time, not a measurement). The pass
+`metric=latency` the share of the full model's decode-step time measured on this machine:
+each candidate is compiled by the compile's backend and a single-token step timed (the probe
+`mocompile compile` puts in `PassContext.options["decode_latency"]`; a compile per candidate,
+so keep the grid small). Run outside a compile, without the probe, `latency` falls back to
+the bytes a single-token step reads, summed from the ops' cost facets, and says so. The pass
 keeps the candidate of lowest KL within the budget; the report lists every candidate and the
 Pareto front (no other candidate is both cheaper and better), and `plot=FILE.png` draws it
 (with matplotlib, the `plot` extra).
@@ -163,13 +166,23 @@ class Elastic(CalibratedPass):
                for n, e, k, s in itertools.product(neurons, experts, ks or (None,), skip) if s < layers]
         return list(dict.fromkeys(out)) + (spec_variants(graph) if self.variants else [])
 
-    def cost(self, graph: Graph) -> int:
-        return active_params(graph) if self.metric == "active_params" else decode_bytes(graph)
+    def cost(self, graph: Graph, ctx: PassContext) -> float:
+        if self.metric == "active_params":
+            return active_params(graph)
+        probe = ctx.options.get("decode_latency")
+        return probe(graph) if probe is not None else decode_bytes(graph)
+
+    def cost_note(self, ctx: PassContext) -> str:
+        if self.metric == "active_params":
+            return "active parameters per token"
+        if ctx.options.get("decode_latency") is not None:
+            return "single-token decode step time, measured on this machine"
+        return "bytes a single-token decode step reads (estimated from the ops' cost facets: no backend to measure with)"
 
     def transform(self, graph: Graph, fit: Calibration, ctx: PassContext) -> tuple[dict[str, Any], str]:
         _, _, held = self.calibration(graph, ctx)
         stats = _Stats(graph, fit)
-        full_cost = self.cost(graph)
+        full_cost = self.cost(graph, ctx)
         points = []
         for c in self.candidates(graph):
             try:
@@ -178,7 +191,7 @@ class Elastic(CalibratedPass):
                 points.append({"candidate": c.label(), "refused": str(e)})
                 continue
             q = quality_report(graph, g, held.inputs)
-            points.append({"candidate": c.label(), "cost": self.cost(g) / full_cost, "kl_mean": q.get("kl_mean", 0.0),
+            points.append({"candidate": c.label(), "cost": self.cost(g, ctx) / full_cost, "kl_mean": q.get("kl_mean", 0.0),
                            "top1_agreement": q.get("top1_agreement"), "rel_error": q["rel_error"], "_c": c})
         scored = sorted((p for p in points if "cost" in p), key=lambda p: (p["cost"], p["kl_mean"]))
         front, best_kl = [], float("inf")
@@ -196,7 +209,7 @@ class Elastic(CalibratedPass):
         graph.__dict__.update(chosen.__dict__)  # the pass's graph becomes the chosen one (inputs included)
         for p in points:
             p.pop("_c", None)
-        report = {"metric": self.metric, "budget": self.budget, "chosen": best["candidate"],
+        report = {"metric": self.metric, "cost": self.cost_note(ctx), "budget": self.budget, "chosen": best["candidate"],
                   "candidates": points, "pareto_front": [p["candidate"] for p in front]}
         if self.plot:
             report["plot"] = plot_front(scored, front, best, self.budget, self.metric, Path(self.plot))

@@ -30,6 +30,7 @@ LAYER_OF = {
     "mocompile.artifact_isolation": "runtime",
     "mocompile.isolation_check": "driver",  # lowers, runs passes and analyses: a driver of the others
     "mocompile.verification": "driver", "mocompile.compiler": "driver", "mocompile.cli": "driver",
+    "mocompile.latency": "driver",
     "mocompile": "driver",  # the package's __init__ (the public API)
 }
 MAY_IMPORT = {

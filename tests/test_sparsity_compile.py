@@ -80,3 +80,24 @@ def test_the_isolation_verdict_is_unchanged(compiled) -> None:
     root, _ = compiled
     art = runtime.load(root / "art")
     assert art.manifest["isolation"]["verdict"] == analyze(trained("deepseek_tiny")).verdict == "isolated"
+
+
+@pytest.mark.slow  # five compiles, 30-50 s on two shared cores
+def test_elastic_latency_is_measured_on_this_machine() -> None:
+    from mocompile.backends.base import get_backend
+    from mocompile.latency import PROBE, latency_probe
+    from mocompile.passes.calibrated import active_params
+    from mocompile.passes.elastic import Elastic
+    from sparsity_models import toy_inputs, toy_moe
+
+    g = toy_moe(experts=8, top_k=4, hidden=64, ffn=256, vocab=64)
+    full = active_params(g)
+    ctx = PassContext(calibration=toy_inputs(4, vocab=64), options={PROBE: latency_probe(get_backend("cpu"), {"text": 64})})
+    result = Elastic(budget=0.95, metric="latency", skip=(0,), experts=(1.0,), k=(4, 1), neurons=(0.0, 0.5)).run(g, ctx)
+    r = result.report
+    assert r["cost"] == "single-token decode step time, measured on this machine"
+    costs = {p["candidate"]: p["cost"] for p in r["candidates"]}
+    assert set(costs) == {"full model", "k=1", "neurons-0.5", "neurons-0.5, k=1"}
+    assert costs["neurons-0.5, k=1"] < 0.95  # an eighth of the expert work, measured
+    assert r["chosen"] != "full model" and costs[r["chosen"]] <= 0.95
+    assert active_params(result.graph) < full
