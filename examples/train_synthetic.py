@@ -84,6 +84,14 @@ class SyntheticLanguage:
         return segments, torch.from_numpy(np.concatenate(targets, axis=1).astype(np.int64))
 
 
+def calibration_tokens(spec: Spec, sequences: int, seq: int, seed: int = 0) -> np.ndarray:
+    """Token ids [sequences, seq] of the language the weights of `seed` were trained on, drawn
+    apart from the training batches: calibration data for the data-driven passes (`--calib`)."""
+    lang = SyntheticLanguage(spec, seed)
+    lang.rng = np.random.default_rng(seed + 1_000_003)
+    return lang.text(sequences, seq, lang.rng.integers(0, lang.vocab, size=sequences))
+
+
 def train(spec: Spec, steps: int, batch: int, seq: int, seed: int, log=print) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_model(spec, seed=seed)
@@ -116,9 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calib-out", metavar="FILE.npy",
+                    help="instead of training, write calibration token ids of the same language [--calib-n, --seq]")
+    ap.add_argument("--calib-n", type=int, default=32, help="calibration sequences to write (default 32)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     spec = load_spec(args.spec)
+    if args.calib_out:
+        np.save(args.calib_out, calibration_tokens(spec, args.calib_n, args.seq, args.seed))
+        print(f"wrote {args.calib_out}")
+        return 0
     model = train(spec, args.steps, args.batch, args.seq, args.seed)
     out = Path(args.out or Path(__file__).parent / "weights" / f"{spec.name}.safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)

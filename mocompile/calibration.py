@@ -62,20 +62,44 @@ def for_graph(graph: Graph, given: Sequence[Mapping[str, np.ndarray]] | Calibrat
     return random_calibration(signature_of(graph, input_ranges), samples, seq, seed)
 
 
-def load_token_file(path: str | Path, signature: Signature) -> Calibration:
-    """Token ids from a `.npy` file of shape [n, seq] (n sequences), checked against the
-    signature's token input (integer ids inside its vocabulary); a model with other inputs
-    (image or audio features) needs its calibration as input dicts from Python."""
-    path = Path(path)
+TEXT_SEQUENCE = 64  # tokens per calibration sequence cut from a plain-text file
+
+
+def _token_input(path: Path, signature: Signature) -> Any:
     tokens = [t for t in signature.inputs if t.high is not None]
     if len(tokens) != 1 or len(signature.inputs) != 1:
         raise MocompileError(f"{path}: a token file calibrates a model with one token input; this one takes "
                              f"{', '.join(t.name for t in signature.inputs)} (pass calibration= input dicts instead)")
-    spec = tokens[0]
+    return tokens[0]
+
+
+def _checked_ids(path: Path, ids: np.ndarray, spec: Any, what: str) -> Calibration:
+    """[n, seq] ids checked against the vocabulary, one sequence per sample."""
+    bad = np.argwhere((ids < 0) | (ids >= spec.high))
+    if bad.size:
+        i, j = bad[0]
+        raise MocompileError(f"{path}: token id {ids[i, j]} at [{i}, {j}] is outside the vocabulary [0, {spec.high})")
+    rows = ids.astype(spec.dtype)
+    return Calibration([{spec.name: rows[i:i + 1]} for i in range(rows.shape[0])],
+                       f"{path} ({rows.shape[0]} sequences of {rows.shape[1]} {what})")
+
+
+def load_token_file(path: str | Path, signature: Signature, tokenizer: str | Path | None = None,
+                    max_seq: int | None = None) -> Calibration:
+    """Calibration sequences from a file: token ids as a `.npy` array [n, seq] (n sequences),
+    or, when the model comes with a tokenizer (`tokenizer`: its `tokenizer.json`), plain text,
+    encoded and cut into sequences of TEXT_SEQUENCE tokens (at most `max_seq`). Checked
+    against the signature's token input (integer ids inside its vocabulary); a model with
+    other inputs (image or audio features) needs its calibration as input dicts from Python."""
+    path = Path(path)
+    spec = _token_input(path, signature)
     if not path.is_file():
         raise MocompileError(f"{path}: calibration file not found")
     if path.suffix != ".npy":
-        raise MocompileError(f"{path}: calibration data must be token ids as a .npy array [n, seq]")
+        if tokenizer is None:
+            raise MocompileError(f"{path}: calibration data must be token ids as a .npy array [n, seq] (plain text "
+                                 "needs a model from a checkpoint directory with a tokenizer.json)")
+        return load_text_file(path, spec, Path(tokenizer), min(TEXT_SEQUENCE, max_seq or TEXT_SEQUENCE))
     try:
         ids = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
@@ -84,25 +108,51 @@ def load_token_file(path: str | Path, signature: Signature) -> Calibration:
         raise MocompileError(f"{path}: token ids must be a non-empty [n, seq] array, got shape {ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
         raise MocompileError(f"{path}: token ids must be integers, got {ids.dtype}")
-    bad = np.argwhere((ids < 0) | (ids >= spec.high))
-    if bad.size:
-        i, j = bad[0]
-        raise MocompileError(f"{path}: token id {ids[i, j]} at [{i}, {j}] is outside the vocabulary [0, {spec.high})")
-    rows = ids.astype(spec.dtype)
-    return Calibration([{spec.name: rows[i:i + 1]} for i in range(rows.shape[0])],
-                       f"{path} ({rows.shape[0]} sequences of {rows.shape[1]} tokens)")
+    return _checked_ids(path, ids, spec, "tokens")
 
 
-def observe(graph: Graph, calibration: Calibration | Sequence[Inputs], hooks: Sequence[Hook]) -> None:
-    """Run `graph` on every calibration input, calling each hook after every node."""
+def load_text_file(path: Path, spec: Any, tokenizer: Path, seq: int) -> Calibration:
+    """Plain UTF-8 text encoded with the checkpoint's tokenizer (the `tokenizers` library),
+    cut into [n, seq] sequences (a shorter tail is dropped unless it is all there is)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MocompileError(f"{path}: calibration text is not UTF-8 (byte {e.start}); give plain text or a .npy "
+                             "array of token ids") from None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise MocompileError(f"{path}: plain-text calibration needs the tokenizers package "
+                             "(pip install tokenizers)") from None
+    try:
+        tok = Tokenizer.from_file(str(tokenizer))
+    except Exception as e:  # the library raises its own exception types for a bad file
+        raise MocompileError(f"{tokenizer}: not a readable tokenizer ({str(e).splitlines()[0] if str(e) else e})") \
+            from None
+    ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    if ids.size == 0:
+        raise MocompileError(f"{path}: calibration text holds no tokens")
+    n = max(ids.size // seq, 1)
+    width = seq if ids.size >= seq else ids.size
+    return _checked_ids(path, ids[:n * width].reshape(n, width), spec, "tokens of text")
+
+
+def observe(graph: Graph, calibration: Calibration | Sequence[Inputs], hooks: Sequence[Hook],
+            before: Sequence[Hook] = ()) -> None:
+    """Run `graph` on every calibration input, calling each hook after every node with its
+    outputs, and each `before` hook ahead of every node with its inputs."""
     inputs = calibration.inputs if isinstance(calibration, Calibration) else calibration
 
     def after(node: Node, outputs: list[np.ndarray]) -> None:
         for hook in hooks:
             hook(node, outputs)
 
+    def ahead(node: Node, args: list[np.ndarray]) -> None:
+        for hook in before:
+            hook(node, args)
+
     for sample in progress(inputs, "calibrating: interpreting the model", unit="samples"):
-        interpret(graph, sample, after=after)
+        interpret(graph, sample, after=after, before=ahead if before else None)
 
 
 @dataclass

@@ -71,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                         "dense ones, a tile search for the per-expert ones) and keep the fastest (the tuning "
                         "database is saved in the artifact and reused when compiling into the same directory)")
     c.add_argument("--tuning-db", metavar="FILE", help="tuning database to reuse (and, with --tune, to extend)")
-    c.add_argument("--calib", metavar="FILE.npy", help="calibration token ids [n, seq] for the data-driven passes "
-                                                       "(default: random tokens, which the manifest records)")
+    c.add_argument("--calib", metavar="FILE.npy|TEXT", help="calibration token ids [n, seq] for the data-driven passes "
+                                                       "(or plain text, for a checkpoint directory with a tokenizer.json; "
+                                                       "default: random tokens, which the manifest records)")
     c.add_argument("--require-isolation", action="store_true",
                    help="fail unless no sample of a batch can influence another sample's output")
     _add_shape_args(c, 2, 8)
@@ -131,6 +132,9 @@ def cmd_compile(a: argparse.Namespace) -> int:
     v = art.manifest["verification"]
     print(f"compiled {art.manifest['model']['name']}"
           f"{' (variant ' + a.variant + ')' if a.variant else ''} for {a.target} -> {art.path}")
+    for report in art.manifest["passes"]:
+        if report.get("summary"):
+            print(f"{report['pass']}: {report['summary']}")
     if v["status"] != "verified":
         print(f"NOT VERIFIED by running it: the artifact cannot run on this machine ({v['reason']})")
         for check in v["checked"]:

@@ -22,6 +22,7 @@ from mocompile.ir.graph import Graph
 from mocompile.ir.printer import format_graph
 from mocompile.ir.types import TensorType
 from mocompile.isolation import IsolationReport
+from mocompile.latency import PROBE, latency_probe
 from mocompile.pass_manager import PassContext, PassManager, load_plugin
 from mocompile.runtime import open_artifact
 from mocompile.signature import random_inputs, signature_of
@@ -78,12 +79,17 @@ def load_tuning(backend: Backend, graph: Graph, out_dir: Path, trials: int, db_p
     return db, report
 
 
-def given_calibration(calibration: Any, graph: Graph, int_high: Mapping[str, int]) -> Calibration | None:
-    """The user's calibration data checked against the model (None: nothing given)."""
+def given_calibration(calibration: Any, graph: Graph, int_high: Mapping[str, int],
+                      model: Any = None) -> Calibration | None:
+    """The user's calibration data checked against the model (None: nothing given); plain
+    text is read with the tokenizer.json of a checkpoint directory `model`."""
     if calibration is None:
         return None
     if isinstance(calibration, (str, Path)):
-        return load_token_file(calibration, signature_of(graph, int_high))
+        tokenizer = Path(model) / "tokenizer.json" if isinstance(model, (str, Path)) else None
+        return load_token_file(calibration, signature_of(graph, int_high),
+                               tokenizer if tokenizer is not None and tokenizer.is_file() else None,
+                               graph.meta.get("max_seq"))
     return for_graph(graph, list(calibration), int_high, 0, 0, 0)
 
 
@@ -226,8 +232,9 @@ def compile(
     graph = lower_source(src)
     check_verification_length(graph, seq)
     say(f"[3/6] running passes: {passes or '(none)'}")
-    calib = given_calibration(calibration, graph, src.int_high)
-    ctx = PassContext(calibration=calib, input_ranges=dict(src.int_high), target=backend.name)
+    calib = given_calibration(calibration, graph, src.int_high, model)
+    ctx = PassContext(calibration=calib, input_ranges=dict(src.int_high), target=backend.name,
+                      options={PROBE: latency_probe(backend, src.int_high)})
     graph, reports = manager.run(graph, ctx)
     isolation = check_batch_isolation(graph, src, batch, seq, seed)
     say(f"      batch isolation: {isolation.summary()}")

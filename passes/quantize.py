@@ -42,12 +42,12 @@ import numpy as np
 
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph, Node, Value
-from mocompile.ir.interpreter import run as interpret
 from mocompile.ir.ops.quant import INT8_MAX, quantize_weight, symmetric_scales
 from mocompile.ir.registry import get_op, input_side_weights
 from mocompile.pass_manager import Pass, PassContext, PassResult, register_pass
 from mocompile.passes.dce import drop_dead_weights
 from mocompile.calibration import channel_max, for_graph
+from mocompile.quality import quality_report, token_ranges
 
 ROLES = ("attention", "experts", "shared", "dense", "lm_head", "router")
 DEFAULT_ROLES = frozenset(ROLES) - {"router"}
@@ -100,73 +100,6 @@ def _insert_before(graph: Graph, consumer: Node, op: str, inputs: Sequence[Value
     (out,) = graph.add_node(op, inputs, attrs, loc=consumer.loc, name=name)
     node = graph.nodes.pop()
     graph.nodes.insert(graph.nodes.index(consumer), node)
-    return out
-
-
-def token_ranges(graph: Graph, known: dict[str, int]) -> dict[str, int]:
-    """Integer inputs -> number of ids: given, else the rows of the table they index (an op
-    that `embeds_tokens`)."""
-    ranges = dict(known)
-    for node in (n for n in graph.nodes if get_op(n.op).embeds_tokens):
-        ids = node.inputs[0]
-        if ids in graph.inputs and ids.name not in ranges:
-            ranges[ids.name] = int(node.inputs[1].type.shape[0])
-    return ranges
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
-
-
-def _routing_choices(graph: Graph) -> list[Value]:
-    """The experts chosen per token, one value per routing node (an op's `routing_choices`)."""
-    return [n.outputs[get_op(n.op).routing_choices] for n in graph.nodes if get_op(n.op).routing_choices is not None]
-
-
-def accuracy_report(before: Graph, after: Graph, inputs: list[dict[str, np.ndarray]], language_model: bool) -> dict[str, Any]:
-    """Errors of `after`'s outputs against `before`'s on the same inputs; for a language model
-    also the next-token KL divergence and top-1 agreement, with the fp32 top-1/top-2 logit
-    margin of the positions whose top-1 flipped (flips at tiny margins are near-ties), and
-    for an MoE model how many routing choices (token, expert) survived."""
-    routers = list(zip(_routing_choices(before), _routing_choices(after)))
-    max_err = mean_acc = scale = kl_acc = 0.0
-    count = agree = positions = routed = kept = 0
-    margins: list[np.ndarray] = []
-    flip_margins: list[np.ndarray] = []
-    for sample in inputs:
-        ref = interpret(before, sample, watch=[r for r, _ in routers])
-        got = interpret(after, sample, watch=[q for _, q in routers])
-        for r, q in routers:
-            a, b = np.sort(ref.pop(r.name), -1), np.sort(got.pop(q.name), -1)
-            routed += a.size
-            kept += int(sum(np.isin(a[i], b[i]).sum() for i in np.ndindex(a.shape[:-1])))
-        for name, r in ref.items():
-            g = got[name]
-            diff = np.abs(g.astype(np.float64) - r)
-            max_err, scale = max(max_err, float(diff.max(initial=0))), max(scale, float(np.abs(r).max(initial=0)))
-            mean_acc, count = mean_acc + float(diff.sum()), count + diff.size
-            if language_model:
-                p, q = _softmax(r), _softmax(g)
-                kl = (p * (np.log(p + 1e-30) - np.log(q + 1e-30))).sum(-1)
-                kl_acc += float(kl.sum())
-                same = r.argmax(-1) == g.argmax(-1)
-                agree += int(same.sum())
-                positions += kl.size
-                top2 = np.sort(r, -1)[..., -2:]
-                margin = top2[..., 1] - top2[..., 0]
-                margins.append(margin.ravel())
-                flip_margins.append(margin[~same].ravel())
-    out: dict[str, Any] = {"samples": len(inputs), "max_abs_error": max_err, "mean_abs_error": mean_acc / max(count, 1),
-                           "rel_error": max_err / max(scale, 1e-30)}
-    if language_model and positions:
-        flips = np.concatenate(flip_margins)
-        out.update({"kl_mean": kl_acc / positions, "top1_agreement": agree / positions, "positions": positions,
-                    "median_top1_margin": float(np.median(np.concatenate(margins))),
-                    "max_flipped_margin": float(flips.max()) if flips.size else 0.0})
-    if routed:
-        out["routing_agreement"] = kept / routed
     return out
 
 
@@ -235,8 +168,7 @@ class Quantize(Pass):
         after = sum(t["bytes_after"] for t in report["tensors"])
         report["total"] = {"tensors": len(report["tensors"]), "bytes_before": before, "bytes_after": after,
                            "ratio": round(before / after, 3) if after else 1.0}
-        is_lm = any(get_op(n.op).embeds_tokens for n in graph.nodes)
-        report["accuracy"] = accuracy_report(original, graph, inputs, is_lm)
+        report["accuracy"] = quality_report(original, graph, inputs)
         report["breaks_batch_isolation"] = self.scheme.activations == "tensor"
         if report["breaks_batch_isolation"]:
             report["warning"] = ("dynamic per-tensor activation scales are computed over the whole batch: one "

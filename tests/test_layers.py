@@ -20,7 +20,8 @@ LAYER_OF = {
     "mocompile.progress": "foundation",
     "mocompile.dsl": "dsl",
     "mocompile.ir": "ir", "mocompile.signature": "ir", "mocompile.kv_cache": "ir", "mocompile.isolation": "ir",
-    "mocompile.witness": "ir", "mocompile.calibration": "ir",
+    "mocompile.witness": "ir", "mocompile.calibration": "ir", "mocompile.blocks": "ir", "mocompile.calib_record": "ir",
+    "mocompile.quality": "ir",
     "mocompile.frontend": "frontend", "mocompile.lower_fx": "frontend", "mocompile.fx_tables": "frontend",
     "mocompile.lower_tensor_code": "frontend",
     "mocompile.aten": "frontend",  # torch.export to Core ATen and its batch-flow rules: reads torch, builds on ir
@@ -32,6 +33,7 @@ LAYER_OF = {
     "mocompile.report": "driver", "mocompile.report_sections": "driver", "mocompile.report_svg": "driver",
     "mocompile.isolation_check": "driver",  # lowers, runs passes and analyses: a driver of the others
     "mocompile.verification": "driver", "mocompile.compiler": "driver", "mocompile.cli": "driver",
+    "mocompile.latency": "driver",
     "mocompile": "driver",  # the package's __init__ (the public API)
 }
 MAY_IMPORT = {

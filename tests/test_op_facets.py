@@ -56,6 +56,13 @@ def test_declared_facets_agree_with_each_other(name: str) -> None:
         assert "hidden_quant" in op.attrs, "W8A8 rounds the hidden activation through hidden_quant"
     assert op.weight_role in WEIGHT_ROLES
     assert op.routing_choices is None or (isinstance(op.routing_choices, int) and op.routing_choices >= 0)
+    if op.routing_weights is not None:
+        assert op.routing_choices is not None and op.routing_weights != op.routing_choices
+    if op.expert_pools is not None or op.keep_experts is not None or op.top_k_attr is not None:
+        assert op.routing_choices is not None and op.per_expert_inputs is not None, "expert pruning reads the router"
+        assert op.expert_pools is not None and op.keep_experts is not None and op.top_k_attr in op.attrs
+    if op.hidden_abs_sum is not None:
+        assert op.down_projection, "hidden neurons are what the down projection reads"
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +95,13 @@ def _check_node_facets(graph: Graph, node: Node) -> None:
         assert x.type.dtype.startswith("int") and node.inputs[1].type.rank == 2, where
     if op.routing_choices is not None:
         assert node.outputs[op.routing_choices].type.dtype == "int32", where
+    if op.per_expert_inputs is not None:
+        experts = {node.inputs[i].type.shape[0] for i in op.per_expert_inputs(node)}
+        assert len(experts) == 1, f"{where}: per-expert inputs disagree on the expert count {experts}"
+    if op.expert_pools is not None:
+        pools = op.expert_pools(node)
+        ids = sorted(e for p in pools.pools for e in p)
+        assert ids == list(range(next(iter(experts)))), f"{where}: expert pools do not partition the experts"
     if op.affine_channels and node.attrs.get("group") is None:
         assert all(graph.params.get(p.name) is p and p.type.shape == (x.type.shape[-1],) for p in node.inputs[1:]), where
 
@@ -95,7 +109,7 @@ def _check_node_facets(graph: Graph, node: Node) -> None:
 def _has_node_facets(op: OpDef) -> bool:
     """Does `op` declare a facet that _check_node_facets checks on nodes?"""
     return bool(op.weight_slots is not None or op.cached_inputs or op.embeds_tokens or op.routing_choices is not None
-                or op.affine_channels)
+                or op.affine_channels or op.per_expert_inputs is not None)
 
 
 def test_declared_facets_hold_on_every_example_model(example_graphs: list[Graph]) -> None:

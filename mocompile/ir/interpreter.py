@@ -46,12 +46,15 @@ def last_uses(graph: Graph) -> dict[int, list[Value]]:
 
 
 def run(graph: Graph, inputs: Mapping[str, np.ndarray], watch: Sequence[Value] = (),
-        perturb: Perturb | None = None, after: AfterNode | None = None) -> dict[str, np.ndarray]:
+        perturb: Perturb | None = None, after: AfterNode | None = None,
+        before: AfterNode | None = None) -> dict[str, np.ndarray]:
     """Evaluate the graph; returns {output name: array}, plus the intermediate values in
     `watch` by name (e.g. the output of one op, to see where a difference starts).
     `perturb(node, inputs)` may replace a node's inputs before it computes (to measure how
     sensitive the outputs are to float noise at that node); `after(node, outputs)` sees each
-    node's results as they are made (calibration statistics). An intermediate is dropped as
+    node's results as they are made (calibration statistics), `before(node, inputs)` the
+    arrays a node reads (statistics of what happens inside an op, e.g. a feed-forward
+    block's hidden activation, recomputed from its inputs). An intermediate is dropped as
     soon as no later node reads it, so memory holds the live values only, not every
     activation of the model."""
     bind_inputs(graph, inputs)
@@ -65,6 +68,8 @@ def run(graph: Graph, inputs: Mapping[str, np.ndarray], watch: Sequence[Value] =
         args = [env[id(v)] for v in node.inputs]
         if perturb is not None:
             args = perturb(node, args)
+        if before is not None:
+            before(node, args)
         results = get_op(node.op).compute(args, node.attrs)
         if after is not None:
             after(node, results)

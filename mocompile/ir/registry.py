@@ -48,6 +48,21 @@ ComputeFn = Callable[[Sequence[np.ndarray], Mapping[str, Any]], list[np.ndarray]
 # positions could depend on earlier positions other than through a KV cache, or None
 PositionCheck = Callable[["Node", Sequence[Dim]], "str | None"]
 WeightRole = Literal["router", "experts", "ffn"]
+# (node inputs, attrs) -> (sum of |hidden activation| per neuron [E, F], tokens seen [E]), E = 1
+# for a single feed-forward block
+HiddenAbsSum = Callable[[Sequence[np.ndarray], Mapping[str, Any]], "tuple[np.ndarray, np.ndarray]"]
+
+
+@dataclass(frozen=True)
+class ExpertPools:
+    """How a router's experts may be pruned while its routing stays well defined: `pools`
+    partition the expert ids (modality groups, DeepSeek routing groups, else one pool);
+    with `equal` every pool keeps the same number (routing groups are an equal split);
+    each pool keeps at least `min_keep` (a token routed within a pool needs top_k there)."""
+
+    pools: tuple[tuple[int, ...], ...]
+    equal: bool
+    min_keep: int
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,19 @@ class OpDef:
         compares next-token distributions) and draws calibration ids below the table's rows.
     routing_choices: the index of the output holding the experts chosen for each token. The
         quantize report counts how many of those choices quantization kept.
+    routing_weights: the index of the output holding the gate weight of each chosen expert
+        (calibration records the gate mass per expert from it).
+    per_expert_inputs: `f(node)` -> the input indices whose axis 0 is the routed expert
+        (a router's scoring rows and score bias, an experts op's stacked weights):
+        expert pruning takes the kept rows of exactly these.
+    expert_pools: router ops: `f(node)` -> ExpertPools, the constraints expert pruning keeps.
+    keep_experts: router ops: `f(attrs, keep)` -> the attributes once only the experts `keep`
+        (sorted ids of the old numbering) remain, renumbered 0..len(keep)-1 (group ranges).
+    top_k_attr: the attribute holding how many experts each token is routed to (top-k pass).
+    hidden_abs_sum: feed-forward ops (`down_projection`): recomputes the hidden activation from
+        the node's inputs and returns its |.| summed per neuron and the tokens counted, per
+        expert (calibration's running means; WINA neuron scores). The hidden axis is axis -2
+        of the input-side weights and axis -1 of the down projection.
     """
 
     name: str
@@ -126,6 +154,12 @@ class OpDef:
     weight_role: WeightRole | None = None
     embeds_tokens: bool = False
     routing_choices: int | None = None
+    routing_weights: int | None = None
+    per_expert_inputs: Callable[["Node"], tuple[int, ...]] | None = None
+    expert_pools: Callable[["Node"], ExpertPools] | None = None
+    keep_experts: Callable[[Mapping[str, Any], Sequence[int]], dict[str, Any]] | None = None
+    top_k_attr: str | None = None
+    hidden_abs_sum: HiddenAbsSum | None = None
 
     def check_attrs(self, attrs: dict[str, Any], where: str = "") -> None:
         """Fill defaults in place; reject unknown or missing attributes."""

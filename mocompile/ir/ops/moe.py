@@ -21,8 +21,8 @@ import numpy as np
 
 from mocompile.ir.batch_flow import Flow, FlowArgs, Out, combine, identity_map, rowwise
 from mocompile.ir.ops.elementwise import ACTIVATIONS, sigmoid
-from mocompile.ir.ops.nn import check_hidden_quant, ffn, ffn_weight_types
-from mocompile.ir.registry import REQUIRED, Cost, OpDef, register_op
+from mocompile.ir.ops.nn import check_hidden_quant, ffn, ffn_hidden, ffn_weight_types
+from mocompile.ir.registry import REQUIRED, Cost, ExpertPools, OpDef, register_op
 from mocompile.ir.types import Dim, TensorType
 
 if TYPE_CHECKING:
@@ -225,8 +225,48 @@ def _router_positions(node: Node, segments: Sequence[Dim]) -> str | None:
     return None
 
 
+def _router_expert_inputs(node: Node) -> tuple[int, ...]:
+    """The scoring weight's rows and the score bias are per expert."""
+    names = router_inputs(node.attrs)
+    return tuple(i for i, n in enumerate(names) if n in ("w", "score_bias"))
+
+
+def _router_pools(node: Node) -> ExpertPools:
+    """Modality groups are pools of their own (a token routes within its group: top_k there);
+    DeepSeek's routing groups are an equal split (each group keeps as many, and the groups a
+    token may use must still hold top_k); else all experts are one pool."""
+    attrs, experts = node.attrs, int(node.inputs[1].type.shape[0])
+    k = attrs["top_k"]
+    if attrs["groups"]:
+        listed = [tuple(range(a, b)) for _, a, b in attrs["groups"]]
+        rest = tuple(sorted(set(range(experts)) - {e for p in listed for e in p}))
+        return ExpertPools(tuple(listed) + ((rest,) if rest else ()), False, k)
+    if attrs["n_group"] > 1:
+        g = attrs["n_group"]
+        size = experts // g
+        return ExpertPools(tuple(tuple(range(i * size, (i + 1) * size)) for i in range(g)), True,
+                           -(-k // attrs["topk_group"]))
+    return ExpertPools((tuple(range(experts)),), False, k)
+
+
+def _router_keep(attrs: Mapping[str, Any], keep: Sequence[int]) -> dict[str, Any]:
+    """Modality group ranges renumbered over the kept experts (kept ids stay in order, so each
+    group is still one contiguous range); routing groups keep their count."""
+    new = dict(attrs)
+    if attrs["groups"]:
+        position = {e: i for i, e in enumerate(sorted(keep))}
+        groups = []
+        for mod, a, b in attrs["groups"]:
+            kept = [position[e] for e in range(a, b) if e in position]
+            groups.append((mod, kept[0], kept[-1] + 1) if kept else (mod, 0, 0))
+        new["groups"] = tuple(groups)
+    return new
+
+
 register_op(OpDef("router.topk", _infer_router, _router, ROUTER_ATTRS, cost=_router_cost, batch_flow=_router_flow,
                   position_check=_router_positions, weight_slots=slice(1, 2), weight_role="router", routing_choices=1,
+                  routing_weights=0, per_expert_inputs=_router_expert_inputs, expert_pools=_router_pools,
+                  keep_experts=_router_keep, top_k_attr="top_k",
                   doc="(weights, indices) of the top_k experts per token; inputs x, w_router[, score_bias]"
                       "[, modality_ids]"))
 
@@ -277,6 +317,21 @@ def _experts_cost(ins, outs, attrs, env) -> Cost:
     return Cost(flops=2 * tokens * k * per_expert, bytes=4 * (active * per_expert + 2 * outs[0].numel(env)))
 
 
+def _experts_hidden_abs_sum(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Per expert, |hidden activation| summed per neuron over the tokens routed to it."""
+    x, _, idx = xs[:3]
+    gate, up = (xs[3], xs[4]) if attrs["gated"] else (None, xs[3])
+    flat_x, flat_i = x.reshape(-1, x.shape[-1]), idx.reshape(-1, idx.shape[-1])
+    sums = np.zeros(up.shape[:2], np.float64)
+    counts = np.zeros(up.shape[0], np.int64)
+    for e in np.unique(flat_i):
+        tok = np.nonzero((flat_i == e).any(-1))[0]
+        h = ffn_hidden(flat_x[tok], None if gate is None else gate[e], up[e], attrs["activation"])
+        sums[e] += np.abs(h).sum(0)
+        counts[e] += tok.size
+    return sums, counts
+
+
 def _experts_params(args: FlowArgs) -> list:
     lead = identity_map(args.in_types[0].rank - 1)  # routing weights/indices: per token, slots read whole
     return [lead + [None], lead + [None], *[None] * (len(args.ins) - 3)]
@@ -287,5 +342,7 @@ def _experts_params(args: FlowArgs) -> list:
 register_op(OpDef("experts", _infer_experts, _experts, EXPERTS_ATTRS, cost=_experts_cost,
                   batch_flow=rowwise(_experts_params), positionwise=True, weight_slots=slice(3, None),
                   down_projection=True, act_quant_input=True, weight_role="experts",
+                  per_expert_inputs=lambda node: tuple(range(3, len(node.inputs))),
+                  hidden_abs_sum=_experts_hidden_abs_sum,
                   doc="sum_j weights[t,j] * FFN_{indices[t,j]}(x[t]) (FFN as mlp's, hidden_quant included); inputs x, "
                       "weights, indices, [gate], up, down"))

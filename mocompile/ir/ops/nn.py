@@ -156,11 +156,16 @@ def check_hidden_quant(attrs: Mapping[str, Any]) -> None:
             f"hidden_quant must be token or absent, got {attrs['hidden_quant']!r}")
 
 
+def ffn_hidden(x: np.ndarray, gate: np.ndarray | None, up: np.ndarray, activation: str) -> np.ndarray:
+    """The hidden activation of a feed-forward block, what its down projection multiplies."""
+    act = ACTIVATIONS[activation]
+    return act(x @ gate.T) * (x @ up.T) if gate is not None else act(x @ up.T)
+
+
 def ffn(x: np.ndarray, gate: np.ndarray | None, up: np.ndarray, down: np.ndarray, activation: str,
         hidden_quant: str | None = None) -> np.ndarray:
     """The feed-forward block shared by dense layers, shared experts and routed experts."""
-    act = ACTIVATIONS[activation]
-    h = act(x @ gate.T) * (x @ up.T) if gate is not None else act(x @ up.T)
+    h = ffn_hidden(x, gate, up, activation)
     if hidden_quant is not None:
         h = fake_quant(h.astype(np.float32), hidden_quant)
     return (h @ down.T).astype(np.float32)
@@ -174,6 +179,14 @@ def _mlp(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]
     return [ffn(x, gate, up, down, attrs["activation"], attrs["hidden_quant"])]
 
 
+def _mlp_hidden_abs_sum(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """|hidden activation| summed per neuron over every token, as one 'expert' ([1, F], [1])."""
+    x, gate, up = (xs[0], *xs[1:3]) if attrs["gated"] else (xs[0], None, xs[1])
+    flat = x.reshape(-1, x.shape[-1])
+    h = ffn_hidden(flat, gate, up, attrs["activation"])
+    return np.abs(h).sum(0, dtype=np.float64)[None], np.array([flat.shape[0]], np.int64)
+
+
 def _mlp_cost(ins, outs, attrs, env) -> Cost:
     rows = ins[0].numel(env) // ins[0].concrete(env)[-1]
     wsize = sum(t.numel(env) for t in ins[1:])
@@ -182,6 +195,7 @@ def _mlp_cost(ins, outs, attrs, env) -> Cost:
 
 register_op(OpDef("mlp", _infer_mlp, _mlp, MLP_ATTRS, cost=_mlp_cost, batch_flow=rowwise(), positionwise=True,
                   weight_slots=slice(1, None), down_projection=True, act_quant_input=True, weight_role="ffn",
+                  hidden_abs_sum=_mlp_hidden_abs_sum,
                   doc="down(act(x@gate.T) * (x@up.T)) if gated else down(act(x@up.T)), the hidden activation rounded to "
                       "int8 per row first with hidden_quant=token; inputs x, [gate], up, down"))
 
