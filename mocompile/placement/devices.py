@@ -45,10 +45,10 @@ KINDS = ("gpu", "cpu", "fpga")
 DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8", "int4")
 GIB = 1 << 30
 
-_DEVICE_KEYS = {"name", "count", "kind", "node", "memory_gib", "reserved_gib", "memory_gb_per_s", "tflops",
-                "attention"}
-_LINK_KEYS = {"gb_per_s", "latency_us"}
-_TOP_KEYS = {"name", "network", "device", "link"}
+_DEVICE_KEYS = ("name", "count", "kind", "node", "memory_gib", "reserved_gib", "memory_gb_per_s", "tflops",
+                "attention")
+_LINK_KEYS = ("gb_per_s", "latency_us")
+_TOP_KEYS = ("name", "network", "device", "link")
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,8 @@ def _number(value: Any, what: str, where: str, *, positive: bool = True) -> floa
     return float(value)
 
 
-def _unknown(given: Mapping[str, Any], known: set[str], where: str) -> None:
-    extra = sorted(set(given) - known)
+def _unknown(given: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
+    extra = sorted(set(given) - set(known))
     if extra:
         raise MocompileError(f"{where}: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
 
@@ -161,7 +161,7 @@ def _devices(entry: Any, index: int, where: str) -> list[Device]:
     tflops = entry["tflops"]
     if not isinstance(tflops, dict) or not tflops:
         raise MocompileError(f"{at}: tflops must be a table of dtype = TFLOPS, e.g. {{ bf16 = 989 }}")
-    _unknown(tflops, set(DTYPES), f"{at}: tflops")
+    _unknown(tflops, DTYPES, f"{at}: tflops")
     peak = {dtype: _number(v, f"tflops.{dtype}", at) for dtype, v in tflops.items()}
     attention = entry.get("attention", True)
     if not isinstance(attention, bool):
@@ -179,7 +179,7 @@ def parse_cluster(data: Mapping[str, Any], where: str) -> Cluster:
     network = data.get("network", {})
     if not isinstance(network, dict):
         raise MocompileError(f"{where}: [network] must be a table")
-    _unknown(network, {"intra_node", "inter_node"}, f"{where}: [network]")
+    _unknown(network, ("intra_node", "inter_node"), f"{where}: [network]")
     default = {"gb_per_s": 50, "latency_us": 5}
     intra = _link(network.get("intra_node", default), f"{where}: network.intra_node")
     inter = _link(network.get("inter_node", default), f"{where}: network.inter_node")
@@ -197,7 +197,7 @@ def parse_cluster(data: Mapping[str, Any], where: str) -> Cluster:
         at = f"{where}: link {i + 1}"
         if not isinstance(entry, dict):
             raise MocompileError(f"{at}: expected a table, got {entry!r}")
-        _unknown(entry, _LINK_KEYS | {"between"}, at)
+        _unknown(entry, (*_LINK_KEYS, "between"), at)
         pair = entry.get("between")
         if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
             raise MocompileError(f"{at}: between must name two devices, e.g. between = [\"gpu0\", \"cpu0\"]")
