@@ -33,7 +33,7 @@ class Place(Pass):
     """Place experts on devices (a device file or a preset) from expert load on calibration data."""
 
     def __init__(self, devices: str | None = None, preset: str | None = None, replicas: int | None = None,
-                 calib: int = 8, seq: int = 32, seed: int = 0) -> None:
+                 calib: int = 8, seq: int = 16, seed: int = 0) -> None:
         if (devices is None) == (preset is None):
             raise MocompileError("place: give exactly one of devices=FILE.toml or preset=NAME "
                                  f"(presets: {', '.join(PRESETS)})")

@@ -84,6 +84,11 @@ def test_bad_device_file_is_one_line(capsys, stats_file: Path, tmp_path: Path, t
     assert err.startswith(f"mocompile: error: {bad}: ") and message in err and err.count("\n") == 1
 
 
+def test_too_many_replicas_is_one_line(capsys, stats_file: Path) -> None:
+    code, _, err = place(capsys, "--stats", str(stats_file), "--preset", "gpu+fpga", "--replicas", "100000")
+    assert code == 1 and "layer 0: 32 experts + 100000 replicas do not fit" in err and err.count("\n") == 1
+
+
 def test_bad_statistics_and_missing_options(capsys, tmp_path: Path) -> None:
     bad = tmp_path / "s.json"
     bad.write_text('{"layers": {"0": {"tokens": [1, -3]}}}')
@@ -132,6 +137,20 @@ def test_place_pass_collects_statistics_on_the_calibration_data(tmp_path: Path) 
         assert layer.tokens.sum() == 3 * 10 * 4  # every token's 4 choices
         assert np.allclose(layer.coactivation.sum(1), layer.tokens * 3)  # ... each with its 3 others
     assert set(report["plan"]) == {"devices", "imbalance", "step_time_s", "baselines"}
+
+
+def test_place_pass_reads_a_device_file(tmp_path: Path) -> None:
+    from mocompile.placement.presets import preset_toml
+
+    (tmp_path / "c.toml").write_text(preset_toml("gpu+cpu").replace("reserved_gib = 64", "reserved_gib = 767.999"))
+    src = source_for(SPEC, None, None, 0)
+    graph = lower_source(src)
+    ctx = PassContext(input_ranges=dict(src.int_high))
+    _, reports = PassManager(f"place(devices={tmp_path / 'c.toml'},calib=2,seq=8)").run(graph, ctx)
+    report = reports[-1]
+    assert report["calibration"]["random"] and report["devices"] == "gpu+cpu"
+    cpu = report["plan"]["devices"][1]
+    assert cpu["name"] == "cpu0" and cpu["memory_bytes"] <= 2**30 * 0.001  # all that its last 1 MiB holds
 
 
 def test_place_pass_options_are_checked() -> None:

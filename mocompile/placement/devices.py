@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mocompile.errors import MocompileError
+from mocompile.files import read_document
 
 KINDS = ("gpu", "cpu", "fpga")
 DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8", "int4")
@@ -216,11 +217,4 @@ def parse_cluster(data: Mapping[str, Any], where: str) -> Cluster:
 
 def load_cluster(path: str | Path) -> Cluster:
     """Read and check a device file (see the module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MocompileError(f"{path}: device file not found")
-    try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise MocompileError(f"{path}: not valid TOML ({e})") from None
-    return parse_cluster(data, str(path))
+    return parse_cluster(read_document(path, "device file", tomllib.loads, (tomllib.TOMLDecodeError,), "TOML"), str(path))

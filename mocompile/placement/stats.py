@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from mocompile.errors import MocompileError
+from mocompile.files import read_document
 
 MODEL_KEYS = {"hidden": int, "expert_hidden": int, "gated": bool, "dtype": str, "top_k": int, "n_group": int}
 
@@ -137,14 +138,8 @@ def parse_stats(data: Any, where: str) -> ExpertStats:
 
 
 def load_stats(path: str | Path) -> ExpertStats:
-    path = Path(path)
-    if not path.is_file():
-        raise MocompileError(f"{path}: statistics file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MocompileError(f"{path}: not valid JSON ({e})") from None
-    return parse_stats(data, str(path))
+    """Read and check a statistics file (see the module docstring)."""
+    return parse_stats(read_document(path, "statistics file", json.loads, (ValueError,), "JSON"), str(path))
 
 
 def from_choices(choices: np.ndarray, experts: int) -> LayerStats:
