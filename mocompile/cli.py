@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="a .moe spec, a Hugging Face checkpoint directory or an artifact directory")
     i.add_argument("--ir", action="store_true", help="print the IR")
     i.add_argument("--variant", help="with a spec: the elastic sub-model to show")
+    from mocompile.place_cli import add_parser as add_place  # expert placement (mocompile/place_cli.py)
+
+    add_place(sub, POSITIVE, COUNT)
     return ap
 
 
@@ -330,8 +333,14 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"report": cmd_report, "passes": cmd_passes, "compile": cmd_compile, "import-hf": cmd_import_hf, "run": cmd_run, "inspect": cmd_inspect,
-            "check-isolation": cmd_check_isolation}
+def cmd_place(a: argparse.Namespace) -> int:
+    from mocompile.place_cli import cmd_place as place
+
+    return place(a)
+
+
+COMMANDS = {"report": cmd_report, "passes": cmd_passes, "compile": cmd_compile, "import-hf": cmd_import_hf, "run": cmd_run,
+            "inspect": cmd_inspect, "check-isolation": cmd_check_isolation, "place": cmd_place}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from mocompile.errors import MocompileError
 
@@ -68,3 +68,16 @@ def write_atomically(path: str | Path, write: Callable[[Path], None], what: str)
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def read_document(path: str | Path, what: str, loads: Callable[[str], Any], errors: tuple[type[Exception], ...],
+                  format_name: str) -> Any:
+    """A user's text file (`what`: "device file") parsed by `loads`, or one error line naming
+    it: missing, unreadable, or not valid `format_name`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MocompileError(f"{path}: {what} not found")
+    try:
+        return loads(path.read_text())
+    except (*errors, UnicodeDecodeError) as e:
+        raise MocompileError(f"{path}: not valid {format_name} ({e})") from None

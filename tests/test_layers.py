@@ -26,6 +26,7 @@ LAYER_OF = {
     "mocompile.lower_tensor_code": "frontend",
     "mocompile.aten": "frontend",  # torch.export to Core ATen and its batch-flow rules: reads torch, builds on ir
     "mocompile.pass_manager": "passes", "mocompile.passes": "passes",
+    "mocompile.placement": "passes", "mocompile.place_cli": "driver",  # expert placement: planner, and its command
     "mocompile.backends": "backends",
     "mocompile.artifact": "runtime", "mocompile.runtime": "runtime", "mocompile.runtime_inputs": "runtime",
     "mocompile.artifact_isolation": "runtime",
