@@ -8,8 +8,8 @@ verification. The rest is measured when the report is made, by running the artif
 through its VM's instrumentation hook (vm_trace.py): the experts each router chose on the
 calibration tokens (when the manifest names a file that is still there) or on random tokens
 of the verification's shape, and the time of every kernel of a prefill and of a decode step
-against the memory roofline of this machine. An artifact that cannot run here still gets its
-page, with the measured sections saying why they are missing.
+against the roofline of this machine (its memory bandwidth and matmul rate). An artifact that
+cannot run here still gets its page, with the measured sections saying why they are missing.
 """
 
 from __future__ import annotations
