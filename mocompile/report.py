@@ -15,9 +15,10 @@ cannot run here still gets its page, with the measured sections saying why they 
 from __future__ import annotations
 
 import platform
+import re
 from html import escape
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -101,20 +102,41 @@ def expert_load_section(path: Path, manifest: dict[str, Any], bar: Bar) -> str:
             f"The busiest expert of a layer gets {counts.max(1).min() / max(counts.sum(1).max(), 1):.1%} to "
             f"{counts.max(1).max() / max(counts.sum(1).min(), 1):.1%} of its routed tokens "
             f"(uniform: {1 / counts.shape[1]:.1%}).</p>"]
-    placement = manifest.get("placement")
-    if isinstance(placement, dict) and isinstance(placement.get("devices"), list):
-        body.append(_device_load(placement["devices"], routers, counts))
+    plan = placement_plan(manifest)
+    if plan is not None:
+        body.append(_device_load(plan["devices"], routers, counts))
     return S.section("load", "Expert load", "".join(body))
 
 
+def placement_plan(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The expert placement a `place` pass recorded in its report (the `mocompile place
+    --json` shape), or None."""
+    for report in manifest.get("passes") or []:
+        plan = report.get("plan") if isinstance(report, dict) else None
+        if isinstance(plan, dict) and isinstance(plan.get("devices"), list):
+            return plan
+    return None
+
+
+def _layer_number(router: str, row: int) -> int:
+    """The model layer a router row belongs to (`layers.3.ffn.router` -> 3), else its row."""
+    found = re.search(r"layers\.(\d+)", router)
+    return int(found.group(1)) if found else row
+
+
 def _device_load(devices: Sequence[Any], routers: Sequence[str], counts: np.ndarray) -> str:
-    """Tokens per device per layer, from the placement's expert lists (an expert listed on no
-    device counts nowhere; one listed on several, on each)."""
+    """Tokens per device per layer from the placement: each replica serves its `share` of
+    its expert's tokens in that layer."""
+    rows = {_layer_number(r, i): i for i, r in enumerate(routers)}
     names, per_device = [], []
     for i, d in enumerate(devices):
-        experts = [int(e) for e in (d.get("experts") or [])] if isinstance(d, dict) else []
+        load = np.zeros(len(routers))
+        for e in d.get("experts") or [] if isinstance(d, dict) else []:
+            row, expert = rows.get(int(e.get("layer", -1))), int(e.get("expert", -1))
+            if row is not None and 0 <= expert < counts.shape[1]:
+                load[row] += float(e.get("share", 1.0)) * counts[row, expert]
         names.append(str(d.get("name", f"device {i}")) if isinstance(d, dict) else f"device {i}")
-        per_device.append(counts[:, [e for e in experts if 0 <= e < counts.shape[1]]].sum(1))
+        per_device.append(load)
     if not names:
         return ""
     return heatmap(np.stack(per_device, 1), routers, names, "Tokens per device, per MoE layer (placement)")

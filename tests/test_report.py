@@ -93,14 +93,22 @@ def test_heatmap_counts_every_routed_token(reports: dict) -> None:
         assert cells == row.tolist()
 
 
-def test_placement_adds_load_per_device(reports: dict, tmp_path: Path) -> None:
-    """A manifest with a placement gets a per-device heatmap summing its experts' rows."""
+def test_placement_adds_load_per_device() -> None:
+    """A place pass's plan gets a per-device heatmap: each replica serves its share of its
+    expert's tokens (expert 0 of layer 0 split 0.5/0.5 over both devices)."""
     from mocompile.report_svg import heatmap
-    from mocompile.report import _device_load
+    from mocompile.report import _device_load, placement_plan
 
-    counts = np.array([[5, 1, 0, 2], [1, 1, 1, 1]])
-    svg = _device_load([{"name": "gpu0", "experts": [0, 1]}, {"name": "gpu1", "experts": [2, 3]}], ["l0", "l1"], counts)
-    assert ">gpu0</text>" in svg and "(6)</title>" in svg and "(2)</title>" in svg
+    counts = np.array([[6, 1, 0, 2], [1, 1, 1, 1]])
+    devices = [{"name": "gpu0", "experts": [{"layer": 0, "expert": 0, "share": 0.5}, {"layer": 0, "expert": 1, "share": 1.0},
+                                            {"layer": 1, "expert": 0, "share": 1.0}, {"layer": 1, "expert": 1, "share": 1.0}]},
+               {"name": "gpu1", "experts": [{"layer": 0, "expert": 0, "share": 0.5}, {"layer": 0, "expert": 2, "share": 1.0},
+                                            {"layer": 0, "expert": 3, "share": 1.0}, {"layer": 1, "expert": 2, "share": 1.0},
+                                            {"layer": 1, "expert": 3, "share": 1.0}]}]
+    manifest = {"passes": [{"pass": "dce"}, {"pass": "place(preset=gpu+cpu)", "plan": {"devices": devices}}]}
+    assert placement_plan(manifest)["devices"] == devices and placement_plan({"passes": [{"pass": "dce"}]}) is None
+    svg = _device_load(devices, ["layers.0.ffn.router", "layers.1.ffn.router"], counts)
+    assert ">gpu0</text>" in svg and "(4)</title>" in svg and "(5)</title>" in svg and "(2)</title>" in svg
     assert heatmap(counts, ["l0", "l1"], list("abcd"), "t").count("class='cell'") == 8
 
 
