@@ -1,0 +1,119 @@
+"""What the FPGA target decided about a graph before writing any code: the fixed-point
+format of every activation, of every value inside a kernel and of every weight array
+(`Design`), the reuse factor of every dense product, and the registry of kernels, one per IR
+op, each saying how the op is emulated in fixed point, written as HLS C++ and costed
+(`FpgaKernel`, registered by the kernels_*.py modules)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from mocompile.backends.fpga.fixed import Fmt, quantize
+from mocompile.ir.graph import Graph, Node, Value
+
+Tensor = tuple[np.ndarray, "Fmt | None"]  # integer codes [batch, seq, features] and their format (None: plain ints)
+
+
+def ident(name: str) -> str:
+    """A C++ identifier for an IR name (`layers.0.attn.q_proj.weight` -> `layers_0_attn_q_proj_weight`)."""
+    return re.sub(r"\W", "_", name)
+
+
+@dataclass
+class Design:
+    """Formats and weight codes of one graph at one bit width."""
+
+    graph: Graph
+    bits: int
+    fmts: dict[str, Fmt] = field(default_factory=dict)  # value name, or "value:role" inside a kernel
+    weight_fmts: dict[str, Fmt] = field(default_factory=dict)
+    reuse: dict[str, int] = field(default_factory=dict)  # dense product name -> reuse factor
+    _codes: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def fmt(self, v: Value) -> Fmt:
+        return self.fmts[v.name]
+
+    def inner(self, node: Node, role: str) -> Fmt:
+        return self.fmts[f"{node.outputs[0].name}:{role}"]
+
+    def wfmt(self, v: Value) -> Fmt:
+        return self.weight_fmts[self.param_name(v)]
+
+    def param_name(self, v: Value) -> str:
+        return next(k for k, p in self.graph.params.items() if p is v)
+
+    def codes(self, v: Value) -> np.ndarray:
+        """The weight's integer codes in its format (int64, the weight's shape)."""
+        name = self.param_name(v)
+        if name not in self._codes:
+            self._codes[name] = quantize(self.graph.weights[name], self.weight_fmts[name])
+        return self._codes[name]
+
+    def rf(self, key: str, n_in: int) -> int:
+        return self.reuse.get(key, n_in)
+
+
+def accum_fmt(x: Fmt, w: Fmt, n_in: int) -> Fmt:
+    """The exact accumulator of n_in products x * w (no rounding, no overflow)."""
+    width = x.width + w.width + max(1, math.ceil(math.log2(max(n_in, 2)))) + 1
+    return Fmt(width, width - (x.frac + w.frac))
+
+
+@dataclass(frozen=True)
+class DenseUnit:
+    """One hls4ml dense product the design instantiates (per weight matrix, or one shared by
+    all routed experts of a layer): what the estimator costs."""
+
+    key: str
+    n_in: int
+    n_out: int
+    x: Fmt
+    w: Fmt
+    weights: int  # weight values stored for it (all experts' for a shared unit)
+    calls: int  # times it runs per token (top_k for routed experts)
+    role: str  # "experts" for routed experts (streamable), else "dense"
+
+
+@dataclass(frozen=True)
+class FpgaKernel:
+    """The FPGA target's facts about one IR op.
+
+    emulate(node, inputs, design) -> outputs: the op in fixed point on integer codes, exactly
+        as the generated C++ computes it (the bit-exact reference of the C simulation);
+    internals(node, float inputs) -> {role: max |value|}: ranges of the values inside the
+        kernel (calibration, for their formats);
+    formats(node, design) -> {role: Fmt}: formats inside the kernel not set by calibration;
+    emit(node, design, cpp) -> C++: declarations (cpp.decl) and the step's statements;
+    units(node, design) -> the dense products it instantiates (for the estimate);
+    extra(node, design) -> (cycles, DSPs, LUTs, BRAM18) of its non-dense work per token;
+    refuse(node) -> why this node's attributes have no kernel, or None."""
+
+    op: str
+    emulate: Callable[[Node, list[Tensor], Design], list[Tensor]]
+    emit: Callable[[Node, Design, Any], None]
+    internals: Callable[[Node, list[np.ndarray]], dict[str, float]] | None = None
+    formats: Callable[[Node, Design], dict[str, Fmt]] | None = None
+    units: Callable[[Node, Design], list[DenseUnit]] | None = None
+    extra: Callable[[Node, Design], tuple[int, int, int, int]] | None = None
+    refuse: Callable[[Node], "str | None"] | None = None
+
+
+KERNELS: dict[str, FpgaKernel] = {}
+
+
+def register_kernel(kernel: FpgaKernel) -> FpgaKernel:
+    if kernel.op in KERNELS:
+        raise ValueError(f"fpga kernel for {kernel.op!r} registered twice")
+    KERNELS[kernel.op] = kernel
+    return kernel
+
+
+def load_kernels() -> dict[str, FpgaKernel]:
+    from mocompile.backends.fpga import kernels_attention, kernels_dense, kernels_elementwise, kernels_router  # noqa: F401
+
+    return KERNELS
