@@ -173,3 +173,12 @@ class HlsCsimArtifact:
 def rebuild(path: Path) -> None:
     """Rebuild an artifact's C simulation with its own script (after moving it to another machine)."""
     subprocess.run(["sh", str(path / "hls" / "build_csim.sh")], check=True)
+
+
+def _register() -> None:
+    from mocompile.runtime import register_program_kind
+
+    register_program_kind(PROGRAM_KIND, HlsCsimArtifact)
+
+
+_register()

@@ -10,6 +10,7 @@ and a GB-sized dependency into every deployment, so that import is blocked while
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from dataclasses import dataclass
@@ -366,6 +367,10 @@ ProgramLoader = Callable[..., Any]
 _LOADERS: dict[str, ProgramLoader] = {"tvm-relax-vm": LoadedArtifact}
 
 
+# program kind -> the module whose import registers its loader (imported when first needed)
+_LOADER_MODULES: dict[str, str] = {"hls-csim": "mocompile.hls_runtime"}
+
+
 def register_program_kind(kind: str, loader: ProgramLoader) -> None:
     """Make artifacts whose manifest says `program.kind == kind` loadable by `load`."""
     if _LOADERS.get(kind, loader) is not loader:
@@ -376,10 +381,12 @@ def register_program_kind(kind: str, loader: ProgramLoader) -> None:
 def open_artifact(path: Path, manifest: dict[str, Any], **options: Any) -> Any:
     """The loaded program of an artifact whose manifest is already read (and checked)."""
     kind = manifest.get("program", {}).get("kind")
+    if kind not in _LOADERS and kind in _LOADER_MODULES:
+        importlib.import_module(_LOADER_MODULES[kind])
     loader = _LOADERS.get(kind)
     if loader is None:
         raise ArtifactError(f"{path}: program kind {kind!r} has no loader here (this runtime loads: "
-                            f"{', '.join(sorted(_LOADERS))})")
+                            f"{', '.join(sorted({*_LOADERS, *_LOADER_MODULES}))})")
     return loader(path, manifest, **options)
 
 

@@ -55,7 +55,8 @@ class Design:
         return self._codes[name]
 
     def rf(self, key: str, n_in: int) -> int:
-        return self.reuse.get(key, n_in)
+        """The reuse factor the estimate chose for dense product `key` (n_in before it has)."""
+        return self.reuse.get(ident(key), n_in)
 
 
 def accum_fmt(x: Fmt, w: Fmt, n_in: int) -> Fmt:

@@ -81,7 +81,7 @@ def dense_config(cpp: Any, key: str, n_in: int, n_out: int, x: Fmt, w: Fmt, rf: 
     typedef accum_t bias_t;
     typedef ap_fixed<{w.width}, {w.integer}> weight_t;
     template <class data_T, class res_T, class CONFIG_T>
-    using kernel = nnet::DenseResource_rf_leq_nin<data_T, res_T, CONFIG_T>;
+    using kernel = nnet::{"DenseResource_rf_leq_nin" if rf <= n_in else "DenseResource_rf_gt_nin_rem0"}<data_T, res_T, CONFIG_T>;
     template <class x_T, class y_T> using product = nnet::product::mult<x_T, y_T>;
 }};""")
     return name
