@@ -92,7 +92,10 @@ class FpgaKernel:
     emit(node, design, cpp) -> C++: declarations (cpp.decl) and the step's statements;
     units(node, design) -> the dense products it instantiates (for the estimate);
     extra(node, design) -> (cycles, DSPs, LUTs, BRAM18) of its non-dense work per token;
-    refuse(node) -> why this node's attributes have no kernel, or None."""
+    refuse(node) -> why this node's attributes have no kernel, or None;
+    memories(node, design, positions) -> [(name, depth, bits)]: on-chip arrays other than dense
+        weights (KV caches of `positions` positions, embedding tables);
+    position_cycles(node, positions) -> its cycles at a cache of `positions` (attention)."""
 
     op: str
     emulate: Callable[[Node, list[Tensor], Design], list[Tensor]]
@@ -102,6 +105,8 @@ class FpgaKernel:
     units: Callable[[Node, Design], list[DenseUnit]] | None = None
     extra: Callable[[Node, Design], tuple[int, int, int, int]] | None = None
     refuse: Callable[[Node], "str | None"] | None = None
+    memories: Callable[[Node, Design, int], list[tuple[str, int, int]]] | None = None
+    position_cycles: Callable[[Node, int], int] | None = None
 
 
 KERNELS: dict[str, FpgaKernel] = {}

@@ -12,7 +12,8 @@ The model (README, "How the estimates are made"):
   (512 x 36, 1K x 18, 2K x 9, 4K x 4, 8K x 2, 16K x 1): min ceil(D / d) * ceil(W / w), or
   ceil(D / 4096) * ceil(W / 72) UltraRAMs;
 - the KV cache of an attention layer holds keys and values, capacity * kv_heads rows of
-  head_dim codes each;
+  head_dim codes each (latent attention: its k_nope, shared rope key and value rows); an
+  embedding table is rows x hidden codes read one value a cycle;
 - the other work of a kernel (norms, the router's rounds, softmax, silu) is its `extra`;
 - a token runs the layers one after the other, routed experts top_k times; attention is
   costed at the last position of a full cache (and at position 0);
@@ -125,13 +126,9 @@ def choose_reuse(design: Design, device: Device) -> tuple[int, list[UnitCost], i
         r *= 2
 
 
-def _kv_arrays(design: Design, capacity: int) -> list[tuple[str, int, int]]:
-    out = []
-    for n in design.graph.nodes_of("attention"):
-        a = n.attrs
-        for kind, fmt in (("k", design.inner(n, "kr")), ("v", design.fmt(n.inputs[2]))):
-            out.append((f"{kind}cache_{n.outputs[0].name}", capacity * a["kv_heads"], a["head_dim"] * fmt.width))
-    return out
+def _memories(design: Design, capacity: int) -> list[tuple[str, int, int]]:
+    kernels = load_kernels()
+    return [m for n in design.graph.nodes if kernels[n.op].memories for m in kernels[n.op].memories(n, design, capacity)]
 
 
 def plan(design: Design, device: Device, capacity: int) -> dict[str, Any]:
@@ -141,7 +138,7 @@ def plan(design: Design, device: Device, capacity: int) -> dict[str, Any]:
     budget = {"bram18": int(UTILIZATION * device.bram18), "uram": int(UTILIZATION * device.uram)}
     used = {"bram18": 0, "uram": 0}
     placed, off_chip = [], []
-    arrays = [(name, d, b, None) for name, d, b in _kv_arrays(design, capacity)]
+    arrays = [(name, d, b, None) for name, d, b in _memories(design, capacity)]
     arrays += [(c.unit.key, c.depth, c.bits, c) for c in sorted(costs, key=lambda c: c.unit.role == "experts")]
     stream_cycles = 0.0
     for name, depth, bits, cost in arrays:
@@ -151,7 +148,7 @@ def plan(design: Design, device: Device, capacity: int) -> dict[str, Any]:
             used[where] += need[where]
             placed.append({"array": name, "memory": where, "blocks": need[where]})
             continue
-        if cost is None:  # a KV cache off chip: every position reads all its rows
+        if cost is None:  # a KV cache or table off chip: a position reads all of it (at most)
             per_token = depth * bits / 8
         else:  # a streamed weight matrix: the matrices a token uses
             per_token = cost.unit.calls * cost.unit.n_in * cost.unit.n_out * cost.unit.w.width / 8
@@ -161,18 +158,18 @@ def plan(design: Design, device: Device, capacity: int) -> dict[str, Any]:
                     used[m] += buffer[m]
                     break
         stream_cycles += per_token / bytes_per_cycle
-        off_chip.append({"array": name, "kind": "kv cache" if cost is None else cost.unit.role,
+        off_chip.append({"array": name, "kind": "memory" if cost is None else cost.unit.role,
                          "bytes_per_token": int(per_token), "cycles_per_token": math.ceil(per_token / bytes_per_cycle)})
     kernels = load_kernels()
     extra = {id(n): kernels[n.op].extra(n, design) if kernels[n.op].extra else (0, 0, 0, 0)
              for n in design.graph.nodes}
     by_key = {c.unit.key: c for c in costs}
     rows, total_cycles, first_cycles = [], 0, 0
-    from mocompile.backends.fpga.kernels_attention import attention_cycles
     for node, units in _units(design):
         unit_cycles = sum(by_key[u.key].cycles * u.calls for u in units)
-        cycles = unit_cycles + extra[id(node)][0]
-        at_zero = unit_cycles + (attention_cycles(node, 1) if node.op == "attention" else extra[id(node)][0])
+        at = kernels[node.op].position_cycles
+        cycles = unit_cycles + (at(node, capacity) if at else extra[id(node)][0])
+        at_zero = unit_cycles + (at(node, 1) if at else extra[id(node)][0])
         total_cycles, first_cycles = total_cycles + cycles, first_cycles + at_zero
         rows.append({"node": node.outputs[0].name, "op": node.op, "loc": node.loc, "cycles": cycles,
                      "dsp": sum(by_key[u.key].dsp for u in units) + extra[id(node)][1],

@@ -1,8 +1,9 @@
-"""The FPGA kernel of causal grouped-query attention with rotary positions, one position at
-a time over a KV cache (mocompile_hls.h's `attention_step`): the position's rotated key and
-its value go into the cache, each query head scores cache rows 0..pos, softmax through the
-exp table and one division per output. The emulation here computes every position of a
-sequence at once with exactly those integer steps."""
+"""The FPGA kernels of causal attention, one position at a time over a KV cache:
+grouped-query attention with rotary positions (mocompile_hls.h's `attention_step`) and
+multi-head latent attention (`mla_step`). The position's keys and values go into the caches,
+each query head scores cache rows 0..pos, softmax through the exp table and one division per
+output. The emulations here compute every position of a sequence at once with exactly those
+integer steps."""
 
 from __future__ import annotations
 
@@ -54,18 +55,21 @@ def _emulate(node: Node, xs: list[Tensor], design: Design) -> list[Tensor]:
     qr = _rotate(q.reshape(b, s, h, d), qf, cos, sin, qr_f, rope)
     kr = _rotate(k.reshape(b, s, hkv, d), kf, cos, sin, kr_f, rope)
     vv = v.reshape(b, s, hkv, d)
-    seen = np.tril(np.ones((s, s), dtype=bool))
     out = np.zeros((b, s, h, d), np.int64)
     for bi in range(b):
         for hi in range(h):
             g = hi // (h // hkv)
-            acc = qr[bi, :, hi] @ kr[bi, :, g].T
-            sc = requant(acc * scale_code(d), qr_f.frac + kr_f.frac + SCALE_FRAC, sc_f)
-            m = np.where(seen, sc, np.iinfo(np.int64).min).max(-1, keepdims=True)
-            e = np.where(seen, EXP(sc - m, sc_f.frac), 0)
-            num = e @ vv[bi, :, g]
-            out[bi, :, hi] = requant(trunc_div(num * 256, e.sum(-1, keepdims=True)), vf.frac + 8, out_f)
+            sc = requant((qr[bi, :, hi] @ kr[bi, :, g].T) * scale_code(d), qr_f.frac + kr_f.frac + SCALE_FRAC, sc_f)
+            out[bi, :, hi] = softmax_values(sc, sc_f, vv[bi, :, g], vf, out_f)
     return [(out.reshape(b, s, h * d), out_f)]
+
+
+def softmax_values(sc: np.ndarray, sc_f: Fmt, v: np.ndarray, vf: Fmt, out_f: Fmt) -> np.ndarray:
+    """mocompile_hls.h's softmax_values for every query row of causal scores sc [s, s] at once."""
+    seen = np.tril(np.ones(sc.shape, dtype=bool))
+    m = np.where(seen, sc, np.iinfo(np.int64).min).max(-1, keepdims=True)
+    e = np.where(seen, EXP(sc - m, sc_f.frac), 0)
+    return requant(trunc_div((e @ v) * 256, e.sum(-1, keepdims=True)), vf.frac + 8, out_f)
 
 
 def _internals(node: Node, xs: list[np.ndarray]) -> dict[str, float]:
@@ -117,29 +121,108 @@ def _emit(node: Node, design: Design, cpp: Any) -> None:
              f"{cpp.v(v)}, pos, {kc}, {vc}, {cpp.v(y)}, {tables[0]}, {tables[1]}, {cpp.lut(EXP)});")
 
 
-def _formats(node: Node, design: Design) -> dict[str, Fmt]:
-    return {}
-
-
 def _refuse(node: Node) -> str | None:
     if not node.attrs["causal"]:
         return f"attention at {node.loc or '?'}: the fpga target decodes causal attention only"
     return None
 
 
+def _dims(node: Node) -> tuple[int, int, int, int]:
+    """(heads, key dim, value dim, values written to the caches per position)."""
+    a = node.attrs
+    if node.op == "attention.mla":
+        return a["heads"], a["nope_dim"] + a["rope_dim"], a["v_dim"], a["heads"] * (a["nope_dim"] + a["v_dim"]) + \
+            a["rope_dim"]
+    return a["heads"], a["head_dim"], a["head_dim"], 2 * a["kv_heads"] * a["head_dim"]
+
+
 def attention_cycles(node: Node, positions: int) -> int:
     """Cycles of one position at cache length `positions`: per head a score and a value pass
-    over the cache (one row a cycle), the key/value write and the query rotation."""
-    a = node.attrs
-    return a["heads"] * (2 * positions + 2 * a["head_dim"]) + a["kv_heads"] * a["head_dim"]
+    over the cache (one row a cycle) and the query rotation, and the cache writes."""
+    h, dk, dv, written = _dims(node)
+    return h * (2 * positions + dk + dv) + written
 
 
 def _extra(node: Node, design: Design) -> tuple[int, int, int, int]:
+    h, dk, dv, _ = _dims(node)
+    luts = (dk + dv) * 48 + 64 * 64 + 1500  # multiply-add trees for q.k and e*v, the divider
+    return attention_cycles(node, 1), dk + dv + 4, luts, 0
+
+
+def _memories(node: Node, design: Design, positions: int) -> list[tuple[str, int, int]]:
+    a, name = node.attrs, node.outputs[0].name
+    kr, v = design.inner(node, "kr").width, design.fmt(node.inputs[2]).width
+    if node.op == "attention.mla":
+        return [(f"kncache_{name}", positions * a["heads"], a["nope_dim"] * kr),
+                (f"krcache_{name}", positions, a["rope_dim"] * kr),
+                (f"vcache_{name}", positions * a["heads"], a["v_dim"] * v)]
+    return [(f"kcache_{name}", positions * a["kv_heads"], a["head_dim"] * kr),
+            (f"vcache_{name}", positions * a["kv_heads"], a["head_dim"] * v)]
+
+
+# ---- multi-head latent attention -----------------------------------------------------------
+def _mla_emulate(node: Node, xs: list[Tensor], design: Design) -> list[Tensor]:
+    (q, qf), (kn, knf), (v, vf), (kr, krf) = xs
     a = node.attrs
-    d = a["head_dim"]
-    luts = d * 2 * 48 + 64 * 64 + 1500  # a head_dim-wide multiply-add tree for q.k and e*v, the divider
-    return attention_cycles(node, design.graph.meta.get("max_seq") or 1), 2 * d + 4, luts, 0
+    h, dn, dr, dv = a["heads"], a["nope_dim"], a["rope_dim"], a["v_dim"]
+    qr_f, kr_f, sc_f = (design.inner(node, r) for r in ("qr", "kr", "score"))
+    out_f = design.fmt(node.outputs[0])
+    b, s = q.shape[:2]
+    cos, sin = rope_codes(dr, a["rope_theta"], s)
+    qh = q.reshape(b, s, h, dn + dr)
+    qall = np.concatenate([requant(qh[..., :dn], qf.frac, qr_f), _rotate(qh[..., dn:], qf, cos, sin, qr_f, True)], -1)
+    knc = requant(kn.reshape(b, s, h, dn), knf.frac, kr_f)
+    krc = _rotate(kr.reshape(b, s, 1, dr), krf, cos, sin, kr_f, True)
+    vv = v.reshape(b, s, h, dv)
+    out = np.zeros((b, s, h, dv), np.int64)
+    for bi in range(b):
+        for hi in range(h):
+            keys = np.concatenate([knc[bi, :, hi], krc[bi, :, 0]], -1)
+            sc = requant((qall[bi, :, hi] @ keys.T) * scale_code(dn + dr), qr_f.frac + kr_f.frac + SCALE_FRAC, sc_f)
+            out[bi, :, hi] = softmax_values(sc, sc_f, vv[bi, :, hi], vf, out_f)
+    return [(out.reshape(b, s, h * dv), out_f)]
 
 
-register_kernel(FpgaKernel("attention", _emulate, _emit, internals=_internals, formats=_formats, extra=_extra,
-                           refuse=_refuse))
+def _mla_internals(node: Node, xs: list[np.ndarray]) -> dict[str, float]:
+    q, kn, _, kr = xs
+    a = node.attrs
+    h, dn, dr = a["heads"], a["nope_dim"], a["rope_dim"]
+    b, s = q.shape[:2]
+    cos, sin = rope_tables(np.arange(s), dr, a["rope_theta"])
+    qh = q.reshape(b, s, h, dn + dr).transpose(0, 2, 1, 3)
+    qall = np.concatenate([qh[..., :dn], apply_rope(qh[..., dn:], cos, sin)], -1)
+    krot = apply_rope(kr.reshape(b, 1, s, dr), cos, sin)
+    keys = np.concatenate([kn.reshape(b, s, h, dn).transpose(0, 2, 1, 3), np.broadcast_to(krot, (b, h, s, dr))], -1)
+    scores = np.where(np.tril(np.ones((s, s), dtype=bool)), qall @ keys.transpose(0, 1, 3, 2) / np.sqrt(dn + dr), 0)
+    return {"qr": float(np.abs(qall).max()), "kr": float(np.abs(keys).max()), "score": float(np.abs(scores).max())}
+
+
+def _mla_emit(node: Node, design: Design, cpp: Any) -> None:
+    q, kn, v, kr = node.inputs
+    y = node.outputs[0]
+    a = node.attrs
+    name = f"cfg_{cpp.name(y)}"
+    cpp.decl(f"""struct {name} {{
+    static const int heads = {a['heads']}, nope_dim = {a['nope_dim']}, rope_dim = {a['rope_dim']}, v_dim = {a['v_dim']};
+    static const int capacity = {cpp.capacity};
+    static const int64_t scale_code = {scale_code(a['nope_dim'] + a['rope_dim'])}LL;
+    static const int exp_lo = {EXP.lo}, exp_size = {EXP.size}, exp_step = {EXP.step_bits};
+    typedef {design.inner(node, 'qr').cpp()} qr_t;
+    typedef {design.inner(node, 'kr').cpp()} kr_t;
+    typedef {design.inner(node, 'score').cpp()} score_t;
+    typedef {ROPE.cpp()} rope_t;
+}};""")
+    kr_f = design.inner(node, "kr")
+    kn_c = cpp.cache(f"kncache_{cpp.name(y)}", f"{name}::kr_t", kr_f, a["heads"] * a["nope_dim"])
+    kr_c = cpp.cache(f"krcache_{cpp.name(y)}", f"{name}::kr_t", kr_f, a["rope_dim"])
+    v_c = cpp.cache(f"vcache_{cpp.name(y)}", cpp.t(v), design.fmt(v), a["heads"] * a["v_dim"])
+    cos, sin = rope_codes(a["rope_dim"], a["rope_theta"], cpp.capacity)
+    c, s = cpp.array(f"ROPE_COS_{cpp.name(y)}", "int16_t", cos, 16), cpp.array(f"ROPE_SIN_{cpp.name(y)}", "int16_t", sin, 16)
+    cpp.line(f"mc::mla_step<{name}, {cpp.t(q)}, {cpp.t(kn)}, {cpp.t(v)}, {cpp.t(kr)}, {cpp.t(y)}>({cpp.v(q)}, "
+             f"{cpp.v(kn)}, {cpp.v(v)}, {cpp.v(kr)}, pos, {kn_c}, {kr_c}, {v_c}, {cpp.v(y)}, {c}, {s}, {cpp.lut(EXP)});")
+
+
+register_kernel(FpgaKernel("attention", _emulate, _emit, internals=_internals, extra=_extra, refuse=_refuse,
+                           memories=_memories, position_cycles=attention_cycles))
+register_kernel(FpgaKernel("attention.mla", _mla_emulate, _mla_emit, internals=_mla_internals, extra=_extra,
+                           memories=_memories, position_cycles=attention_cycles))

@@ -93,10 +93,10 @@ def ffn_config(cpp: Any, node: Node, design: Design, x: Fmt, key: str) -> str:
     hidden, ffn = up.type.shape[-1], up.type.shape[-2]
     u_f, h_f = design.inner(node, "u"), design.inner(node, "h")
     g_f = design.inner(node, "g") if gated else u_f
-    up_c = dense_config(cpp, f"{key}_up", hidden, ffn, x, design.wfmt(up), design.rf(f"{key}_up", hidden))
-    gate_c = dense_config(cpp, f"{key}_gate", hidden, ffn, x, design.wfmt(gate), design.rf(f"{key}_gate", hidden)) \
+    up_c = dense_config(cpp, f"{key}__up", hidden, ffn, x, design.wfmt(up), design.rf(f"{key}__up", hidden))
+    gate_c = dense_config(cpp, f"{key}__gate", hidden, ffn, x, design.wfmt(gate), design.rf(f"{key}__gate", hidden)) \
         if gated else up_c
-    down_c = dense_config(cpp, f"{key}_down", ffn, hidden, h_f, design.wfmt(down), design.rf(f"{key}_down", ffn))
+    down_c = dense_config(cpp, f"{key}__down", ffn, hidden, h_f, design.wfmt(down), design.rf(f"{key}__down", ffn))
     cpp.decl(f"""struct cfg_{key} {{
     static const int hidden = {hidden}, ffn = {ffn};
     static const bool gated = {str(gated).lower()};
@@ -194,11 +194,11 @@ def ffn_units(node: Node, design: Design, key: str, experts: int, calls: int, ro
     gate, up, down = node.inputs[-3:] if gated else (None, *node.inputs[-2:])
     ffn, hidden = up.type.shape[-2:]
     x = design.fmt(node.inputs[0])
-    units = [DenseUnit(f"{key}_up", hidden, ffn, x, design.wfmt(up), experts * hidden * ffn, calls, role),
-             DenseUnit(f"{key}_down", ffn, hidden, design.inner(node, "h"), design.wfmt(down), experts * hidden * ffn,
+    units = [DenseUnit(f"{key}__up", hidden, ffn, x, design.wfmt(up), experts * hidden * ffn, calls, role),
+             DenseUnit(f"{key}__down", ffn, hidden, design.inner(node, "h"), design.wfmt(down), experts * hidden * ffn,
                        calls, role)]
     if gated:
-        units.insert(0, DenseUnit(f"{key}_gate", hidden, ffn, x, design.wfmt(gate), experts * hidden * ffn, calls, role))
+        units.insert(0, DenseUnit(f"{key}__gate", hidden, ffn, x, design.wfmt(gate), experts * hidden * ffn, calls, role))
     return units
 
 
@@ -274,7 +274,18 @@ def _experts_extra(node: Node, design: Design) -> tuple[int, int, int, int]:
     return k * (ffn + h), 1 + h, 600, 0
 
 
-register_kernel(FpgaKernel("embedding", _embed_emulate, _embed_emit, formats=_embed_formats))
+def _embed_memories(node: Node, design: Design, positions: int) -> list[tuple[str, int, int]]:
+    rows, h = node.inputs[1].type.shape
+    return [(f"table_{node.outputs[0].name}", rows * h, design.fmt(node.outputs[0]).width)]
+
+
+def _embed_extra(node: Node, design: Design) -> tuple[int, int, int, int]:
+    """One row read, a value a cycle."""
+    return node.inputs[1].type.shape[1], 0, 50, 0
+
+
+register_kernel(FpgaKernel("embedding", _embed_emulate, _embed_emit, formats=_embed_formats, extra=_embed_extra,
+                           memories=_embed_memories))
 register_kernel(FpgaKernel("linear", _linear_emulate, _linear_emit, units=_linear_units, refuse=_refuse_linear))
 register_kernel(FpgaKernel("mlp", _mlp_emulate, _mlp_emit, internals=_mlp_internals, units=_mlp_units,
                            extra=_ffn_extra, refuse=_refuse_ffn))

@@ -81,8 +81,8 @@ def _emit(node: Node, design: Design, cpp: Any) -> None:
     key = cpp.name(wts)
     e, h = w.type.shape
     lg_f = design.inner(node, "logits")
-    dense_cfg = dense_config(cpp, f"{key}_logits", h, e, design.fmt(x), design.wfmt(w), design.rf(f"{key}_logits", h))
-    zero = cpp.array(f"B_{key}_logits", f"{dense_cfg}::bias_t", np.zeros(e, np.int64), 64, 0)
+    dense_cfg = dense_config(cpp, f"{key}__logits", h, e, design.fmt(x), design.wfmt(w), design.rf(f"{key}__logits", h))
+    zero = cpp.array(f"B_{key}__logits", f"{dense_cfg}::bias_t", np.zeros(e, np.int64), 64, 0)
     bias = bias_codes(node, design)
     bias_arr = "0" if bias is None else cpp.array(f"SB_{key}", "int32_t", bias, 32)
     cpp.decl(f"""struct cfg_{key} {{
@@ -102,7 +102,7 @@ def _emit(node: Node, design: Design, cpp: Any) -> None:
 def _units(node: Node, design: Design) -> list[DenseUnit]:
     x, w = node.inputs[:2]
     e, h = w.type.shape
-    return [DenseUnit(f"{node.outputs[0].name}_logits", h, e, design.fmt(x), design.wfmt(w), e * h, 1, "dense")]
+    return [DenseUnit(f"{node.outputs[0].name}__logits", h, e, design.fmt(x), design.wfmt(w), e * h, 1, "dense")]
 
 
 def _extra(node: Node, design: Design) -> tuple[int, int, int, int]:

@@ -172,10 +172,26 @@ inline T rope_at(const X *x, int i, int pos, int half, const int16_t *cos_t, con
     return requant<T>(v, frac_of<X>() + frac_of<RT>());
 }
 
+// Softmax over cache rows 0..pos of one head's scores (max m) and the weighted sum of its
+// values (row t at vcache[t * stride + offset]): exp from its table of (score - m), one
+// integer division per output (8 extra bits), rounded to O.
+template <class SC, class V, class O, int CAP, int DV>
+void softmax_values(const int64_t sc[CAP], int64_t m, int pos, const V *vcache, int stride, int offset, O *out,
+                    const int32_t *exp_t, int exp_lo, int exp_size, int exp_step) {
+    int64_t sum = 0, acc[DV];
+    for (int i = 0; i < DV; i++) acc[i] = 0;
+    for (int t = 0; t <= pos; t++) {
+        #pragma HLS PIPELINE II=1
+        int64_t e = lut_eval(sc[t] - m, frac_of<SC>(), exp_t, exp_lo, exp_size, exp_step);
+        sum += e;
+        for (int i = 0; i < DV; i++) acc[i] += e * code_of(vcache[t * stride + offset + i]);
+    }
+    for (int i = 0; i < DV; i++) out[i] = requant<O>((acc[i] * 256) / sum, frac_of<V>() + 8);
+}
+
 // One position of causal grouped-query attention: its rotated key and its value are written
-// into the KV cache at `pos`, then each query head attends to cache rows 0..pos.
-// Softmax: exp from its table of (score - max), the weighted sum of values divided by the
-// sum of the exps (one integer division per output, 8 extra bits, then rounded to O).
+// into the KV cache at `pos`, then each query head scores cache rows 0..pos and takes the
+// softmax-weighted sum of their values.
 template <class CFG, class Q, class K, class V, class O>
 void attention_step(const Q q[CFG::heads * CFG::head_dim], const K k[CFG::kv_heads * CFG::head_dim],
                     const V v[CFG::kv_heads * CFG::head_dim], int pos,
@@ -208,15 +224,47 @@ void attention_step(const Q q[CFG::heads * CFG::head_dim], const K k[CFG::kv_hea
             sc[t] = code_of(requant<SC>(acc * CFG::scale_code, frac_of<QR>() + frac_of<KR>() + 16));
             if (sc[t] > m) m = sc[t];
         }
-        int64_t sum = 0, acc[CFG::head_dim];
-        for (int i = 0; i < D; i++) acc[i] = 0;
+        softmax_values<SC, V, O, CFG::capacity, CFG::head_dim>(sc, m, pos, vcache, HKV * D, g * D, out + h * D, exp_t,
+                                                               CFG::exp_lo, CFG::exp_size, CFG::exp_step);
+    }
+}
+
+// One position of multi-head latent attention: the per-head keys without positions
+// (k_nope, rounded to kr_t), the rotary key shared by all heads (rotated, kr_t) and the
+// values go into their caches at `pos`; each head's query is [its nope part | its rotated
+// rope part], its score the dot product with [k_nope of that head | the shared rope key].
+template <class CFG, class Q, class KN, class V, class KR_IN, class O>
+void mla_step(const Q q[CFG::heads * (CFG::nope_dim + CFG::rope_dim)], const KN kn[CFG::heads * CFG::nope_dim],
+              const V v[CFG::heads * CFG::v_dim], const KR_IN kr[CFG::rope_dim], int pos,
+              typename CFG::kr_t kncache[CFG::capacity * CFG::heads * CFG::nope_dim],
+              typename CFG::kr_t krcache[CFG::capacity * CFG::rope_dim], V vcache[CFG::capacity * CFG::heads * CFG::v_dim],
+              O out[CFG::heads * CFG::v_dim], const int16_t *cos_t, const int16_t *sin_t, const int32_t *exp_t) {
+    #pragma HLS INLINE off
+    typedef typename CFG::qr_t QR;
+    typedef typename CFG::kr_t KR;
+    typedef typename CFG::score_t SC;
+    typedef typename CFG::rope_t RT;
+    const int H = CFG::heads, DN = CFG::nope_dim, DR = CFG::rope_dim, DV = CFG::v_dim, HALF = CFG::rope_dim / 2;
+    for (int i = 0; i < DR; i++) krcache[pos * DR + i] = rope_at<KR, KR_IN, RT>(kr, i, pos, HALF, cos_t, sin_t, true);
+    for (int i = 0; i < H * DN; i++) kncache[pos * H * DN + i] = requant<KR>(code_of(kn[i]), frac_of<KN>());
+    for (int i = 0; i < H * DV; i++) vcache[pos * H * DV + i] = v[i];
+    for (int h = 0; h < H; h++) {
+        const Q *qh = q + h * (DN + DR);
+        QR qr[CFG::nope_dim + CFG::rope_dim];
+        for (int i = 0; i < DN; i++) qr[i] = requant<QR>(code_of(qh[i]), frac_of<Q>());
+        for (int i = 0; i < DR; i++) qr[DN + i] = rope_at<QR, Q, RT>(qh + DN, i, pos, HALF, cos_t, sin_t, true);
+        int64_t sc[CFG::capacity];
+        int64_t m = NEG_INF;
         for (int t = 0; t <= pos; t++) {
             #pragma HLS PIPELINE II=1
-            int64_t e = lut_eval(sc[t] - m, frac_of<SC>(), exp_t, CFG::exp_lo, CFG::exp_size, CFG::exp_step);
-            sum += e;
-            for (int i = 0; i < D; i++) acc[i] += e * code_of(vcache[(t * HKV + g) * D + i]);
+            int64_t acc = 0;
+            for (int i = 0; i < DN; i++) acc += code_of(qr[i]) * code_of(kncache[(t * H + h) * DN + i]);
+            for (int i = 0; i < DR; i++) acc += code_of(qr[DN + i]) * code_of(krcache[t * DR + i]);
+            sc[t] = code_of(requant<SC>(acc * CFG::scale_code, frac_of<QR>() + frac_of<KR>() + 16));
+            if (sc[t] > m) m = sc[t];
         }
-        for (int i = 0; i < D; i++) out[h * D + i] = requant<O>((acc[i] * 256) / sum, frac_of<V>() + 8);
+        softmax_values<SC, V, O, CFG::capacity, CFG::v_dim>(sc, m, pos, vcache, H * DV, h * DV, out + h * DV, exp_t,
+                                                            CFG::exp_lo, CFG::exp_size, CFG::exp_step);
     }
 }
 
