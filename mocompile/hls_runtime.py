@@ -67,12 +67,14 @@ class HlsCsimArtifact:
         self._outputs = [t for t in self.signature.outputs]
 
     # ---- the C simulation ----------------------------------------------------------------
-    def _call(self, sample: list[np.ndarray], start: int, count: int, caches: list[np.ndarray]) -> list[np.ndarray]:
+    def _call(self, sample: list[np.ndarray], start: int, caches: list[np.ndarray]) -> list[np.ndarray]:
+        counts = (ctypes.c_int * len(sample))(*[a.shape[0] if a.ndim else 0 for a in sample])
+        count = sum(counts)
         ins = (ctypes.c_void_p * len(sample))(*[a.ctypes.data for a in sample])
         outs = [np.zeros((count, t.shape[-1]), np.float32) for t in self._outputs]
         cache_ptrs = (ctypes.c_void_p * max(len(caches), 1))(*[c.ctypes.data for c in caches])
         out_ptrs = (ctypes.c_void_p * len(outs))(*[o.ctypes.data for o in outs])
-        if self._lib.mc_run(start, count, ins, cache_ptrs, out_ptrs) != 0:
+        if self._lib.mc_run(start, counts, ins, cache_ptrs, out_ptrs) != 0:
             raise ArtifactError(f"{self.path}: the C simulation failed")
         return outs
 
@@ -84,8 +86,7 @@ class HlsCsimArtifact:
         return out
 
     def _forward(self, arrays: Mapping[str, np.ndarray], caches: list[list[np.ndarray]], start: int) -> dict[str, np.ndarray]:
-        count = next(iter(segments(arrays).values()))
-        per_sample = [self._call(self._sample(arrays, b), start, count, caches[b]) for b in range(len(caches))]
+        per_sample = [self._call(self._sample(arrays, b), start, caches[b]) for b in range(len(caches))]
         return {t.name: np.stack([s[i] for s in per_sample]) for i, t in enumerate(self._outputs)}
 
     def _check(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -122,7 +123,7 @@ class HlsCsimArtifact:
     def step(self, inputs: Mapping[str, np.ndarray], cache: HlsCache) -> dict[str, np.ndarray]:
         """The next positions of every sequence in `cache`, appended to it."""
         arrays = self._check(inputs)
-        n = next(iter(segments(arrays).values()))
+        n = sum(segments(arrays).values())
         if next(iter(arrays.values())).shape[0] != cache.batch:
             raise ArtifactInputError(f"the cache holds {cache.batch} sequences, the inputs "
                                      f"{next(iter(arrays.values())).shape[0]}")

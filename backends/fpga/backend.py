@@ -24,7 +24,7 @@ from mocompile.backends.fpga.devices import PRESETS, Device, load_device
 from mocompile.backends.fpga.emulate import emulate
 from mocompile.backends.fpga.estimate import plan
 from mocompile.backends.fpga.precision import choose_formats, describe
-from mocompile.backends.fpga.project import build_csim, cache_entries, ident_model, write_project
+from mocompile.backends.fpga.project import build_csim, cache_entries, ident_model, segment_of, write_project
 from mocompile.backends.fpga.report import summary
 from mocompile.calibration import Calibration, for_graph
 from mocompile.errors import MocompileError
@@ -77,8 +77,15 @@ class FpgaBackend(Backend):
             why = refuse(node) if refuse else None
             if why:
                 return why
-        if len(graph.inputs) != 1:
-            return "the fpga target takes models with one input (no multimodal segments yet)"
+        if len(graph.inputs) > 1:  # a multimodal model: its sequence joins the inputs in order
+            joins = [n for n in graph.nodes if n.op == "concat" and n.attrs["axis"] == 1]
+            segments = segment_of(graph)
+            for node in joins:
+                owners = [segments.get(id(v.producer)) if v.producer else graph.inputs.index(v) if v in graph.inputs
+                          else None for v in node.inputs]
+                if owners != list(range(len(graph.inputs))):
+                    return (f"concat at {node.loc or '?'}: the fpga target joins the model's inputs along the "
+                            "sequence in the order they are declared")
         return None
 
     # ---- data-driven preparation -------------------------------------------------------------

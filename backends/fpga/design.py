@@ -120,6 +120,7 @@ def register_kernel(kernel: FpgaKernel) -> FpgaKernel:
 
 
 def load_kernels() -> dict[str, FpgaKernel]:
-    from mocompile.backends.fpga import kernels_attention, kernels_dense, kernels_elementwise, kernels_router  # noqa: F401
+    from mocompile.backends.fpga import (kernels_attention, kernels_dense, kernels_elementwise,  # noqa: F401
+                                         kernels_router, kernels_segments)
 
     return KERNELS

@@ -1,7 +1,8 @@
 """The FPGA kernel of the top-k router (`router.topk`): the logits are an hls4ml dense
 product; the rest is mocompile_hls.h's `route`, sort-free: scores through the exp or sigmoid
 table, optional score bias and group-limited routing, then top_k rounds of argmax, the
-chosen scores renormalised by an integer division and scaled by routed_scale."""
+chosen scores renormalised by an integer division and scaled by routed_scale. A token of a
+multimodal model is routed among its modality's experts only."""
 
 from __future__ import annotations
 
@@ -37,6 +38,18 @@ def _first_largest(score: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-score, axis=-1, kind="stable")[:, :k]
 
 
+def _allowed(node: Node, xs: list[Tensor], tokens: int, experts: int) -> np.ndarray:
+    """[tokens, experts]: the experts each token may use (its modality's group, else all)."""
+    allowed = np.ones((tokens, experts), dtype=bool)
+    if node.attrs["groups"]:
+        mods = dict(zip(router_inputs(node.attrs), xs))["modality_ids"][0].reshape(-1)
+        for mod, start, end in node.attrs["groups"]:
+            rows = mods == mod
+            allowed[rows] = False
+            allowed[np.ix_(rows, np.arange(start, end))] = True
+    return allowed
+
+
 def _emulate(node: Node, xs: list[Tensor], design: Design) -> list[Tensor]:
     x = xs[0]
     a = node.attrs
@@ -46,11 +59,13 @@ def _emulate(node: Node, xs: list[Tensor], design: Design) -> list[Tensor]:
     lead = logits.shape[:-1]
     lg = logits.reshape(-1, logits.shape[-1])
     t, e = lg.shape
+    allowed = _allowed(node, xs, t, e)
     if a["scoring"] == "softmax":
-        ex = EXP(lg - lg.max(-1, keepdims=True), lg_f.frac)
+        m = np.where(allowed, lg, np.iinfo(np.int64).min).max(-1, keepdims=True)
+        ex = np.where(allowed, EXP(lg - m, lg_f.frac), 0)
         score = (ex << LUT_FRAC) // ex.sum(-1, keepdims=True)
     else:
-        score = SIGMOID(lg, lg_f.frac)
+        score = np.where(allowed, SIGMOID(lg, lg_f.frac), 0)
     bias = bias_codes(node, design)
     choice = score + (0 if bias is None else bias)
     if a["n_group"] > 1:
@@ -61,7 +76,7 @@ def _emulate(node: Node, xs: list[Tensor], design: Design) -> list[Tensor]:
         mask = np.zeros((t, a["n_group"]), dtype=bool)
         np.put_along_axis(mask, keep, True, axis=-1)
         choice = np.where(np.repeat(mask, e // a["n_group"], axis=-1), choice, 0 if bias is None else NEG_INF)
-    idx = _first_largest(choice, a["top_k"])
+    idx = _first_largest(np.where(allowed, choice, NEG_INF), a["top_k"])
     wts = np.take_along_axis(score, idx, axis=-1) * scale_code(node)
     if a["normalize"]:
         den = np.maximum(np.take_along_axis(score, idx, axis=-1).sum(-1, keepdims=True), 1)
@@ -95,8 +110,13 @@ def _emit(node: Node, design: Design, cpp: Any) -> None:
 }};""")
     cpp.line(f"{lg_f.cpp()} logits_{key}[{e}];")
     cpp.line(f"nnet::dense<{cpp.t(x)}, {lg_f.cpp()}, {dense_cfg}>({cpp.v(x)}, logits_{key}, {cpp.w(w)}, {zero});")
+    cpp.line(f"int lo_{key} = 0, hi_{key} = {e};")
+    if a["groups"]:
+        mods = cpp.v(dict(zip(router_inputs(a), node.inputs))["modality_ids"])
+        for mod, start, end in a["groups"]:
+            cpp.line(f"if ({mods}[0] == {mod}) {{ lo_{key} = {start}; hi_{key} = {end}; }}")
     cpp.line(f"mc::route<cfg_{key}, {lg_f.cpp()}, {cpp.t(wts)}>(logits_{key}, {bias_arr}, {cpp.lut(EXP)}, "
-             f"{cpp.lut(SIGMOID)}, {cpp.v(wts)}, {cpp.v(idx)});")
+             f"{cpp.lut(SIGMOID)}, lo_{key}, hi_{key}, {cpp.v(wts)}, {cpp.v(idx)});")
 
 
 def _units(node: Node, design: Design) -> list[DenseUnit]:
@@ -118,8 +138,6 @@ def _refuse(node: Node) -> str | None:
     if a["routing"] != "token_choice" or a["capacity_factor"] is not None:
         return f"router.topk at {node.loc or '?'}: the fpga target routes each token on its own (token_choice " \
                "without capacity)"
-    if a["groups"]:
-        return f"router.topk at {node.loc or '?'}: per-modality expert groups have no fpga kernel yet"
     return None
 
 

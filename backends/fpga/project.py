@@ -26,7 +26,7 @@ from mocompile.backends.fpga.cpp import BlobArray, Cpp
 from mocompile.backends.fpga.design import Design, load_kernels
 from mocompile.backends.fpga.fixed import Fmt
 from mocompile.errors import MocompileError
-from mocompile.ir.graph import Value
+from mocompile.ir.graph import Graph, Value
 
 HERE = Path(__file__).resolve().parent
 GXX_FLAGS = ["-O1", "-std=c++14", "-fPIC", "-shared", "-w"]
@@ -56,16 +56,40 @@ def _include_closure(folder: Path, root: str) -> list[str]:
     return sorted(seen)
 
 
+def per_position(v: Value) -> int:
+    """Values of v at one position: its last axis, or 1 for [batch, seq] (ids)."""
+    return 1 if v.type.rank == 2 else int(v.type.shape[-1])
+
+
+def segment_of(graph: Graph) -> dict[int, int | None]:
+    """Node (by id) -> the one graph input it depends on in a model of several inputs (it
+    runs only at that segment's positions), or None."""
+    deps: dict[int, set[int]] = {id(v): {i} for i, v in enumerate(graph.inputs)}
+    out: dict[int, int | None] = {}
+    for node in graph.nodes:
+        found = set().union(*(deps.get(id(v), set()) for v in node.inputs))
+        for v in node.outputs:
+            deps[id(v)] = found
+        out[id(node)] = next(iter(found)) if len(found) == 1 and len(graph.inputs) > 1 else None
+    return out
+
+
 def write_body(design: Design, cpp: Cpp) -> None:
     kernels = load_kernels()
     graph = design.graph
     ends = {id(v) for v in (*graph.inputs, *graph.outputs)}
+    segments = segment_of(graph)
     for node in graph.nodes:
         for v in node.outputs:
             if id(v) not in ends:
-                cpp.line(f"{cpp.t(v)} {cpp.v(v)}[{v.type.shape[-1]}];")
-        cpp.line(f"// {node.op} {node.loc}")
+                cpp.line(f"{cpp.t(v)} {cpp.v(v)}[{per_position(v)}];")
+        seg = segments[id(node)]
+        cpp.line(f"// {node.op} {node.loc}" + (f" (positions of {graph.inputs[seg].name} only)" if seg is not None else ""))
+        start = len(cpp.body)
         kernels[node.op].emit(node, design, cpp)
+        if seg is not None:
+            cpp.body[start:] = [f"if (seg == {seg}) {{", *("    " + line.replace("\n", "\n    ")
+                                                            for line in cpp.body[start:]), "}"]
 
 
 def _arg(cpp: Cpp, v: Value, const: bool) -> str:
@@ -75,7 +99,7 @@ def _arg(cpp: Cpp, v: Value, const: bool) -> str:
 
 def top_signature(design: Design, cpp: Cpp) -> str:
     g = design.graph
-    args = [_arg(cpp, v, True) for v in g.inputs] + ["int pos"]
+    args = [_arg(cpp, v, False) for v in g.inputs] + (["int seg"] if len(g.inputs) > 1 else []) + ["int pos"]
     args += [f"{c.ctype} {c.name}[{cpp.capacity * c.width}]" for c in cpp.caches]
     args += [_arg(cpp, v, False) for v in g.outputs]
     return f"void {ident_model(design)}_step({', '.join(args)})"
@@ -167,32 +191,35 @@ def write_bridge(design: Design, cpp: Cpp, hls: Path) -> None:
     model = ident_model(design)
     lines = [f"#include \"firmware/{model}.h\"", "", "extern \"C\" void mc_load_weights(const uint8_t *blob);", ""]
     lines += [f"static {c.ctype} {c.name}[{cpp.capacity * c.width}];" for c in cpp.caches]
-    lines += ["", "// Positions start..start+count-1 of one sequence: inputs[i] its i-th input at those positions",
-              "// (int64 ids or float32 features), caches[j] the j-th KV cache as codes, outputs[o] float32.",
-              "extern \"C\" int mc_run(int start, int count, const void *const *inputs, int16_t *const *caches,",
+    lines += ["", "// The next positions of one sequence starting at `start`: counts[i] positions of input i, the",
+              "// inputs in order (a multimodal model's segments); inputs[i] holds them (int64 ids or float32",
+              "// features), caches[j] is the j-th KV cache as codes, outputs[o] gets float32 rows in that order.",
+              "extern \"C\" int mc_run(int start, const int *counts, const void *const *inputs, int16_t *const *caches,",
               "                        float *const *outputs) {",
-              "    const int end = start + count;"]
+              f"    int end = start;",
+              f"    for (int i = 0; i < {len(g.inputs)}; i++) end += counts[i];"]
     for j, c in enumerate(cpp.caches):
         lines.append(f"    for (int i = 0; i < start * {c.width}; i++) {c.name}[i] = mc::from_code<{c.ctype}>(caches[{j}][i]);")
-    lines.append("    for (int p = 0; p < count; p++) {")
-    call = []
-    for i, v in enumerate(g.inputs):
-        if v.type.dtype.startswith("float"):
-            n = v.type.shape[-1]
-            lines += [f"        {cpp.t(v)} {cpp.v(v)}[{n}];",
-                      f"        for (int f = 0; f < {n}; f++) {cpp.v(v)}[f] = ((const float *)inputs[{i}])[p * {n} + f];"]
-        else:
-            lines.append(f"        int {cpp.v(v)}[1] = {{(int)((const int64_t *)inputs[{i}])[p]}};")
-        call.append(cpp.v(v))
-    call += ["start + p"] + [c.name for c in cpp.caches]
+    for v in g.inputs:
+        lines.append(f"    {cpp.t(v)} {cpp.v(v)}[{per_position(v)}];")
+        lines.append(f"    for (int f = 0; f < {per_position(v)}; f++) {cpp.v(v)}[f] = 0;")
     for v in g.outputs:
-        lines.append(f"        {cpp.t(v)} {cpp.v(v)}[{v.type.shape[-1]}];")
-        call.append(cpp.v(v))
-    lines.append(f"        {model}_step({', '.join(call)});")
+        lines.append(f"    {cpp.t(v)} {cpp.v(v)}[{v.type.shape[-1]}];")
+    lines.append("    for (int seg = 0, row = 0; seg < %d; seg++) {" % len(g.inputs))
+    lines.append("        for (int p = 0; p < counts[seg]; p++, row++) {")
+    for i, v in enumerate(g.inputs):
+        n = per_position(v)
+        src = "((const float *)inputs[%d])" % i if v.type.dtype.startswith("float") else "((const int64_t *)inputs[%d])" % i
+        cast = "" if v.type.dtype.startswith("float") else "(int)"
+        lines.append(f"            if (seg == {i}) for (int f = 0; f < {n}; f++) {cpp.v(v)}[f] = {cast}{src}[p * {n} + f];")
+    call = [cpp.v(v) for v in g.inputs] + (["seg"] if len(g.inputs) > 1 else []) + ["start + row"]
+    call += [c.name for c in cpp.caches] + [cpp.v(v) for v in g.outputs]
+    lines.append(f"            {model}_step({', '.join(call)});")
     for o, v in enumerate(g.outputs):
         n = v.type.shape[-1]
-        lines.append(f"        for (int f = 0; f < {n}; f++) outputs[{o}][p * {n} + f] = (float){cpp.v(v)}[f].to_double();")
-    lines.append("    }")
+        lines.append(f"            for (int f = 0; f < {n}; f++) outputs[{o}][row * {n} + f] = "
+                     f"(float){cpp.v(v)}[f].to_double();")
+    lines += ["        }", "    }"]
     for j, c in enumerate(cpp.caches):
         lines.append(f"    for (int i = start * {c.width}; i < end * {c.width}; i++) caches[{j}][i] = "
                      f"(int16_t)mc::code_of({c.name}[i]);")

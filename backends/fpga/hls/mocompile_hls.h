@@ -268,28 +268,31 @@ void mla_step(const Q q[CFG::heads * (CFG::nope_dim + CFG::rope_dim)], const KN 
     }
 }
 
-// The router after its logits: scores (softmax through the exp table, or sigmoid through its
-// table; LUT_FRAC fraction bits), the choice scores (+ score bias), group-limited routing
+// The router after its logits: scores of the experts lo..hi-1 the token may use (its
+// modality's; softmax through the exp table, or sigmoid through its table; LUT_FRAC fraction
+// bits; 0 elsewhere), the choice scores (+ score bias), group-limited routing
 // (the best topk_group groups by the sum of their top two, or their max), then top_k rounds
 // of argmax; the chosen experts' scores, normalised by their sum (an integer division) and
 // scaled by routed_scale (scale_code, 12 fraction bits), rounded to WT.
 template <class CFG, class LG, class WT>
-void route(const LG logits[CFG::experts], const int32_t *bias, const int32_t *exp_t, const int32_t *sig_t,
-           WT weights[CFG::top_k], int idx[CFG::top_k]) {
+void route(const LG logits[CFG::experts], const int32_t *bias, const int32_t *exp_t, const int32_t *sig_t, int lo,
+           int hi, WT weights[CFG::top_k], int idx[CFG::top_k]) {
     #pragma HLS INLINE off
     const int E = CFG::experts, GS = CFG::experts / CFG::n_group;
     int64_t score[CFG::experts], choice[CFG::experts];
     if (CFG::softmax) {
         int64_t m = NEG_INF, sum = 0;
-        for (int e = 0; e < E; e++) if (code_of(logits[e]) > m) m = code_of(logits[e]);
+        for (int e = lo; e < hi; e++) if (code_of(logits[e]) > m) m = code_of(logits[e]);
         for (int e = 0; e < E; e++) {
-            score[e] = lut_eval(code_of(logits[e]) - m, frac_of<LG>(), exp_t, CFG::exp_lo, CFG::exp_size, CFG::exp_step);
+            score[e] = e < lo || e >= hi ? 0 :
+                lut_eval(code_of(logits[e]) - m, frac_of<LG>(), exp_t, CFG::exp_lo, CFG::exp_size, CFG::exp_step);
             sum += score[e];
         }
         for (int e = 0; e < E; e++) score[e] = (score[e] << LUT_FRAC) / sum;
     } else {
         for (int e = 0; e < E; e++)
-            score[e] = lut_eval(code_of(logits[e]), frac_of<LG>(), sig_t, CFG::sig_lo, CFG::sig_size, CFG::sig_step);
+            score[e] = e < lo || e >= hi ? 0 :
+                lut_eval(code_of(logits[e]), frac_of<LG>(), sig_t, CFG::sig_lo, CFG::sig_size, CFG::sig_step);
     }
     for (int e = 0; e < E; e++) choice[e] = score[e] + (CFG::has_bias ? (int64_t)bias[e] : 0);
     if (CFG::n_group > 1) {
@@ -311,6 +314,7 @@ void route(const LG logits[CFG::experts], const int32_t *bias, const int32_t *ex
                 for (int e = gi * GS; e < (gi + 1) * GS; e++) choice[e] = CFG::has_bias ? NEG_INF : 0;
         }
     }
+    for (int e = 0; e < E; e++) if (e < lo || e >= hi) choice[e] = NEG_INF;  // another modality's experts
     topk_rounds<CFG::experts, CFG::top_k>(choice, idx);
     int64_t den = 0;
     for (int j = 0; j < CFG::top_k; j++) den += score[idx[j]];
@@ -318,7 +322,7 @@ void route(const LG logits[CFG::experts], const int32_t *bias, const int32_t *ex
     for (int j = 0; j < CFG::top_k; j++) {
         int64_t w = score[idx[j]] * CFG::scale_code;
         if (CFG::normalize) w = (w << LUT_FRAC) / den;
-        weights[j] = requant<WT>(w, CFG::normalize ? LUT_FRAC + 12 : LUT_FRAC + 12);
+        weights[j] = requant<WT>(w, LUT_FRAC + 12);
     }
 }
 
