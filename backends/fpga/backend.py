@@ -33,7 +33,7 @@ from mocompile.ir.graph import Graph
 PROGRAM_KIND = "hls-csim"
 DEFAULT_DEVICE = "alveo-u280"
 MAX_POSITIONS = 4096  # default KV cache positions when the model's max_seq is larger
-CALIBRATION_SAMPLES, CALIBRATION_SEQ = 4, 16
+CALIBRATION_SAMPLES, CALIBRATION_SEQ = 8, 32
 
 
 @register_backend
