@@ -26,7 +26,7 @@ LAYER_OF = {
     "mocompile.pass_manager": "passes", "mocompile.passes": "passes",
     "mocompile.backends": "backends",
     "mocompile.artifact": "runtime", "mocompile.runtime": "runtime", "mocompile.runtime_inputs": "runtime",
-    "mocompile.artifact_isolation": "runtime",
+    "mocompile.artifact_isolation": "runtime", "mocompile.hls_runtime": "runtime",
     "mocompile.isolation_check": "driver",  # lowers, runs passes and analyses: a driver of the others
     "mocompile.verification": "driver", "mocompile.compiler": "driver", "mocompile.cli": "driver",
     "mocompile": "driver",  # the package's __init__ (the public API)

@@ -19,7 +19,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from mocompile.backends.base import Backend, register_backend
-from mocompile.backends.fpga.design import Design, load_kernels
+from mocompile.backends.fpga.design import Design
+from mocompile.backends.fpga.lowerings import kernel_for, load_kernels
 from mocompile.backends.fpga.devices import PRESETS, Device, load_device
 from mocompile.backends.fpga.emulate import emulate
 from mocompile.backends.fpga.estimate import plan
@@ -71,9 +72,8 @@ class FpgaBackend(Backend):
         found = super().unsupported(graph)
         if found:
             return found
-        kernels = load_kernels()
         for node in graph.nodes:
-            refuse = kernels[node.op].refuse
+            refuse = kernel_for(node).refuse
             why = refuse(node) if refuse else None
             if why:
                 return why

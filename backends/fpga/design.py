@@ -1,15 +1,13 @@
 """What the FPGA target decided about a graph before writing any code: the fixed-point
 format of every activation, of every value inside a kernel and of every weight array
-(`Design`), the reuse factor of every dense product, and the registry of kernels, one per IR
-op, each saying how the op is emulated in fixed point, written as HLS C++ and costed
-(`FpgaKernel`, registered by the kernels_*.py modules)."""
+(`Design`), the reuse factor of every dense product, and the dense products each kernel
+instantiates (`DenseUnit`, what the estimator costs)."""
 
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import numpy as np
 
@@ -78,49 +76,3 @@ class DenseUnit:
     weights: int  # weight values stored for it (all experts' for a shared unit)
     calls: int  # times it runs per token (top_k for routed experts)
     role: str  # "experts" for routed experts (streamable), else "dense"
-
-
-@dataclass(frozen=True)
-class FpgaKernel:
-    """The FPGA target's facts about one IR op.
-
-    emulate(node, inputs, design) -> outputs: the op in fixed point on integer codes, exactly
-        as the generated C++ computes it (the bit-exact reference of the C simulation);
-    internals(node, float inputs) -> {role: max |value|}: ranges of the values inside the
-        kernel (calibration, for their formats);
-    formats(node, design) -> {role: Fmt}: formats inside the kernel not set by calibration;
-    emit(node, design, cpp) -> C++: declarations (cpp.decl) and the step's statements;
-    units(node, design) -> the dense products it instantiates (for the estimate);
-    extra(node, design) -> (cycles, DSPs, LUTs, BRAM18) of its non-dense work per token;
-    refuse(node) -> why this node's attributes have no kernel, or None;
-    memories(node, design, positions) -> [(name, depth, bits)]: on-chip arrays other than dense
-        weights (KV caches of `positions` positions, embedding tables);
-    position_cycles(node, positions) -> its cycles at a cache of `positions` (attention)."""
-
-    op: str
-    emulate: Callable[[Node, list[Tensor], Design], list[Tensor]]
-    emit: Callable[[Node, Design, Any], None]
-    internals: Callable[[Node, list[np.ndarray]], dict[str, float]] | None = None
-    formats: Callable[[Node, Design], dict[str, Fmt]] | None = None
-    units: Callable[[Node, Design], list[DenseUnit]] | None = None
-    extra: Callable[[Node, Design], tuple[int, int, int, int]] | None = None
-    refuse: Callable[[Node], "str | None"] | None = None
-    memories: Callable[[Node, Design, int], list[tuple[str, int, int]]] | None = None
-    position_cycles: Callable[[Node, int], int] | None = None
-
-
-KERNELS: dict[str, FpgaKernel] = {}
-
-
-def register_kernel(kernel: FpgaKernel) -> FpgaKernel:
-    if kernel.op in KERNELS:
-        raise ValueError(f"fpga kernel for {kernel.op!r} registered twice")
-    KERNELS[kernel.op] = kernel
-    return kernel
-
-
-def load_kernels() -> dict[str, FpgaKernel]:
-    from mocompile.backends.fpga import (kernels_attention, kernels_dense, kernels_elementwise,  # noqa: F401
-                                         kernels_router, kernels_segments)
-
-    return KERNELS

@@ -10,13 +10,13 @@ from typing import Mapping
 
 import numpy as np
 
-from mocompile.backends.fpga.design import Design, Tensor, load_kernels
+from mocompile.backends.fpga.design import Design, Tensor
+from mocompile.backends.fpga.lowerings import kernel_for
 from mocompile.backends.fpga.fixed import quantize, to_float
 
 
 def emulate(design: Design, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The graph's outputs (float32, as the C simulation returns them) on `inputs`."""
-    kernels = load_kernels()
     graph = design.graph
     env: dict[int, Tensor] = {}
     for v in graph.inputs:
@@ -26,7 +26,7 @@ def emulate(design: Design, inputs: Mapping[str, np.ndarray]) -> dict[str, np.nd
     params = {id(p) for p in graph.params.values()}
     for node in graph.nodes:
         args = [env[id(v)] if id(v) not in params else (np.empty(0, np.int64), None) for v in node.inputs]
-        for v, result in zip(node.outputs, kernels[node.op].emulate(node, args, design)):
+        for v, result in zip(node.outputs, kernel_for(node).emulate(node, args, design)):
             env[id(v)] = result
     out = {}
     for v in graph.outputs:

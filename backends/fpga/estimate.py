@@ -31,7 +31,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mocompile.backends.fpga.design import Design, DenseUnit, ident, load_kernels
+from mocompile.backends.fpga.design import Design, DenseUnit, ident
+from mocompile.backends.fpga.lowerings import kernel_for
 from mocompile.backends.fpga.devices import Device
 from mocompile.errors import MocompileError
 
@@ -95,17 +96,15 @@ def unit_cost(u: DenseUnit, rf: int) -> UnitCost:
 
 
 def _units(design: Design) -> list[tuple[Any, list[DenseUnit]]]:
-    kernels = load_kernels()
-    return [(n, kernels[n.op].units(n, design) if kernels[n.op].units else []) for n in design.graph.nodes]
+    return [(n, kernel_for(n).units(n, design) if kernel_for(n).units else []) for n in design.graph.nodes]
 
 
 def _compute(design: Design, r: int) -> tuple[list[UnitCost], int, int]:
     costs = [unit_cost(u, reuse_for(u.n_in, u.n_out, r)) for _, units in _units(design) for u in units]
-    kernels = load_kernels()
     extra_dsp = extra_lut = 0
     for n in design.graph.nodes:
-        if kernels[n.op].extra:
-            _, dsp, lut, _ = kernels[n.op].extra(n, design)
+        if kernel_for(n).extra:
+            _, dsp, lut, _ = kernel_for(n).extra(n, design)
             extra_dsp, extra_lut = extra_dsp + dsp, extra_lut + lut
     return costs, sum(c.dsp for c in costs) + extra_dsp, sum(c.lut for c in costs) + extra_lut
 
@@ -127,8 +126,7 @@ def choose_reuse(design: Design, device: Device) -> tuple[int, list[UnitCost], i
 
 
 def _memories(design: Design, capacity: int) -> list[tuple[str, int, int]]:
-    kernels = load_kernels()
-    return [m for n in design.graph.nodes if kernels[n.op].memories for m in kernels[n.op].memories(n, design, capacity)]
+    return [m for n in design.graph.nodes if kernel_for(n).memories for m in kernel_for(n).memories(n, design, capacity)]
 
 
 def plan(design: Design, device: Device, capacity: int) -> dict[str, Any]:
@@ -160,14 +158,13 @@ def plan(design: Design, device: Device, capacity: int) -> dict[str, Any]:
         stream_cycles += per_token / bytes_per_cycle
         off_chip.append({"array": name, "kind": "memory" if cost is None else cost.unit.role,
                          "bytes_per_token": int(per_token), "cycles_per_token": math.ceil(per_token / bytes_per_cycle)})
-    kernels = load_kernels()
-    extra = {id(n): kernels[n.op].extra(n, design) if kernels[n.op].extra else (0, 0, 0, 0)
+    extra = {id(n): kernel_for(n).extra(n, design) if kernel_for(n).extra else (0, 0, 0, 0)
              for n in design.graph.nodes}
     by_key = {c.unit.key: c for c in costs}
     rows, total_cycles, first_cycles = [], 0, 0
     for node, units in _units(design):
         unit_cycles = sum(by_key[u.key].cycles * u.calls for u in units)
-        at = kernels[node.op].position_cycles
+        at = kernel_for(node).position_cycles
         cycles = unit_cycles + (at(node, capacity) if at else extra[id(node)][0])
         at_zero = unit_cycles + (at(node, 1) if at else extra[id(node)][0])
         total_cycles, first_cycles = total_cycles + cycles, first_cycles + at_zero

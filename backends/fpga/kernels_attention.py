@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from mocompile.backends.fpga.design import Design, FpgaKernel, Tensor, register_kernel
+from mocompile.backends.fpga.design import Design, Tensor
+from mocompile.backends.fpga.lowerings import FpgaKernel, register_kernel
 from mocompile.backends.fpga.fixed import EXP, Fmt, requant, trunc_div
 from mocompile.ir.graph import Node
 from mocompile.ir.ops.attention import apply_rope, rope_tables

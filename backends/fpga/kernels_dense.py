@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from mocompile.backends.fpga.design import Design, DenseUnit, FpgaKernel, Tensor, accum_fmt, register_kernel
+from mocompile.backends.fpga.design import Design, DenseUnit, Tensor, accum_fmt
+from mocompile.backends.fpga.lowerings import FpgaKernel, register_kernel
 from mocompile.backends.fpga.fixed import LUT_FRAC, SIGMOID, Fmt, quantize, requant
 from mocompile.ir.graph import Node
 from mocompile.ir.ops.elementwise import silu

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from mocompile.backends.fpga.design import Design, FpgaKernel, Tensor, register_kernel
+from mocompile.backends.fpga.design import Design, Tensor
+from mocompile.backends.fpga.lowerings import FpgaKernel, register_kernel
 from mocompile.backends.fpga.fixed import LUT_FRAC, SIGMOID, Fmt, isqrt, requant
 from mocompile.ir.graph import Node
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from mocompile.backends.fpga.design import Design, DenseUnit, FpgaKernel, Tensor, register_kernel
+from mocompile.backends.fpga.design import Design, DenseUnit, Tensor
+from mocompile.backends.fpga.lowerings import FpgaKernel, register_kernel
 from mocompile.backends.fpga.fixed import EXP, LUT_FRAC, SIGMOID, requant
 from mocompile.backends.fpga.kernels_dense import dense, dense_config
 from mocompile.ir.graph import Node

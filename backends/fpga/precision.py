@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from mocompile.backends.fpga.design import Design, load_kernels
+from mocompile.backends.fpga.design import Design
+from mocompile.backends.fpga.lowerings import kernel_for
 from mocompile.backends.fpga.fixed import Fmt
 from mocompile.calibration import Calibration
 from mocompile.ir.graph import Graph, Node
@@ -24,14 +25,13 @@ from mocompile.ir.interpreter import run as interpret
 
 def choose_formats(graph: Graph, calibration: Calibration, bits: int) -> Design:
     """The Design of `graph` at `bits` bits with formats from `calibration`."""
-    kernels = load_kernels()
     amax: dict[str, float] = {}
 
     def keep(key: str, m: float) -> None:
         amax[key] = max(amax.get(key, 0.0), m)
 
     def before(node: Node, args: list[np.ndarray]) -> list[np.ndarray]:
-        kernel = kernels[node.op]
+        kernel = kernel_for(node)
         if kernel.internals is not None:
             for role, m in kernel.internals(node, args).items():
                 keep(f"{node.outputs[0].name}:{role}", m)
@@ -52,7 +52,7 @@ def choose_formats(graph: Graph, calibration: Calibration, bits: int) -> Design:
     design.weight_fmts = {name: Fmt.covering(float(np.abs(w).max()) if w.size else 0.0, bits, headroom=1.0)
                           for name, w in graph.weights.items()}
     for node in graph.nodes:
-        formats = kernels[node.op].formats
+        formats = kernel_for(node).formats
         if formats is not None:
             design.fmts.update({f"{node.outputs[0].name}:{role}": f for role, f in formats(node, design).items()})
     return design

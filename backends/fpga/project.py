@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from mocompile.backends.fpga.cpp import BlobArray, Cpp
-from mocompile.backends.fpga.design import Design, load_kernels
+from mocompile.backends.fpga.design import Design
+from mocompile.backends.fpga.lowerings import kernel_for
 from mocompile.backends.fpga.fixed import Fmt
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph, Value
@@ -75,7 +76,6 @@ def segment_of(graph: Graph) -> dict[int, int | None]:
 
 
 def write_body(design: Design, cpp: Cpp) -> None:
-    kernels = load_kernels()
     graph = design.graph
     ends = {id(v) for v in (*graph.inputs, *graph.outputs)}
     segments = segment_of(graph)
@@ -86,7 +86,7 @@ def write_body(design: Design, cpp: Cpp) -> None:
         seg = segments[id(node)]
         cpp.line(f"// {node.op} {node.loc}" + (f" (positions of {graph.inputs[seg].name} only)" if seg is not None else ""))
         start = len(cpp.body)
-        kernels[node.op].emit(node, design, cpp)
+        kernel_for(node).emit(node, design, cpp)
         if seg is not None:
             cpp.body[start:] = [f"if (seg == {seg}) {{", *("    " + line.replace("\n", "\n    ")
                                                             for line in cpp.body[start:]), "}"]
