@@ -162,13 +162,10 @@ class HlsCsimArtifact:
         return np.concatenate(out, axis=1) if out else np.zeros((batch, 0), spec.dtype)
 
     def time_run(self, inputs: Mapping[str, np.ndarray], repeat: int = 10) -> float:
-        self.run(inputs)
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            self.run(inputs)
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        """Median seconds per call of the C simulation (after one warm-up call)."""
+        from mocompile.runtime import median_seconds
+
+        return median_seconds(self.run, inputs, repeat)
 
 
 def rebuild(path: Path) -> None:

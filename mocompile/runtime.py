@@ -350,13 +350,19 @@ class LoadedArtifact:
 
     def time_run(self, inputs: Mapping[str, np.ndarray], repeat: int = 10) -> float:
         """Median seconds per call (after one warm-up call)."""
-        self.run(inputs)
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            self.run(inputs)
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        return median_seconds(self.run, inputs, repeat)
+
+
+def median_seconds(run: Callable[[Mapping[str, np.ndarray]], Any], inputs: Mapping[str, np.ndarray],
+                   repeat: int) -> float:
+    """Median seconds of `repeat` calls of run(inputs), after one warm-up call (any program kind's time_run)."""
+    run(inputs)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run(inputs)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 # program kind (the manifest's program.kind) -> what opens an artifact of that kind:

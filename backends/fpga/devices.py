@@ -47,10 +47,11 @@ def load_device(text: str) -> Device:
     if text in PRESETS:
         return PRESETS[text]
     path = Path(text)
-    if path.suffix != ".toml":
-        raise MocompileError(f"unknown device {text!r} (presets: {', '.join(PRESETS)}; or a .toml file)")
-    if not path.is_file():
-        raise MocompileError(f"{path}: device file not found")
+    why = None if path.suffix == ".toml" else f"unknown device {text!r} (presets: {', '.join(PRESETS)}; or a .toml file)"
+    if why is None and not path.is_file():
+        why = f"{path}: device file not found"
+    if why:
+        raise MocompileError(why)
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

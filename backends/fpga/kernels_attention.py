@@ -95,13 +95,16 @@ def _config(node: Node, design: Design, cpp: Any) -> str:
     static const int capacity = {cpp.capacity};
     static const bool rope = {str(a['rope_theta'] > 0).lower()};
     static const int64_t scale_code = {scale_code(a['head_dim'])}LL;
-    static const int exp_lo = {EXP.lo}, exp_size = {EXP.size}, exp_step = {EXP.step_bits};
-    typedef {design.inner(node, 'qr').cpp()} qr_t;
-    typedef {design.inner(node, 'kr').cpp()} kr_t;
-    typedef {design.inner(node, 'score').cpp()} score_t;
-    typedef {ROPE.cpp()} rope_t;
+{_score_types(node, design)}
 }};""")
     return name
+
+
+def _score_types(node: Node, design: Design) -> str:
+    """The config lines every attention kernel has: its exp table and its inner formats."""
+    return "\n".join([f"    static const int exp_lo = {EXP.lo}, exp_size = {EXP.size}, exp_step = {EXP.step_bits};",
+                      *(f"    typedef {design.inner(node, role).cpp()} {role}_t;" for role in ("qr", "kr", "score")),
+                      f"    typedef {ROPE.cpp()} rope_t;"])
 
 
 def _emit(node: Node, design: Design, cpp: Any) -> None:
@@ -207,11 +210,7 @@ def _mla_emit(node: Node, design: Design, cpp: Any) -> None:
     static const int heads = {a['heads']}, nope_dim = {a['nope_dim']}, rope_dim = {a['rope_dim']}, v_dim = {a['v_dim']};
     static const int capacity = {cpp.capacity};
     static const int64_t scale_code = {scale_code(a['nope_dim'] + a['rope_dim'])}LL;
-    static const int exp_lo = {EXP.lo}, exp_size = {EXP.size}, exp_step = {EXP.step_bits};
-    typedef {design.inner(node, 'qr').cpp()} qr_t;
-    typedef {design.inner(node, 'kr').cpp()} kr_t;
-    typedef {design.inner(node, 'score').cpp()} score_t;
-    typedef {ROPE.cpp()} rope_t;
+{_score_types(node, design)}
 }};""")
     kr_f = design.inner(node, "kr")
     kn_c = cpp.cache(f"kncache_{cpp.name(y)}", f"{name}::kr_t", kr_f, a["heads"] * a["nope_dim"])

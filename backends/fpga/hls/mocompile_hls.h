@@ -172,6 +172,17 @@ inline T rope_at(const X *x, int i, int pos, int half, const int16_t *cos_t, con
     return requant<T>(v, frac_of<X>() + frac_of<RT>());
 }
 
+// The exact dot product of two code vectors, and a query-key dot product scaled by
+// 1/sqrt(d) (scale_code, 16 fraction bits) and rounded to the score type.
+template <class A, class B> inline int64_t dot(const A *a, const B *b, int n) {
+    int64_t acc = 0;
+    for (int i = 0; i < n; i++) acc += code_of(a[i]) * code_of(b[i]);
+    return acc;
+}
+template <class CFG, class QR, class KR> inline int64_t scaled_score(int64_t acc) {
+    return code_of(requant<typename CFG::score_t>(acc * CFG::scale_code, frac_of<QR>() + frac_of<KR>() + 16));
+}
+
 // Softmax over cache rows 0..pos of one head's scores (max m) and the weighted sum of its
 // values (row t at vcache[t * stride + offset]): exp from its table of (score - m), one
 // integer division per output (8 extra bits), rounded to O.
@@ -219,10 +230,8 @@ void attention_step(const Q q[CFG::heads * CFG::head_dim], const K k[CFG::kv_hea
         int64_t m = NEG_INF;
         for (int t = 0; t <= pos; t++) {
             #pragma HLS PIPELINE II=1
-            int64_t acc = 0;
-            for (int i = 0; i < D; i++) acc += code_of(qr[i]) * code_of(kcache[(t * HKV + g) * D + i]);
-            sc[t] = code_of(requant<SC>(acc * CFG::scale_code, frac_of<QR>() + frac_of<KR>() + 16));
-            if (sc[t] > m) m = sc[t];
+            sc[t] = scaled_score<CFG, QR, KR>(dot(qr, kcache + (t * HKV + g) * D, D));
+            m = sc[t] > m ? sc[t] : m;
         }
         softmax_values<SC, V, O, CFG::capacity, CFG::head_dim>(sc, m, pos, vcache, HKV * D, g * D, out + h * D, exp_t,
                                                                CFG::exp_lo, CFG::exp_size, CFG::exp_step);
@@ -255,13 +264,10 @@ void mla_step(const Q q[CFG::heads * (CFG::nope_dim + CFG::rope_dim)], const KN 
         for (int i = 0; i < DR; i++) qr[DN + i] = rope_at<QR, Q, RT>(qh + DN, i, pos, HALF, cos_t, sin_t, true);
         int64_t sc[CFG::capacity];
         int64_t m = NEG_INF;
-        for (int t = 0; t <= pos; t++) {
+        for (int t = 0; t <= pos; t++) {  // [q_nope | q_rope] . [k_nope of head h | the shared rope key]
             #pragma HLS PIPELINE II=1
-            int64_t acc = 0;
-            for (int i = 0; i < DN; i++) acc += code_of(qr[i]) * code_of(kncache[(t * H + h) * DN + i]);
-            for (int i = 0; i < DR; i++) acc += code_of(qr[DN + i]) * code_of(krcache[t * DR + i]);
-            sc[t] = code_of(requant<SC>(acc * CFG::scale_code, frac_of<QR>() + frac_of<KR>() + 16));
-            if (sc[t] > m) m = sc[t];
+            sc[t] = scaled_score<CFG, QR, KR>(dot(qr, kncache + (t * H + h) * DN, DN) + dot(qr + DN, krcache + t * DR, DR));
+            m = sc[t] > m ? sc[t] : m;
         }
         softmax_values<SC, V, O, CFG::capacity, CFG::v_dim>(sc, m, pos, vcache, H * DV, h * DV, out + h * DV, exp_t,
                                                             CFG::exp_lo, CFG::exp_size, CFG::exp_step);
