@@ -86,10 +86,11 @@ class Backend:
         for a backend whose code depends on data (the fpga target's fixed-point formats)."""
 
     def reference(self, graph: Graph) -> tuple[str, Callable[[dict[str, Any]], dict[str, Any]]] | None:
-        """A reference of the backend's own that its artifact must match (its name and a
-        function from inputs to outputs), where the artifact computes something other than
-        the model by design (the fpga target's fixed point); None: the model is the reference,
-        and with one given, the model's outputs are only compared (the drift recorded)."""
+        """A reference of the backend's own that its artifact must match bit for bit (its name
+        and a function from inputs to outputs), where the artifact computes something other
+        than the model by design (the fpga target's fixed point); None: the model is the
+        reference, and with one given, the model's outputs are only compared (the drift
+        recorded)."""
         return None
 
     def emit(self, graph: Graph, out_dir: Path, *, tuning: Any = None) -> dict[str, Any]:

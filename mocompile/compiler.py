@@ -242,7 +242,7 @@ def compile(
     exact = all(getattr(p, "preserves_semantics", True) for p in manager.passes)
     backend.prepare(graph, calib, src.int_high, seed)
     own = backend.reference(graph)  # a backend computing something else by design (fixed point) has its own
-    reference = Reference(own[1], own[0]) if own else eager_reference(src.module) if exact else \
+    reference = Reference(own[1], own[0], tolerance=0.0) if own else eager_reference(src.module) if exact else \
         interpreter_reference(graph)
     out_dir = check_output_dir(out_dir or f"build/{src.name}",
                                _input_paths(model, weights, tuning_db, plugins, calibration))

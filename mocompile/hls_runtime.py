@@ -11,7 +11,8 @@ the compiler or torch.
 from __future__ import annotations
 
 import ctypes
-import subprocess
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -56,7 +57,7 @@ class HlsCsimArtifact:
             raise ArtifactError(f"{library}: the C simulation library is missing (rebuild: sh "
                                 f"{path / 'hls' / 'build_csim.sh'})")
         try:
-            self._lib = ctypes.CDLL(str(library))
+            self._lib = _private_copy(library)
         except OSError as e:
             raise ArtifactError(f"{library}: cannot load the C simulation ({e}); rebuild it with sh "
                                 f"{path / 'hls' / 'build_csim.sh'}") from None
@@ -168,9 +169,14 @@ class HlsCsimArtifact:
         return median_seconds(self.run, inputs, repeat)
 
 
-def rebuild(path: Path) -> None:
-    """Rebuild an artifact's C simulation with its own script (after moving it to another machine)."""
-    subprocess.run(["sh", str(path / "hls" / "build_csim.sh")], check=True)
+def _private_copy(library: Path) -> ctypes.CDLL:
+    """The library loaded from a private copy: the dynamic loader hands out one instance per
+    file, and each loaded artifact needs its own weights and caches (the same artifact loaded
+    twice, or a library rebuilt at the same path)."""
+    with tempfile.TemporaryDirectory(prefix="mocompile-csim-") as tmp:
+        copy = Path(tmp) / library.name
+        shutil.copyfile(library, copy)
+        return ctypes.CDLL(str(copy))  # stays loaded after the file is gone
 
 
 def _register() -> None:

@@ -102,7 +102,7 @@ class FpgaBackend(Backend):
 
     def reference(self, graph: Graph) -> tuple[str, Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]]:
         design = self.design(graph)
-        return "fixed-point emulation of the design (bit-exact)", lambda x: emulate(design, x)
+        return "fixed-point emulation of the design", lambda x: emulate(design, x)
 
     def positions(self, graph: Graph) -> int:
         return self.options["positions"] or min(graph.meta.get("max_seq") or MAX_POSITIONS, MAX_POSITIONS)
