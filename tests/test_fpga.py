@@ -8,6 +8,9 @@ compile (one g++ build) per example per module."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -94,3 +97,26 @@ def test_run_and_inspect_from_the_command_line(built, capsys) -> None:
     assert (path / "hls" / "build_prj.tcl").read_text().count("set_part {xcu280-fsvh2892-2L-e}") == 1
     top = (path / "hls" / "firmware" / "mixtral_tiny.cpp").read_text()
     assert "mc::route<" in top and "mc::attention_step<" in top and "nnet::dense<" in top
+
+
+def test_the_synthesis_roms_hold_the_simulated_weights(built, tmp_path) -> None:
+    """make_roms.py writes the ROM initialisers synthesis compiles (the arrays' values, not a
+    loader); they compile, and each value is its code in weights.bin at its format."""
+    name, path, _, _ = built
+    if name != "mixtral_tiny":
+        pytest.skip("one example is enough for the ROM path")
+    hls = tmp_path / "hls"
+    shutil.copytree(path / "hls", hls)
+    subprocess.run([sys.executable, str(hls / "make_roms.py")], check=True)
+    roms = (hls / "firmware" / "weights_rom.h").read_text()
+    entries = json.loads((hls / "weights.json").read_text())
+    blob = (hls / "weights.bin").read_bytes()
+    assert len(roms.splitlines()) == len(entries) + 1
+    head = next(e for e in entries if e["name"] == "W_lm_head_weight")
+    codes = np.frombuffer(blob, np.int16, head["count"], head["offset"])
+    line = next(li for li in roms.splitlines() if " W_lm_head_weight[" in li)
+    values = np.array([float(v) for v in line.split("{")[1].rstrip("};").split(", ")])
+    np.testing.assert_array_equal(values, codes * 2.0 ** -head["frac"])
+    r = subprocess.run(["g++", "-std=c++14", "-fsyntax-only", "-DMC_WEIGHT_ROMS", "-Ifirmware", "-Ifirmware/ap_types",
+                        "firmware/weights.cpp"], cwd=hls, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[:2000]

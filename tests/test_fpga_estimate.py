@@ -5,7 +5,6 @@ fit. No g++ build here: the estimate comes before any code."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

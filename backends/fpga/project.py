@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from mocompile.backends.fpga.cpp import BlobArray, Cpp
-from mocompile.backends.fpga.design import Design
+from mocompile.backends.fpga.cpp import Cpp
+from mocompile.backends.fpga.design import Design, ident
 from mocompile.backends.fpga.lowerings import kernel_for
 from mocompile.backends.fpga.fixed import Fmt
 from mocompile.errors import MocompileError
@@ -92,22 +92,21 @@ def write_body(design: Design, cpp: Cpp) -> None:
                                                             for line in cpp.body[start:]), "}"]
 
 
-def _arg(cpp: Cpp, v: Value, const: bool) -> str:
-    n = 1 if v.type.rank == 2 else v.type.shape[-1]
-    return f"{'const ' if const else ''}{cpp.t(v)} {cpp.v(v)}[{n}]"
+def _arg(cpp: Cpp, v: Value) -> str:
+    return f"{cpp.t(v)} {cpp.v(v)}[{per_position(v)}]"
 
 
 def top_signature(design: Design, cpp: Cpp) -> str:
+    """The step function: one position's inputs (and, with several inputs, which one it is
+    from), its position, the KV caches, its outputs."""
     g = design.graph
-    args = [_arg(cpp, v, False) for v in g.inputs] + (["int seg"] if len(g.inputs) > 1 else []) + ["int pos"]
+    args = [_arg(cpp, v) for v in g.inputs] + (["int seg"] if len(g.inputs) > 1 else []) + ["int pos"]
     args += [f"{c.ctype} {c.name}[{cpp.capacity * c.width}]" for c in cpp.caches]
-    args += [_arg(cpp, v, False) for v in g.outputs]
+    args += [_arg(cpp, v) for v in g.outputs]
     return f"void {ident_model(design)}_step({', '.join(args)})"
 
 
 def ident_model(design: Design) -> str:
-    from mocompile.backends.fpga.design import ident
-
     return ident(design.graph.name)
 
 
@@ -147,11 +146,11 @@ def write_sources(design: Design, cpp: Cpp, fw: Path) -> None:
     for a in cpp.arrays.values():
         loads.append(f"    mc_set(blob + {offset}, {a.name}, {a.codes.size}, {a.bits});")
         offset += a.codes.size * a.bits // 8
-    (fw / "weights.cpp").write_text(f"""// The design's constant arrays. Synthesis: ROMs initialised by weights_rom.h (make_roms.py).
-// C simulation: filled from weights.bin by mc_load_weights.
+    (fw / "weights.cpp").write_text(f"""// The design's constant arrays. Synthesis (or -DMC_WEIGHT_ROMS): ROMs initialised by
+// weights_rom.h (make_roms.py). C simulation: filled from weights.bin by mc_load_weights.
 #include "parameters.h"
 
-#ifdef __SYNTHESIS__
+#if defined(__SYNTHESIS__) || defined(MC_WEIGHT_ROMS)
 #include "weights_rom.h"
 #else
 {defs}
@@ -196,7 +195,7 @@ def write_bridge(design: Design, cpp: Cpp, hls: Path) -> None:
               "// features), caches[j] is the j-th KV cache as codes, outputs[o] gets float32 rows in that order.",
               "extern \"C\" int mc_run(int start, const int *counts, const void *const *inputs, int16_t *const *caches,",
               "                        float *const *outputs) {",
-              f"    int end = start;",
+              "    int end = start;",
               f"    for (int i = 0; i < {len(g.inputs)}; i++) end += counts[i];"]
     for j, c in enumerate(cpp.caches):
         lines.append(f"    for (int i = 0; i < start * {c.width}; i++) {c.name}[i] = mc::from_code<{c.ctype}>(caches[{j}][i]);")
