@@ -120,3 +120,27 @@ def test_the_synthesis_roms_hold_the_simulated_weights(built, tmp_path) -> None:
     r = subprocess.run(["g++", "-std=c++14", "-fsyntax-only", "-DMC_WEIGHT_ROMS", "-Ifirmware", "-Ifirmware/ap_types",
                         "firmware/weights.cpp"], cwd=hls, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[:2000]
+
+
+def test_a_quantized_pipeline_reads_its_weights_from_codes_and_scales(tmp_path) -> None:
+    """After the quantize pass, each low-bit weight is stored as the values its codes and scales
+    give, in the format that holds max(scale) x 127; the C simulation is bit-exact against the
+    emulation and near the quantized model in float (the interpreter on the quantized IR)."""
+    from mocompile.backends.fpga.fixed import Fmt
+    from mocompile.pass_manager import PassContext, PassManager
+
+    spec = reduced_spec("mixtral_tiny", tmp_path)
+    art = mocompile.compile(spec, target="fpga", passes="quantize", out_dir=tmp_path / "art", batch=1, seq=3)
+    assert art.manifest["verification"]["max_rel_error"] == 0.0
+    src = source_for(spec, None, None, 0)
+    graph, _ = PassManager("quantize").run(lower_source(src), PassContext(calibration=None,
+                                                                         input_ranges=dict(src.int_high)))
+    scale = graph.weights["lm_head.weight.scale"]
+    formats = json.loads((tmp_path / "art" / "precision.json").read_text())["weights"]
+    assert formats["lm_head.weight.deq"] == Fmt.covering(float(scale.max()) * 127, 16, headroom=1.0).text()
+    x = runtime.random_inputs(art.signature, 2, 4, seed=5)
+    got, quantized = art.run(x)["logits"], interpret(graph, x)["logits"]
+    rel = float(np.abs(got - quantized).max() / np.abs(quantized).max())
+    print(f"int8 weights: relative error against the quantized model in float {rel:.2e}")
+    assert rel < FP32_TOLERANCE
+    assert "the quantize pass's 8-bit codes x scales" in (tmp_path / "art" / "hls" / "firmware" / "mixtral_tiny.cpp").read_text()

@@ -13,6 +13,7 @@ import numpy as np
 
 from mocompile.backends.fpga.fixed import Fmt, quantize
 from mocompile.ir.graph import Graph, Node, Value
+from mocompile.ir.registry import get_op
 
 Tensor = tuple[np.ndarray, "Fmt | None"]  # integer codes [batch, seq, features] and their format (None: plain ints)
 
@@ -32,6 +33,7 @@ class Design:
     weight_fmts: dict[str, Fmt] = field(default_factory=dict)
     reuse: dict[str, int] = field(default_factory=dict)  # dense product name -> reuse factor
     _codes: dict[str, np.ndarray] = field(default_factory=dict)
+    _expanded: dict[str, np.ndarray] = field(default_factory=dict)
 
     def fmt(self, v: Value) -> Fmt:
         return self.fmts[v.name]
@@ -43,18 +45,49 @@ class Design:
         return self.weight_fmts[self.param_name(v)]
 
     def param_name(self, v: Value) -> str:
-        return next(k for k, p in self.graph.params.items() if p is v)
+        """The name of a weight: a graph weight's, or the value name of a low-bit weight's
+        expansion (the quantize pass's `dequantize` of codes and scales, which the design
+        reads as the values it gives)."""
+        name = next((k for k, p in self.graph.params.items() if p is v), None)
+        if name is not None:
+            return name
+        if expands_low_bit(v):
+            return v.name
+        raise KeyError(f"{v.name} is not a weight")
+
+    def weight(self, v: Value) -> np.ndarray:
+        """A weight's float values (a low-bit weight's: its expansion by the op that reads it)."""
+        name = self.param_name(v)
+        if name in self.graph.weights:
+            return self.graph.weights[name]
+        if name not in self._expanded:
+            node = v.producer
+            self._expanded[name] = get_op(node.op).compute([self.weight(x) for x in node.inputs], node.attrs)[0]
+        return self._expanded[name]
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Every weight the design stores, by name: the graph's float weights and the expansions
+        of its low-bit ones (their codes and scales are not stored apart)."""
+        out = {k: self.weight(p) for k, p in self.graph.params.items() if self.graph.weights[k].dtype.kind == "f"}
+        out |= {v.name: self.weight(v) for n in self.graph.nodes for v in n.outputs if expands_low_bit(v)}
+        return out
 
     def codes(self, v: Value) -> np.ndarray:
         """The weight's integer codes in its format (int64, the weight's shape)."""
         name = self.param_name(v)
         if name not in self._codes:
-            self._codes[name] = quantize(self.graph.weights[name], self.weight_fmts[name])
+            self._codes[name] = quantize(self.weight(v), self.weight_fmts[name])
         return self._codes[name]
 
     def rf(self, key: str, n_in: int) -> int:
         """The reuse factor the estimate chose for dense product `key` (n_in before it has)."""
         return self.reuse.get(ident(key), n_in)
+
+
+def expands_low_bit(v: Value) -> bool:
+    """v is a low-bit weight's expansion (made by an op that keeps weights low-bit from weights alone)."""
+    node = v.producer
+    return node is not None and get_op(node.op).keeps_weights_low_bit and all(x.producer is None for x in node.inputs)
 
 
 def accum_fmt(x: Fmt, w: Fmt, n_in: int) -> Fmt:

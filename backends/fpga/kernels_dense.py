@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mocompile.backends.fpga.design import Design, DenseUnit, Tensor, accum_fmt
+from mocompile.backends.fpga.design import Design, DenseUnit, Tensor, accum_fmt, expands_low_bit
 from mocompile.backends.fpga.lowerings import FpgaKernel, register_kernel
 from mocompile.backends.fpga.fixed import LUT_FRAC, SIGMOID, Fmt, quantize, requant
 from mocompile.ir.graph import Node
@@ -133,7 +133,7 @@ def _bias_codes(node: Node, design: Design) -> np.ndarray:
     x, w = node.inputs[:2]
     acc = accum_fmt(design.fmt(x), design.wfmt(w), w.type.shape[1])
     if len(node.inputs) > 2:
-        return quantize(design.graph.weights[design.param_name(node.inputs[2])], acc)
+        return quantize(design.weight(node.inputs[2]), acc)
     return np.zeros(w.type.shape[0], np.int64)
 
 
@@ -160,7 +160,8 @@ def _linear_units(node: Node, design: Design) -> list[DenseUnit]:
 
 
 def _refuse_linear(node: Node) -> str | None:
-    if len(node.inputs[1].type.shape) != 2 or node.inputs[1].producer is not None:
+    w = node.inputs[1]
+    if len(w.type.shape) != 2 or (w.producer is not None and not expands_low_bit(w)):
         return f"linear at {node.loc or '?'}: the fpga target multiplies by stored weight matrices only"
     return None
 
@@ -285,6 +286,25 @@ def _embed_extra(node: Node, design: Design) -> tuple[int, int, int, int]:
     return node.inputs[1].type.shape[1], 0, 50, 0
 
 
+# ---- low-bit weights (the quantize pass's dequantize) -----------------------------------------
+def _expansion(node: Node, xs: list[Tensor], design: Design) -> list[Tensor]:
+    """Nothing per position: the kernels reading this weight read its stored values."""
+    return [(np.empty(0, np.int64), None)]
+
+
+def _expansion_emit(node: Node, design: Design, cpp: Any) -> None:
+    v = node.outputs[0]
+    cpp.line(f"// {v.name}: the quantize pass's {node.attrs.get('bits')}-bit codes x scales, stored as "
+             f"{design.wfmt(v).text()}")
+
+
+def _refuse_expansion(node: Node) -> str | None:
+    if expands_low_bit(node.outputs[0]):
+        return None
+    return f"{node.op} at {node.loc or '?'}: the fpga target expands low-bit weights only, not computed values"
+
+
+register_kernel(FpgaKernel("dequantize", _expansion, _expansion_emit, refuse=_refuse_expansion))
 register_kernel(FpgaKernel("embedding", _embed_emulate, _embed_emit, formats=_embed_formats, extra=_embed_extra,
                            memories=_embed_memories))
 register_kernel(FpgaKernel("linear", _linear_emulate, _linear_emit, units=_linear_units, refuse=_refuse_linear))

@@ -30,7 +30,7 @@ def bias_codes(node: Node, design: Design) -> np.ndarray | None:
     given = dict(zip(router_inputs(node.attrs), node.inputs))
     if "score_bias" not in given:
         return None
-    b = design.graph.weights[design.param_name(given["score_bias"])]
+    b = design.weight(given["score_bias"])
     return np.floor(b.astype(np.float64) * 2.0 ** LUT_FRAC + 0.5).astype(np.int64)
 
 

@@ -6,7 +6,9 @@ the largest |value| of every activation, and a hook before each node asks the op
 kernel for the ranges inside it (an FFN's gate, up and hidden activations, attention's
 rotated queries and keys and its scores, the router's logits). Each range gets the format of
 the target's width with the most fraction bits that still holds it with 25% headroom
-(`Fmt.covering`); weights get the format that holds their largest entry.
+(`Fmt.covering`); weights get the format that holds their largest entry. A weight the quantize
+pass made low-bit is stored as the values its codes and scales give, so its format holds
+max(scale) x the largest code.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def choose_formats(graph: Graph, calibration: Calibration, bits: int) -> Design:
     design = Design(graph, bits)
     design.fmts = {k: Fmt.covering(m, bits) for k, m in amax.items()}
     design.weight_fmts = {name: Fmt.covering(float(np.abs(w).max()) if w.size else 0.0, bits, headroom=1.0)
-                          for name, w in graph.weights.items()}
+                          for name, w in design.weights().items()}
     for node in graph.nodes:
         formats = kernel_for(node).formats
         if formats is not None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mocompile.backends.fpga.cpp import Cpp
-from mocompile.backends.fpga.design import Design, ident
+from mocompile.backends.fpga.design import Design, expands_low_bit, ident
 from mocompile.backends.fpga.lowerings import kernel_for
 from mocompile.backends.fpga.fixed import Fmt
 from mocompile.errors import MocompileError
@@ -81,7 +81,7 @@ def write_body(design: Design, cpp: Cpp) -> None:
     segments = segment_of(graph)
     for node in graph.nodes:
         for v in node.outputs:
-            if id(v) not in ends:
+            if id(v) not in ends and not expands_low_bit(v):
                 cpp.line(f"{cpp.t(v)} {cpp.v(v)}[{per_position(v)}];")
         seg = segments[id(node)]
         cpp.line(f"// {node.op} {node.loc}" + (f" (positions of {graph.inputs[seg].name} only)" if seg is not None else ""))
@@ -114,7 +114,7 @@ def _types(design: Design, cpp: Cpp) -> list[str]:
     g = design.graph
     out, seen = [], set()
     for v in [*g.inputs, *(o for n in g.nodes for o in n.outputs)]:
-        if v.type.dtype.startswith("float") and v.name not in seen:
+        if v.type.dtype.startswith("float") and v.name not in seen and not expands_low_bit(v):
             seen.add(v.name)
             out.append(f"typedef {design.fmt(v).cpp()} {cpp.t(v)};")
     return out
