@@ -142,3 +142,21 @@ def test_the_command_line_says_one_line_and_writes_nothing(tmp_path, capsys) -> 
         assert not out.exists()
     assert cli.main(["compile", str(spec), "-o", str(tmp_path / "o"), "--device", "zcu104"]) == 1
     assert "only --target fpga takes a device" in capsys.readouterr().err
+
+
+def test_what_the_target_cannot_build_is_refused_in_one_line(tmp_path) -> None:
+    from mocompile.backends.base import get_backend
+    from mocompile.pass_manager import PassContext, PassManager
+
+    backend = get_backend("fpga")
+    spec = reduced_spec("mixtral_tiny", tmp_path)
+    gelu = tmp_path / "gelu.moe"
+    gelu.write_text(spec.read_text().replace("activation     = silu", "activation     = gelu"))
+    graph = lower_source(source_for(gelu, None, None, 0))
+    assert backend.unsupported(graph) == "experts at layers.0.ffn.experts: the fpga target has a silu table only " \
+                                         "(activation 'gelu')"
+    src = source_for(spec, None, None, 0)
+    w8a8, _ = PassManager("quantize(a=int8)").run(lower_source(src), PassContext(calibration=None,
+                                                                                input_ranges=dict(src.int_high)))
+    assert "the fpga target has no lowering for op(s): quantize_act" in backend.unsupported(w8a8)
+    assert backend.unsupported(lower_source(src)) is None
