@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
+from mocompile.calibration import Calibration
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph
 from mocompile.ir.registry import all_ops
@@ -79,6 +80,19 @@ class Backend:
         return []
 
     # ---- what the backend does ----------------------------------------------------------------
+    def prepare(self, graph: Graph, calibration: Calibration | None, input_ranges: Mapping[str, int],
+                seed: int) -> None:
+        """Called once before `emit` with the compile's calibration data (None: none given),
+        for a backend whose code depends on data (the fpga target's fixed-point formats)."""
+
+    def reference(self, graph: Graph) -> tuple[str, Callable[[dict[str, Any]], dict[str, Any]]] | None:
+        """A reference of the backend's own that its artifact must match bit for bit (its name
+        and a function from inputs to outputs), where the artifact computes something other
+        than the model by design (the fpga target's fixed point); None: the model is the
+        reference, and with one given, the model's outputs are only compared (the drift
+        recorded)."""
+        return None
+
     def emit(self, graph: Graph, out_dir: Path, *, tuning: Any = None) -> dict[str, Any]:
         """Write the artifact's files for `graph` into `out_dir`; return the manifest's
         program entry (its "kind" is `program_kind`; an optional "target_info" goes to the
@@ -95,7 +109,8 @@ class Backend:
 
 
 # target name -> the backend class, or the module whose import registers it
-_BACKENDS: dict[str, type[Backend] | str] = {"cpu": "mocompile.backends.tvm_cpu.backend"}
+_BACKENDS: dict[str, type[Backend] | str] = {"cpu": "mocompile.backends.tvm_cpu.backend",
+                                             "fpga": "mocompile.backends.fpga.backend"}
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:

@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", required=True, help="artifact directory to write")
     c.add_argument("--target", default="cpu", help="code generation target and its options (default cpu, this "
                                                    "machine's CPU; cpu [-mcpu=NAME] [-mattr=+f,-f] [-num-cores=N])")
+    c.add_argument("--device", help="with --target fpga: alveo-u280, zcu104 or a device .toml file")
     c.add_argument("--variant", help="elastic sub-model declared in the spec")
     c.add_argument("--passes", default="", help='pass pipeline, e.g. "dce,fold-constants"')
     c.add_argument("--weights", help="safetensors file with the full model's weights (default: from --seed)")
@@ -129,7 +130,10 @@ def _flips_note(checks: list[dict]) -> str:
 def cmd_compile(a: argparse.Namespace) -> int:
     from mocompile.compiler import compile, stderr_progress
 
-    art = compile(a.spec, target=a.target, passes=a.passes, out_dir=a.out, variant=a.variant, weights=a.weights,
+    if a.device and a.target.split()[:1] != ["fpga"]:
+        raise MocompileError(f"--device {a.device}: only --target fpga takes a device")
+    target = f"{a.target} -device={a.device}" if a.device else a.target
+    art = compile(a.spec, target=target, passes=a.passes, out_dir=a.out, variant=a.variant, weights=a.weights,
                   seed=a.seed, batch=a.batch, seq=a.seq, plugins=tuple(a.plugin), progress=stderr_progress,
                   require_isolation=a.require_isolation, tune=a.tune, tuning_db=a.tuning_db, calibration=a.calib)
     v = art.manifest["verification"]
@@ -156,6 +160,11 @@ def cmd_compile(a: argparse.Namespace) -> int:
         top1 = [c["top1_agreement"] for c in drift["checks"] if "top1_agreement" in c]
         print(f"drift from the fp32 model: max relative error {drift['max_rel_error']:.2e}"
               + (f", top-1 agreement {min(top1):.1%}" if top1 else ""))
+    fpga = art.manifest["program"].get("summary")
+    if fpga:
+        print(f"fpga estimate: {fpga['dsp']:,} DSP, {fpga['bram18']:,} BRAM18, {fpga['uram']:,} URAM, {fpga['lut']:,} "
+              f"LUT; {fpga['cycles_per_token']['at_full_cache']:,} cycles per token with a full KV cache"
+              f"{'' if fpga['fits_on_chip'] else ' (weights stream from off-chip memory: see fpga_report.txt)'}")
     print(f"batch isolation: {art.manifest['isolation']['verdict']}")
     return 0
 
@@ -304,8 +313,11 @@ def _inspect_artifact(a: argparse.Namespace) -> int:
     from mocompile.artifact import read_manifest
 
     manifest = read_manifest(a.path)
+    report = manifest["program"].get("report")
     if a.ir:
         print((Path(a.path) / "ir.txt").read_text(), end="")
+    elif report:  # a target's own summary (fpga: kernels, precisions, resources, latency)
+        print((Path(a.path) / report).read_text(), end="")
     else:
         print(json.dumps(manifest, indent=2))
     return 0

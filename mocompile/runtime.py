@@ -10,6 +10,7 @@ and a GB-sized dependency into every deployment, so that import is blocked while
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from dataclasses import dataclass
@@ -349,13 +350,19 @@ class LoadedArtifact:
 
     def time_run(self, inputs: Mapping[str, np.ndarray], repeat: int = 10) -> float:
         """Median seconds per call (after one warm-up call)."""
-        self.run(inputs)
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            self.run(inputs)
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        return median_seconds(self.run, inputs, repeat)
+
+
+def median_seconds(run: Callable[[Mapping[str, np.ndarray]], Any], inputs: Mapping[str, np.ndarray],
+                   repeat: int) -> float:
+    """Median seconds of `repeat` calls of run(inputs), after one warm-up call (any program kind's time_run)."""
+    run(inputs)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run(inputs)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 # program kind (the manifest's program.kind) -> what opens an artifact of that kind:
@@ -364,6 +371,10 @@ class LoadedArtifact:
 # does not know. Backends whose artifacts run through other runtimes register theirs.
 ProgramLoader = Callable[..., Any]
 _LOADERS: dict[str, ProgramLoader] = {"tvm-relax-vm": LoadedArtifact}
+
+
+# program kind -> the module whose import registers its loader (imported when first needed)
+_LOADER_MODULES: dict[str, str] = {"hls-csim": "mocompile.hls_runtime"}
 
 
 def register_program_kind(kind: str, loader: ProgramLoader) -> None:
@@ -376,10 +387,12 @@ def register_program_kind(kind: str, loader: ProgramLoader) -> None:
 def open_artifact(path: Path, manifest: dict[str, Any], **options: Any) -> Any:
     """The loaded program of an artifact whose manifest is already read (and checked)."""
     kind = manifest.get("program", {}).get("kind")
+    if kind not in _LOADERS and kind in _LOADER_MODULES:
+        importlib.import_module(_LOADER_MODULES[kind])
     loader = _LOADERS.get(kind)
     if loader is None:
         raise ArtifactError(f"{path}: program kind {kind!r} has no loader here (this runtime loads: "
-                            f"{', '.join(sorted(_LOADERS))})")
+                            f"{', '.join(sorted({*_LOADERS, *_LOADER_MODULES}))})")
     return loader(path, manifest, **options)
 
 

@@ -29,7 +29,7 @@ LAYER_OF = {
     "mocompile.placement": "passes", "mocompile.place_cli": "driver",  # expert placement: planner, and its command
     "mocompile.backends": "backends",
     "mocompile.artifact": "runtime", "mocompile.runtime": "runtime", "mocompile.runtime_inputs": "runtime",
-    "mocompile.artifact_isolation": "runtime",
+    "mocompile.artifact_isolation": "runtime", "mocompile.hls_runtime": "runtime",
     "mocompile.vm_trace": "runtime",
     "mocompile.report": "driver", "mocompile.report_sections": "driver", "mocompile.report_svg": "driver",
     "mocompile.isolation_check": "driver",  # lowers, runs passes and analyses: a driver of the others
