@@ -180,6 +180,14 @@ def isolation(manifest: Mapping[str, Any]) -> str:
     return section("isolation", "Batch isolation", "".join(body))
 
 
+def _flips(check: Mapping[str, Any]) -> str:
+    """How many of the values on a rounding boundary the reference rounded the artifact's way
+    (mocompile.ir.rounding), or "-" for a model that does not round at run time."""
+    if "ambiguous_roundings" not in check:
+        return "-"
+    return f"{check.get('rounding_flips', 0)} of {check['ambiguous_roundings']}"
+
+
 def verification(manifest: Mapping[str, Any]) -> str:
     v = manifest.get("verification") or {}
     if v.get("status") != "verified":
@@ -187,15 +195,17 @@ def verification(manifest: Mapping[str, Any]) -> str:
         return section("verification", "Verification",
                        f"<p><span class='badge warn'>not run</span> {escape(str(v.get('reason', '')))}</p><ul>{checked}</ul>")
     rows = [(f"{c['batch']} x {c['seq']}", c["output"], f"{c['max_abs_error']:.2e}", f"{c['rel_error']:.2e}",
-             f"{c.get('allowed', v.get('tolerance')):.1e}", f"{c['top1_agreement']:.1%}" if "top1_agreement" in c else "-")
+             _flips(c), f"{c['top1_agreement']:.1%}" if "top1_agreement" in c else "-")
             for c in v.get("checks", [])]
     body = [f"<p><span class='badge ok'>verified</span> against the {escape(v.get('reference', '?'))}: max relative "
             f"error {v.get('max_rel_error', 0):.2e} (tolerance {v.get('tolerance', 0):g}).</p>",
-            table(("batch x seq", "output", "max abs error", "rel. error", "allowed", "top-1 agreement"), rows)]
+            table(("batch x seq", "output", "max abs error", "rel. error", "boundary roundings flipped",
+                   "top-1 agreement"), rows)]
     dec = manifest.get("decode_verification")
     if dec:
         body.append(f"<p>Cached decoding: a prompt of {dec['prompt']} then {dec['new_tokens']} tokens one at a time "
-                    f"match {escape(dec['reference'])}, max relative error {dec['max_rel_error']:.2e}.</p>")
+                    f"match {escape(dec['reference'])}, max relative error {dec['max_rel_error']:.2e}"
+                    f"{'' if 'ambiguous_roundings' not in dec else ', boundary roundings flipped: ' + _flips(dec)}.</p>")
     drift = manifest.get("drift_from_fp32")
     if drift:
         body.append("<h3>Drift from the fp32 model</h3>")
