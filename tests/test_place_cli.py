@@ -161,7 +161,7 @@ def test_place_pass_options_are_checked() -> None:
             PassManager(text)
 
 
-def test_compiled_artifact_keeps_statistics_and_plan(tmp_path: Path) -> None:
+def test_compiled_artifact_keeps_statistics_and_plan(tmp_path: Path, capsys) -> None:
     from mocompile.compiler import compile
 
     art = compile(SPEC, passes="place(preset=gpu+cpu)", out_dir=tmp_path / "art", seq=4, batch=1)
@@ -170,3 +170,9 @@ def test_compiled_artifact_keeps_statistics_and_plan(tmp_path: Path) -> None:
     assert parse_stats(report["stats"], "manifest").layers[1].tokens.sum() > 0
     assert [d["name"] for d in report["plan"]["devices"]] == ["gpu0", "cpu0"]
     assert art.manifest["verification"]["status"] == "verified"
+    code, out, _ = place(capsys, "--stats", str(tmp_path / "art"), "--preset", "1node-8gpu", "--json")  # re-planned
+    assert code == 0 and {x["layer"] for d in json.loads(out)["devices"] for x in d["experts"]} == {1, 2}
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "manifest.json").write_text(json.dumps({**manifest, "passes": []}))
+    code, _, err = place(capsys, "--stats", str(tmp_path / "plain"), "--preset", "1node-8gpu")
+    assert code == 1 and "compiled without the place pass" in err
