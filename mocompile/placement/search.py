@@ -156,7 +156,7 @@ class _Search:
     def __init__(self, problem: LayerProblem, placement: Placement, budget: int) -> None:
         self.p, self.cost = problem, problem.cost
         self.placement = [dict(h) for h in placement]
-        self.den = [self.cost.denominators(h) for h in self.placement]
+        self.arr = [self.cost.arrays(h) for h in self.placement]
         self.costs = self.cost.devices(self.placement)
         self.score = _score(self.costs)
         self.budget = budget  # replicas the layer may hold in all (experts + redundant)
@@ -167,11 +167,13 @@ class _Search:
             held = self.placement[d]
             if len(held) - len(remove) + len(add) > self.p.slots[d]:
                 return None
-            costs[d] = self.cost.changed(d, held, self.den[d], costs[d].tokens, remove, add)
+            costs[d] = self.cost.changed(d, held, self.arr[d], costs[d].tokens, remove, add)
         return _score(costs), costs
 
-    def _moves(self, b: int) -> Iterator[Change]:
-        held_b, n = self.placement[b], self.p.devices
+    def _moves(self, b: int, lighten: bool) -> Iterator[Change]:
+        """The changes from device b; with `lighten` (b is the slowest at compute only), only
+        swaps that take tokens off b."""
+        held_b, n, t = self.placement[b], self.p.devices, self.cost.t
         used = sum(len(h) for h in self.placement)
         spare = sorted(range(n), key=lambda d: self.costs[d].compute_s + self.costs[d].comm_s)[:SWAP_TARGETS]
         for e, s in list(held_b.items()):
@@ -190,7 +192,7 @@ class _Search:
                 if d not in spare:
                     continue
                 for f, sf in held_d.items():  # swap, with the least busy devices only
-                    if f not in held_b:
+                    if f not in held_b and not (lighten and sf * t[f] >= s * t[e]):
                         yield {b: ((e,), {f: sf}), d: ((f,), {e: s})}
             if replicated:
                 yield _as_change(water_fill(self.p, self.placement, e), self.placement)
@@ -200,16 +202,16 @@ class _Search:
             held = {e: s for e, s in self.placement[d].items() if e not in remove}
             held.update(add)
             self.placement[d] = held
-            self.den[d] = self.cost.denominators(held)
+            self.arr[d] = self.cost.arrays(held)
 
     def run(self, max_rounds: int) -> Placement:
         for _ in range(max_rounds):
             comp = [c.compute_s for c in self.costs]
             comm = [c.comm_s for c in self.costs]
-            worst = {int(np.argmax(comp)), int(np.argmax(comm))}
+            slow_compute, slow_comm = int(np.argmax(comp)), int(np.argmax(comm))
             best = None
-            for b in worst:
-                for change in self._moves(b):
+            for b in {slow_compute, slow_comm}:
+                for change in self._moves(b, lighten=b != slow_comm):
                     if not change:
                         continue
                     tried = self._try(change)
