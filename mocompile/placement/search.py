@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 
 from mocompile.placement.baselines import balanced_packing, eplb, replicate, round_robin
 from mocompile.placement.cost import DeviceCost, LayerCost, Placement
@@ -34,6 +33,7 @@ Score = tuple[float, float]
 EPS = 1e-12
 SWAP_TARGETS = 4  # swaps are tried with this many of the least busy devices (moves with all)
 IMPROVED_STARTS = 2  # local search runs from this many of the best candidates
+TOP = 8  # largest device times kept per round for pricing changes
 
 
 @dataclass
@@ -161,14 +161,33 @@ class _Search:
         self.score = _score(self.costs)
         self.budget = budget  # replicas the layer may hold in all (experts + redundant)
 
-    def _try(self, change: Change) -> tuple[Score, list[DeviceCost]] | None:
-        costs = list(self.costs)
+    def _round_start(self) -> None:
+        """What pricing a change needs of the untouched devices: the few largest compute and
+        all-to-all times, and the sum of squares, so a change costs O(devices it touches)."""
+        comp = [c.compute_s for c in self.costs]
+        comm = [c.comm_s for c in self.costs]
+        self.top_comp = sorted(range(len(comp)), key=comp.__getitem__, reverse=True)[:TOP]
+        self.top_comm = sorted(range(len(comm)), key=comm.__getitem__, reverse=True)[:TOP]
+        self.squares = sum(x * x for x in comp) + sum(x * x for x in comm)
+
+    def _rest_max(self, top: list[int], attr: str, touched: dict[int, DeviceCost]) -> float:
+        for d in top:
+            if d not in touched:
+                return getattr(self.costs[d], attr)
+        return max((getattr(c, attr) for d, c in enumerate(self.costs) if d not in touched), default=0.0)
+
+    def _try(self, change: Change) -> tuple[Score, dict[int, DeviceCost]] | None:
+        touched: dict[int, DeviceCost] = {}
         for d, (remove, add) in change.items():
             held = self.placement[d]
             if len(held) - len(remove) + len(add) > self.p.slots[d]:
                 return None
-            costs[d] = self.cost.changed(d, held, self.arr[d], costs[d].tokens, remove, add)
-        return _score(costs), costs
+            touched[d] = self.cost.changed(d, held, self.arr[d], self.costs[d].tokens, remove, add)
+        comp = max(self._rest_max(self.top_comp, "compute_s", touched), *(c.compute_s for c in touched.values()))
+        comm = max(self._rest_max(self.top_comm, "comm_s", touched), *(c.comm_s for c in touched.values()))
+        squares = self.squares + sum(c.compute_s ** 2 + c.comm_s ** 2 - self.costs[d].compute_s ** 2
+                                     - self.costs[d].comm_s ** 2 for d, c in touched.items())
+        return (comp + comm, squares), touched
 
     def _moves(self, b: int, lighten: bool) -> Iterator[Change]:
         """The changes from device b; with `lighten` (b is the slowest at compute only), only
@@ -206,9 +225,8 @@ class _Search:
 
     def run(self, max_rounds: int) -> Placement:
         for _ in range(max_rounds):
-            comp = [c.compute_s for c in self.costs]
-            comm = [c.comm_s for c in self.costs]
-            slow_compute, slow_comm = int(np.argmax(comp)), int(np.argmax(comm))
+            self._round_start()
+            slow_compute, slow_comm = self.top_comp[0], self.top_comm[0]
             best = None
             for b in {slow_compute, slow_comm}:
                 for change in self._moves(b, lighten=b != slow_comm):
@@ -219,7 +237,9 @@ class _Search:
                         best = (tried[0], tried[1], change)
             if best is None:
                 break
-            self.score, self.costs = best[0], best[1]
+            self.score = best[0]
+            for d, c in best[1].items():
+                self.costs[d] = c
             self._apply(best[2])
         return self.placement
 
