@@ -116,8 +116,9 @@ def cmd_place(a: argparse.Namespace) -> int:
     from mocompile.placement.report import heatmap, text
 
     title = "simulated" if a.simulate else str(a.stats)
+    # the heatmap first: a failure to write it is the command's one line, with nothing printed before
+    path = None if a.no_heatmap else heatmap(plan, {k: v.tokens for k, v in stats.layers.items()}, Path(a.heatmap))
     print(text(plan, title))
-    if not a.no_heatmap:
-        path = heatmap(plan, {k: v.tokens for k, v in stats.layers.items()}, Path(a.heatmap))
+    if path is not None:
         print(f"heatmap: {path}")
     return 0

@@ -67,6 +67,12 @@ def test_human_output_and_heatmap(capsys, stats_file: Path, tmp_path: Path) -> N
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def test_an_unwritable_heatmap_is_one_line_and_prints_nothing(capsys, stats_file: Path, tmp_path: Path) -> None:
+    code, out, err = place(capsys, "--stats", str(stats_file), "--preset", "gpu+cpu",
+                           "--heatmap", str(tmp_path / "no" / "such" / "dir.png"))
+    assert code == 1 and out == "" and "cannot write the heatmap" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("text, message", [
     ('name = "x"\n[[device]]\nname = "g"\nkind = "gpu"\nnode = "n"\nmemory_gib = -1\nmemory_gb_per_s = 1\n'
      'tflops = { bf16 = 1 }\n', "device 'g': memory_gib must be positive, got -1"),
