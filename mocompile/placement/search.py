@@ -11,20 +11,21 @@ Candidates (each only where it fits the devices' memory):
 - MoGE-style grouping when the router picks by groups and the groups divide over the
   devices: whole groups per device, balanced by group load;
 - round-robin.
-Every candidate is improved by best-improvement local search from the bottleneck devices
-(slowest compute, slowest all-to-all): move a replica to another device, swap two, merge a
-replica into another replica of the same expert, split a share onto a new device while the
-replica budget allows, and re-water-fill a replicated expert. A move is taken only when the
-modelled layer time drops, or stays equal while the sum of squared device times drops, so
-the result is never slower than its start, and the best result over candidates is never
-slower than EPLB's placement: the guarantee is structural, not empirical.
+The best two candidates are improved by best-improvement local search from the bottleneck
+devices (slowest compute, slowest all-to-all): move a replica to another device, swap two
+(with the least busy devices), merge a replica into another replica of the same expert,
+split a share onto a new device while the replica budget allows, and re-water-fill a
+replicated expert. Moves off the slowest all-to-all device are where co-activation counts:
+a swap that puts experts chosen together on one device lowers its messages. A move is taken
+only when the modelled layer time drops, or stays equal while the sum of squared device
+times drops, so the result is never slower than its start; EPLB's own placement is among the
+candidates, so the result is never slower than it: the guarantee is structural.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterator
-
 
 from mocompile.placement.baselines import balanced_packing, eplb, replicate, round_robin
 from mocompile.placement.cost import DeviceCost, LayerCost, Placement
