@@ -52,6 +52,17 @@ def load(kind: str, experts: int, top_k: int, groups: int, topk_group: int, seed
     return ExpertStats({0: LayerStats(tokens)}, {"top_k": top_k, "n_group": groups})
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5, help="loads per family and setup (default 5)")
@@ -83,7 +94,7 @@ def main() -> None:
                         f"{statistics.median(seconds):.2f} |")
             print(rows[-1], flush=True)
     took = (time.perf_counter() - t0) / 60
-    host = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    host = f"{cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     text = "\n".join([
         "## Expert placement on the cost model (`python benchmarks/bench_placement.py`)",
         "",

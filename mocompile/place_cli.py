@@ -2,6 +2,7 @@
 
     mocompile place --stats S.json --devices cluster.toml [--replicas R] [--json]
     mocompile place --stats S.json --preset 2node-4gpu --heatmap load.png
+    mocompile place --stats ARTIFACT/ --preset 1node-8gpu    # what the place pass counted
     mocompile place --simulate --preset 8node-64gpu          # DeepSeek-V3-sized layer, Zipf load
     mocompile place --preset gpu+cpu --print-devices          # a preset as a device file
 
@@ -22,7 +23,7 @@ from mocompile.errors import MocompileError
 from mocompile.placement.devices import Cluster, load_cluster
 from mocompile.placement.plan import make_plan, shape_of
 from mocompile.placement.presets import PRESETS, preset, preset_toml
-from mocompile.placement.stats import ExpertStats, load_stats, zipf_stats
+from mocompile.placement.stats import ExpertStats, load_stats, parse_stats, zipf_stats
 
 DEFAULT_HEATMAP = "placement-heatmap.png"
 
@@ -31,7 +32,8 @@ def add_parser(sub: Any, positive: Any, count: Any) -> None:
     """Register the `place` subcommand (`positive`/`count`: the CLI's integer types)."""
     p = sub.add_parser("place", help="place experts on devices from load statistics (or a simulated load)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--stats", metavar="S.json", help="expert load statistics (format: README, 'Expert placement')")
+    src.add_argument("--stats", metavar="S.json", help="expert load statistics (format: README, 'Expert placement'), "
+                                                       "or an artifact compiled with the place pass")
     src.add_argument("--simulate", action="store_true", help="a synthetic Zipf load on a DeepSeek-V3-sized layer")
     dev = p.add_mutually_exclusive_group()
     dev.add_argument("--devices", metavar="FILE.toml", help="device description file")
@@ -68,7 +70,21 @@ def _cluster(a: argparse.Namespace) -> Cluster:
     raise MocompileError("place needs --devices FILE or --preset NAME")
 
 
+def artifact_stats(path: Path) -> ExpertStats:
+    """The statistics the place pass stored in an artifact's manifest."""
+    from mocompile.artifact import read_manifest
+
+    manifest = read_manifest(path, check_files=False)
+    report = next((p for p in manifest.get("passes", []) if isinstance(p, dict) and "stats" in p), None)
+    if report is None:
+        raise MocompileError(f"{path}: this artifact was compiled without the place pass, so it holds no expert "
+                             "statistics (compile with --passes \"place(preset=...)\")")
+    return parse_stats(report["stats"], f"{path} (the place pass's statistics)")
+
+
 def _stats(a: argparse.Namespace) -> ExpertStats:
+    if a.stats and Path(a.stats).is_dir():
+        return artifact_stats(Path(a.stats))
     if a.stats:
         return load_stats(a.stats)
     if not a.simulate:
@@ -100,8 +116,9 @@ def cmd_place(a: argparse.Namespace) -> int:
     from mocompile.placement.report import heatmap, text
 
     title = "simulated" if a.simulate else str(a.stats)
+    # the heatmap first: a failure to write it is the command's one line, with nothing printed before
+    path = None if a.no_heatmap else heatmap(plan, {k: v.tokens for k, v in stats.layers.items()}, Path(a.heatmap))
     print(text(plan, title))
-    if not a.no_heatmap:
-        path = heatmap(plan, {k: v.tokens for k, v in stats.layers.items()}, Path(a.heatmap))
+    if path is not None:
         print(f"heatmap: {path}")
     return 0

@@ -67,6 +67,12 @@ def test_human_output_and_heatmap(capsys, stats_file: Path, tmp_path: Path) -> N
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def test_an_unwritable_heatmap_is_one_line_and_prints_nothing(capsys, stats_file: Path, tmp_path: Path) -> None:
+    code, out, err = place(capsys, "--stats", str(stats_file), "--preset", "gpu+cpu",
+                           "--heatmap", str(tmp_path / "no" / "such" / "dir.png"))
+    assert code == 1 and out == "" and "cannot write the heatmap" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("text, message", [
     ('name = "x"\n[[device]]\nname = "g"\nkind = "gpu"\nnode = "n"\nmemory_gib = -1\nmemory_gb_per_s = 1\n'
      'tflops = { bf16 = 1 }\n', "device 'g': memory_gib must be positive, got -1"),
@@ -139,6 +145,19 @@ def test_place_pass_collects_statistics_on_the_calibration_data(tmp_path: Path) 
     assert set(report["plan"]) == {"devices", "imbalance", "step_time_s", "baselines"}
 
 
+@pytest.mark.parametrize("scheme, dtype", [("quantize(w=int8),", "int8"), ("quantize(w=int4,group=32),", "int4"),
+                                           ("", "fp32")])
+def test_place_pass_sizes_experts_by_their_stored_weights(scheme: str, dtype: str) -> None:
+    src = source_for(ROOT / "examples" / "mixtral_tiny.moe", None, None, 0)
+    _, reports = PassManager(f"{scheme}place(preset=1node-8gpu,calib=2,seq=8)").run(
+        lower_source(src), PassContext(input_ranges=dict(src.int_high)))
+    report = reports[-1]
+    assert report["stats"]["model"]["dtype"] == dtype
+    per_expert = 128 * 256 * 3 * {"int8": 1, "int4": 0.5, "fp32": 4}[dtype]  # hidden x inner x (gate, up, down)
+    replicas = sum(len(d["experts"]) for d in report["plan"]["devices"])
+    assert sum(d["memory_bytes"] for d in report["plan"]["devices"]) == replicas * per_expert
+
+
 def test_place_pass_reads_a_device_file(tmp_path: Path) -> None:
     from mocompile.placement.presets import preset_toml
 
@@ -161,7 +180,7 @@ def test_place_pass_options_are_checked() -> None:
             PassManager(text)
 
 
-def test_compiled_artifact_keeps_statistics_and_plan(tmp_path: Path) -> None:
+def test_compiled_artifact_keeps_statistics_and_plan(tmp_path: Path, capsys) -> None:
     from mocompile.compiler import compile
 
     art = compile(SPEC, passes="place(preset=gpu+cpu)", out_dir=tmp_path / "art", seq=4, batch=1)
@@ -170,3 +189,9 @@ def test_compiled_artifact_keeps_statistics_and_plan(tmp_path: Path) -> None:
     assert parse_stats(report["stats"], "manifest").layers[1].tokens.sum() > 0
     assert [d["name"] for d in report["plan"]["devices"]] == ["gpu0", "cpu0"]
     assert art.manifest["verification"]["status"] == "verified"
+    code, out, _ = place(capsys, "--stats", str(tmp_path / "art"), "--preset", "1node-8gpu", "--json")  # re-planned
+    assert code == 0 and {x["layer"] for d in json.loads(out)["devices"] for x in d["experts"]} == {1, 2}
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "manifest.json").write_text(json.dumps({**manifest, "passes": []}))
+    code, _, err = place(capsys, "--stats", str(tmp_path / "plain"), "--preset", "1node-8gpu")
+    assert code == 1 and "compiled without the place pass" in err

@@ -3,13 +3,14 @@ written from its description, and the "Done means" properties of the placement i
 
 from __future__ import annotations
 
+import copy
 import tomllib
 
 import numpy as np
 import pytest
 
 from mocompile.errors import MocompileError
-from mocompile.placement.baselines import balanced_packing, eplb, replicate, round_robin
+from mocompile.placement.baselines import balanced_packing, eplb, replicate
 from mocompile.placement.cost import ExpertShape, LayerCost
 from mocompile.placement.devices import parse_cluster
 from mocompile.placement.plan import make_plan
@@ -111,6 +112,25 @@ def test_zipf_statistics_are_skewed_and_consistent() -> None:
     assert top[0] > 5 * np.median(top)
 
 
+def test_incremental_cost_equals_the_full_one() -> None:
+    """The local search prices a change from kept state (in Python up to cost.SMALL experts on the device,
+    with arrays above); it must agree with pricing from scratch."""
+    stats = zipf_stats(24, 4, 500, 1.0, seed=2)
+    cost = LayerCost(preset("2node-4gpu"), SHAPE, stats.layers[0].tokens, stats.layers[0].coactivation)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        held = {int(e): float(rng.uniform(0.1, 1)) for e in rng.choice(24, size=rng.integers(1, 20), replace=False)}
+        remove = tuple(int(e) for e in rng.choice(list(held), size=rng.integers(0, len(held) + 1), replace=False))
+        add = {int(e): float(rng.uniform(0.1, 1)) for e in rng.choice(24, size=rng.integers(0, 3), replace=False)
+               if e not in held or e in remove}
+        after = {e: s for e, s in held.items() if e not in remove} | add
+        d = int(rng.integers(0, 8))
+        got = cost.changed(d, held, cost.arrays(held), cost.device(d, held).tokens, remove, add)
+        want = cost.device(d, after)
+        assert (got.tokens, got.compute_s, got.comm_s, got.dispatched) == pytest.approx(
+            (want.tokens, want.compute_s, want.comm_s, want.dispatched), rel=1e-9, abs=1e-15)
+
+
 # ---- EPLB as described ------------------------------------------------------------------------------------
 
 
@@ -180,6 +200,20 @@ def test_a_faster_device_gets_more_tokens() -> None:
     slow, fast = (c.tokens for c in plan.placed.layers[0].costs)
     assert fast > 2 * slow  # 3x the speed: about 3x the tokens
     assert plan.placed.step_time_s < plan.eplb.step_time_s
+
+
+def test_a_gpu_short_of_memory_leaves_the_coldest_experts_to_the_cpu() -> None:
+    doc = copy.deepcopy(PRESETS["gpu+cpu"])
+    doc["device"][0]["memory_gib"] = 20 + 20 * SHAPE.weight_bytes / 2**30  # room for 20 of 32 experts
+    cluster = parse_cluster(doc, "c")
+    stats = zipf_stats(32, 4, 2000, 1.2, seed=0)
+    plan = make_plan(stats, cluster, SHAPE, replicas=0)
+    gpu, cpu = plan.placed.layers[0].placement
+    tokens = stats.layers[0].tokens
+    assert len(gpu) == 20 and len(cpu) == 12
+    coldest = np.sort(tokens)[:12].sum()  # the least the CPU can be given
+    assert tokens[list(cpu)].sum() <= 1.05 * coldest  # the GPU keeps the hot ones (co-activation may trade a few)
+    assert plan.placed.step_time_s < plan.eplb.step_time_s / 2
 
 
 def test_a_layer_that_cannot_fit_is_named() -> None:

@@ -46,9 +46,12 @@ def _expert_shape(graph: Graph, router: Node) -> dict[str, Any]:
         return {}
     gated = bool(experts.attrs.get("gated", True))
     up = experts.inputs[4 if gated else 3]
-    weight = up.producer.inputs[0] if up.producer is not None and up.producer.inputs else up
+    dtype = _DTYPES.get(up.type.dtype, "fp32")
+    if up.producer is not None and get_op(up.producer.op).keeps_weights_low_bit:  # codes expanded in the kernel
+        dtype = f"int{up.producer.attrs['bits']}" if "bits" in up.producer.attrs else \
+            _DTYPES.get(up.producer.inputs[0].type.dtype, dtype)
     return {"hidden": int(experts.inputs[0].type.shape[-1]), "expert_hidden": int(up.type.shape[1]),
-            "gated": gated, "dtype": _DTYPES.get(weight.type.dtype, "fp32")}
+            "gated": gated, "dtype": dtype}
 
 
 def collect(graph: Graph, calibration: Calibration) -> ExpertStats:

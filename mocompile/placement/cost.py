@@ -35,6 +35,7 @@ WEIGHT_BYTES = {"fp32": 4.0, "tf32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, 
 COMPUTE_DTYPE = {"int4": "int8", "tf32": "fp32"}  # weights of these are computed in this dtype
 
 Placement = list[dict[int, float]]  # per device (cluster order): expert -> share of its tokens
+SMALL = 12  # experts on a device up to which a change is priced in plain Python, not with arrays
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,17 @@ class ExpertShape:
 
 
 @dataclass
+class Held:
+    """One device's experts as arrays (see LayerCost.arrays)."""
+
+    idx: np.ndarray
+    share: np.ndarray
+    den: np.ndarray | None
+    pos: dict[int, int]
+    den_map: dict[int, float]  # the same divisors by expert, for the plain-Python path
+
+
+@dataclass
 class DeviceCost:
     tokens: float
     compute_s: float
@@ -91,7 +103,8 @@ class LayerCost:
         self.t = np.asarray(tokens, dtype=np.float64)
         self.experts = len(self.t)
         safe = np.where(self.t > 0, self.t, 1.0)
-        self.ratio = None if coactivation is None else (np.asarray(coactivation) / safe[:, None]).tolist()
+        self.ratio_m = None if coactivation is None else np.asarray(coactivation, dtype=np.float64) / safe[:, None]
+        self.ratio = None if self.ratio_m is None else self.ratio_m.tolist()
         devices = cluster.devices
         self.rate = [d.flops_per_s(shape.compute_dtype) / shape.flops_per_token for d in devices]
         self.read_s = [shape.weight_bytes / (d.memory_gb_per_s * 1e9) for d in devices]
@@ -120,41 +133,66 @@ class LayerCost:
         comm = dispatched * self.per_token_s[d] + (self.latency_s[d] if dispatched > 0 else 0.0)
         return DeviceCost(tokens, compute, comm, dispatched)
 
-    def denominators(self, held: dict[int, float]) -> dict[int, float]:
-        """Per held expert, 1 + sum of its co-located co-activation ratios (the estimator's
-        divisor), kept by the local search so that a change costs O(experts on the device)."""
-        if self.ratio is None:
-            return {}
-        return {e: 1.0 + sum(sf * self.ratio[e][f] for f, sf in held.items() if f != e) for e in held}
+    def arrays(self, held: dict[int, float]) -> Held:
+        """`held` as arrays with each expert's estimator divisor (1 + the sum of its co-located
+        co-activation ratios), which the local search keeps so that a change costs a few
+        vector operations over the device's experts."""
+        idx = np.fromiter(held, dtype=np.int64, count=len(held))
+        share = np.fromiter(held.values(), dtype=np.float64, count=len(held))
+        den = None if self.ratio_m is None else 1.0 + self.ratio_m[np.ix_(idx, idx)] @ share
+        den_map = {} if den is None else dict(zip(held, den.tolist()))
+        return Held(idx, share, den, {int(e): i for i, e in enumerate(idx)}, den_map)
 
-    def changed(self, d: int, held: dict[int, float], den: dict[int, float], tokens: float,
+    def changed(self, d: int, held: dict[int, float], arr: Held, tokens: float,
                 remove: tuple[int, ...], add: dict[int, float]) -> DeviceCost:
         """Device d's cost after dropping the experts `remove` from `held` and adding `add`
-        (expert -> share; an expert in both has its share replaced), from the current
-        `den`ominators and `tokens`, without recomputing the untouched pairs."""
-        t, r = self.t, self.ratio
+        (expert -> share; an expert in both has its share replaced), from its arrays and
+        current `tokens`."""
+        t = self.t
         tokens = tokens - sum(held[g] * t[g] for g in remove) + sum(s * t[g] for g, s in add.items())
         count = len(held) - len(remove) + len(add)
-        if r is None:
-            dispatched = tokens
-        else:
-            dispatched = 0.0
-            for f, sf in held.items():
-                if f in remove:
-                    continue
-                row = r[f]
-                df = den[f] - sum(held[g] * row[g] for g in remove) + sum(s * row[g] for g, s in add.items())
-                dispatched += sf * t[f] / df
-            for g, s in add.items():
-                row = r[g]
-                dg = 1.0 + sum(sf * row[f] for f, sf in held.items() if f not in remove)
-                dg += sum(s2 * row[g2] for g2, s2 in add.items() if g2 != g)
-                dispatched += s * t[g] / dg
         if count == 0:
             return DeviceCost(0.0, 0.0, 0.0, 0.0)
+        r = self.ratio_m
+        if r is None:
+            dispatched = tokens
+        elif len(held) <= SMALL:
+            dispatched = self._dispatched_small(held, arr, remove, add)
+        else:
+            idx, share, den = arr.idx, arr.share, arr.den
+            if remove:
+                keep = np.ones(len(idx), dtype=bool)
+                keep[[arr.pos[g] for g in remove]] = False
+                idx, share, den = idx[keep], share[keep], den[keep]  # type: ignore[index]
+                for g in remove:
+                    den = den - held[g] * r[idx, g]
+            for g, s in add.items():
+                den = den + s * r[idx, g]  # type: ignore[operator]
+            dispatched = float((share * t[idx] / den).sum()) if len(idx) else 0.0
+            for g, s in add.items():
+                dg = 1.0 + float(r[g, idx] @ share) + sum(s2 * r[g, g2] for g2, s2 in add.items() if g2 != g)
+                dispatched += s * t[g] / dg
         compute = max(tokens / self.rate[d], count * self.read_s[d])
         comm = dispatched * self.per_token_s[d] + (self.latency_s[d] if dispatched > 0 else 0.0)
         return DeviceCost(tokens, compute, comm, dispatched)
+
+    def _dispatched_small(self, held: dict[int, float], arr: Held, remove: tuple[int, ...],
+                          add: dict[int, float]) -> float:
+        """`changed`'s dispatched tokens in plain Python: faster than arrays for a few experts."""
+        t, r, den = self.t, self.ratio, arr.den_map
+        out = 0.0
+        for f, sf in held.items():
+            if f in remove:
+                continue
+            row = r[f]  # type: ignore[index]
+            df = den[f] - sum(held[g] * row[g] for g in remove) + sum(s * row[g] for g, s in add.items())
+            out += sf * t[f] / df
+        for g, s in add.items():
+            row = r[g]  # type: ignore[index]
+            dg = 1.0 + sum(sf * row[f] for f, sf in held.items() if f not in remove)
+            dg += sum(s2 * row[g2] for g2, s2 in add.items() if g2 != g)
+            out += s * t[g] / dg
+        return out
 
     def devices(self, placement: Placement) -> list[DeviceCost]:
         return [self.device(d, held) for d, held in enumerate(placement)]

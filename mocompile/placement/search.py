@@ -11,21 +11,21 @@ Candidates (each only where it fits the devices' memory):
 - MoGE-style grouping when the router picks by groups and the groups divide over the
   devices: whole groups per device, balanced by group load;
 - round-robin.
-Every candidate is improved by best-improvement local search from the bottleneck devices
-(slowest compute, slowest all-to-all): move a replica to another device, swap two, merge a
-replica into another replica of the same expert, split a share onto a new device while the
-replica budget allows, and re-water-fill a replicated expert. A move is taken only when the
-modelled layer time drops, or stays equal while the sum of squared device times drops, so
-the result is never slower than its start, and the best result over candidates is never
-slower than EPLB's placement: the guarantee is structural, not empirical.
+The best two candidates are improved by best-improvement local search from the bottleneck
+devices (slowest compute, slowest all-to-all): move a replica to another device, swap two
+(with the least busy devices), merge a replica into another replica of the same expert,
+split a share onto a new device while the replica budget allows, and re-water-fill a
+replicated expert. Moves off the slowest all-to-all device are where co-activation counts:
+a swap that puts experts chosen together on one device lowers its messages. A move is taken
+only when the modelled layer time drops, or stays equal while the sum of squared device
+times drops, so the result is never slower than its start; EPLB's own placement is among the
+candidates, so the result is never slower than it: the guarantee is structural.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterator
-
-import numpy as np
 
 from mocompile.placement.baselines import balanced_packing, eplb, replicate, round_robin
 from mocompile.placement.cost import DeviceCost, LayerCost, Placement
@@ -34,6 +34,7 @@ Score = tuple[float, float]
 EPS = 1e-12
 SWAP_TARGETS = 4  # swaps are tried with this many of the least busy devices (moves with all)
 IMPROVED_STARTS = 2  # local search runs from this many of the best candidates
+TOP = 8  # largest device times kept per round for pricing changes
 
 
 @dataclass
@@ -156,22 +157,43 @@ class _Search:
     def __init__(self, problem: LayerProblem, placement: Placement, budget: int) -> None:
         self.p, self.cost = problem, problem.cost
         self.placement = [dict(h) for h in placement]
-        self.den = [self.cost.denominators(h) for h in self.placement]
+        self.arr = [self.cost.arrays(h) for h in self.placement]
         self.costs = self.cost.devices(self.placement)
         self.score = _score(self.costs)
         self.budget = budget  # replicas the layer may hold in all (experts + redundant)
 
-    def _try(self, change: Change) -> tuple[Score, list[DeviceCost]] | None:
-        costs = list(self.costs)
+    def _round_start(self) -> None:
+        """What pricing a change needs of the untouched devices: the few largest compute and
+        all-to-all times, and the sum of squares, so a change costs O(devices it touches)."""
+        comp = [c.compute_s for c in self.costs]
+        comm = [c.comm_s for c in self.costs]
+        self.top_comp = sorted(range(len(comp)), key=comp.__getitem__, reverse=True)[:TOP]
+        self.top_comm = sorted(range(len(comm)), key=comm.__getitem__, reverse=True)[:TOP]
+        self.squares = sum(x * x for x in comp) + sum(x * x for x in comm)
+
+    def _rest_max(self, top: list[int], attr: str, touched: dict[int, DeviceCost]) -> float:
+        for d in top:
+            if d not in touched:
+                return getattr(self.costs[d], attr)
+        return max((getattr(c, attr) for d, c in enumerate(self.costs) if d not in touched), default=0.0)
+
+    def _try(self, change: Change) -> tuple[Score, dict[int, DeviceCost]] | None:
+        touched: dict[int, DeviceCost] = {}
         for d, (remove, add) in change.items():
             held = self.placement[d]
             if len(held) - len(remove) + len(add) > self.p.slots[d]:
                 return None
-            costs[d] = self.cost.changed(d, held, self.den[d], costs[d].tokens, remove, add)
-        return _score(costs), costs
+            touched[d] = self.cost.changed(d, held, self.arr[d], self.costs[d].tokens, remove, add)
+        comp = max(self._rest_max(self.top_comp, "compute_s", touched), *(c.compute_s for c in touched.values()))
+        comm = max(self._rest_max(self.top_comm, "comm_s", touched), *(c.comm_s for c in touched.values()))
+        squares = self.squares + sum(c.compute_s ** 2 + c.comm_s ** 2 - self.costs[d].compute_s ** 2
+                                     - self.costs[d].comm_s ** 2 for d, c in touched.items())
+        return (comp + comm, squares), touched
 
-    def _moves(self, b: int) -> Iterator[Change]:
-        held_b, n = self.placement[b], self.p.devices
+    def _moves(self, b: int, lighten: bool) -> Iterator[Change]:
+        """The changes from device b; with `lighten` (b is the slowest at compute only), only
+        swaps that take tokens off b."""
+        held_b, n, t = self.placement[b], self.p.devices, self.cost.t
         used = sum(len(h) for h in self.placement)
         spare = sorted(range(n), key=lambda d: self.costs[d].compute_s + self.costs[d].comm_s)[:SWAP_TARGETS]
         for e, s in list(held_b.items()):
@@ -190,7 +212,7 @@ class _Search:
                 if d not in spare:
                     continue
                 for f, sf in held_d.items():  # swap, with the least busy devices only
-                    if f not in held_b:
+                    if f not in held_b and not (lighten and sf * t[f] >= s * t[e]):
                         yield {b: ((e,), {f: sf}), d: ((f,), {e: s})}
             if replicated:
                 yield _as_change(water_fill(self.p, self.placement, e), self.placement)
@@ -200,16 +222,15 @@ class _Search:
             held = {e: s for e, s in self.placement[d].items() if e not in remove}
             held.update(add)
             self.placement[d] = held
-            self.den[d] = self.cost.denominators(held)
+            self.arr[d] = self.cost.arrays(held)
 
     def run(self, max_rounds: int) -> Placement:
         for _ in range(max_rounds):
-            comp = [c.compute_s for c in self.costs]
-            comm = [c.comm_s for c in self.costs]
-            worst = {int(np.argmax(comp)), int(np.argmax(comm))}
+            self._round_start()
+            slow_compute, slow_comm = self.top_comp[0], self.top_comm[0]
             best = None
-            for b in worst:
-                for change in self._moves(b):
+            for b in {slow_compute, slow_comm}:
+                for change in self._moves(b, lighten=b != slow_comm):
                     if not change:
                         continue
                     tried = self._try(change)
@@ -217,7 +238,9 @@ class _Search:
                         best = (tried[0], tried[1], change)
             if best is None:
                 break
-            self.score, self.costs = best[0], best[1]
+            self.score = best[0]
+            for d, c in best[1].items():
+                self.costs[d] = c
             self._apply(best[2])
         return self.placement
 
