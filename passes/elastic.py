@@ -85,14 +85,12 @@ def decode_bytes(graph: Graph) -> int:
 
 
 def spec_variants(graph: Graph) -> list[Candidate]:
-    """The variants the model's spec declares (none for a graph not made from a .moe file)."""
-    source = graph.meta.get("source")
-    if not source or not str(source).endswith(".moe") or not Path(source).is_file():
+    """The variants the model's spec declares (the frontend records them in the graph's meta;
+    none for a graph not made from a spec, or for a variant's own graph)."""
+    if graph.meta.get("variant") is not None:
         return []
-    from mocompile.dsl import load_spec
-
-    return [Candidate(variant=v.name, variant_layers=v.layers, variant_experts=v.experts, k=v.top_k)
-            for v in load_spec(source).variants]
+    return [Candidate(variant=v["name"], variant_layers=None if v["layers"] is None else tuple(v["layers"]),
+                      variant_experts=v["experts"], k=v["top_k"]) for v in graph.meta.get("variants", ())]
 
 
 class _Stats:
