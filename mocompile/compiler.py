@@ -208,7 +208,8 @@ def compile(
     the tuning database is `tuning_db`, else the one a previous compile left in `out_dir`,
     and is saved into the artifact (and back to `tuning_db` when given).
     `calibration`: what data-driven passes learn from: a `.npy` file of token ids [n, seq],
-    or a list of input dicts (random inputs when None; the manifest says which).
+    plain text (a checkpoint directory's tokenizer.json encodes it), or a list of input dicts
+    (random inputs when None; the manifest says which).
     The batch-isolation verdict of the final IR is recorded in the manifest; with
     `require_isolation`, a leak or an unknown fails the compile before code generation.
     """

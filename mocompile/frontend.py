@@ -62,8 +62,9 @@ def source_from_spec(spec_or_path: Any, variant: str | None, weights: str | Path
     high = {m.name: int(m.vocab) for m in model.spec.modalities if m.is_tokens}
     meta = {"name": spec.name, "spec_hash": spec.digest(), "variant": variant, "source": spec.source,
             "weights": str(weights) if weights else f"seed {seed}", "max_seq": spec.max_seq,
-            "variants": [{"name": v.name, "layers": None if v.layers is None else list(v.layers), "experts": v.experts,
-                          "top_k": v.top_k} for v in spec.variants]}
+            # the elastic sub-models the spec declares (passes such as elastic build them from the graph)
+            "variants": [{"name": v.name, "layers": None if v.layers is None else list(v.layers),
+                          "experts": v.experts, "top_k": v.top_k} for v in spec.variants]}
     return Source(model, model.input_types(), model.spec.name, meta, high)
 
 

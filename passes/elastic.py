@@ -85,10 +85,12 @@ def decode_bytes(graph: Graph) -> int:
 
 
 def spec_variants(graph: Graph) -> list[Candidate]:
-    """The elastic variants the model's spec declares, which the frontend records in the
-    graph's meta (none for a graph not made from a .moe file)."""
+    """The variants the model's spec declares (the frontend records them in the graph's meta;
+    none for a graph not made from a spec, or for a variant's own graph)."""
+    if graph.meta.get("variant") is not None:
+        return []
     return [Candidate(variant=v["name"], variant_layers=None if v["layers"] is None else tuple(v["layers"]),
-                      variant_experts=v["experts"], k=v["top_k"]) for v in graph.meta.get("variants") or []]
+                      variant_experts=v["experts"], k=v["top_k"]) for v in graph.meta.get("variants", ())]
 
 
 class _Stats:

@@ -136,3 +136,16 @@ def test_quality_of_an_unchanged_and_a_changed_graph() -> None:
     other.weights[router.inputs[1].name] = other.weights[router.inputs[1].name][::-1].copy()  # experts swapped
     worse = quality_report(g, other, toy_inputs(2))
     assert worse["routing_agreement"] < 0.9 and worse["kl_mean"] > 0 and worse["rel_error"] > 0
+
+
+def test_the_command_line_refuses_text_without_a_tokenizer_in_one_line(tmp_path, capsys) -> None:
+    from conftest import EXAMPLES
+    from mocompile import cli
+
+    text = tmp_path / "calib.txt"
+    text.write_text("some plain text")
+    code = cli.main(["compile", str(EXAMPLES / "mixtral_tiny.moe"), "-o", str(tmp_path / "out"), "--calib", str(text),
+                     "--passes", "top-k(k=1)"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mocompile: error")]
+    assert code == 1 and len(err) == 1 and "calib.txt" in err[0] and "tokenizer.json" in err[0]
+    assert not (tmp_path / "out").exists()

@@ -191,3 +191,21 @@ def test_elastic_picks_the_best_candidate_within_the_budget(deepseek, calib, tmp
     with pytest.raises(MocompileError, match="no candidate fits budget 0.1"):
         Elastic(budget=0.1, skip=(0,), experts=(1.0,), k=(4,), neurons=(0.0,)).run(deepseek.clone(),
                                                                                   PassContext(calibration=calib))
+
+
+def test_a_declared_variant_built_by_elastic_is_the_specs_variant() -> None:
+    from conftest import EXAMPLES
+    from mocompile.frontend import lower_source, source_for
+    from mocompile.passes.elastic import _Stats, build, spec_variants
+
+    weights = EXAMPLES / "weights" / "unified_tiny.safetensors"
+    full = lower_source(source_for(EXAMPLES / "unified_tiny.moe", None, weights, 0))
+    half = lower_source(source_for(EXAMPLES / "unified_tiny.moe", "half", weights, 0))
+    (candidate,) = [c for c in spec_variants(full) if c.variant == "half"]
+    rng = np.random.default_rng(0)
+    sample = {"text": rng.integers(0, 512, (1, 5)), "image": rng.standard_normal((1, 3, 48)).astype(np.float32),
+              "audio": rng.standard_normal((1, 2, 32)).astype(np.float32)}
+    built = build(full, candidate, _Stats(full, [sample]), "elastic")
+    np.testing.assert_allclose(interpret(built, sample)["logits"], interpret(half, sample)["logits"], rtol=1e-5,
+                               atol=1e-5)
+    assert len(blocks(built)) == 2 and built.params["layers.1.ffn.experts.up"].type.shape[0] == 6
