@@ -27,6 +27,7 @@ from typing import Any, Callable, ClassVar
 
 from mocompile.calibration import Calibration
 from mocompile.errors import MocompileError
+from mocompile.ir.active_params import active_params
 from mocompile.ir.graph import Graph
 from mocompile.ir.verifier import VerifyError, verify
 
@@ -427,7 +428,7 @@ class PassManager:
         ctx = ctx or PassContext()
         reports = []
         for p in self.passes:
-            before_nodes, before_bytes = len(graph.nodes), graph.weight_bytes()
+            before_nodes, before_bytes, before_params = len(graph.nodes), graph.weight_bytes(), active_params(graph)
             start = time.perf_counter()
             result = p.run(graph.clone(), ctx)
             try:
@@ -440,6 +441,7 @@ class PassManager:
                 "seconds": round(time.perf_counter() - start, 4),
                 "nodes": [before_nodes, len(graph.nodes)],
                 "weight_bytes": [before_bytes, graph.weight_bytes()],
+                "params_per_token": [before_params, active_params(graph)],
                 **result.report,
             })
         return graph, reports

@@ -17,33 +17,12 @@ import numpy as np
 
 from mocompile.calibration import Calibration, for_graph
 from mocompile.errors import MocompileError
+from mocompile.ir.active_params import active_params
 from mocompile.ir.graph import Graph, Node, Value
 from mocompile.ir.registry import get_op
 from mocompile.pass_manager import Pass, PassContext, PassResult
 from mocompile.passes.dce import drop_dead_weights, live_values
 from mocompile.quality import quality_line, quality_report, split, token_ranges
-
-
-def active_params(graph: Graph) -> int:
-    """Weights read per token: a routed experts op reads top_k of its E experts' rows (the
-    stacked per-expert inputs count k/E), an embedding table one row, every other weight whole."""
-    total = 0.0
-    counted: set[int] = set()
-    for node in graph.nodes:
-        op = get_op(node.op)
-        share: dict[int, float] = {}
-        if op.per_expert_inputs is not None and op.routing_choices is None:
-            k = node.inputs[2].type.shape[-1] if node.inputs[2].type.rank else 1
-            for i in op.per_expert_inputs(node):
-                e = node.inputs[i].type.shape[0]
-                share[i] = min(1.0, k / e) if isinstance(e, int) and isinstance(k, int) else 1.0
-        if op.embeds_tokens:
-            share[1] = 1.0 / max(int(node.inputs[1].type.shape[0]), 1)
-        for i, v in enumerate(node.inputs):
-            if graph.params.get(v.name) is v and id(v) not in counted:
-                counted.add(id(v))
-                total += graph.weights[v.name].size * share.get(i, 1.0)
-    return int(round(total))
 
 
 def param_input(graph: Graph, node: Node, index: int, pass_name: str) -> np.ndarray:

@@ -37,7 +37,8 @@ from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph
 from mocompile.ir.registry import get_op
 from mocompile.pass_manager import PassContext, register_pass
-from mocompile.passes.calibrated import CalibratedPass, active_params, drop_dead
+from mocompile.ir.active_params import active_params
+from mocompile.passes.calibrated import CalibratedPass, drop_dead
 from mocompile.passes.prune_experts import choose_experts, prune_router
 from mocompile.passes.prune_neurons import prune_neurons
 from mocompile.passes.skip_layers import lowest_influence

@@ -86,7 +86,7 @@ def test_the_isolation_verdict_is_unchanged(compiled) -> None:
 def test_elastic_latency_is_measured_on_this_machine() -> None:
     from mocompile.backends.base import get_backend
     from mocompile.latency import PROBE, latency_probe
-    from mocompile.passes.calibrated import active_params
+    from mocompile.ir.active_params import active_params
     from mocompile.passes.elastic import Elastic
     from sparsity_models import toy_inputs, toy_moe
 
