@@ -16,7 +16,7 @@ FOLDERS = {"mocompile": "mocompile", "dsl": "mocompile.dsl", "passes": "mocompil
 # module (or package prefix) -> layer; longest prefix wins
 LAYER_OF = {
     "mocompile.errors": "foundation", "mocompile.ir.types": "foundation", "mocompile.files": "foundation", "mocompile.threads": "foundation",
-    "mocompile.native_log": "foundation", "mocompile.cpu_features": "foundation",
+    "mocompile.native_log": "foundation", "mocompile.cpu_features": "foundation", "mocompile.gpu_devices": "foundation",
     "mocompile.dsl": "dsl",
     "mocompile.ir": "ir", "mocompile.signature": "ir", "mocompile.kv_cache": "ir", "mocompile.isolation": "ir",
     "mocompile.witness": "ir", "mocompile.calibration": "ir",
@@ -26,7 +26,8 @@ LAYER_OF = {
     "mocompile.pass_manager": "passes", "mocompile.passes": "passes",
     "mocompile.backends": "backends",
     "mocompile.artifact": "runtime", "mocompile.runtime": "runtime", "mocompile.runtime_inputs": "runtime",
-    "mocompile.artifact_isolation": "runtime",
+    "mocompile.artifact_isolation": "runtime", "mocompile.gpu_plan": "runtime", "mocompile.runtime_gpu": "runtime",
+    "mocompile.runtime_opencl": "runtime", "mocompile.runtime_cuda": "runtime",
     "mocompile.isolation_check": "driver",  # lowers, runs passes and analyses: a driver of the others
     "mocompile.verification": "driver", "mocompile.compiler": "driver", "mocompile.cli": "driver",
     "mocompile": "driver",  # the package's __init__ (the public API)

@@ -34,31 +34,16 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import tirx
 
+from mocompile.backends.tvm_common.specs import AttentionSpec, rope_inv_freq  # noqa: F401
 from mocompile.backends.tvm_cpu import tir_util as U
-from mocompile.backends.tvm_cpu.kernels_math import exp
+from mocompile.backends.tvm_common.kernel_math import exp
+from mocompile.backends.tvm_common.kernel_math import rope as _rope
 
 KB = 64  # keys per block: four 16-lane vectors of independent FMA chains
 TAIL = 16  # keys per chunk of the key layout (key_chunks): one cache line per channel
 QB = 4  # slots per task: QB query rows of a prompt share each loaded key / value vector; a
 # decode step's task takes QB heads instead (independent chains, see query_blocks)
 NEG_INF = tirx.FloatImm("float32", float("-inf"))
-
-
-@dataclass(frozen=True)
-class AttentionSpec:
-    heads: int
-    kv_heads: int
-    head_dim: int
-    rope: bool
-    causal: bool
-
-    def tag(self) -> str:
-        return f"h{self.heads}kv{self.kv_heads}d{self.head_dim}{'_rope' if self.rope else ''}{'_causal' if self.causal else ''}"
-
-
-def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    """inv_freq[D/2], bit-identical to the interpreter's rope_tables."""
-    return (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
 
 
 def padded_len(s):
@@ -85,14 +70,6 @@ def rope_table(head_dim: int) -> tirx.PrimFunc:
 
         U.parallel_for(s, 64 * s * half, position)  # sincos costs ~ as much as moving 64 bytes
     return kern.func
-
-
-def _rope(load, d, head_dim: int, cs, pos):
-    """Element d of the rotated head vector x (x[c] = load(c)) at position pos."""
-    half = head_dim // 2
-    i = tirx.floormod(d, half)
-    rotated = tirx.Select(d < half, -load(tirx.min(d + half, head_dim - 1)), load(tirx.max(d - half, 0)))
-    return load(d) * cs[pos, 0, i] + rotated * cs[pos, 1, i]
 
 
 def key_chunks(kt: tirx.Buffer) -> tirx.Buffer:

@@ -15,34 +15,14 @@ Rope is the rotate-half form over the dr rotary channels, with the cos/sin table
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import numpy as np
 from tvm import tirx
 
+from mocompile.backends.tvm_common.kernel_math import latent_channel
+from mocompile.backends.tvm_common.specs import LatentSpec
 from mocompile.backends.tvm_cpu import tir_util as U
-from mocompile.backends.tvm_cpu.kernels_attention import Slot, _rope, emit_attend, emit_key_rows, query_blocks
-
-
-@dataclass(frozen=True)
-class LatentSpec:
-    heads: int
-    nope_dim: int
-    rope_dim: int
-    v_dim: int
-
-    @property
-    def qk_dim(self) -> int:
-        return self.nope_dim + self.rope_dim
-
-    def tag(self) -> str:
-        return f"h{self.heads}n{self.nope_dim}r{self.rope_dim}v{self.v_dim}"
-
-
-def _head_channel(nope, rope, d, dn: int, dr: int, cs, pos):
-    """Channel d of a [nope | rope(rope part)] head: nope(c) and rope(c) load the two parts."""
-    rotated = _rope(rope, tirx.max(d - dn, 0), dr, cs, pos)
-    return tirx.Select(d < dn, nope(tirx.min(d, dn - 1)), rotated)
+from mocompile.backends.tvm_cpu.kernels_attention import Slot, emit_attend, emit_key_rows, query_blocks
 
 
 @functools.cache
@@ -59,7 +39,7 @@ def latent_keys(spec: LatentSpec) -> tirx.PrimFunc:
         kt = U.arg("kt", (b, H, dq, length))
 
         def value(bi, h, d, j):
-            return _head_channel(lambda c: k_nope[bi, j, h * dn + c], lambda c: k_rope[bi, j, c], d, dn, dr, cs, j)
+            return latent_channel(lambda c: k_nope[bi, j, h * dn + c], lambda c: k_rope[bi, j, c], d, dn, dr, cs, j)
 
         emit_key_rows(kt, H, b, s, past, value)
     return kern.func
@@ -87,7 +67,7 @@ def latent_attention(spec: LatentSpec) -> tirx.PrimFunc:
 
         def slot(bi, h, row, live):
             def load_query(d):
-                return _head_channel(lambda c: q[bi, row, h * dq + c], lambda c: q[bi, row, h * dq + dn + c],
+                return latent_channel(lambda c: q[bi, row, h * dq + c], lambda c: q[bi, row, h * dq + dn + c],
                                      d, dn, dr, cs, row)
 
             return Slot(row, live, h, h * dv, h * dv, load_query)

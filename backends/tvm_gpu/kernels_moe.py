@@ -1,0 +1,87 @@
+"""The MoE routing kernels on a GPU: router top-k and the dispatch plan (token sort by expert).
+
+`router_topk`: one thread per token (blocks of WARP tokens), mirroring mocompile.ir.ops.moe.route
+exactly as the CPU kernel does: modality groups mask logits to -inf outside the token's group;
+softmax or sigmoid scores; choice = score (+ score bias); group limiting; top-k by repeated
+argmax with ties to the lower index; weights renormalised and scaled. A token's work is
+O(E * k), small next to its logits matmul.
+
+`moe_plan`: the counting sort of (token, slot) pairs by expert, as one block with a thread per
+expert: thread e counts its pairs, the block's counts become indptr by a prefix sum in shared
+memory, and thread e writes its pairs' rows in token order (so the order within an expert is
+the CPU plan's and the interpreter's). Every expert's walk over the pairs runs in parallel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tvm import tirx
+
+from mocompile.backends.tvm_common.routing import route_token
+from mocompile.backends.tvm_common.specs import RouterSpec
+from mocompile.backends.tvm_gpu import gpu_util as G
+
+@functools.cache
+def router_topk(spec: RouterSpec) -> tirx.PrimFunc:
+    """logits[t, E] (+ score_bias[E]) (+ modality[t] int32) -> weights[t, k] f32, indices[t, k] int32."""
+    E, k = spec.experts, spec.top_k
+    t = G.dim("t")
+    with G.kernel(f"router_topk_{spec.tag()}") as kern:
+        logits = G.arg("logits", (t, E))
+        bias = G.arg("score_bias", (E,)) if spec.score_bias else None
+        modality = G.arg("modality", (t,), "int32") if spec.groups else None
+        weights = G.arg("weights", (t, k))
+        indices = G.arg("indices", (t, k), "int32")
+        with G.grid((t + G.WARP - 1) // G.WARP) as tb:
+            with G.block(G.WARP) as tid:
+                i = tb * G.WARP + tid
+                with G.when(i < t):
+                    route_token(spec, i, logits, bias, modality, weights, indices, G.local)
+    return kern.func
+
+
+@functools.cache
+def moe_plan(experts: int, top_k: int) -> tirx.PrimFunc:
+    """indices[t, k] int32, weights[t, k] -> indptr[E+1], row_token[P], row_weight[P], pair_row[P]."""
+    t = G.dim("t")
+    threads = G.threads_for(experts + 1, most=1024)  # thread E writes indptr[E]
+    if experts + 1 > threads:
+        raise ValueError(f"moe_plan: {experts} experts need more threads than a block has ({threads})")
+    with G.kernel(f"moe_plan_e{experts}_k{top_k}") as kern:
+        indices = G.arg("indices", (t, top_k), "int32")
+        weights = G.arg("weights", (t, top_k))
+        indptr = G.arg("indptr", (experts + 1,), "int32")
+        row_token = G.arg("row_token", (t * top_k,), "int32")
+        row_weight = G.arg("row_weight", (t * top_k,))
+        pair_row = G.arg("pair_row", (t * top_k,), "int32")
+        with G.grid(1) as _:
+            counts = G.shared((threads,), "int32")
+            with G.block(threads) as e:
+                cursor = G.local((1,), "int32")
+
+                def expert(p):  # clamped: a corrupt index must not write out of bounds
+                    return tirx.min(tirx.max(indices[p // top_k, p % top_k], 0), experts - 1)
+
+                G.store(cursor, (0,), tirx.IntImm("int32", 0))
+                with G.when(e < experts):
+                    with G.serial(0, t * top_k) as p:
+                        with G.when(expert(p) == e):
+                            G.store(cursor, (0,), cursor[0] + 1)
+                G.store(counts, (e,), cursor[0])
+                G.barrier()
+                # exclusive prefix: the rows of the experts before e
+                G.store(cursor, (0,), tirx.IntImm("int32", 0))
+                with G.serial(0, e) as f:
+                    G.store(cursor, (0,), cursor[0] + counts[f])
+                with G.when(e <= experts):
+                    G.store(indptr, (e,), cursor[0])
+                with G.when(e < experts):
+                    with G.serial(0, t * top_k) as p:
+                        with G.when(expert(p) == e):
+                            r = cursor[0]
+                            G.store(row_token, (r,), tirx.Cast("int32", p // top_k))
+                            G.store(row_weight, (r,), weights[p // top_k, p % top_k])
+                            G.store(pair_row, (p,), r)
+                            G.store(cursor, (0,), r + 1)
+    return kern.func
