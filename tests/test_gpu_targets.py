@@ -1,0 +1,183 @@
+"""The GPU targets. OpenCL: every example (fp32, and a quantized model) compiles, runs on an
+OpenCL device (PoCL on a machine without a GPU) and matches the IR interpreter, forward and
+cached decoding; the isolation check's differential run works on the artifact. CUDA: nvcc
+compiles the generated code of every example (fp32 and int8) for sm_90 with warnings as
+errors, and the artifact runs where an NVIDIA GPU is. Both: the schedule check refuses a
+kernel left partly on the host or launched with a single thread, naming it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tvm import tirx
+
+import mocompile
+from conftest import EXAMPLES
+from mocompile.backends.tvm_gpu import gpu_util as G
+from mocompile.backends.tvm_gpu.codegen import ScheduleError, generate
+from mocompile.backends.tvm_gpu.nvcc import NvccError, compile_cuda, find_nvcc
+from mocompile.backends.tvm_gpu.target import GpuTarget
+from mocompile.frontend import lower_source, source_for
+from mocompile.gpu_devices import cuda_device_problem, opencl_devices
+from mocompile.ir.interpreter import run as run_graph
+from mocompile.runtime import load, random_inputs
+
+EXAMPLE_NAMES = sorted(p.stem for p in EXAMPLES.glob("*.moe"))
+needs_opencl = pytest.mark.skipif(not opencl_devices(), reason="no OpenCL device (pip install pyopencl; apt-get "
+                                                                "install pocl-opencl-icd)")
+needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="nvcc (the CUDA toolkit) is not installed")
+needs_cuda_gpu = pytest.mark.skipif(cuda_device_problem("sm_90") is not None, reason="no sm_90 NVIDIA GPU here")
+
+
+def _interpreter_outputs(graph, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return run_graph(graph, inputs)
+
+
+def _check_against_interpreter(path: Path, spec: Path, passes: str = "") -> None:
+    """The artifact's forward and cached decoding against the IR interpreter on fresh inputs."""
+    art = load(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["verification"]["status"] == "verified"
+    assert manifest["program"]["kind"] == "gpu-launch-plan" and manifest["program"]["api"] == "opencl"
+    graph = lower_source(source_for(spec, None, None, 0))
+    if passes:
+        from mocompile.pass_manager import PassManager
+
+        graph = PassManager(passes).run(graph)[0]
+    x = random_inputs(art.signature, 2, 7, seed=5)
+    want = _interpreter_outputs(graph, x)
+    got = art.run(x)
+    # a token model's cached decoding computes its forward; a multimodal one's steps take the
+    # segments in another order, which the compile checked against the IR's cached graph
+    cached = art.run_cached(x, 4) if len(art.signature.inputs) == 1 else {}
+    assert manifest["decode_verification"]["max_rel_error"] <= 1e-4
+    for name, ref in want.items():
+        scale = np.abs(ref).max()
+        assert np.abs(got[name] - ref).max() <= 1e-4 * scale, name
+        if cached:
+            assert np.abs(cached[name] - ref).max() <= 1e-4 * scale, name
+
+
+@needs_opencl
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_opencl_artifact_of_every_example_matches_the_interpreter(tmp_path, name: str) -> None:
+    spec = EXAMPLES / f"{name}.moe"
+    mocompile.compile(spec, target="opencl", out_dir=tmp_path / "art", batch=2, seq=4)
+    _check_against_interpreter(tmp_path / "art", spec)
+
+
+@needs_opencl
+@pytest.mark.parametrize("passes", ["quantize(w=int4,group=32,a=int8,dynamic=token)"])
+def test_opencl_quantized_artifact_matches_the_interpreter(tmp_path, passes: str) -> None:
+    """Low-bit weights stay low-bit on the device and are dequantised in the matmul kernels."""
+    spec = EXAMPLES / "mixtral_tiny.moe"
+    mocompile.compile(spec, target="opencl", passes=passes, out_dir=tmp_path / "art", batch=2, seq=4)
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert {w["dtype"] for w in manifest["program"]["weight_layouts"]} >= {"uint8"}
+    _check_against_interpreter(tmp_path / "art", spec, passes)
+
+
+@needs_opencl
+def test_isolation_check_runs_its_differential_on_an_opencl_artifact(tmp_path) -> None:
+    from mocompile.artifact_isolation import check_artifact
+
+    mocompile.compile(EXAMPLES / "mixtral_tiny.moe", target="opencl", out_dir=tmp_path / "art", batch=2, seq=4)
+    report = check_artifact(load(tmp_path / "art"), batch=3, seq=5)
+    assert report.verdict == "isolated", report
+    assert report.differential and report.differential["bitwise_identical"], report.differential
+    assert report.differential["cached_step"]["bitwise_identical"], report.differential
+
+
+def _kernel_with_host_loop() -> tirx.PrimFunc:
+    n = G.dim("n")
+    with G.kernel("host_loop") as kern:
+        x = G.arg("x", (n, 64))
+        with G.serial(0, n) as i:  # not bound to blocks: it would run on the host
+            with G.grid(1) as _:
+                with G.block(64) as t:
+                    G.store(x, (i, t), x[i, t] + G.f32(1))
+    return kern.func
+
+
+def _kernel_with_one_thread() -> tirx.PrimFunc:
+    n = G.dim("n")
+    with G.kernel("one_thread") as kern:
+        x = G.arg("x", (n,))
+        with G.grid(n) as b:
+            with G.block(1) as t:
+                G.store(x, (b + t,), x[b + t] * G.f32(2))
+    return kern.func
+
+
+@pytest.mark.parametrize("target", ["opencl", "cuda"])
+@pytest.mark.parametrize("make,message", [(_kernel_with_host_loop, "kernel host_loop: a loop over .* is not bound to GPU blocks or threads"),
+                                          (_kernel_with_one_thread, "kernel one_thread: launches one_thread_kernel with a "
+                                                                    "single thread")])
+def test_schedule_check_refuses_host_loops_and_single_thread_launches(target: str, make, message: str) -> None:
+    import tvm
+
+    if target == "cuda" and find_nvcc() is None:
+        pytest.skip("TVM's CUDA code generation calls nvcc")
+    func = make()
+    mod = tvm.IRModule({str(func.attrs["mocompile.kernel"]): func})
+    with pytest.raises(ScheduleError, match=message):
+        generate(mod, GpuTarget.parse(target))
+
+
+def _cuda_compile(tmp_path: Path, name: str, passes: str) -> dict:
+    mocompile.compile(EXAMPLES / f"{name}.moe", target="cuda", passes=passes, out_dir=tmp_path / "art", batch=2, seq=4)
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert (tmp_path / "art" / "kernels.cubin").stat().st_size > 0
+    assert manifest["target"]["arch"] == "sm_90"
+    return manifest
+
+
+@needs_nvcc
+def test_cuda_compile_of_an_example_is_checked_by_nvcc_or_run(tmp_path) -> None:
+    manifest = _cuda_compile(tmp_path, "mixtral_tiny", "")
+    verification = manifest["verification"]
+    if cuda_device_problem("sm_90") is None:
+        assert verification["status"] == "verified"
+    else:
+        assert verification["status"] == "not run" and "no NVIDIA GPU" in verification["reason"]
+        assert any("-Werror all-warnings" in c for c in verification["checked"])
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize("passes", ["", "quantize(w=int8)"])
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_cuda_of_every_example_compiles_with_nvcc_for_sm90(tmp_path, name: str, passes: str) -> None:
+    _cuda_compile(tmp_path, name, passes)
+
+
+@needs_nvcc
+def test_nvcc_rejecting_code_fails_the_compile_in_one_line(tmp_path) -> None:
+    source = tmp_path / "bad.cu"
+    source.write_text('extern "C" __global__ void k(float* x) { int unused_result; x[0] = 1.0f; }\n')
+    with pytest.raises(NvccError) as err:
+        compile_cuda(source, tmp_path / "bad.cubin", "sm_90")
+    assert "\n" not in str(err.value) and "unused_result" in str(err.value)
+
+
+def test_gpu_target_options_are_checked() -> None:
+    assert GpuTarget.parse("cuda").arch == "sm_90"
+    assert GpuTarget.parse("cuda -arch=sm_80").arch == "sm_80"
+    for bad in ("cuda -arch=sm_75", "opencl -arch=sm_90", "cuda sm_90"):
+        with pytest.raises(ValueError, match="target"):
+            GpuTarget.parse(bad)
+
+
+@needs_cuda_gpu
+def test_cuda_artifact_runs_on_the_gpu_and_matches_the_interpreter(tmp_path) -> None:
+    spec = EXAMPLES / "mixtral_tiny.moe"
+    mocompile.compile(spec, target="cuda", out_dir=tmp_path / "art", batch=2, seq=4)
+    art = load(tmp_path / "art")
+    x = random_inputs(art.signature, 2, 7, seed=5)
+    want = _interpreter_outputs(lower_source(source_for(spec, None, None, 0)), x)
+    for got in (art.run(x), art.run_cached(x, 4)):
+        for name, ref in want.items():
+            assert np.abs(got[name] - ref).max() <= 1e-4 * np.abs(ref).max()
