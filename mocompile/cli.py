@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="summarise a spec or an artifact")
     i.add_argument("path", help="a .moe spec, a Hugging Face checkpoint directory or an artifact directory")
     i.add_argument("--ir", action="store_true", help="print the IR")
+    i.add_argument("--kernels", action="store_true", help="list a GPU artifact's kernels with their launch shapes")
     i.add_argument("--variant", help="with a spec: the elastic sub-model to show")
     return ap
 
@@ -287,7 +288,11 @@ def _inspect_artifact(a: argparse.Namespace) -> int:
     from mocompile.artifact import read_manifest
 
     manifest = read_manifest(a.path)
-    if a.ir:
+    if a.kernels:
+        from mocompile.gpu_plan import describe_launches
+
+        print("\n".join(describe_launches(manifest)))
+    elif a.ir:
         print((Path(a.path) / "ir.txt").read_text(), end="")
     else:
         print(json.dumps(manifest, indent=2))

@@ -155,3 +155,25 @@ class PlanRunner:
                 else:
                     device_args.append(self.device.scalar(evaluate(a["expr"], env), a["dtype"]))
             self.device.launch(launch["kernel"], device_args, grid, launch["block"])
+
+
+def describe_launches(manifest: Mapping[str, Any]) -> list[str]:
+    """One line per device launch of a GPU artifact's kernels: the kernel, its grid (blocks,
+    expressions of the sizes a call binds) and its block (threads), then the calls per
+    function; `mocompile inspect ART --kernels` prints it."""
+    program = manifest.get("program", {})
+    if program.get("kind") != "gpu-launch-plan":
+        raise ArtifactError(f"the artifact's program ({program.get('kind')!r}) is not a GPU launch plan; "
+                            "--kernels lists a GPU artifact's kernels")
+    target = manifest.get("target", {})
+    lines = [f"{len(program['kernels'])} kernels for {target.get('spec') or program.get('api')} "
+             f"(source: {program['source']}{', binary: ' + program['binary'] if program.get('binary') else ''})"]
+    width = max(len(name) for name in program["kernels"])
+    for name, launches in sorted(program["kernels"].items()):
+        for launch in launches:
+            grid = " x ".join(g for g in launch["grid"])
+            block = " x ".join(str(b) for b in launch["block"])
+            lines.append(f"  {name:<{width}}  grid {grid:<28}  block {block}")
+    calls = ", ".join(f"{fn} {n}" for fn, n in program.get("kernel_calls", {}).items())
+    lines.append(f"kernel launches per call: {calls}")
+    return lines

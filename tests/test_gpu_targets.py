@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -61,12 +62,24 @@ def _check_against_interpreter(path: Path, spec: Path, passes: str = "") -> None
             assert np.abs(cached[name] - ref).max() <= 1e-4 * scale, name
 
 
+@pytest.fixture(scope="module")
+def opencl_artifact(tmp_path_factory) -> Callable[[str], Path]:
+    """The OpenCL artifact of an example, compiled once for the module."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = tmp_path_factory.mktemp(f"opencl_{name}") / "art"
+            mocompile.compile(EXAMPLES / f"{name}.moe", target="opencl", out_dir=built[name], batch=2, seq=4)
+        return built[name]
+
+    return get
+
+
 @needs_opencl
 @pytest.mark.parametrize("name", EXAMPLE_NAMES)
-def test_opencl_artifact_of_every_example_matches_the_interpreter(tmp_path, name: str) -> None:
-    spec = EXAMPLES / f"{name}.moe"
-    mocompile.compile(spec, target="opencl", out_dir=tmp_path / "art", batch=2, seq=4)
-    _check_against_interpreter(tmp_path / "art", spec)
+def test_opencl_artifact_of_every_example_matches_the_interpreter(opencl_artifact, name: str) -> None:
+    _check_against_interpreter(opencl_artifact(name), EXAMPLES / f"{name}.moe")
 
 
 @needs_opencl
@@ -81,11 +94,10 @@ def test_opencl_quantized_artifact_matches_the_interpreter(tmp_path, passes: str
 
 
 @needs_opencl
-def test_isolation_check_runs_its_differential_on_an_opencl_artifact(tmp_path) -> None:
+def test_isolation_check_runs_its_differential_on_an_opencl_artifact(opencl_artifact) -> None:
     from mocompile.artifact_isolation import check_artifact
 
-    mocompile.compile(EXAMPLES / "mixtral_tiny.moe", target="opencl", out_dir=tmp_path / "art", batch=2, seq=4)
-    report = check_artifact(load(tmp_path / "art"), batch=3, seq=5)
+    report = check_artifact(load(opencl_artifact("mixtral_tiny")), batch=3, seq=5)
     assert report.verdict == "isolated", report
     assert report.differential and report.differential["bitwise_identical"], report.differential
     assert report.differential["cached_step"]["bitwise_identical"], report.differential
@@ -181,3 +193,32 @@ def test_cuda_artifact_runs_on_the_gpu_and_matches_the_interpreter(tmp_path) -> 
     for got in (art.run(x), art.run_cached(x, 4)):
         for name, ref in want.items():
             assert np.abs(got[name] - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.skipif(cuda_device_problem("sm_90") is None, reason="an NVIDIA GPU is here: the script would benchmark")
+def test_bench_gpu_skips_with_a_clear_message_without_a_gpu() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    results = (root / "benchmarks" / "RESULTS.md").read_text()
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_gpu.py")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("bench_gpu: skipped, nothing measured or written: no NVIDIA GPU here"), r.stdout
+    assert (root / "benchmarks" / "RESULTS.md").read_text() == results
+
+
+@needs_opencl
+def test_inspect_lists_a_gpu_artifacts_kernels_with_launch_shapes(opencl_artifact) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mocompile.cli", "inspect", str(opencl_artifact("mixtral_tiny")), "--kernels"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("17 kernels for opencl (source: kernels.cl")
+    dense = next(line for line in lines if line.strip().startswith("dense_128x128_tj32_plain "))
+    assert "grid 4 x ((m + 3) // 4) x 1" in dense and "block 32 x 4 x 1" in dense
+    assert lines[-1].startswith("kernel launches per call: main ")

@@ -5,14 +5,14 @@ register tiles within its accumulator budget, tuned tilings from the tuning data
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Mapping
 
 import tvm
 from tvm import tirx
 
 from mocompile.backends.tvm_common.kernels import KernelSet
 from mocompile.backends.tvm_common.layout import VNNI_LANES, panel_width
-from mocompile.backends.tvm_common.specs import AttentionSpec, Epilogue, LatentSpec, MatmulShape, RouterSpec, WeightFormat
+from mocompile.backends.tvm_common.specs import Epilogue, MatmulShape, WeightFormat
 from mocompile.backends.tvm_cpu import (kernels_attention, kernels_gather, kernels_int8, kernels_matmul, kernels_mla,
                                         kernels_moe, kernels_norm, kernels_quant, kernels_router, metaschedule)
 from mocompile.backends.tvm_cpu.kernels_matmul import MatmulConfig, Tiling
@@ -46,54 +46,23 @@ class CpuKernels(KernelSet):
     def integer_format(self, fmt: WeightFormat, k: int) -> bool:
         return kernels_int8.supports(fmt, k)
 
-    def digits_of(self, mode: str) -> int:
-        return kernels_int8.digits_of(mode)
-
-    def quantize_packed(self, k: int, mode: str, group: int) -> tirx.PrimFunc:
-        return kernels_int8.quantize_packed(k, mode, group)
-
-    def int8_matmul(self, k: int, n: int, epi: Epilogue, experts: int, fmt: WeightFormat, digits: int,
-                    gather: bool) -> tirx.PrimFunc:
-        return kernels_int8.int8_matmul(k, n, epi, experts, fmt, digits, gather)
-
-    def gather_rows(self, hidden: int, index_dtype: str = "int32", table_rows: int | None = None) -> tirx.PrimFunc:
-        return kernels_gather.gather_rows(hidden, index_dtype, table_rows)
-
-    def norm(self, kind: str, hidden: int, eps: float) -> tirx.PrimFunc:
-        return kernels_norm.norm(kind, hidden, eps)
-
-    def quantize_rows(self, k: int, mode: str) -> tirx.PrimFunc:
-        return kernels_quant.quantize_rows(k, mode)
-
-    def router_topk(self, spec: RouterSpec) -> tirx.PrimFunc:
-        return kernels_router.router_topk(spec)
-
-    def moe_plan(self, experts: int, top_k: int) -> tirx.PrimFunc:
-        return kernels_moe.moe_plan(experts, top_k)
-
-    def moe_combine(self, hidden: int, top_k: int, residuals: int) -> tirx.PrimFunc:
-        return kernels_moe.moe_combine(hidden, top_k, residuals)
-
-    def padded_len(self, s: Any) -> Any:
-        return kernels_attention.padded_len(s)
-
-    def rope_table(self, head_dim: int) -> tirx.PrimFunc:
-        return kernels_attention.rope_table(head_dim)
-
-    def attention_keys(self, spec: AttentionSpec) -> tirx.PrimFunc:
-        return kernels_attention.attention_keys(spec)
-
-    def cache_rows(self, width: int) -> tirx.PrimFunc:
-        return kernels_attention.cache_rows(width)
-
-    def attention(self, spec: AttentionSpec) -> tirx.PrimFunc:
-        return kernels_attention.attention(spec)
-
-    def latent_keys(self, spec: LatentSpec) -> tirx.PrimFunc:
-        return kernels_mla.latent_keys(spec)
-
-    def latent_attention(self, spec: LatentSpec) -> tirx.PrimFunc:
-        return kernels_mla.latent_attention(spec)
+    # each kernel role is the factory of the same name in this package's kernel modules
+    digits_of = staticmethod(kernels_int8.digits_of)
+    quantize_packed = staticmethod(kernels_int8.quantize_packed)
+    int8_matmul = staticmethod(kernels_int8.int8_matmul)
+    gather_rows = staticmethod(kernels_gather.gather_rows)
+    norm = staticmethod(kernels_norm.norm)
+    quantize_rows = staticmethod(kernels_quant.quantize_rows)
+    router_topk = staticmethod(kernels_router.router_topk)
+    moe_plan = staticmethod(kernels_moe.moe_plan)
+    moe_combine = staticmethod(kernels_moe.moe_combine)
+    padded_len = staticmethod(kernels_attention.padded_len)
+    rope_table = staticmethod(kernels_attention.rope_table)
+    attention_keys = staticmethod(kernels_attention.attention_keys)
+    cache_rows = staticmethod(kernels_attention.cache_rows)
+    attention = staticmethod(kernels_attention.attention)
+    latent_keys = staticmethod(kernels_mla.latent_keys)
+    latent_attention = staticmethod(kernels_mla.latent_attention)
 
     def schedule(self, mod: tvm.IRModule) -> tvm.IRModule:
         return schedule_module(mod)

@@ -5,14 +5,14 @@ and dequantised in registers (there is no integer path: `integer_matmuls` is Fal
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import tvm
 from tvm import tirx
 
 from mocompile.backends.tvm_common.kernels import KernelSet
 from mocompile.backends.tvm_common.layout import panel_width
-from mocompile.backends.tvm_common.specs import AttentionSpec, Epilogue, LatentSpec, MatmulShape, RouterSpec
+from mocompile.backends.tvm_common.specs import Epilogue, MatmulShape
 from mocompile.backends.tvm_gpu import kernels_attention, kernels_matmul, kernels_moe, kernels_quant, kernels_rows
 from mocompile.backends.tvm_gpu.schedule import schedule_module
 from mocompile.backends.tvm_gpu.target import GpuTarget
@@ -44,44 +44,20 @@ class GpuKernels(KernelSet):
         s = config.shape
         return kernels_matmul.grouped(s.experts, s.k, s.n, config.tj, epi, s.fmt)
 
-    def gather_rows(self, hidden: int, index_dtype: str = "int32", table_rows: int | None = None) -> tirx.PrimFunc:
-        return kernels_rows.gather_rows(hidden, index_dtype, table_rows)
-
-    def norm(self, kind: str, hidden: int, eps: float) -> tirx.PrimFunc:
-        return kernels_rows.norm(kind, hidden, eps)
-
-    def quantize_rows(self, k: int, mode: str) -> tirx.PrimFunc:
-        return kernels_quant.quantize_rows(k, mode)
-
-    def router_topk(self, spec: RouterSpec) -> tirx.PrimFunc:
-        return kernels_moe.router_topk(spec)
-
-    def moe_plan(self, experts: int, top_k: int) -> tirx.PrimFunc:
-        return kernels_moe.moe_plan(experts, top_k)
-
-    def moe_combine(self, hidden: int, top_k: int, residuals: int) -> tirx.PrimFunc:
-        return kernels_rows.moe_combine(hidden, top_k, residuals)
-
-    def padded_len(self, s: Any) -> Any:
-        return kernels_attention.padded_len(s)
-
-    def rope_table(self, head_dim: int) -> tirx.PrimFunc:
-        return kernels_rows.rope_table(head_dim)
-
-    def attention_keys(self, spec: AttentionSpec) -> tirx.PrimFunc:
-        return kernels_attention.attention_keys(spec)
-
-    def cache_rows(self, width: int) -> tirx.PrimFunc:
-        return kernels_rows.cache_rows(width)
-
-    def attention(self, spec: AttentionSpec) -> tirx.PrimFunc:
-        return kernels_attention.attention(spec)
-
-    def latent_keys(self, spec: LatentSpec) -> tirx.PrimFunc:
-        return kernels_attention.latent_keys(spec)
-
-    def latent_attention(self, spec: LatentSpec) -> tirx.PrimFunc:
-        return kernels_attention.latent_attention(spec)
+    # each kernel role is the factory of the same name in this package's kernel modules
+    gather_rows = staticmethod(kernels_rows.gather_rows)
+    norm = staticmethod(kernels_rows.norm)
+    quantize_rows = staticmethod(kernels_quant.quantize_rows)
+    router_topk = staticmethod(kernels_moe.router_topk)
+    moe_plan = staticmethod(kernels_moe.moe_plan)
+    moe_combine = staticmethod(kernels_rows.moe_combine)
+    padded_len = staticmethod(kernels_attention.padded_len)
+    rope_table = staticmethod(kernels_rows.rope_table)
+    attention_keys = staticmethod(kernels_attention.attention_keys)
+    cache_rows = staticmethod(kernels_rows.cache_rows)
+    attention = staticmethod(kernels_attention.attention)
+    latent_keys = staticmethod(kernels_attention.latent_keys)
+    latent_attention = staticmethod(kernels_attention.latent_attention)
 
     def schedule(self, mod: tvm.IRModule) -> tvm.IRModule:
         return schedule_module(mod, self.target)
