@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from tvm import tirx
 
+from mocompile.backends.tvm_common import contracts as C
 from mocompile.backends.tvm_common.panel_math import (column_scale, epilogue_value, weight_shapes,  # noqa: F401
                                                       weight_value)
 from mocompile.backends.tvm_common.specs import F32_WEIGHTS, Epilogue, MatmulShape, WeightFormat  # noqa: F401
@@ -191,12 +192,6 @@ def _writer(y, n: int, tj: int, jb, epi: Epilogue, bias=None, scale=None, residu
     return write
 
 
-def _weight_args(fmt: WeightFormat, panels, k: int, width: int):
-    """The weight panel buffer and, for low-bit weights, its scale panels."""
-    bufs = [U.arg(name, shape, dtype) for name, (shape, dtype) in zip(("w", "w_scale"), weight_shapes(fmt, panels, k, width))]
-    return bufs[0], bufs[1] if fmt.quantized else None
-
-
 @functools.cache
 def dense_matmul(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32_WEIGHTS,
                  tiling: Tiling | None = None, row_kernels: tuple[tuple[int, str], ...] = (),
@@ -212,15 +207,10 @@ def dense_matmul(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32
     does not depend on which path it took."""
     nb = -(-n // tj)
     width = 2 * tj if epi.glu else tj
-    m = U.dim("m")
     tuned = dict(row_kernels)
     tag = "".join(f"_ms{rows}" for rows in sorted(tuned))
     with U.kernel(f"dense_{k}x{n}_tj{tj}_{epi.tag()}{fmt.tag()}{tiling.tag() if tiling else ''}{tag}") as kern:
-        x = U.arg("x", (m, k))
-        w, w_scale = _weight_args(fmt, nb, k, width)
-        bias = U.arg("bias", (n,)) if epi.bias else None
-        residuals = residual_args(epi, m, n)
-        y = U.arg("y", (m, n))
+        m, x, w, w_scale, bias, residuals, y = C.dense_matmul(k, n, tj, epi, fmt)
         if epi.row_scale:
             raise ValueError("dense_matmul has no per-row scale")
 
@@ -273,15 +263,8 @@ def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue, fmt: We
     """
     nb = -(-n // tj)
     width = 2 * tj if epi.glu else tj
-    rows = U.dim("rows")
     with U.kernel(f"grouped_e{experts}_{k}x{n}_tj{tj}_{epi.tag()}{fmt.tag()}{tiling.tag() if tiling else ''}") as kern:
-        x = U.arg("x", (rows, k))
-        indptr = U.arg("indptr", (experts + 1,), "int32")
-        w, w_scale = _weight_args(fmt, experts * nb, k, width)
-        scale = U.arg("scale", (rows,)) if epi.row_scale else None
-        y = U.arg("y", (rows, n))
-        if epi.bias or epi.residual:
-            raise ValueError("grouped_matmul supports glu/activation/row_scale epilogues only")
+        rows, x, indptr, w, w_scale, scale, y = C.grouped_matmul(experts, k, n, tj, epi, fmt)
         def task(t):
             jb, e = t // experts, t % experts
             p = e * nb + jb

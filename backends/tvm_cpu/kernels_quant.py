@@ -13,6 +13,7 @@ import functools
 
 from tvm import tirx
 
+from mocompile.backends.tvm_common import contracts as C
 from mocompile.backends.tvm_common.kernel_math import act_scale, int8_code
 from mocompile.backends.tvm_cpu import tir_util as U
 from mocompile.ir.ops.quant import ACT_MODES
@@ -35,12 +36,9 @@ def quantize_rows(k: int, mode: str) -> tirx.PrimFunc:
     """y[m, k] = fake-quantized x[m, k] (inputs x[, scale[1] for "static"])."""
     if mode not in ACT_MODES:
         raise ValueError(f"unknown activation quantization mode {mode!r}")
-    m = U.dim("m")
     lanes = U.lanes_for(k)
     with U.kernel(f"quantize_act_{mode}_k{k}") as kern:
-        x = U.arg("x", (m, k))
-        static = U.arg("scale", (1,)) if mode == "static" else None
-        y = U.arg("y", (m, k))
+        m, x, static, y = C.quantize_rows(k, mode)
         whole = U.local((1,))
         if mode == "tensor":  # one max over every row first (this is the cross-sample read)
             row_max = U.scratch((1,))

@@ -15,6 +15,7 @@ import functools
 
 from tvm import tirx
 
+from mocompile.backends.tvm_common import contracts as C
 from mocompile.backends.tvm_common.routing import route_token
 from mocompile.backends.tvm_common.specs import RouterSpec
 from mocompile.backends.tvm_cpu import tir_util as U
@@ -23,14 +24,9 @@ from mocompile.backends.tvm_cpu import tir_util as U
 @functools.cache
 def router_topk(spec: RouterSpec) -> tirx.PrimFunc:
     """logits[t, E] (+ score_bias[E]) (+ modality[t] int32) -> weights[t, k] f32, indices[t, k] int32."""
-    E, k = spec.experts, spec.top_k
-    t = U.dim("t")
+    E = spec.experts
     with U.kernel(f"router_topk_{spec.tag()}") as kern:
-        logits = U.arg("logits", (t, E))
-        bias = U.arg("score_bias", (E,)) if spec.score_bias else None
-        modality = U.arg("modality", (t,), "int32") if spec.groups else None
-        weights = U.arg("weights", (t, k))
-        indices = U.arg("indices", (t, k), "int32")
+        t, logits, bias, modality, weights, indices = C.router_topk(spec)
 
         def token(i):
             route_token(spec, i, logits, bias, modality, weights, indices, U.local)

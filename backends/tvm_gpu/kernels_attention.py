@@ -24,6 +24,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
+from mocompile.backends.tvm_common import contracts as C
 from mocompile.backends.tvm_common.kernel_math import exp, latent_channel, rope
 from mocompile.backends.tvm_common.specs import AttentionSpec, LatentSpec
 from mocompile.backends.tvm_gpu import gpu_util as G
@@ -122,38 +123,20 @@ def _emit_attention(q_load: Callable, kt, v, out, heads: int, kv_of: Callable, q
 @functools.cache
 def attention_keys(spec: AttentionSpec) -> tirx.PrimFunc:
     """k[B, S, Hkv*D] (+ cs from rope_table), past -> kt[B, Hkv, D, L] at positions past.."""
-    b, s, past, length = G.dim("b"), G.dim("s"), G.dim("past"), G.dim("kt_len")
     D, hkv = spec.head_dim, spec.kv_heads
     with G.kernel(f"attention_keys_{spec.tag()}") as kern:
-        k = G.arg("k", (b, s, hkv * D))
-        cs = G.arg("cs", (s, 2, D // 2)) if spec.rope else None
-        G.scalar_arg(past)
-        kt = G.arg("kt", (b, hkv, D, length))
-
-        def value(bi, h, d, j):
-            def load(c):
-                return k[bi, j, h * D + c]
-
-            return rope(load, d, D, cs, j) if spec.rope else load(d)
-
-        _emit_keys(kt, hkv, D, b, s, past, value)
+        b, s, past, k, cs, kt = C.attention_keys(spec)
+        _emit_keys(kt, hkv, D, b, s, past, C.attention_key_value(spec, k, cs))
     return kern.func
 
 
 @functools.cache
 def attention(spec: AttentionSpec) -> tirx.PrimFunc:
     """q[B, S, H*D], kt[B, Hkv, D, Lk], v[B, Lv, Hkv*D] (+ cs), past -> out[B, S, H*D]."""
-    b, s, past = G.dim("b"), G.dim("s"), G.dim("past")
-    kt_len, v_len = G.dim("kt_len"), G.dim("v_len")
     D, H, hkv = spec.head_dim, spec.heads, spec.kv_heads
     group = H // hkv
     with G.kernel(f"attention_{spec.tag()}") as kern:
-        q = G.arg("q", (b, s, H * D))
-        kt = G.arg("kt", (b, hkv, D, kt_len))
-        v = G.arg("v", (b, v_len, hkv * D))
-        cs = G.arg("cs", (s, 2, D // 2)) if spec.rope else None
-        G.scalar_arg(past)
-        out = G.arg("out", (b, s, H * D))
+        b, s, past, q, kt, v, cs, out = C.attention(spec)
 
         def q_load(bi, row, h, d):
             def load(c):
@@ -168,14 +151,9 @@ def attention(spec: AttentionSpec) -> tirx.PrimFunc:
 @functools.cache
 def latent_keys(spec: LatentSpec) -> tirx.PrimFunc:
     """k_nope[B, S, H*dn], k_rope[B, S, dr], cs[S, 2, dr/2], past -> kt[B, H, dn+dr, L] at past.."""
-    b, s, past, length = G.dim("b"), G.dim("s"), G.dim("past"), G.dim("kt_len")
     H, dn, dr, dq = spec.heads, spec.nope_dim, spec.rope_dim, spec.qk_dim
     with G.kernel(f"latent_keys_{spec.tag()}") as kern:
-        k_nope = G.arg("k_nope", (b, s, H * dn))
-        k_rope = G.arg("k_rope", (b, s, dr))
-        cs = G.arg("cs", (s, 2, dr // 2))
-        G.scalar_arg(past)
-        kt = G.arg("kt", (b, H, dq, length))
+        b, s, past, k_nope, k_rope, cs, kt = C.latent_keys(spec)
 
         def value(bi, h, d, j):
             return latent_channel(lambda c: k_nope[bi, j, h * dn + c], lambda c: k_rope[bi, j, c], d, dn, dr, cs, j)
@@ -187,16 +165,9 @@ def latent_keys(spec: LatentSpec) -> tirx.PrimFunc:
 @functools.cache
 def latent_attention(spec: LatentSpec) -> tirx.PrimFunc:
     """q[B, S, H*(dn+dr)], kt (from latent_keys), v[B, Lv, H*dv], cs, past -> out[B, S, H*dv], causal."""
-    b, s, past = G.dim("b"), G.dim("s"), G.dim("past")
-    kt_len, v_len = G.dim("kt_len"), G.dim("v_len")
     H, dn, dr, dq, dv = spec.heads, spec.nope_dim, spec.rope_dim, spec.qk_dim, spec.v_dim
     with G.kernel(f"latent_attention_{spec.tag()}") as kern:
-        q = G.arg("q", (b, s, H * dq))
-        kt = G.arg("kt", (b, H, dq, kt_len))
-        v = G.arg("v", (b, v_len, H * dv))
-        cs = G.arg("cs", (s, 2, dr // 2))
-        G.scalar_arg(past)
-        out = G.arg("out", (b, s, H * dv))
+        b, s, past, q, kt, v, cs, out = C.latent_attention(spec)
 
         def q_load(bi, row, h, d):
             return latent_channel(lambda c: q[bi, row, h * dq + c], lambda c: q[bi, row, h * dq + dn + c],

@@ -19,16 +19,12 @@ import functools
 
 from tvm import tirx
 
-from mocompile.backends.tvm_common.panel_math import column_scale, epilogue_value, weight_shapes, weight_value
+from mocompile.backends.tvm_common import contracts as C
+from mocompile.backends.tvm_common.panel_math import column_scale, epilogue_value, weight_value
 from mocompile.backends.tvm_common.specs import Epilogue, WeightFormat
 from mocompile.backends.tvm_gpu import gpu_util as G
 
 ROWS = 4  # R: rows per block (threadIdx.y); TJ x R threads per block
-
-
-def _weights(fmt: WeightFormat, panels, k: int, width: int):
-    bufs = [G.arg(name, shape, dtype) for name, (shape, dtype) in zip(("w", "w_scale"), weight_shapes(fmt, panels, k, width))]
-    return bufs[0], bufs[1] if fmt.quantized else None
 
 
 def _emit_column(x, w, w_scale, fmt: WeightFormat, k: int, tj: int, glu: bool, panel, row, j, acc) -> None:
@@ -63,14 +59,8 @@ def _write(y, n: int, tj: int, epi: Epilogue, fmt: WeightFormat, w_scale, panel,
 def dense(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat) -> tirx.PrimFunc:
     """y[m, n] = epilogue(x[m, k] @ W), W as panels [NB, depth, TJ or 2*TJ] (+ scale panels)."""
     nb = -(-n // tj)
-    width = 2 * tj if epi.glu else tj
-    m = G.dim("m")
     with G.kernel(f"dense_{k}x{n}_tj{tj}_{epi.tag()}{fmt.tag()}") as kern:
-        x = G.arg("x", (m, k))
-        w, w_scale = _weights(fmt, nb, k, width)
-        bias = G.arg("bias", (n,)) if epi.bias else None
-        residuals = G.residual_args(epi.residual, m, n)
-        y = G.arg("y", (m, n))
+        m, x, w, w_scale, bias, residuals, y = C.dense_matmul(k, n, tj, epi, fmt)
         with G.grid(nb) as jb:
             with G.grid_y((m + ROWS - 1) // ROWS) as rb:
                 with G.block(tj) as j:
@@ -86,17 +76,9 @@ def dense(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat) -> tirx.Pri
 @functools.cache
 def grouped(experts: int, k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat) -> tirx.PrimFunc:
     """Rows [indptr[e], indptr[e+1]) of x times expert e's panels (weights [experts*NB, ...])."""
-    if epi.bias or epi.residual:
-        raise ValueError("the grouped matmul takes glu/activation/row_scale epilogues only")
     nb = -(-n // tj)
-    width = 2 * tj if epi.glu else tj
-    rows = G.dim("rows")
     with G.kernel(f"grouped_e{experts}_{k}x{n}_tj{tj}_{epi.tag()}{fmt.tag()}") as kern:
-        x = G.arg("x", (rows, k))
-        indptr = G.arg("indptr", (experts + 1,), "int32")
-        w, w_scale = _weights(fmt, experts * nb, k, width)
-        scale = G.arg("scale", (rows,)) if epi.row_scale else None
-        y = G.arg("y", (rows, n))
+        rows, x, indptr, w, w_scale, scale, y = C.grouped_matmul(experts, k, n, tj, epi, fmt)
         with G.grid(nb) as jb:
             with G.grid_y(experts) as e:
                 with G.block(tj) as j:

@@ -18,6 +18,7 @@ import functools
 
 from tvm import tirx
 
+from mocompile.backends.tvm_common import contracts as C
 from mocompile.backends.tvm_common.routing import route_token
 from mocompile.backends.tvm_common.specs import RouterSpec
 from mocompile.backends.tvm_gpu import gpu_util as G
@@ -25,14 +26,8 @@ from mocompile.backends.tvm_gpu import gpu_util as G
 @functools.cache
 def router_topk(spec: RouterSpec) -> tirx.PrimFunc:
     """logits[t, E] (+ score_bias[E]) (+ modality[t] int32) -> weights[t, k] f32, indices[t, k] int32."""
-    E, k = spec.experts, spec.top_k
-    t = G.dim("t")
     with G.kernel(f"router_topk_{spec.tag()}") as kern:
-        logits = G.arg("logits", (t, E))
-        bias = G.arg("score_bias", (E,)) if spec.score_bias else None
-        modality = G.arg("modality", (t,), "int32") if spec.groups else None
-        weights = G.arg("weights", (t, k))
-        indices = G.arg("indices", (t, k), "int32")
+        t, logits, bias, modality, weights, indices = C.router_topk(spec)
         with G.grid((t + G.WARP - 1) // G.WARP) as tb:
             with G.block(G.WARP) as tid:
                 i = tb * G.WARP + tid
@@ -44,17 +39,11 @@ def router_topk(spec: RouterSpec) -> tirx.PrimFunc:
 @functools.cache
 def moe_plan(experts: int, top_k: int) -> tirx.PrimFunc:
     """indices[t, k] int32, weights[t, k] -> indptr[E+1], row_token[P], row_weight[P], pair_row[P]."""
-    t = G.dim("t")
     threads = G.threads_for(experts + 1, most=1024)  # thread E writes indptr[E]
     if experts + 1 > threads:
         raise ValueError(f"moe_plan: {experts} experts need more threads than a block has ({threads})")
     with G.kernel(f"moe_plan_e{experts}_k{top_k}") as kern:
-        indices = G.arg("indices", (t, top_k), "int32")
-        weights = G.arg("weights", (t, top_k))
-        indptr = G.arg("indptr", (experts + 1,), "int32")
-        row_token = G.arg("row_token", (t * top_k,), "int32")
-        row_weight = G.arg("row_weight", (t * top_k,))
-        pair_row = G.arg("pair_row", (t * top_k,), "int32")
+        t, indices, weights, indptr, row_token, row_weight, pair_row = C.moe_plan(experts, top_k)
         with G.grid(1) as _:
             counts = G.shared((threads,), "int32")
             with G.block(threads) as e:

@@ -10,6 +10,7 @@ import functools
 
 from tvm import tirx
 
+from mocompile.backends.tvm_common import contracts as C
 from mocompile.backends.tvm_common.kernel_math import act_scale, int8_code
 from mocompile.backends.tvm_gpu import gpu_util as G
 from mocompile.ir.ops.quant import ACT_MODES
@@ -20,13 +21,10 @@ def quantize_rows(k: int, mode: str) -> tirx.PrimFunc:
     """y[m, k] = fake-quantized x[m, k] (inputs x[, scale[1] for "static"])."""
     if mode not in ACT_MODES:
         raise ValueError(f"unknown activation quantization mode {mode!r}")
-    m = G.dim("m")
     threads = G.threads_for(k)
     whole = mode == "tensor"
     with G.kernel(f"quantize_act_{mode}_k{k}") as kern:
-        x = G.arg("x", (m, k))
-        static = G.arg("scale", (1,)) if mode == "static" else None
-        y = G.arg("y", (m, k))
+        m, x, static, y = C.quantize_rows(k, mode)
         with G.grid(1 if whole else m) as i:
             red = G.shared((threads,))
             with G.block(threads) as tid:

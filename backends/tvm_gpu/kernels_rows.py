@@ -15,6 +15,7 @@ import functools
 
 from tvm import tirx
 
+from mocompile.backends.tvm_common import contracts as C
 from mocompile.backends.tvm_common.specs import Epilogue
 from mocompile.backends.tvm_gpu import gpu_util as G
 
@@ -22,13 +23,9 @@ from mocompile.backends.tvm_gpu import gpu_util as G
 @functools.cache
 def gather_rows(hidden: int, index_dtype: str = "int32", table_rows: int | None = None) -> tirx.PrimFunc:
     """table[n, hidden], index[p] -> out[p, hidden]."""
-    n = table_rows if table_rows is not None else G.dim("n")
-    p = G.dim("p")
     threads = G.threads_for(hidden)
     with G.kernel(f"gather_rows_h{hidden}_{index_dtype}{'' if table_rows is None else f'_n{table_rows}'}") as kern:
-        table = G.arg("table", (n, hidden))
-        index = G.arg("index", (p,), index_dtype)
-        out = G.arg("out", (p, hidden))
+        n, p, table, index, out = C.gather_rows(hidden, index_dtype, table_rows)
         with G.grid(p) as r:
             with G.block(threads) as tid:
                 src = tirx.min(tirx.max(G.i64(index[r]), 0), n - 1)
@@ -43,17 +40,10 @@ def _add(a, b):
 @functools.cache
 def norm(kind: str, hidden: int, eps: float) -> tirx.PrimFunc:
     """kind "rms": y = x / sqrt(mean(x^2) + eps) * w;  "layer": (x - mean) / sqrt(var + eps) * w + b."""
-    if kind not in ("rms", "layer"):
-        raise ValueError(f"unknown norm {kind!r}")
-    m = G.dim("m")
     threads = G.threads_for(hidden)
     inv_h = G.f32(1.0 / hidden)
-    eps_tag = repr(float(eps)).replace("-", "m").replace("+", "").replace(".", "p")
-    with G.kernel(f"{kind}norm_h{hidden}_eps{eps_tag}") as kern:
-        x = G.arg("x", (m, hidden))
-        w = G.arg("w", (hidden,))
-        b = G.arg("b", (hidden,)) if kind == "layer" else None
-        y = G.arg("y", (m, hidden))
+    with G.kernel(C.norm_name(kind, hidden, eps)) as kern:
+        m, x, w, b, y = C.norm(kind, hidden)
         with G.grid(m) as i:
             part = G.shared((threads,))
             with G.block(threads) as tid:
@@ -84,14 +74,10 @@ def norm(kind: str, hidden: int, eps: float) -> tirx.PrimFunc:
 @functools.cache
 def moe_combine(hidden: int, top_k: int, residuals: int = 0) -> tirx.PrimFunc:
     """out[i, :] = sum_j ys[pair_row[i*k + j], :]  (+ residual[i, :] (+ residual2[i, :]))."""
-    t = G.dim("t")
     threads = G.threads_for(hidden)
     epi = Epilogue(residual=residuals)
     with G.kernel(f"moe_combine_h{hidden}_k{top_k}{'_' + epi.tag() if residuals else ''}") as kern:
-        ys = G.arg("ys", (t * top_k, hidden))
-        pair_row = G.arg("pair_row", (t * top_k,), "int32")
-        res = G.residual_args(residuals, t, hidden)
-        out = G.arg("out", (t, hidden))
+        t, ys, pair_row, res, out = C.moe_combine(hidden, top_k, residuals)
         with G.grid(t) as i:
             with G.block(threads) as tid:
                 def column(c):
@@ -110,13 +96,9 @@ def moe_combine(hidden: int, top_k: int, residuals: int = 0) -> tirx.PrimFunc:
 def rope_table(head_dim: int) -> tirx.PrimFunc:
     """inv_freq[D/2], past, s -> cs[s, 2, D/2] (cos, sin of (past + position) * inv_freq)."""
     half = head_dim // 2
-    past, s = G.dim("past"), G.dim("s")
     threads = G.threads_for(half)
     with G.kernel(f"rope_table_d{head_dim}") as kern:
-        inv_freq = G.arg("inv_freq", (half,))
-        G.scalar_arg(past)
-        G.scalar_arg(s)
-        cs = G.arg("cs", (s, 2, half))
+        past, s, inv_freq, cs = C.rope_table(head_dim)
         with G.grid(s) as pos:
             with G.block(threads) as tid:
                 def entry(i):
@@ -131,12 +113,9 @@ def rope_table(head_dim: int) -> tirx.PrimFunc:
 @functools.cache
 def cache_rows(width: int) -> tirx.PrimFunc:
     """x[B, S, W], past -> cache[B, L, W] with rows past..past+S-1 replaced (in place)."""
-    b, s, past, length = G.dim("b"), G.dim("s"), G.dim("past"), G.dim("cache_len")
     threads = G.threads_for(width)
     with G.kernel(f"cache_rows_w{width}") as kern:
-        x = G.arg("x", (b, s, width))
-        G.scalar_arg(past)
-        cache = G.arg("cache", (b, length, width))
+        b, s, past, x, cache = C.cache_rows(width)
         with G.grid(b * s) as task:
             with G.block(threads) as tid:
                 bi, j = task // s, task % s
