@@ -222,3 +222,32 @@ def test_inspect_lists_a_gpu_artifacts_kernels_with_launch_shapes(opencl_artifac
     dense = next(line for line in lines if line.strip().startswith("dense_128x128_tj32_plain "))
     assert "grid 4 x ((m + 3) // 4) x 1" in dense and "block 32 x 4 x 1" in dense
     assert lines[-1].startswith("kernel launches per call: main ")
+
+
+@needs_opencl
+@pytest.mark.parametrize("experts,top_k,tokens", [(8, 2, 13), (300, 8, 5)])
+def test_expert_sort_kernel_is_a_stable_counting_sort(experts: int, top_k: int, tokens: int) -> None:
+    """The GPU plan kernel (one block, experts strided over its threads when there are more
+    experts than threads) against numpy: indptr, and each expert's pairs in token order."""
+    import tvm
+
+    from mocompile.backends.tvm_gpu import kernels_moe
+    from mocompile.gpu_plan import PlanRunner
+    from mocompile.runtime_opencl import OpenclDevice
+
+    func = kernels_moe.moe_plan(experts, top_k)
+    code = generate(tvm.IRModule({"plan": func}), GpuTarget.parse("opencl"))
+    runner = PlanRunner(OpenclDevice(code.source), {}, {n: e.to_json() for n, e in code.kernels.items()})
+    rng = np.random.default_rng(0)
+    indices = np.stack([rng.choice(experts, top_k, replace=False) for _ in range(tokens)]).astype(np.int32)
+    weights = rng.random((tokens, top_k), dtype=np.float32)
+    pairs = tokens * top_k
+    outs = [runner.empty((experts + 1,), "int32"), runner.empty((pairs,), "int32"), runner.empty((pairs,), "float32"),
+            runner.empty((pairs,), "int32")]
+    runner.call("plan", [runner.array(indices), runner.array(weights), *outs])
+    indptr, row_token, row_weight, pair_row = (runner.fetch(o) for o in outs)
+    flat = indices.reshape(-1)
+    order = np.argsort(flat, kind="stable")  # pairs by expert, token order within one
+    assert (indptr == np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=experts))])).all()
+    assert (row_token == order // top_k).all() and (row_weight == weights.reshape(-1)[order]).all()
+    assert (pair_row[order] == np.arange(pairs)).all()

@@ -38,39 +38,51 @@ def router_topk(spec: RouterSpec) -> tirx.PrimFunc:
 
 @functools.cache
 def moe_plan(experts: int, top_k: int) -> tirx.PrimFunc:
-    """indices[t, k] int32, weights[t, k] -> indptr[E+1], row_token[P], row_weight[P], pair_row[P]."""
-    threads = G.threads_for(experts + 1, most=1024)  # thread E writes indptr[E]
-    if experts + 1 > threads:
-        raise ValueError(f"moe_plan: {experts} experts need more threads than a block has ({threads})")
+    """indices[t, k] int32, weights[t, k] -> indptr[E+1], row_token[P], row_weight[P], pair_row[P].
+
+    One block of up to 256 threads (every OpenCL GPU takes that many); thread i serves experts
+    i, i + threads, ... in each phase: count its experts' pairs into shared memory, then after a
+    barrier write their indptr entries (the counts of every expert before) and place their
+    pairs in token order."""
+    threads = G.threads_for(experts + 1)
     with G.kernel(f"moe_plan_e{experts}_k{top_k}") as kern:
         t, indices, weights, indptr, row_token, row_weight, pair_row = C.moe_plan(experts, top_k)
         with G.grid(1) as _:
-            counts = G.shared((threads,), "int32")
-            with G.block(threads) as e:
+            counts = G.shared((experts,), "int32")
+            with G.block(threads) as tid:
                 cursor = G.local((1,), "int32")
 
                 def expert(p):  # clamped: a corrupt index must not write out of bounds
                     return tirx.min(tirx.max(indices[p // top_k, p % top_k], 0), experts - 1)
 
-                G.store(cursor, (0,), tirx.IntImm("int32", 0))
-                with G.when(e < experts):
+                def count(e):
+                    G.store(cursor, (0,), tirx.IntImm("int32", 0))
                     with G.serial(0, t * top_k) as p:
                         with G.when(expert(p) == e):
                             G.store(cursor, (0,), cursor[0] + 1)
-                G.store(counts, (e,), cursor[0])
+                    G.store(counts, (e,), cursor[0])
+
+                def start(e):  # rows of the experts before e: indptr[e], and e's cursor
+                    G.store(cursor, (0,), tirx.IntImm("int32", 0))
+                    with G.serial(0, e) as f:
+                        G.store(cursor, (0,), cursor[0] + counts[f])
+
+                def place(e):
+                    start(e)
+                    with G.if_else(e < experts) as (then, orelse):
+                        with then():
+                            G.store(indptr, (e,), cursor[0])
+                            with G.serial(0, t * top_k) as p:
+                                with G.when(expert(p) == e):
+                                    r = cursor[0]
+                                    G.store(row_token, (r,), tirx.Cast("int32", p // top_k))
+                                    G.store(row_weight, (r,), weights[p // top_k, p % top_k])
+                                    G.store(pair_row, (p,), r)
+                                    G.store(cursor, (0,), r + 1)
+                        with orelse():
+                            G.store(indptr, (e,), cursor[0])
+
+                G.strided(tid, experts, threads, count)
                 G.barrier()
-                # exclusive prefix: the rows of the experts before e
-                G.store(cursor, (0,), tirx.IntImm("int32", 0))
-                with G.serial(0, e) as f:
-                    G.store(cursor, (0,), cursor[0] + counts[f])
-                with G.when(e <= experts):
-                    G.store(indptr, (e,), cursor[0])
-                with G.when(e < experts):
-                    with G.serial(0, t * top_k) as p:
-                        with G.when(expert(p) == e):
-                            r = cursor[0]
-                            G.store(row_token, (r,), tirx.Cast("int32", p // top_k))
-                            G.store(row_weight, (r,), weights[p // top_k, p % top_k])
-                            G.store(pair_row, (p,), r)
-                            G.store(cursor, (0,), r + 1)
+                G.strided(tid, experts + 1, threads, place)
     return kern.func
