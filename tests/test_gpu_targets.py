@@ -251,3 +251,17 @@ def test_expert_sort_kernel_is_a_stable_counting_sort(experts: int, top_k: int, 
     assert (indptr == np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=experts))])).all()
     assert (row_token == order // top_k).all() and (row_weight == weights.reshape(-1)[order]).all()
     assert (pair_row[order] == np.arange(pairs)).all()
+
+
+@needs_opencl
+def test_gpu_runtime_imports_neither_tvm_nor_torch(opencl_artifact) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mocompile.runtime import load, random_inputs\n"
+            f"art = load({str(opencl_artifact('mixtral_tiny'))!r})\n"
+            "art.run(random_inputs(art.signature, 1, 3))\n"
+            "print(sorted(m for m in ('tvm', 'torch') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
