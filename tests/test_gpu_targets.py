@@ -265,3 +265,21 @@ def test_gpu_runtime_imports_neither_tvm_nor_torch(opencl_artifact) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_cuda_compile_without_nvcc_fails_in_one_line(tmp_path) -> None:
+    """A machine without the CUDA toolkit: nothing on PATH, CUDA_HOME or /usr/local/cuda."""
+    import os
+    import subprocess
+    import sys
+
+    if Path("/usr/local/cuda/bin/nvcc").exists():
+        pytest.skip("/usr/local/cuda holds nvcc here, which the compile finds whatever PATH says")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env["PATH"] = str(Path(sys.executable).parent)
+    r = subprocess.run([sys.executable, "-m", "mocompile.cli", "compile", str(EXAMPLES / "mixtral_tiny.moe"), "--target",
+                        "cuda", "-o", str(tmp_path / "art")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "mocompile: error: the cuda target needs nvcc (the CUDA toolkit) to compile its kernels; none was found on "
+        "PATH, CUDA_HOME or /usr/local/cuda"]
+    assert not (tmp_path / "art").exists()

@@ -24,7 +24,7 @@ from mocompile.backends.tvm_common.lower import lower_module
 from mocompile.backends.tvm_gpu.codegen import generate
 from mocompile.backends.tvm_gpu.kernels import GpuKernels
 from mocompile.backends.tvm_gpu.kernels_attention import KB
-from mocompile.backends.tvm_gpu.nvcc import compile_cuda
+from mocompile.backends.tvm_gpu.nvcc import compile_cuda, require_nvcc
 from mocompile.backends.tvm_gpu.plan import function_plan
 from mocompile.backends.tvm_gpu.target import GpuTarget
 from mocompile.ir.graph import Graph
@@ -38,6 +38,8 @@ BINARY = "kernels.cubin"
 
 def emit(graph: Graph, out_dir: str | Path, target: GpuTarget) -> dict[str, Any]:
     out_dir = Path(out_dir)
+    if target.kind == "cuda":
+        require_nvcc()
     kernels = GpuKernels(target)
     lowered = lower_module(graph, kernels)
     mod = kernels.schedule(lowered.mod)

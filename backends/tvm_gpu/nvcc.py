@@ -31,16 +31,23 @@ def find_nvcc() -> str | None:
     return None
 
 
+def require_nvcc() -> str:
+    """nvcc's path, or NvccError in one line (asked before any CUDA code is generated: TVM's
+    CUDA code generation runs nvcc too)."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise NvccError("the cuda target needs nvcc (the CUDA toolkit) to compile its kernels; none was found on "
+                        "PATH, CUDA_HOME or /usr/local/cuda")
+    return nvcc
+
+
 def nvcc_command(nvcc: str, source: Path, output: Path, arch: str) -> list[str]:
     return [nvcc, "-cubin", f"-arch={arch}", "-O3", "-Werror", "all-warnings", "-o", str(output), str(source)]
 
 
 def compile_cuda(source: Path, output: Path, arch: str) -> str:
     """Compile `source` to a cubin at `output` for `arch`; returns nvcc's version line."""
-    nvcc = find_nvcc()
-    if nvcc is None:
-        raise NvccError("the cuda target needs nvcc (the CUDA toolkit) to compile its kernels; none was found on "
-                        "PATH, CUDA_HOME or /usr/local/cuda")
+    nvcc = require_nvcc()
     try:
         run = subprocess.run(nvcc_command(nvcc, source, output, arch), capture_output=True, text=True,
                              timeout=NVCC_TIMEOUT_S)
