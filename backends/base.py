@@ -110,7 +110,9 @@ class Backend:
 
 # target name -> the backend class, or the module whose import registers it
 _BACKENDS: dict[str, type[Backend] | str] = {"cpu": "mocompile.backends.tvm_cpu.backend",
-                                             "fpga": "mocompile.backends.fpga.backend"}
+                                             "fpga": "mocompile.backends.fpga.backend",
+                                             "opencl": "mocompile.backends.tvm_gpu.backend",
+                                             "cuda": "mocompile.backends.tvm_gpu.backend"}
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:

@@ -114,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="summarise a spec or an artifact")
     i.add_argument("path", help="a .moe spec, a Hugging Face checkpoint directory or an artifact directory")
     i.add_argument("--ir", action="store_true", help="print the IR")
+    i.add_argument("--kernels", action="store_true", help="list a GPU artifact's kernels with their launch shapes")
     i.add_argument("--variant", help="with a spec: the elastic sub-model to show")
     from mocompile.place_cli import add_parser as add_place  # expert placement (mocompile/place_cli.py)
 
@@ -314,7 +315,11 @@ def _inspect_artifact(a: argparse.Namespace) -> int:
 
     manifest = read_manifest(a.path)
     report = manifest["program"].get("report")
-    if a.ir:
+    if a.kernels:
+        from mocompile.gpu_plan import describe_launches
+
+        print("\n".join(describe_launches(manifest)))
+    elif a.ir:
         print((Path(a.path) / "ir.txt").read_text(), end="")
     elif report:  # a target's own summary (fpga: kernels, precisions, resources, latency)
         print((Path(a.path) / report).read_text(), end="")

@@ -370,7 +370,9 @@ def median_seconds(run: Callable[[Mapping[str, np.ndarray]], Any], inputs: Mappi
 # program decodes, .new_cache / .step / .run_cached / .generate). A loader ignores options it
 # does not know. Backends whose artifacts run through other runtimes register theirs.
 ProgramLoader = Callable[..., Any]
-_LOADERS: dict[str, ProgramLoader] = {"tvm-relax-vm": LoadedArtifact}
+# A module path stands for a loader its import registers (the GPU runtime loads pyopencl or
+# the CUDA driver only for artifacts that need them).
+_LOADERS: dict[str, ProgramLoader | str] = {"tvm-relax-vm": LoadedArtifact, "gpu-launch-plan": "mocompile.runtime_gpu"}
 
 
 # program kind -> the module whose import registers its loader (imported when first needed)
@@ -379,7 +381,7 @@ _LOADER_MODULES: dict[str, str] = {"hls-csim": "mocompile.hls_runtime"}
 
 def register_program_kind(kind: str, loader: ProgramLoader) -> None:
     """Make artifacts whose manifest says `program.kind == kind` loadable by `load`."""
-    if _LOADERS.get(kind, loader) is not loader:
+    if not isinstance(_LOADERS.get(kind, loader), str) and _LOADERS.get(kind, loader) is not loader:
         raise ValueError(f"program kind {kind!r} registered twice")
     _LOADERS[kind] = loader
 
@@ -390,6 +392,11 @@ def open_artifact(path: Path, manifest: dict[str, Any], **options: Any) -> Any:
     if kind not in _LOADERS and kind in _LOADER_MODULES:
         importlib.import_module(_LOADER_MODULES[kind])
     loader = _LOADERS.get(kind)
+    if isinstance(loader, str):
+        import importlib
+
+        importlib.import_module(loader)  # registers the loader under its kind
+        loader = _LOADERS[kind]
     if loader is None:
         raise ArtifactError(f"{path}: program kind {kind!r} has no loader here (this runtime loads: "
                             f"{', '.join(sorted({*_LOADERS, *_LOADER_MODULES}))})")

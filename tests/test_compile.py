@@ -194,24 +194,45 @@ def test_compiled_examples_are_batch_invariant_bit_for_bit(artifacts, spec_name:
         assert result["bitwise_identical"], result
 
 
-GOLDEN = json.loads((Path(__file__).parent / "data" / "golden" / "fp32_examples.json").read_text())
+GOLDEN_DIR = Path(__file__).parent / "data" / "golden"
+GOLDEN = json.loads((GOLDEN_DIR / "fp32_examples.json").read_text())
+QUANTIZED_GOLDEN = json.loads((GOLDEN_DIR / "quantized_examples.json").read_text())
+
+
+def _output_digests(path: Path) -> dict[str, str]:
+    """sha256 of an artifact's outputs on the recorded inputs: forward, and cached decoding."""
+    import hashlib
+
+    art = load(path)
+    x = random_inputs(art.signature, 3, 9, seed=11)
+    got = {f"main.{k}": v for k, v in art.run(x).items()}
+    if art.can_decode:
+        got.update({f"cached.{k}": v for k, v in art.run_cached(x, 5).items()})
+    return {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for k, v in got.items()}
+
+
+def _skip_unless_recorded_cpu(golden: dict) -> None:
+    from mocompile.backends.tvm_cpu.target import host_cpu
+
+    if host_cpu() not in golden["llvm_cpus"]:
+        pytest.skip(f"digests recorded on {', '.join(golden['llvm_cpus'])}, this host is {host_cpu()}")
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN["outputs"]))
 def test_generated_code_computes_the_recorded_bits(artifacts, name: str) -> None:
     """The fp32 example artifacts' outputs (forward and cached decode), bit for bit, against
-    sha256 digests recorded on a host of the same LLVM CPU: a refactor of the compiler that
+    sha256 digests recorded on hosts of the listed LLVM CPUs: a refactor of the compiler that
     changes any kernel's arithmetic fails here (elsewhere the eager comparisons above hold)."""
-    import hashlib
+    _skip_unless_recorded_cpu(GOLDEN)
+    assert _output_digests(artifacts[(f"{name}.moe", None)]) == GOLDEN["outputs"][name]
 
-    from mocompile.backends.tvm_cpu.target import host_cpu
 
-    if host_cpu() != GOLDEN["llvm_cpu"]:
-        pytest.skip(f"digests recorded on {GOLDEN['llvm_cpu']}, this host is {host_cpu()}")
-    art = load(artifacts[(f"{name}.moe", None)])
-    x = random_inputs(art.signature, 3, 9, seed=11)
-    got = {f"main.{k}": v for k, v in art.run(x).items()}
-    if art.can_decode:
-        got.update({f"cached.{k}": v for k, v in art.run_cached(x, 5).items()})
-    digests = {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for k, v in got.items()}
-    assert digests == GOLDEN["outputs"][name]
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(QUANTIZED_GOLDEN["outputs"]))
+def test_quantized_code_computes_the_recorded_bits(tmp_path, case: str) -> None:
+    """As above for quantized examples (int8, int4 with groups, W8A8 per token), whose kernels
+    follow the target's low-bit path (VNNI integers on the recorded znver4)."""
+    _skip_unless_recorded_cpu(QUANTIZED_GOLDEN)
+    spec, passes = case.split("|")
+    mocompile.compile(EXAMPLES / f"{spec}.moe", passes=passes, out_dir=tmp_path / "art", batch=3, seq=5)
+    assert _output_digests(tmp_path / "art") == QUANTIZED_GOLDEN["outputs"][case]

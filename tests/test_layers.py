@@ -17,7 +17,7 @@ FOLDERS = {"mocompile": "mocompile", "dsl": "mocompile.dsl", "passes": "mocompil
 LAYER_OF = {
     "mocompile.errors": "foundation", "mocompile.ir.types": "foundation", "mocompile.files": "foundation", "mocompile.threads": "foundation",
     "mocompile.native_log": "foundation", "mocompile.cpu_features": "foundation", "mocompile.memory": "foundation",
-    "mocompile.progress": "foundation",
+    "mocompile.progress": "foundation", "mocompile.gpu_devices": "foundation",
     "mocompile.dsl": "dsl",
     "mocompile.ir": "ir", "mocompile.signature": "ir", "mocompile.kv_cache": "ir", "mocompile.isolation": "ir",
     "mocompile.witness": "ir", "mocompile.calibration": "ir", "mocompile.blocks": "ir", "mocompile.calib_record": "ir",
@@ -30,7 +30,8 @@ LAYER_OF = {
     "mocompile.backends": "backends",
     "mocompile.artifact": "runtime", "mocompile.runtime": "runtime", "mocompile.runtime_inputs": "runtime",
     "mocompile.artifact_isolation": "runtime", "mocompile.hls_runtime": "runtime",
-    "mocompile.vm_trace": "runtime",
+    "mocompile.vm_trace": "runtime", "mocompile.gpu_plan": "runtime", "mocompile.runtime_gpu": "runtime",
+    "mocompile.runtime_opencl": "runtime", "mocompile.runtime_cuda": "runtime",
     "mocompile.report": "driver", "mocompile.report_sections": "driver", "mocompile.report_svg": "driver",
     "mocompile.isolation_check": "driver",  # lowers, runs passes and analyses: a driver of the others
     "mocompile.verification": "driver", "mocompile.compiler": "driver", "mocompile.cli": "driver",

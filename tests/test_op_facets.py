@@ -126,7 +126,7 @@ def test_router_kernel_spec_is_the_router_attributes() -> None:
     """The router kernel is specialised on router.topk's own attributes, read by name; the
     attributes it has no field for are the ones the backend refuses."""
     from mocompile.backends.tvm_cpu.kernels_router import RouterSpec
-    from mocompile.backends.tvm_cpu.lowerings import _router_refusal
+    from mocompile.backends.tvm_common.lowerings import _router_refusal
 
     names = {f.name for f in fields(RouterSpec)} - {"experts"}
     assert names <= set(ROUTER_ATTRS)

@@ -18,7 +18,7 @@ from tvm import relax, tirx
 from tvm.ir.expr import TensorLoad
 
 from mocompile.backends.tvm_cpu import LoweringError, build, host_target, lower, tir_util
-from mocompile.backends.tvm_cpu.layout import pack, panel_width
+from mocompile.backends.tvm_common.layout import pack, panel_width
 from mocompile.backends.tvm_cpu.schedule import check_scheduled, loop_kinds
 from mocompile.backends.tvm_cpu.tir_util import HAND_SCHEDULED_ATTR, SERIAL_ATTR
 from mocompile.ir.graph import Graph, Node, Value

@@ -15,9 +15,9 @@ layout.py for the weight layouts.
 
 from mocompile.backends.tvm_cpu.artifact import emit
 from mocompile.backends.tvm_cpu.build import Executable, build
-from mocompile.backends.tvm_cpu.layout import WeightLayout
+from mocompile.backends.tvm_common.layout import WeightLayout
 from mocompile.backends.tvm_cpu.lower import LoweringError, lower
-from mocompile.backends.tvm_cpu.program import LoweredProgram
+from mocompile.backends.tvm_common.program import LoweredProgram
 from mocompile.backends.tvm_cpu.target import CpuTarget, host_cpu, host_target, missing_features, runs_here
 from mocompile.backends.tvm_cpu.tuning import TuningDB, tune
 

@@ -14,7 +14,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from mocompile.backends.tvm_cpu.program import LoweredProgram
+from mocompile.backends.tvm_common.program import LoweredProgram
 from mocompile.backends.tvm_cpu.target import VNNI, CpuTarget, as_cpu_target
 from mocompile.threads import configure_tvm_threads
 

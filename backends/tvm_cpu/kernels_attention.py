@@ -34,31 +34,17 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import tirx
 
+from mocompile.backends.tvm_common import contracts as C
+from mocompile.backends.tvm_common.specs import AttentionSpec, rope_inv_freq  # noqa: F401
 from mocompile.backends.tvm_cpu import tir_util as U
-from mocompile.backends.tvm_cpu.kernels_math import exp
+from mocompile.backends.tvm_common.kernel_math import exp
+from mocompile.backends.tvm_common.kernel_math import rope as _rope
 
 KB = 64  # keys per block: four 16-lane vectors of independent FMA chains
 TAIL = 16  # keys per chunk of the key layout (key_chunks): one cache line per channel
 QB = 4  # slots per task: QB query rows of a prompt share each loaded key / value vector; a
 # decode step's task takes QB heads instead (independent chains, see query_blocks)
 NEG_INF = tirx.FloatImm("float32", float("-inf"))
-
-
-@dataclass(frozen=True)
-class AttentionSpec:
-    heads: int
-    kv_heads: int
-    head_dim: int
-    rope: bool
-    causal: bool
-
-    def tag(self) -> str:
-        return f"h{self.heads}kv{self.kv_heads}d{self.head_dim}{'_rope' if self.rope else ''}{'_causal' if self.causal else ''}"
-
-
-def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    """inv_freq[D/2], bit-identical to the interpreter's rope_tables."""
-    return (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
 
 
 def padded_len(s):
@@ -70,13 +56,8 @@ def rope_table(head_dim: int) -> tirx.PrimFunc:
     """inv_freq[D/2], the first position `past` and the count s (shape arguments) ->
     cs[s, 2, D/2]: (cos, sin) of positions past..past+s-1."""
     half = head_dim // 2
-    s = U.dim("s")
-    past = U.dim("past")
     with U.kernel(f"rope_table_d{head_dim}") as kern:
-        inv_freq = U.arg("inv_freq", (half,))
-        U.scalar_arg(past)
-        U.scalar_arg(s)
-        cs = U.arg("cs", (s, 2, half))
+        past, s, inv_freq, cs = C.rope_table(head_dim)
         def position(pos):
             with U.serial(0, half) as i:
                 angle = tirx.Cast("float32", past + pos) * inv_freq[i]
@@ -85,14 +66,6 @@ def rope_table(head_dim: int) -> tirx.PrimFunc:
 
         U.parallel_for(s, 64 * s * half, position)  # sincos costs ~ as much as moving 64 bytes
     return kern.func
-
-
-def _rope(load, d, head_dim: int, cs, pos):
-    """Element d of the rotated head vector x (x[c] = load(c)) at position pos."""
-    half = head_dim // 2
-    i = tirx.floormod(d, half)
-    rotated = tirx.Select(d < half, -load(tirx.min(d + half, head_dim - 1)), load(tirx.max(d - half, 0)))
-    return load(d) * cs[pos, 0, i] + rotated * cs[pos, 1, i]
 
 
 def key_chunks(kt: tirx.Buffer) -> tirx.Buffer:
@@ -139,33 +112,19 @@ def emit_key_rows(kt, rows: int, b, s, past, value) -> None:
 @functools.cache
 def attention_keys(spec: AttentionSpec) -> tirx.PrimFunc:
     """k[B, S, Hkv*D] (+ cs from rope_table), past -> kt[B, Hkv, D, L] at positions past.."""
-    b, s, past, length = U.dim("b"), U.dim("s"), U.dim("past"), U.dim("kt_len")
-    D, hkv = spec.head_dim, spec.kv_heads
+    hkv = spec.kv_heads
     with U.kernel(f"attention_keys_{spec.tag()}") as kern:
-        k = U.arg("k", (b, s, hkv * D))
-        cs = U.arg("cs", (s, 2, D // 2)) if spec.rope else None
-        U.scalar_arg(past)
-        kt = U.arg("kt", (b, hkv, D, length))
-
-        def value(bi, h, d, j):
-            def load(c):
-                return k[bi, j, h * D + c]
-
-            return _rope(load, d, D, cs, j) if spec.rope else load(d)
-
-        emit_key_rows(kt, hkv, b, s, past, value)
+        b, s, past, k, cs, kt = C.attention_keys(spec)
+        emit_key_rows(kt, hkv, b, s, past, C.attention_key_value(spec, k, cs))
     return kern.func
 
 
 @functools.cache
 def cache_rows(width: int) -> tirx.PrimFunc:
     """x[B, S, W], past -> cache[B, L, W] with rows past..past+S-1 replaced (in place)."""
-    b, s, past, length = U.dim("b"), U.dim("s"), U.dim("past"), U.dim("cache_len")
     lanes = U.lanes_for(width)
     with U.kernel(f"cache_rows_w{width}") as kern:
-        x = U.arg("x", (b, s, width))
-        U.scalar_arg(past)
-        cache = U.arg("cache", (b, length, width))
+        b, s, past, x, cache = C.cache_rows(width)
 
         def row(task):
             bi, j = task // s, task % s
@@ -185,19 +144,12 @@ def attention(spec: AttentionSpec) -> tirx.PrimFunc:
     A task attends for QB (query row, head) slots at once (query_blocks): QB consecutive rows
     of one head in a prompt, QB heads of one row in a decode step.
     """
-    b, s, past = U.dim("b"), U.dim("s"), U.dim("past")
-    kt_len, v_len = U.dim("kt_len"), U.dim("v_len")
     D, H, hkv = spec.head_dim, spec.heads, spec.kv_heads
     group = H // hkv
     lanes = U.lanes_for(D)
     scale = U.f32(1.0 / np.sqrt(D))
     with U.kernel(f"attention_{spec.tag()}") as kern:
-        q = U.arg("q", (b, s, H * D))
-        kt = U.arg("kt", (b, hkv, D, kt_len))
-        v = U.arg("v", (b, v_len, hkv * D))
-        cs = U.arg("cs", (s, 2, D // 2)) if spec.rope else None
-        U.scalar_arg(past)
-        out = U.arg("out", (b, s, H * D))
+        b, s, past, q, kt, v, cs, out = C.attention(spec)
 
         def slot(bi, h, row, live):
             def load_query(d):

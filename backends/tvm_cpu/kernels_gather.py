@@ -7,6 +7,7 @@ import functools
 
 from tvm import tirx
 
+from mocompile.backends.tvm_common import contracts as C
 from mocompile.backends.tvm_cpu import tir_util as U
 
 
@@ -14,13 +15,9 @@ from mocompile.backends.tvm_cpu import tir_util as U
 def gather_rows(hidden: int, index_dtype: str = "int32", table_rows: int | None = None) -> tirx.PrimFunc:
     """table[n, hidden], index[p] -> out[p, hidden]. Indices are clamped into the table, so a
     bad id reads a wrong row instead of memory outside the table."""
-    n = table_rows if table_rows is not None else U.dim("n")
-    p = U.dim("p")
     lanes = U.lanes_for(hidden)
     with U.kernel(f"gather_rows_h{hidden}_{index_dtype}{'' if table_rows is None else f'_n{table_rows}'}") as kern:
-        table = U.arg("table", (n, hidden))
-        index = U.arg("index", (p,), index_dtype)
-        out = U.arg("out", (p, hidden))
+        n, p, table, index, out = C.gather_rows(hidden, index_dtype, table_rows)
 
         def row(r):
             src = tirx.min(tirx.max(U.i64(index[r]), 0), n - 1)

@@ -42,7 +42,7 @@ from mocompile.backends.tvm_cpu import tir_util as U
 from mocompile.backends.tvm_cpu.kernels_matmul import Epilogue, WeightFormat, _writer, residual_args
 from mocompile.backends.tvm_cpu.kernels_quant import emit_row_scale
 from mocompile.ir.ops.quant import INT8_MAX
-from mocompile.backends.tvm_cpu.layout import VNNI_LANES, vnni_offset
+from mocompile.backends.tvm_common.layout import VNNI_LANES, vnni_offset
 
 LANES = VNNI_LANES
 ROWS = 4  # rows per register tile at most: each weight vector loaded serves them all

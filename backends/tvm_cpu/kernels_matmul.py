@@ -28,8 +28,11 @@ from dataclasses import dataclass
 
 from tvm import tirx
 
+from mocompile.backends.tvm_common import contracts as C
+from mocompile.backends.tvm_common.panel_math import (column_scale, epilogue_value, weight_shapes,  # noqa: F401
+                                                      weight_value)
+from mocompile.backends.tvm_common.specs import F32_WEIGHTS, Epilogue, MatmulShape, WeightFormat  # noqa: F401
 from mocompile.backends.tvm_cpu import tir_util as U
-from mocompile.backends.tvm_cpu.kernels_math import activation
 from mocompile.backends.tvm_cpu.target import vector_register_bytes
 
 F32_BYTES = 4
@@ -38,76 +41,9 @@ F32_BYTES = 4
 ACCUMULATOR_BYTES = vector_register_bytes() // 2
 
 
-@dataclass(frozen=True)
-class Epilogue:
-    """What the write-back does with an accumulated tile (applied in this order)."""
-
-    glu: bool = False  # accumulator has 2*TJ lanes: out = act(gate lanes) * up lanes
-    activation: str | None = None  # "silu" | "gelu" | None
-    bias: bool = False  # + b[col]           (extra input bias[N])
-    row_scale: bool = False  # * s[row]      (extra input scale[rows])
-    residual: int = 0  # + r1[row, col] (+ r2[row, col]): extra inputs residual[rows, N] (, residual2)
-
-    def tag(self) -> str:
-        parts = ["glu" if self.glu else ""] + [self.activation or ""]
-        parts += [n for n in ("bias", "row_scale") if getattr(self, n)]
-        parts += ["residual" + (str(self.residual) if self.residual > 1 else "")] if self.residual else []
-        return "_".join(p for p in parts if p) or "plain"
-
-
 def residual_args(epi: Epilogue, rows, n: int) -> list:
     """The residual inputs of an epilogue, [rows, n] each, added in this order."""
-    return [U.arg("residual" + (str(i + 1) if i else ""), (rows, n)) for i in range(epi.residual)]
-
-
-@dataclass(frozen=True)
-class WeightFormat:
-    """How a kernel's weight panels are stored (see layout.py for the packing)."""
-
-    bits: int = 32  # 32: float32; 8: int8 codes; 4: int4 codes, two per uint8 along k
-    groups: int = 1  # scale groups along k per output channel (1: one scale per channel)
-
-    @property
-    def dtype(self) -> str:
-        return {32: "float32", 8: "int8", 4: "uint8"}[self.bits]
-
-    @property
-    def quantized(self) -> bool:
-        return self.bits != 32
-
-    def depth(self, k: int) -> int:
-        """Rows of a panel: one per input, or one per pair of inputs for int4."""
-        return k // 2 if self.bits == 4 else k
-
-    def tag(self) -> str:
-        return "" if not self.quantized else f"_q{self.bits}" + (f"g{self.groups}" if self.groups > 1 else "")
-
-
-F32_WEIGHTS = WeightFormat()
-
-
-def _int4(byte, high):
-    """The signed value of one nibble of a uint8 code byte (stored with an offset of 8);
-    `high`: a Python bool, or an expression (1: the high nibble) when the input index is a
-    loop variable (the te workload of metaschedule.py)."""
-    if isinstance(high, bool):
-        nibble = (tirx.shift_right(byte, tirx.const(4, "uint8")) if high
-                  else tirx.bitwise_and(byte, tirx.const(15, "uint8")))
-    else:
-        shift = tirx.Cast("uint8", high * 4)
-        nibble = tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, "uint8"))
-    return tirx.Cast("float32", tirx.Cast("int32", nibble) - 8)
-
-
-def weight_value(fmt: WeightFormat, k: int, w, scale, panel, kk, j, high=False):
-    """The float weight of panel row kk, lane j (int4: of input 2*kk + high): the code
-    converted, and for group-wise scales multiplied by its group's scale (a per-channel
-    scale is applied once in the write-back instead, see `column_scale`)."""
-    if not fmt.quantized:
-        return w[panel, kk, j]
-    source = kk * 2 if fmt.bits == 4 else kk  # both nibbles of a byte are in one group (groups are even)
-    v = tirx.Cast("float32", w[panel, kk, j]) if fmt.bits == 8 else _int4(w[panel, kk, j], high)
-    return v * scale[panel, source // (k // fmt.groups), j] if fmt.groups > 1 else v
+    return U.residual_args(epi.residual, rows, n)
 
 
 def _mac(fmt: WeightFormat, k: int, x, r, w, scale, panel, kk, j, acc):
@@ -156,21 +92,6 @@ class Tiling:
 
     def tag(self) -> str:
         return f"_t{self.rows}u{self.k_unroll}"
-
-
-@dataclass(frozen=True)
-class MatmulShape:
-    """What a matmul kernel computes, whatever its tiling: the key of a tuning record."""
-
-    experts: int  # 0: a dense matmul; else a grouped (per-expert) one over this many experts
-    k: int
-    n: int
-    glu: bool  # gate and up panels fused (2*TJ accumulator lanes)
-    fmt: WeightFormat = F32_WEIGHTS
-
-    def key(self) -> str:
-        kind = f"grouped_e{self.experts}" if self.experts else "dense"
-        return f"{kind}_{self.k}x{self.n}{'_glu' if self.glu else ''}{self.fmt.tag()}"
 
 
 @dataclass(frozen=True)
@@ -248,24 +169,6 @@ def _emit_panel_rows(x, w, panel, row_begin, row_end, tj: int, width: int, k: in
         write(r, acc, 0)
 
 
-def epilogue_value(epi: Epilogue, lane, jt, row, col, bias=None, scale=None, residuals=()):
-    """Output (row, col) from accumulator lanes (`lane(half, jt)`: lane jt of the row's tile,
-    or of its up half (half 1) for GLU, already scaled by its weight scale; col = panel * TJ
-    + jt), applied in Epilogue's order."""
-    v = lane(0, jt)
-    if epi.glu:
-        v = activation(epi.activation, v) * lane(1, jt)
-    elif epi.activation:
-        v = activation(epi.activation, v)
-    if epi.bias:
-        v = v + bias[col]
-    if epi.row_scale:
-        v = v * scale[row]
-    for r in residuals:
-        v = v + r[row, col]
-    return v
-
-
 def _writer(y, n: int, tj: int, jb, epi: Epilogue, bias=None, scale=None, residuals=(), column_scale=None):
     """The write-back of one accumulator row into output columns [jb*TJ, jb*TJ + TJ).
     `column_scale(lane)`: the per-output-channel weight scale of an accumulator lane."""
@@ -289,25 +192,6 @@ def _writer(y, n: int, tj: int, jb, epi: Epilogue, bias=None, scale=None, residu
     return write
 
 
-def weight_shapes(fmt: WeightFormat, panels, k: int, width: int) -> list[tuple[tuple, str]]:
-    """(shape, dtype) of the weight panels and, for low-bit weights, of their scale panels."""
-    shapes = [((panels, fmt.depth(k), width), fmt.dtype)]
-    return shapes + [((panels, fmt.groups, width), "float32")] if fmt.quantized else shapes
-
-
-def _weight_args(fmt: WeightFormat, panels, k: int, width: int):
-    """The weight panel buffer and, for low-bit weights, its scale panels."""
-    bufs = [U.arg(name, shape, dtype) for name, (shape, dtype) in zip(("w", "w_scale"), weight_shapes(fmt, panels, k, width))]
-    return bufs[0], bufs[1] if fmt.quantized else None
-
-
-def column_scale(fmt: WeightFormat, scale, panel):
-    """The write-back scale of a per-channel quantized weight (None otherwise)."""
-    if not fmt.quantized or fmt.groups > 1:
-        return None
-    return lambda lane: scale[panel, 0, lane]
-
-
 @functools.cache
 def dense_matmul(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32_WEIGHTS,
                  tiling: Tiling | None = None, row_kernels: tuple[tuple[int, str], ...] = (),
@@ -323,15 +207,10 @@ def dense_matmul(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat = F32
     does not depend on which path it took."""
     nb = -(-n // tj)
     width = 2 * tj if epi.glu else tj
-    m = U.dim("m")
     tuned = dict(row_kernels)
     tag = "".join(f"_ms{rows}" for rows in sorted(tuned))
     with U.kernel(f"dense_{k}x{n}_tj{tj}_{epi.tag()}{fmt.tag()}{tiling.tag() if tiling else ''}{tag}") as kern:
-        x = U.arg("x", (m, k))
-        w, w_scale = _weight_args(fmt, nb, k, width)
-        bias = U.arg("bias", (n,)) if epi.bias else None
-        residuals = residual_args(epi, m, n)
-        y = U.arg("y", (m, n))
+        m, x, w, w_scale, bias, residuals, y = C.dense_matmul(k, n, tj, epi, fmt)
         if epi.row_scale:
             raise ValueError("dense_matmul has no per-row scale")
 
@@ -384,15 +263,8 @@ def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue, fmt: We
     """
     nb = -(-n // tj)
     width = 2 * tj if epi.glu else tj
-    rows = U.dim("rows")
     with U.kernel(f"grouped_e{experts}_{k}x{n}_tj{tj}_{epi.tag()}{fmt.tag()}{tiling.tag() if tiling else ''}") as kern:
-        x = U.arg("x", (rows, k))
-        indptr = U.arg("indptr", (experts + 1,), "int32")
-        w, w_scale = _weight_args(fmt, experts * nb, k, width)
-        scale = U.arg("scale", (rows,)) if epi.row_scale else None
-        y = U.arg("y", (rows, n))
-        if epi.bias or epi.residual:
-            raise ValueError("grouped_matmul supports glu/activation/row_scale epilogues only")
+        rows, x, indptr, w, w_scale, scale, y = C.grouped_matmul(experts, k, n, tj, epi, fmt)
         def task(t):
             jb, e = t // experts, t % experts
             p = e * nb + jb

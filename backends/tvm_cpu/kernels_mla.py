@@ -15,51 +15,27 @@ Rope is the rotate-half form over the dr rotary channels, with the cos/sin table
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import numpy as np
 from tvm import tirx
 
+from mocompile.backends.tvm_common import contracts as C
+from mocompile.backends.tvm_common.kernel_math import latent_channel
+from mocompile.backends.tvm_common.specs import LatentSpec
 from mocompile.backends.tvm_cpu import tir_util as U
-from mocompile.backends.tvm_cpu.kernels_attention import Slot, _rope, emit_attend, emit_key_rows, query_blocks
-
-
-@dataclass(frozen=True)
-class LatentSpec:
-    heads: int
-    nope_dim: int
-    rope_dim: int
-    v_dim: int
-
-    @property
-    def qk_dim(self) -> int:
-        return self.nope_dim + self.rope_dim
-
-    def tag(self) -> str:
-        return f"h{self.heads}n{self.nope_dim}r{self.rope_dim}v{self.v_dim}"
-
-
-def _head_channel(nope, rope, d, dn: int, dr: int, cs, pos):
-    """Channel d of a [nope | rope(rope part)] head: nope(c) and rope(c) load the two parts."""
-    rotated = _rope(rope, tirx.max(d - dn, 0), dr, cs, pos)
-    return tirx.Select(d < dn, nope(tirx.min(d, dn - 1)), rotated)
+from mocompile.backends.tvm_cpu.kernels_attention import Slot, emit_attend, emit_key_rows, query_blocks
 
 
 @functools.cache
 def latent_keys(spec: LatentSpec) -> tirx.PrimFunc:
     """k_nope[B, S, H*dn], k_rope[B, S, dr], cs[S, 2, dr/2], past -> kt[B, H, dn+dr, L] at
     positions past.. (see kernels_attention for the two calling modes)."""
-    b, s, past, length = U.dim("b"), U.dim("s"), U.dim("past"), U.dim("kt_len")
-    H, dn, dr, dq = spec.heads, spec.nope_dim, spec.rope_dim, spec.qk_dim
+    H, dn, dr = spec.heads, spec.nope_dim, spec.rope_dim
     with U.kernel(f"latent_keys_{spec.tag()}") as kern:
-        k_nope = U.arg("k_nope", (b, s, H * dn))
-        k_rope = U.arg("k_rope", (b, s, dr))
-        cs = U.arg("cs", (s, 2, dr // 2))
-        U.scalar_arg(past)
-        kt = U.arg("kt", (b, H, dq, length))
+        b, s, past, k_nope, k_rope, cs, kt = C.latent_keys(spec)
 
         def value(bi, h, d, j):
-            return _head_channel(lambda c: k_nope[bi, j, h * dn + c], lambda c: k_rope[bi, j, c], d, dn, dr, cs, j)
+            return latent_channel(lambda c: k_nope[bi, j, h * dn + c], lambda c: k_rope[bi, j, c], d, dn, dr, cs, j)
 
         emit_key_rows(kt, H, b, s, past, value)
     return kern.func
@@ -72,22 +48,15 @@ def latent_attention(spec: LatentSpec) -> tirx.PrimFunc:
     A task attends for QB (query row, head) slots (query_blocks): QB consecutive rows of one
     head in a prompt, QB heads of one row in a decode step.
     """
-    b, s, past = U.dim("b"), U.dim("s"), U.dim("past")
-    kt_len, v_len = U.dim("kt_len"), U.dim("v_len")
     H, dn, dr, dq, dv = spec.heads, spec.nope_dim, spec.rope_dim, spec.qk_dim, spec.v_dim
     lanes = U.lanes_for(dv)
     scale = U.f32(1.0 / np.sqrt(dq))
     with U.kernel(f"latent_attention_{spec.tag()}") as kern:
-        q = U.arg("q", (b, s, H * dq))
-        kt = U.arg("kt", (b, H, dq, kt_len))
-        v = U.arg("v", (b, v_len, H * dv))
-        cs = U.arg("cs", (s, 2, dr // 2))
-        U.scalar_arg(past)
-        out = U.arg("out", (b, s, H * dv))
+        b, s, past, q, kt, v, cs, out = C.latent_attention(spec)
 
         def slot(bi, h, row, live):
             def load_query(d):
-                return _head_channel(lambda c: q[bi, row, h * dq + c], lambda c: q[bi, row, h * dq + dn + c],
+                return latent_channel(lambda c: q[bi, row, h * dq + c], lambda c: q[bi, row, h * dq + dn + c],
                                      d, dn, dr, cs, row)
 
             return Slot(row, live, h, h * dv, h * dv, load_query)

@@ -18,8 +18,9 @@ import functools
 
 from tvm import tirx
 
+from mocompile.backends.tvm_common import contracts as C
 from mocompile.backends.tvm_cpu import tir_util as U
-from mocompile.backends.tvm_cpu.kernels_matmul import Epilogue, residual_args
+from mocompile.backends.tvm_cpu.kernels_matmul import Epilogue
 
 
 @functools.cache
@@ -29,14 +30,8 @@ def moe_plan(experts: int, top_k: int) -> tirx.PrimFunc:
     O(t*k + E) sequential work: a counting sort. It is the only serial kernel; it reads no
     activations or weights, so it stays negligible next to the GEMMs it plans.
     """
-    t = U.dim("t")
     with U.kernel(f"moe_plan_e{experts}_k{top_k}", serial=True) as kern:
-        indices = U.arg("indices", (t, top_k), "int32")
-        weights = U.arg("weights", (t, top_k))
-        indptr = U.arg("indptr", (experts + 1,), "int32")
-        row_token = U.arg("row_token", (t * top_k,), "int32")
-        row_weight = U.arg("row_weight", (t * top_k,))
-        pair_row = U.arg("pair_row", (t * top_k,), "int32")
+        t, indices, weights, indptr, row_token, row_weight, pair_row = C.moe_plan(experts, top_k)
         cursor = U.local((experts,), "int32")
 
         def expert(i, j):  # clamped: a corrupt index must not write out of bounds
@@ -67,14 +62,10 @@ def moe_plan(experts: int, top_k: int) -> tirx.PrimFunc:
 @functools.cache
 def moe_combine(hidden: int, top_k: int, residuals: int = 0) -> tirx.PrimFunc:
     """out[i, :] = sum_j ys[pair_row[i*k + j], :]  (+ residual[i, :] (+ residual2[i, :]))."""
-    t = U.dim("t")
     lanes = U.lanes_for(hidden)
     epi = Epilogue(residual=residuals)
     with U.kernel(f"moe_combine_h{hidden}_k{top_k}{'_' + epi.tag() if residuals else ''}") as kern:
-        ys = U.arg("ys", (t * top_k, hidden))
-        pair_row = U.arg("pair_row", (t * top_k,), "int32")
-        res = residual_args(epi, t, hidden)
-        out = U.arg("out", (t, hidden))
+        t, ys, pair_row, res, out = C.moe_combine(hidden, top_k, residuals)
 
         def row(i):
             with U.serial(0, hidden // lanes) as c:

@@ -7,6 +7,7 @@ import functools
 
 from tvm import tirx
 
+from mocompile.backends.tvm_common import contracts as C
 from mocompile.backends.tvm_cpu import tir_util as U
 
 
@@ -17,18 +18,10 @@ def _add(a, b):
 @functools.cache
 def norm(kind: str, hidden: int, eps: float) -> tirx.PrimFunc:
     """kind "rms": y = x / sqrt(mean(x^2) + eps) * w;  kind "layer": (x - mean) / sqrt(var + eps) * w + b."""
-    if kind not in ("rms", "layer"):
-        raise ValueError(f"unknown norm {kind!r}")
-    m = U.dim("m")
     lanes = U.lanes_for(hidden)
     inv_h = U.f32(1.0 / hidden)
-    # the exact value: kernels are named (and so shared) by their parameters
-    eps_tag = repr(float(eps)).replace("-", "m").replace("+", "").replace(".", "p")
-    with U.kernel(f"{kind}norm_h{hidden}_eps{eps_tag}") as kern:
-        x = U.arg("x", (m, hidden))
-        w = U.arg("w", (hidden,))
-        b = U.arg("b", (hidden,)) if kind == "layer" else None
-        y = U.arg("y", (m, hidden))
+    with U.kernel(C.norm_name(kind, hidden, eps)) as kern:
+        m, x, w, b, y = C.norm(kind, hidden)
 
         def row(i):
             stats = U.scratch((3,))  # mean, 1/std, sum

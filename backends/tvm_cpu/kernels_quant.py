@@ -13,12 +13,10 @@ import functools
 
 from tvm import tirx
 
+from mocompile.backends.tvm_common import contracts as C
+from mocompile.backends.tvm_common.kernel_math import act_scale, int8_code
 from mocompile.backends.tvm_cpu import tir_util as U
-from mocompile.ir.ops.quant import ACT_MODES, INT8_MAX
-
-
-def _scale_of(amax):
-    return tirx.Select(amax > U.f32(0), amax / U.f32(INT8_MAX), U.f32(1))
+from mocompile.ir.ops.quant import ACT_MODES
 
 
 def emit_row_scale(s, x, i, k: int, mode: str, static=None, whole=None) -> None:
@@ -28,14 +26,9 @@ def emit_row_scale(s, x, i, k: int, mode: str, static=None, whole=None) -> None:
         U.store(s, (0,), static[0])
     elif mode == "token":
         U.emit_reduce(s, (0,), lambda c: tirx.abs(x[i, c]), k, tirx.max)
-        U.store(s, (0,), _scale_of(s[0]))
+        U.store(s, (0,), act_scale(s[0]))
     else:
-        U.store(s, (0,), _scale_of(whole[0]))
-
-
-def int8_code(value, scale):
-    """The int8 code of value under scale, as a float: round half to even, saturate at +-127."""
-    return tirx.min(tirx.max(tirx.nearbyint(value / scale), U.f32(-INT8_MAX)), U.f32(INT8_MAX))
+        U.store(s, (0,), act_scale(whole[0]))
 
 
 @functools.cache
@@ -43,12 +36,9 @@ def quantize_rows(k: int, mode: str) -> tirx.PrimFunc:
     """y[m, k] = fake-quantized x[m, k] (inputs x[, scale[1] for "static"])."""
     if mode not in ACT_MODES:
         raise ValueError(f"unknown activation quantization mode {mode!r}")
-    m = U.dim("m")
     lanes = U.lanes_for(k)
     with U.kernel(f"quantize_act_{mode}_k{k}") as kern:
-        x = U.arg("x", (m, k))
-        static = U.arg("scale", (1,)) if mode == "static" else None
-        y = U.arg("y", (m, k))
+        m, x, static, y = C.quantize_rows(k, mode)
         whole = U.local((1,))
         if mode == "tensor":  # one max over every row first (this is the cross-sample read)
             row_max = U.scratch((1,))

@@ -1,7 +1,7 @@
 """Scheduling of the te-generated kernels, and the check that nothing runs unscheduled.
 
 Hand-written kernels (tir_util.kernel) carry their schedule in their loops. Everything else
-in the module comes from te (kernels_injective) and is a single injective block; it gets
+in the module comes from te (tvm_common/injective.py) and is a single injective block; it gets
 one generic CPU schedule: the innermost axis split into vector lanes when its extent is
 static, all other axes fused into one loop that runs in parallel only when the call moves
 enough bytes to repay waking the thread pool (the same rule as tir_util.parallel_for; a

@@ -20,14 +20,16 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from mocompile.backends.tvm_common.kernel_math import f32  # noqa: F401  (kernels write U.f32)
+# parameters, stores and conditionals (kernels write U.arg, U.store, U.when, ...)
+from mocompile.backends.tvm_common.tir_build import (arg, dim, i64, if_else, residual_args, scalar_arg,  # noqa: F401
+                                                     store, when)
+# every hand-written kernel is HAND_SCHEDULED_ATTR (its loops are scheduled where written) and named by NAME_ATTR
+from mocompile.backends.tvm_common.kernels import HAND_SCHEDULED_ATTR, NAME_ATTR
+
 # Loop kinds (context managers yielding the loop variable): `with parallel(0, n) as i:`.
 serial, parallel, vectorized, unroll = T.serial, T.parallel, T.vectorized, T.unroll
 
-# Function attribute of every hand-written kernel: its loops are already scheduled.
-HAND_SCHEDULED_ATTR = "mocompile.hand_scheduled"
-
-# Function attribute holding the kernel's name (the name of its GlobalVar in the module).
-NAME_ATTR = "mocompile.kernel"
 
 # Function attribute marking a kernel that is deliberately single-threaded (tiny,
 # inherently sequential bookkeeping). Every other kernel must contain a parallel loop;
@@ -71,22 +73,6 @@ def kernel(name: str, serial: bool = False) -> Iterator[Kernel]:
     out.func = ib.get()
 
 
-# ---- parameters and buffers --------------------------------------------------------------
-def arg(name: str, shape: Sequence, dtype: str = "float32") -> tirx.Buffer:
-    """A tensor parameter. Symbolic dims (tirx.Var) are bound from the first buffer using them."""
-    return T.arg(name, T.Buffer(tuple(shape), dtype, buffer_name=name))
-
-
-def scalar_arg(var: tirx.Var) -> tirx.Var:
-    """A scalar int64 parameter (a shape value no buffer argument carries)."""
-    return T.arg(var.name, var)
-
-
-def dim(name: str) -> tirx.Var:
-    """A symbolic int64 dimension of a kernel's buffers."""
-    return tirx.Var(name, "int64")
-
-
 def nbytes(shape: Sequence[int], dtype: str) -> int:
     """Bytes of a buffer of static `shape`."""
     n = 1
@@ -128,34 +114,7 @@ def call_kernel(name: str, args: Sequence) -> None:
     T.evaluate(T.call_cpacked(name, *args))
 
 
-# ---- statements and expressions ------------------------------------------------------------
-def store(buf: tirx.Buffer, indices: Sequence, value) -> None:
-    T.buffer_store(buf, value, list(indices))
-
-
-@contextmanager
-def when(cond) -> Iterator[None]:
-    """`if cond:` in the emitted code."""
-    with T.If(cond):
-        with T.Then():
-            yield
-
-
-@contextmanager
-def if_else(cond) -> Iterator[tuple]:
-    """Usage: `with if_else(c) as (then, orelse): with then(): ...; with orelse(): ...`."""
-    with T.If(cond):
-        yield (T.Then, T.Else)
-
-
-def i64(x) -> tirx.PrimExpr:
-    return tirx.Cast("int64", x) if getattr(x, "dtype", "int64") != "int64" else x
-
-
-def f32(x: float) -> tirx.PrimExpr:
-    return tirx.FloatImm("float32", float(x))
-
-
+# ---- expressions ---------------------------------------------------------------------------
 def lanes_for(n: int, widest: int = 16) -> int:
     """The widest vector width (<= widest, power of two) dividing a static extent n."""
     lanes = widest

@@ -51,7 +51,7 @@ from tvm import tirx
 from mocompile.backends.tvm_cpu import metaschedule
 from mocompile.backends.tvm_cpu.kernels_matmul import (F32_BYTES, Epilogue, MatmulConfig, MatmulShape, Tiling,
                                                        grouped_matmul)
-from mocompile.backends.tvm_cpu.layout import panel_width
+from mocompile.backends.tvm_common.layout import panel_width
 from mocompile.backends.tvm_cpu.lower import lower
 from mocompile.backends.tvm_cpu.metaschedule import ROW_BUCKETS, dense_kernels
 from mocompile.backends.tvm_cpu.target import as_cpu_target, last_level_cache_bytes

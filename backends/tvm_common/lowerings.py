@@ -1,4 +1,6 @@
-"""One lowering per IR op: which kernels an op becomes and with which weight layouts.
+"""One lowering per IR op: which kernels an op becomes and with which weight layouts, the
+same for every TVM-based target; the kernels themselves come from the target's KernelSet
+(`ctx.kernels`, kernels.py).
 
 Each function receives the LowerContext and the IR node and returns the Relax values of the
 node's outputs. Shapes: activations go to kernels as [rows, features] (ctx.rows) and come
@@ -9,34 +11,23 @@ from __future__ import annotations
 
 from tvm import relax
 
-from mocompile.backends.tvm_cpu import kernels_injective as KI
-from mocompile.backends.tvm_cpu.kernels_attention import (AttentionSpec, attention, attention_keys, cache_rows,
-                                                             padded_len, rope_inv_freq, rope_table)
-from mocompile.backends.tvm_cpu.kernels_matmul import (F32_WEIGHTS, Epilogue, MatmulShape, WeightFormat,
-                                                       grouped_matmul)
-from mocompile.backends.tvm_cpu.kernels_gather import gather_rows
-from mocompile.backends.tvm_cpu.kernels_mla import LatentSpec, latent_attention, latent_keys
-from mocompile.backends.tvm_cpu.kernels_moe import moe_combine, moe_plan
-from mocompile.backends.tvm_cpu.kernels_norm import norm
-from mocompile.backends.tvm_cpu.kernels_int8 import digits_of, int8_matmul, quantize_packed
-from mocompile.backends.tvm_cpu.kernels_int8 import supports as int8_supports
-from mocompile.backends.tvm_cpu.kernels_quant import quantize_rows
-from mocompile.backends.tvm_cpu.layout import VNNI_LANES
-from mocompile.backends.tvm_cpu.metaschedule import dense_kernels
-from mocompile.backends.tvm_cpu.tir_util import NAME_ATTR
-from mocompile.backends.tvm_cpu.kernels_router import RouterSpec, router_topk
-from mocompile.backends.tvm_cpu.lower import CACHE_LEN, LOW_BIT_READERS, LowerContext, LoweringError, lowering
+from mocompile.backends.tvm_common import injective as KI
+from mocompile.backends.tvm_common.kernels import NAME_ATTR
+from mocompile.backends.tvm_common.lower import (BACKEND_WORD, CACHE_LEN, LOW_BIT_READERS, LowerContext,
+                                                 LoweringError, lowering)
+from mocompile.backends.tvm_common.specs import (F32_WEIGHTS, AttentionSpec, Epilogue, LatentSpec, MatmulShape,
+                                                 RouterSpec, WeightFormat, rope_inv_freq)
 from mocompile.ir.graph import Node, Value
 from mocompile.ir.registry import get_op, input_side_weights
 
 F32 = "float32"
 
 
-def _require_f32(node: Node, *values: Value) -> None:
+def _require_f32(ctx: LowerContext, node: Node, *values: Value) -> None:
     for v in values:
         if v.type.dtype != F32:
-            raise LoweringError(f"{node.op} at {node.loc or '?'}: {v.name} is {v.type.dtype}; the tvm_cpu backend "
-                                f"computes this op in float32 only")
+            raise LoweringError(f"{node.op} at {node.loc or '?'}: {v.name} is {v.type.dtype}; the "
+                                f"{ctx.kernels.name} backend computes this op in float32 only")
 
 
 def _with_residual(ctx: LowerContext, node: Node) -> tuple[Node | None, list[relax.Expr]]:
@@ -98,7 +89,7 @@ def _dense(ctx: LowerContext, node: Node, x_rows: relax.Expr, rows, w: Value, ep
         return _int8_call(ctx, x_rows, rows, "float", deqs, epi, extra=list(extra))
     wargs, c = _matmul_weights(ctx, node, "glu_panels" if gate is not None else "panels",
                                [gate, w] if gate is not None else [w], 0, k, n)
-    kernel, *called = dense_kernels(c, epi)
+    kernel, *called = ctx.kernels.dense(c, epi)
     for func in called:
         ctx.add_callee(func)
     return ctx.call(kernel, [x_rows, *wargs, *extra], [((rows, n), F32)],
@@ -112,17 +103,17 @@ def _dequantize(ctx: LowerContext, node: Node):
     users = ctx.users(node.outputs[0])
     for user in users:
         if user.op not in LOW_BIT_READERS or node.outputs[0] is user.inputs[0]:
-            raise LoweringError(f"dequantize at {node.loc or '?'}: feeds {user.op}, which the tvm_cpu backend cannot "
+            raise LoweringError(f"dequantize at {node.loc or '?'}: feeds {user.op}, which the {ctx.kernels.name} backend cannot "
                                 f"read low-bit weights in (only {', '.join(LOW_BIT_READERS)} weights)")
     return []
 
 
-def _integer_format(deq: Node | None) -> WeightFormat | None:
-    """The format of a low-bit weight if the integer kernels read it (int8_supports), else None."""
+def _integer_format(ctx: LowerContext, deq: Node | None) -> WeightFormat | None:
+    """The format of a low-bit weight if the target's integer kernels read it, else None."""
     if deq is None:
         return None
     fmt = WeightFormat(deq.attrs["bits"], int(deq.inputs[1].type.shape[-1]))
-    return fmt if int8_supports(fmt, int(deq.outputs[0].type.shape[-1])) else None
+    return fmt if ctx.kernels.integer_format(fmt, int(deq.outputs[0].type.shape[-1])) else None
 
 
 def _int8_reader(ctx: LowerContext, node: Node) -> tuple[Node, list[Node]] | None:
@@ -130,7 +121,7 @@ def _int8_reader(ctx: LowerContext, node: Node) -> tuple[Node, list[Node]] | Non
     that reads its input as int8 under W8A8 (`act_quant_input`: linear, feed-forward block,
     experts; each of their lowerings calls this) over int8-quantized activations whose
     input-side weights (a linear's, the gate|up of a block) the integer kernels read
-    (kernels_int8.py); None where they do not, e.g. for a target without VNNI."""
+    (the target's int8_matmul); None where they do not, e.g. for a CPU without VNNI."""
     if not get_op(node.op).act_quant_input:
         return None
     qa = node.inputs[0].producer
@@ -147,8 +138,8 @@ def _activation_codes(ctx: LowerContext, x_rows: relax.Expr, rows, k: int, mode:
     key = ("codes", id(x_rows), mode, group)
     source, packed = ctx.derived.get(key, (None, None))
     if source is not x_rows:  # (kept with its source: an id is reused once its object is gone)
-        digits = digits_of(mode)
-        packed = list(ctx.call(quantize_packed(k, mode, group), [x_rows, *static],
+        digits = ctx.kernels.digits_of(mode)
+        packed = list(ctx.call(ctx.kernels.quantize_packed(k, mode, group), [x_rows, *static],
                                [((rows, digits * k), "int8"), ((rows,), F32), ((rows, digits * (k // group)), "int32")]))
         ctx.derived[key] = (x_rows, packed)
     return packed
@@ -156,15 +147,16 @@ def _activation_codes(ctx: LowerContext, x_rows: relax.Expr, rows, k: int, mode:
 
 def _integer_weights(ctx: LowerContext, weights: list[Value]) -> list[Node] | None:
     """The dequantize nodes of a matmul's low-bit weights when the integer kernels read them
-    (for a target with AVX-512 VNNI, ctx.target, all in one format they take), else None."""
+    (a target with integer_matmuls, e.g. a CPU with AVX-512 VNNI; all in one format they
+    take), else None."""
     deqs = [_low_bit(w) for w in weights]
-    formats = {_integer_format(d) for d in deqs}
-    return deqs if ctx.target.integer_matmuls and None not in formats and len(formats) == 1 else None
+    formats = {_integer_format(ctx, d) for d in deqs}
+    return deqs if ctx.kernels.integer_matmuls and None not in formats and len(formats) == 1 else None
 
 
 def _int8_call(ctx: LowerContext, x_rows: relax.Expr, rows, mode: str, deqs: list[Node], epi: Epilogue,
                plan: list = (), extra: list = (), static: list = (), gather: tuple = ()) -> relax.Expr:
-    """x_rows @ the low-bit weights of `deqs` (one, or a gate|up pair) through int8_matmul:
+    """x_rows @ the low-bit weights of `deqs` (one, or a gate|up pair) through the target's int8_matmul:
     activation codes as `mode` says (quantize_act's static / token rounding, or "float" for a
     weight-only matmul), weights as VNNI panels with their scale panels, per expert when
     `plan` ([indptr]) is given. With `gather` (row_token, pairs), x_rows are the tokens and
@@ -172,12 +164,12 @@ def _int8_call(ctx: LowerContext, x_rows: relax.Expr, rows, mode: str, deqs: lis
     codes, scales = [d.inputs[0] for d in deqs], [d.inputs[1] for d in deqs]
     *lead, n, k = (int(d) for d in deqs[0].outputs[0].type.shape)
     experts = lead[0] if plan else 0
-    fmt = _integer_format(deqs[0])
+    fmt = _integer_format(ctx, deqs[0])
     scale_kind = ("expert_" if experts else "") + ("glu_panels" if len(deqs) == 2 else "panels")
-    weights = [ctx.weight("vnni_panels", codes), ctx.weight(scale_kind, scales, VNNI_LANES)]
+    weights = [ctx.weight("vnni_panels", codes), ctx.weight(scale_kind, scales, ctx.kernels.integer_lanes)]
     packed = _activation_codes(ctx, x_rows, rows, k, mode, k // fmt.groups, static)
     index, out_rows = ([gather[0]], gather[1]) if gather else ([], rows)
-    return ctx.call(int8_matmul(k, n, epi, experts, fmt, digits_of(mode), bool(gather)),
+    return ctx.call(ctx.kernels.int8_matmul(k, n, epi, experts, fmt, ctx.kernels.digits_of(mode), bool(gather)),
                     [*packed, *plan, *index, *weights, *extra], [((out_rows, n), F32)],
                     (plan[0], weights, experts) if plan else None, flops_per_row=2 * k * n * len(deqs))
 
@@ -197,14 +189,14 @@ def _quantize_act(ctx: LowerContext, node: Node):
     x = node.inputs[0]
     k = int(x.type.shape[-1])
     scale = [ctx.value(node.inputs[1])] if len(node.inputs) == 2 else []
-    y = ctx.call(quantize_rows(k, node.attrs["mode"]), [ctx.rows(x), *scale], [((ctx.rows_of(x), k), F32)])
+    y = ctx.call(ctx.kernels.quantize_rows(k, node.attrs["mode"]), [ctx.rows(x), *scale], [((ctx.rows_of(x), k), F32)])
     return [ctx.reshape_to(y, node.outputs[0])]
 
 
 @lowering("linear", reads_low_bit=True)
 def _linear(ctx: LowerContext, node: Node):
     x, w = node.inputs[:2]
-    _require_f32(node, *node.inputs)
+    _require_f32(ctx, node, *node.inputs)
     bias = [ctx.weight("identity", [node.inputs[2]])] if len(node.inputs) == 3 else []
     add, residuals = _with_residual(ctx, node)
     epi = Epilogue(bias=bool(bias), residual=len(residuals))
@@ -233,18 +225,17 @@ def _down_projection(ctx: LowerContext, node: Node, h: relax.Expr, rows, epi: Ep
     if deqs is not None:
         return _int8_call(ctx, h, rows, mode or "float", deqs, epi, plan, extra)
     if mode is not None:
-        h = ctx.call(quantize_rows(ffn, mode), [h], [((rows, ffn), F32)])
+        h = ctx.call(ctx.kernels.quantize_rows(ffn, mode), [h], [((rows, ffn), F32)])
     if not plan:
         return _dense(ctx, node, h, rows, down, epi, extra=extra)
     w_down, c = _matmul_weights(ctx, node, "expert_panels", [down], experts, ffn, hidden)
-    kernel = grouped_matmul(experts, ffn, hidden, c.tj, epi, c.shape.fmt, c.tiling, c.budget)
-    return ctx.call(kernel, [h, *plan, *w_down, *extra], [((rows, hidden), F32)], (plan[0], w_down, experts),
-                    flops_per_row=2 * ffn * hidden)
+    return ctx.call(ctx.kernels.grouped_matmul(c, epi), [h, *plan, *w_down, *extra], [((rows, hidden), F32)],
+                    (plan[0], w_down, experts), flops_per_row=2 * ffn * hidden)
 
 
 @lowering("mlp", reads_low_bit=True)
 def _mlp(ctx: LowerContext, node: Node):
-    _require_f32(node, *node.inputs)
+    _require_f32(ctx, node, *node.inputs)
     gated, act = node.attrs["gated"], node.attrs["activation"]
     x = node.inputs[0]
     gate, up = node.inputs[1:3] if gated else (None, node.inputs[1])
@@ -263,7 +254,7 @@ def _mlp(ctx: LowerContext, node: Node):
 
 @lowering("rmsnorm", "layernorm")
 def _norm(ctx: LowerContext, node: Node):
-    _require_f32(node, *node.inputs)
+    _require_f32(ctx, node, *node.inputs)
     x = node.inputs[0]
     hidden = int(x.type.shape[-1])
     kind = "rms" if node.op == "rmsnorm" else "layer"
@@ -273,7 +264,7 @@ def _norm(ctx: LowerContext, node: Node):
     if group != hidden:
         rows = rows * (hidden // group)
         xs = ctx.bb.emit(relax.op.reshape(xs, [rows, group]))
-    y = ctx.call(norm(kind, group, float(node.attrs["eps"])), [xs, *params], [((rows, group), F32)])
+    y = ctx.call(ctx.kernels.norm(kind, group, float(node.attrs["eps"])), [xs, *params], [((rows, group), F32)])
     if group != hidden:
         y = ctx.bb.emit(relax.op.reshape(y, [ctx.rows_of(x), hidden]))
     return [ctx.reshape_to(y, node.outputs[0])]
@@ -285,7 +276,7 @@ def _rope_table(ctx: LowerContext, dim: int, theta: float, s) -> relax.Expr:
     key = ("rope", dim, theta, str(s))
     if key not in ctx.derived:
         inv_freq = relax.const(rope_inv_freq(dim, theta))
-        ctx.derived[key] = ctx.call(rope_table(dim), [inv_freq, ctx.past, s], [((s, 2, dim // 2), F32)])
+        ctx.derived[key] = ctx.call(ctx.kernels.rope_table(dim), [inv_freq, ctx.past, s], [((s, 2, dim // 2), F32)])
     return ctx.derived[key]
 
 
@@ -300,48 +291,48 @@ def _keys_and_values(ctx: LowerContext, node: Node, keys, key_args: list, rows: 
                             "graph with its KV cache as inputs); this backend caches keys in its own step function: "
                             "compile the graph without the cache")
     if ctx.cache is None:
-        kt = ctx.call(keys, [*key_args, ctx.past], [((b, rows, qk_dim, padded_len(s)), F32)])
+        kt = ctx.call(keys, [*key_args, ctx.past], [((b, rows, qk_dim, ctx.kernels.padded_len(s)), F32)])
         return kt, ctx.value(v)
     batch = v.type.shape[0]
     kc = ctx.cache_slot(f"{node.loc or node.outputs[0].name}.keys", [batch, rows, qk_dim, CACHE_LEN])
     vc = ctx.cache_slot(f"{node.loc or node.outputs[0].name}.values", [batch, CACHE_LEN, v_width])
     kt = ctx.call_inplace(keys, [*key_args, ctx.past, kc], len(key_args) + 1)
-    vs = ctx.call_inplace(cache_rows(v_width), [ctx.value(v), ctx.past, vc], 2)
+    vs = ctx.call_inplace(ctx.kernels.cache_rows(v_width), [ctx.value(v), ctx.past, vc], 2)
     return kt, vs
 
 
 @lowering("attention")
 def _attention(ctx: LowerContext, node: Node):
-    _require_f32(node, *node.inputs)
+    _require_f32(ctx, node, *node.inputs)
     q, k, v = node.inputs
     a = node.attrs
     spec = AttentionSpec(int(a["heads"]), int(a["kv_heads"]), int(a["head_dim"]), float(a["rope_theta"]) > 0, bool(a["causal"]))
     s = ctx.shape(q)[1]
     rope = [_rope_table(ctx, spec.head_dim, float(a["rope_theta"]), s)] if spec.rope else []
-    kt, vs = _keys_and_values(ctx, node, attention_keys(spec), [ctx.value(k), *rope], spec.kv_heads, spec.head_dim,
+    kt, vs = _keys_and_values(ctx, node, ctx.kernels.attention_keys(spec), [ctx.value(k), *rope], spec.kv_heads, spec.head_dim,
                               v, spec.kv_heads * spec.head_dim)
-    return [ctx.call(attention(spec), [ctx.value(q), kt, vs, *rope, ctx.past], [(ctx.shape(q), F32)])]
+    return [ctx.call(ctx.kernels.attention(spec), [ctx.value(q), kt, vs, *rope, ctx.past], [(ctx.shape(q), F32)])]
 
 
 @lowering("attention.mla")
 def _latent_attention(ctx: LowerContext, node: Node):
-    _require_f32(node, *node.inputs)
+    _require_f32(ctx, node, *node.inputs)
     q, k_nope, v, k_rope = node.inputs
     a = node.attrs
     spec = LatentSpec(int(a["heads"]), int(a["nope_dim"]), int(a["rope_dim"]), int(a["v_dim"]))
     cs = _rope_table(ctx, spec.rope_dim, float(a["rope_theta"]), ctx.shape(q)[1])
-    kt, vs = _keys_and_values(ctx, node, latent_keys(spec), [ctx.value(k_nope), ctx.value(k_rope), cs], spec.heads,
+    kt, vs = _keys_and_values(ctx, node, ctx.kernels.latent_keys(spec), [ctx.value(k_nope), ctx.value(k_rope), cs], spec.heads,
                               spec.qk_dim, v, spec.heads * spec.v_dim)
-    return [ctx.call(latent_attention(spec), [ctx.value(q), kt, vs, cs, ctx.past], [(ctx.shape(node.outputs[0]), F32)])]
+    return [ctx.call(ctx.kernels.latent_attention(spec), [ctx.value(q), kt, vs, cs, ctx.past], [(ctx.shape(node.outputs[0]), F32)])]
 
 
 def _router_refusal(node: Node) -> str | None:
     a = node.attrs
     if a["capacity_factor"] is not None:
         return ("capacity_factor (token dropping) makes one sample's output depend on the rest of the batch; "
-                "the tvm_cpu backend does not compile it")
+                f"the {BACKEND_WORD} backend does not compile it")
     if a["routing"] != "token_choice":
-        return (f"routing={a['routing']} decides a token's experts from the whole batch; the tvm_cpu backend "
+        return (f"routing={a['routing']} decides a token's experts from the whole batch; the {BACKEND_WORD} backend "
                 "compiles token-choice routing only")
     return None
 
@@ -350,14 +341,14 @@ def _router_refusal(node: Node) -> str | None:
 def _router(ctx: LowerContext, node: Node):
     a = node.attrs
     x, w = node.inputs[:2]
-    _require_f32(node, x, w)
+    _require_f32(ctx, node, x, w)
     experts, k = int(w.type.shape[0]), int(a["top_k"])
     rows = ctx.rows_of(x)
     logits = _dense(ctx, node, ctx.rows(x), rows, w, Epilogue())
     spec = RouterSpec.of(experts, a)
     bias = [ctx.value(node.inputs[2])] if spec.score_bias else []
     modality = [ctx.flat(node.inputs[-1])] if spec.groups else []
-    kernel = router_topk(spec)
+    kernel = ctx.kernels.router_topk(spec)
     weights, indices = ctx.call(kernel, [logits, *bias, *modality], [((rows, k), F32), ((rows, k), "int32")])
     if ctx.cache is None:  # main: its calls expose each layer's routing (the manifest's `routing`)
         ctx.routers.append((str(kernel.attrs[NAME_ATTR]), node.loc or node.name))
@@ -368,7 +359,7 @@ def _router(ctx: LowerContext, node: Node):
 def _experts(ctx: LowerContext, node: Node):
     """Sparse MoE: plan (counting sort by expert) -> gather -> grouped GLU GEMM -> grouped
     down GEMM scaled by the routing weight -> combine. See kernels_moe.py. Experts with int8
-    or int4 weights for a VNNI target run both GEMMs in integers (kernels_int8.py) on the
+    or int4 weights for a target with integer_matmuls run both GEMMs in integers on the
     gathered rows, quantized as their quantize_act says (the same codes as quantizing the
     tokens) or, for weight-only experts, as float digits: the tokens are quantized once (a
     shared expert reading the same tokens shares their codes) and the up GEMM reads each
@@ -376,13 +367,13 @@ def _experts(ctx: LowerContext, node: Node):
     gated, act = node.attrs["gated"], node.attrs["activation"]
     x, weights, indices = node.inputs[:3]
     gate, up = node.inputs[3:5] if gated else (None, node.inputs[3])
-    _require_f32(node, x, weights, *node.inputs[3:])
+    _require_f32(ctx, node, x, weights, *node.inputs[3:])
     experts, ffn, hidden = (int(d) for d in up.type.shape)
     k = int(weights.type.shape[-1])
     rows = ctx.rows_of(x)
     pairs = rows * k
     indptr, row_token, row_weight, pair_row = ctx.call(
-        moe_plan(experts, k), [ctx.rows(indices), ctx.rows(weights)],
+        ctx.kernels.moe_plan(experts, k), [ctx.rows(indices), ctx.rows(weights)],
         [((experts + 1,), "int32"), ((pairs,), "int32"), ((pairs,), F32), ((pairs,), "int32")])
     epi_up = Epilogue(glu=gated, activation=act)
     int8 = _int8_reader(ctx, node)
@@ -395,20 +386,18 @@ def _experts(ctx: LowerContext, node: Node):
     elif weight_only is not None:
         h = _int8_call(ctx, ctx.rows(x), rows, "float", weight_only, epi_up, [indptr], gather=gather)
     else:
-        xs = ctx.call(gather_rows(hidden), [ctx.rows(x), row_token], [((pairs, hidden), F32)])
+        xs = ctx.call(ctx.kernels.gather_rows(hidden), [ctx.rows(x), row_token], [((pairs, hidden), F32)])
         w_up, c_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels", up_side, experts,
                                      hidden, ffn)
-        h = ctx.call(grouped_matmul(experts, hidden, ffn, c_up.tj, epi_up, c_up.shape.fmt, c_up.tiling,
-                                    c_up.budget),
-                     [xs, indptr, *w_up], [((pairs, ffn), F32)], (indptr, w_up, experts),
-                     flops_per_row=2 * hidden * ffn * len(up_side))
+        h = ctx.call(ctx.kernels.grouped_matmul(c_up, epi_up), [xs, indptr, *w_up], [((pairs, ffn), F32)],
+                     (indptr, w_up, experts), flops_per_row=2 * hidden * ffn * len(up_side))
     ys = _down_projection(ctx, node, h, pairs, Epilogue(row_scale=True), [row_weight], [indptr])
     add, residuals = _with_residual(ctx, node)
-    out = ctx.call(moe_combine(hidden, k, len(residuals)), [ys, pair_row, *residuals], [((rows, hidden), F32)])
+    out = ctx.call(ctx.kernels.moe_combine(hidden, k, len(residuals)), [ys, pair_row, *residuals], [((rows, hidden), F32)])
     return _finish(ctx, node, out, add)
 
 
-# ---- elementwise and shape ops (te + generic schedule) ---------------------------------
+# ---- elementwise and shape ops (te computes the target schedules) -------------------------
 @lowering("add", "mul")
 def _binary(ctx: LowerContext, node: Node):
     a, b = node.inputs
@@ -436,6 +425,6 @@ def _segment_ids(ctx: LowerContext, node: Node):
 def _embedding(ctx: LowerContext, node: Node):
     ids, table = node.inputs
     vocab, hidden = (int(d) for d in table.type.shape)
-    rows = ctx.call(gather_rows(hidden, ids.type.dtype, vocab), [ctx.value(table), ctx.flat(ids)],
+    rows = ctx.call(ctx.kernels.gather_rows(hidden, ids.type.dtype, vocab), [ctx.value(table), ctx.flat(ids)],
                     [((ctx.rows_of(node.outputs[0]), hidden), table.type.dtype)])
     return [ctx.reshape_to(rows, node.outputs[0])]

@@ -3,8 +3,8 @@ activations, concat, segment ids.
 
 These have no reduction and no data-dependent loop bounds, so the generic route is the
 right one: express the math with `te.compute` (emitted through `BlockBuilder.emit_te`) and
-let `schedule.schedule_injective` give every one of them the same CPU schedule (parallel
-outer loops, vectorized innermost axis).
+let each target schedule them (the CPU's schedule.schedule_injective: parallel outer loops,
+vectorized innermost axis; a GPU's: thread bindings).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from tvm import te, tirx
 
-from mocompile.backends.tvm_cpu.kernels_math import ACTIVATIONS, sigmoid
+from mocompile.backends.tvm_common.kernel_math import ACTIVATIONS, sigmoid
 
 
 def _is_one(d) -> bool:

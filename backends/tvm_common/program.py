@@ -1,4 +1,5 @@
-"""The lowered program: the Relax module plus the weights it expects, in order.
+"""The lowered program of a TVM-based target: the Relax module plus the weights it expects,
+in order (the same for every target; the kernels inside are the target's).
 
 Calling convention of `main` (what an artifact writer / runtime must follow):
 
@@ -36,8 +37,7 @@ from typing import Any
 import numpy as np
 import tvm
 
-from mocompile.backends.tvm_cpu.layout import WeightLayout
-from mocompile.backends.tvm_cpu.target import CpuTarget
+from mocompile.backends.tvm_common.layout import WeightLayout
 
 
 @dataclass
@@ -53,7 +53,7 @@ class LoweredProgram:
     matmuls: list = field(default_factory=list)  # the MatmulShapes the program uses (what tuning can tune)
     driver_constants: list[np.ndarray] | None = None  # the decode driver's constants (None: no driver)
     no_driver_reason: str | None = None
-    target: CpuTarget | None = None  # what the kernels are shaped for (build's default target)
+    target: Any = None  # what the kernels are shaped for (the target's own description; build's default)
     routers: list[tuple[str, str]] = field(default_factory=list)  # (router kernel, node place) in main's call order
     expert_reads: dict[str, dict] = field(default_factory=dict)  # kernel -> its per-expert weight arguments
     kernel_flops: dict[str, int] = field(default_factory=dict)  # matmul kernel -> flops per output row

@@ -3,14 +3,24 @@
 `exp` and `erf` are written with plain arithmetic on purpose: LLVM turns tirx.exp / erf
 into scalar libm calls (expf, erff) even inside vectorized loops, which made softmax and
 activation epilogues the slowest part of their kernels. These versions vectorize and are
-accurate to a couple of ulp (exp) / 1.5e-7 absolute (erf).
+accurate to a couple of ulp (exp) / 1.5e-7 absolute (erf). Every target evaluates the same
+expressions, so the CPU and GPU kernels round alike.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import tirx
 
-from mocompile.backends.tvm_cpu.tir_util import f32
+from mocompile.ir.ops.quant import INT8_MAX
+
+
+
+def f32(x: float) -> tirx.PrimExpr:
+    """A float32 constant, rounded to float32 here: the code generators print the value they
+    hold, and a constant with more digits than float32 has is a warning in CUDA C++."""
+    return tirx.FloatImm("float32", float(np.float32(x)))
+
 
 _LOG2E = 1.44269504088896341
 _EXP_LO, _EXP_HI = -87.3, 88.0  # keeps 2^n a normal float; beyond: 0 (exact for -inf) and inf
@@ -77,3 +87,30 @@ def activation(name: str | None, v):
         return ACTIVATIONS[name](v)
     except KeyError:
         raise ValueError(f"unsupported activation {name!r}") from None
+
+
+def rope(load, d, head_dim: int, cs, pos):
+    """Element d of the rotated head vector x (x[c] = load(c)) at position pos, with the
+    cos/sin table cs[pos, 0|1, head_dim/2] (the rotate-half form the interpreter computes)."""
+    half = head_dim // 2
+    i = tirx.floormod(d, half)
+    rotated = tirx.Select(d < half, -load(tirx.min(d + half, head_dim - 1)), load(tirx.max(d - half, 0)))
+    return load(d) * cs[pos, 0, i] + rotated * cs[pos, 1, i]
+
+
+def latent_channel(nope, rope_part, d, dn: int, dr: int, cs, pos):
+    """Channel d of a latent-attention head [nope | rope(rope part)] (dn + dr channels):
+    nope(c) and rope_part(c) load the two parts."""
+    rotated = rope(rope_part, tirx.max(d - dn, 0), dr, cs, pos)
+    return tirx.Select(d < dn, nope(tirx.min(d, dn - 1)), rotated)
+
+
+def act_scale(amax):
+    """The int8 scale of activations whose largest magnitude is amax: amax / 127 (1 for 0),
+    as the interpreter's quantize_act (mocompile/ir/ops/quant.py)."""
+    return tirx.Select(amax > f32(0), amax / f32(INT8_MAX), f32(1))
+
+
+def int8_code(value, scale):
+    """The int8 code of value under scale, as a float: round half to even, saturate at +-127."""
+    return tirx.min(tirx.max(tirx.nearbyint(value / scale), f32(-INT8_MAX)), f32(INT8_MAX))

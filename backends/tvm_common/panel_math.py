@@ -1,0 +1,66 @@
+"""Reading panel-packed weights and writing a matmul's outputs, as TIR expressions shared by
+every target's matmul kernels (layout.py has the panel layouts): the float value of a panel
+entry (float32, int8 codes, or int4 codes two per byte, with per-channel or group-wise
+scales), and the epilogue (GLU, activation, bias, row scale, residuals) in one order."""
+
+from __future__ import annotations
+
+from tvm import tirx
+
+from mocompile.backends.tvm_common.kernel_math import activation
+from mocompile.backends.tvm_common.specs import Epilogue, WeightFormat
+
+
+def _int4(byte, high):
+    """The signed value of one nibble of a uint8 code byte (stored with an offset of 8);
+    `high`: a Python bool, or an expression (1: the high nibble) when the input index is a
+    loop variable (the te workload of metaschedule.py)."""
+    if isinstance(high, bool):
+        nibble = (tirx.shift_right(byte, tirx.const(4, "uint8")) if high
+                  else tirx.bitwise_and(byte, tirx.const(15, "uint8")))
+    else:
+        shift = tirx.Cast("uint8", high * 4)
+        nibble = tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, "uint8"))
+    return tirx.Cast("float32", tirx.Cast("int32", nibble) - 8)
+
+
+def weight_value(fmt: WeightFormat, k: int, w, scale, panel, kk, j, high=False):
+    """The float weight of panel row kk, lane j (int4: of input 2*kk + high): the code
+    converted, and for group-wise scales multiplied by its group's scale (a per-channel
+    scale is applied once in the write-back instead, see `column_scale`)."""
+    if not fmt.quantized:
+        return w[panel, kk, j]
+    source = kk * 2 if fmt.bits == 4 else kk  # both nibbles of a byte are in one group (groups are even)
+    v = tirx.Cast("float32", w[panel, kk, j]) if fmt.bits == 8 else _int4(w[panel, kk, j], high)
+    return v * scale[panel, source // (k // fmt.groups), j] if fmt.groups > 1 else v
+
+
+def epilogue_value(epi: Epilogue, lane, jt, row, col, bias=None, scale=None, residuals=()):
+    """Output (row, col) from accumulator lanes (`lane(half, jt)`: lane jt of the row's tile,
+    or of its up half (half 1) for GLU, already scaled by its weight scale; col = panel * TJ
+    + jt), applied in Epilogue's order."""
+    v = lane(0, jt)
+    if epi.glu:
+        v = activation(epi.activation, v) * lane(1, jt)
+    elif epi.activation:
+        v = activation(epi.activation, v)
+    if epi.bias:
+        v = v + bias[col]
+    if epi.row_scale:
+        v = v * scale[row]
+    for r in residuals:
+        v = v + r[row, col]
+    return v
+
+
+def weight_shapes(fmt: WeightFormat, panels, k: int, width: int) -> list[tuple[tuple, str]]:
+    """(shape, dtype) of the weight panels and, for low-bit weights, of their scale panels."""
+    shapes = [((panels, fmt.depth(k), width), fmt.dtype)]
+    return shapes + [((panels, fmt.groups, width), "float32")] if fmt.quantized else shapes
+
+
+def column_scale(fmt: WeightFormat, scale, panel):
+    """The write-back scale of a per-channel quantized weight (None otherwise)."""
+    if not fmt.quantized or fmt.groups > 1:
+        return None
+    return lambda lane: scale[panel, 0, lane]
