@@ -95,7 +95,8 @@ class Backend:
 
 
 # target name -> the backend class, or the module whose import registers it
-_BACKENDS: dict[str, type[Backend] | str] = {"cpu": "mocompile.backends.tvm_cpu.backend"}
+_BACKENDS: dict[str, type[Backend] | str] = {"cpu": "mocompile.backends.tvm_cpu.backend",
+                                             "mlir": "mocompile.backends.mlir.backend"}
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
