@@ -112,10 +112,12 @@ def export_mlir(graph: Graph, cached: CachedGraph | None, dialect: str, batch: i
 def parse_check(text: str) -> Mapping[str, int]:
     """Parse and verify `text` with torch-mlir's own MLIR; the number of each op in it."""
     from torch_mlir import ir
+    from torch_mlir._mlir_libs import _stablehlo
     from torch_mlir.dialects import torch as torch_d
 
     with ir.Context() as context:
         torch_d.register_dialect(context)
+        _stablehlo.register_dialect(context)  # torch-mlir's build carries StableHLO; registered on demand
         module = ir.Module.parse(text)
         if not module.operation.verify():
             raise ExportError("the exported MLIR module does not verify")
