@@ -26,6 +26,7 @@ LAYER_OF = {
     "mocompile.pass_manager": "passes", "mocompile.passes": "passes",
     "mocompile.backends": "backends",
     "mocompile.artifact": "runtime", "mocompile.runtime": "runtime", "mocompile.runtime_inputs": "runtime",
+    "mocompile.runtime_iree": "runtime",
     "mocompile.artifact_isolation": "runtime",
     "mocompile.isolation_check": "driver",  # lowers, runs passes and analyses: a driver of the others
     "mocompile.verification": "driver", "mocompile.compiler": "driver", "mocompile.cli": "driver",

@@ -20,12 +20,12 @@ from typing import Any
 from mocompile.backends.base import Backend, register_backend
 from mocompile.backends.mlir.export import export_mlir, parse_check
 from mocompile.backends.mlir.iree import compile_flags, compile_module
-from mocompile.backends.mlir.lowering import DIALECTS, LOWERINGS, refusal, register_builtin_lowerings
+from mocompile.backends.mlir.lower import DIALECTS, LOWERINGS, refusal, register_builtin_lowerings
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph
 from mocompile.kv_cache import cached_graph, decode_support
-from mocompile.runtime_iree import PROGRAM_KIND
 
+PROGRAM_KIND = "iree-vmfb"  # mocompile.runtime_iree loads these
 VMFB = "model.vmfb"
 # Dialects whose modules IREE 3.13 compiles and runs here (a failure is then an error). Its
 # StableHLO input does not legalise the dynamic reshapes (stablehlo.dynamic_reshape) of a

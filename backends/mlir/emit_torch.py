@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from mocompile.backends.mlir.lowering import LOWERINGS, LowerContext, register_builtin_lowerings
+from mocompile.backends.mlir.lower import LowerContext, lower_node, register_builtin_lowerings
 from mocompile.ir.graph import Graph
 
 EXAMPLE_SIZES = (2, 3, 5, 7, 11)  # example sizes of distinct symbols (distinct, so none is taken for another)
@@ -42,7 +42,7 @@ class GraphModule(torch.nn.Module):
         for name, v in self.graph.params.items():
             env[id(v)] = getattr(self, self.slots[name])
         for node in self.graph.nodes:
-            outs = LOWERINGS[node.op](self.ctx, node, [env[id(v)] for v in node.inputs])
+            outs = lower_node(self.ctx, node, [env[id(v)] for v in node.inputs])
             for v, t in zip(node.outputs, outs):
                 env[id(v)] = t
         return tuple(env[id(v)] for v in self.graph.outputs)

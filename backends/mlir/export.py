@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Mapping
 
 from mocompile.backends.mlir.emit_torch import example_sizes, export_graph, symbols, torch_weights
-from mocompile.backends.mlir.lowering import DIALECTS, LOWERINGS, STATIC_DIALECTS, LowerContext
+from mocompile.backends.mlir.lower import DIALECTS, LOWERINGS, STATIC_DIALECTS, LowerContext
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph
 from mocompile.kv_cache import PAST, CachedGraph

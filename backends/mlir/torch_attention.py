@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from mocompile.backends.mlir.lowering import LowerContext, torch_lowering
+from mocompile.backends.mlir.lower import LowerContext, torch_lowering
 from mocompile.ir.graph import Node
 
 Tensors = Sequence[torch.Tensor]

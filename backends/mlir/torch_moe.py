@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from mocompile.backends.mlir.lowering import LowerContext, torch_lowering
+from mocompile.backends.mlir.lower import LowerContext, torch_lowering
 from mocompile.backends.mlir.torch_nn import ACTIVATIONS, fake_quant, ffn, rows_times
 from mocompile.ir.graph import Node
 from mocompile.ir.ops.moe import router_inputs

@@ -8,12 +8,12 @@ below), so the MLIR carries the int8 (or packed int4) codes and their scales.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from mocompile.backends.mlir.lowering import LowerContext, torch_lowering
+from mocompile.backends.mlir.lower import LowerContext, torch_lowering
 from mocompile.ir.graph import Node
 from mocompile.ir.ops.quant import INT4_MIN, INT8_MAX
 
@@ -36,19 +36,14 @@ def _axis_list(attrs: dict[str, Any], rank: int) -> list[int]:
 
 
 # ---- elementwise -------------------------------------------------------------------------------
-_BINARY = {"add": torch.add, "mul": torch.mul, "sub": torch.sub, "eq": torch.eq, "logical_and": torch.logical_and}
-_UNARY = {"silu": ACTIVATIONS["silu"], "gelu": F.gelu, "sigmoid": torch.sigmoid, "abs": torch.abs,
-          "round": torch.round}
+def _pointwise(fn: Callable[..., torch.Tensor]) -> Callable[[LowerContext, Node, Tensors], list[torch.Tensor]]:
+    return lambda ctx, node, xs: [fn(*xs)]
 
 
-@torch_lowering(*_BINARY)
-def _binary(ctx: LowerContext, node: Node, xs: Tensors) -> list[torch.Tensor]:
-    return [_BINARY[node.op](xs[0], xs[1])]
-
-
-@torch_lowering(*_UNARY)
-def _unary(ctx: LowerContext, node: Node, xs: Tensors) -> list[torch.Tensor]:
-    return [_UNARY[node.op](xs[0])]
+for _op, _fn in {"add": torch.add, "mul": torch.mul, "sub": torch.sub, "eq": torch.eq,
+                 "logical_and": torch.logical_and, "silu": ACTIVATIONS["silu"], "gelu": F.gelu,
+                 "sigmoid": torch.sigmoid, "abs": torch.abs, "round": torch.round}.items():
+    torch_lowering(_op)(_pointwise(_fn))
 
 
 @torch_lowering("div")
@@ -63,12 +58,15 @@ def _clamp(ctx: LowerContext, node: Node, xs: Tensors) -> list[torch.Tensor]:
 
 
 # ---- reductions --------------------------------------------------------------------------------
-@torch_lowering("sum", "mean", "amax")
-def _reduce(ctx: LowerContext, node: Node, xs: Tensors) -> list[torch.Tensor]:
-    x = xs[0]
-    axes, keep = _axis_list(node.attrs, x.dim()), node.attrs["keepdim"]
-    fn = {"sum": torch.sum, "mean": torch.mean, "amax": torch.amax}[node.op]
-    return [fn(x, dim=axes, keepdim=keep)]
+def _reduction(fn: Callable[..., torch.Tensor]) -> Callable[[LowerContext, Node, Tensors], list[torch.Tensor]]:
+    def lower(ctx: LowerContext, node: Node, xs: Tensors) -> list[torch.Tensor]:
+        return [fn(xs[0], dim=_axis_list(node.attrs, xs[0].dim()), keepdim=node.attrs["keepdim"])]
+
+    return lower
+
+
+for _op, _fn in {"sum": torch.sum, "mean": torch.mean, "amax": torch.amax}.items():
+    torch_lowering(_op)(_reduction(_fn))
 
 
 @torch_lowering("softmax")

@@ -56,6 +56,11 @@ def torch_lowering(*ops: str, refuses: Refusal | None = None) -> Callable[[Lower
     return register
 
 
+def lower_node(ctx: LowerContext, node: Node, inputs: Sequence[Any]) -> Sequence[Any]:
+    """The torch values of `node`'s outputs from those of its inputs."""
+    return LOWERINGS[node.op](ctx, node, inputs)
+
+
 def register_builtin_lowerings() -> None:
     for module in ("torch_nn", "torch_attention", "torch_moe"):
         importlib.import_module(f"mocompile.backends.mlir.{module}")  # registers on import
