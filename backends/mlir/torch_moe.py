@@ -1,5 +1,5 @@
 """Torch code of the MoE ops (mocompile/ir/ops/moe.py) for the mlir target, written so that
-routing stays sparse in every dialect that can express it.
+routing stays sparse in every dialect.
 
 Routing: top-k as k rounds of argmax, each masking the expert it chose (comparison masks, no
 `topk`): this legalises to TOSA too, where `topk` does not. Ties go to the lowest expert
@@ -7,11 +7,10 @@ index, as the reference's stable sort does; an expert whose score is -inf (outsi
 token's modality group) is still ranked after every finite one and before those already
 taken.
 
-Dispatch: each token gathers the weights of its own top_k experts (index_select on the
-stacked expert weights) and runs only those: the work of the sparse reference, never the
-other experts. Where a dialect cannot express that gather it runs every expert on every
-token and weights each by the routing (zero for an expert the token did not choose): dense,
-which the manifest's export notes say, with why.
+Dispatch: each token gathers the weights of its own top_k experts (stack[idx], which
+torch-mlir legalises to a gather in every dialect, TOSA's `tosa.gather` included) and runs
+only those: the work of the sparse reference, never the other experts. Nothing is made
+dense; the export notes in the manifest say so.
 """
 
 from __future__ import annotations
@@ -21,17 +20,12 @@ from typing import Sequence
 import torch
 
 from mocompile.backends.mlir.lower import LowerContext, torch_lowering
-from mocompile.backends.mlir.torch_nn import ACTIVATIONS, fake_quant, ffn, rows_times
+from mocompile.backends.mlir.torch_nn import ACTIVATIONS, fake_quant, rows_times
 from mocompile.ir.graph import Node
 from mocompile.ir.ops.moe import router_inputs
 
 Tensors = Sequence[torch.Tensor]
 NEG_INF = float("-inf")
-# Dialects whose export of the expert gather (index_select by routing indices) torch-mlir
-# cannot legalise; their experts run densely (see the module doc).
-DENSE_DISPATCH = {"tosa": "torch-mlir legalises no data-dependent gather of expert weights to TOSA (the routed "
-                          "index_select), so every expert runs on every token, weighted by its routing weight "
-                          "(0 where not chosen)"}
 
 
 def argmax_rounds(choice: torch.Tensor, k: int) -> torch.Tensor:
@@ -107,14 +101,6 @@ def _experts(ctx: LowerContext, node: Node, xs: Tensors) -> list[torch.Tensor]:
     x, w, idx = xs[:3]
     gate, up, down = xs[3:] if a["gated"] else (None, *xs[3:])
     idx = idx.to(torch.int64)
-    if ctx.dialect in DENSE_DISPATCH:
-        ctx.note("experts", "dense: " + DENSE_DISPATCH[ctx.dialect])
-        out = torch.zeros_like(x)
-        for e in range(up.shape[0]):
-            coef = (w * (idx == e).to(w.dtype)).sum(-1, keepdim=True)
-            y = ffn(x, None if gate is None else gate[e], up[e], down[e], a["activation"], a["hidden_quant"])
-            out = out + y * coef
-        return [out]
     ctx.note("experts", "sparse: each token gathers and runs only the weights of its top_k experts")
     act = ACTIVATIONS[a["activation"]]
 
