@@ -15,6 +15,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from mocompile.backends.base import register_lowering
 from mocompile.ir.graph import Graph, Node
 
 DIALECTS = {"linalg": "linalg-on-tensors", "stablehlo": "stablehlo", "tosa": "tosa", "torch": "torch"}
@@ -45,12 +46,7 @@ def torch_lowering(*ops: str, refuses: Refusal | None = None) -> Callable[[Lower
     dialect)` says why a node of theirs cannot be exported to `dialect` (None: it can)."""
 
     def register(fn: Lowering) -> Lowering:
-        for op in ops:
-            if op in LOWERINGS:
-                raise ValueError(f"torch lowering for {op!r} registered twice")
-            LOWERINGS[op] = fn
-            if refuses is not None:
-                REFUSALS[op] = refuses
+        register_lowering(LOWERINGS, REFUSALS, ops, fn, refuses)
         return fn
 
     return register

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from tvm import relax, tirx
 
+from mocompile.backends.base import register_lowering
 from mocompile.backends.tvm_cpu.driver import DRIVER, Driver, decode_driver
 from mocompile.backends.tvm_cpu.kernels_matmul import MatmulConfig, MatmulShape, Tiling
 from mocompile.backends.tvm_cpu.layout import WeightLayout, make_layout, panel_width
@@ -55,14 +56,9 @@ def lowering(*ops: str, refuses: Callable[[Node], str | None] | None = None,
     (the dequantize itself then emits nothing)."""
 
     def register(fn: Lowering) -> Lowering:
-        for op in ops:
-            if op in LOWERINGS:
-                raise ValueError(f"lowering for {op!r} registered twice")
-            LOWERINGS[op] = fn
-            if refuses is not None:
-                REFUSALS[op] = refuses
-            if reads_low_bit:
-                LOW_BIT_READERS.append(op)
+        register_lowering(LOWERINGS, REFUSALS, ops, fn, refuses)
+        if reads_low_bit:
+            LOW_BIT_READERS.extend(ops)
         return fn
 
     return register
