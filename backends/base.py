@@ -108,11 +108,25 @@ class Backend:
         raise MocompileError(f"the {self.name} target has no tuning")
 
 
+def register_lowering(lowerings: dict[str, Any], refusals: dict[str, Any], ops: tuple[str, ...], fn: Any,
+                      refuses: Any = None) -> None:
+    """Enter `fn` as the lowering of each IR op of `ops` in a backend's registry (`lowerings`,
+    keyed by op name) and `refuses`, where given, as what it refuses (`refusals`): the one
+    table per backend where op names are keys (tests/test_op_facets.py)."""
+    for name in ops:
+        if name in lowerings:
+            raise ValueError(f"lowering for {name!r} registered twice")
+        lowerings[name] = fn
+        if refuses is not None:
+            refusals[name] = refuses
+
+
 # target name -> the backend class, or the module whose import registers it
 _BACKENDS: dict[str, type[Backend] | str] = {"cpu": "mocompile.backends.tvm_cpu.backend",
                                              "fpga": "mocompile.backends.fpga.backend",
                                              "opencl": "mocompile.backends.tvm_gpu.backend",
-                                             "cuda": "mocompile.backends.tvm_gpu.backend"}
+                                             "cuda": "mocompile.backends.tvm_gpu.backend",
+                                             "mlir": "mocompile.backends.mlir.backend"}
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:

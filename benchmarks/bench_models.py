@@ -1,4 +1,4 @@
-"""Side-by-side timing of each example: mocompile artifact vs eager PyTorch vs torch.compile vs ONNX Runtime.
+"""Side-by-side timing of each example: mocompile artifact vs eager PyTorch vs torch.compile vs ONNX Runtime vs MLIR + IREE.
 
 Run:  python benchmarks/bench_models.py [--threads N] [--models M ...] [--out PATH]
 (all examples by default; writes the "models" section of benchmarks/RESULTS.md). Never run
@@ -11,6 +11,9 @@ cache, dsl/kv_cache.py). A multimodal model (whose artifact decodes text after a
 image/audio prompt; the cached torch step here takes token ids only) gets "forward" rows: a
 one-position forward without cache on every side. The section holds only what the run
 measured and verdicts computed from it; analysis and history are in benchmarks/NOTES.md.
+The iree column is the same model compiled by `--target mlir` (linalg through torch-mlir,
+IREE llvm-cpu for this CPU) and run through runtime.load, its decode rows through the same
+`step` API: where our own CPU code stands against an MLIR compiler.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 import mocompile
 from baselines import COMPILED_MODEL, TokenStep, check_close, compiled_runner, loop_free, ort_runner
-from engines import THREADS, set_threads
+from engines import THREADS, set_iree_threads, set_threads
 from harness import PAST, ROUNDS, RunClock, artifact_step, cell, copy_bandwidth, cpu_name, figure, fit_positions, \
     options, ratio, rows_text, time_columns, versions
 from mocompile.dsl import build_model, load_spec
@@ -39,10 +42,16 @@ CACHE = ROOT / "benchmarks" / ".cache"
 EXAMPLES = ["mixtral_tiny", "deepseek_tiny", "unified_tiny"]
 CASES = [("decode", 1, 1), ("decode", 8, 1), ("prefill", 1, 64), ("prefill", 1, 512)]  # (kind, batch, tokens)
 # a case longer than a model's max_seq runs at max_seq (harness.fit_positions)
-COLUMNS = ["artifact", "eager", "torch.compile", "onnxruntime"]
+COLUMNS = ["artifact", "eager", "torch.compile", "onnxruntime", "iree"]
 
 
-def decode_row(name: str, art, model: torch.nn.Module, twin: torch.nn.Module, batch: int, segments: int) -> dict:
+def checked(run, want: np.ndarray, what: str):
+    """`run` after one call of it matched eager (as every column is checked before it is timed)."""
+    check_close(run()["logits"], want, what)
+    return run
+
+
+def decode_row(name: str, art, iree, model: torch.nn.Module, twin: torch.nn.Module, batch: int, segments: int) -> dict:
     """One single-token step after ~PAST cached positions (a multimodal prompt splits them over
     its segments), on every side; `twin` is the loop-free model of the graph baselines."""
     token_name = art.token_input.name
@@ -62,11 +71,13 @@ def decode_row(name: str, art, model: torch.nn.Module, twin: torch.nn.Module, ba
         onnx_path = CACHE / f"{name}-decode-b{batch}.onnx"
         time_columns(row, {"artifact": lambda: timed, "eager": lambda: (lambda: step(*args)),
                            "torch.compile": lambda: compiled_runner(graph_step, args, {}, want, row),
-                           "onnxruntime": lambda: ort_runner(graph_step, args, names, onnx_path, want)})
+                           "onnxruntime": lambda: ort_runner(graph_step, args, names, onnx_path, want),
+                           "iree": lambda: checked(artifact_step(iree, prompt, {token_name: token}), want,
+                                                   f"{name}: the IREE step")})
     return row
 
 
-def forward_row(name: str, art, model: torch.nn.Module, twin: torch.nn.Module, kind: str, batch: int, seq: int,
+def forward_row(name: str, art, iree, model: torch.nn.Module, twin: torch.nn.Module, kind: str, batch: int, seq: int,
                 segments: int) -> dict:
     """A forward over all positions (no cache), on every side."""
     inputs = random_inputs(art.signature, batch, seq, seed=1)
@@ -79,7 +90,8 @@ def forward_row(name: str, art, model: torch.nn.Module, twin: torch.nn.Module, k
         onnx_path = CACHE / f"{name}-{kind}-b{batch}-s{seq}.onnx"
         time_columns(row, {"artifact": lambda: (lambda: art.run(inputs)), "eager": lambda: (lambda: model(**torch_in)),
                            "torch.compile": lambda: compiled_runner(twin, (), torch_in, want, row),
-                           "onnxruntime": lambda: ort_runner(twin, args, names, onnx_path, want)})
+                           "onnxruntime": lambda: ort_runner(twin, args, names, onnx_path, want),
+                           "iree": lambda: checked(lambda: iree.run(inputs), want, f"{name}: the IREE module")})
     return row
 
 
@@ -89,6 +101,9 @@ def bench_example(name: str) -> list[dict]:
     t0 = time.perf_counter()
     art = mocompile.compile(spec, out_dir=CACHE / name, batch=2, seq=4)
     compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    iree = mocompile.compile(spec, target="mlir", out_dir=CACHE / f"{name}-mlir", batch=2, seq=4)
+    iree_compile_s = time.perf_counter() - t0
     model = build_model(spec, seed=0)
     twin = loop_free(model)
     rows = []
@@ -96,14 +111,15 @@ def bench_example(name: str) -> list[dict]:
     for kind, batch, tokens in CASES:
         bar.update(0, f"{kind} batch {batch}")
         if kind == "decode" and art.can_decode:
-            row = decode_row(name, art, model, twin, batch, segments)
+            row = decode_row(name, art, iree, model, twin, batch, segments)
         else:
             seq = max(1, fit_positions(art, tokens) // segments)  # a multimodal model splits them over its segments
-            row = forward_row(name, art, model, twin, "forward" if kind == "decode" else kind, batch, seq, segments)
+            row = forward_row(name, art, iree, model, twin, "forward" if kind == "decode" else kind, batch, seq,
+                              segments)
         bar.print(f"{name} {row['case']}: " + ", ".join(f"{c} {cell(row, c)}" for c in COLUMNS))
         bar.update(1)
         function = "step" if row["case"].startswith("decode") else "main"
-        rows.append({"model": name, "compile_s": compile_s, **row,
+        rows.append({"model": name, "compile_s": compile_s, "iree_compile_s": iree_compile_s, **row,
                      "roof_ms": roofline_ms(spec, art, row["bandwidth"], row.get("cached", 0)),
                      "kernels": art.manifest["program"]["kernel_calls"][function], "path": art.path})
     bar.close()
@@ -146,8 +162,11 @@ def header(rows: list[dict], bandwidth: float, launch_us: float, argv: list[str]
         "Columns: artifact = the mocompile artifact (decode rows: its cached `step` function); eager = the reference "
         "model (`dsl/`) as built, its experts in a Python loop over the experts hit; torch.compile = "
         f"{COMPILED_MODEL}, graph breaks counted by `torch._dynamo.explain` first ({breaks_summary(rows)}; a row with "
-        "any is not timed); onnxruntime = a torch.onnx (dynamo) export per shape of that same loop-free model. Both "
-        "graph baselines are checked against eager before they are timed. `decode` rows: one single-token step after "
+        "any is not timed); onnxruntime = a torch.onnx (dynamo) export per shape of that same loop-free model; iree = "
+        "the same compiled model (after the same passes: none) exported by `--target mlir` (torch-mlir, linalg, "
+        "dynamic shapes; experts gathered per token) and compiled by IREE for llvm-cpu on this CPU, run through "
+        "`runtime.load` (decode rows: its `step`, the cache passed in and out). Every baseline is checked against "
+        "eager before it is timed. `decode` rows: one single-token step after "
         f"the {PAST} positions (a multimodal prompt: as many as its segments share evenly; the row gives the count) "
         "held in a KV cache on every side (torch: the reference model with a Hugging Face style cache, "
         "`dsl/kv_cache.py`, the cache passed as inputs). `forward` rows (multimodal inputs: the cached torch step "
@@ -159,9 +178,9 @@ def header(rows: list[dict], bandwidth: float, launch_us: float, argv: list[str]
         f"{max(r['bandwidth'] for r in rows) / 1e9:.1f} GB/s in this run). One kernel launch through the Relax VM: "
         f"{launch_us:.2f} us; `kernels x launch` multiplies it by the step's kernel calls (from the manifest).",
         "",
-        "| model | case | artifact | eager | torch.compile | onnxruntime | artifact/eager | artifact/compile "
-        "| artifact/ORT | roofline (b1) | kernels x launch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | case | artifact | eager | torch.compile | onnxruntime | iree | artifact/eager | artifact/compile "
+        "| artifact/ORT | artifact/IREE | roofline (b1) | kernels x launch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
 
@@ -203,12 +222,15 @@ def main() -> None:
     args = options(__doc__.splitlines()[0], EXAMPLES).parse_args()
     clock = RunClock()
     set_threads(args.threads)
+    set_iree_threads()
     bandwidth = copy_bandwidth()
     launch_us = kernel_launch_us()
     rows = [r for name in args.models for r in bench_example(name)]
     body = [table_row(r, launch_us) for r in rows]
     body += ["", "Compile time without tuning (s): " + ", ".join(
         f"{r['model']} {r['compile_s']:.1f}" for r in rows if is_single(r))]
+    body += ["", "Compile time of the mlir target (export, IREE, verification; s): " + ", ".join(
+        f"{r['model']} {r['iree_compile_s']:.1f}" for r in rows if is_single(r))]
     body += ["", "### Targets in this run", *target_verdicts(rows)]
     for r in sorted([r for r in rows if is_single(r)], key=lambda r: -r["artifact"] / r["roof_ms"])[:2]:
         prof = kernel_profile(load(r["path"], driver=False))  # the VM path: the driver is not instrumented

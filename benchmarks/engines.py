@@ -77,6 +77,16 @@ def set_threads(n: int) -> None:
     THREADS.check()
 
 
+def set_iree_threads() -> None:
+    """Give IREE's local-task driver the requested count of workers: the flag sizes the task
+    topology of every driver made after it; IREE's Python API has no call reading it back,
+    so the header says it was set, not read."""
+    import iree.runtime as ireert
+
+    ireert.flags.parse_flags(f"--task_topology_group_count={THREADS.requested}")
+    THREADS.seen["iree"] = {"task_topology_group_count flag, set": THREADS.requested}
+
+
 def tvm_pool_threads() -> int:
     """Workers of TVM's thread pool, as the runtime reports them (starts the pool if needed)."""
     import tvm

@@ -254,6 +254,16 @@ class LoadedArtifact:
         first, then one token at a time), appending their keys and values to it. A multimodal
         model's segments left out are empty this step: `step({"text": ids}, cache)` after an
         image/audio prompt continues with text."""
+        plan, arrays = self._step_plan(inputs, cache)
+        if self._driver is not None and plan.seq == self._driver_positions:
+            return self._drive(plan, arrays, cache)
+        result = self._step(*self._inputs(plan, arrays), self._shape(cache.length), *cache.tensors, *self._weights)
+        cache.length += plan.seq
+        return self._outputs(result, plan)
+
+    def _step_plan(self, inputs: Mapping[str, np.ndarray], cache: KVCache) -> tuple[_CallPlan, dict[str, np.ndarray]]:
+        """The plan of a step over `inputs` and the inputs as arrays, after refusing a step
+        the cache or the model's max_seq has no room for and token ids out of range."""
         if self._step is None:
             self._require_step()
         arrays = as_arrays(inputs)
@@ -266,11 +276,7 @@ class LoadedArtifact:
             raise ArtifactInputError(f"the cache holds {cache.length} positions; {plan.seq} more would pass the "
                                      f"model's max_seq of {self.max_seq}")
         check_ids(plan.bounded, arrays)
-        if self._driver is not None and plan.seq == self._driver_positions:
-            return self._drive(plan, arrays, cache)
-        result = self._step(*self._inputs(plan, arrays), self._shape(cache.length), *cache.tensors, *self._weights)
-        cache.length += plan.seq
-        return self._outputs(result, plan)
+        return plan, arrays
 
     def _drive(self, plan: _CallPlan, arrays: Mapping[str, np.ndarray], cache: KVCache) -> dict[str, np.ndarray]:
         """A step through the decode driver (the step's kernel calls without the VM, same
@@ -370,13 +376,18 @@ def median_seconds(run: Callable[[Mapping[str, np.ndarray]], Any], inputs: Mappi
 # program decodes, .new_cache / .step / .run_cached / .generate). A loader ignores options it
 # does not know. Backends whose artifacts run through other runtimes register theirs.
 ProgramLoader = Callable[..., Any]
+def _iree_artifact(path: Path, manifest: dict[str, Any], **options: Any) -> Any:
+    """The mlir target's artifacts (an IREE module), loaded by mocompile.runtime_iree when one is opened."""
+    from mocompile.runtime_iree import IreeArtifact
+
+    return IreeArtifact(path, manifest, **options)
+
+
 # A module path stands for a loader its import registers (the GPU runtime loads pyopencl or
-# the CUDA driver only for artifacts that need them).
-_LOADERS: dict[str, ProgramLoader | str] = {"tvm-relax-vm": LoadedArtifact, "gpu-launch-plan": "mocompile.runtime_gpu"}
-
-
-# program kind -> the module whose import registers its loader (imported when first needed)
-_LOADER_MODULES: dict[str, str] = {"hls-csim": "mocompile.hls_runtime"}
+# the CUDA driver, the fpga one its C simulation, only for artifacts that need them).
+_LOADERS: dict[str, ProgramLoader | str] = {"tvm-relax-vm": LoadedArtifact, "iree-vmfb": _iree_artifact,
+                                            "gpu-launch-plan": "mocompile.runtime_gpu",
+                                            "hls-csim": "mocompile.hls_runtime"}
 
 
 def register_program_kind(kind: str, loader: ProgramLoader) -> None:
@@ -389,17 +400,13 @@ def register_program_kind(kind: str, loader: ProgramLoader) -> None:
 def open_artifact(path: Path, manifest: dict[str, Any], **options: Any) -> Any:
     """The loaded program of an artifact whose manifest is already read (and checked)."""
     kind = manifest.get("program", {}).get("kind")
-    if kind not in _LOADERS and kind in _LOADER_MODULES:
-        importlib.import_module(_LOADER_MODULES[kind])
     loader = _LOADERS.get(kind)
     if isinstance(loader, str):
-        import importlib
-
         importlib.import_module(loader)  # registers the loader under its kind
         loader = _LOADERS[kind]
     if loader is None:
         raise ArtifactError(f"{path}: program kind {kind!r} has no loader here (this runtime loads: "
-                            f"{', '.join(sorted({*_LOADERS, *_LOADER_MODULES}))})")
+                            f"{', '.join(sorted(_LOADERS))})")
     return loader(path, manifest, **options)
 
 

@@ -31,7 +31,7 @@ LAYER_OF = {
     "mocompile.artifact": "runtime", "mocompile.runtime": "runtime", "mocompile.runtime_inputs": "runtime",
     "mocompile.artifact_isolation": "runtime", "mocompile.hls_runtime": "runtime",
     "mocompile.vm_trace": "runtime", "mocompile.gpu_plan": "runtime", "mocompile.runtime_gpu": "runtime",
-    "mocompile.runtime_opencl": "runtime", "mocompile.runtime_cuda": "runtime",
+    "mocompile.runtime_opencl": "runtime", "mocompile.runtime_cuda": "runtime", "mocompile.runtime_iree": "runtime",
     "mocompile.report": "driver", "mocompile.report_sections": "driver", "mocompile.report_svg": "driver",
     "mocompile.isolation_check": "driver",  # lowers, runs passes and analyses: a driver of the others
     "mocompile.verification": "driver", "mocompile.compiler": "driver", "mocompile.cli": "driver",

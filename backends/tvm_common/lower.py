@@ -28,6 +28,7 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
+from mocompile.backends.base import register_lowering
 from mocompile.backends.tvm_common.kernels import NAME_ATTR, KernelSet
 from mocompile.backends.tvm_common.layout import WeightLayout, make_layout
 from mocompile.backends.tvm_common.specs import MatmulShape
@@ -61,14 +62,9 @@ def lowering(*ops: str, refuses: Callable[[Node], str | None] | None = None,
     (the dequantize itself then emits nothing)."""
 
     def register(fn: Lowering) -> Lowering:
-        for op in ops:
-            if op in LOWERINGS:
-                raise ValueError(f"lowering for {op!r} registered twice")
-            LOWERINGS[op] = fn
-            if refuses is not None:
-                REFUSALS[op] = refuses
-            if reads_low_bit:
-                LOW_BIT_READERS.append(op)
+        register_lowering(LOWERINGS, REFUSALS, ops, fn, refuses)
+        if reads_low_bit:
+            LOW_BIT_READERS.extend(ops)
         return fn
 
     return register
