@@ -351,7 +351,7 @@ def _router(ctx: LowerContext, node: Node):
     kernel = ctx.kernels.router_topk(spec)
     weights, indices = ctx.call(kernel, [logits, *bias, *modality], [((rows, k), F32), ((rows, k), "int32")])
     if ctx.cache is None:  # main: its calls expose each layer's routing (the manifest's `routing`)
-        ctx.routers.append((str(kernel.attrs[NAME_ATTR]), node.loc or node.name))
+        ctx.routers.append((str(kernel.attrs[NAME_ATTR]), node.loc or f"router {len(ctx.routers)}"))
     return [ctx.reshape_to(weights, node.outputs[0]), ctx.reshape_to(indices, node.outputs[1])]
 
 
