@@ -42,14 +42,14 @@ class Bar:
     `with` block) when it ends. `total` None: a count without a bar (unknown length)."""
 
     def __init__(self, what: str, total: int | None = None, *, stream: IO[str] | None = None,
-                 delay: float = DEFAULT_DELAY, unit: str = "") -> None:
+                 delay: float | None = None, unit: str = "") -> None:
         self.what, self.total, self.unit = what, total, unit
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = is_terminal(self.stream)
         self.done = 0
         self.detail = ""
         self._start = time.monotonic()
-        self._delay = delay
+        self._delay = DEFAULT_DELAY if delay is None else delay  # read now, so a caller may change the default
         self._last_draw = 0.0
         self._drawn = False
 
@@ -125,7 +125,7 @@ class Bar:
 
 
 def progress(items: Iterable[T], what: str, total: int | None = None, *, stream: IO[str] | None = None,
-             delay: float = DEFAULT_DELAY, unit: str = "") -> Iterator[T]:
+             delay: float | None = None, unit: str = "") -> Iterator[T]:
     """`items`, one at a time, with a bar counting them (`total`: len(items) when it has one)."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]

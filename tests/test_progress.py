@@ -68,6 +68,8 @@ def test_bar_is_silent_on_a_pipe_and_when_asked() -> None:
 
 def test_calibration_shows_its_progress_on_a_terminal() -> None:
     code = textwrap.dedent("""
+        import mocompile.progress
+        mocompile.progress.DEFAULT_DELAY = 0  # draw however fast this machine calibrates
         from mocompile.calibration import observe, random_calibration
         from mocompile.frontend import lower_source, source_for
         from mocompile.signature import signature_of
