@@ -98,3 +98,18 @@ def test_a_graph_without_rounding_points_has_no_rounding_reference():
     y = plain.add_input("x", TensorType(("batch", 8), "float32"))
     plain.outputs = [plain.add("silu", y)]
     assert interpreter_reference(plain).graph is None
+
+
+def test_a_router_near_tie_at_the_kth_place_is_recorded_and_swapped():
+    """A router's k-th and (k+1)-th scores that tie to within float noise are an ambiguous
+    choice like a rounding: recorded, and when flipped the (k+1)-th expert is taken instead."""
+    from mocompile.ir.rounding import top_k_choices
+
+    choice = np.array([[0.5, 0.25 + 1e-9, 0.25, 0.0], [0.4, 0.3, 0.2, 0.1]], np.float32)
+    with tracing(RoundingTrace()) as trace:
+        plain = top_k_choices(choice, 2)
+    assert plain.tolist() == [[0, 1], [0, 1]] and [f for _, f in trace.ambiguous] == [(0, 0)]
+    with tracing(RoundingTrace(frozenset({(0, 0)}))):
+        flipped = top_k_choices(choice, 2)
+    assert flipped.tolist() == [[0, 2], [0, 1]]
+    assert top_k_choices(choice, 2).tolist() == plain.tolist()

@@ -17,6 +17,9 @@ interpreter run that rounds exactly those elements the other way (`mocompile.ver
 Each rounding event is numbered in the order the interpreter reaches it; that order is fixed
 for a graph and its inputs (a flip that changed a later routing choice would change it, and
 the verification then fails rather than passes).
+
+A router's top-k choice is such a point too: where the k-th and (k+1)-th scores tie to within
+float noise, the two implementations may pick different experts (`top_k_choices`).
 """
 
 from __future__ import annotations
@@ -33,8 +36,12 @@ import numpy as np
 # ulps of the row's largest value, and codes reach 127, so 1e-4 of a step leaves room for
 # ~30 ulps of 127 (2^-17 each) without making ordinary values ambiguous.
 DEFAULT_MARGIN = 1e-4
+# How close (relative to the row's largest score) a router's k-th and (k+1)-th scores must be
+# for the choice between them to count as ambiguous: scores computed in another float order
+# differ by a few float32 ulps.
+CHOICE_MARGIN = 1e-5
 
-Flip = tuple[int, int]  # (rounding event, flat index of the element in that event's array)
+Flip = tuple[int, int]  # (event, flat index of the element rounded; or the row whose k-th choice is swapped)
 
 
 @dataclass
@@ -62,6 +69,26 @@ class RoundingTrace:
         return out
 
 
+    def visit_choice(self, choice: np.ndarray, order: np.ndarray, k: int) -> np.ndarray:
+        """The first k of each row of `order` (columns by descending `choice`); a row whose k-th
+        and (k+1)-th scores tie to within CHOICE_MARGIN is recorded, and when flipped takes
+        its (k+1)-th column in place of its k-th."""
+        event = self.events
+        self.events += 1
+        kth = np.take_along_axis(choice, order[:, k - 1:k], -1)[:, 0]
+        nxt = np.take_along_axis(choice, order[:, k:k + 1], -1)[:, 0]
+        scale = np.maximum(np.where(np.isfinite(choice), np.abs(choice), 0).max(-1), 1e-30)
+        with np.errstate(invalid="ignore"):
+            gap = np.where(np.isfinite(nxt), (kth - nxt) / scale, np.inf)
+        self.ambiguous += [(float(gap[r]) / CHOICE_MARGIN * self.margin, (event, int(r)))  # on the roundings' scale
+                           for r in np.flatnonzero(gap <= CHOICE_MARGIN)]
+        idx = order[:, :k].copy()
+        for e, r in self.flips:
+            if e == event:
+                idx[r, k - 1] = order[r, k]
+        return idx
+
+
 _TRACE: ContextVar[RoundingTrace | None] = ContextVar("mocompile_rounding_trace", default=None)
 
 
@@ -71,6 +98,17 @@ def round_half_even(v: np.ndarray) -> np.ndarray:
     rounded = np.round(v)
     trace = _TRACE.get()
     return rounded if trace is None else trace.visit(v, rounded)
+
+
+def top_k_choices(choice: np.ndarray, k: int) -> np.ndarray:
+    """The k best-scoring columns of each row of `choice` [rows, n], best first (ties: the
+    lower column), as a router takes them; under a RoundingTrace a near-tie at the k-th place
+    is recorded and may be flipped like a rounding."""
+    order = np.argsort(-choice, axis=-1, kind="stable")
+    trace = _TRACE.get()
+    if trace is None or k >= choice.shape[-1]:
+        return order[:, :k]
+    return trace.visit_choice(choice, order, k)
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from mocompile.ir.batch_flow import Flow, FlowArgs, Out, combine, identity_map, 
 from mocompile.ir.ops.elementwise import ACTIVATIONS, sigmoid
 from mocompile.ir.ops.nn import check_hidden_quant, ffn, ffn_hidden, ffn_weight_types
 from mocompile.ir.registry import REQUIRED, Cost, ExpertPools, OpDef, register_op
+from mocompile.ir.rounding import top_k_choices
 from mocompile.ir.types import Dim, TensorType
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def route(
     if attrs["groups"]:
         choice = np.where(allowed, choice, -np.inf)
     if attrs["routing"] == "token_choice":
-        idx = np.argsort(-choice, axis=-1, kind="stable")[:, :k]
+        idx = top_k_choices(choice, k)
         served = np.ones(idx.shape, dtype=bool)
     else:
         idx, served = BATCH_ROUTINGS[attrs["routing"]](choice, k, attrs["capacity_factor"] or 1.0)
