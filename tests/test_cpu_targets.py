@@ -227,3 +227,37 @@ def test_a_kernel_off_by_one_percent_fails_the_model_check(mixtral, tmp_path):
         entry = emit(graph, tmp_path, target=TARGETS[path])
     assert hits
     assert _relative_error(graph, tmp_path, entry) > TOLERANCE
+
+
+def test_a_kernel_off_by_one_percent_fails_the_rounding_aware_verification(mixtral, tmp_path):
+    """With int8 activations the verification may round boundary values the artifact's way
+    (mocompile.verification.resolve_roundings); no choice of such flips explains a projection
+    kernel 1% off, so the fixed tolerance still fails it, while the unperturbed artifact passes."""
+    from types import SimpleNamespace
+
+    from mocompile.errors import VerificationError
+    from mocompile.signature import signature_of
+    from mocompile.verification import interpreter_reference, verify_artifact
+
+    path = next((p for p in PATHS if runs_here(TARGETS[p])), None)
+    if path is None:
+        pytest.skip("this host runs none of the kernel paths")
+    graph = _quantized(mixtral, "quantize(w=int8,a=int8,dynamic=token)")
+    reference = interpreter_reference(graph)
+    assert reference.graph is not None
+    vocab = int(graph.nodes_of("embedding")[0].inputs[1].type.shape[0])
+    signature = signature_of(graph, {graph.inputs[0].name: vocab})
+
+    def artifact(out_dir, entry):
+        run_it = lambda inputs: {graph.outputs[0].name: _run_artifact(out_dir, entry, inputs)}  # noqa: E731
+        return SimpleNamespace(signature=signature, run=run_it)
+
+    (tmp_path / "good").mkdir()
+    (tmp_path / "bad").mkdir()
+    good = emit(graph, tmp_path / "good", target=TARGETS[path])
+    assert verify_artifact(artifact(tmp_path / "good", good), reference, [(2, 8)], 0)["max_rel_error"] <= 1e-4
+    with perturbed_kernel_output(1.01, when=lambda epi: epi.tag() == "plain") as hits:
+        bad = emit(graph, tmp_path / "bad", target=TARGETS[path])
+    assert hits
+    with pytest.raises(VerificationError, match="relative error"):
+        verify_artifact(artifact(tmp_path / "bad", bad), reference, [(2, 8)], 0)
