@@ -376,16 +376,10 @@ def median_seconds(run: Callable[[Mapping[str, np.ndarray]], Any], inputs: Mappi
 # program decodes, .new_cache / .step / .run_cached / .generate). A loader ignores options it
 # does not know. Backends whose artifacts run through other runtimes register theirs.
 ProgramLoader = Callable[..., Any]
-def _iree_artifact(path: Path, manifest: dict[str, Any], **options: Any) -> Any:
-    """The mlir target's artifacts (an IREE module), loaded by mocompile.runtime_iree when one is opened."""
-    from mocompile.runtime_iree import IreeArtifact
-
-    return IreeArtifact(path, manifest, **options)
-
-
 # A module path stands for a loader its import registers (the GPU runtime loads pyopencl or
-# the CUDA driver, the fpga one its C simulation, only for artifacts that need them).
-_LOADERS: dict[str, ProgramLoader | str] = {"tvm-relax-vm": LoadedArtifact, "iree-vmfb": _iree_artifact,
+# the CUDA driver, the fpga one its C simulation, the mlir one IREE's runtime, only for
+# artifacts that need them).
+_LOADERS: dict[str, ProgramLoader | str] = {"tvm-relax-vm": LoadedArtifact, "iree-vmfb": "mocompile.runtime_iree",
                                             "gpu-launch-plan": "mocompile.runtime_gpu",
                                             "hls-csim": "mocompile.hls_runtime"}
 

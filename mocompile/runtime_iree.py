@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from mocompile.errors import ArtifactError
-from mocompile.runtime import LoadedArtifact, _CallPlan
+from mocompile.runtime import LoadedArtifact, _CallPlan, register_program_kind
 from mocompile.runtime_inputs import KVCache
 from mocompile.signature import Signature
 
@@ -84,3 +84,6 @@ class IreeArtifact(LoadedArtifact):
             buf[:, held:end] = new[:, held:end]
         cache.length = end
         return dict(zip(self._output_names, outputs))
+
+
+register_program_kind(PROGRAM_KIND, IreeArtifact)
