@@ -15,7 +15,6 @@ cannot run here still gets its page, with the measured sections saying why they 
 from __future__ import annotations
 
 import platform
-import re
 from html import escape
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 from mocompile import report_sections as S
 from mocompile import vm_trace
 from mocompile.artifact import read_manifest
+from mocompile.placement.stats import layer_index
 from mocompile.errors import ArtifactError, MocompileError
 from mocompile.files import write_atomically
 from mocompile.progress import Bar
@@ -118,16 +118,10 @@ def placement_plan(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _layer_number(router: str, row: int) -> int:
-    """The model layer a router row belongs to (`layers.3.ffn.router` -> 3), else its row."""
-    found = re.search(r"layers\.(\d+)", router)
-    return int(found.group(1)) if found else row
-
-
 def _device_load(devices: Sequence[Any], routers: Sequence[str], counts: np.ndarray) -> str:
     """Tokens per device per layer from the placement: each replica serves its `share` of
     its expert's tokens in that layer."""
-    rows = {_layer_number(r, i): i for i, r in enumerate(routers)}
+    rows = {i if layer_index(r) is None else layer_index(r): i for i, r in enumerate(routers)}  # the plan's numbering
     names, per_device = [], []
     for i, d in enumerate(devices):
         load = np.zeros(len(routers))
