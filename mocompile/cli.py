@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                                                        "default: random tokens, which the manifest records)")
     c.add_argument("--require-isolation", action="store_true",
                    help="fail unless no sample of a batch can influence another sample's output")
+    c.add_argument("--ep", action="store_true", help="also write the expert-parallel pieces `mocompile run-ep` runs")
     _add_shape_args(c, 2, 8)
 
     h = sub.add_parser("import-hf", help="write the spec (and optionally the weights) of a Hugging Face MoE checkpoint")
@@ -119,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     from mocompile.place_cli import add_parser as add_place  # expert placement (mocompile/place_cli.py)
 
     add_place(sub, POSITIVE, COUNT)
+    from mocompile.run_ep_cli import add_parser as add_run_ep  # expert-parallel runs (mocompile/run_ep_cli.py)
+
+    add_run_ep(sub, POSITIVE)
     return ap
 
 
@@ -136,7 +140,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     target = f"{a.target} -device={a.device}" if a.device else a.target
     art = compile(a.spec, target=target, passes=a.passes, out_dir=a.out, variant=a.variant, weights=a.weights,
                   seed=a.seed, batch=a.batch, seq=a.seq, plugins=tuple(a.plugin), progress=stderr_progress,
-                  require_isolation=a.require_isolation, tune=a.tune, tuning_db=a.tuning_db, calibration=a.calib)
+                  require_isolation=a.require_isolation, tune=a.tune, tuning_db=a.tuning_db, calibration=a.calib, ep=a.ep)
     v = art.manifest["verification"]
     print(f"compiled {art.manifest['model']['name']}"
           f"{' (variant ' + a.variant + ')' if a.variant else ''} for {a.target} -> {art.path}")
@@ -350,6 +354,12 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run_ep(a: argparse.Namespace) -> int:
+    from mocompile.run_ep_cli import cmd_run_ep as run_ep
+
+    return run_ep(a)
+
+
 def cmd_place(a: argparse.Namespace) -> int:
     from mocompile.place_cli import cmd_place as place
 
@@ -357,7 +367,8 @@ def cmd_place(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"report": cmd_report, "passes": cmd_passes, "compile": cmd_compile, "import-hf": cmd_import_hf, "run": cmd_run,
-            "inspect": cmd_inspect, "check-isolation": cmd_check_isolation, "place": cmd_place}
+            "inspect": cmd_inspect, "check-isolation": cmd_check_isolation, "place": cmd_place,
+            "run-ep": cmd_run_ep}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -195,6 +195,7 @@ def compile(
     tune: int = 0,
     tuning_db: str | Path | None = None,
     calibration: str | Path | Sequence[Mapping[str, Any]] | None = None,
+    ep: bool = False,
 ) -> Any:
     """Compile a spec (object or `.moe` path), a Hugging Face checkpoint directory or a torch
     module into an artifact directory for `target` (a backend name and its options, e.g.
@@ -210,6 +211,7 @@ def compile(
     `calibration`: what data-driven passes learn from: a `.npy` file of token ids [n, seq],
     plain text (a checkpoint directory's tokenizer.json encodes it), or a list of input dicts
     (random inputs when None; the manifest says which).
+    `ep`: also write and verify the expert-parallel pieces `mocompile run-ep` runs (ep_build.py).
     The batch-isolation verdict of the final IR is recorded in the manifest; with
     `require_isolation`, a leak or an unknown fails the compile before code generation.
     """
@@ -218,6 +220,10 @@ def compile(
     check_options(model, out_dir, weights=weights, batch=batch, seq=seq, plugins=plugins, tune=tune,
                   tuning_db=tuning_db, calibration=calibration)
     backend = get_backend(target)
+    if ep:
+        from mocompile.ep_build import check_ep_target
+
+        check_ep_target(backend)
     if (tune or tuning_db) and not backend.can_tune:
         raise MocompileError(f"the {backend.name} target has no tuning (drop --tune / --tuning-db)")
     configure_tvm_threads()
@@ -274,6 +280,12 @@ def compile(
         shapes = [(1, seq)] + ([(batch, seq)] if batch != 1 else [])
         verify_here(backend, stage, manifest, graph, reference, None if exact and not own else eager_reference(src.module),
                     step_isolation, shapes, seed)
+        if ep and manifest["verification"]["status"] == "verified":
+            from mocompile.ep_build import build_ep, verify_ep
+
+            manifest["ep"] = build_ep(graph, backend, stage, say)
+            manifest["ep"]["verification"] = verify_ep(stage, manifest, graph, reference, shapes, seed,
+                                                       DECODE_CHECK_TOKENS)
         manifest["compile_seconds"] = round(time.perf_counter() - t0, 3)
         say("[6/6] writing the artifact")
         final = finalize(stage, out_dir, manifest)

@@ -18,6 +18,7 @@ from mocompile.backends.tvm_common.lower import (BACKEND_WORD, CACHE_LEN, LOW_BI
 from mocompile.backends.tvm_common.specs import (F32_WEIGHTS, AttentionSpec, Epilogue, LatentSpec, MatmulShape,
                                                  RouterSpec, WeightFormat, rope_inv_freq)
 from mocompile.ir.graph import Node, Value
+from mocompile.ir.ops.moe_remote import SERVICE
 from mocompile.ir.registry import get_op, input_side_weights
 
 F32 = "float32"
@@ -395,6 +396,21 @@ def _experts(ctx: LowerContext, node: Node):
     add, residuals = _with_residual(ctx, node)
     out = ctx.call(ctx.kernels.moe_combine(hidden, k, len(residuals)), [ys, pair_row, *residuals], [((rows, hidden), F32)])
     return _finish(ctx, node, out, add)
+
+
+@lowering("experts.remote")
+def _experts_remote(ctx: LowerContext, node: Node):
+    """Experts served outside the program (expert parallelism, ir/ops/moe_remote.py): a call of
+    the packed function SERVICE with the token rows, their gate weights and expert ids and the
+    layer number (a one-element shape); the runtime registers it (runtime_ep.py) before loading the program. Not
+    pure (it talks to other processes), but its result is always used and the VM runs the
+    calls in program order, which is what every rank's sends and receives line up by."""
+    x, weights, indices = node.inputs
+    _require_f32(ctx, node, x, weights)
+    out = ctx.bb.emit(relax.call_pure_packed(
+        SERVICE, ctx.rows(x), ctx.rows(weights), ctx.rows(indices), relax.ShapeExpr([int(node.attrs["layer"])]),
+        ty_args=relax.TensorType([ctx.rows_of(x), ctx.dim(x.type.shape[-1])], F32)))
+    return [ctx.reshape_to(out, node.outputs[0])]
 
 
 # ---- elementwise and shape ops (te computes the target schedules) -------------------------
