@@ -24,6 +24,7 @@ import numpy as np
 
 from mocompile.artifact import read_manifest
 from mocompile.errors import MocompileError
+from mocompile.runtime_ep import plan_of
 
 
 def add_parser(sub: Any, positive: Any) -> None:
@@ -41,7 +42,7 @@ def add_parser(sub: Any, positive: Any) -> None:
 def _nproc(a: argparse.Namespace, manifest: dict[str, Any]) -> int:
     if "ep" not in manifest:
         raise MocompileError(f"{a.artifact}: has no expert-parallel pieces (compile it with --ep)")
-    plan = next((r["plan"] for r in manifest.get("passes", []) if r.get("plan")), None)
+    plan = plan_of(manifest)
     nproc = a.nproc or (len(plan["devices"]) if plan and a.placement != "round-robin" else 2)
     fewest = min(d["experts"] for d in manifest["ep"]["layers"])
     if nproc > fewest:

@@ -123,12 +123,18 @@ class Placement:
         return dest
 
 
+def plan_of(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The placement plan the artifact's `place` pass made, if it ran."""
+    return next((r["plan"] for r in manifest.get("passes", [])
+                 if str(r.get("pass", "")).split("(")[0] == "place" and r.get("plan")), None)
+
+
 def placement_of(manifest: dict[str, Any], size: int, how: str) -> Placement:
     """The placement `how` (PLACEMENTS) of the artifact's expert-parallel layers over `size` ranks."""
     layers = manifest["ep"]["layers"]
     if how == "round-robin":
         return Placement.round_robin(layers, size)
-    plan = next((r["plan"] for r in manifest.get("passes", []) if r.get("pass") == "place" and r.get("plan")), None)
+    plan = plan_of(manifest)
     if plan is None:
         raise MocompileError("the artifact has no placement plan (compile with the place pass, or use "
                              "--placement round-robin)")

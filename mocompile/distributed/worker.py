@@ -28,7 +28,7 @@ import numpy as np
 
 from mocompile.artifact import read_manifest
 from mocompile.errors import MocompileError
-from mocompile.runtime_ep import PLACEMENTS, ExpertParallelRank, open_rank
+from mocompile.runtime_ep import PLACEMENTS, ExpertParallelRank, open_rank, plan_of
 from mocompile.signature import random_inputs
 
 DEFAULT_TIMEOUT_S = 60.0  # seconds a rank waits for the others at any exchange before it fails
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = None
     try:
         manifest = read_manifest(a.artifact)
-        how = a.placement or ("plan" if any(r.get("plan") for r in manifest.get("passes", [])) else "round-robin")
+        how = a.placement or ("plan" if plan_of(manifest) else "round-robin")
         transport = TorchTransport(me, size, a.timeout)
         rank = open_rank(a.artifact, manifest, transport, how)
         _fault(rank, me)

@@ -1,0 +1,192 @@
+"""Expert-parallel execution (`compile --ep`, `mocompile run-ep`): real rank processes over
+torch.distributed (gloo), compared with the single-process artifact at prefill and for cached
+decode steps; a rank that dies or hangs ends the run with one error line within the timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mocompile
+from mocompile.artifact import read_manifest
+from mocompile.cli import main
+from mocompile.errors import MocompileError
+from mocompile.ep_build import dense_graph, _experts_nodes
+from mocompile.frontend import lower_source, source_for
+from mocompile.ir.interpreter import run as interpret
+from mocompile.ir.ops.moe import _experts
+from mocompile.ir.ops.moe_remote import expert_service
+from mocompile.runtime import load
+from mocompile.runtime_ep import Placement
+from mocompile.signature import random_inputs, signature_of
+from mocompile.verification import TOLERANCE, relative_error
+
+ROOT = Path(__file__).resolve().parent.parent
+MIXTRAL = ROOT / "examples" / "mixtral_tiny.moe"
+DEEPSEEK = ROOT / "examples" / "deepseek_tiny.moe"
+HANG_TIMEOUT_S = 5  # the ranks' exchange timeout in the hang test
+TWO_GPUS = """
+name = "2gpu"
+[network]
+intra_node = { gb_per_s = 450, latency_us = 2 }
+inter_node = { gb_per_s = 50, latency_us = 5 }
+[[device]]
+name = "gpu"
+count = 2
+node = "node0"
+kind = "gpu"
+memory_gib = 80
+memory_gb_per_s = 3350
+tflops = { fp32 = 67 }
+"""
+STARTUP_S = 40  # generous: starting two ranks (torch, TVM, the programs) on a loaded 2-core machine
+
+
+@pytest.fixture(scope="module")
+def ep_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ep") / "mixtral"
+    mocompile.compile(MIXTRAL, out_dir=out, ep=True)
+    return out
+
+
+def run_ep(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`mocompile run-ep` in its own process, as a user runs it (the launcher starts the ranks)."""
+    return subprocess.run([sys.executable, "-m", "mocompile.cli", "run-ep", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def compare_with_single_process(artifact: Path, out: Path) -> dict:
+    run = np.load(out)
+    single = load(artifact)
+    ids, prompt = run["ids"], int(run["prompt"])
+    name = single.token_input.name
+    prefill = relative_error(run["prefill"], single.run({name: ids})["logits"])[1]
+    decode = relative_error(run["decode"], single.run_cached({name: ids}, prompt)["logits"])[1]
+    assert prefill <= TOLERANCE and decode <= TOLERANCE, (prefill, decode)
+    assert prompt < ids.shape[1], "the run must include cached decode steps"
+    return json.loads(str(run["ranks"]))
+
+
+def test_the_cut_graph_with_its_experts_served_is_the_model() -> None:
+    """The dense graph calls out at every MoE layer; serving those calls with the original
+    experts gives the original model's outputs bit for bit."""
+    graph = lower_source(source_for(DEEPSEEK, None, None, 0))
+    experts = _experts_nodes(graph)
+    dense = dense_graph(graph, experts)
+    assert [n.op for n in dense.nodes].count("experts.remote") == len(experts) == 2
+    assert not any(n.inputs[3].name in dense.params for _, n in experts), "routed expert weights left in the dense graph"
+    by_layer = {layer: node for layer, node in experts}
+
+    def serve(layer: int, x: np.ndarray, w: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        node = by_layer[layer]
+        return _experts([x, w, idx, *[graph.weights[v.name] for v in node.inputs[3:]]], node.attrs)[0]
+
+    inputs = random_inputs(signature_of(graph, {}), 2, 6, 0)
+    with expert_service(serve):
+        got = interpret(dense, inputs)
+    want = interpret(graph, inputs)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    with pytest.raises(Exception, match="no expert service"):
+        interpret(dense, inputs)
+
+
+def test_replicas_share_an_experts_tokens_by_the_plan() -> None:
+    plan = {"devices": [{"name": "a", "experts": [{"layer": 0, "expert": 0, "share": 0.75},
+                                                  {"layer": 0, "expert": 1, "share": 1.0}]},
+                        {"name": "b", "experts": [{"layer": 0, "expert": 0, "share": 0.25}]}]}
+    placement = Placement.from_plan(plan, [{"layer": 0, "experts": 2}], 2)
+    dest = placement.destinations(0, np.array([0] * 8 + [1] * 3))
+    assert list(dest[:8]).count(0) == 6 and list(dest[:8]).count(1) == 2 and set(dest[8:]) == {0}
+    assert placement.held(1) == [(0, 0)]
+    with pytest.raises(MocompileError, match="2 devices .* but 3 ranks"):
+        Placement.from_plan(plan, [{"layer": 0, "experts": 2}], 3)
+
+
+def test_two_ranks_match_the_single_process_artifact(ep_artifact: Path, tmp_path: Path) -> None:
+    """Prefill and cached decode steps over 2 gloo ranks, each reading only its experts' files."""
+    manifest = read_manifest(ep_artifact)
+    assert manifest["ep"]["verification"]["status"] == "verified"
+    assert manifest["ep"]["verification"]["decode"]["new_tokens"] > 0
+    out = tmp_path / "run.npz"
+    done = run_ep(str(ep_artifact), "--nproc", "2", "--batch", "3", "--seq", "9", "--prompt", "5", "--out", str(out),
+                  "--check")
+    assert done.returncode == 0, done.stderr
+    assert "matches the single-process artifact" in done.stdout
+    ranks = compare_with_single_process(ep_artifact, out)
+    files = [set(r["expert_files"]) for r in ranks]
+    layers = [d["layer"] for d in manifest["ep"]["layers"]]
+    assert files[0].isdisjoint(files[1])
+    assert files[0] | files[1] == {f"ep/L{layer}/e{e}.safetensors" for layer in layers for e in range(8)}
+    assert files[1] == {f"ep/L{layer}/e{e}.safetensors" for layer in layers for e in (1, 3, 5, 7)}  # round-robin
+
+
+@pytest.mark.parametrize("how", ["exit", "hang"])
+def test_a_rank_that_dies_or_hangs_stops_the_run_with_one_line(ep_artifact: Path, how: str) -> None:
+    t0 = time.monotonic()
+    done = run_ep(str(ep_artifact), "--nproc", "2", "--timeout", str(HANG_TIMEOUT_S),
+                  env={"MOCOMPILE_EP_FAULT": f"1:2:{how}"}, timeout=STARTUP_S + 4 * HANG_TIMEOUT_S)
+    elapsed = time.monotonic() - t0
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("mocompile: error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert errors[0].startswith("mocompile: error: run-ep: rank ") and "stopped the other 1 rank(s)" in errors[0]
+    if how == "exit":
+        assert "rank 1 failed: exited with status 3" in errors[0] or "rank 0 failed: an all-to-all failed" in errors[0]
+    else:
+        assert f"rank 0 failed: an all-to-all failed: another rank exited or did not answer within " \
+               f"{HANG_TIMEOUT_S} s" in errors[0]
+    assert elapsed < STARTUP_S + 2 * HANG_TIMEOUT_S
+
+
+def test_bad_runs_get_one_clear_line(ep_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run-ep", str(ep_artifact), "--nproc", "9"]) == 1
+    assert "--nproc 9: the artifact's MoE layers have 8 experts; start at most 8 ranks" in capsys.readouterr().err
+    plain = tmp_path / "plain"
+    shutil.copytree(ep_artifact, plain)
+    manifest = json.loads((plain / "manifest.json").read_text())
+    del manifest["ep"]
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("ep/")}
+    shutil.rmtree(plain / "ep")
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["run-ep", str(plain), "--nproc", "2"]) == 1
+    assert f"{plain}: has no expert-parallel pieces (compile it with --ep)" in capsys.readouterr().err
+    assert main(["run-ep", str(ep_artifact), "--placement", "plan"]) == 1
+    assert "the artifact has no placement plan" in capsys.readouterr().err
+
+
+def test_ep_needs_the_cpu_target(tmp_path: Path) -> None:
+    with pytest.raises(MocompileError, match="--ep: expert-parallel pieces are built for the cpu target"):
+        mocompile.compile(MIXTRAL, target="fpga", out_dir=tmp_path / "f", ep=True)
+
+
+@pytest.mark.slow
+def test_shared_experts_and_a_placement_plan_over_ranks(tmp_path: Path) -> None:
+    """DeepSeek-style (shared experts, a dense first layer, group-limited routing), placed by
+    the place pass on two GPUs with redundant experts: one rank per device of the plan, a
+    replicated expert's tokens split over its holders by the plan's shares."""
+    devices = tmp_path / "two.toml"
+    devices.write_text(TWO_GPUS)
+    art = tmp_path / "ds"
+    mocompile.compile(DEEPSEEK, passes=f"place(devices={devices},replicas=2)", out_dir=art, ep=True)
+    plan = next(r["plan"] for r in read_manifest(art)["passes"] if r.get("plan"))
+    held = [{(x["layer"], x["expert"]) for x in d["experts"]} for d in plan["devices"]]
+    assert held[0] & held[1], "the plan should replicate some expert on both devices"
+    out = tmp_path / "run.npz"
+    done = run_ep(str(art), "--batch", "3", "--seq", "8", "--out", str(out))  # --nproc: the plan's 2 devices
+    assert done.returncode == 0, done.stderr
+    assert "2 ranks (plan placement)" in done.stdout
+    ranks = compare_with_single_process(art, out)
+    assert [{f"ep/L{layer}/e{e}.safetensors" for layer, e in h} for h in held] == \
+        [set(r["expert_files"]) for r in ranks]
+    out3 = tmp_path / "run3.npz"  # 3 round-robin ranks, batch 2: one rank has no sequence and serves experts only
+    done = run_ep(str(art), "--nproc", "3", "--placement", "round-robin", "--batch", "2", "--out", str(out3))
+    assert done.returncode == 0, done.stderr
+    compare_with_single_process(art, out3)
