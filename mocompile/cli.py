@@ -140,7 +140,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     target = f"{a.target} -device={a.device}" if a.device else a.target
     art = compile(a.spec, target=target, passes=a.passes, out_dir=a.out, variant=a.variant, weights=a.weights,
                   seed=a.seed, batch=a.batch, seq=a.seq, plugins=tuple(a.plugin), progress=stderr_progress,
-                  require_isolation=a.require_isolation, tune=a.tune, tuning_db=a.tuning_db, calibration=a.calib, ep=a.ep)
+                  require_isolation=a.require_isolation, tune=a.tune, tuning_db=a.tuning_db, calibration=a.calib,
+                  ep=a.ep)
     v = art.manifest["verification"]
     print(f"compiled {art.manifest['model']['name']}"
           f"{' (variant ' + a.variant + ')' if a.variant else ''} for {a.target} -> {art.path}")
@@ -160,6 +161,11 @@ def cmd_compile(a: argparse.Namespace) -> int:
     if dec:
         print(f"cached decoding verified: prompt {dec['prompt']} + {dec['new_tokens']} tokens one at a time match "
               f"{dec['reference']}, max relative error {dec['max_rel_error']:.2e}{_flips_note([dec])}")
+    if "ep" in art.manifest:  # compile --ep
+        ep = art.manifest["ep"]["verification"]
+        print(f"expert-parallel pieces ({len(art.manifest['ep']['layers'])} MoE layer(s) cut out, one weight file per "
+              f"expert) verified: max relative error {ep['max_rel_error']:.3g}"
+              f"{', cached decode ' + format(ep['decode']['max_rel_error'], '.3g') if 'decode' in ep else ''}")
     drift = art.manifest.get("drift_from_fp32")
     if drift:
         top1 = [c["top1_agreement"] for c in drift["checks"] if "top1_agreement" in c]

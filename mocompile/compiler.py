@@ -280,8 +280,12 @@ def compile(
         shapes = [(1, seq)] + ([(batch, seq)] if batch != 1 else [])
         verify_here(backend, stage, manifest, graph, reference, None if exact and not own else eager_reference(src.module),
                     step_isolation, shapes, seed)
-        if ep and manifest["verification"]["status"] == "verified":
+        if ep:
             from mocompile.ep_build import build_ep, verify_ep
+
+            if manifest["verification"]["status"] != "verified":
+                raise MocompileError(f"--ep: the expert-parallel pieces are verified by running them, and this "
+                                     f"artifact cannot run here ({manifest['verification']['reason']})")
 
             manifest["ep"] = build_ep(graph, backend, stage, say)
             manifest["ep"]["verification"] = verify_ep(stage, manifest, graph, reference, shapes, seed,

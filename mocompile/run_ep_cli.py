@@ -1,7 +1,7 @@
 """`mocompile run-ep`: run an artifact compiled with `--ep` over N processes, expert parallel.
 
     mocompile run-ep ARTIFACT --nproc 2 [--out run.npz] [--check]
-    torchrun --nproc-per-node 2 -m mocompile.distributed.worker ARTIFACT --out run.npz   # the same ranks
+    torchrun --standalone --nproc-per-node 2 -m mocompile.distributed.worker ARTIFACT --out run.npz  # the same ranks
 
 The ranks (mocompile/distributed/worker.py) split the batch by sequence, hold only their
 experts and exchange tokens with all-to-all (runtime_ep.py). `--check` then compares what
@@ -43,6 +43,9 @@ def _nproc(a: argparse.Namespace, manifest: dict[str, Any]) -> int:
     if "ep" not in manifest:
         raise MocompileError(f"{a.artifact}: has no expert-parallel pieces (compile it with --ep)")
     plan = plan_of(manifest)
+    if a.placement == "plan" and plan is None:
+        raise MocompileError(f"{a.artifact}: the artifact has no placement plan (compile with the place pass, or use "
+                             f"--placement round-robin)")
     nproc = a.nproc or (len(plan["devices"]) if plan and a.placement != "round-robin" else 2)
     fewest = min(d["experts"] for d in manifest["ep"]["layers"])
     if nproc > fewest:
@@ -80,7 +83,7 @@ def cmd_run_ep(a: argparse.Namespace) -> int:
         args = [str(a.artifact), "--out", str(out), "--batch", str(a.batch), "--seq", str(a.seq), "--seed",
                 str(a.seed), "--timeout", str(a.timeout), *(["--tokens", a.tokens] if a.tokens else []),
                 *(["--prompt", str(a.prompt)] if a.prompt is not None else []),
-                *(["--placement", a.placement] if a.placement else [])]
+                *(["--placement", a.placement] if a.placement else []), "--dist-backend", a.dist_backend]
         launch(nproc, args)
         with np.load(out) as f:
             run = {k: f[k] for k in f.files}

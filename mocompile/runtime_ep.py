@@ -172,7 +172,8 @@ class RankExperts:
             rows = np.nonzero(experts == e)[0]
             held = self._weights.get((layer, int(e)))
             if held is None:
-                raise ArtifactError(f"received rows for expert {int(e)} of layer {layer}, which this rank does not hold")
+                raise ArtifactError(f"received rows for expert {int(e)} of layer {layer}, which this rank does not "
+                                    f"hold")
             fn, weights = held
             y = fn(self._tensor(np.ascontiguousarray(x[rows])), self._tensor(np.ascontiguousarray(gates[rows, None])),
                    self._tensor(np.zeros((rows.size, 1), np.int32)), *weights)
@@ -182,7 +183,8 @@ class RankExperts:
 
 class ExpertParallelRank:
     """One rank: `model` is the dense program (a LoadedArtifact: run / new_cache / step /
-    run_cached / generate on this rank's sequences), whose MoE layers call `serve`."""
+    run_cached / generate on this rank's sequences), whose MoE layers call `serve`. The
+    packed function is registered process-wide, so a process is one rank (the last opened)."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], transport: Transport, placement: Placement) -> None:
         if "ep" not in manifest:

@@ -32,6 +32,9 @@ LAYER_OF = {
     "mocompile.artifact_isolation": "runtime", "mocompile.hls_runtime": "runtime",
     "mocompile.vm_trace": "runtime", "mocompile.gpu_plan": "runtime", "mocompile.runtime_gpu": "runtime",
     "mocompile.runtime_opencl": "runtime", "mocompile.runtime_cuda": "runtime", "mocompile.runtime_iree": "runtime",
+    "mocompile.runtime_ep": "runtime",
+    "mocompile.distributed": "distributed",  # expert-parallel ranks over torch.distributed
+    "mocompile.ep_build": "driver", "mocompile.run_ep_cli": "driver",
     "mocompile.report": "driver", "mocompile.report_sections": "driver", "mocompile.report_svg": "driver",
     "mocompile.isolation_check": "driver",  # lowers, runs passes and analyses: a driver of the others
     "mocompile.verification": "driver", "mocompile.compiler": "driver", "mocompile.cli": "driver",
@@ -46,7 +49,8 @@ MAY_IMPORT = {
     "passes": {"foundation", "ir", "passes"},
     "backends": {"foundation", "ir", "backends"},
     "runtime": {"foundation", "ir", "runtime"},
-    "driver": {"foundation", "dsl", "ir", "frontend", "passes", "backends", "runtime", "driver"},
+    "distributed": {"foundation", "ir", "runtime", "distributed"},
+    "driver": {"foundation", "dsl", "ir", "frontend", "passes", "backends", "runtime", "distributed", "driver"},
 }
 
 
@@ -90,7 +94,7 @@ def test_imports_go_down_the_layers() -> None:
 def test_the_runtime_loads_without_torch_or_the_compiler() -> None:
     code = ("import sys\n"
             "sys.modules['torch'] = None\n"  # any attempt to import torch fails
-            "import mocompile.runtime, mocompile.artifact_isolation\n"
+            "import mocompile.runtime, mocompile.artifact_isolation, mocompile.runtime_ep\n"
             "bad = [m for m in sys.modules if m.split('.')[0] == 'mocompile' and m.split('.')[1:2] and "
             "m.split('.')[1] in ('compiler', 'passes', 'backends', 'dsl', 'frontend', 'lower_fx', 'cli')]\n"
             "assert not bad, bad\n")

@@ -2,7 +2,8 @@
 
 Every exchange is two `all_to_all_single` calls: the row counts, then the rows (float32,
 one width per exchange) with those splits. gloo runs them on CPU tensors; with NCCL (ranks
-with GPUs) the same calls run on device tensors. A peer that exits or stops answering makes
+with a GPU each) the same calls run on device tensors (the rows are copied there and back,
+since the expert programs are CPU programs today). A peer that exits or stops answering makes
 the collective fail within the process group's timeout (init_process_group's `timeout`,
 which gloo applies to every operation); that failure becomes one MocompileError line naming
 this rank and what it was doing, never a hang.
@@ -11,6 +12,7 @@ this rank and what it was doing, never a hang.
 from __future__ import annotations
 
 import datetime
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,12 +26,15 @@ class TorchTransport:
     """This process's rank in the default process group (env:// rendezvous: MASTER_ADDR,
     MASTER_PORT, as torchrun and the run-ep launcher set them)."""
 
-    def __init__(self, rank: int, size: int, timeout_s: float) -> None:
-        self.rank, self.size, self.timeout_s = rank, size, timeout_s
-        self.backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-        self.device = torch.device(f"cuda:{rank % torch.cuda.device_count()}") if self.backend == "nccl" \
-            else torch.device("cpu")
+    def __init__(self, rank: int, size: int, timeout_s: float, backend: str = "gloo") -> None:
+        self.rank, self.size, self.timeout_s, self.backend = rank, size, timeout_s, backend
         self.what = "joining the process group"
+        self.device = torch.device("cpu")
+        if backend == "nccl":
+            if not torch.cuda.is_available() or not dist.is_nccl_available():
+                raise MocompileError(f"rank {rank}: --dist-backend nccl needs CUDA GPUs and a torch built with NCCL")
+            self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}")
+            torch.cuda.set_device(self.device)
         try:
             dist.init_process_group(self.backend, rank=rank, world_size=size,
                                     timeout=datetime.timedelta(seconds=timeout_s))

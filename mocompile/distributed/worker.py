@@ -1,6 +1,6 @@
 """One rank of `mocompile run-ep` (or of a torchrun launch):
 
-    torchrun --nproc-per-node 2 -m mocompile.distributed.worker ARTIFACT --out out.npz
+    torchrun --standalone --nproc-per-node 2 -m mocompile.distributed.worker ARTIFACT --out out.npz
 
 The rank comes from the environment torchrun (and the run-ep launcher) set: RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT. The job: a batch of token ids (`--tokens FILE.npy`,
@@ -35,6 +35,22 @@ DEFAULT_TIMEOUT_S = 60.0  # seconds a rank waits for the others at any exchange 
 FAULT_ENV = "MOCOMPILE_EP_FAULT"
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text!r})")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds (got {text!r})")
+    return value
+
+
 def add_job_args(p: argparse.ArgumentParser) -> None:
     """The options of one run (shared by `mocompile run-ep` and this module's command line)."""
     p.add_argument("artifact", help="an artifact compiled with --ep")
@@ -42,13 +58,16 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
                    help="plan: the artifact's place-pass plan, one rank per device (the default where it has one); "
                         "round-robin: expert e of each layer on rank e mod N")
     p.add_argument("--tokens", metavar="FILE.npy", help="token ids [batch, seq] (default: random, from --seed)")
-    p.add_argument("--batch", type=int, default=2, help="sequences of the random batch (default 2)")
-    p.add_argument("--seq", type=int, default=8, help="positions of each random sequence (default 8)")
-    p.add_argument("--prompt", type=int, default=None,
+    p.add_argument("--batch", type=_positive, default=2, help="sequences of the random batch (default 2)")
+    p.add_argument("--seq", type=_positive, default=8, help="positions of each random sequence (default 8)")
+    p.add_argument("--prompt", type=_positive, default=None,
                    help="positions prefilled into the KV cache before decoding one at a time (default: seq - 4)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dist-backend", choices=("gloo", "nccl"), default="gloo",
+                   help="torch.distributed backend of the exchanges (default gloo; nccl: ranks with one GPU each, "
+                        "the rows moved through device memory)")
     p.add_argument("--out", metavar="FILE.npz", help="where rank 0 writes the ids, logits and placement")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT_S,
                    help=f"seconds a rank waits for the others before failing (default {DEFAULT_TIMEOUT_S:g})")
 
 
@@ -119,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         manifest = read_manifest(a.artifact)
         how = a.placement or ("plan" if plan_of(manifest) else "round-robin")
-        transport = TorchTransport(me, size, a.timeout)
+        transport = TorchTransport(me, size, a.timeout, a.dist_backend)
         rank = open_rank(a.artifact, manifest, transport, how)
         _fault(rank, me)
         name, ids, prompt = job_inputs(a, rank)
