@@ -136,10 +136,19 @@ def read_manifest(path: str | Path, check_files: bool = True) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{mf}: format version {manifest.get('format_version')} (this runtime reads {FORMAT_VERSION})")
     if check_files:
-        for rel, digest in manifest.get("files", {}).items():
-            f = path / rel
-            if not f.is_file():
-                raise ArtifactError(f"{f}: missing (listed in the manifest)")
-            if sha256_file(f) != digest:
-                raise ArtifactError(f"{f}: checksum mismatch, the file was modified after compilation; refusing to load")
+        for rel in manifest.get("files", {}):
+            check_file(path, manifest, rel)
     return manifest
+
+
+def check_file(path: Path, manifest: dict[str, Any], rel: str) -> None:
+    """Refuse file `rel` of the artifact at `path` unless it is listed with this sha256 (a
+    process that reads only some files, one rank of an expert-parallel run, checks those)."""
+    f = path / rel
+    digest = manifest.get("files", {}).get(rel)
+    if digest is None:
+        raise ArtifactError(f"{f}: not listed in the manifest; refusing to load")
+    if not f.is_file():
+        raise ArtifactError(f"{f}: missing (listed in the manifest)")
+    if sha256_file(f) != digest:
+        raise ArtifactError(f"{f}: checksum mismatch, the file was modified after compilation; refusing to load")

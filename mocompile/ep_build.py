@@ -168,7 +168,7 @@ def verify_ep(stage: Path, manifest: dict[str, Any], graph: Graph, reference: An
     from mocompile.runtime_ep import LocalTransport, open_rank
     from mocompile.verification import verify_artifact, verify_decode
 
-    rank = open_rank(stage, manifest, LocalTransport(), placement="round-robin")
+    rank = open_rank(stage, manifest, LocalTransport(), placement="round-robin", check=False)
     result: dict[str, Any] = {"status": "verified", **verify_artifact(rank.model, reference, shapes, seed)}
     if rank.model.can_decode:
         batch, seq = shapes[-1]

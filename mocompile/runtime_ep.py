@@ -30,6 +30,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from mocompile.artifact import check_file
 from mocompile.errors import ArtifactError, MocompileError
 from mocompile.ir.ops.moe_remote import SERVICE
 from mocompile.runtime import LoadedArtifact, import_tvm_without_torch
@@ -186,13 +187,18 @@ class ExpertParallelRank:
     run_cached / generate on this rank's sequences), whose MoE layers call `serve`. The
     packed function is registered process-wide, so a process is one rank (the last opened)."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], transport: Transport, placement: Placement) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], transport: Transport, placement: Placement,
+                 check: bool = True) -> None:
         if "ep" not in manifest:
             raise ArtifactError(f"{path}: has no expert-parallel pieces (compile it with --ep)")
         self.transport, self.placement = transport, placement
         self.layers = manifest["ep"]["layers"]
         self.held = placement.held(transport.rank)
-        self.experts = RankExperts(path, manifest["ep"], self.held)
+        ep = manifest["ep"]
+        for rel in [ep["dense"]["library"], ep["dense"]["weights"], *(p["library"] for p in ep["programs"]),
+                    *(expert_weights(layer, e) for layer, e in self.held)] if check else []:
+            check_file(path, manifest, rel)  # the files this rank reads, and no other
+        self.experts = RankExperts(path, ep, self.held)
         self.calls = 0  # experts calls served, for the fault hook of the distributed worker
         # The error that ended a `serve` called from the program: the VM passes on only its text.
         self.failure: MocompileError | None = None
@@ -240,8 +246,10 @@ class ExpertParallelRank:
 
 
 def open_rank(path: str | Path, manifest: dict[str, Any], transport: Transport,
-              placement: str = "plan") -> ExpertParallelRank:
-    """This process's rank of an expert-parallel run (`placement`: "plan" or "round-robin")."""
+              placement: str = "plan", check: bool = True) -> ExpertParallelRank:
+    """This process's rank of an expert-parallel run (`placement`: "plan" or "round-robin");
+    `check`: refuse files whose checksum is not the manifest's (False: a staged artifact,
+    not yet checksummed, that the compile verifies)."""
     if "ep" not in manifest:
         raise ArtifactError(f"{path}: has no expert-parallel pieces (compile it with --ep)")
     if placement not in PLACEMENTS:
@@ -250,4 +258,5 @@ def open_rank(path: str | Path, manifest: dict[str, Any], transport: Transport,
         if d["experts"] < transport.size:
             raise MocompileError(f"{transport.size} ranks but layer {d['layer']} has only {d['experts']} experts: "
                                  f"some ranks would hold none (start at most {d['experts']})")
-    return ExpertParallelRank(Path(path), manifest, transport, placement_of(manifest, transport.size, placement))
+    return ExpertParallelRank(Path(path), manifest, transport, placement_of(manifest, transport.size, placement),
+                              check)

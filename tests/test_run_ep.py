@@ -25,7 +25,7 @@ from mocompile.ir.interpreter import run as interpret
 from mocompile.ir.ops.moe import _experts
 from mocompile.ir.ops.moe_remote import expert_service
 from mocompile.runtime import load
-from mocompile.runtime_ep import Placement
+from mocompile.runtime_ep import LocalTransport, Placement, open_rank
 from mocompile.signature import random_inputs, signature_of
 from mocompile.verification import TOLERANCE, relative_error
 
@@ -126,6 +126,25 @@ def test_two_ranks_match_the_single_process_artifact(ep_artifact: Path, tmp_path
     assert files[0].isdisjoint(files[1])
     assert files[0] | files[1] == {f"ep/L{layer}/e{e}.safetensors" for layer in layers for e in range(8)}
     assert files[1] == {f"ep/L{layer}/e{e}.safetensors" for layer in layers for e in (1, 3, 5, 7)}  # round-robin
+
+
+def test_a_rank_reads_and_checks_only_its_own_expert_files(ep_artifact: Path, tmp_path: Path) -> None:
+    """Rank 0 of 2 (round-robin: the even experts) refuses a tampered even expert's file and
+    never opens an odd one's."""
+
+    class RankZeroOfTwo(LocalTransport):
+        size = 2  # opening a rank exchanges nothing; only the placement reads the size
+
+    copy = tmp_path / "art"
+    shutil.copytree(ep_artifact, copy)
+    manifest = read_manifest(copy)
+    for e in (1, 2):
+        (copy / f"ep/L0/e{e}.safetensors").write_bytes(b"not the weights")
+    with pytest.raises(MocompileError, match="ep/L0/e2.safetensors: checksum mismatch"):
+        open_rank(copy, manifest, RankZeroOfTwo(), "round-robin")
+    shutil.copy(ep_artifact / "ep/L0/e2.safetensors", copy / "ep/L0/e2.safetensors")
+    rank = open_rank(copy, manifest, RankZeroOfTwo(), "round-robin")  # e1 stays broken: rank 1's
+    assert rank.experts.files == [f"ep/L{layer}/e{e}.safetensors" for layer in (0, 1) for e in (0, 2, 4, 6)]
 
 
 @pytest.mark.parametrize("how", ["exit", "hang"])
