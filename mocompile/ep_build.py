@@ -29,7 +29,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 from safetensors.numpy import save_file
 
 from mocompile.backends.base import Backend
@@ -43,7 +42,7 @@ from mocompile.runtime_ep import EP_DIR, expert_weights
 EP_PROGRAM_KIND = "tvm-relax-vm"  # the runtime's expert-parallel ranks run Relax VM programs
 
 
-def _experts_nodes(graph: Graph) -> list[tuple[int, Node]]:
+def routed_experts(graph: Graph) -> list[tuple[int, Node]]:
     """(plan layer number, experts node) of every routed-experts node, in graph order."""
     layer_of = {id(router): layer for layer, router in routing_nodes(graph)}
     out = []
@@ -133,7 +132,7 @@ def build_ep(graph: Graph, backend: Backend, stage: Path, say: Callable[[str], N
     """Write the expert-parallel pieces of `graph` into `stage`/ep and return the manifest's
     `ep` entry (verified by the caller, who has the reference)."""
     check_ep_target(backend)
-    experts = _experts_nodes(graph)
+    experts = routed_experts(graph)
     say(f"      expert parallelism: cutting {len(experts)} MoE layer(s) out of the dense program")
     dense_dir = stage / EP_DIR / "dense"
     dense_dir.mkdir(parents=True)

@@ -24,7 +24,7 @@ import numpy as np
 
 from mocompile.artifact import read_manifest
 from mocompile.errors import MocompileError
-from mocompile.runtime_ep import plan_of
+from mocompile.runtime_ep import check_rank_count, placement_of, plan_of
 
 
 def add_parser(sub: Any, positive: Any) -> None:
@@ -40,17 +40,14 @@ def add_parser(sub: Any, positive: Any) -> None:
 
 
 def _nproc(a: argparse.Namespace, manifest: dict[str, Any]) -> int:
+    """The ranks to start, after refusing what the ranks would refuse (before starting any)."""
     if "ep" not in manifest:
         raise MocompileError(f"{a.artifact}: has no expert-parallel pieces (compile it with --ep)")
     plan = plan_of(manifest)
-    if a.placement == "plan" and plan is None:
-        raise MocompileError(f"{a.artifact}: the artifact has no placement plan (compile with the place pass, or use "
-                             f"--placement round-robin)")
-    nproc = a.nproc or (len(plan["devices"]) if plan and a.placement != "round-robin" else 2)
-    fewest = min(d["experts"] for d in manifest["ep"]["layers"])
-    if nproc > fewest:
-        raise MocompileError(f"--nproc {nproc}: the artifact's MoE layers have {fewest} experts; start at most "
-                             f"{fewest} ranks (one holding no expert would have nothing to do)")
+    how = a.placement or ("plan" if plan else "round-robin")
+    nproc = a.nproc or (len(plan["devices"]) if plan and how == "plan" else 2)
+    check_rank_count(manifest, nproc)
+    placement_of(manifest, nproc, how)
     return nproc
 
 

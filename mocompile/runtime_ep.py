@@ -87,8 +87,8 @@ class Placement:
         devices = plan["devices"]
         if len(devices) != size:
             raise MocompileError(f"the artifact's placement plan has {len(devices)} devices "
-                                 f"({', '.join(d['name'] for d in devices)}) but {size} ranks were started: start "
-                                 f"{len(devices)}, or use --placement round-robin")
+                                 f"({', '.join(d['name'] for d in devices)}) but {size} ranks were asked for: give "
+                                 f"--nproc {len(devices)}, or use --placement round-robin")
         shares: dict[tuple[int, int], list[tuple[int, float]]] = {}
         for rank, device in enumerate(devices):
             for x in device["experts"]:
@@ -245,6 +245,13 @@ class ExpertParallelRank:
                        np.zeros((0, d["top_k"]), np.int32))
 
 
+def check_rank_count(manifest: dict[str, Any], size: int) -> None:
+    """Refuse more ranks than a layer has experts: round-robin would leave ranks without any."""
+    fewest = min(d["experts"] for d in manifest["ep"]["layers"])
+    if size > fewest:
+        raise MocompileError(f"{size} ranks: the artifact's MoE layers have {fewest} experts; start at most {fewest}")
+
+
 def open_rank(path: str | Path, manifest: dict[str, Any], transport: Transport,
               placement: str = "plan", check: bool = True) -> ExpertParallelRank:
     """This process's rank of an expert-parallel run (`placement`: "plan" or "round-robin");
@@ -254,9 +261,6 @@ def open_rank(path: str | Path, manifest: dict[str, Any], transport: Transport,
         raise ArtifactError(f"{path}: has no expert-parallel pieces (compile it with --ep)")
     if placement not in PLACEMENTS:
         raise MocompileError(f"--placement {placement}: choose one of {', '.join(PLACEMENTS)}")
-    for d in manifest["ep"]["layers"]:
-        if d["experts"] < transport.size:
-            raise MocompileError(f"{transport.size} ranks but layer {d['layer']} has only {d['experts']} experts: "
-                                 f"some ranks would hold none (start at most {d['experts']})")
+    check_rank_count(manifest, transport.size)
     return ExpertParallelRank(Path(path), manifest, transport, placement_of(manifest, transport.size, placement),
                               check)

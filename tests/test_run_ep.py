@@ -19,11 +19,11 @@ import mocompile
 from mocompile.artifact import read_manifest
 from mocompile.cli import main
 from mocompile.errors import MocompileError
-from mocompile.ep_build import dense_graph, _experts_nodes
+from mocompile.ep_build import dense_graph, routed_experts
 from mocompile.frontend import lower_source, source_for
 from mocompile.ir.interpreter import run as interpret
-from mocompile.ir.ops.moe import _experts
 from mocompile.ir.ops.moe_remote import expert_service
+from mocompile.ir.registry import get_op
 from mocompile.runtime import load
 from mocompile.runtime_ep import LocalTransport, Placement, open_rank
 from mocompile.signature import random_inputs, signature_of
@@ -79,7 +79,7 @@ def test_the_cut_graph_with_its_experts_served_is_the_model() -> None:
     """The dense graph calls out at every MoE layer; serving those calls with the original
     experts gives the original model's outputs bit for bit."""
     graph = lower_source(source_for(DEEPSEEK, None, None, 0))
-    experts = _experts_nodes(graph)
+    experts = routed_experts(graph)
     dense = dense_graph(graph, experts)
     assert [n.op for n in dense.nodes].count("experts.remote") == len(experts) == 2
     assert not any(n.inputs[3].name in dense.params for _, n in experts), "routed expert weights left in the graph"
@@ -87,7 +87,7 @@ def test_the_cut_graph_with_its_experts_served_is_the_model() -> None:
 
     def serve(layer: int, x: np.ndarray, w: np.ndarray, idx: np.ndarray) -> np.ndarray:
         node = by_layer[layer]
-        return _experts([x, w, idx, *[graph.weights[v.name] for v in node.inputs[3:]]], node.attrs)[0]
+        return get_op("experts").compute([x, w, idx, *[graph.weights[v.name] for v in node.inputs[3:]]], node.attrs)[0]
 
     inputs = random_inputs(signature_of(graph, {}), 2, 6, 0)
     with expert_service(serve):
@@ -167,7 +167,7 @@ def test_a_rank_that_dies_or_hangs_stops_the_run_with_one_line(ep_artifact: Path
 
 def test_bad_runs_get_one_clear_line(ep_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["run-ep", str(ep_artifact), "--nproc", "9"]) == 1
-    assert "--nproc 9: the artifact's MoE layers have 8 experts; start at most 8 ranks" in capsys.readouterr().err
+    assert "9 ranks: the artifact's MoE layers have 8 experts; start at most 8" in capsys.readouterr().err
     plain = tmp_path / "plain"
     shutil.copytree(ep_artifact, plain)
     manifest = json.loads((plain / "manifest.json").read_text())
