@@ -158,11 +158,23 @@ def test_a_rank_that_dies_or_hangs_stops_the_run_with_one_line(ep_artifact: Path
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
     assert errors[0].startswith("mocompile: error: run-ep: rank ") and "stopped the other 1 rank(s)" in errors[0]
     if how == "exit":
-        assert "rank 1 failed: exited with status 3" in errors[0] or "rank 0 failed: an all-to-all failed" in errors[0]
+        assert "rank 1 failed: exited with status 3 without an error message" in errors[0]
     else:
         assert f"rank 0 failed: an all-to-all failed: another rank exited or did not answer within " \
                f"{HANG_TIMEOUT_S} s" in errors[0]
     assert elapsed < STARTUP_S + 2 * HANG_TIMEOUT_S
+
+
+def test_the_rank_with_the_error_is_named_not_the_one_left_waiting(ep_artifact: Path, tmp_path: Path) -> None:
+    """Rank 1's sequence has a token past the vocabulary: rank 1 refuses it, rank 0's exchange
+    then fails, and the run's one line is rank 1's own error."""
+    ids = np.zeros((2, 6), np.int32)
+    ids[1, 2] = 10_000
+    np.save(tmp_path / "ids.npy", ids)
+    done = run_ep(str(ep_artifact), "--nproc", "2", "--tokens", str(tmp_path / "ids.npy"), "--timeout", "30")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("mocompile: error:")]
+    assert done.returncode == 1 and len(errors) == 1, done.stderr
+    assert errors[0].startswith("mocompile: error: run-ep: rank 1 failed: ") and "10000" in errors[0], errors[0]
 
 
 def test_bad_runs_get_one_clear_line(ep_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -6,3 +6,5 @@ starts), `launcher` starts the ranks and stops them all when one fails. This lay
 torch.distributed and the runtime (runtime_ep.py does the expert parallelism itself), never
 the compiler.
 """
+
+PEER_FAILURE = "another rank exited or did not answer"  # in a rank's error when an exchange with the others failed

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Sequence
 
+from mocompile.distributed import PEER_FAILURE
 from mocompile.errors import MocompileError
 
 ERROR_PREFIX = "mocompile: error: "
@@ -76,6 +77,14 @@ def _status(code: int) -> str:
     return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
 
 
+def _cause(ranks: list[_Rank], exited: list[_Rank]) -> _Rank:
+    """The rank to blame: one with an error of its own (not a peer's failure seen in an
+    exchange), else one that died without a message, else the first that exited."""
+    own = [r for r in ranks if r.error and PEER_FAILURE not in r.error]
+    silent = [r for r in exited if r.error is None]
+    return (own or silent or exited)[0]
+
+
 def launch(nproc: int, args: Sequence[str], poll_s: float = 0.05) -> None:
     """Run `nproc` ranks of the worker with `args`; return when all succeed, else stop them
     all and raise the first failure."""
@@ -86,10 +95,12 @@ def launch(nproc: int, args: Sequence[str], poll_s: float = 0.05) -> None:
         for r in range(nproc):
             ranks.append(_Rank(r, args, {**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
         while True:
-            failed = next((r for r in ranks if r.proc.poll() not in (None, 0)), None)
-            if failed is not None:
+            exited = [r for r in ranks if r.proc.poll() not in (None, 0)]
+            if exited:
                 _stop(ranks)
-                failed.finished()
+                for r in ranks:
+                    r.finished()
+                failed = _cause(ranks, exited)
                 others = nproc - 1
                 why = (failed.error or f"{_status(failed.proc.returncode)} without an error message")
                 why = why.removeprefix(f"rank {failed.rank}: ")

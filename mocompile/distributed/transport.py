@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mocompile.distributed import PEER_FAILURE
 from mocompile.errors import MocompileError
 
 
@@ -44,8 +45,8 @@ class TorchTransport:
 
     def _failed(self, e: BaseException) -> MocompileError:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return MocompileError(f"rank {self.rank}: {self.what} failed: another rank exited or did not answer within "
-                              f"{self.timeout_s:g} s ({self.backend}: {first[:200]})")
+        return MocompileError(f"rank {self.rank}: {self.what} failed: {PEER_FAILURE} within {self.timeout_s:g} s "
+                              f"({self.backend}: {first[:200]})")
 
     def exchange(self, send: Sequence[np.ndarray]) -> list[np.ndarray]:
         """send[r] to rank r; what each rank sent here, by rank."""
