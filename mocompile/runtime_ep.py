@@ -185,12 +185,11 @@ class RankExperts:
 class ExpertParallelRank:
     """One rank: `model` is the dense program (a LoadedArtifact: run / new_cache / step /
     run_cached / generate on this rank's sequences), whose MoE layers call `serve`. The
-    packed function is registered process-wide, so a process is one rank (the last opened)."""
+    packed function's name is process-wide, but the VM looks it up when it loads the program,
+    so each rank's program calls its own `serve`, however many ranks a process opens."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], transport: Transport, placement: Placement,
                  check: bool = True) -> None:
-        if "ep" not in manifest:
-            raise ArtifactError(f"{path}: has no expert-parallel pieces (compile it with --ep)")
         self.transport, self.placement = transport, placement
         self.layers = manifest["ep"]["layers"]
         self.held = placement.held(transport.rank)

@@ -147,6 +147,14 @@ def test_a_rank_reads_and_checks_only_its_own_expert_files(ep_artifact: Path, tm
     assert rank.experts.files == [f"ep/L{layer}/e{e}.safetensors" for layer in (0, 1) for e in (0, 2, 4, 6)]
 
 
+def test_each_rank_in_a_process_serves_its_own_program(ep_artifact: Path) -> None:
+    manifest = read_manifest(ep_artifact)
+    first, second = (open_rank(ep_artifact, manifest, LocalTransport(), "round-robin") for _ in range(2))
+    inputs = random_inputs(first.model.signature, 1, 4, 0)
+    first.model.run(inputs)
+    assert (first.calls, second.calls) == (2, 0)  # one call per MoE layer, to the rank whose program ran
+
+
 @pytest.mark.parametrize("how", ["exit", "hang"])
 def test_a_rank_that_dies_or_hangs_stops_the_run_with_one_line(ep_artifact: Path, how: str) -> None:
     t0 = time.monotonic()
