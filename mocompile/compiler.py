@@ -243,6 +243,10 @@ def compile(
     ctx = PassContext(calibration=calib, input_ranges=dict(src.int_high), target=backend.name,
                       options={PROBE: latency_probe(backend, src.int_high)})
     graph, reports = manager.run(graph, ctx)
+    if ep:  # what the cut refuses (no routed experts, quantized ones), before any code is generated
+        from mocompile.ep_build import routed_experts
+
+        routed_experts(graph)
     isolation = check_batch_isolation(graph, src, batch, seq, seed)
     say(f"      batch isolation: {isolation.summary()}")
     if require_isolation and isolation.verdict != "isolated":

@@ -207,6 +207,13 @@ def test_ep_needs_the_cpu_target(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_ep_refuses_quantized_experts_before_generating_code(tmp_path: Path) -> None:
+    with pytest.raises(MocompileError, match="--ep: the experts at layers.0.ffn.experts read .*, not float32 weights"):
+        mocompile.compile(MIXTRAL, passes="quantize(w=int8)", out_dir=tmp_path / "q", ep=True)
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.slow
 def test_shared_experts_and_a_placement_plan_over_ranks(tmp_path: Path) -> None:
     """DeepSeek-style (shared experts, a dense first layer, group-limited routing), placed by
     the place pass on two GPUs with redundant experts: one rank per device of the plan, a
