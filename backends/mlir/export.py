@@ -18,7 +18,7 @@ from typing import Mapping
 
 from mocompile.backends.mlir.emit_torch import example_sizes, export_graph, symbols, torch_weights
 from mocompile.backends.mlir.lower import DIALECTS, LOWERINGS, STATIC_DIALECTS, LowerContext
-from mocompile.backends.mlir.stablehlo import NOTE as STABLEHLO_NOTE, prepare_for_iree
+from mocompile.backends.mlir.stablehlo import prepare_for_iree
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph
 from mocompile.kv_cache import PAST, CachedGraph
@@ -106,8 +106,7 @@ def export_mlir(graph: Graph, cached: CachedGraph | None, dialect: str, batch: i
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"torch.export failed exporting {graph.name} for {dialect}: {first}") from None
     if dialect == "stablehlo":
-        prepare_for_iree(module)
-        ctx.note("dynamic shapes", STABLEHLO_NOTE)
+        ctx.note("dynamic shapes", prepare_for_iree(module))
     result.text = module.operation.get_asm(large_elements_limit=None, enable_debug_info=False)
     result.notes = dict(ctx.notes)
     return result

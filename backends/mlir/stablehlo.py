@@ -26,9 +26,6 @@ from __future__ import annotations
 from typing import Any
 
 CLEANUP = "builtin.module(func.func(remove-shape-constraints,canonicalize))"
-NOTE = ("broadcast dims that stay dynamic annotated known_nonexpanding (torch.export resolved every broadcast), "
-        "dynamic_reshape written as tensor.reshape, broadcast witnesses removed: all for IREE 3.13's StableHLO input; "
-        "batch, sequence and cache length stay dynamic")
 
 
 def _collect(module: Any, name: str) -> list[Any]:
@@ -45,16 +42,16 @@ def _collect(module: Any, name: str) -> list[Any]:
     return found
 
 
-def prepare_for_iree(module: Any) -> dict[str, int]:
-    """Rewrite `module` (a torch_mlir.ir.Module of StableHLO, in its own context) in place as
-    the module docstring says; how many ops of each kind were rewritten."""
+def prepare_for_iree(module: Any) -> str:
+    """Rewrite `module` (a torch_mlir.ir.Module of StableHLO) in place as the module docstring
+    says; what was rewritten, for the manifest's export notes."""
+    with module.context:
+        return _rewrite(module)
+
+
+def _rewrite(module: Any) -> str:
     from torch_mlir import ir, passmanager
 
-    with module.context:
-        return _rewrite(module, ir, passmanager)
-
-
-def _rewrite(module: Any, ir: Any, passmanager: Any) -> dict[str, int]:
     annotated = 0
     for op in _collect(module, "stablehlo.dynamic_broadcast_in_dim"):
         operand = ir.RankedTensorType(op.operands[0].type)
@@ -70,5 +67,6 @@ def _rewrite(module: Any, ir: Any, passmanager: Any) -> dict[str, int]:
         op.erase()
     witnesses = len(_collect(module, "shape.cstr_broadcastable"))
     passmanager.PassManager.parse(CLEANUP).run(module.operation)
-    return {"dynamic_broadcast_in_dim annotated": annotated, "dynamic_reshape rewritten": len(reshapes),
-            "broadcast witnesses removed": witnesses}
+    return (f"kept dynamic (batch, sequence, cache length); for IREE 3.13's StableHLO input {annotated} "
+            "dynamic_broadcast_in_dim annotated known_nonexpanding (torch.export settled every broadcast), "
+            f"{len(reshapes)} dynamic_reshape written as tensor.reshape, {witnesses} broadcast witnesses removed")
