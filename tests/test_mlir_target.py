@@ -87,6 +87,16 @@ def test_a_quantized_export_carries_integer_weights_and_verifies(spec, tmp_path)
     assert "arith.sitofp" in text  # dequantized inside the module
 
 
+@pytest.mark.slow
+def test_an_int4_stablehlo_export_carries_packed_codes_and_runs_through_iree(spec, tmp_path) -> None:
+    art = _compile(spec, tmp_path / "q4", "mlir --dialect stablehlo", passes="quantize(w=int4)")
+    assert art.manifest["verification"]["status"] == "verified"
+    assert art.manifest["decode_verification"]["max_rel_error"] <= 1e-4
+    text = (tmp_path / "q4" / "model.stablehlo.mlir").read_text()
+    assert re.findall(r"dense_resource<[^>]+> : tensor<4x32x16xi8>", text), "no packed int4 expert codes"
+    assert "ui8" not in text  # the packed bytes are signless i8 constants, which IREE's StableHLO input takes
+
+
 def test_tosa_which_this_iree_cannot_parse_is_checked_statically_and_says_not_run(spec, tmp_path, capsys) -> None:
     dialect = "tosa"
     out = tmp_path / dialect
