@@ -27,11 +27,10 @@ from mocompile.kv_cache import cached_graph, decode_support
 
 PROGRAM_KIND = "iree-vmfb"  # mocompile.runtime_iree loads these
 VMFB = "model.vmfb"
-# Dialects whose modules IREE 3.13 compiles and runs here (a failure is then an error). Its
-# StableHLO input does not legalise the dynamic reshapes (stablehlo.dynamic_reshape) of a
-# module exported with dynamic batch and sequence, and it does not parse torch-mlir's TOSA:
-# those artifacts hold the MLIR, checked statically, unless this IREE does compile them.
-RUN_HERE = frozenset({"linalg", "torch"})
+# Dialects whose modules IREE 3.13 compiles and runs here (a failure is then an error);
+# StableHLO after stablehlo.prepare_for_iree. IREE 3.13 does not parse torch-mlir's TOSA: that
+# artifact holds the MLIR, checked statically, unless this IREE does compile it.
+RUN_HERE = frozenset({"linalg", "torch", "stablehlo"})
 USAGE = "mlir [--dialect linalg|stablehlo|tosa|torch] [--shape BxS]"
 
 

@@ -49,7 +49,11 @@ class GraphModule(torch.nn.Module):
 
 
 def torch_weights(graph: Graph) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in graph.weights.items()}
+    """The graph's weights as tensors; uint8 (packed int4 codes) as the same bytes read as int8:
+    IREE 3.13 cannot take an unsigned StableHLO constant (its arith.constant keeps the ui8
+    resource type for a signless i8 result), and every dialect's MLIR is signless anyway."""
+    return {name: torch.from_numpy(np.ascontiguousarray(a.view(np.int8) if a.dtype == np.uint8 else a))
+            for name, a in graph.weights.items()}
 
 
 def symbols(graph: Graph) -> list[str]:

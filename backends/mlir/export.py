@@ -18,6 +18,7 @@ from typing import Mapping
 
 from mocompile.backends.mlir.emit_torch import example_sizes, export_graph, symbols, torch_weights
 from mocompile.backends.mlir.lower import DIALECTS, LOWERINGS, STATIC_DIALECTS, LowerContext
+from mocompile.backends.mlir.stablehlo import prepare_for_iree
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph
 from mocompile.kv_cache import PAST, CachedGraph
@@ -104,6 +105,8 @@ def export_mlir(graph: Graph, cached: CachedGraph | None, dialect: str, batch: i
     except Exception as e:  # torch.export's own refusals (data-dependent shapes, unsupported ops)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"torch.export failed exporting {graph.name} for {dialect}: {first}") from None
+    if dialect == "stablehlo":
+        ctx.note("dynamic shapes", prepare_for_iree(module))
     result.text = module.operation.get_asm(large_elements_limit=None, enable_debug_info=False)
     result.notes = dict(ctx.notes)
     return result

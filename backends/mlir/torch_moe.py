@@ -7,10 +7,10 @@ index, as the reference's stable sort does; an expert whose score is -inf (outsi
 token's modality group) is still ranked after every finite one and before those already
 taken.
 
-Dispatch: each token gathers the weights of its own top_k experts (stack[idx], which
-torch-mlir legalises to a gather in every dialect, TOSA's `tosa.gather` included) and runs
-only those: the work of the sparse reference, never the other experts. Nothing is made
-dense; the export notes in the manifest say so.
+Dispatch: each token gathers the weights of its own top_k experts (an embedding lookup in
+the flattened weight stack, which torch-mlir legalises to a gather in every dialect, TOSA's
+`tosa.gather` included) and runs only those: the work of the sparse reference, never the
+other experts. Nothing is made dense; the export notes in the manifest say so.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from mocompile.backends.mlir.lower import LowerContext, torch_lowering
 from mocompile.backends.mlir.torch_nn import ACTIVATIONS, fake_quant, rows_times
@@ -107,8 +108,13 @@ def _experts(ctx: LowerContext, node: Node, xs: Tensors) -> list[torch.Tensor]:
     def times(stack: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Each token's vector v [..., (k,) B] times its own experts' weights stack[idx]
         [..., k, A, B]: a broadcast product summed over B (a batched matmul would merge the
-        dynamic token axes, which torch-mlir lowers wrongly: see torch_nn.rows_times)."""
-        return (stack[idx] * v.unsqueeze(-2)).sum(-1)
+        dynamic token axes, which torch-mlir lowers wrongly: see torch_nn.rows_times).
+        stack[idx] is taken as an embedding lookup of the flattened stack: the same gather
+        with an implicit index vector, which IREE lowers directly; indexing writes an
+        explicit size-1 index vector, and IREE 3.13's StableHLO gather canonicalisation
+        turns that into a static stablehlo.reshape of two dynamic dims, which is invalid."""
+        rows = F.embedding(idx, stack.reshape(stack.shape[0], -1)).reshape(*idx.shape, *stack.shape[1:])
+        return (rows * v.unsqueeze(-2)).sum(-1)
 
     tokens = x.unsqueeze(-2)  # [..., 1, H]: one row for every expert slot
     hidden = act(times(up if gate is None else gate, tokens))  # [..., k, F]

@@ -195,11 +195,13 @@ def _mlp(ctx: LowerContext, node: Node, xs: Tensors) -> list[torch.Tensor]:
 
 # ---- quantization ------------------------------------------------------------------------------
 def unpack_int4(p: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., K/2] -> int32 [..., K] in [-8, 7] (quant.unpack_int4), in integer arithmetic
-    every dialect legalises (no bitwise ops): low nibble = p mod 16, high = p div 16."""
+    """Packed bytes [..., K/2] -> int32 [..., K] in [-8, 7] (quant.unpack_int4), in integer
+    arithmetic every dialect legalises (no bitwise ops): low nibble = p mod 16, high = p div 16
+    mod 16. The bytes may be uint8 or the same bits read as int8 (emit_torch.torch_weights)."""
     wide = p.to(torch.int32)
     hi = torch.div(wide, 16, rounding_mode="floor")
     lo = wide - hi * 16
+    hi = hi - 16 * torch.div(hi, 16, rounding_mode="floor")  # an int8 byte of 128 and up: its high nibble
     return torch.stack([lo, hi], dim=-1).reshape(*p.shape[:-1], 2 * p.shape[-1]) + INT4_MIN
 
 
