@@ -451,7 +451,7 @@ def _embedding(ctx: LowerContext, node: Node):
     ids, table = node.inputs
     vocab, hidden = (int(d) for d in table.type.shape)
     half = _widened(table)  # a 16-bit table: the gather widens the rows it copies
-    stored, fmt = (half.inputs[0], half.attrs["dtype"]) if half is not None else (table, table.type.dtype)
-    rows = ctx.call(ctx.kernels.gather_rows(hidden, ids.type.dtype, vocab, fmt), [ctx.value(stored), ctx.flat(ids)],
+    stored, fmt = (half.inputs[0], [half.attrs["dtype"]]) if half is not None else (table, [])
+    rows = ctx.call(ctx.kernels.gather_rows(hidden, ids.type.dtype, vocab, *fmt), [ctx.value(stored), ctx.flat(ids)],
                     [((ctx.rows_of(node.outputs[0]), hidden), table.type.dtype)])
     return [ctx.reshape_to(rows, node.outputs[0])]
