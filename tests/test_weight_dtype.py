@@ -163,3 +163,32 @@ def test_gpu_target_refuses_a_bf16_graph() -> None:
     graph, _ = PassManager("weight-dtype(dtype=bf16)").run(graph)
     why = get_backend("cuda").unsupported(graph)
     assert why is not None and why.startswith("the cuda target does not read bfloat16 weights")
+
+
+@pytest.mark.parametrize("dtype, widening", [("bf16", r"vpmovzxwd\s.*%ymm[\s\S]*vpslld\s+\$16, %ymm"),
+                                             ("fp16", r"vcvtph2ps\s.*%ymm")])
+def test_kernels_widen_in_vector_registers(dtype: str, widening: str) -> None:
+    """Cross-compiled for an AVX2 CPU whatever this host is: the matmul and the embedding
+    gather widen their 16-bit weights eight lanes at a time (bf16: zero-extend, shift by 16;
+    fp16: F16C), never one value at a time."""
+    import re
+
+    from mocompile.backends.tvm_cpu import CpuTarget, build, lower
+    from mocompile.ir.graph import Graph
+    from mocompile.ir.types import TensorType
+    from mocompile.pass_manager import PassManager
+
+    g = Graph("widen")
+    ids = g.add_input("ids", TensorType(("rows",), "int64"))
+    rng = np.random.default_rng(0)
+    table = g.add_param("table", rng.standard_normal((100, 64)).astype(np.float32))
+    w = g.add_param("w", rng.standard_normal((48, 64)).astype(np.float32))
+    g.outputs = [g.add("linear", g.add("embedding", ids, table), w)]
+    g, _ = PassManager(f"weight-dtype(dtype={dtype})").run(g)
+    program = lower(g, target=CpuTarget.parse("cpu -mcpu=haswell"))
+    assert {w.dtype for w in program.weights} == {"uint16"}
+    asm = build(program).exe.mod.imports[0].inspect_source("asm")
+    assert re.search(widening, asm), dtype
+    # no value converted one at a time: no call of the half-precision helpers (which TVM's module
+    # carries whether or not anything calls them), no scalar conversion
+    assert not re.search(r"call\w*\s+\S*(extendhfsf2|truncsfhf2)", asm) and "vcvtsh2ss" not in asm
