@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import mocompile
-from engines import THREADS, set_threads
-from harness import PAST, ROUNDS, RunClock, artifact_columns, copy_bandwidth, cpu_name, fit_positions, options, \
-    time_columns, versions
+from engines import THREADS
+from harness import PAST, ROUNDS, artifact_rows, cpu_name, start_run, versions
 from mocompile.dsl import load_spec
 from mocompile.dsl.summary import parameter_counts
 from results import write_section
@@ -44,14 +43,7 @@ def bench_model(path: Path) -> tuple[list[dict], dict]:
                        "weight_mb": (arts[dtype].path / m["program"]["weights"]).stat().st_size / 2**20,
                        "drift": m.get("drift_from_fp32", {}).get("max_rel_error")}
         print(f"compiled {spec.name} {dtype} in {info[dtype]['compile_s']:.1f} s", file=sys.stderr)
-    rows = []
-    for kind, batch, tokens in CASES:
-        case, makers, _ = artifact_columns(arts, kind, batch, fit_positions(arts["fp32"], tokens))
-        row = {"model": spec.name, "case": case}
-        time_columns(row, makers)
-        rows.append(row)
-        print(f"{spec.name} {case}: " + ", ".join(f"{d} {row[d]:.3f}" for d in DTYPES), file=sys.stderr)
-    return rows, info
+    return artifact_rows(spec.name, arts, CASES), info
 
 
 def header(bandwidth: float, argv: list[str], stamp: str) -> list[str]:
@@ -69,10 +61,7 @@ def header(bandwidth: float, argv: list[str], stamp: str) -> list[str]:
 
 
 def main() -> None:
-    args = options(__doc__.splitlines()[0], list(MODELS)).parse_args()
-    clock = RunClock()
-    set_threads(args.threads)
-    bandwidth = copy_bandwidth()
+    args, clock, bandwidth = start_run(__doc__.splitlines()[0], list(MODELS))
     table = []
     sizes = ["", "| model | dtype | weights MB | compile s | drift from fp32 (rel) |", "|---|---|---|---|---|"]
     for name in args.models:
