@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 from mocompile.artifact import check_output_dir, finalize, staging_dir
 from mocompile.backends.base import Backend, get_backend
 from mocompile.calibration import Calibration, for_graph, load_token_file
-from mocompile.dtype_option import resolve_dtype
+from mocompile.dtype_option import resolve_dtype, stored_weight_dtype
 from mocompile.errors import ArtifactError, MocompileError
 from mocompile.frontend import COMPILE_BYTES_PER_PARAM, Source, lower_source, source_for, source_from_module
 from mocompile.ir.graph import Graph
@@ -227,7 +227,7 @@ def compile(
     configure_tvm_threads()
     for plugin in plugins:
         load_plugin(plugin)
-    passes, weight_dtype = resolve_dtype(model, dtype, passes, backend)
+    passes = resolve_dtype(model, dtype, passes, backend)
     manager = PassManager(passes)  # the pipeline text is checked before any model is built
     say("[1/6] building the reference model")
     if isinstance(model, (str, Path)) or type(model).__name__ == "Spec":
@@ -270,7 +270,7 @@ def compile(
             "target": {"name": backend.name, "text": backend.target_text, **program.pop("target_info", {})},
             "signature": signature_of(graph, src.int_high).to_json(),
             "program": program,
-            "weight_dtype": weight_dtype,
+            "weight_dtype": stored_weight_dtype(graph),
             "passes": reports,
             **({"calibration": calib.to_json()} if calib is not None else {}),
             "isolation": isolation.to_json(),

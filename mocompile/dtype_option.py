@@ -15,8 +15,11 @@ from typing import Any
 
 from mocompile.backends.base import Backend
 from mocompile.errors import MocompileError
+from mocompile.ir.graph import Graph
 from mocompile.ir.ops.widen import SHORT_NAMES
+from mocompile.ir.registry import get_op
 from mocompile.pass_manager import PassManager
+from mocompile.passes.weight_dtype import weight_inputs
 
 CHOICES = ("bf16", "fp16", "fp32")
 NAMES = {**SHORT_NAMES, "fp32": "float32"}
@@ -33,9 +36,9 @@ def _default(model: Any) -> str:
     return "fp32"
 
 
-def resolve_dtype(model: Any, dtype: str | None, passes: str, backend: Backend) -> tuple[str, str]:
-    """(the pipeline to run, the weight dtype's name for the manifest) for `--dtype dtype`
-    (None: the default for `model`), refusing what cannot be honoured in one line."""
+def resolve_dtype(model: Any, dtype: str | None, passes: str, backend: Backend) -> str:
+    """The pipeline to run for `--dtype dtype` (None: the default for `model`), refusing
+    what cannot be honoured in one line."""
     if dtype is not None and dtype not in CHOICES:
         raise MocompileError(f"--dtype must be one of {', '.join(CHOICES)} (got {dtype!r})")
     storage = [p.describe() for p in PassManager(passes).passes if p.name in _SETS_WEIGHT_STORAGE]
@@ -51,14 +54,18 @@ def resolve_dtype(model: Any, dtype: str | None, passes: str, backend: Backend) 
             raise MocompileError(f"--dtype {dtype}: the {backend.name} target does not read {NAMES[dtype]} weights "
                                  f"(it reads {', '.join(sorted(backend.weight_formats))}); use --dtype fp32")
     if dtype == "fp32":
-        return passes, _stored_dtype(passes)
-    return ",".join(p for p in (passes, f"weight-dtype(dtype={dtype})") if p), NAMES[dtype]
+        return passes
+    return ",".join(p for p in (passes, f"weight-dtype(dtype={dtype})") if p)
 
 
-def _stored_dtype(passes: str) -> str:
-    """The weight dtype a pipeline without --dtype leaves: its weight-dtype pass's, else float32
-    (quantized weights are recorded by the quantize pass's report)."""
-    for p in PassManager(passes).passes:
-        if p.name == "weight-dtype":
-            return p.dtype
-    return "float32"
+def stored_weight_dtype(graph: Graph) -> str:
+    """How the weights the matmuls and embeddings read are stored in `graph` (what the
+    manifest records): "bfloat16", "float16", "float32", "int8", "int4", or several joined by
+    "+" where parts differ (a quantize pass that skips the router leaves it float32)."""
+    formats = set()
+    for node in graph.nodes:
+        for i in weight_inputs(node):
+            producer = node.inputs[i].producer
+            stored_as = get_op(producer.op).weight_format if producer is not None else None
+            formats.add(stored_as(producer.attrs) if stored_as is not None else node.inputs[i].type.dtype)
+    return "+".join(sorted(formats)) or "float32"

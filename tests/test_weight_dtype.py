@@ -152,17 +152,33 @@ def test_bad_dtype_value_is_refused(tmp_path) -> None:
         mocompile.compile(EXAMPLES / "mixtral_tiny.moe", out_dir=tmp_path / "x", dtype="bf8")
 
 
-def test_gpu_target_refuses_a_bf16_graph() -> None:
+@pytest.fixture(scope="module")
+def mixtral_graph():
+    from mocompile.frontend import lower_source, source_for
+
+    return lower_source(source_for(EXAMPLES / "mixtral_tiny.moe", None, None, 0))
+
+
+def test_gpu_target_refuses_a_bf16_graph(mixtral_graph) -> None:
     """A pipeline written by hand (no --dtype) reaches the target's own check, which names the format."""
     from mocompile.backends.base import get_backend
-    from mocompile.dsl import load_spec
-    from mocompile.frontend import lower_source, source_from_spec
     from mocompile.pass_manager import PassManager
 
-    graph = lower_source(source_from_spec(load_spec(EXAMPLES / "mixtral_tiny.moe"), None, None, 0))
-    graph, _ = PassManager("weight-dtype(dtype=bf16)").run(graph)
+    graph, _ = PassManager("weight-dtype(dtype=bf16)").run(mixtral_graph)
     why = get_backend("cuda").unsupported(graph)
     assert why is not None and why.startswith("the cuda target does not read bfloat16 weights")
+
+
+@pytest.mark.parametrize("pipeline, stored", [("", "float32"), ("weight-dtype(dtype=fp16)", "float16"),
+                                              ("quantize(w=int4,group=32,calib=1)", "float32+int4"),
+                                              ("quantize(w=int8,router=true,calib=1)", "float32+int8")])
+def test_manifest_weight_dtype_says_how_weights_are_stored(mixtral_graph, pipeline: str, stored: str) -> None:
+    """What the manifest records, from the graph: a default int4 pipeline leaves the router and
+    the embedding float32; with the router quantized only the embedding table is."""
+    from mocompile.dtype_option import stored_weight_dtype
+    from mocompile.pass_manager import PassManager
+
+    assert stored_weight_dtype(PassManager(pipeline).run(mixtral_graph)[0]) == stored
 
 
 @pytest.mark.parametrize("dtype, widening", [("bf16", r"vpmovzxwd\s.*%ymm[\s\S]*vpslld\s+\$16, %ymm"),
