@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar, Mapping
 from mocompile.calibration import Calibration
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph
-from mocompile.ir.registry import all_ops
+from mocompile.ir.registry import all_ops, get_op
 
 Progress = Callable[[str], None]
 
@@ -60,6 +60,11 @@ class Backend:
     def unsupported(self, graph: Graph) -> str | None:
         """Why this backend cannot compile `graph` (an op it does not lower, a dtype it does
         not read), or None; asked before any code is generated."""
+        formats = {get_op(n.op).weight_format(n.attrs) for n in graph.nodes if get_op(n.op).weight_format}
+        unread = sorted(formats - self.weight_formats)
+        if unread:
+            return (f"the {self.name} target does not read {', '.join(unread)} weights (it reads "
+                    f"{', '.join(sorted(self.weight_formats))}); compile with --dtype fp32 or without the quantize pass")
         missing = sorted({n.op for n in graph.nodes} - self.ops())
         if missing:
             return f"the {self.name} target has no lowering for op(s): {', '.join(missing)}"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mocompile
 from engines import THREADS, set_threads
-from harness import ROUNDS, RunClock, artifact_columns, cpu_name, fit_positions, options, time_columns, versions
+from harness import ROUNDS, RunClock, artifact_rows, cpu_name, options, versions
 from mocompile.backends.tvm_cpu.tuning import MEASURE_ROWS
 from mocompile.dsl import load_spec
 from results import write_section
@@ -51,14 +51,7 @@ def compile_pair(path: Path, trials: int) -> tuple[dict, dict]:
 
 def bench_model(path: Path, trials: int) -> tuple[list[dict], dict]:
     arts, info = compile_pair(path, trials)
-    rows = []
-    for kind, batch, tokens in CASES:
-        case, makers, _ = artifact_columns(arts, kind, batch, fit_positions(arts["untuned"], tokens))
-        row = {"model": path.stem, "case": case}
-        time_columns(row, makers)
-        rows.append(row)
-        print(f"{path.stem} {row['case']}: untuned {row['untuned']:.3f}, tuned {row['tuned']:.3f}", file=sys.stderr)
-    return rows, info
+    return artifact_rows(path.stem, arts, CASES), info
 
 
 def kernel_lines(model: str, info: dict) -> list[str]:

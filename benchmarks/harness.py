@@ -12,6 +12,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -155,6 +156,29 @@ def artifact_columns(arts: dict, kind: str, batch: int, tokens: int) -> tuple[st
         return f"decode b{batch} x1 (+{PAST} cached)", makers, {"text": ids}
     inputs = random_inputs(first.signature, batch, tokens, seed=1)
     return f"{kind} b{batch} x{tokens}", {n: (lambda a=a: (lambda: a.run(inputs))) for n, a in arts.items()}, inputs
+
+
+def artifact_rows(model: str, arts: dict, cases: list[tuple[str, int, int]]) -> list[dict]:
+    """A row per case (kind, batch, tokens) with each artifact of `arts` as a column, timed
+    interleaved (time_columns); every row is printed to stderr as it is measured."""
+    first = next(iter(arts.values()))
+    rows = []
+    for kind, batch, tokens in cases:
+        case, makers, _ = artifact_columns(arts, kind, batch, fit_positions(first, tokens))
+        row = {"model": model, "case": case}
+        time_columns(row, makers)
+        rows.append(row)
+        print(f"{model} {case}: " + ", ".join(f"{name} {row[name]:.3f}" for name in arts), file=sys.stderr)
+    return rows
+
+
+def start_run(description: str, models: list[str]) -> tuple[argparse.Namespace, "RunClock", float]:
+    """The options parsed, the run's clock started, every engine's threads set and the copy
+    bandwidth at the start measured: what a script does before its first model."""
+    args = options(description, models).parse_args()
+    clock = RunClock()
+    engines.set_threads(args.threads)
+    return args, clock, copy_bandwidth()
 
 
 def cpu_name() -> str:

@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", metavar="FILE.npy|TEXT", help="calibration token ids [n, seq] for the data-driven passes "
                                                        "(or plain text, for a checkpoint directory with a tokenizer.json; "
                                                        "default: random tokens, which the manifest records)")
+    c.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="how matmul and embedding weights are stored "
+                   "(widened to float32 in the kernels; default: bf16 for a bf16 checkpoint, else fp32)")
     c.add_argument("--require-isolation", action="store_true",
                    help="fail unless no sample of a batch can influence another sample's output")
     c.add_argument("--ep", action="store_true", help="also write the expert-parallel pieces `mocompile run-ep` runs")
@@ -141,10 +143,11 @@ def cmd_compile(a: argparse.Namespace) -> int:
     art = compile(a.spec, target=target, passes=a.passes, out_dir=a.out, variant=a.variant, weights=a.weights,
                   seed=a.seed, batch=a.batch, seq=a.seq, plugins=tuple(a.plugin), progress=stderr_progress,
                   require_isolation=a.require_isolation, tune=a.tune, tuning_db=a.tuning_db, calibration=a.calib,
-                  ep=a.ep)
+                  ep=a.ep, dtype=a.dtype)
     v = art.manifest["verification"]
     print(f"compiled {art.manifest['model']['name']}"
-          f"{' (variant ' + a.variant + ')' if a.variant else ''} for {a.target} -> {art.path}")
+          f"{' (variant ' + a.variant + ')' if a.variant else ''} for {a.target} -> {art.path}"
+          f" (weights {art.manifest['weight_dtype']})")
     for report in art.manifest["passes"]:
         if report.get("summary"):
             print(f"{report['pass']}: {report['summary']}")

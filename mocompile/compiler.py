@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 from mocompile.artifact import check_output_dir, finalize, staging_dir
 from mocompile.backends.base import Backend, get_backend
 from mocompile.calibration import Calibration, for_graph, load_token_file
+from mocompile.dtype_option import resolve_dtype, stored_weight_dtype
 from mocompile.errors import ArtifactError, MocompileError
 from mocompile.frontend import COMPILE_BYTES_PER_PARAM, Source, lower_source, source_for, source_from_module
 from mocompile.ir.graph import Graph
@@ -196,6 +197,7 @@ def compile(
     tuning_db: str | Path | None = None,
     calibration: str | Path | Sequence[Mapping[str, Any]] | None = None,
     ep: bool = False,
+    dtype: str | None = None,
 ) -> Any:
     """Compile a spec (object or `.moe` path), a Hugging Face checkpoint directory or a torch
     module into an artifact directory for `target` (a backend name and its options, e.g.
@@ -212,6 +214,8 @@ def compile(
     plain text (a checkpoint directory's tokenizer.json encodes it), or a list of input dicts
     (random inputs when None; the manifest says which).
     `ep`: also write and verify the expert-parallel pieces `mocompile run-ep` runs (ep_build.py).
+    `dtype`: how the matmul and embedding weights are stored, "bf16", "fp16" or "fp32"
+    (None: bf16 for a bf16 checkpoint, else fp32; see mocompile.dtype_option).
     The batch-isolation verdict of the final IR is recorded in the manifest; with
     `require_isolation`, a leak or an unknown fails the compile before code generation.
     """
@@ -229,6 +233,7 @@ def compile(
     configure_tvm_threads()
     for plugin in plugins:
         load_plugin(plugin)
+    passes = resolve_dtype(model, dtype, passes, backend)
     manager = PassManager(passes)  # the pipeline text is checked before any model is built
     say("[1/6] building the reference model")
     if isinstance(model, (str, Path)) or type(model).__name__ == "Spec":
@@ -275,6 +280,7 @@ def compile(
             "target": {"name": backend.name, "text": backend.target_text, **program.pop("target_info", {})},
             "signature": signature_of(graph, src.int_high).to_json(),
             "program": program,
+            "weight_dtype": stored_weight_dtype(graph),
             "passes": reports,
             **({"calibration": calib.to_json()} if calib is not None else {}),
             "isolation": isolation.to_json(),

@@ -38,7 +38,7 @@ LAYER_OF = {
     "mocompile.report": "driver", "mocompile.report_sections": "driver", "mocompile.report_svg": "driver",
     "mocompile.isolation_check": "driver",  # lowers, runs passes and analyses: a driver of the others
     "mocompile.verification": "driver", "mocompile.compiler": "driver", "mocompile.cli": "driver",
-    "mocompile.latency": "driver",
+    "mocompile.latency": "driver", "mocompile.dtype_option": "driver",
     "mocompile": "driver",  # the package's __init__ (the public API)
 }
 MAY_IMPORT = {

@@ -146,14 +146,14 @@ def test_place_pass_collects_statistics_on_the_calibration_data(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("scheme, dtype", [("quantize(w=int8),", "int8"), ("quantize(w=int4,group=32),", "int4"),
-                                           ("", "fp32")])
+                                           ("weight-dtype(dtype=bf16),", "bf16"), ("", "fp32")])
 def test_place_pass_sizes_experts_by_their_stored_weights(scheme: str, dtype: str) -> None:
     src = source_for(ROOT / "examples" / "mixtral_tiny.moe", None, None, 0)
     _, reports = PassManager(f"{scheme}place(preset=1node-8gpu,calib=2,seq=8)").run(
         lower_source(src), PassContext(input_ranges=dict(src.int_high)))
     report = reports[-1]
     assert report["stats"]["model"]["dtype"] == dtype
-    per_expert = 128 * 256 * 3 * {"int8": 1, "int4": 0.5, "fp32": 4}[dtype]  # hidden x inner x (gate, up, down)
+    per_expert = 128 * 256 * 3 * {"int8": 1, "int4": 0.5, "bf16": 2, "fp32": 4}[dtype]  # hidden x inner x (gate, up, down)
     replicas = sum(len(d["experts"]) for d in report["plan"]["devices"])
     assert sum(d["memory_bytes"] for d in report["plan"]["devices"]) == replicas * per_expert
 

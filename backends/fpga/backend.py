@@ -43,6 +43,7 @@ class FpgaBackend(Backend):
     description = "a fixed-point dataflow design as a Vitis HLS C++ project (hls4ml dense kernels), C-simulated here"
     program_kind = PROGRAM_KIND
     dtypes = frozenset({"float32", "int64", "int32"})
+    weight_formats = frozenset({"float32", "int8", "int4"})  # low-bit codes become fixed point like the rest
 
     def parse_options(self, words: list[str]) -> dict[str, Any]:
         opts: dict[str, Any] = {"device": DEFAULT_DEVICE, "bits": 16, "positions": None}

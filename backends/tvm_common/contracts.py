@@ -48,11 +48,13 @@ def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue, fmt: We
     return rows, x, indptr, w, w_scale, scale, arg("y", (rows, n))
 
 
-def gather_rows(hidden: int, index_dtype: str, table_rows: int | None) -> tuple:
-    """table[n, hidden], index[p] -> out[p, hidden]: (n, p, table, index, out)."""
+def gather_rows(hidden: int, index_dtype: str, table_rows: int | None, table_dtype: str = "float32") -> tuple:
+    """table[n, hidden], index[p] -> out[p, hidden]: (n, p, table, index, out); a 16-bit float
+    table ("bfloat16", "float16") is its uint16 bits."""
     n = table_rows if table_rows is not None else dim("n")
     p = dim("p")
-    return n, p, arg("table", (n, hidden)), arg("index", (p,), index_dtype), arg("out", (p, hidden))
+    stored = "float32" if table_dtype == "float32" else "uint16"
+    return n, p, arg("table", (n, hidden), stored), arg("index", (p,), index_dtype), arg("out", (p, hidden))
 
 
 def norm_name(kind: str, hidden: int, eps: float) -> str:

@@ -70,7 +70,9 @@ class KernelSet:
         return self._missing("int8_matmul")
 
     # ---- rows, norms, quantization ------------------------------------------------------------
-    def gather_rows(self, hidden: int, index_dtype: str = "int32", table_rows: int | None = None) -> tirx.PrimFunc:
+    def gather_rows(self, hidden: int, index_dtype: str = "int32", table_rows: int | None = None,
+                    table_dtype: str = "float32") -> tirx.PrimFunc:
+        """Rows of a table by index; a "bfloat16"/"float16" table (uint16 bits) widened to float32."""
         return self._missing("gather_rows")
 
     def norm(self, kind: str, hidden: int, eps: float) -> tirx.PrimFunc:

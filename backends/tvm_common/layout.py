@@ -5,7 +5,7 @@ of the weight contiguously per input index ([N/TJ, K, TJ], "panel-major") makes 
 weight read a contiguous vector load and every panel one sequential stream, which is what
 both the single-token GEMV (memory bound) and the batched GEMM (register tiles) want.
 
-Layouts (float32 weights; low-bit codes int8 [.., N, K] or uint8 [.., N, K/2] (int4 pairs)
+Layouts (float32 weights, or the uint16 bits of bfloat16/float16 ones; low-bit codes int8 [.., N, K] or uint8 [.., N, K/2] (int4 pairs)
 and their float32 scales [.., N, G] go through the same layouts, so code panel b and scale
 panel b cover the same output columns):
 - `panels`        w[N, K]       -> [ceil(N/TJ), K, TJ]         p[b, k, j] = w[b*TJ + j, k]
@@ -32,7 +32,7 @@ import numpy as np
 
 LAYOUT_KINDS = ("identity", "panels", "glu_panels", "expert_panels", "expert_glu_panels", "vnni_panels")
 VNNI_LANES = 16  # int32 lanes of one AVX-512 register: output columns per VNNI panel
-PACKABLE_DTYPES = {"float32", "int8", "uint8"}
+PACKABLE_DTYPES = {"float32", "uint16", "int8", "uint8"}  # uint16: bfloat16/float16 bits
 
 
 def panel_width(n: int) -> int:
@@ -98,7 +98,7 @@ def pack(kind: str, sources: list[np.ndarray], tj: int) -> np.ndarray:
         return np.ascontiguousarray(sources[0])
     dtypes = {str(a.dtype) for a in sources}
     if len(dtypes) != 1 or not dtypes <= PACKABLE_DTYPES:
-        raise ValueError(f"{kind}: packs float32, int8 or uint8 weights of one dtype, got {sorted(dtypes)}")
+        raise ValueError(f"{kind}: packs float32, uint16, int8 or uint8 weights of one dtype, got {sorted(dtypes)}")
     if kind == "panels":
         return _panels(sources[0], tj)
     if kind == "glu_panels":

@@ -62,12 +62,25 @@ def _low_bit(w: Value) -> Node | None:
     return deq if deq is not None and deq.op == "dequantize" else None
 
 
+def _widened(w: Value) -> Node | None:
+    """The `widen` node producing weight `w` from 16-bit float bits (ir/ops/widen.py), if any."""
+    node = w.producer
+    return node if node is not None and node.op == "widen" else None
+
+
 def _matmul_weights(ctx: LowerContext, node: Node, kind: str, weights: list[Value], experts: int, k: int, n: int):
     """The weight arguments of a matmul kernel reading `weights` in layout `kind` (float32
-    panels, or for weights produced by `dequantize`, low-bit code panels + scale panels that
-    the kernel dequantizes as it reads them) and its MatmulConfig (tuned or default)."""
+    panels; for weights produced by `widen`, 16-bit panels the kernel widens as it reads
+    them; for weights produced by `dequantize`, low-bit code panels + scale panels that the
+    kernel dequantizes as it reads them) and its MatmulConfig (tuned or default)."""
     deqs = [_low_bit(w) for w in weights]
-    if all(d is None for d in deqs):
+    halves = {h.attrs["dtype"] if h is not None else None for h in map(_widened, weights)}
+    if halves != {None} and all(d is None for d in deqs):
+        if len(halves) != 1:
+            raise LoweringError(f"{node.op} at {node.loc or '?'}: its weights {', '.join(w.name for w in weights)} "
+                                "are stored in different dtypes; store them alike (the kernel reads them as one panel)")
+        fmt, sources = WeightFormat(16, 1, halves.pop()), [[_widened(w).inputs[0] for w in weights]]
+    elif all(d is None for d in deqs):
         fmt, sources = F32_WEIGHTS, [weights]
     else:
         formats = {(d.attrs["bits"], int(d.inputs[1].type.shape[-1])) if d is not None else None for d in deqs}
@@ -106,6 +119,18 @@ def _dequantize(ctx: LowerContext, node: Node):
         if user.op not in LOW_BIT_READERS or node.outputs[0] is user.inputs[0]:
             raise LoweringError(f"dequantize at {node.loc or '?'}: feeds {user.op}, which the {ctx.kernels.name} backend cannot "
                                 f"read low-bit weights in (only {', '.join(LOW_BIT_READERS)} weights)")
+    return []
+
+
+@lowering("widen")
+def _widen(ctx: LowerContext, node: Node):
+    """No code of its own: the matmul (see _matmul_weights) or embedding reading the weight
+    widens the 16-bit values as it reads them, so the weight stays 16-bit in memory."""
+    for user in ctx.users(node.outputs[0]):
+        slot = user.inputs.index(node.outputs[0])
+        if not (user.op in LOW_BIT_READERS and slot > 0 or get_op(user.op).embeds_tokens and slot == 1):
+            raise LoweringError(f"widen at {node.loc or '?'}: feeds {user.op}, which the {ctx.kernels.name} backend cannot "
+                                f"read 16-bit weights in (only {', '.join(LOW_BIT_READERS)} weights and embedding tables)")
     return []
 
 
@@ -441,6 +466,8 @@ def _segment_ids(ctx: LowerContext, node: Node):
 def _embedding(ctx: LowerContext, node: Node):
     ids, table = node.inputs
     vocab, hidden = (int(d) for d in table.type.shape)
-    rows = ctx.call(ctx.kernels.gather_rows(hidden, ids.type.dtype, vocab), [ctx.value(table), ctx.flat(ids)],
+    half = _widened(table)  # a 16-bit table: the gather widens the rows it copies
+    stored, fmt = (half.inputs[0], [half.attrs["dtype"]]) if half is not None else (table, [])
+    rows = ctx.call(ctx.kernels.gather_rows(hidden, ids.type.dtype, vocab, *fmt), [ctx.value(stored), ctx.flat(ids)],
                     [((ctx.rows_of(node.outputs[0]), hidden), table.type.dtype)])
     return [ctx.reshape_to(rows, node.outputs[0])]

@@ -1,6 +1,6 @@
 """Reading panel-packed weights and writing a matmul's outputs, as TIR expressions shared by
 every target's matmul kernels (layout.py has the panel layouts): the float value of a panel
-entry (float32, int8 codes, or int4 codes two per byte, with per-channel or group-wise
+entry (float32, bfloat16 or float16, int8 codes, or int4 codes two per byte, with per-channel or group-wise
 scales), and the epilogue (GLU, activation, bias, row scale, residuals) in one order."""
 
 from __future__ import annotations
@@ -24,10 +24,24 @@ def _int4(byte, high):
     return tirx.Cast("float32", tirx.Cast("int32", nibble) - 8)
 
 
+def widen(half: str, bits):
+    """The float32 value of a 16-bit float weight held as uint16 `bits`: bfloat16 is the upper
+    half of a float32, so zero-extend and shift by 16 (integer vector ops every SIMD target
+    has, which LLVM vectorizes with the load); float16 converts through the target's half
+    type (F16C's vcvtph2ps on x86)."""
+    if half == "bfloat16":
+        return tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("uint32", bits), tirx.const(16, "uint32")))
+    if half == "float16":
+        return tirx.Cast("float32", tirx.reinterpret("float16", bits))
+    raise ValueError(f"unknown 16-bit weight format {half!r}")
+
+
 def weight_value(fmt: WeightFormat, k: int, w, scale, panel, kk, j, high=False):
-    """The float weight of panel row kk, lane j (int4: of input 2*kk + high): the code
-    converted, and for group-wise scales multiplied by its group's scale (a per-channel
-    scale is applied once in the write-back instead, see `column_scale`)."""
+    """The float weight of panel row kk, lane j (int4: of input 2*kk + high): a 16-bit float
+    widened, or the code converted and, for group-wise scales, multiplied by its group's
+    scale (a per-channel scale is applied once in the write-back instead, see `column_scale`)."""
+    if fmt.bits == 16:
+        return widen(fmt.half, w[panel, kk, j])
     if not fmt.quantized:
         return w[panel, kk, j]
     source = kk * 2 if fmt.bits == 4 else kk  # both nibbles of a byte are in one group (groups are even)

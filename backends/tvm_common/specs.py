@@ -3,7 +3,7 @@ the lowerings (lowerings.py) hand to a target's kernel factories (kernels.py's K
 and the keys kernels are named and tuned by.
 
 - `Epilogue`: what a matmul's write-back applies (GLU, activation, bias, row scale, residuals);
-- `WeightFormat`: how a matmul's weights are stored (float32, int8 or int4 codes with scales);
+- `WeightFormat`: how a matmul's weights are stored (float32, bfloat16/float16, int8 or int4 codes with scales);
 - `MatmulShape`: a matmul whatever its tiling (the key of a tuning record);
 - `AttentionSpec`, `LatentSpec`: an attention core (grouped-query with rope; latent/MLA);
 - `RouterSpec`: a router.topk's attributes as typed, hashable values;
@@ -45,22 +45,26 @@ class Epilogue:
 class WeightFormat:
     """How a kernel's weight panels are stored (see layout.py for the packing)."""
 
-    bits: int = 32  # 32: float32; 8: int8 codes; 4: int4 codes, two per uint8 along k
+    bits: int = 32  # 32: float32; 16: `half` floats as uint16 bits; 8: int8 codes; 4: int4 codes, two per uint8
     groups: int = 1  # scale groups along k per output channel (1: one scale per channel)
+    half: str = ""  # bits 16: "bfloat16" | "float16" (how the kernel widens the bits, ir/ops/widen.py)
 
     @property
     def dtype(self) -> str:
-        return {32: "float32", 8: "int8", 4: "uint8"}[self.bits]
+        return {32: "float32", 16: "uint16", 8: "int8", 4: "uint8"}[self.bits]
 
     @property
     def quantized(self) -> bool:
-        return self.bits != 32
+        """Low-bit codes with scales (16-bit floats have none)."""
+        return self.bits in (8, 4)
 
     def depth(self, k: int) -> int:
         """Rows of a panel: one per input, or one per pair of inputs for int4."""
         return k // 2 if self.bits == 4 else k
 
     def tag(self) -> str:
+        if self.bits == 16:
+            return {"bfloat16": "_bf16", "float16": "_fp16"}[self.half]
         return "" if not self.quantized else f"_q{self.bits}" + (f"g{self.groups}" if self.groups > 1 else "")
 
 

@@ -27,7 +27,7 @@ class TvmCpuBackend(Backend):
     name = "cpu"
     description = "CPUs through TVM's LLVM code generator (hand-scheduled TIR kernels, Relax VM, decode driver)"
     program_kind = PROGRAM_KIND
-    weight_formats = frozenset({"float32", "int8", "int4"})
+    weight_formats = frozenset({"float32", "bfloat16", "float16", "int8", "int4"})
     can_tune = True
 
     def parse_options(self, words: list[str]) -> dict[str, Any]:

@@ -58,6 +58,7 @@ from mocompile.backends.tvm_cpu.target import as_cpu_target, last_level_cache_by
 from mocompile.backends.tvm_cpu.tir_util import NAME_ATTR, STACK_BYTES
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph
+from mocompile.ir.ops.widen import to_bits
 from mocompile.progress import Bar
 
 DB_VERSION = 2
@@ -156,6 +157,8 @@ def _arguments(config: MatmulConfig, tokens: int, rng: np.random.Generator) -> l
         weights = [w, rng.random((panels, s.fmt.groups, width), dtype=np.float32)]
     else:
         weights = [rng.standard_normal((panels, depth, width), dtype=np.float32)]
+        if s.fmt.bits == 16:
+            weights = [to_bits(weights[0], s.fmt.half)]
     rows = tokens * TOP_K if s.experts else tokens
     x = rng.standard_normal((rows, s.k), dtype=np.float32)
     y = np.zeros((rows, s.n), np.float32)

@@ -105,6 +105,9 @@ class OpDef:
     keeps_weights_low_bit: the op expands low-bit weights (`dequantize`): fold-constants
         leaves it even when all its inputs are weights, since the float32 result would undo
         the quantization.
+    weight_format: ops that expand weights stored in another format (`dequantize`, `widen`):
+        `f(attrs)` -> the format's name ("int8", "int4", "bfloat16", "float16"), which a backend
+        must list in its `weight_formats` to compile the graph (backends/base.py).
     affine_channels: the output channels (last axis) are scaled (and shifted) one by one by
         the op's parameter inputs 1..: dividing those by s divides output channel c by s[c].
         The quantize pass's SmoothQuant folds its factors into such ops (norms) unless they
@@ -150,6 +153,7 @@ class OpDef:
     act_quant_input: bool = False
     rounds_input: bool = False
     keeps_weights_low_bit: bool = False
+    weight_format: Callable[[Mapping[str, Any]], str] | None = None
     affine_channels: bool = False
     weight_role: WeightRole | None = None
     embeds_tokens: bool = False

@@ -16,7 +16,7 @@ import numpy as np
 
 Dim = Union[int, str]
 
-DTYPES = ("float32", "int64", "int32", "int8", "uint8", "bool")
+DTYPES = ("float32", "int64", "int32", "int8", "uint8", "uint16", "bool")  # uint16: 16-bit float weights as bits (ops/widen.py)
 
 
 def dim_terms(d: Dim) -> list[Dim]:

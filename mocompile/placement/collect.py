@@ -47,9 +47,9 @@ def _expert_shape(graph: Graph, router: Node) -> dict[str, Any]:
     gated = bool(experts.attrs.get("gated", True))
     up = experts.inputs[4 if gated else 3]
     dtype = _DTYPES.get(up.type.dtype, "fp32")
-    if up.producer is not None and get_op(up.producer.op).keeps_weights_low_bit:  # codes expanded in the kernel
-        dtype = f"int{up.producer.attrs['bits']}" if "bits" in up.producer.attrs else \
-            _DTYPES.get(up.producer.inputs[0].type.dtype, dtype)
+    stored_as = get_op(up.producer.op).weight_format if up.producer is not None else None
+    if stored_as is not None:  # low-bit codes or 16-bit floats, expanded in the kernel
+        dtype = _DTYPES.get(stored_as(up.producer.attrs), dtype)
     return {"hidden": int(experts.inputs[0].type.shape[-1]), "expert_hidden": int(up.type.shape[1]),
             "gated": gated, "dtype": dtype}
 

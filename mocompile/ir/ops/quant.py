@@ -135,7 +135,7 @@ def _reads_weights_only(args: FlowArgs) -> Flow:
 
 register_op(OpDef("dequantize", _infer_dequantize, lambda xs, a: [dequantize_weight(xs[0], xs[1], a["bits"])],
                   {"bits": REQUIRED}, batch_flow=_reads_weights_only, cost=_dequantize_cost, positionwise=True,
-                  keeps_weights_low_bit=True,
+                  keeps_weights_low_bit=True, weight_format=lambda a: f"int{a['bits']}",
                   doc="low-bit weight codes [..., N, K] (int8, or int4 packed two per uint8) times float32 "
                       "scales [..., N, G] per output channel and group of K/G inputs"))
 
