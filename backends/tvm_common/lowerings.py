@@ -12,6 +12,7 @@ from __future__ import annotations
 from tvm import relax
 
 from mocompile.backends.tvm_common import injective as KI
+from mocompile.backends.tvm_common.contextual import gathered_or_masked, kept
 from mocompile.backends.tvm_common.kernels import NAME_ATTR
 from mocompile.backends.tvm_common.lower import (BACKEND_WORD, CACHE_LEN, LOW_BIT_READERS, LowerContext,
                                                  LoweringError, lowering)
@@ -202,8 +203,12 @@ def _linear(ctx: LowerContext, node: Node):
     epi = Epilogue(bias=bool(bias), residual=len(residuals))
     extra = bias + residuals
     int8 = _int8_reader(ctx, node)
-    if int8 is None:
-        y = _dense(ctx, node, ctx.rows(x), ctx.rows_of(x), w, epi, extra=extra)
+    m, rows = kept(node, int(w.type.shape[1])), ctx.rows_of(x)
+    if m is not None:  # contextual sparsity
+        y = gathered_or_masked(ctx, node, ctx.rows(x), rows, [w], m, epi, extra,
+                               lambda xm: _dense(ctx, node, xm, rows, w, epi, extra=extra))
+    elif int8 is None:
+        y = _dense(ctx, node, ctx.rows(x), rows, w, epi, extra=extra)
     else:
         qa, deqs = int8
         y = _int8_call(ctx, ctx.rows(qa.inputs[0]), ctx.rows_of(x), deqs=deqs, epi=epi, extra=extra,
@@ -226,6 +231,10 @@ def _down_projection(ctx: LowerContext, node: Node, h: relax.Expr, rows, epi: Ep
         return _int8_call(ctx, h, rows, mode or "float", deqs, epi, plan, extra)
     if mode is not None:
         h = ctx.call(ctx.kernels.quantize_rows(ffn, mode), [h], [((rows, ffn), F32)])
+    m = kept(node, ffn)
+    if m is not None and not plan:  # contextual sparsity over the hidden neurons
+        return gathered_or_masked(ctx, node, h, rows, [down], m, epi, extra,
+                                  lambda hm: _dense(ctx, node, hm, rows, down, epi, extra=extra))
     if not plan:
         return _dense(ctx, node, h, rows, down, epi, extra=extra)
     w_down, c = _matmul_weights(ctx, node, "expert_panels", [down], experts, ffn, hidden)
@@ -242,7 +251,11 @@ def _mlp(ctx: LowerContext, node: Node):
     rows = ctx.rows_of(x)
     epi_up = Epilogue(glu=gated, activation=act)
     int8 = _int8_reader(ctx, node)
-    if int8 is None:
+    m = kept(node, int(x.type.shape[-1]))
+    if m is not None:  # contextual sparsity over the input channels of gate and up
+        h = gathered_or_masked(ctx, node, ctx.rows(x), rows, [w for w in (gate, up) if w is not None], m, epi_up, [],
+                               lambda xm: _dense(ctx, node, xm, rows, up, epi_up, gate=gate))
+    elif int8 is None:
         h = _dense(ctx, node, ctx.rows(x), rows, up, epi_up, gate=gate)
     else:
         qa, deqs = int8

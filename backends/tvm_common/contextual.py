@@ -1,0 +1,111 @@
+"""Contextual sparsity (mocompile.ir.contextual) in the TVM targets: the kernel roles'
+parameters and how a matmul with `keep` is lowered, shared by every TVM target.
+
+Two ways compute exactly the interpreter's selection (the same float32 scores
+|x_i| * ||W[:, i]||, the same threshold, ties to the lower channel):
+- gathered: `select_channels` writes each token's kept channels (ascending) and their
+  values, [rows, m]; `gathered_matmul` reads only those rows of the weight stored
+  transposed ([in, out], one contiguous row per input channel), so a skipped channel's
+  bytes are never read. This is what makes a decode step cheaper.
+- masked: `select_channels` with `mask` writes x with the other channels zeroed, [rows, k],
+  and the dense kernel runs on it. The plain forward (`main`: prompts and batches, where
+  the dense GEMM reuses each weight row across tokens) takes this way, and so does the
+  step function where the target measured that the gathered kernel does not beat the dense
+  one for the matmul's shape and kept count (`KernelSet.gathered_pays`).
+At keep where every channel is kept the lowering is the dense one, kernel for kernel.
+"""
+
+from __future__ import annotations
+
+from tvm import relax
+
+from mocompile.backends.tvm_common.lower import LoweringError
+from mocompile.backends.tvm_common.tir_build import arg, dim, residual_args
+from mocompile.backends.tvm_common.specs import Epilogue
+from mocompile.ir.contextual import kept_channels
+from mocompile.ir.graph import Node, Value
+
+F32 = "float32"
+
+
+# ---- kernel parameters (every target's kernel for the role takes exactly these) -------------
+def select_channels_args(k: int, m: int, mask: bool) -> tuple:
+    """x[rows, k], norms[k] -> xm[rows, k] (mask) or idx[rows, m] int32, xs[rows, m]:
+    (rows, x, norms, outputs)."""
+    rows = dim("rows")
+    x, norms = arg("x", (rows, k)), arg("norms", (k,))
+    outs = [arg("xm", (rows, k))] if mask else [arg("idx", (rows, m), "int32"), arg("xs", (rows, m))]
+    return rows, x, norms, outs
+
+
+def gathered_matmul_args(k: int, n: int, m: int, epi: Epilogue) -> tuple:
+    """xs[rows, m], idx[rows, m], wt[k, n (2n with glu)] (+ bias[n]) (+ residuals [rows, n])
+    -> y[rows, n]: (rows, xs, idx, wt, bias, residuals, y)."""
+    rows = dim("rows")
+    xs, idx = arg("xs", (rows, m)), arg("idx", (rows, m), "int32")
+    wt = arg("wt", (k, 2 * n if epi.glu else n))
+    bias = arg("bias", (n,)) if epi.bias else None
+    return rows, xs, idx, wt, bias, residual_args(epi.residual, rows, n), arg("y", (rows, n))
+
+
+def column_block(n: int, glu: bool) -> int:
+    """Output columns one task of the gathered kernel accumulates (its accumulator stays in
+    registers: at most 128 floats, 64 per half with glu): the largest power of two <= that
+    dividing n. The glu layout interleaves gate and up in blocks of this width."""
+    block = 64 if glu else 128
+    while n % block:
+        block //= 2
+    return block
+
+
+# ---- lowering ---------------------------------------------------------------------------
+def kept(node: Node, width: int) -> int | None:
+    """Channels of `width` a token keeps at the node's `keep`; None where it reads all."""
+    keep = node.attrs.get("keep")
+    if keep is None:
+        return None
+    m = kept_channels(width, keep)
+    return m if m < width else None
+
+
+def gathered_or_masked(ctx, node: Node, x_rows: relax.Expr, rows, weights: list[Value], m: int, epi: Epilogue,
+                       extra: list, dense) -> relax.Expr:
+    """x_rows @ weights (one, or a gate|up pair with `epi.glu`) over each token's kept
+    channels: the gathered kernels in the step function where they pay on this target,
+    else `dense(masked x)` (the dense kernel with the same epilogue)."""
+    for w in weights:
+        if not ctx.is_weight(w):
+            raise LoweringError(f"{node.op} at {node.loc or '?'}: contextual sparsity reads float32 weights, but {w.name} "
+                            "is computed (quantized after contextual-sparsity?); run quantize first or not at all")
+    n, k = (int(d) for d in weights[0].type.shape)
+    weight_bytes = sum(int(a.nbytes) for a in ctx.graph.weights.values())
+    choice = ctx.kernels.gathered_pays(k, n, m, epi.glu, weight_bytes)  # measured once per shape
+    norms = ctx.weight("column_norms", weights)
+    # main and step take the same weights: both declare the transposed one the step reads
+    wt = ctx.weight("glu_transposed" if epi.glu else "transposed", weights, column_block(n, epi.glu)) \
+        if choice["gathered"] else None
+    if ctx.cache is not None:  # the step function: decode
+        ctx.contextual.append({"node": node.loc or node.outputs[0].name, "k": k, "n": n, "kept": m, **choice})
+    if ctx.cache is None or wt is None:
+        return dense(ctx.call(ctx.kernels.select_channels(k, m, True), [x_rows, norms], [((rows, k), F32)]))
+    idx, xs = ctx.call(ctx.kernels.select_channels(k, m, False), [x_rows, norms],
+                       [((rows, m), "int32"), ((rows, m), F32)])
+    return ctx.call(ctx.kernels.gathered_matmul(k, n, m, epi), [xs, idx, wt, *extra], [((rows, n), F32)],
+                    flops_per_row=2 * m * n * len(weights))
+
+
+def summary(decisions: list[dict]) -> str | None:
+    """What the step function's contextual matmuls run, in one phrase for the pass's summary."""
+    if not decisions:
+        return None
+    gathered = [d for d in decisions if d["gathered"]]
+    shapes = {}
+    for d in decisions:
+        shapes.setdefault((d["k"], d["n"], d["kept"]), d)
+    parts = [f"{k}x{n}@{m}: {'gathered' if d['gathered'] else 'dense'} {d["gathered_us"]:.1f} vs {d["dense_us"]:.1f} us"
+             if d.get("dense_us") is not None else f"{k}x{n}@{m}: {d['why']}" for (k, n, m), d in shapes.items()]
+    verdict = ("decode uses the gathered kernels" if len(gathered) == len(decisions) else
+               "the gathered kernel does not beat the dense one here: decode falls back to the dense kernels"
+               if not gathered else f"decode uses the gathered kernels in {len(gathered)} of {len(decisions)} matmuls, "
+               "dense elsewhere")
+    return f"{verdict} (measured per matmul, in/out@kept: {'; '.join(parts)})"

@@ -1,0 +1,151 @@
+"""The CPU kernels of contextual sparsity (tvm_common/contextual.py has the scheme and the
+lowering), and the measurement that decides, per matmul shape and kept count, whether the
+gathered kernel beats the dense one on this machine.
+
+`select_channels`: per token (row), the scores |x_i| * norms_i as float32 bit patterns
+(non-negative floats order as their int32 bits), the m-th largest found by a 31-step binary
+search over the bits (each step counts the scores at or above a candidate, vectorized), then
+one pass in channel order takes every score above it and the first ties at it: exactly the
+channels a stable descending sort takes first (mocompile.ir.contextual.select_channels).
+
+`gathered_matmul`: a task per (token, block of output columns) accumulates
+xs[j] * wt[idx[j], block] over the token's m kept channels, each a contiguous row segment of
+the transposed weight, in registers, then applies the epilogue (GLU, activation, bias,
+residuals) as the dense kernels do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import tvm
+from tvm import tirx
+
+from mocompile.backends.tvm_common import contextual as C
+from mocompile.backends.tvm_common.kernel_math import activation
+from mocompile.backends.tvm_common.specs import Epilogue, MatmulShape
+from mocompile.backends.tvm_cpu import tir_util as U
+
+INT_BITS = 31  # bits of a non-negative float32's pattern below the sign
+
+
+@functools.cache
+def select_channels(k: int, m: int, mask: bool) -> tirx.PrimFunc:
+    """x[rows, k], norms[k] -> idx[rows, m] int32 (ascending), xs[rows, m]; or with `mask`
+    xm[rows, k] (x with the other channels zeroed)."""
+    lanes = U.lanes_for(k)
+    with U.kernel(f"select_channels_k{k}_m{m}{'_mask' if mask else ''}") as kern:
+        rows, x, norms, outs = C.select_channels_args(k, m, mask)
+
+        def row(i):
+            bits = U.local((k,), "int32")
+            with U.serial(0, k // lanes) as c:
+                with U.vectorized(0, lanes) as l:
+                    ch = c * lanes + l
+                    U.store(bits, (ch,), tirx.reinterpret("int32", tirx.abs(x[i, ch]) * norms[ch]))
+            lo, count = U.scratch((1,), "int32"), U.scratch((1,))
+            U.store(lo, (0,), tirx.IntImm("int32", 0))
+            with U.serial(0, INT_BITS) as b:
+                cand = lo[0] | tirx.shift_left(tirx.IntImm("int32", 1), tirx.Cast("int32", INT_BITS - 1 - b))
+                U.emit_reduce(count, (0,), lambda ch: tirx.Select(bits[ch] >= cand, U.f32(1), U.f32(0)), k,
+                              lambda a, c: a + c, lanes)
+                with U.when(count[0] >= U.f32(m)):
+                    U.store(lo, (0,), cand)
+            # lo: the m-th largest score; take those above it, then the first ties at it
+            U.emit_reduce(count, (0,), lambda ch: tirx.Select(bits[ch] > lo[0], U.f32(1), U.f32(0)), k,
+                          lambda a, c: a + c, lanes)
+            taken, ties = U.scratch((2,), "int32"), U.scratch((1,), "int32")
+            U.store(ties, (0,), tirx.IntImm("int32", m) - tirx.Cast("int32", count[0]))
+            U.store(taken, (0,), tirx.IntImm("int32", 0))
+            if mask:
+                with U.serial(0, k // lanes) as c:
+                    with U.vectorized(0, lanes) as l:
+                        U.store(outs[0], (i, c * lanes + l), U.f32(0))
+            with U.serial(0, k) as ch:
+                tie = tirx.all(bits[ch] == lo[0], ties[0] > 0)
+                with U.when(tirx.any(bits[ch] > lo[0], tie)):
+                    if mask:
+                        U.store(outs[0], (i, ch), x[i, ch])
+                    else:
+                        U.store(outs[0], (i, U.i64(taken[0])), tirx.Cast("int32", ch))
+                        U.store(outs[1], (i, U.i64(taken[0])), x[i, ch])
+                    U.store(taken, (0,), taken[0] + 1)
+                    with U.when(bits[ch] == lo[0]):
+                        U.store(ties, (0,), ties[0] - 1)
+
+        U.parallel_for(rows, 4 * rows * k * (INT_BITS + 3), row)
+    return kern.func
+
+
+@functools.cache
+def gathered_matmul(k: int, n: int, m: int, epi: Epilogue) -> tirx.PrimFunc:
+    """y[rows, n] = epilogue(sum_j xs[:, j] * wt[idx[:, j], :]) (see the module docstring)."""
+    if epi.row_scale:
+        raise ValueError("the gathered matmul takes glu/activation/bias/residual epilogues")
+    block = C.column_block(n, epi.glu)
+    width = 2 * block if epi.glu else block
+    blocks = n // block
+    with U.kernel(f"gathered_matmul_k{k}_n{n}_m{m}_{epi.tag()}") as kern:
+        rows, xs, idx, wt, bias, residuals, y = C.gathered_matmul_args(k, n, m, epi)
+
+        def task(t):
+            i, b = t // blocks, t % blocks
+            acc = U.scratch((width,))
+            with U.vectorized(0, width) as l:
+                U.store(acc, (l,), U.f32(0))
+            with U.serial(0, m) as j:
+                ch = tirx.min(tirx.max(U.i64(idx[i, j]), 0), k - 1)  # a corrupt index reads a wrong row, in bounds
+                a = xs[i, j]
+                with U.vectorized(0, width) as l:
+                    U.store(acc, (l,), acc[l] + a * wt[ch, b * width + l])
+            with U.vectorized(0, block) as l:
+                col = b * block + l
+                v = activation(epi.activation, acc[l]) * acc[block + l] if epi.glu else activation(epi.activation, acc[l])
+                if bias is not None:
+                    v = v + bias[col]
+                for r in residuals:
+                    v = v + r[i, col]
+                U.store(y, (i, col), v)
+
+        U.parallel_for(rows * blocks, 4 * rows * m * n * (2 if epi.glu else 1), task)
+    return kern.func
+
+
+def _time(funcs: list[tirx.PrimFunc], args: list[np.ndarray], target: tvm.target.Target, cold: bool) -> float:
+    """Median seconds of one call of funcs[0] (the rest: kernels it calls) on `args`."""
+    from mocompile.backends.tvm_cpu.tuning import COLD_CACHE
+    from mocompile.backends.tvm_cpu.tir_util import NAME_ATTR
+
+    func, *called = funcs
+    mod = tvm.IRModule({"kernel": func.with_attr("global_symbol", "kernel"),
+                        **{str(f.attrs[NAME_ATTR]): f for f in called}})
+    lib = tvm.compile(mod, target=target).mod
+    timer = (lib.time_evaluator("kernel", tvm.cpu(), number=1, repeat=40, f_preproc=COLD_CACHE) if cold
+             else lib.time_evaluator("kernel", tvm.cpu(), number=20, repeat=5))
+    return float(timer(*[tvm.runtime.tensor(a) for a in args]).median)
+
+
+@functools.cache
+def measure(k: int, n: int, m: int, glu: bool, target_text: str, cold: bool) -> dict:
+    """One token's matmul both ways on this machine: the gathered kernel (after its
+    selection) against the dense kernel (after the masking selection), in microseconds."""
+    from mocompile.backends.tvm_cpu.metaschedule import dense_kernels
+    from mocompile.backends.tvm_cpu.tuning import default_config
+
+    target = tvm.target.Target(target_text)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, k), dtype=np.float32)
+    norms = rng.random(k, dtype=np.float32)
+    epi = Epilogue(glu=glu, activation="silu" if glu else None)
+    width = 2 * n if glu else n
+    idx = np.sort(rng.choice(k, m, replace=False)).astype(np.int32)[None]
+    wt = rng.standard_normal((k, width), dtype=np.float32)
+    y = np.zeros((1, n), np.float32)
+    gathered = (_time([select_channels(k, m, False)], [x, norms, idx, x[:, :m].copy()], target, False)
+                + _time([gathered_matmul(k, n, m, epi)], [x[:, :m].copy(), idx, wt, y], target, cold))
+    config = default_config(MatmulShape(0, k, n, glu))
+    panels = rng.standard_normal((-(-n // config.tj), k, 2 * config.tj if glu else config.tj), dtype=np.float32)
+    dense = (_time([select_channels(k, m, True)], [x, norms, x.copy()], target, False)
+             + _time(dense_kernels(config, epi), [x, panels, y], target, cold))
+    return {"gathered_us": round(gathered * 1e6, 1), "dense_us": round(dense * 1e6, 1)}
