@@ -102,7 +102,7 @@ def summary(decisions: list[dict]) -> str | None:
     shapes = {}
     for d in decisions:
         shapes.setdefault((d["k"], d["n"], d["kept"]), d)
-    parts = [f"{k}x{n}@{m}: {'gathered' if d['gathered'] else 'dense'} {d["gathered_us"]:.1f} vs {d["dense_us"]:.1f} us"
+    parts = [f"{k}x{n}@{m}: {'gathered' if d['gathered'] else 'dense'} {d['gathered_us']:.1f} vs {d['dense_us']:.1f} us"
              if d.get("dense_us") is not None else f"{k}x{n}@{m}: {d['why']}" for (k, n, m), d in shapes.items()]
     verdict = ("decode uses the gathered kernels" if len(gathered) == len(decisions) else
                "the gathered kernel does not beat the dense one here: decode falls back to the dense kernels"
