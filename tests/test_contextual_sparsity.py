@@ -80,6 +80,10 @@ def test_the_pass_sets_keep_and_counts_the_weights_read() -> None:
     assert analyze(graph).verdict == analyze(dense).verdict == "isolated"
     ids = np.random.default_rng(1).integers(0, 512, (2, 6))
     assert np.abs(interpret(graph, {"text": ids})["logits"] - interpret(dense, {"text": ids})["logits"]).max() > 1e-3
+    from mocompile.backends.base import get_backend
+
+    why = get_backend("fpga").unsupported(graph)  # a target without the kernels refuses in one line
+    assert why and "does not compile contextual sparsity" in why and get_backend("cpu").unsupported(graph) is None
     with pytest.raises(MocompileError, match=r"keep .* must be in \(0, 1\]"):
         PassManager("contextual-sparsity(keep=0)")
 
