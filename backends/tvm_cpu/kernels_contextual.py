@@ -39,21 +39,24 @@ def select_channels(k: int, m: int, mask: bool) -> tirx.PrimFunc:
         rows, x, norms, outs = C.select_channels_args(k, m, mask)
 
         def row(i):
-            bits = U.local((k,), "int32")
-            with U.serial(0, k // lanes) as c:
-                with U.vectorized(0, lanes) as l:
-                    ch = c * lanes + l
-                    U.store(bits, (ch,), tirx.reinterpret("int32", tirx.abs(x[i, ch]) * norms[ch]))
-            lo, count = U.scratch((1,), "int32"), U.scratch((1,))
+            def bits(ch):  # recomputed where read: no per-row buffer (a heap workspace for wide rows)
+                return tirx.reinterpret("int32", tirx.abs(x[i, ch]) * norms[ch])
+
+            lo, count, found = U.scratch((1,), "int32"), U.scratch((1,)), U.scratch((1,), "int32")
             U.store(lo, (0,), tirx.IntImm("int32", 0))
+            U.store(found, (0,), tirx.IntImm("int32", 0))
             with U.serial(0, INT_BITS) as b:
-                cand = lo[0] | tirx.shift_left(tirx.IntImm("int32", 1), tirx.Cast("int32", INT_BITS - 1 - b))
-                U.emit_reduce(count, (0,), lambda ch: tirx.Select(bits[ch] >= cand, U.f32(1), U.f32(0)), k,
-                              lambda a, c: a + c, lanes)
-                with U.when(count[0] >= U.f32(m)):
-                    U.store(lo, (0,), cand)
-            # lo: the m-th largest score; take those above it, then the first ties at it
-            U.emit_reduce(count, (0,), lambda ch: tirx.Select(bits[ch] > lo[0], U.f32(1), U.f32(0)), k,
+                with U.when(found[0] == 0):  # a candidate with exactly m at or above it ends the search
+                    cand = lo[0] | tirx.shift_left(tirx.IntImm("int32", 1), tirx.Cast("int32", INT_BITS - 1 - b))
+                    U.emit_reduce(count, (0,), lambda ch: tirx.Select(bits(ch) >= cand, U.f32(1), U.f32(0)), k,
+                                  lambda a, c: a + c, lanes)
+                    with U.when(count[0] >= U.f32(m)):
+                        U.store(lo, (0,), cand)
+                        with U.when(count[0] == U.f32(m)):
+                            U.store(found, (0,), tirx.IntImm("int32", 1))
+            # lo: the m-th largest score, or a bound with exactly m scores at or above it; take
+            # the scores above it, then the first ties at it (all of them in the second case)
+            U.emit_reduce(count, (0,), lambda ch: tirx.Select(bits(ch) > lo[0], U.f32(1), U.f32(0)), k,
                           lambda a, c: a + c, lanes)
             taken, ties = U.scratch((2,), "int32"), U.scratch((1,), "int32")
             U.store(ties, (0,), tirx.IntImm("int32", m) - tirx.Cast("int32", count[0]))
@@ -63,18 +66,18 @@ def select_channels(k: int, m: int, mask: bool) -> tirx.PrimFunc:
                     with U.vectorized(0, lanes) as l:
                         U.store(outs[0], (i, c * lanes + l), U.f32(0))
             with U.serial(0, k) as ch:
-                tie = tirx.all(bits[ch] == lo[0], ties[0] > 0)
-                with U.when(tirx.any(bits[ch] > lo[0], tie)):
+                tie = tirx.all(bits(ch) == lo[0], ties[0] > 0)
+                with U.when(tirx.any(bits(ch) > lo[0], tie)):
                     if mask:
                         U.store(outs[0], (i, ch), x[i, ch])
                     else:
                         U.store(outs[0], (i, U.i64(taken[0])), tirx.Cast("int32", ch))
                         U.store(outs[1], (i, U.i64(taken[0])), x[i, ch])
                     U.store(taken, (0,), taken[0] + 1)
-                    with U.when(bits[ch] == lo[0]):
+                    with U.when(bits(ch) == lo[0]):
                         U.store(ties, (0,), ties[0] - 1)
 
-        U.parallel_for(rows, 4 * rows * k * (INT_BITS + 3), row)
+        U.parallel_for(rows, 16 * rows * k, row)  # compute on a row in cache: parallel from ~64K row-channels
     return kern.func
 
 
