@@ -6,11 +6,12 @@ Training-free contextual (activation) sparsity as in WINA: for each token, a `li
 the kept_channels(in, keep) input channels i with the largest |x_i| * ||W[:, i]|| and reads
 only those rows of its weight (stored transposed, [in, out], by the backend); a feed-forward
 block (`mlp`, dense or shared expert) does the same for its gate and up (their columns scored
-together) and again for its down projection over the hidden neurons. The selection depends
+together) and again for its down projection over the hidden neurons, and routed experts
+(`experts`) do so per (token, expert) with that expert's column norms. The selection depends
 on the token itself, so, unlike pruning, no channel is gone for good and nothing is learned
 from calibration: it is used only to measure the quality cost on held-out sequences. The
 ops that can do this say so where they are registered (`contextual_shares`); this pass sets
-their `keep` attribute. Routed experts (`experts`) stay dense.
+their `keep` attribute.
 
 Where reading the kept rows one by one is not faster than the dense kernel on this machine
 (measured by the backend at compile time, per matmul shape), the backend computes the same
@@ -32,7 +33,7 @@ from mocompile.passes.calibrated import CalibratedPass, param_input, reinfer
 
 @register_pass("contextual-sparsity")
 class ContextualSparsity(CalibratedPass):
-    """Per token, read only the input channels with the largest |x_i| * ||W[:, i]|| of every linear and FFN."""
+    """Per token, read only the input channels with the largest |x_i| * ||W[:, i]|| of every linear, FFN and expert."""
 
     def __init__(self, keep: float = 0.5, calib: int = 16, seq: int = 32, seed: int = 0,
                  held_out: float = 0.25) -> None:
@@ -48,7 +49,7 @@ class ContextualSparsity(CalibratedPass):
     def transform(self, graph: Graph, fit: Calibration, ctx: PassContext) -> tuple[dict[str, Any], str]:
         nodes = [n for n in graph.nodes if get_op(n.op).contextual_shares is not None]
         if not nodes:
-            raise MocompileError(f"contextual-sparsity: {graph.name} has no linear or feed-forward ops")
+            raise MocompileError(f"contextual-sparsity: {graph.name} has no linear, feed-forward or experts ops")
         for node in nodes:  # refuse before any change
             for i in range(len(node.inputs))[get_op(node.op).weight_slots]:
                 param_input(graph, node, i, self.name)

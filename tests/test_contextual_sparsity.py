@@ -72,7 +72,8 @@ def test_the_pass_sets_keep_and_counts_the_weights_read() -> None:
     calib = text_calibration("deepseek_tiny", sequences=4, seq=8)
     graph, (report,) = PassManager("contextual-sparsity(keep=0.5)").run(dense, PassContext(calibration=calib))
     verify(graph)
-    nodes = [n for n in graph.nodes if n.op in ("linear", "mlp")]
+    nodes = [n for n in graph.nodes if n.op in ("linear", "mlp", "experts")]
+    assert {n.op for n in nodes} == {"linear", "mlp", "experts"}
     assert nodes and all(n.attrs["keep"] == 0.5 for n in nodes) and len(report["ops"]) == len(nodes)
     assert not any("keep" in n.attrs for n in dense.nodes)  # the input graph is untouched
     assert active_params(graph) < 0.7 * active_params(dense)
@@ -141,24 +142,44 @@ def test_keep_one_is_bit_identical_to_the_dense_artifact(tmp_path) -> None:
         assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("glu", [False, True])
-def test_the_gathered_kernel_reads_the_kept_rows_of_the_transposed_weight(glu) -> None:
+@pytest.mark.parametrize("glu,experts", [(False, 0), (True, 0), (True, 3), (False, 3)])
+def test_the_gathered_kernel_reads_the_kept_rows_of_the_transposed_weight(glu, experts) -> None:
     from mocompile.backends.tvm_common.contextual import column_block
     from mocompile.backends.tvm_common.layout import pack
     from mocompile.backends.tvm_common.specs import Epilogue
-    from mocompile.backends.tvm_cpu.kernels_contextual import gathered_matmul
+    from mocompile.backends.tvm_cpu.kernels_contextual import gathered_matmul, select_channels as select_kernel
     from mocompile.ir.ops.nn import ffn_hidden
 
     rng = np.random.default_rng(2)
-    k, n, m, rows = 48, 96, 13, 3
-    ws = [rng.standard_normal((n, k)).astype(np.float32) for _ in range(2 if glu else 1)]
+    k, n, m, rows = 48, 96, 13, 5
+    lead = (experts,) if experts else ()
+    ws = [rng.standard_normal((*lead, n, k)).astype(np.float32) for _ in range(2 if glu else 1)]
     x = rng.standard_normal((rows, k)).astype(np.float32)
-    idx = select_channels(x, column_norms(ws), m).astype(np.int32)
-    xs = np.take_along_axis(x, idx, axis=-1)
-    epi = Epilogue(glu=glu, activation="silu" if glu else None, bias=not glu, residual=0 if glu else 1)
+    # rows sorted by expert: 2 rows of expert 0, none of expert 1, 3 of expert 2
+    indptr, owner = np.array([0, 2, 2, 5], np.int32), np.array([0, 0, 2, 2, 2])
+    per_row = [[w[owner[r]] if experts else w for w in ws] for r in range(rows)]
+    norms = pack("column_norms", ws, 0)
+    plan = [indptr] if experts else []
+    _, _, *_, idx, xs = _run_kernel(select_kernel(k, m, False, experts), [x, norms, *plan, np.zeros((rows, m), np.int32),
+                                                                           np.zeros((rows, m), np.float32)])
+    expect_idx = np.concatenate([select_channels(x[r:r + 1], column_norms(per_row[r]), m) for r in range(rows)])
+    np.testing.assert_array_equal(idx, expect_idx)
+    epi = Epilogue(glu=glu, activation="silu" if glu else None, bias=not glu and not experts,
+                   row_scale=bool(experts), residual=0 if glu else 1)
     wt = pack("glu_transposed" if glu else "transposed", ws, column_block(n, glu))
-    extra = [] if glu else [rng.standard_normal(n).astype(np.float32), rng.standard_normal((rows, n)).astype(np.float32)]
-    *_, y = _run_kernel(gathered_matmul(k, n, m, epi), [xs, idx, wt, *extra, np.zeros((rows, n), np.float32)])
-    xm = sparsify(x, ws, m / k)
-    expect = ffn_hidden(xm, ws[0], ws[1], "silu") if glu else xm @ ws[0].T + extra[0] + extra[1]
-    np.testing.assert_allclose(y, expect, rtol=1e-5, atol=1e-5)
+    extra = ([rng.standard_normal(n).astype(np.float32)] if epi.bias else []) + \
+        ([rng.random(rows).astype(np.float32)] if epi.row_scale else []) + \
+        ([rng.standard_normal((rows, n)).astype(np.float32)] if epi.residual else [])
+    *_, y = _run_kernel(gathered_matmul(k, n, m, epi, experts), [xs, idx, *plan, wt, *extra,
+                                                                np.zeros((rows, n), np.float32)])
+    for r in range(rows):
+        xm = sparsify(x[r:r + 1], per_row[r], m / k)
+        expect = ffn_hidden(xm, per_row[r][0], per_row[r][1], "silu") if glu else xm @ per_row[r][0].T
+        rest = list(extra)
+        if epi.bias:
+            expect = expect + rest.pop(0)
+        if epi.row_scale:
+            expect = expect * rest.pop(0)[r]
+        if epi.residual:
+            expect = expect + rest.pop(0)[r]
+        np.testing.assert_allclose(y[r:r + 1], expect, rtol=1e-5, atol=1e-5)

@@ -29,23 +29,28 @@ F32 = "float32"
 
 
 # ---- kernel parameters (every target's kernel for the role takes exactly these) -------------
-def select_channels_args(k: int, m: int, mask: bool) -> tuple:
-    """x[rows, k], norms[k] -> xm[rows, k] (mask) or idx[rows, m] int32, xs[rows, m]:
-    (rows, x, norms, outputs)."""
+def select_channels_args(k: int, m: int, mask: bool, experts: int = 0) -> tuple:
+    """x[rows, k], norms[k] (per expert: norms[E, k] and indptr[E+1], rows sorted by expert)
+    -> xm[rows, k] (mask) or idx[rows, m] int32, xs[rows, m]: (rows, x, norms, indptr, outputs)."""
     rows = dim("rows")
-    x, norms = arg("x", (rows, k)), arg("norms", (k,))
+    x, norms = arg("x", (rows, k)), arg("norms", (experts, k) if experts else (k,))
+    indptr = arg("indptr", (experts + 1,), "int32") if experts else None
     outs = [arg("xm", (rows, k))] if mask else [arg("idx", (rows, m), "int32"), arg("xs", (rows, m))]
-    return rows, x, norms, outs
+    return rows, x, norms, indptr, outs
 
 
-def gathered_matmul_args(k: int, n: int, m: int, epi: Epilogue) -> tuple:
-    """xs[rows, m], idx[rows, m], wt[k, n (2n with glu)] (+ bias[n]) (+ residuals [rows, n])
-    -> y[rows, n]: (rows, xs, idx, wt, bias, residuals, y)."""
+def gathered_matmul_args(k: int, n: int, m: int, epi: Epilogue, experts: int = 0) -> tuple:
+    """xs[rows, m], idx[rows, m] (+ indptr[E+1], rows sorted by expert), wt[k, n (2n with
+    glu)] or per expert wt[E, k, ..] (+ bias[n]) (+ scale[rows]) (+ residuals [rows, n])
+    -> y[rows, n]: (rows, xs, idx, indptr, wt, bias, scale, residuals, y)."""
     rows = dim("rows")
     xs, idx = arg("xs", (rows, m)), arg("idx", (rows, m), "int32")
-    wt = arg("wt", (k, 2 * n if epi.glu else n))
+    indptr = arg("indptr", (experts + 1,), "int32") if experts else None
+    width = 2 * n if epi.glu else n
+    wt = arg("wt", (experts, k, width) if experts else (k, width))
     bias = arg("bias", (n,)) if epi.bias else None
-    return rows, xs, idx, wt, bias, residual_args(epi.residual, rows, n), arg("y", (rows, n))
+    scale = arg("scale", (rows,)) if epi.row_scale else None
+    return rows, xs, idx, indptr, wt, bias, scale, residual_args(epi.residual, rows, n), arg("y", (rows, n))
 
 
 def column_block(n: int, glu: bool) -> int:
@@ -69,15 +74,17 @@ def kept(node: Node, width: int) -> int | None:
 
 
 def gathered_or_masked(ctx, node: Node, x_rows: relax.Expr, rows, weights: list[Value], m: int, epi: Epilogue,
-                       extra: list, dense) -> relax.Expr:
-    """x_rows @ weights (one, or a gate|up pair with `epi.glu`) over each token's kept
-    channels: the gathered kernels in the step function where they pay on this target,
-    else `dense(masked x)` (the dense kernel with the same epilogue)."""
+                       extra: list, dense, indptr: relax.Expr | None = None) -> relax.Expr:
+    """x_rows @ weights (one, or a gate|up pair with `epi.glu`; stacked per expert with
+    `indptr`, the rows sorted by expert) over each row's kept channels: the gathered kernels
+    in the step function where they pay on this target, else `dense(masked x)` (the dense
+    or grouped kernel with the same epilogue; `extra`: its bias, row scale, residuals)."""
     for w in weights:
         if not ctx.is_weight(w):
             raise LoweringError(f"{node.op} at {node.loc or '?'}: contextual sparsity reads float32 weights, but {w.name} "
-                            "is computed (quantized after contextual-sparsity?); run quantize first or not at all")
-    n, k = (int(d) for d in weights[0].type.shape)
+                                "is computed (quantized after contextual-sparsity?); run quantize first or not at all")
+    *lead, n, k = (int(d) for d in weights[0].type.shape)
+    experts = lead[0] if lead else 0
     weight_bytes = sum(int(a.nbytes) for a in ctx.graph.weights.values())
     choice = ctx.kernels.gathered_pays(k, n, m, epi.glu, weight_bytes)  # measured once per shape
     norms = ctx.weight("column_norms", weights)
@@ -85,13 +92,16 @@ def gathered_or_masked(ctx, node: Node, x_rows: relax.Expr, rows, weights: list[
     wt = ctx.weight("glu_transposed" if epi.glu else "transposed", weights, column_block(n, epi.glu)) \
         if choice["gathered"] else None
     if ctx.cache is not None:  # the step function: decode
-        ctx.contextual.append({"node": node.loc or node.outputs[0].name, "k": k, "n": n, "kept": m, **choice})
+        ctx.contextual.append({"node": node.loc or node.outputs[0].name, "k": k, "n": n, "kept": m,
+                               "experts": experts, **choice})
+    plan = [indptr] if experts else []
     if ctx.cache is None or wt is None:
-        return dense(ctx.call(ctx.kernels.select_channels(k, m, True), [x_rows, norms], [((rows, k), F32)]))
-    idx, xs = ctx.call(ctx.kernels.select_channels(k, m, False), [x_rows, norms],
+        return dense(ctx.call(ctx.kernels.select_channels(k, m, True, experts), [x_rows, norms, *plan],
+                              [((rows, k), F32)]))
+    idx, xs = ctx.call(ctx.kernels.select_channels(k, m, False, experts), [x_rows, norms, *plan],
                        [((rows, m), "int32"), ((rows, m), F32)])
-    return ctx.call(ctx.kernels.gathered_matmul(k, n, m, epi), [xs, idx, wt, *extra], [((rows, n), F32)],
-                    flops_per_row=2 * m * n * len(weights))
+    return ctx.call(ctx.kernels.gathered_matmul(k, n, m, epi, experts), [xs, idx, *plan, wt, *extra], [((rows, n), F32)],
+                    (indptr, [wt], experts) if experts else None, flops_per_row=2 * m * n * len(weights))
 
 
 def summary(decisions: list[dict]) -> str | None:

@@ -70,10 +70,10 @@ class KernelSet:
         return self._missing("int8_matmul")
 
     # ---- contextual sparsity (tvm_common/contextual.py) ---------------------------------------
-    def select_channels(self, k: int, m: int, mask: bool) -> tirx.PrimFunc:
+    def select_channels(self, k: int, m: int, mask: bool, experts: int = 0) -> tirx.PrimFunc:
         return self._missing("select_channels")
 
-    def gathered_matmul(self, k: int, n: int, m: int, epi: Epilogue) -> tirx.PrimFunc:
+    def gathered_matmul(self, k: int, n: int, m: int, epi: Epilogue, experts: int = 0) -> tirx.PrimFunc:
         return self._missing("gathered_matmul")
 
     def gathered_pays(self, k: int, n: int, m: int, glu: bool, weight_bytes: int) -> dict[str, Any]:

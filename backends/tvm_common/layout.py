@@ -20,10 +20,12 @@ panel b cover the same output columns):
                   expert w[E, N, K] -> [E*ceil(N/16), ...]; two sources (gate, up) -> 32
                   lanes, gate's first (see kernels_int8.py for the offsets)
 - `transposed`    w[N, K]       -> [K, N]: one contiguous row per input channel, so a kernel
-                  that skips a channel skips its bytes (contextual sparsity's gathered matmul)
+                  that skips a channel skips its bytes (contextual sparsity's gathered matmul);
+                  per expert w[E, N, K] -> [E, K, N]
 - `glu_transposed` gate, up[F, K] -> [K, 2F]: per input channel, blocks of TJ gate then TJ up
-                  columns (row k: gate[0:TJ, k], up[0:TJ, k], gate[TJ:2TJ, k], ...)
-- `column_norms`  one or more w[N, K] -> [K] float32: ||w[:, k]|| over the rows of them all,
+                  columns (row k: gate[0:TJ, k], up[0:TJ, k], gate[TJ:2TJ, k], ...); per expert
+                  [E, K, 2F]
+- `column_norms`  one or more w[(E,) N, K] -> [(E,) K] float32: ||w[:, k]|| over the rows of them all,
                   the constant contextual sparsity scores channels with (mocompile.ir.contextual)
 - `identity`      any array, passed through unchanged
 Columns past N (when TJ does not divide N) are zero and never stored by the kernels.
@@ -117,10 +119,11 @@ def pack(kind: str, sources: list[np.ndarray], tj: int) -> np.ndarray:
     if kind == "vnni_panels":
         return _vnni(sources)
     if kind == "transposed":
-        return np.ascontiguousarray(sources[0].T)
+        return np.ascontiguousarray(np.swapaxes(sources[0], -1, -2))
     if kind == "glu_transposed":
-        gate, up = (np.ascontiguousarray(w.T).reshape(w.shape[1], -1, 1, tj) for w in sources)
-        return np.ascontiguousarray(np.concatenate([gate, up], axis=2).reshape(sources[0].shape[1], -1))
+        *lead, f, k = sources[0].shape
+        gate, up = (np.swapaxes(w, -1, -2).reshape(*lead, k, f // tj, 1, tj) for w in sources)
+        return np.ascontiguousarray(np.concatenate([gate, up], axis=-2).reshape(*lead, k, 2 * f))
     if kind == "expert_panels":
         p = _panels(sources[0], tj)
         return p.reshape(-1, *p.shape[2:])

@@ -231,15 +231,17 @@ def _down_projection(ctx: LowerContext, node: Node, h: relax.Expr, rows, epi: Ep
         return _int8_call(ctx, h, rows, mode or "float", deqs, epi, plan, extra)
     if mode is not None:
         h = ctx.call(ctx.kernels.quantize_rows(ffn, mode), [h], [((rows, ffn), F32)])
+    def dense(hs: relax.Expr) -> relax.Expr:
+        if not plan:
+            return _dense(ctx, node, hs, rows, down, epi, extra=extra)
+        w_down, c = _matmul_weights(ctx, node, "expert_panels", [down], experts, ffn, hidden)
+        return ctx.call(ctx.kernels.grouped_matmul(c, epi), [hs, *plan, *w_down, *extra], [((rows, hidden), F32)],
+                        (plan[0], w_down, experts), flops_per_row=2 * ffn * hidden)
+
     m = kept(node, ffn)
-    if m is not None and not plan:  # contextual sparsity over the hidden neurons
-        return gathered_or_masked(ctx, node, h, rows, [down], m, epi, extra,
-                                  lambda hm: _dense(ctx, node, hm, rows, down, epi, extra=extra))
-    if not plan:
-        return _dense(ctx, node, h, rows, down, epi, extra=extra)
-    w_down, c = _matmul_weights(ctx, node, "expert_panels", [down], experts, ffn, hidden)
-    return ctx.call(ctx.kernels.grouped_matmul(c, epi), [h, *plan, *w_down, *extra], [((rows, hidden), F32)],
-                    (plan[0], w_down, experts), flops_per_row=2 * ffn * hidden)
+    if m is not None:  # contextual sparsity over the hidden neurons
+        return gathered_or_masked(ctx, node, h, rows, [down], m, epi, extra, dense, *plan)
+    return dense(h)
 
 
 @lowering("mlp", reads_low_bit=True)
@@ -399,11 +401,16 @@ def _experts(ctx: LowerContext, node: Node):
     elif weight_only is not None:
         h = _int8_call(ctx, ctx.rows(x), rows, "float", weight_only, epi_up, [indptr], gather=gather)
     else:
+        def up_dense(xs: relax.Expr) -> relax.Expr:
+            w_up, c_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels", up_side,
+                                         experts, hidden, ffn)
+            return ctx.call(ctx.kernels.grouped_matmul(c_up, epi_up), [xs, indptr, *w_up], [((pairs, ffn), F32)],
+                            (indptr, w_up, experts), flops_per_row=2 * hidden * ffn * len(up_side))
+
         xs = ctx.call(ctx.kernels.gather_rows(hidden), [ctx.rows(x), row_token], [((pairs, hidden), F32)])
-        w_up, c_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels", up_side, experts,
-                                     hidden, ffn)
-        h = ctx.call(ctx.kernels.grouped_matmul(c_up, epi_up), [xs, indptr, *w_up], [((pairs, ffn), F32)],
-                     (indptr, w_up, experts), flops_per_row=2 * hidden * ffn * len(up_side))
+        m = kept(node, hidden)
+        h = up_dense(xs) if m is None else \
+            gathered_or_masked(ctx, node, xs, pairs, up_side, m, epi_up, [], up_dense, indptr)  # contextual sparsity
     ys = _down_projection(ctx, node, h, pairs, Epilogue(row_scale=True), [row_weight], [indptr])
     add, residuals = _with_residual(ctx, node)
     out = ctx.call(ctx.kernels.moe_combine(hidden, k, len(residuals)), [ys, pair_row, *residuals], [((rows, hidden), F32)])

@@ -30,17 +30,30 @@ from mocompile.backends.tvm_cpu import tir_util as U
 INT_BITS = 31  # bits of a non-negative float32's pattern below the sign
 
 
+def expert_of(row, indptr, experts: int) -> tirx.PrimExpr:
+    """Emit: the expert whose rows (indptr[e]..indptr[e+1]) hold `row`, clamped to 0..E-1."""
+    e = U.scratch((1,), "int32")
+    U.store(e, (0,), tirx.IntImm("int32", 0))
+    with U.serial(1, experts) as j:
+        with U.when(U.i64(indptr[j]) <= row):
+            U.store(e, (0,), tirx.Cast("int32", j))
+    return U.i64(e[0])
+
+
 @functools.cache
-def select_channels(k: int, m: int, mask: bool) -> tirx.PrimFunc:
-    """x[rows, k], norms[k] -> idx[rows, m] int32 (ascending), xs[rows, m]; or with `mask`
-    xm[rows, k] (x with the other channels zeroed)."""
+def select_channels(k: int, m: int, mask: bool, experts: int = 0) -> tirx.PrimFunc:
+    """x[rows, k], norms[k] (or norms[E, k], indptr[E+1]: each row scored by its expert's
+    norms) -> idx[rows, m] int32 (ascending), xs[rows, m]; or with `mask` xm[rows, k] (x with
+    the other channels zeroed)."""
     lanes = U.lanes_for(k)
-    with U.kernel(f"select_channels_k{k}_m{m}{'_mask' if mask else ''}") as kern:
-        rows, x, norms, outs = C.select_channels_args(k, m, mask)
+    with U.kernel(f"select_channels_k{k}_m{m}{f'_e{experts}' if experts else ''}{'_mask' if mask else ''}") as kern:
+        rows, x, norms, indptr, outs = C.select_channels_args(k, m, mask, experts)
 
         def row(i):
+            e = expert_of(i, indptr, experts) if experts else None
+
             def bits(ch):  # recomputed where read: no per-row buffer (a heap workspace for wide rows)
-                return tirx.reinterpret("int32", tirx.abs(x[i, ch]) * norms[ch])
+                return tirx.reinterpret("int32", tirx.abs(x[i, ch]) * (norms[e, ch] if experts else norms[ch]))
 
             lo, count, found = U.scratch((1,), "int32"), U.scratch((1,)), U.scratch((1,), "int32")
             U.store(lo, (0,), tirx.IntImm("int32", 0))
@@ -82,23 +95,25 @@ def select_channels(k: int, m: int, mask: bool) -> tirx.PrimFunc:
 
 
 @functools.cache
-def gathered_matmul(k: int, n: int, m: int, epi: Epilogue) -> tirx.PrimFunc:
-    """y[rows, n] = epilogue(sum_j xs[:, j] * wt[idx[:, j], :]) (see the module docstring)."""
-    if epi.row_scale:
-        raise ValueError("the gathered matmul takes glu/activation/bias/residual epilogues")
+def gathered_matmul(k: int, n: int, m: int, epi: Epilogue, experts: int = 0) -> tirx.PrimFunc:
+    """y[rows, n] = epilogue(sum_j xs[:, j] * wt[idx[:, j], :]) (see the module docstring);
+    per expert, each row reads its expert's transposed weight (rows sorted by expert, indptr)."""
     block = C.column_block(n, epi.glu)
     width = 2 * block if epi.glu else block
     blocks = n // block
-    with U.kernel(f"gathered_matmul_k{k}_n{n}_m{m}_{epi.tag()}") as kern:
-        rows, xs, idx, wt, bias, residuals, y = C.gathered_matmul_args(k, n, m, epi)
+    with U.kernel(f"gathered_matmul_k{k}_n{n}_m{m}{f'_e{experts}' if experts else ''}_{epi.tag()}") as kern:
+        rows, xs, idx, indptr, wt_arg, bias, scale, residuals, y = C.gathered_matmul_args(k, n, m, epi, experts)
+        # per expert: the weights as one [E*k, width] table, row e*k + channel
+        wt = U.reshaped(wt_arg, (experts * k, 2 * n if epi.glu else n)) if experts else wt_arg
 
         def task(t):
             i, b = t // blocks, t % blocks
+            base = expert_of(i, indptr, experts) * k if experts else 0
             acc = U.scratch((width,))
             with U.vectorized(0, width) as l:
                 U.store(acc, (l,), U.f32(0))
             with U.serial(0, m) as j:
-                ch = tirx.min(tirx.max(U.i64(idx[i, j]), 0), k - 1)  # a corrupt index reads a wrong row, in bounds
+                ch = base + tirx.min(tirx.max(U.i64(idx[i, j]), 0), k - 1)  # a corrupt index reads a wrong row, in bounds
                 a = xs[i, j]
                 with U.vectorized(0, width) as l:
                     U.store(acc, (l,), acc[l] + a * wt[ch, b * width + l])
@@ -107,6 +122,8 @@ def gathered_matmul(k: int, n: int, m: int, epi: Epilogue) -> tirx.PrimFunc:
                 v = activation(epi.activation, acc[l]) * acc[block + l] if epi.glu else activation(epi.activation, acc[l])
                 if bias is not None:
                     v = v + bias[col]
+                if scale is not None:
+                    v = v * scale[i]
                 for r in residuals:
                     v = v + r[i, col]
                 U.store(y, (i, col), v)

@@ -48,7 +48,8 @@ def active_params(graph: Graph) -> int:
                 e = node.inputs[i].type.shape[0]
                 share[i] = min(1.0, k / e) if isinstance(e, int) and isinstance(k, int) else 1.0
         if op.contextual_shares is not None:
-            share.update(op.contextual_shares(node))
+            for i, kept in op.contextual_shares(node).items():
+                share[i] = share.get(i, 1.0) * kept
         if op.embeds_tokens:
             share[1] = 1.0 / max(int(node.inputs[1].type.shape[0]), 1)
         for i, v in enumerate(node.inputs):
