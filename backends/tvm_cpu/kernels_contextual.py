@@ -21,6 +21,7 @@ import functools
 import numpy as np
 import tvm
 from tvm import tirx
+from tvm.script.ir_builder import tirx as T
 
 from mocompile.backends.tvm_common import contextual as C
 from mocompile.backends.tvm_common.kernel_math import activation
@@ -37,7 +38,7 @@ def expert_of(row, indptr, experts: int) -> tirx.PrimExpr:
     with U.serial(1, experts) as j:
         with U.when(U.i64(indptr[j]) <= row):
             U.store(e, (0,), tirx.Cast("int32", j))
-    return U.i64(e[0])
+    return T.bind(U.i64(e[0]))  # a variable: the vector loops reading by it stay contiguous loads
 
 
 @functools.cache
@@ -60,7 +61,7 @@ def select_channels(k: int, m: int, mask: bool, experts: int = 0) -> tirx.PrimFu
             U.store(found, (0,), tirx.IntImm("int32", 0))
             with U.serial(0, INT_BITS) as b:
                 with U.when(found[0] == 0):  # a candidate with exactly m at or above it ends the search
-                    cand = lo[0] | tirx.shift_left(tirx.IntImm("int32", 1), tirx.Cast("int32", INT_BITS - 1 - b))
+                    cand = T.bind(lo[0] | tirx.shift_left(tirx.IntImm("int32", 1), tirx.Cast("int32", INT_BITS - 1 - b)))
                     U.emit_reduce(count, (0,), lambda ch: tirx.Select(bits(ch) >= cand, U.f32(1), U.f32(0)), k,
                                   lambda a, c: a + c, lanes)
                     with U.when(count[0] >= U.f32(m)):
