@@ -150,7 +150,9 @@ def _time(funcs: list[tirx.PrimFunc], args: list[np.ndarray], target: tvm.target
 @functools.cache
 def measure(k: int, n: int, m: int, glu: bool, target_text: str, cold: bool) -> dict:
     """One token's matmul both ways on this machine: the gathered kernel (after its
-    selection) against the dense kernel (after the masking selection), in microseconds."""
+    selection) against the dense kernel (after the masking selection), in microseconds. For
+    routed experts the same shape stands for the per-expert kernels (a decode row reads one
+    expert's weight either way)."""
     from mocompile.backends.tvm_cpu.metaschedule import dense_kernels
     from mocompile.backends.tvm_cpu.tuning import default_config
 
