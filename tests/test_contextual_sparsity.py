@@ -111,7 +111,9 @@ def test_the_artifact_reads_the_kept_rows_and_matches_the_modified_graph(half) -
     assert ("decode uses the gathered kernels" in report["summary"]) == all(d["gathered"] for d in decisions)
     assert ("falls back to the dense kernels" in report["summary"]) == (not any(d["gathered"] for d in decisions))
     kinds = {w["kind"] for w in art.manifest["program"]["weight_layouts"]}
-    assert "column_norms" in kinds and (("transposed" in kinds) == any(d["gathered"] for d in decisions))
+    # the gathered kernels' panels are 64 or 128 columns wide (the dense kernels' 32 here)
+    wide = any(w["kind"].endswith("panels") and w["panel"] in (64, 128) for w in art.manifest["program"]["weight_layouts"])
+    assert "column_norms" in kinds and wide == any(d["gathered"] for d in decisions)
     ir = (path / "ir.txt").read_text()
     assert "keep=0.5" in ir
     v, dec = art.manifest["verification"], art.manifest["decode_verification"]
@@ -143,7 +145,7 @@ def test_keep_one_is_bit_identical_to_the_dense_artifact(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("glu,experts", [(False, 0), (True, 0), (True, 3), (False, 3)])
-def test_the_gathered_kernel_reads_the_kept_rows_of_the_transposed_weight(glu, experts) -> None:
+def test_the_gathered_kernel_reads_the_kept_rows_of_the_transposed_panels(glu, experts) -> None:
     from mocompile.backends.tvm_common.contextual import column_block
     from mocompile.backends.tvm_common.layout import pack
     from mocompile.backends.tvm_common.specs import Epilogue
@@ -166,7 +168,7 @@ def test_the_gathered_kernel_reads_the_kept_rows_of_the_transposed_weight(glu, e
     np.testing.assert_array_equal(idx, expect_idx)
     epi = Epilogue(glu=glu, activation="silu" if glu else None, bias=not glu and not experts,
                    row_scale=bool(experts), residual=0 if glu else 1)
-    wt = pack("glu_transposed" if glu else "transposed", ws, column_block(n, glu))
+    wt = pack(("expert_" if experts else "") + ("glu_panels" if glu else "panels"), ws, column_block(n, glu))
     extra = ([rng.standard_normal(n).astype(np.float32)] if epi.bias else []) + \
         ([rng.random(rows).astype(np.float32)] if epi.row_scale else []) + \
         ([rng.standard_normal((rows, n)).astype(np.float32)] if epi.residual else [])

@@ -5,8 +5,9 @@ Two ways compute exactly the interpreter's selection (the same float32 scores
 |x_i| * ||W[:, i]||, the same threshold, ties to the lower channel):
 - gathered: `select_channels` writes each token's kept channels (ascending) and their
   values, [rows, m]; `gathered_matmul` reads only those rows of the weight stored
-  transposed ([in, out], one contiguous row per input channel), so a skipped channel's
-  bytes are never read. This is what makes a decode step cheaper.
+  transposed in panels ([in, block] per block of output columns: one contiguous row per
+  input channel in each panel), so a skipped channel's bytes are never read. This is what
+  makes a decode step cheaper.
 - masked: `select_channels` with `mask` writes x with the other channels zeroed, [rows, k],
   and the dense kernel runs on it. The plain forward (`main`: prompts and batches, where
   the dense GEMM reuses each weight row across tokens) takes this way, and so does the
@@ -40,23 +41,27 @@ def select_channels_args(k: int, m: int, mask: bool, experts: int = 0) -> tuple:
 
 
 def gathered_matmul_args(k: int, n: int, m: int, epi: Epilogue, experts: int = 0) -> tuple:
-    """xs[rows, m], idx[rows, m] (+ indptr[E+1], rows sorted by expert), wt[k, n (2n with
-    glu)] or per expert wt[E, k, ..] (+ bias[n]) (+ scale[rows]) (+ residuals [rows, n])
-    -> y[rows, n]: (rows, xs, idx, indptr, wt, bias, scale, residuals, y)."""
+    """xs[rows, m], idx[rows, m] (+ indptr[E+1], rows sorted by expert), the weight in
+    panels of column_block(n) columns, [(E *) n / block, k, block (2 block with glu)]
+    (+ bias[n]) (+ scale[rows]) (+ residuals [rows, n]) -> y[rows, n]:
+    (rows, xs, idx, indptr, wt, bias, scale, residuals, y)."""
     rows = dim("rows")
     xs, idx = arg("xs", (rows, m)), arg("idx", (rows, m), "int32")
     indptr = arg("indptr", (experts + 1,), "int32") if experts else None
-    width = 2 * n if epi.glu else n
-    wt = arg("wt", (experts, k, width) if experts else (k, width))
+    block = column_block(n, epi.glu)
+    wt = arg("wt", (max(experts, 1) * (n // block), k, 2 * block if epi.glu else block))
     bias = arg("bias", (n,)) if epi.bias else None
     scale = arg("scale", (rows,)) if epi.row_scale else None
     return rows, xs, idx, indptr, wt, bias, scale, residual_args(epi.residual, rows, n), arg("y", (rows, n))
 
 
 def column_block(n: int, glu: bool) -> int:
-    """Output columns one task of the gathered kernel accumulates (its accumulator stays in
-    registers: at most 128 floats, 64 per half with glu): the largest power of two <= that
-    dividing n. The glu layout interleaves gate and up in blocks of this width."""
+    """Output columns one task of the gathered kernel accumulates in registers (at most 128
+    floats, 64 per gate and up with glu): the largest power of two up to that dividing n. It
+    is also the panel width of the weight the kernel reads: per block of columns, the
+    transposed weight [k, block] is contiguous, so a task's kept channels are rows read
+    forward through one panel (what the hardware prefetcher streams), and a skipped channel
+    skips its bytes in every panel."""
     block = 64 if glu else 128
     while n % block:
         block //= 2
@@ -89,8 +94,8 @@ def gathered_or_masked(ctx, node: Node, x_rows: relax.Expr, rows, weights: list[
     choice = ctx.kernels.gathered_pays(k, n, m, epi.glu, weight_bytes)  # measured once per shape
     norms = ctx.weight("column_norms", weights)
     # main and step take the same weights: both declare the transposed one the step reads
-    wt = ctx.weight("glu_transposed" if epi.glu else "transposed", weights, column_block(n, epi.glu)) \
-        if choice["gathered"] else None
+    kind = ("expert_" if experts else "") + ("glu_panels" if epi.glu else "panels")
+    wt = ctx.weight(kind, weights, column_block(n, epi.glu)) if choice["gathered"] else None
     if ctx.cache is not None:  # the step function: decode
         ctx.contextual.append({"node": node.loc or node.outputs[0].name, "k": k, "n": n, "kept": m,
                                "experts": experts, **choice})

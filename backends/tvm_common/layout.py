@@ -19,12 +19,6 @@ panel b cover the same output columns):
                   code 8*k8 + t (low nibble) and 8*k8 + 4 + t (high nibble), each + 8; per
                   expert w[E, N, K] -> [E*ceil(N/16), ...]; two sources (gate, up) -> 32
                   lanes, gate's first (see kernels_int8.py for the offsets)
-- `transposed`    w[N, K]       -> [K, N]: one contiguous row per input channel, so a kernel
-                  that skips a channel skips its bytes (contextual sparsity's gathered matmul);
-                  per expert w[E, N, K] -> [E, K, N]
-- `glu_transposed` gate, up[F, K] -> [K, 2F]: per input channel, blocks of TJ gate then TJ up
-                  columns (row k: gate[0:TJ, k], up[0:TJ, k], gate[TJ:2TJ, k], ...); per expert
-                  [E, K, 2F]
 - `column_norms`  one or more w[(E,) N, K] -> [(E,) K] float32: ||w[:, k]|| over the rows of them all,
                   the constant contextual sparsity scores channels with (mocompile.ir.contextual)
 - `identity`      any array, passed through unchanged
@@ -40,8 +34,8 @@ import numpy as np
 
 from mocompile.ir.contextual import column_norms
 
-LAYOUT_KINDS = ("identity", "panels", "glu_panels", "expert_panels", "expert_glu_panels", "vnni_panels", "transposed",
-                "glu_transposed", "column_norms")
+LAYOUT_KINDS = ("identity", "panels", "glu_panels", "expert_panels", "expert_glu_panels", "vnni_panels",
+                "column_norms")
 VNNI_LANES = 16  # int32 lanes of one AVX-512 register: output columns per VNNI panel
 PACKABLE_DTYPES = {"float32", "int8", "uint8"}
 
@@ -118,12 +112,6 @@ def pack(kind: str, sources: list[np.ndarray], tj: int) -> np.ndarray:
         return np.ascontiguousarray(np.concatenate([_panels(sources[0], tj), _panels(sources[1], tj)], axis=-1))
     if kind == "vnni_panels":
         return _vnni(sources)
-    if kind == "transposed":
-        return np.ascontiguousarray(np.swapaxes(sources[0], -1, -2))
-    if kind == "glu_transposed":
-        *lead, f, k = sources[0].shape
-        gate, up = (np.swapaxes(w, -1, -2).reshape(*lead, k, f // tj, 1, tj) for w in sources)
-        return np.ascontiguousarray(np.concatenate([gate, up], axis=-2).reshape(*lead, k, 2 * f))
     if kind == "expert_panels":
         p = _panels(sources[0], tj)
         return p.reshape(-1, *p.shape[2:])
