@@ -78,16 +78,22 @@ def kept(node: Node, width: int) -> int | None:
     return m if m < width else None
 
 
+def check_float_weights(ctx, node: Node, weights: list[Value]) -> None:
+    """Refuse a node with `keep` whose weights are not stored float32 weights (quantized
+    after contextual-sparsity: the kernels select rows of float weights only)."""
+    for w in weights:
+        if not ctx.is_weight(w):
+            raise LoweringError(f"{node.op} at {node.loc or '?'}: contextual sparsity reads float32 weights, but {w.name} "
+                                "is computed (quantized after contextual-sparsity?); do not quantize a graph with keep=")
+
+
 def gathered_or_masked(ctx, node: Node, x_rows: relax.Expr, rows, weights: list[Value], m: int, epi: Epilogue,
                        extra: list, dense, indptr: relax.Expr | None = None) -> relax.Expr:
     """x_rows @ weights (one, or a gate|up pair with `epi.glu`; stacked per expert with
     `indptr`, the rows sorted by expert) over each row's kept channels: the gathered kernels
     in the step function where they pay on this target, else `dense(masked x)` (the dense
     or grouped kernel with the same epilogue; `extra`: its bias, row scale, residuals)."""
-    for w in weights:
-        if not ctx.is_weight(w):
-            raise LoweringError(f"{node.op} at {node.loc or '?'}: contextual sparsity reads float32 weights, but {w.name} "
-                                "is computed (quantized after contextual-sparsity?); run quantize first or not at all")
+    check_float_weights(ctx, node, weights)
     *lead, n, k = (int(d) for d in weights[0].type.shape)
     experts = lead[0] if lead else 0
     weight_bytes = sum(int(a.nbytes) for a in ctx.graph.weights.values())

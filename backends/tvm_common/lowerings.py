@@ -12,7 +12,7 @@ from __future__ import annotations
 from tvm import relax
 
 from mocompile.backends.tvm_common import injective as KI
-from mocompile.backends.tvm_common.contextual import gathered_or_masked, kept
+from mocompile.backends.tvm_common.contextual import check_float_weights, gathered_or_masked, kept
 from mocompile.backends.tvm_common.kernels import NAME_ATTR
 from mocompile.backends.tvm_common.lower import (BACKEND_WORD, CACHE_LEN, LOW_BIT_READERS, LowerContext,
                                                  LoweringError, lowering)
@@ -391,6 +391,8 @@ def _experts(ctx: LowerContext, node: Node):
         ctx.kernels.moe_plan(experts, k), [ctx.rows(indices), ctx.rows(weights)],
         [((experts + 1,), "int32"), ((pairs,), "int32"), ((pairs,), F32), ((pairs,), "int32")])
     epi_up = Epilogue(glu=gated, activation=act)
+    if kept(node, hidden) is not None:
+        check_float_weights(ctx, node, node.inputs[3:])
     int8 = _int8_reader(ctx, node)
     up_side = [gate, up] if gated else [up]
     weight_only = _integer_weights(ctx, up_side) if int8 is None else None
