@@ -39,6 +39,9 @@ class Backend:
     dtypes: ClassVar[frozenset[str]] = frozenset({"float32", "int64", "int32"})
     weight_formats: ClassVar[frozenset[str]] = frozenset({"float32"})
     can_tune: ClassVar[bool] = False
+    # computes contextual sparsity (the `keep` attribute of ops with `contextual_shares`:
+    # each token's matmul over its own kept channels); without it such a graph is refused
+    contextual_sparsity: ClassVar[bool] = False
 
     def __init__(self, target: str = "") -> None:
         """`target` is the whole --target text (`"cpu -mcpu=haswell"`); its first word is
@@ -68,6 +71,11 @@ class Backend:
         missing = sorted({n.op for n in graph.nodes} - self.ops())
         if missing:
             return f"the {self.name} target has no lowering for op(s): {', '.join(missing)}"
+        sparse = next((n for n in graph.nodes if n.attrs.get("keep") is not None
+                       and get_op(n.op).contextual_shares is not None), None)
+        if sparse is not None and not self.contextual_sparsity:
+            return (f"the {self.name} target does not compile contextual sparsity ({sparse.op} at {sparse.loc or '?'} "
+                    "has keep=); compile for cpu")
         dtypes = sorted({v.type.dtype for v in [*graph.inputs, *graph.outputs]} - self.dtypes)
         if dtypes:
             return f"the {self.name} target does not take tensors of dtype {', '.join(dtypes)}"

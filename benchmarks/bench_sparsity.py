@@ -33,7 +33,11 @@ PLOT = ROOT / "benchmarks" / "sparsity_pareto.png"
 MODELS = {"mixtral_tiny": ROOT / "examples" / "mixtral_tiny.moe", "deepseek_tiny": ROOT / "examples" / "deepseek_tiny.moe",
           "moe_medium": ROOT / "benchmarks" / "specs" / "moe_medium.moe"}
 SETTINGS = ["prune-experts(ratio=0.5)", "prune-neurons(ratio=0.25)", "prune-neurons(ratio=0.5)", "top-k(k=1)",
-            "skip-layers(speedup=1.5)", "skip-layers(n=1,by=influence)", "elastic(budget=0.6)"]
+            "skip-layers(speedup=1.5)", "skip-layers(n=1,by=influence)", "elastic(budget=0.6)",
+            "contextual-sparsity(keep=0.5)", "contextual-sparsity(keep=0.3)"]
+# `--only SETTING ...` runs the dense artifact and these settings alone and writes them into the
+# subsection ONLY_SECTION inside the sparsity section (a partial run next to the full one)
+ONLY_SECTION = "sparsity-partial"
 CASES = [("decode", 1, 1), ("prefill", 1, 64)]
 REPEATS = 3  # interleaved timings per case; each column's figure is the median of their medians
 ELASTIC_GRID = {"moe_medium": "skip=0|1,experts=1|0.5,k=2|1,neurons=0|0.5"}  # 16 candidates of a 420 MB model
@@ -53,12 +57,12 @@ def calibration(name: str, path: Path) -> Path | None:
     return out
 
 
-def bench_model(name: str, path: Path) -> list[dict]:
+def bench_model(name: str, path: Path, settings: list[str] = SETTINGS) -> list[dict]:
     weights = ROOT / "examples" / "weights" / f"{name}.safetensors"
     calib = calibration(name, path)
     common = dict(batch=2, seq=4, weights=weights if weights.is_file() else None, calibration=calib)
     arts, rows = {}, []
-    for setting in ["dense", *SETTINGS]:
+    for setting in ["dense", *settings]:
         passes = "" if setting == "dense" else setting
         if setting.startswith("elastic"):
             extra = [f"plot={PLOT}"] if name == "deepseek_tiny" else []
@@ -113,13 +117,23 @@ def table(name: str, rows: list[dict], random: bool) -> list[str]:
 
 
 def main() -> None:
-    args = options(__doc__.splitlines()[0], list(MODELS)).parse_args()
+    parser = options(__doc__.splitlines()[0], list(MODELS))
+    parser.add_argument("--only", nargs="+", choices=SETTINGS, metavar="SETTING",
+                        help=f"run these settings (and dense) alone, into the {ONLY_SECTION} subsection")
+    args = parser.parse_args()
     set_threads(args.threads)
     clock = RunClock()
     sections = []
     for name in args.models:
-        rows = bench_model(name, MODELS[name])
+        rows = bench_model(name, MODELS[name], args.only or SETTINGS)
         sections += table(name, rows, not (ROOT / "examples" / "weights" / f"{name}.safetensors").is_file())
+    if args.only:
+        head = [f"### Settings run on their own: {', '.join(args.only)}", "",
+                f"{cpu_name()}; {versions()}; {args.threads} threads; {clock.stamp()}; models: {', '.join(args.models)}. "
+                "Same measurement as above, against a dense artifact timed in the same run.", ""]
+        write_section(ONLY_SECTION, "\n".join(head + [line.replace("### ", "#### ", 1) for line in sections]), args.out)
+        print(f"wrote the {ONLY_SECTION} subsection of {args.out}", file=sys.stderr)
+        return
     head = ["## Sparsity and layer skipping (`bench_sparsity.py`)", "",
             f"{cpu_name()}; {versions()}; {args.threads} threads; {clock.stamp()}; models: {', '.join(args.models)}.",
             "Speed-up: median time of the dense artifact / the pruned one (decode: one token after 64 cached; "

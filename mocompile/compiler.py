@@ -178,6 +178,15 @@ def verify_here(backend: Backend, stage: Path, manifest: dict[str, Any], graph: 
     return staged
 
 
+
+def _append_pass_notes(reports: list[dict[str, Any]], notes: dict[str, str | None]) -> None:
+    """Add what the backend decided for a pass (by the pass's name: which kernels it runs,
+    measured on this machine) to that pass's one-line summary."""
+    for report in reports:
+        note = notes.get(str(report.get("pass", "")).split("(")[0])
+        if note and report.get("summary"):
+            report["summary"] += f"; {note}"
+
 def compile(
     model: Any,
     target: str = "cpu",
@@ -275,6 +284,7 @@ def compile(
         say(f"[4/6] generating code for {backend.target_text}")
         program = backend.emit(graph, stage, tuning=tuning)
         (stage / "ir.txt").write_text(format_graph(graph) + "\n")
+        _append_pass_notes(reports, program.get("pass_notes", {}))
         manifest: dict[str, Any] = {
             "model": graph.meta,
             "target": {"name": backend.name, "text": backend.target_text, **program.pop("target_info", {})},

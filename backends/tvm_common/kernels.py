@@ -69,6 +69,20 @@ class KernelSet:
                     gather: bool) -> tirx.PrimFunc:
         return self._missing("int8_matmul")
 
+    # ---- contextual sparsity (tvm_common/contextual.py) ---------------------------------------
+    def select_channels(self, k: int, m: int, mask: bool, experts: int = 0) -> tirx.PrimFunc:
+        return self._missing("select_channels")
+
+    def gathered_matmul(self, k: int, n: int, m: int, epi: Epilogue, experts: int = 0) -> tirx.PrimFunc:
+        return self._missing("gathered_matmul")
+
+    def gathered_pays(self, k: int, n: int, m: int, glu: bool, weight_bytes: int) -> dict[str, Any]:
+        """Whether one token's gathered matmul over m of k channels beats the dense kernel for
+        [k -> n] on this target (`weight_bytes`: the model's, whether weights stream from
+        memory): {"gathered": bool, and the timings or "why"}. A target that does not
+        measure keeps the dense kernel."""
+        return {"gathered": False, "why": f"not measured on {self.name}: dense"}
+
     # ---- rows, norms, quantization ------------------------------------------------------------
     def gather_rows(self, hidden: int, index_dtype: str = "int32", table_rows: int | None = None,
                     table_dtype: str = "float32") -> tirx.PrimFunc:

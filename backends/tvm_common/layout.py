@@ -19,6 +19,8 @@ panel b cover the same output columns):
                   code 8*k8 + t (low nibble) and 8*k8 + 4 + t (high nibble), each + 8; per
                   expert w[E, N, K] -> [E*ceil(N/16), ...]; two sources (gate, up) -> 32
                   lanes, gate's first (see kernels_int8.py for the offsets)
+- `column_norms`  one or more w[(E,) N, K] -> [(E,) K] float32: ||w[:, k]|| over the rows of them all,
+                  the constant contextual sparsity scores channels with (mocompile.ir.contextual)
 - `identity`      any array, passed through unchanged
 Columns past N (when TJ does not divide N) are zero and never stored by the kernels.
 """
@@ -30,7 +32,10 @@ from typing import Mapping
 
 import numpy as np
 
-LAYOUT_KINDS = ("identity", "panels", "glu_panels", "expert_panels", "expert_glu_panels", "vnni_panels")
+from mocompile.ir.contextual import column_norms
+
+LAYOUT_KINDS = ("identity", "panels", "glu_panels", "expert_panels", "expert_glu_panels", "vnni_panels",
+                "column_norms")
 VNNI_LANES = 16  # int32 lanes of one AVX-512 register: output columns per VNNI panel
 PACKABLE_DTYPES = {"float32", "uint16", "int8", "uint8"}  # uint16: bfloat16/float16 bits
 
@@ -96,6 +101,8 @@ def pack(kind: str, sources: list[np.ndarray], tj: int) -> np.ndarray:
     """Apply one layout to its source weights (see the module docstring)."""
     if kind == "identity":
         return np.ascontiguousarray(sources[0])
+    if kind == "column_norms":
+        return column_norms(sources)
     dtypes = {str(a.dtype) for a in sources}
     if len(dtypes) != 1 or not dtypes <= PACKABLE_DTYPES:
         raise ValueError(f"{kind}: packs float32, uint16, int8 or uint8 weights of one dtype, got {sorted(dtypes)}")
@@ -147,6 +154,6 @@ class WeightLayout:
 def make_layout(name: str, kind: str, sources: list[tuple[str, np.ndarray]], tj: int = 0) -> tuple[WeightLayout, np.ndarray]:
     """Pack `sources` ((graph name, array) pairs) and describe the result."""
     packed = pack(kind, [a for _, a in sources], tj)
-    spec = WeightLayout(name, kind, tuple(n for n, _ in sources), tj if kind != "identity" else 0,
+    spec = WeightLayout(name, kind, tuple(n for n, _ in sources), tj if kind not in ("identity", "column_norms") else 0,
                         tuple(int(d) for d in packed.shape), str(packed.dtype))
     return spec, packed

@@ -124,6 +124,9 @@ class LowerContext:
         # matmul kernel -> flops per row of its (last) output: the manifest's `kernel_flops`, for rooflines
         self.kernel_flops: dict[str, int] = main.kernel_flops if main else {}
         self.tuning = main.tuning if main else tuning or {}
+        # the step's matmuls with contextual sparsity: which kernel each runs and the timings
+        # that chose it (tvm_common/contextual.py), for the manifest and the pass's summary
+        self.contextual: list[dict[str, Any]] = main.contextual if main else []
         self.derived: dict[tuple, Any] = {}  # values computed once per function and shared by several nodes
         self.matmuls: dict[str, MatmulShape] = main.matmuls if main else {}  # every matmul, by tuning key
         self._values: dict[int, relax.Expr] = {}
@@ -219,9 +222,9 @@ class LowerContext:
 
     def weight_params(self) -> list[relax.Var]:
         """Every runtime weight of the module, in order (each function takes all of them)."""
-        missing = [w.name for w in self.weight_layouts if w.name not in self._weight_vars]
-        if missing:
-            raise RuntimeError(f"the step function does not read weight {missing[0]} that main reads")
+        for w in self.weight_layouts:  # one the function does not read (the step's gathered matmuls
+            if w.name not in self._weight_vars:  # read transposed weights where main reads panels)
+                self._weight_vars[w.name] = relax.Var(w.name, relax.TensorType(dtype=w.dtype, ndim=len(w.shape)))
         return [self._weight_vars[w.name] for w in self.weight_layouts]
 
     # ---- the KV cache (step function only) -----------------------------------------------
@@ -413,8 +416,11 @@ def lower_module(graph: Graph, kernels: KernelSet, cached_step: bool = True,
     step = None
     why_not = decode_support(graph) if cached_step else "not requested"
     if why_not is None:
+        weights = len(ctx.weight_layouts)
         step = LowerContext(graph, main=ctx)
         _emit_function(step, "step")
+        if len(ctx.weight_layouts) != weights:
+            raise RuntimeError(f"the step function reads weight {ctx.weight_layouts[weights].name}, which main does not")
     mod = ctx.bb.get()
     for name, func in ctx.callees.items():
         mod[name] = func

@@ -12,6 +12,7 @@ from __future__ import annotations
 from tvm import relax
 
 from mocompile.backends.tvm_common import injective as KI
+from mocompile.backends.tvm_common.contextual import check_float_weights, gathered_or_masked, kept
 from mocompile.backends.tvm_common.kernels import NAME_ATTR
 from mocompile.backends.tvm_common.lower import (BACKEND_WORD, CACHE_LEN, LOW_BIT_READERS, LowerContext,
                                                  LoweringError, lowering)
@@ -228,8 +229,12 @@ def _linear(ctx: LowerContext, node: Node):
     epi = Epilogue(bias=bool(bias), residual=len(residuals))
     extra = bias + residuals
     int8 = _int8_reader(ctx, node)
-    if int8 is None:
-        y = _dense(ctx, node, ctx.rows(x), ctx.rows_of(x), w, epi, extra=extra)
+    m, rows = kept(node, int(w.type.shape[1])), ctx.rows_of(x)
+    if m is not None:  # contextual sparsity
+        y = gathered_or_masked(ctx, node, ctx.rows(x), rows, [w], m, epi, extra,
+                               lambda xm: _dense(ctx, node, xm, rows, w, epi, extra=extra))
+    elif int8 is None:
+        y = _dense(ctx, node, ctx.rows(x), rows, w, epi, extra=extra)
     else:
         qa, deqs = int8
         y = _int8_call(ctx, ctx.rows(qa.inputs[0]), ctx.rows_of(x), deqs=deqs, epi=epi, extra=extra,
@@ -252,11 +257,17 @@ def _down_projection(ctx: LowerContext, node: Node, h: relax.Expr, rows, epi: Ep
         return _int8_call(ctx, h, rows, mode or "float", deqs, epi, plan, extra)
     if mode is not None:
         h = ctx.call(ctx.kernels.quantize_rows(ffn, mode), [h], [((rows, ffn), F32)])
-    if not plan:
-        return _dense(ctx, node, h, rows, down, epi, extra=extra)
-    w_down, c = _matmul_weights(ctx, node, "expert_panels", [down], experts, ffn, hidden)
-    return ctx.call(ctx.kernels.grouped_matmul(c, epi), [h, *plan, *w_down, *extra], [((rows, hidden), F32)],
-                    (plan[0], w_down, experts), flops_per_row=2 * ffn * hidden)
+    def dense(hs: relax.Expr) -> relax.Expr:
+        if not plan:
+            return _dense(ctx, node, hs, rows, down, epi, extra=extra)
+        w_down, c = _matmul_weights(ctx, node, "expert_panels", [down], experts, ffn, hidden)
+        return ctx.call(ctx.kernels.grouped_matmul(c, epi), [hs, *plan, *w_down, *extra], [((rows, hidden), F32)],
+                        (plan[0], w_down, experts), flops_per_row=2 * ffn * hidden)
+
+    m = kept(node, ffn)
+    if m is not None:  # contextual sparsity over the hidden neurons
+        return gathered_or_masked(ctx, node, h, rows, [down], m, epi, extra, dense, *plan)
+    return dense(h)
 
 
 @lowering("mlp", reads_low_bit=True)
@@ -268,7 +279,11 @@ def _mlp(ctx: LowerContext, node: Node):
     rows = ctx.rows_of(x)
     epi_up = Epilogue(glu=gated, activation=act)
     int8 = _int8_reader(ctx, node)
-    if int8 is None:
+    m = kept(node, int(x.type.shape[-1]))
+    if m is not None:  # contextual sparsity over the input channels of gate and up
+        h = gathered_or_masked(ctx, node, ctx.rows(x), rows, [w for w in (gate, up) if w is not None], m, epi_up, [],
+                               lambda xm: _dense(ctx, node, xm, rows, up, epi_up, gate=gate))
+    elif int8 is None:
         h = _dense(ctx, node, ctx.rows(x), rows, up, epi_up, gate=gate)
     else:
         qa, deqs = int8
@@ -402,6 +417,8 @@ def _experts(ctx: LowerContext, node: Node):
         ctx.kernels.moe_plan(experts, k), [ctx.rows(indices), ctx.rows(weights)],
         [((experts + 1,), "int32"), ((pairs,), "int32"), ((pairs,), F32), ((pairs,), "int32")])
     epi_up = Epilogue(glu=gated, activation=act)
+    if kept(node, hidden) is not None:
+        check_float_weights(ctx, node, node.inputs[3:])
     int8 = _int8_reader(ctx, node)
     up_side = [gate, up] if gated else [up]
     weight_only = _integer_weights(ctx, up_side) if int8 is None else None
@@ -412,11 +429,16 @@ def _experts(ctx: LowerContext, node: Node):
     elif weight_only is not None:
         h = _int8_call(ctx, ctx.rows(x), rows, "float", weight_only, epi_up, [indptr], gather=gather)
     else:
+        def up_dense(xs: relax.Expr) -> relax.Expr:
+            w_up, c_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels", up_side,
+                                         experts, hidden, ffn)
+            return ctx.call(ctx.kernels.grouped_matmul(c_up, epi_up), [xs, indptr, *w_up], [((pairs, ffn), F32)],
+                            (indptr, w_up, experts), flops_per_row=2 * hidden * ffn * len(up_side))
+
         xs = ctx.call(ctx.kernels.gather_rows(hidden), [ctx.rows(x), row_token], [((pairs, hidden), F32)])
-        w_up, c_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels", up_side, experts,
-                                     hidden, ffn)
-        h = ctx.call(ctx.kernels.grouped_matmul(c_up, epi_up), [xs, indptr, *w_up], [((pairs, ffn), F32)],
-                     (indptr, w_up, experts), flops_per_row=2 * hidden * ffn * len(up_side))
+        m = kept(node, hidden)
+        h = up_dense(xs) if m is None else \
+            gathered_or_masked(ctx, node, xs, pairs, up_side, m, epi_up, [], up_dense, indptr)  # contextual sparsity
     ys = _down_projection(ctx, node, h, pairs, Epilogue(row_scale=True), [row_weight], [indptr])
     add, residuals = _with_residual(ctx, node)
     out = ctx.call(ctx.kernels.moe_combine(hidden, k, len(residuals)), [ys, pair_row, *residuals], [((rows, hidden), F32)])

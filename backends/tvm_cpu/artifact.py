@@ -20,6 +20,7 @@ from typing import Any
 import tvm
 from safetensors.numpy import save_file
 
+from mocompile.backends.tvm_common.contextual import summary as contextual_summary
 from mocompile.backends.tvm_cpu.build import build
 from mocompile.backends.tvm_cpu.driver import DRIVER, DRIVER_POSITIONS
 from mocompile.backends.tvm_cpu.kernels_attention import KB
@@ -66,6 +67,10 @@ def emit(graph: Graph, out_dir: str | Path, tuning: TuningDB | None = None,
         "expert_reads": program.expert_reads,
         # matmul kernels: flops per row of the output (the last argument), for rooflines
         "kernel_flops": program.kernel_flops,
+        # contextual sparsity: which kernel each of the step's matmuls runs, measured; the
+        # compiler appends the note to the pass's summary line
+        **({"contextual": program.contextual,
+            "pass_notes": {"contextual-sparsity": contextual_summary(program.contextual)}} if program.contextual else {}),
         "tuned_kernels": sorted(k.key() for k in program.matmuls if tuning and k.key() in tuning.records),
         **({"step": {"function": "step", "cache": program.cache, "block": KB, "max_positions": graph.meta.get("max_seq"),
                      **driver}}

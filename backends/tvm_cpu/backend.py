@@ -29,6 +29,7 @@ class TvmCpuBackend(Backend):
     program_kind = PROGRAM_KIND
     weight_formats = frozenset({"float32", "bfloat16", "float16", "int8", "int4"})
     can_tune = True
+    contextual_sparsity = True  # tvm_common/contextual.py, kernels_contextual.py
 
     def parse_options(self, words: list[str]) -> dict[str, Any]:
         return {"cpu": CpuTarget.parse(" ".join(["cpu", *words]))}

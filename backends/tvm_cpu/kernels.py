@@ -13,11 +13,11 @@ from tvm import tirx
 from mocompile.backends.tvm_common.kernels import KernelSet
 from mocompile.backends.tvm_common.layout import VNNI_LANES, panel_width
 from mocompile.backends.tvm_common.specs import Epilogue, MatmulShape, WeightFormat
-from mocompile.backends.tvm_cpu import (kernels_attention, kernels_gather, kernels_int8, kernels_matmul, kernels_mla,
+from mocompile.backends.tvm_cpu import (kernels_attention, kernels_contextual, kernels_gather, kernels_int8, kernels_matmul, kernels_mla,
                                         kernels_moe, kernels_norm, kernels_quant, kernels_router, metaschedule)
 from mocompile.backends.tvm_cpu.kernels_matmul import MatmulConfig, Tiling
 from mocompile.backends.tvm_cpu.schedule import schedule_module
-from mocompile.backends.tvm_cpu.target import CpuTarget
+from mocompile.backends.tvm_cpu.target import CpuTarget, last_level_cache_bytes, runs_here
 
 
 class CpuKernels(KernelSet):
@@ -43,6 +43,15 @@ class CpuKernels(KernelSet):
         s = config.shape
         return kernels_matmul.grouped_matmul(s.experts, s.k, s.n, config.tj, epi, s.fmt, config.tiling, config.budget)
 
+    def gathered_pays(self, k: int, n: int, m: int, glu: bool, weight_bytes: int) -> dict:
+        """Measured here (kernels_contextual.measure), with the caches flushed before each call
+        where the model's weights exceed the last-level cache (a decode step streams them)."""
+        if not runs_here(self.target):
+            return {"gathered": True, "why": "not measured (built for another CPU): gathered"}
+        cold = weight_bytes > last_level_cache_bytes()
+        times = kernels_contextual.measure(k, n, m, glu, str(self.target.llvm()), cold)
+        return {"gathered": times["gathered_us"] < times["dense_us"], **times, "cold": cold}
+
     def integer_format(self, fmt: WeightFormat, k: int) -> bool:
         return kernels_int8.supports(fmt, k)
 
@@ -51,6 +60,8 @@ class CpuKernels(KernelSet):
     quantize_packed = staticmethod(kernels_int8.quantize_packed)
     int8_matmul = staticmethod(kernels_int8.int8_matmul)
     gather_rows = staticmethod(kernels_gather.gather_rows)
+    select_channels = staticmethod(kernels_contextual.select_channels)
+    gathered_matmul = staticmethod(kernels_contextual.gathered_matmul)
     norm = staticmethod(kernels_norm.norm)
     quantize_rows = staticmethod(kernels_quant.quantize_rows)
     router_topk = staticmethod(kernels_router.router_topk)

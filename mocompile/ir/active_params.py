@@ -2,7 +2,8 @@
 pass report states before and after.
 
 A routed experts op reads top_k of its E experts (its stacked per-expert weights count k/E),
-an embedding table one row, every other weight whole. A low-bit weight counts as the float
+an embedding table one row, a matmul with contextual sparsity the share of its weight's
+columns a token keeps (its op's `contextual_shares`), every other weight whole. A low-bit weight counts as the float
 tensor it stands for (the output of the op that expands it, `keeps_weights_low_bit`), so the
 figure means the same before and after quantization.
 """
@@ -46,6 +47,9 @@ def active_params(graph: Graph) -> int:
             for i in op.per_expert_inputs(node):
                 e = node.inputs[i].type.shape[0]
                 share[i] = min(1.0, k / e) if isinstance(e, int) and isinstance(k, int) else 1.0
+        if op.contextual_shares is not None:
+            for i, kept in op.contextual_shares(node).items():
+                share[i] = share.get(i, 1.0) * kept
         if op.embeds_tokens:
             share[1] = 1.0 / max(int(node.inputs[1].type.shape[0]), 1)
         for i, v in enumerate(node.inputs):

@@ -42,6 +42,16 @@ class _Required:
 
 REQUIRED: Any = _Required()
 
+
+class _Optional:
+    def __repr__(self) -> str:
+        return "OPTIONAL"
+
+
+# An attribute default meaning "may be absent": not filled in, so graphs that never set it
+# print and compare as before (readers use attrs.get).
+OPTIONAL: Any = _Optional()
+
 InferFn = Callable[[Sequence[TensorType], Mapping[str, Any]], list[TensorType]]
 ComputeFn = Callable[[Sequence[np.ndarray], Mapping[str, Any]], list[np.ndarray]]
 # (node, the sequence dims of the graph's segment inputs) -> why the node's outputs at new
@@ -131,6 +141,10 @@ class OpDef:
     keep_experts: router ops: `f(attrs, keep)` -> the attributes once only the experts `keep`
         (sorted ids of the old numbering) remain, renumbered 0..len(keep)-1 (group ranges).
     top_k_attr: the attribute holding how many experts each token is routed to (top-k pass).
+    contextual_shares: ops that take the attribute `keep` (contextual sparsity, see
+        mocompile.ir.contextual): `f(node)` -> {weight input index: the share of that weight
+        one token reads}; {} while the node has no `keep`. The contextual-sparsity pass sets
+        `keep` on such ops; active_params counts the shares.
     hidden_abs_sum: feed-forward ops (`down_projection`): recomputes the hidden activation from
         the node's inputs and returns its |.| summed per neuron and the tokens counted, per
         expert (calibration's running means; WINA neuron scores). The hidden axis is axis -2
@@ -164,6 +178,7 @@ class OpDef:
     keep_experts: Callable[[Mapping[str, Any], Sequence[int]], dict[str, Any]] | None = None
     top_k_attr: str | None = None
     hidden_abs_sum: HiddenAbsSum | None = None
+    contextual_shares: Callable[["Node"], dict[int, float]] | None = None
 
     def check_attrs(self, attrs: dict[str, Any], where: str = "") -> None:
         """Fill defaults in place; reject unknown or missing attributes."""
@@ -172,6 +187,8 @@ class OpDef:
             raise ValueError(f"{self.name}{' at ' + where if where else ''}: unknown attribute(s) {sorted(unknown)}")
         for k, default in self.attrs.items():
             if k not in attrs:
+                if default is OPTIONAL:
+                    continue
                 if default is REQUIRED:
                     raise ValueError(f"{self.name}{' at ' + where if where else ''}: missing attribute {k!r}")
                 attrs[k] = default

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from mocompile.ir.batch_flow import Flow, FlowArgs, Out, combine, identity_map, rowwise
+from mocompile.ir.batch_flow import Flow, FlowArgs, Out, combine, identity_map
 from mocompile.ir.ops.elementwise import ACTIVATIONS, sigmoid
+from mocompile.ir.contextual import check_keep, kept_channels, per_token_rowwise, sparsify
 from mocompile.ir.ops.nn import check_hidden_quant, ffn, ffn_hidden, ffn_weight_types
-from mocompile.ir.registry import REQUIRED, Cost, ExpertPools, OpDef, register_op
+from mocompile.ir.registry import OPTIONAL, REQUIRED, Cost, ExpertPools, OpDef, register_op
 from mocompile.ir.rounding import top_k_choices
 from mocompile.ir.types import Dim, TensorType
 
@@ -271,7 +272,7 @@ register_op(OpDef("router.topk", _infer_router, _router, ROUTER_ATTRS, cost=_rou
                   doc="(weights, indices) of the top_k experts per token; inputs x, w_router[, score_bias]"
                       "[, modality_ids]"))
 
-EXPERTS_ATTRS = {"activation": "silu", "gated": True, "hidden_quant": None}  # hidden_quant: as mlp's
+EXPERTS_ATTRS = {"activation": "silu", "gated": True, "hidden_quant": None, "keep": OPTIONAL}  # as mlp's
 
 
 def _infer_experts(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
@@ -286,6 +287,9 @@ def _infer_experts(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[T
         raise ValueError(f"experts: routing {w} / {idx} does not match tokens {x}")
     up = ts[4] if gated else ts[3]
     ffn_weight_types(ts[3:], gated, x.shape[-1], experts=up.shape[0])
+    check_keep(attrs.get("keep"))
+    if attrs.get("keep") is not None and attrs["hidden_quant"] is not None:
+        raise ValueError("experts: keep (contextual sparsity) and hidden_quant (W8A8) do not combine")
     return [x]
 
 
@@ -302,12 +306,27 @@ def _experts(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndar
     h = x.shape[-1]
     flat_x, flat_w, flat_i = x.reshape(-1, h), w.reshape(-1, w.shape[-1]), idx.reshape(-1, idx.shape[-1])
     out = np.zeros_like(flat_x, dtype=np.float32)
+    keep = attrs.get("keep")
     for e in np.unique(flat_i):
         tok, slot = np.nonzero(flat_i == e)
-        y = ffn(flat_x, None if gate is None else gate[e], up[e], down[e], attrs["activation"],
-                attrs["hidden_quant"])[tok]
+        g = None if gate is None else gate[e]
+        if keep is None:
+            y = ffn(flat_x, g, up[e], down[e], attrs["activation"], attrs["hidden_quant"])[tok]
+        else:  # contextual sparsity, per token and expert: its channels by this expert's column norms
+            xe = sparsify(flat_x, [w for w in (g, up[e]) if w is not None], keep)
+            he = sparsify(ffn_hidden(xe, g, up[e], attrs["activation"]).astype(np.float32), [down[e]], keep)
+            y = (he @ down[e].T).astype(np.float32)[tok]
         np.add.at(out, tok, y * flat_w[tok, slot][:, None])
     return [out.reshape(x.shape)]
+
+
+def _experts_shares(node: "Node") -> dict[int, float]:
+    """Gate and up: the kept input channels; down: the kept hidden neurons (of each expert)."""
+    keep = node.attrs.get("keep")
+    if keep is None:
+        return {}
+    widths = {i: int(node.inputs[i].type.shape[-1]) for i in range(3, len(node.inputs))}
+    return {i: kept_channels(w, keep) / w for i, w in widths.items()}
 
 
 def _experts_cost(ins, outs, attrs, env) -> Cost:
@@ -315,6 +334,9 @@ def _experts_cost(ins, outs, attrs, env) -> Cost:
     tokens, k = ins[1].numel(env) // ins[1].concrete(env)[-1], ins[1].concrete(env)[-1]
     per_expert = sum(t.numel(env) // t.concrete(env)[0] for t in ins[3:])
     active = min(tokens * k, ins[-1].concrete(env)[0])  # distinct experts touched, at most
+    if attrs.get("keep") is not None:  # contextual sparsity: each token reads its kept share of them
+        width = ins[0].concrete(env)[-1]
+        per_expert = per_expert * kept_channels(width, attrs["keep"]) // width
     return Cost(flops=2 * tokens * k * per_expert, bytes=4 * (active * per_expert + 2 * outs[0].numel(env)))
 
 
@@ -341,9 +363,10 @@ def _experts_params(args: FlowArgs) -> list:
 # Sparse dispatch by per-token indices: a token's output reads only its own row, its own
 # routing and the expert weights, whichever other tokens share the experts.
 register_op(OpDef("experts", _infer_experts, _experts, EXPERTS_ATTRS, cost=_experts_cost,
-                  batch_flow=rowwise(_experts_params), positionwise=True, weight_slots=slice(3, None),
+                  batch_flow=per_token_rowwise(_experts_params), positionwise=True, weight_slots=slice(3, None),
                   down_projection=True, act_quant_input=True, weight_role="experts",
                   per_expert_inputs=lambda node: tuple(range(3, len(node.inputs))),
-                  hidden_abs_sum=_experts_hidden_abs_sum,
+                  hidden_abs_sum=_experts_hidden_abs_sum, contextual_shares=_experts_shares,
                   doc="sum_j weights[t,j] * FFN_{indices[t,j]}(x[t]) (FFN as mlp's, hidden_quant included); inputs x, "
-                      "weights, indices, [gate], up, down"))
+                      "weights, indices, [gate], up, down; with keep=R each (token, expert) reads only its kept input "
+                      "channels and hidden neurons by that expert's column norms, as mlp's keep"))

@@ -10,10 +10,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mocompile.ir.contextual import check_keep, kept_channels, per_token_rowwise, sparsify
 from mocompile.ir.ops.elementwise import ACTIVATIONS, broadcast_shapes
 from mocompile.ir.batch_flow import Flow, FlowArgs, broadcast_map, combine, identity_map, last_axis_params, one, rowwise
 from mocompile.ir.ops.quant import fake_quant
-from mocompile.ir.registry import REQUIRED, Cost, OpDef, register_op
+from mocompile.ir.registry import OPTIONAL, REQUIRED, Cost, OpDef, register_op
 from mocompile.ir.types import TensorType
 
 
@@ -53,11 +54,12 @@ def _infer_linear(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[Te
     _expect(x.shape[-1] == w.shape[1], f"linear: x {x} does not match weight {w}")
     if len(ts) == 3:
         _expect(ts[2].shape == (w.shape[0],), f"linear bias {ts[2]} does not match weight {w}")
+    check_keep(attrs.get("keep"))
     return [TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)]
 
 
 def _linear(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
-    y = xs[0] @ xs[1].T
+    y = sparsify(xs[0], [xs[1]], attrs.get("keep")) @ xs[1].T
     if len(xs) == 3:
         y = y + xs[2]
     return [y.astype(np.float32)]
@@ -66,7 +68,8 @@ def _linear(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarr
 def _linear_cost(ins, outs, attrs, env) -> Cost:
     rows = ins[0].numel(env) // ins[0].concrete(env)[-1]
     n, k = ins[1].concrete(env)
-    return Cost(flops=2 * rows * n * k, bytes=4 * (rows * k + n * k + rows * n))
+    kk = k if attrs.get("keep") is None else kept_channels(k, attrs["keep"])
+    return Cost(flops=2 * rows * n * kk, bytes=4 * (rows * k + n * kk + rows * n))
 
 
 def _linear_params(args: FlowArgs) -> list:
@@ -74,9 +77,19 @@ def _linear_params(args: FlowArgs) -> list:
     return [[r - 1, None], *([[r - 1]] if len(args.ins) == 3 else [])]
 
 
-register_op(OpDef("linear", _infer_linear, _linear, batch_flow=rowwise(_linear_params), cost=_linear_cost,
-                  positionwise=True, weight_slots=slice(1, 2), act_quant_input=True,
-                  doc="x @ w.T (+ b); w is [out, in]"))
+def _share(node, index: int, keep: float | None) -> dict[int, float]:
+    """{index: the share of input `index`'s columns (axis -1) a token reads at `keep`}."""
+    if keep is None:
+        return {}
+    width = int(node.inputs[index].type.shape[-1])
+    return {index: kept_channels(width, keep) / width}
+
+
+register_op(OpDef("linear", _infer_linear, _linear, {"keep": OPTIONAL}, batch_flow=per_token_rowwise(_linear_params),
+                  cost=_linear_cost, positionwise=True, weight_slots=slice(1, 2), act_quant_input=True,
+                  contextual_shares=lambda node: _share(node, 1, node.attrs.get("keep")),
+                  doc="x @ w.T (+ b); w is [out, in]; with keep=R each token (row) reads only the "
+                      "kept_channels(in, R) input channels i of largest |x_i| * ||w[:, i]|| (mocompile.ir.contextual)"))
 
 
 # ---- norms -----------------------------------------------------------------------------
@@ -126,7 +139,7 @@ register_op(OpDef("layernorm", _infer_norm, _layernorm, {"eps": REQUIRED}, cost=
 # ---- mlp (dense feed-forward block) ----------------------------------------------------
 # hidden_quant "token": the hidden activation h is rounded to int8 with a scale per row
 # (max |h| / 127) before the down projection, as a W8A8 block computes it (quantize pass).
-MLP_ATTRS = {"activation": "silu", "gated": True, "hidden_quant": None}
+MLP_ATTRS = {"activation": "silu", "gated": True, "hidden_quant": None, "keep": OPTIONAL}
 HIDDEN_QUANT_MODES = (None, "token")
 
 
@@ -148,6 +161,9 @@ def _infer_mlp(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[Tenso
     check_hidden_quant(attrs)
     x = ts[0]
     ffn_weight_types(ts[1:], attrs["gated"], x.shape[-1])
+    check_keep(attrs.get("keep"))
+    _expect(attrs.get("keep") is None or attrs["hidden_quant"] is None,
+            "mlp: keep (contextual sparsity) and hidden_quant (W8A8) do not combine")
     return [x]
 
 
@@ -176,7 +192,22 @@ def _mlp(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]
         x, gate, up, down = xs
     else:
         (x, up, down), gate = xs, None
-    return [ffn(x, gate, up, down, attrs["activation"], attrs["hidden_quant"])]
+    keep = attrs.get("keep")
+    if keep is None:
+        return [ffn(x, gate, up, down, attrs["activation"], attrs["hidden_quant"])]
+    # contextual sparsity: the input channels per token for gate and up (scored by their
+    # stacked columns), then the hidden neurons per token for down
+    x = sparsify(x, [w for w in (gate, up) if w is not None], keep)
+    h = sparsify(ffn_hidden(x, gate, up, attrs["activation"]).astype(np.float32), [down], keep)
+    return [(h @ down.T).astype(np.float32)]
+
+
+def _mlp_shares(node) -> dict[int, float]:
+    """Gate and up: the kept input channels; down: the kept hidden neurons."""
+    shares: dict[int, float] = {}
+    for i in range(1, len(node.inputs)):
+        shares.update(_share(node, i, node.attrs.get("keep")))
+    return shares
 
 
 def _mlp_hidden_abs_sum(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -190,14 +221,17 @@ def _mlp_hidden_abs_sum(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> t
 def _mlp_cost(ins, outs, attrs, env) -> Cost:
     rows = ins[0].numel(env) // ins[0].concrete(env)[-1]
     wsize = sum(t.numel(env) for t in ins[1:])
+    if attrs.get("keep") is not None:
+        wsize = int(wsize * kept_channels(ins[0].concrete(env)[-1], attrs["keep"]) / ins[0].concrete(env)[-1])
     return Cost(flops=2 * rows * wsize, bytes=4 * (wsize + 2 * outs[0].numel(env)))
 
 
-register_op(OpDef("mlp", _infer_mlp, _mlp, MLP_ATTRS, cost=_mlp_cost, batch_flow=rowwise(), positionwise=True,
-                  weight_slots=slice(1, None), down_projection=True, act_quant_input=True, weight_role="ffn",
-                  hidden_abs_sum=_mlp_hidden_abs_sum,
+register_op(OpDef("mlp", _infer_mlp, _mlp, MLP_ATTRS, cost=_mlp_cost, batch_flow=per_token_rowwise(),
+                  positionwise=True, weight_slots=slice(1, None), down_projection=True, act_quant_input=True,
+                  weight_role="ffn", hidden_abs_sum=_mlp_hidden_abs_sum, contextual_shares=_mlp_shares,
                   doc="down(act(x@gate.T) * (x@up.T)) if gated else down(act(x@up.T)), the hidden activation rounded to "
-                      "int8 per row first with hidden_quant=token; inputs x, [gate], up, down"))
+                      "int8 per row first with hidden_quant=token; inputs x, [gate], up, down; with keep=R each token "
+                      "reads only its kept input channels (gate, up) and kept hidden neurons (down), as linear's keep"))
 
 
 # ---- matmul (plain torch code: x @ w, batched) ---------------------------------------------
