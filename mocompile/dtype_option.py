@@ -23,7 +23,9 @@ from mocompile.passes.weight_dtype import weight_inputs
 
 CHOICES = ("bf16", "fp16", "fp32")
 NAMES = {**SHORT_NAMES, "fp32": "float32"}
-_SETS_WEIGHT_STORAGE = ("quantize", "weight-dtype")  # passes that already decide how weights are stored
+# Passes that decide how weights are stored: quantize and weight-dtype store them in other
+# formats, and contextual-sparsity's gathered kernels select rows of float32 weights.
+_SETS_WEIGHT_STORAGE = ("quantize", "weight-dtype", "contextual-sparsity")
 
 
 def _default(model: Any) -> str:
@@ -48,8 +50,8 @@ def resolve_dtype(model: Any, dtype: str | None, passes: str, backend: Backend) 
             dtype = "fp32"  # the pipeline or the target decides; nothing to change
     elif dtype != "fp32":
         if storage:
-            raise MocompileError(f"--dtype {dtype}: the pipeline already sets how weights are stored ({storage[0]}); "
-                                 "--dtype applies to float weights: drop one of the two")
+            raise MocompileError(f"--dtype {dtype}: {storage[0]} in the pipeline decides how the weights are "
+                                 "stored; --dtype applies to float weights: drop one of the two")
         if NAMES[dtype] not in backend.weight_formats:
             raise MocompileError(f"--dtype {dtype}: the {backend.name} target does not read {NAMES[dtype]} weights "
                                  f"(it reads {', '.join(sorted(backend.weight_formats))}); use --dtype fp32")

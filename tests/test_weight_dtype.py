@@ -138,9 +138,10 @@ def test_rounding_matches_torch() -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--passes", "quantize(w=int8)", "--dtype", "bf16"], "--dtype bf16: the pipeline already sets how weights are stored"),
+    (["--passes", "quantize(w=int8)", "--dtype", "bf16"], "--dtype bf16: quantize(w=int8,calib=16) in the pipeline"),
+    (["--passes", "contextual-sparsity(keep=0.5)", "--dtype", "bf16"], "--dtype bf16: contextual-sparsity(keep=0.5) in"),
     (["--target", "mlir", "--dtype", "bf16"], "--dtype bf16: the mlir target does not read bfloat16 weights"),
-    (["--passes", "weight-dtype(dtype=bf16)", "--dtype", "fp16"], "--dtype fp16: the pipeline already sets"),
+    (["--passes", "weight-dtype(dtype=bf16)", "--dtype", "fp16"], "--dtype fp16: weight-dtype(dtype=bf16) in the"),
 ])
 def test_refusals_are_one_line(tmp_path, capsys, args, message) -> None:
     out = tmp_path / "never"

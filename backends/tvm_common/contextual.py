@@ -84,7 +84,8 @@ def check_float_weights(ctx, node: Node, weights: list[Value]) -> None:
     for w in weights:
         if not ctx.is_weight(w):
             raise LoweringError(f"{node.op} at {node.loc or '?'}: contextual sparsity reads float32 weights, but {w.name} "
-                                "is computed (quantized after contextual-sparsity?); do not quantize a graph with keep=")
+                                f"is computed by {w.producer.op if w.producer is not None else '?'}; quantize and weight-dtype "
+                                "cannot follow contextual-sparsity")
 
 
 def gathered_or_masked(ctx, node: Node, x_rows: relax.Expr, rows, weights: list[Value], m: int, epi: Epilogue,
