@@ -179,7 +179,7 @@ def main() -> None:
         specs = {name: load_spec(MODELS[name]) for name in args.models}
         schemes = {s: SCHEMES[s] for s in ("fp32", "int8", "int4")}
         write_llamacpp_section("quantization-llamacpp", "bench_quant.py", specs, schemes, args.threads,
-                               CACHE / "llamacpp", args.out, sys.argv[1:])
+                               CACHE.parent / "llamacpp", args.out, sys.argv[1:])
         if args.llamacpp == "only":
             return
     bandwidth = copy_bandwidth()

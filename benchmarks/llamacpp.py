@@ -13,8 +13,8 @@ What it does, each step cached under ~/.cache/mocompile-bench (MOCOMPILE_BENCH_C
   gguf-py) writes an F32 GGUF; `llama-quantize` makes Q8_0, Q4_0 and BF16 from it.
 - run: `llama-bench -o json` at a given thread count: pp64 and pp512 from an empty cache, tg32
   from an empty cache and after 512 and 2048 cached positions (`-d`, which this version has;
-  the cached state is restored, not recomputed, between repetitions). Times are the median
-  of its per-repetition samples.
+  the cached state is restored, not recomputed, between repetitions), its per-repetition
+  samples returned. Its OpenMP workers sleep when idle (IDLE_SLEEPS), as our TVM workers do.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -36,6 +35,10 @@ TARGETS = ("llama-bench", "llama-quantize")
 PAIRS = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0", "bf16": "BF16"}
 PROMPTS = (64, 512)  # ppN: one N-token prompt from an empty cache
 GEN, DEPTHS = 32, (0, 512, 2048)  # tgN after each count of cached positions
+# llama.cpp's OpenMP workers sleep when idle, as mocompile/threads.py makes TVM's do
+# (TVM_THREAD_POOL_SPIN_COUNT=0): on a shared machine a spinning worker waits out whole
+# time slices of the one it waits for (measured here: llama.cpp's pp512 20-60x slower spinning)
+IDLE_SLEEPS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 class Unavailable(Exception):
@@ -133,7 +136,7 @@ def ggufs(tools: LlamaCpp, spec, model, name: str, types: list[str], cache: Path
 
     work = cache / "models" / name
     hf = export_mixtral(spec, model, work / "hf")
-    digest = hashlib.sha256((hf / "model.safetensors").read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256((hf / "model.safetensors").read_bytes() + (hf / "config.json").read_bytes()).hexdigest()[:12]
     if not (hf / "tokenizer.model").exists():
         train_tokenizer(hf, spec.vocab)
     log = work / "convert.log"
@@ -158,21 +161,22 @@ def cases() -> list[tuple[str, int, int, int]]:
     return [(f"pp{p}", p, 0, 0) for p in PROMPTS] + [(f"tg{GEN} @ {d}", 0, GEN, d) for d in DEPTHS]
 
 
-def bench(tools: LlamaCpp, gguf: Path, threads: int, reps: int = 3, depths: tuple[int, ...] = DEPTHS) -> dict[str, float]:
-    """Case label -> median ms of one repetition (a whole prompt, or all GEN tokens), from
-    one llama-bench run of every case on `gguf` at `threads` threads."""
-    out: dict[str, float] = {}
+def bench(tools: LlamaCpp, gguf: Path, threads: int, reps: int = 3,
+          depths: tuple[int, ...] = DEPTHS) -> dict[str, list[float]]:
+    """Case label -> ms of each repetition (a whole prompt, or all GEN tokens), from one
+    llama-bench run of every case on `gguf` at `threads` threads."""
+    out: dict[str, list[float]] = {}
     for args in (["-p", ",".join(map(str, PROMPTS)), "-n", "0"],
                  ["-p", "0", "-n", str(GEN), "-d", ",".join(map(str, depths))]):
         cmd = [str(tools.tool("llama-bench")), "-m", str(gguf), "-t", str(threads), "-r", str(reps), "-o", "json",
                *args]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **IDLE_SLEEPS})
         if done.returncode:
             raise Unavailable(f"llama-bench on {gguf.name} failed (exit {done.returncode}): "
                               f"{(done.stderr.strip().splitlines() or [''])[-1][:200]}")
         for test in json.loads(done.stdout):
             label = f"pp{test['n_prompt']}" if test["n_prompt"] else f"tg{test['n_gen']} @ {test['n_depth']}"
-            out[label] = statistics.median(test["samples_ns"]) / 1e6
+            out[label] = [ns / 1e6 for ns in test["samples_ns"]]
     return out
 
 
