@@ -228,7 +228,8 @@ def main() -> None:
     if args.llamacpp != "skip":  # fp32 against llama.cpp's F32, in a section of its own
         specs = {name: load_spec(ROOT / "examples" / f"{name}.moe") for name in args.models}
         write_llamacpp_section("models-llamacpp", "bench_models.py", specs, {"fp32": ""}, args.threads,
-                               CACHE / "llamacpp", args.out, sys.argv[1:])
+                               CACHE / "llamacpp", args.out, sys.argv[1:],
+                               {"fp32": 4})
         if args.llamacpp == "only":
             return
     set_iree_threads()

@@ -32,7 +32,9 @@ VERSION = "0.3.36"  # llama-cpp-python release whose vendored llama.cpp is built
 CACHE = Path(os.environ.get("MOCOMPILE_BENCH_CACHE", Path.home() / ".cache" / "mocompile-bench"))
 TARGETS = ("llama-bench", "llama-quantize")
 # our scheme -> llama.cpp's type of the same bits per weight (the benchmark's pairing)
-PAIRS = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0", "bf16": "BF16"}
+# (llama.cpp's Q8_0 / Q4_0 dot products round the activations to int8 blocks of 32, so W8A8 / W4A8
+# are the same arithmetic; int8 / int4 keep float activations)
+PAIRS = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0", "w8a8": "Q8_0", "w4a8": "Q4_0", "bf16": "BF16"}
 PROMPTS = (64, 512)  # ppN: one N-token prompt from an empty cache
 GEN, DEPTHS = 32, (0, 512, 2048)  # tgN after each count of cached positions
 # llama.cpp's OpenMP workers sleep when idle, as mocompile/threads.py makes TVM's do
@@ -174,7 +176,11 @@ def bench(tools: LlamaCpp, gguf: Path, threads: int, reps: int = 3,
         if done.returncode:
             raise Unavailable(f"llama-bench on {gguf.name} failed (exit {done.returncode}): "
                               f"{(done.stderr.strip().splitlines() or [''])[-1][:200]}")
-        for test in json.loads(done.stdout):
+        try:
+            tests = json.loads(done.stdout)
+        except json.JSONDecodeError as e:
+            raise Unavailable(f"llama-bench on {gguf.name} printed no JSON ({e})") from None
+        for test in tests:
             label = f"pp{test['n_prompt']}" if test["n_prompt"] else f"tg{test['n_gen']} @ {test['n_depth']}"
             out[label] = [ns / 1e6 for ns in test["samples_ns"]]
     return out

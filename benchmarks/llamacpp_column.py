@@ -11,7 +11,8 @@ What is timed, llama-bench's cases on both sides, batch 1: ppN = one N-token pro
 empty cache (ours: one `step` of N positions into a fresh cache); tg32 @ d = 32 single-token
 steps after d cached positions (ours: 32 `step` calls; the cache is rewound to d before each
 repetition, as llama-bench restores its saved state). A round is one llama-bench process over
-every case (its own warm-up, REPS repetitions), then REPS timed repetitions of each of ours;
+every case (its own warm-up, REPS repetitions), then per case of ours one warm-up and REPS
+timed repetitions;
 the medians over all rounds' repetitions are compared. A model llama.cpp cannot read (not
 Mixtral-shaped) is skipped with the reason.
 """
@@ -30,7 +31,7 @@ import llamacpp
 from harness import figure
 
 LONG = 4096  # max_seq of the compared models: 2048 cached + 32 generated, and pp512, fit
-ROUNDS, REPS = 3, 2
+ROUNDS, REPS = 4, 3
 GEN_TARGET = 1.05  # generation: tokens/s at least this multiple of llama.cpp's
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,6 +103,7 @@ def compare(tools: llamacpp.LlamaCpp, name: str, spec, schemes: dict[str, str], 
     """Rows of one model: per scheme (our passes text) and case, our and llama.cpp's medians."""
     from mocompile.dsl import build_model
     from mocompile.dsl.hf_export import export_mixtral
+    from mocompile.dsl.summary import parameter_counts
 
     spec = replace(spec, max_seq=max(spec.max_seq, LONG))
     model = build_model(spec, seed=0)
@@ -115,12 +117,12 @@ def compare(tools: llamacpp.LlamaCpp, name: str, spec, schemes: dict[str, str], 
         ours = {label: _our_case(art, label, spec.vocab) for label in labels}
         theirs_ms: dict[str, list[float]] = {label: [] for label in labels}
         ours_ms: dict[str, list[float]] = {label: [] for label in labels}
-        for label, fn in ours.items():  # warm-up, as llama-bench warms up
-            fn()
         for _ in range(ROUNDS):
             for label, ms in llamacpp.bench(tools, files[llamacpp.PAIRS[scheme]], threads, REPS).items():
                 theirs_ms[label] += ms
             for label, fn in ours.items():
+                fn()  # one untimed run per case and round, as llama-bench warms up before each test's
+                # repetitions (the runtime's first call after another shape re-plans its buffers)
                 for _ in range(REPS):
                     t0 = time.perf_counter()
                     fn()
@@ -130,7 +132,7 @@ def compare(tools: llamacpp.LlamaCpp, name: str, spec, schemes: dict[str, str], 
             n = llamacpp.tokens(label)
             rows.append({"model": name, "scheme": scheme, "type": llamacpp.PAIRS[scheme], "case": label,
                          "ours_ms": a, "llama_ms": b, "ours_tps": 1e3 * n / a, "llama_tps": 1e3 * n / b,
-                         "speedup": b / a})
+                         "speedup": b / a, "path": art.path, "active": parameter_counts(spec)["active_per_token"]})
             say(f"{name} {scheme} vs {llamacpp.PAIRS[scheme]} {label}: ours {1e3 * n / a:.1f} tok/s, "
                 f"llama.cpp {1e3 * n / b:.1f} tok/s ({b / a:.2f}x)")
     return rows
@@ -159,9 +161,37 @@ def column_rows(specs: dict[str, object], schemes: dict[str, str], threads: int,
     return rows, notes, f"llama.cpp {tools.commit} (vendored in llama-cpp-python {llamacpp.VERSION})"
 
 
-def section_lines(rows: list[dict], notes: list[str], build: str, threads: int) -> list[str]:
+def roofline_cell(r: dict, bytes_per_param: dict[str, float], bandwidth: float) -> str:
+    """A tg row's time per step against the time to read the step's weights once (active
+    parameters x bytes per parameter of the scheme, at the measured copy bandwidth)."""
+    if not r["case"].startswith("tg") or r["scheme"] not in bytes_per_param:
+        return ""
+    roof = 1e3 * r["active"] * bytes_per_param[r["scheme"]] / bandwidth
+    return f"{r['ours_ms'] / llamacpp.GEN / roof:.2f}x of {roof:.3f} ms"
+
+
+def miss_profiles(rows: list[dict], limit: int = 2) -> list[str]:
+    """Kernel profiles of the decode steps behind the generation rows that missed GEN_TARGET
+    (the model and scheme with the lowest speed-up first, at most `limit`)."""
+    from mocompile.runtime import load
+    from vm_profile import kernel_profile, profile_lines
+
+    lines, seen = [], set()
+    for r in sorted((r for r in rows if r["case"].startswith("tg") and r["speedup"] < GEN_TARGET),
+                    key=lambda r: r["speedup"]):
+        if (r["model"], r["scheme"]) in seen or len(seen) == limit:
+            continue
+        seen.add((r["model"], r["scheme"]))
+        prof = kernel_profile(load(r["path"], driver=False))
+        lines += profile_lines(f"{r['model']} {r['scheme']}", "decode b1 x1", r["ours_ms"] / llamacpp.GEN, prof)
+    return lines
+
+
+def section_lines(rows: list[dict], notes: list[str], build: str, threads: int,
+                  bytes_per_param: dict[str, float] | None = None, bandwidth: float = 0.0) -> list[str]:
     """The llama.cpp table of a section and its verdicts: generation rows against GEN_TARGET,
-    prompt rows against 1.0 (the prompt lead kept)."""
+    prompt rows against 1.0 (the prompt lead kept); the steps of missed rows profiled."""
+    bytes_per_param = bytes_per_param or {}
     lines = ["", f"### Against llama.cpp ({build or 'not built'})", ""]
     if rows:
         lines += [
@@ -170,15 +200,19 @@ def section_lines(rows: list[dict], notes: list[str], build: str, threads: int) 
             "the scheme's passes, llama.cpp's `convert_hf_to_gguf.py` converts it and `llama-quantize` makes the "
             "paired type. Cases as `llama-bench` names them: ppN = an N-token prompt into an empty cache; tg32 @ d = "
             "32 single-token steps after d cached positions (ours: `step` calls). Medians over "
-            f"{ROUNDS} alternating rounds of {REPS} repetitions (a round: one llama-bench process, then ours). "
+            f"{ROUNDS} alternating rounds of {REPS} repetitions per case (a round: one llama-bench process, then ours; "
+            "each side warms each case up first). "
             "speed-up = ours tokens/s / llama.cpp tokens/s. Idle workers sleep on both sides (llama.cpp's OpenMP: "
             "`OMP_WAIT_POLICY=PASSIVE`; TVM: `TVM_THREAD_POOL_SPIN_COUNT=0`, mocompile's default): on this shared "
             "machine spinning workers made llama.cpp's prompts 20-60x slower.", "",
-            "| model | ours | llama.cpp | case | ours ms | llama.cpp ms | ours tok/s | llama.cpp tok/s | speed-up |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            f"Roofline (tg rows): our time per step against reading the active weights once at the copy bandwidth "
+            f"measured at the start ({bandwidth / 1e9:.1f} GB/s; KV cache reads not counted).", "",
+            "| model | ours | llama.cpp | case | ours ms | llama.cpp ms | ours tok/s | llama.cpp tok/s | speed-up "
+            "| our step vs roofline |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['scheme']} | {r['type']} | {r['case']} | {r['ours_ms']:.2f} | "
-                  f"{r['llama_ms']:.2f} | {r['ours_tps']:.1f} | {r['llama_tps']:.1f} | {figure(r['speedup'])} |"
-                  for r in rows]
+                  f"{r['llama_ms']:.2f} | {r['ours_tps']:.1f} | {r['llama_tps']:.1f} | {figure(r['speedup'])} | "
+                  f"{roofline_cell(r, bytes_per_param, bandwidth)} |" for r in rows]
         gen = [r for r in rows if r["case"].startswith("tg")]
         pp = [r for r in rows if r["case"].startswith("pp")]
         missed = [f"{r['model']} {r['scheme']} {r['case']} {figure(r['speedup'])}x" for r in gen
@@ -188,6 +222,7 @@ def section_lines(rows: list[dict], notes: list[str], build: str, threads: int) 
                   + (f"; missed: {', '.join(missed)}" if missed else ""),
                   f"- prompts (>= 1x llama.cpp): {len(pp) - len(lost)} of {len(pp)} rows met"
                   + (f"; behind: {', '.join(lost)}" if lost else "")]
+        lines += miss_profiles(rows)
     return lines + ([""] + notes if notes else [])
 
 
@@ -199,18 +234,19 @@ def add_option(parser) -> None:
 
 
 def write_llamacpp_section(section: str, script: str, specs: dict[str, object], schemes: dict[str, str], threads: int,
-                           cache: Path, out: Path, argv: list[str]) -> None:
+                           cache: Path, out: Path, argv: list[str], bytes_per_param: dict[str, float]) -> None:
     """Run the comparison and write it as its own RESULTS.md section (`section`), so that
     `--llamacpp only` reruns it without touching the script's other tables."""
     from engines import THREADS
-    from harness import RunClock, cpu_name, versions
+    from harness import RunClock, copy_bandwidth, cpu_name, versions
     from results import write_section
 
     clock = RunClock()
+    bandwidth = copy_bandwidth()
     rows, notes, build = column_rows(specs, schemes, threads, cache)
     head = [f"## Against llama.cpp: {section.removesuffix('-llamacpp')} (`python benchmarks/{script} --llamacpp only`)",
             "", f"Run of `python benchmarks/{script}{''.join(' ' + a for a in argv)}` ({clock.stamp()}): {cpu_name()}, "
             f"{versions()}; {THREADS.header(['artifact'])}, llama-bench `-t {threads}`."]
-    text = "\n".join(head + section_lines(rows, notes, build, threads))
+    text = "\n".join(head + section_lines(rows, notes, build, threads, bytes_per_param, bandwidth))
     write_section(section, text, out)
     print(text)
