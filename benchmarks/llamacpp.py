@@ -79,16 +79,20 @@ def _sources(cache: Path, log: Path) -> Path:
     if not sdist.exists():
         _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-d", str(cache),
               f"llama-cpp-python=={VERSION}"], log, "downloading the llama-cpp-python sdist")
-    with tarfile.open(sdist) as tar:
-        tar.extractall(cache, filter="data")
+    try:
+        with tarfile.open(sdist) as tar:
+            tar.extractall(cache, filter="data")
+    except (tarfile.TarError, OSError) as e:
+        raise Unavailable(f"cannot unpack {sdist} ({e})") from None
     if not (tree / "CMakeLists.txt").exists():
         raise Unavailable(f"{sdist} holds no vendor/llama.cpp")
     return tree
 
 
-def build(cache: Path = CACHE, jobs: int = 2) -> LlamaCpp:
-    """llama.cpp's llama-bench and llama-quantize, built once per cache (a finished build is
-    reused as it is). Raises Unavailable with the reason when any step fails."""
+def build(cache: Path | None = None, jobs: int = 2) -> LlamaCpp:
+    """llama.cpp's llama-bench and llama-quantize, built once per cache (default CACHE; a
+    finished build is reused as it is). Raises Unavailable with the reason when any step fails."""
+    cache = cache or CACHE
     cache.mkdir(parents=True, exist_ok=True)
     log = cache / "build.log"
     source = _sources(cache, log)
@@ -129,14 +133,14 @@ def train_tokenizer(out: Path, vocab: int) -> Path:
     return out / "tokenizer.model"
 
 
-def ggufs(tools: LlamaCpp, spec, model, name: str, types: list[str], cache: Path = CACHE) -> dict[str, Path]:
+def ggufs(tools: LlamaCpp, spec, model, name: str, types: list[str], cache: Path | None = None) -> dict[str, Path]:
     """GGUF files of `model` (the reference model of `spec`) in each of `types` (F32, Q8_0,
     Q4_0, BF16), converted once per name and weights: the checkpoint's digest names the files."""
     import hashlib
 
     from mocompile.dsl.hf_export import export_mixtral
 
-    work = cache / "models" / name
+    work = (cache or CACHE) / "models" / name
     hf = export_mixtral(spec, model, work / "hf")
     digest = hashlib.sha256((hf / "model.safetensors").read_bytes() + (hf / "config.json").read_bytes()).hexdigest()[:12]
     if not (hf / "tokenizer.model").exists():
