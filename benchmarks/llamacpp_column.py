@@ -12,9 +12,8 @@ empty cache (ours: one `step` of N positions into a fresh cache); tg32 @ d = 32 
 steps after d cached positions (ours: 32 `step` calls; the cache is rewound to d before each
 repetition, as llama-bench restores its saved state). A round is one llama-bench process over
 every case (its own warm-up, REPS repetitions), then per case of ours one warm-up and REPS
-timed repetitions;
-the medians over all rounds' repetitions are compared. A model llama.cpp cannot read (not
-Mixtral-shaped) is skipped with the reason.
+timed repetitions; the medians over all rounds' repetitions are compared. A model llama.cpp
+cannot read (not Mixtral-shaped) is skipped with the reason.
 """
 
 from __future__ import annotations
