@@ -30,6 +30,7 @@ from baselines import COMPILED_MODEL, TokenStep, check_close, compiled_runner, l
 from engines import THREADS, set_iree_threads, set_threads
 from harness import PAST, ROUNDS, RunClock, artifact_step, cell, copy_bandwidth, cpu_name, figure, fit_positions, \
     options, ratio, rows_text, time_columns, versions
+from llamacpp_column import add_option, write_llamacpp_section
 from mocompile.dsl import build_model, load_spec
 from mocompile.dsl.summary import parameter_counts
 from mocompile.progress import Bar
@@ -219,9 +220,18 @@ def target_verdicts(rows: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    args = options(__doc__.splitlines()[0], EXAMPLES).parse_args()
+    parser = options(__doc__.splitlines()[0], EXAMPLES)
+    add_option(parser)
+    args = parser.parse_args()
     clock = RunClock()
     set_threads(args.threads)
+    if args.llamacpp != "skip":  # fp32 against llama.cpp's F32, in a section of its own
+        specs = {name: load_spec(ROOT / "examples" / f"{name}.moe") for name in args.models}
+        write_llamacpp_section("models-llamacpp", "bench_models.py", specs, {"fp32": ""}, args.threads,
+                               CACHE / "llamacpp", args.out, sys.argv[1:],
+                               {"fp32": 4})
+        if args.llamacpp == "only":
+            return
     set_iree_threads()
     bandwidth = copy_bandwidth()
     launch_us = kernel_launch_us()

@@ -22,6 +22,7 @@ import mocompile
 from engines import THREADS, set_threads
 from harness import PAST, ROUNDS, RunClock, artifact_columns, copy_bandwidth, cpu_name, fit_positions, options, \
     rows_text, time_columns, versions
+from llamacpp_column import add_option, write_llamacpp_section
 from mocompile.dsl import build_model, load_spec
 from mocompile.dsl.kv_cache import CachedStep
 from mocompile.dsl.summary import parameter_counts
@@ -169,9 +170,19 @@ def header(bandwidth: float, argv: list[str], stamp: str) -> list[str]:
 
 
 def main() -> None:
-    args = options(__doc__.splitlines()[0], list(MODELS)).parse_args()
+    parser = options(__doc__.splitlines()[0], list(MODELS))
+    add_option(parser)
+    args = parser.parse_args()
     clock = RunClock()
     set_threads(args.threads)
+    if args.llamacpp != "skip":  # fp32 / int8 / int4 g32 / W4A8 against llama.cpp's F32 / Q8_0 / Q4_0 / Q4_0
+        specs = {name: load_spec(MODELS[name]) for name in args.models}
+        schemes = {s: SCHEMES[s] for s in ("fp32", "int8", "int4", "w4a8")}
+        write_llamacpp_section("quantization-llamacpp", "bench_quant.py", specs, schemes, args.threads,
+                               CACHE.parent / "llamacpp", args.out, sys.argv[1:],
+                               BYTES_PER_PARAM)
+        if args.llamacpp == "only":
+            return
     bandwidth = copy_bandwidth()
     table = []
     sizes = ["", "| model | scheme | weights MB | compile s | drift (rel) | top-1 (verify) | top-1 (calib) | KL (calib) |",

@@ -1,0 +1,251 @@
+"""The llama.cpp column of bench_models.py and bench_quant.py: our artifact against llama-bench
+on the same weights, precision by precision, in alternating rounds.
+
+Both sides read one checkpoint: the benchmark model's reference weights written as a Hugging
+Face Mixtral directory (dsl/hf_export.py); mocompile compiles that directory (with a scheme's
+passes), llama.cpp converts it to GGUF and quantizes it to the paired type (llamacpp.PAIRS).
+The spec's max_seq is raised to LONG positions first (weights unchanged: rope is computed, not
+stored) so that both sides can hold 2048 cached positions plus the generated ones.
+
+What is timed, llama-bench's cases on both sides, batch 1: ppN = one N-token prompt into an
+empty cache (ours: one `step` of N positions into a fresh cache); tg32 @ d = 32 single-token
+steps after d cached positions (ours: 32 `step` calls; the cache is rewound to d before each
+repetition, as llama-bench restores its saved state). A round is one llama-bench process over
+every case (its own warm-up, REPS repetitions), then per case of ours one warm-up and REPS
+timed repetitions; the medians over all rounds' repetitions are compared. A model llama.cpp
+cannot read (not Mixtral-shaped) is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import llamacpp
+from harness import figure
+
+LONG = 4096  # max_seq of the compared models: 2048 cached + 32 generated, and pp512, fit
+ROUNDS, REPS = 4, 3
+GEN_TARGET = 1.05  # generation: tokens/s at least this multiple of llama.cpp's
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def skip_reason(spec) -> str | None:
+    """Why llama.cpp cannot run `spec` with the same weights, or None."""
+    from mocompile.dsl.hf_export import mixtral_blocker
+
+    why = mixtral_blocker(spec)
+    return f"{why}; llama.cpp reads it only as a Mixtral checkpoint here" if why else None
+
+
+def _our_case(art, label: str, vocab: int) -> Callable[[], object]:
+    """Our side of one llama-bench case, as a timed call on artifact `art` (batch 1)."""
+    rng = np.random.default_rng(7)
+    if label.startswith("pp"):
+        n = llamacpp.tokens(label)
+        ids = {"text": rng.integers(0, vocab, (1, n)).astype(np.int64)}
+        cache = art.new_cache(1, n)
+
+        def prompt() -> object:
+            cache.length = 0
+            return art.step(ids, cache)
+        return prompt
+    depth = int(label.split("@")[1])
+    cache = art.new_cache(1, depth + llamacpp.GEN)
+    if depth:
+        art.step({"text": rng.integers(0, vocab, (1, depth)).astype(np.int64)}, cache)
+    tokens = [{"text": rng.integers(0, vocab, (1, 1)).astype(np.int64)} for _ in range(llamacpp.GEN)]
+
+    def generate() -> object:
+        cache.length = depth
+        for t in tokens:
+            art.step(t, cache)
+    return generate
+
+
+def _source_digest(hf: Path, passes: str) -> str:
+    """What an artifact of the comparison depends on: the checkpoint's bytes, the passes and
+    the compiler's own sources (a changed kernel must be measured, not a stale build)."""
+    import hashlib
+
+    h = hashlib.sha256(passes.encode())
+    h.update((hf / "model.safetensors").read_bytes())
+    h.update((hf / "config.json").read_bytes())
+    for folder in ("mocompile", "dsl", "passes", "backends"):
+        for f in sorted((ROOT / folder).rglob("*.py")):
+            h.update(str(f.relative_to(ROOT)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def _artifact(hf: Path, passes: str, out: Path):
+    """The artifact of checkpoint `hf` with `passes`: compiled (and verified) once, then
+    loaded while the checkpoint, the passes and the compiler's sources are unchanged (a
+    quantized moe_medium takes minutes to compile on this machine)."""
+    import mocompile
+    from mocompile.runtime import load
+
+    key, stamp = _source_digest(hf, passes), out.parent / f"{out.name}.source"
+    if (out / "manifest.json").exists() and stamp.exists() and stamp.read_text() == key:
+        return load(out)
+    art = mocompile.compile(str(hf), passes=passes, out_dir=out, batch=2, seq=4)
+    stamp.write_text(key)
+    return art
+
+
+def compare(tools: llamacpp.LlamaCpp, name: str, spec, schemes: dict[str, str], threads: int, cache: Path,
+            say: Callable[[str], None] = print) -> list[dict]:
+    """Rows of one model: per scheme (our passes text) and case, our and llama.cpp's medians."""
+    from mocompile.dsl import build_model
+    from mocompile.dsl.hf_export import export_mixtral
+    from mocompile.dsl.summary import parameter_counts
+
+    spec = replace(spec, max_seq=max(spec.max_seq, LONG))
+    model = build_model(spec, seed=0)
+    files = llamacpp.ggufs(tools, spec, model, name, [llamacpp.PAIRS[s] for s in schemes])
+    hf = export_mixtral(spec, model, cache / f"{name}-hf")
+    del model
+    labels = [c[0] for c in llamacpp.cases()]
+    rows = []
+    for scheme, passes in schemes.items():
+        art = _artifact(hf, passes, cache / f"{name}-long-{scheme}")
+        ours = {label: _our_case(art, label, spec.vocab) for label in labels}
+        theirs_ms: dict[str, list[float]] = {label: [] for label in labels}
+        ours_ms: dict[str, list[float]] = {label: [] for label in labels}
+        for _ in range(ROUNDS):
+            for label, ms in llamacpp.bench(tools, files[llamacpp.PAIRS[scheme]], threads, REPS).items():
+                theirs_ms[label] += ms
+            for label, fn in ours.items():
+                fn()  # one untimed run per case and round, as llama-bench warms up before each test's
+                # repetitions (the runtime's first call after another shape re-plans its buffers)
+                for _ in range(REPS):
+                    t0 = time.perf_counter()
+                    fn()
+                    ours_ms[label].append(1e3 * (time.perf_counter() - t0))
+        for label in labels:
+            a, b = statistics.median(ours_ms[label]), statistics.median(theirs_ms[label])
+            n = llamacpp.tokens(label)
+            rows.append({"model": name, "scheme": scheme, "type": llamacpp.PAIRS[scheme], "case": label,
+                         "ours_ms": a, "llama_ms": b, "ours_tps": 1e3 * n / a, "llama_tps": 1e3 * n / b,
+                         "speedup": b / a, "path": art.path, "active": parameter_counts(spec)["active_per_token"]})
+            say(f"{name} {scheme} vs {llamacpp.PAIRS[scheme]} {label}: ours {1e3 * n / a:.1f} tok/s, "
+                f"llama.cpp {1e3 * n / b:.1f} tok/s ({b / a:.2f}x)")
+    return rows
+
+
+def column_rows(specs: dict[str, object], schemes: dict[str, str], threads: int, cache: Path,
+                say: Callable[[str], None] = print) -> tuple[list[dict], list[str], str]:
+    """Every comparable model's rows, the notes of what was skipped and why, and the build's
+    description ('' when the column is skipped as a whole)."""
+    notes = []
+    try:
+        tools = llamacpp.build()
+    except llamacpp.Unavailable as e:
+        say(f"llama.cpp column skipped: {e}")
+        return [], [f"- llama.cpp column skipped: {e}"], ""
+    rows = []
+    for name, spec in specs.items():
+        why = skip_reason(spec)
+        if why:
+            notes.append(f"- {name}: not compared ({why})")
+            continue
+        try:
+            rows += compare(tools, name, spec, schemes, threads, cache, say)
+        except llamacpp.Unavailable as e:
+            notes.append(f"- {name}: not compared ({e})")
+    return rows, notes, f"llama.cpp {tools.commit} (vendored in llama-cpp-python {llamacpp.VERSION})"
+
+
+def roofline_cell(r: dict, bytes_per_param: dict[str, float], bandwidth: float) -> str:
+    """A tg row's time per step against the time to read the step's weights once (active
+    parameters x bytes per parameter of the scheme, at the measured copy bandwidth)."""
+    if not r["case"].startswith("tg") or r["scheme"] not in bytes_per_param:
+        return ""
+    roof = 1e3 * r["active"] * bytes_per_param[r["scheme"]] / bandwidth
+    return f"{r['ours_ms'] / llamacpp.GEN / roof:.2f}x of {roof:.3f} ms"
+
+
+def miss_profiles(rows: list[dict], limit: int = 2) -> list[str]:
+    """Kernel profiles of the decode steps behind the generation rows that missed GEN_TARGET
+    (the model and scheme with the lowest speed-up first, at most `limit`)."""
+    from mocompile.runtime import load
+    from vm_profile import kernel_profile, profile_lines
+
+    lines, seen = [], set()
+    for r in sorted((r for r in rows if r["case"].startswith("tg") and r["speedup"] < GEN_TARGET),
+                    key=lambda r: r["speedup"]):
+        if (r["model"], r["scheme"]) in seen or len(seen) == limit:
+            continue
+        seen.add((r["model"], r["scheme"]))
+        prof = kernel_profile(load(r["path"], driver=False))
+        lines += profile_lines(f"{r['model']} {r['scheme']}", "decode b1 x1", r["ours_ms"] / llamacpp.GEN, prof)
+    return lines
+
+
+def section_lines(rows: list[dict], notes: list[str], build: str, threads: int,
+                  bytes_per_param: dict[str, float] | None = None, bandwidth: float = 0.0) -> list[str]:
+    """The llama.cpp table of a section and its verdicts: generation rows against GEN_TARGET,
+    prompt rows against 1.0 (the prompt lead kept); the steps of missed rows profiled."""
+    bytes_per_param = bytes_per_param or {}
+    lines = ["", f"### Against llama.cpp ({build or 'not built'})", ""]
+    if rows:
+        lines += [
+            f"Both sides at {threads} threads, batch 1, on one Mixtral checkpoint written from the model's reference "
+            f"weights (`dsl/hf_export.py`; max_seq raised to {LONG}, weights unchanged): mocompile compiles it with "
+            "the scheme's passes, llama.cpp's `convert_hf_to_gguf.py` converts it and `llama-quantize` makes the "
+            "paired type. Cases as `llama-bench` names them: ppN = an N-token prompt into an empty cache; tg32 @ d = "
+            "32 single-token steps after d cached positions (ours: `step` calls). Medians over "
+            f"{ROUNDS} alternating rounds of {REPS} repetitions per case (a round: one llama-bench process, then ours; "
+            "each side warms each case up first). "
+            "speed-up = ours tokens/s / llama.cpp tokens/s. Idle workers sleep on both sides (llama.cpp's OpenMP: "
+            "`OMP_WAIT_POLICY=PASSIVE`; TVM: `TVM_THREAD_POOL_SPIN_COUNT=0`, mocompile's default): on this shared "
+            "machine spinning workers made llama.cpp's prompts 20-60x slower.", "",
+            f"Roofline (tg rows): our time per step against reading the active weights once at the copy bandwidth "
+            f"measured at the start ({bandwidth / 1e9:.1f} GB/s; KV cache reads not counted).", "",
+            "| model | ours | llama.cpp | case | ours ms | llama.cpp ms | ours tok/s | llama.cpp tok/s | speed-up "
+            "| our step vs roofline |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['scheme']} | {r['type']} | {r['case']} | {r['ours_ms']:.2f} | "
+                  f"{r['llama_ms']:.2f} | {r['ours_tps']:.1f} | {r['llama_tps']:.1f} | {figure(r['speedup'])} | "
+                  f"{roofline_cell(r, bytes_per_param, bandwidth)} |" for r in rows]
+        gen = [r for r in rows if r["case"].startswith("tg")]
+        pp = [r for r in rows if r["case"].startswith("pp")]
+        missed = [f"{r['model']} {r['scheme']} {r['case']} {figure(r['speedup'])}x" for r in gen
+                  if r["speedup"] < GEN_TARGET]
+        lost = [f"{r['model']} {r['scheme']} {r['case']} {figure(r['speedup'])}x" for r in pp if r["speedup"] < 1.0]
+        lines += ["", f"- generation (>= {GEN_TARGET}x llama.cpp): {len(gen) - len(missed)} of {len(gen)} rows met"
+                  + (f"; missed: {', '.join(missed)}" if missed else ""),
+                  f"- prompts (>= 1x llama.cpp): {len(pp) - len(lost)} of {len(pp)} rows met"
+                  + (f"; behind: {', '.join(lost)}" if lost else "")]
+        lines += miss_profiles(rows)
+    return lines + ([""] + notes if notes else [])
+
+
+def add_option(parser) -> None:
+    """The scripts' --llamacpp choice: the comparison after the script's own tables, alone, or not."""
+    parser.add_argument("--llamacpp", choices=["with", "only", "skip"], default="with",
+                        help="the llama.cpp comparison (its own RESULTS.md section): after the other tables (with, "
+                             "the default), alone (only) or not at all (skip)")
+
+
+def write_llamacpp_section(section: str, script: str, specs: dict[str, object], schemes: dict[str, str], threads: int,
+                           cache: Path, out: Path, argv: list[str], bytes_per_param: dict[str, float]) -> None:
+    """Run the comparison and write it as its own RESULTS.md section (`section`), so that
+    `--llamacpp only` reruns it without touching the script's other tables."""
+    from engines import THREADS
+    from harness import RunClock, copy_bandwidth, cpu_name, versions
+    from results import write_section
+
+    clock = RunClock()
+    bandwidth = copy_bandwidth()
+    rows, notes, build = column_rows(specs, schemes, threads, cache)
+    head = [f"## Against llama.cpp: {section.removesuffix('-llamacpp')} (`python benchmarks/{script} --llamacpp only`)",
+            "", f"Run of `python benchmarks/{script}{''.join(' ' + a for a in argv)}` ({clock.stamp()}): {cpu_name()}, "
+            f"{versions()}; {THREADS.header(['artifact'])}, llama-bench `-t {threads}`."]
+    text = "\n".join(head + section_lines(rows, notes, build, threads, bytes_per_param, bandwidth))
+    write_section(section, text, out)
+    print(text)
