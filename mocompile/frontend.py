@@ -29,12 +29,12 @@ REFERENCE_BYTES_PER_PARAM = 8
 COMPILE_BYTES_PER_PARAM = 20
 
 
-def check_spec_fits(spec: Any, where: str, bytes_per_param: int) -> None:
-    """Refuse a model whose reference would not fit this machine's free memory, with the
-    figures, before any of it is allocated."""
+def check_spec_fits(spec: Any, where: str, bytes_per_param: float) -> None:
+    """Refuse a model whose reference (or, streamed, whose artifact) would not fit this
+    machine's free memory, with the figures, before any of it is allocated."""
     n = parameter_counts(spec)["total"]
-    check_fits(n * bytes_per_param, f"{spec.name} has {n:,} parameters, and working on it at about "
-               f"{bytes_per_param} bytes per parameter", where)
+    check_fits(int(n * bytes_per_param), f"{spec.name} has {n:,} parameters, and working on it at about "
+               f"{bytes_per_param:g} bytes per parameter", where)
 
 
 @dataclass
@@ -46,6 +46,13 @@ class Source:
     name: str
     meta: dict[str, Any] = field(default_factory=dict)
     int_high: dict[str, int] = field(default_factory=dict)  # token inputs: ids are in [0, high)
+    # a streamed checkpoint: `module` lives on the meta device and its weights are these
+    # LazyWeights (by parameter id), read from the checkpoint's files when asked for
+    lazy: dict[int, Any] | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.lazy is not None
 
 
 def source_from_spec(spec_or_path: Any, variant: str | None, weights: str | Path | None, seed: int,
@@ -68,33 +75,39 @@ def source_from_spec(spec_or_path: Any, variant: str | None, weights: str | Path
     return Source(model, model.input_types(), model.spec.name, meta, high)
 
 
-def source_from_hf(path: str | Path, bytes_per_param: int = REFERENCE_BYTES_PER_PARAM) -> Source:
-    """A Hugging Face checkpoint directory: its config imported as a spec, its weights
-    streamed into the reference model."""
+def source_from_hf(path: str | Path, bytes_per_param: float = REFERENCE_BYTES_PER_PARAM,
+                   stream: bool = False) -> Source:
+    """A Hugging Face checkpoint directory: its config imported as a spec, its weights read
+    into the reference model, or with `stream` left in the checkpoint's files (a meta-device
+    model and lazy IR weights, see stream_source.py)."""
     from mocompile.dsl.hf_import import import_checkpoint
     from mocompile.dsl.hf_weights import build_hf_model
+    from mocompile.stream_source import lazy_weights
 
     ckpt = import_checkpoint(path)
     check_spec_fits(ckpt.spec, str(path), bytes_per_param)
-    model = build_hf_model(ckpt)
+    model, lazy = lazy_weights(ckpt) if stream else (build_hf_model(ckpt), None)
     spec = ckpt.spec
     meta = {"name": spec.name, "spec_hash": spec.digest(), "variant": None, "source": str(ckpt.config_path),
             "weights": str(ckpt.path), "hf_architecture": ckpt.architecture, "hf_model_type": ckpt.family.model_type,
-            "hf_source": str(Path(path).resolve()), "max_seq": spec.max_seq}
-    return Source(model, model.input_types(), spec.name, meta, {"text": spec.vocab})
+            "hf_source": str(Path(path).resolve()), "max_seq": spec.max_seq, **({"streamed": True} if stream else {})}
+    return Source(model, model.input_types(), spec.name, meta, {"text": spec.vocab}, lazy)
 
 
 def source_for(model: Any, variant: str | None, weights: str | Path | None, seed: int,
-               bytes_per_param: int = REFERENCE_BYTES_PER_PARAM) -> Source:
-    """A spec (object or `.moe` path) or a Hugging Face checkpoint directory, ready to lower;
-    refused up front where building it needs more than `bytes_per_param` per parameter of
-    free memory."""
+               bytes_per_param: float = REFERENCE_BYTES_PER_PARAM, stream: bool = False) -> Source:
+    """A spec (object or `.moe` path) or a Hugging Face checkpoint directory (with `stream`,
+    its weights left in its files), ready to lower; refused up front where building it needs
+    more than `bytes_per_param` per parameter of free memory."""
     if isinstance(model, (str, Path)) and is_checkpoint(model):
         for option, value in (("weights", weights), ("variant", variant)):
             if value is not None:
                 raise MocompileError(f"{model}: a Hugging Face checkpoint brings its own weights and has no variants "
                                      f"(drop --{option})")
-        return source_from_hf(model, bytes_per_param)
+        return source_from_hf(model, bytes_per_param, stream)
+    if stream:
+        raise MocompileError(f"{model}: only a Hugging Face checkpoint directory can be streamed (a spec's weights "
+                             "are made in memory)")
     return source_from_spec(model, variant, weights, seed, bytes_per_param)
 
 
@@ -109,7 +122,7 @@ def source_from_module(module: Any, input_types: Mapping[str, TensorType] | None
 def lower_source(src: Source) -> Graph:
     from mocompile.lower_fx import lower_module
 
-    graph = lower_module(src.module, src.input_types, src.name, ("logits",))
+    graph = lower_module(src.module, src.input_types, src.name, ("logits",), src.lazy)
     try:
         verify(graph)
     except VerifyError as e:

@@ -131,6 +131,8 @@ class LoadedArtifact:
         self._empties: dict[tuple, Any] = {}
         self._staging: dict[str, tuple[np.ndarray, Any]] = {}  # input name -> (buffer, its TVM tensor)
         self._step = self._vm[step["function"]] if step else None
+        layers = program.get("layers")
+        self._layers = self._vm[layers["function"]] if layers else None
 
     def _plan(self, arrays: Mapping[str, np.ndarray], batch: int | None) -> "_CallPlan":
         """The plan of calls with these input names, shapes and dtypes: validated once (a
@@ -211,6 +213,20 @@ class LoadedArtifact:
         plan = self._plan(arrays, None)
         check_ids(plan.bounded, arrays)
         return self._outputs(self._fn(*self._inputs(plan, arrays), *self._weights), plan)
+
+    def run_layers(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each layer's output (the residual stream leaving it) for a forward over `inputs`,
+        by the IR value names the manifest's program lists under "layers"; an artifact
+        compiled to be verified layer by layer (a streamed compile) has this function."""
+        if self._layers is None:
+            raise ArtifactError(f"{self.path}: this artifact has no per-layer states (compiled without --stream)")
+        arrays = as_arrays(inputs)
+        plan = self._plan(arrays, None)
+        check_ids(plan.bounded, arrays)
+        names = self.manifest["program"]["layers"]["outputs"]
+        result = self._layers(*self._inputs(plan, arrays), *self._weights)
+        outs = [result] if len(names) == 1 else list(result)
+        return {name: np.from_dlpack(o).copy() for name, o in zip(names, outs)}
 
     # ---- incremental decoding ------------------------------------------------------------
     @property

@@ -57,6 +57,7 @@ class LoweredProgram:
     routers: list[tuple[str, str]] = field(default_factory=list)  # (router kernel, node place) in main's call order
     expert_reads: dict[str, dict] = field(default_factory=dict)  # kernel -> its per-expert weight arguments
     kernel_flops: dict[str, int] = field(default_factory=dict)  # matmul kernel -> flops per output row
+    layer_states: list[str] | None = None  # outputs of the `layers` function (None: not built)
 
     @property
     def weight_names(self) -> list[str]:

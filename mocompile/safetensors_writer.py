@@ -1,0 +1,42 @@
+"""Writing a safetensors file one tensor at a time.
+
+`safetensors.numpy.save_file` serialises every tensor into one bytes object before writing,
+so saving an artifact's weights held them twice; a real-size model's int4 weights are
+gigabytes. This writes the same format (an 8-byte little-endian header length, the JSON
+header padded to 8 bytes, then each tensor's bytes in header order) straight from each
+array's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16",
+           "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL"}
+
+
+def save_arrays(arrays: Mapping[str, np.ndarray], path: str | Path) -> None:
+    """Write `arrays` (name -> array; each read once more while writing) as a safetensors file."""
+    header: dict[str, dict] = {}
+    offset = 0
+    for name, a in arrays.items():
+        dtype = _DTYPES.get(str(a.dtype))
+        if dtype is None:
+            raise ValueError(f"{name}: safetensors has no dtype {a.dtype}")
+        header[name] = {"dtype": dtype, "shape": [int(d) for d in a.shape], "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in header:
+            a = np.ascontiguousarray(arrays[name])
+            if a.dtype.byteorder == ">":
+                a = a.astype(a.dtype.newbyteorder("<"))
+            f.write(memoryview(a.reshape(-1)).cast("B"))
