@@ -27,7 +27,7 @@ from mocompile.latency import PROBE, latency_probe
 from mocompile.pass_manager import PassContext, PassManager, load_plugin
 from mocompile.runtime import open_artifact
 from mocompile.signature import random_inputs, signature_of
-from mocompile.streamed_compile import LayerChain, mark_layer_states, spill_weights, streamed_bytes_per_param
+from mocompile.streamed_compile import LayerChain, artifact_bytes_per_param, mark_layer_states, spill_weights
 from mocompile.threads import configure_tvm_threads
 from mocompile.verification import (Reference, compare_to_reference, eager_reference, interpreter_reference,
                                     verify_artifact, verify_decode)
@@ -234,7 +234,7 @@ def compile(
     say("[1/6] building the reference model" + (" (streamed: weights stay in the checkpoint)" if stream else ""))
     if isinstance(model, (str, Path)) or type(model).__name__ == "Spec":
         src = source_for(model, variant, weights, seed,
-                         streamed_bytes_per_param(manager) if stream else COMPILE_BYTES_PER_PARAM, stream)
+                         artifact_bytes_per_param(manager) if stream else COMPILE_BYTES_PER_PARAM, stream)
     elif stream:
         raise MocompileError(f"{type(model).__name__}: only a Hugging Face checkpoint directory can be streamed")
     else:

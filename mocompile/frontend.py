@@ -23,18 +23,23 @@ from mocompile.memory import check_fits
 # Peak bytes per parameter while the float32 torch reference and the IR lowered from it
 # coexist (each holds the weights in float32).
 REFERENCE_BYTES_PER_PARAM = 8
+# Peak bytes of a streamed compile per byte of artifact weights (see streamed_compile.py: the
+# passes' low-bit results, then the backend's packed copy or the loaded artifact, one at a time,
+# beside the float32 weights of the op being worked on).
+STREAMED_ARTIFACT_COPIES = 2
 # Peak bytes per parameter of a whole compile: the reference and IR above, the passes' new
 # weights, the artifact's weight file and the verification runs. Measured: a 0.79B-parameter
 # Mixtral-shaped checkpoint peaked at 16.2 GB (about 20.5 bytes per parameter).
 COMPILE_BYTES_PER_PARAM = 20
 
 
-def check_spec_fits(spec: Any, where: str, bytes_per_param: float) -> None:
+def check_spec_fits(spec: Any, where: str, bytes_per_param: float, doing: str | None = None) -> None:
     """Refuse a model whose reference (or, streamed, whose artifact) would not fit this
-    machine's free memory, with the figures, before any of it is allocated."""
+    machine's free memory, with the figures, before any of it is allocated. `doing` says
+    what needs the memory (default: working on it at `bytes_per_param`)."""
     n = parameter_counts(spec)["total"]
-    check_fits(int(n * bytes_per_param), f"{spec.name} has {n:,} parameters, and working on it at about "
-               f"{bytes_per_param:g} bytes per parameter", where)
+    doing = doing or f"working on it at about {bytes_per_param:g} bytes per parameter"
+    check_fits(int(n * bytes_per_param), f"{spec.name} has {n:,} parameters, and {doing}", where)
 
 
 @dataclass
@@ -79,13 +84,18 @@ def source_from_hf(path: str | Path, bytes_per_param: float = REFERENCE_BYTES_PE
                    stream: bool = False) -> Source:
     """A Hugging Face checkpoint directory: its config imported as a spec, its weights read
     into the reference model, or with `stream` left in the checkpoint's files (a meta-device
-    model and lazy IR weights, see stream_source.py)."""
+    model and lazy IR weights, see stream_source.py; `bytes_per_param` is then the
+    artifact's, and the compile is refused where STREAMED_ARTIFACT_COPIES of it do not fit)."""
     from mocompile.dsl.hf_import import import_checkpoint
     from mocompile.dsl.hf_weights import build_hf_model
     from mocompile.stream_source import lazy_weights
 
     ckpt = import_checkpoint(path)
-    check_spec_fits(ckpt.spec, str(path), bytes_per_param)
+    if stream:  # `bytes_per_param`: the artifact's
+        check_spec_fits(ckpt.spec, str(path), STREAMED_ARTIFACT_COPIES * bytes_per_param,
+                        f"compiling it streamed (an artifact of about {bytes_per_param:g} bytes per parameter)")
+    else:
+        check_spec_fits(ckpt.spec, str(path), bytes_per_param)
     model, lazy = lazy_weights(ckpt) if stream else (build_hf_model(ckpt), None)
     spec = ckpt.spec
     meta = {"name": spec.name, "spec_hash": spec.digest(), "variant": None, "source": str(ckpt.config_path),

@@ -2,10 +2,11 @@
 the memory it is refused on, and the layer-by-layer verification of its artifact.
 
 Memory. A streamed compile never holds the float32 model: the passes read one float weight at
-a time (stream_source.py), so what it holds is about the artifact: the graph's low-bit codes,
-the backend's packed copy of them while it writes the weights file, and the artifact loaded
-for verification, plus one op's float32 weights while the interpreter runs it. It is refused
-up front where those would not fit (`streamed_bytes_per_param`).
+a time (stream_source.py), so what it holds is about the artifact: the quantize pass's low-bit
+codes, which are then spilled to scratch files (`spill_weights`) so that the backend's packed
+copy and later the artifact loaded for verification are the only whole copies, plus one op's
+float32 weights while the interpreter runs it. It is refused up front where twice the
+artifact would not fit (`artifact_bytes_per_param`, frontend.STREAMED_ARTIFACT_COPIES).
 
 Verification. The artifact is run once with its `layers` function (the residual stream leaving
 every layer, which the backend builds where graph.meta[LAYER_STATES] asks), and the reference
@@ -40,9 +41,6 @@ from mocompile.verification import Reference
 # may show against the reference of the same graph: float32 reordering is 1e-6 here; a wrong
 # kernel or weight is far above it.
 LAYER_TOLERANCE = 1e-3
-# Bytes a streamed compile holds per byte of artifact weights: the graph's codes, the packed
-# copy the backend writes, the artifact loaded for verification.
-ARTIFACT_COPIES = 3
 
 
 def artifact_bytes_per_param(manager: PassManager) -> float:
@@ -53,11 +51,6 @@ def artifact_bytes_per_param(manager: PassManager) -> float:
     if scheme is None:
         return 4.0
     return scheme.bits / 8 + (4 / scheme.group if scheme.group else 0)
-
-
-def streamed_bytes_per_param(manager: PassManager) -> float:
-    """Peak bytes per parameter of a streamed compile (see the module docstring)."""
-    return round(ARTIFACT_COPIES * artifact_bytes_per_param(manager), 3)
 
 
 SPILL_BYTES = 1 << 20  # weights from this size up are spilled to the scratch directory
