@@ -80,7 +80,7 @@ def main() -> None:
     layers = manifest.get("layer_verification", {})
     drift = layers.get("drift_from_fp32", [])
     gb = 1 << 30
-    shape = "OLMoE-1B-7B" if (a.layers, a.experts) == (16, 64) else f"OLMoE-1B-7B-shaped, {a.layers} layers, " \
+    shape = "OLMoE-1B-7B" if (a.layers, a.experts) == (OLMOE_1B_7B["num_hidden_layers"], OLMOE_1B_7B["num_experts"]) else f"OLMoE-1B-7B-shaped, {a.layers} layers, " \
         f"{a.experts} experts"
     text = f"""## Real-size streamed compile (bench_stream.py)
 
@@ -103,7 +103,8 @@ compiled with `mocompile compile CKPT --stream --passes '{PASSES}' --batch 1 --s
 Writing the checkpoint took {write_s / 60:.1f} min (not part of the compile time).
 """
     print(text)
-    write_section("bench_stream", text)
+    full = (a.layers, a.experts) == (OLMOE_1B_7B["num_hidden_layers"], OLMOE_1B_7B["num_experts"])
+    write_section("bench_stream" if full else f"bench_stream_{a.layers}x{a.experts}", text)
 
 
 if __name__ == "__main__":

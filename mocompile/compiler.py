@@ -301,7 +301,9 @@ def compile(
         verify_here(backend, stage, manifest, graph, reference, exact_reference, step_isolation, shapes, seed, opened)
         if chain is not None:
             manifest["layer_verification"] = chain.report(None if exact else float_graph)
-        del opened, chain
+        # the artifact loaded for verification (the chain and its reference hold it) goes before
+        # the finished one is loaded: a real-size artifact is gigabytes
+        del opened, chain, reference, exact_reference
         manifest["compile_seconds"] = round(time.perf_counter() - t0, 3)
         say("[6/6] writing the artifact")
         final = finalize(stage, out_dir, manifest)

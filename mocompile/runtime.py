@@ -23,6 +23,7 @@ from mocompile.artifact import read_manifest
 from mocompile.cpu_features import missing_cpu_features
 from mocompile.errors import ArtifactError, ArtifactInputError
 from mocompile.kv_cache import decode_steps
+from mocompile.safetensors_io import read_arrays
 from mocompile.signature import Signature, TensorSpec, random_inputs  # noqa: F401  (the runtime's API)
 from mocompile.runtime_inputs import (DEFAULT_CACHE_POSITIONS, KVCache, as_arrays, bounded_ids, check_batch,
                                       check_ids, check_positions, positive_int, segments, token_ids)
@@ -112,8 +113,14 @@ class LoadedArtifact:
             missing = [n for n in program["weight_order"] + constants if n not in f.keys()]
             if missing:
                 raise ArtifactError(f"{path / program['weights']}: missing weight {missing[0]!r}")
-            self._weights = [tvm.runtime.tensor(f.get_tensor(n)) for n in program["weight_order"]]
-            self._constants = [tvm.runtime.tensor(f.get_tensor(n)) for n in constants]
+        # Read with plain reads, not through safe_open's memory map, whose pages would count as
+        # resident memory beside the copies kept (twice a real-size artifact's weights).
+        file = path / program["weights"]
+        try:
+            self._weights = [tvm.runtime.tensor(a) for a in read_arrays(file, program["weight_order"])]
+            self._constants = [tvm.runtime.tensor(a) for a in read_arrays(file, constants)]
+        except (OSError, ValueError, KeyError) as e:
+            raise ArtifactError(f"{file}: unreadable weights ({e})") from None
         self._driver = self._driver_positions = None
         if decode:
             # The driver is a PrimFunc of the library the VM executable imports (driver.py).

@@ -27,7 +27,7 @@ from mocompile.backends.tvm_cpu.lower import lower
 from mocompile.backends.tvm_cpu.target import CpuTarget, as_cpu_target
 from mocompile.backends.tvm_cpu.tuning import TuningDB
 from mocompile.ir.graph import Graph
-from mocompile.safetensors_writer import save_arrays
+from mocompile.safetensors_io import save_arrays
 
 PROGRAM_KIND = "tvm-relax-vm"
 LIBRARY = "model.so"

@@ -1,4 +1,4 @@
-"""Writing a safetensors file one tensor at a time.
+"""Writing and reading a safetensors file one tensor at a time.
 
 `safetensors.numpy.save_file` serialises every tensor into one bytes object before writing,
 so saving an artifact's weights held them twice; a real-size model's int4 weights are
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -40,3 +40,27 @@ def save_arrays(arrays: Mapping[str, np.ndarray], path: str | Path) -> None:
             if a.dtype.byteorder == ">":
                 a = a.astype(a.dtype.newbyteorder("<"))
             f.write(memoryview(a.reshape(-1)).cast("B"))
+
+
+_NUMPY = {v: k for k, v in _DTYPES.items()}
+
+
+def read_arrays(path: str | Path, names: list[str]) -> Iterator[np.ndarray]:
+    """The arrays `names` of a safetensors file, one at a time, each read into its own memory
+    with plain reads: unlike a memory map (safetensors' safe_open), the file's pages then never
+    count as this process's resident memory beside the copies the caller keeps."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        for name in names:
+            entry = header.get(name)
+            if entry is None:
+                raise KeyError(name)
+            start, end = entry["data_offsets"]
+            a = np.empty(entry["shape"], _NUMPY[entry["dtype"]])
+            if a.nbytes != end - start:
+                raise ValueError(f"{path}: {name} has {end - start} bytes for {a.dtype}{list(a.shape)}")
+            f.seek(8 + size + start)
+            if f.readinto(memoryview(a.reshape(-1)).cast("B")) != a.nbytes:
+                raise ValueError(f"{path}: {name} is cut short")
+            yield a
