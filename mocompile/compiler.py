@@ -291,7 +291,7 @@ def compile(
         exact_reference = None if exact and not own else \
             interpreter_reference(float_graph) if float_graph is not None else eager_reference(src.module)
         opened = chain = None
-        if src.streamed and backend.cannot_run_here(manifest) is None:
+        if src.streamed and backend.cannot_run_here(manifest) is None and program.get("layers"):
             # checked layer by layer, each layer against its reference on the artifact's own hidden state
             opened = open_artifact(stage, manifest)
             chain = LayerChain(opened, graph)
