@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # torch is imported only when weights are actually read
     from mocompile.dsl.builder import MoEModel
 
 __all__ = ["Piece", "Target", "CheckpointFiles", "build_hf_model", "check_checkpoint", "plan_weights", "check_plan",
-           "load_into", "save_weights"]
+           "load_into", "read_piece", "save_weights"]
 
 INDEX = "model.safetensors.index.json"
 
@@ -294,11 +294,11 @@ def load_into(model: "torch.nn.Module", targets: Sequence[Target], files: Checkp
             with files.open(shard, items[0][2].source) as f:
                 for t, slot, p in items:
                     dest = params[t.name][slot] if t.stacked else params[t.name]
-                    dest.copy_(_read(f, p))
+                    dest.copy_(read_piece(f, p))
                     bar.update(1, shard)
 
 
-def _read(f, p: Piece) -> "torch.Tensor":
+def read_piece(f, p: Piece) -> "torch.Tensor":
     """A piece's data: the whole tensor, or only the rows it needs (read as one range)."""
     import torch
 

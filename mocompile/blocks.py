@@ -19,6 +19,10 @@ from dataclasses import dataclass
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph, Node, Value
 
+# graph.meta key: names of values (each layer's output) a backend also returns from a function
+# of their own, so a verification can compare the artifact with a reference layer by layer
+LAYER_STATES = "layer_states"
+
 _NUMBERED = re.compile(r"^(?P<prefix>[A-Za-z_][\w.]*?)\.(?P<index>\d+)(?:\.|$)")
 
 

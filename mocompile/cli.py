@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--require-isolation", action="store_true",
                    help="fail unless no sample of a batch can influence another sample's output")
     c.add_argument("--ep", action="store_true", help="also write the expert-parallel pieces `mocompile run-ep` runs")
+    c.add_argument("--stream", action="store_true",
+                   help="(checkpoint directory) leave the weights in the checkpoint's files and read them one tensor "
+                        "at a time: compiles models whose float32 weights do not fit in memory, verifying layer by layer")
     _add_shape_args(c, 2, 8)
 
     h = sub.add_parser("import-hf", help="write the spec (and optionally the weights) of a Hugging Face MoE checkpoint")
@@ -143,7 +146,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     art = compile(a.spec, target=target, passes=a.passes, out_dir=a.out, variant=a.variant, weights=a.weights,
                   seed=a.seed, batch=a.batch, seq=a.seq, plugins=tuple(a.plugin), progress=stderr_progress,
                   require_isolation=a.require_isolation, tune=a.tune, tuning_db=a.tuning_db, calibration=a.calib,
-                  ep=a.ep, dtype=a.dtype)
+                  ep=a.ep, dtype=a.dtype, stream=a.stream)
     v = art.manifest["verification"]
     print(f"compiled {art.manifest['model']['name']}"
           f"{' (variant ' + a.variant + ')' if a.variant else ''} for {a.target} -> {art.path}"

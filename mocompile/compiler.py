@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from mocompile.latency import PROBE, latency_probe
 from mocompile.pass_manager import PassContext, PassManager, load_plugin
 from mocompile.runtime import open_artifact
 from mocompile.signature import random_inputs, signature_of
+from mocompile.streamed_compile import LayerChain, artifact_bytes_per_param, mark_layer_states, spill_weights
 from mocompile.threads import configure_tvm_threads
 from mocompile.verification import (Reference, compare_to_reference, eager_reference, interpreter_reference,
                                     verify_artifact, verify_decode)
@@ -157,17 +159,17 @@ class UnrunnableArtifact:
 
 def verify_here(backend: Backend, stage: Path, manifest: dict[str, Any], graph: Graph, reference: Reference,
                 exact_reference: Reference | None, step_isolation: str | None, shapes: list[tuple[int, int]],
-                seed: int) -> Any:
+                seed: int, opened: Any = None) -> Any:
     """Verify a staged artifact into its manifest: loaded through the runtime's loader of its
     program kind and compared with the reference where it runs here; else the backend's
     static checks, and the manifest says plainly that it was not run. Returns the loaded
-    artifact, or an UnrunnableArtifact."""
+    artifact (`opened`: already loaded), or an UnrunnableArtifact."""
     why_not = backend.cannot_run_here(manifest)
     if why_not is not None:
         manifest["verification"] = {"status": "not run", "reason": why_not,
                                     "checked": backend.static_checks(stage, manifest)}
         return UnrunnableArtifact(stage, manifest, why_not)
-    staged = open_artifact(stage, manifest)
+    staged = opened or open_artifact(stage, manifest)
     manifest["verification"] = {"status": "verified", **verify_artifact(staged, reference, shapes, seed)}
     if getattr(staged, "can_decode", False):
         batch, seq = shapes[-1]
@@ -207,6 +209,7 @@ def compile(
     calibration: str | Path | Sequence[Mapping[str, Any]] | None = None,
     ep: bool = False,
     dtype: str | None = None,
+    stream: bool = False,
 ) -> Any:
     """Compile a spec (object or `.moe` path), a Hugging Face checkpoint directory or a torch
     module into an artifact directory for `target` (a backend name and its options, e.g.
@@ -227,6 +230,10 @@ def compile(
     (None: bf16 for a bf16 checkpoint, else fp32; see mocompile.dtype_option).
     The batch-isolation verdict of the final IR is recorded in the manifest; with
     `require_isolation`, a leak or an unknown fails the compile before code generation.
+    `stream` (a checkpoint directory only): the weights stay in the checkpoint's files and are
+    read one tensor at a time by the passes, the backend and the verification, which then
+    checks the artifact layer by layer against the IR interpreter (streamed_compile.py); the
+    memory a compile needs is then about the artifact's, not the float32 model's.
     """
     say = progress or (lambda m: None)
     t0 = time.perf_counter()
@@ -237,6 +244,9 @@ def compile(
         from mocompile.ep_build import check_ep_target
 
         check_ep_target(backend)
+        if stream:
+            raise MocompileError("--ep with --stream: the expert-parallel pieces are verified against the whole "
+                                 "model's reference, which a streamed compile never builds; compile without one")
     if (tune or tuning_db) and not backend.can_tune:
         raise MocompileError(f"the {backend.name} target has no tuning (drop --tune / --tuning-db)")
     configure_tvm_threads()
@@ -244,14 +254,18 @@ def compile(
         load_plugin(plugin)
     passes = resolve_dtype(model, dtype, passes, backend)
     manager = PassManager(passes)  # the pipeline text is checked before any model is built
-    say("[1/6] building the reference model")
+    say("[1/6] building the reference model" + (" (streamed: weights stay in the checkpoint)" if stream else ""))
     if isinstance(model, (str, Path)) or type(model).__name__ == "Spec":
-        src = source_for(model, variant, weights, seed, COMPILE_BYTES_PER_PARAM)
+        src = source_for(model, variant, weights, seed,
+                         artifact_bytes_per_param(manager) if stream else COMPILE_BYTES_PER_PARAM, stream)
+    elif stream:
+        raise MocompileError(f"{type(model).__name__}: only a Hugging Face checkpoint directory can be streamed")
     else:
         src = source_from_module(model, input_types)
     say("[2/6] tracing with torch.fx and lowering to IR")
     graph = lower_source(src)
     check_verification_length(graph, seq)
+    float_graph = graph.clone() if src.streamed else None  # lazy weights: a clone costs no weight memory
     say(f"[3/6] running passes: {passes or '(none)'}")
     calib = given_calibration(calibration, graph, src.int_high, model)
     ctx = PassContext(calibration=calib, input_ranges=dict(src.int_high), target=backend.name,
@@ -274,11 +288,16 @@ def compile(
     exact = all(getattr(p, "preserves_semantics", True) for p in manager.passes)
     backend.prepare(graph, calib, src.int_high, seed)
     own = backend.reference(graph)  # a backend computing something else by design (fixed point) has its own
-    reference = Reference(own[1], own[0], tolerance=0.0) if own else eager_reference(src.module) if exact else \
-        interpreter_reference(graph)
+    reference = Reference(own[1], own[0], tolerance=0.0) if own else eager_reference(src.module) if exact and \
+        not src.streamed else interpreter_reference(graph)
     out_dir = check_output_dir(out_dir or f"build/{src.name}",
                                _input_paths(model, weights, tuning_db, plugins, calibration))
     tuning, tuning_report = load_tuning(backend, graph, out_dir, tune, tuning_db, say)
+    scratch = None
+    if src.streamed:
+        mark_layer_states(graph)  # the artifact then returns each layer's output too
+        scratch = Path(tempfile.mkdtemp(prefix=".mocompile-scratch-", dir=out_dir.parent))
+        spill_weights(graph, scratch)
     stage = staging_dir(out_dir)
     try:
         say(f"[4/6] generating code for {backend.target_text}")
@@ -298,8 +317,19 @@ def compile(
         }
         say(f"[5/6] verifying against the {reference.name}")
         shapes = [(1, seq)] + ([(batch, seq)] if batch != 1 else [])
-        verify_here(backend, stage, manifest, graph, reference, None if exact and not own else eager_reference(src.module),
-                    step_isolation, shapes, seed)
+        exact_reference = None if exact and not own else \
+            interpreter_reference(float_graph) if float_graph is not None else eager_reference(src.module)
+        opened = chain = None
+        if src.streamed and backend.cannot_run_here(manifest) is None and program.get("layers"):
+            # checked layer by layer, each layer against its reference on the artifact's own hidden state
+            opened = open_artifact(stage, manifest)
+            chain = LayerChain(opened, graph)
+            reference, exact_reference = chain.reference(reference), None  # the drift is reported per layer
+            if reference.graph is not None:  # the rounding-aware check runs the plain interpreter: check layers first
+                chain.run(random_inputs(signature_of(graph, src.int_high), 1, seq, seed))
+        verify_here(backend, stage, manifest, graph, reference, exact_reference, step_isolation, shapes, seed, opened)
+        if chain is not None:
+            manifest["layer_verification"] = chain.report(None if exact else float_graph)
         if ep:
             from mocompile.ep_build import build_ep, verify_ep
 
@@ -310,12 +340,18 @@ def compile(
             manifest["ep"] = build_ep(graph, backend, stage, say)
             manifest["ep"]["verification"] = verify_ep(stage, manifest, graph, reference, shapes, seed,
                                                        DECODE_CHECK_TOKENS)
+        # the artifact loaded for verification (the chain and its reference hold it) goes before
+        # the finished one is loaded: a real-size artifact is gigabytes
+        del opened, chain, reference, exact_reference
         manifest["compile_seconds"] = round(time.perf_counter() - t0, 3)
         say("[6/6] writing the artifact")
         final = finalize(stage, out_dir, manifest)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     if manifest["verification"]["status"] != "verified":
         return UnrunnableArtifact(final, manifest, manifest["verification"]["reason"])
     return open_artifact(final, manifest)

@@ -7,26 +7,35 @@ both register here, so neither needs the other.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from mocompile.ir.graph import Graph, Value
+from mocompile.ir.weights import LazyWeight
 
 
 class Lowering:
-    """State of one lowering: the IR graph being built and the weights already added."""
+    """State of one lowering: the IR graph being built and the weights already added.
+    `lazy`: id(parameter) -> the LazyWeight that reads it, for a module whose parameters
+    live on torch's meta device (a streamed checkpoint: the weights stay in its files)."""
 
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, lazy: Mapping[int, LazyWeight] | None = None) -> None:
         self.graph = graph
+        self.lazy = dict(lazy or {})
         self._by_tensor: dict[int, Value] = {}
 
     def param(self, name: str, tensor: torch.Tensor) -> Value:
         """The IR weight for a torch tensor; tied tensors (same storage) become one weight."""
         key = id(tensor)
         if key not in self._by_tensor:
-            self._by_tensor[key] = self.graph.add_param(name, tensor.detach().to(torch.float32).numpy().copy())
+            if key in self.lazy:
+                self._by_tensor[key] = self.graph.add_param(name, self.lazy[key])
+            elif tensor.is_meta:
+                raise ValueError(f"{name}: a meta tensor with no file to read it from")
+            else:
+                self._by_tensor[key] = self.graph.add_param(name, tensor.detach().to(torch.float32).numpy().copy())
         return self._by_tensor[key]
 
 

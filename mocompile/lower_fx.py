@@ -25,6 +25,7 @@ from mocompile.fx_tables import (FUNCTION_LOWERINGS, METHOD_LOWERINGS, MODULE_LO
                                  lowers_module, unary_lowering)
 from mocompile.ir.graph import Graph, Value
 from mocompile.ir.types import TensorType
+from mocompile.ir.weights import LazyWeight
 
 LEAF_MODULES: tuple[type[nn.Module], ...] = (M.AttentionCore, M.LatentAttentionCore, M.MLP, M.Router, M.Experts,
                                              M.RMSNorm)
@@ -139,15 +140,16 @@ def _map_args(a: Any, env: Mapping[torch.fx.Node, Any]) -> Any:
 
 
 def lower_module(model: nn.Module, input_types: Mapping[str, TensorType], name: str = "model",
-                 output_names: tuple[str, ...] = ()) -> Graph:
+                 output_names: tuple[str, ...] = (), lazy: Mapping[int, LazyWeight] | None = None) -> Graph:
     """Trace `model` and lower it. `input_types` gives each forward argument's IR type, in
-    order; `output_names` names the graph outputs (e.g. "logits")."""
+    order; `output_names` names the graph outputs (e.g. "logits"); `lazy` gives the
+    LazyWeight of each parameter (by id) of a model built on the meta device."""
     try:
         fx_graph = LeafTracer().trace(model)
     except Exception as e:  # fx raises many kinds of errors on untraceable Python
         raise MocompileError(f"torch.fx could not trace {type(model).__name__}: {e}") from None
     graph = Graph(name)
-    lw = Lowering(graph)
+    lw = Lowering(graph, lazy)
     env: dict[torch.fx.Node, Any] = {}
     placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
     if [n.target for n in placeholders] != list(input_types):

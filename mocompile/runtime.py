@@ -23,6 +23,7 @@ from mocompile.artifact import read_manifest
 from mocompile.cpu_features import missing_cpu_features
 from mocompile.errors import ArtifactError, ArtifactInputError
 from mocompile.kv_cache import decode_steps
+from mocompile.safetensors_io import read_arrays
 from mocompile.signature import Signature, TensorSpec, random_inputs  # noqa: F401  (the runtime's API)
 from mocompile.runtime_inputs import (DEFAULT_CACHE_POSITIONS, KVCache, as_arrays, bounded_ids, check_batch,
                                       check_ids, check_positions, positive_int, segments, token_ids)
@@ -112,8 +113,14 @@ class LoadedArtifact:
             missing = [n for n in program["weight_order"] + constants if n not in f.keys()]
             if missing:
                 raise ArtifactError(f"{path / program['weights']}: missing weight {missing[0]!r}")
-            self._weights = [tvm.runtime.tensor(f.get_tensor(n)) for n in program["weight_order"]]
-            self._constants = [tvm.runtime.tensor(f.get_tensor(n)) for n in constants]
+        # Read with plain reads, not through safe_open's memory map, whose pages would count as
+        # resident memory beside the copies kept (twice a real-size artifact's weights).
+        file = path / program["weights"]
+        try:
+            self._weights = [tvm.runtime.tensor(a) for a in read_arrays(file, program["weight_order"])]
+            self._constants = [tvm.runtime.tensor(a) for a in read_arrays(file, constants)]
+        except (OSError, ValueError, KeyError) as e:
+            raise ArtifactError(f"{file}: unreadable weights ({e})") from None
         self._driver = self._driver_positions = None
         if decode:
             # The driver is a PrimFunc of the library the VM executable imports (driver.py).
@@ -131,6 +138,8 @@ class LoadedArtifact:
         self._empties: dict[tuple, Any] = {}
         self._staging: dict[str, tuple[np.ndarray, Any]] = {}  # input name -> (buffer, its TVM tensor)
         self._step = self._vm[step["function"]] if step else None
+        layers = program.get("layers")
+        self._layers = self._vm[layers["function"]] if layers else None
 
     def _plan(self, arrays: Mapping[str, np.ndarray], batch: int | None) -> "_CallPlan":
         """The plan of calls with these input names, shapes and dtypes: validated once (a
@@ -211,6 +220,20 @@ class LoadedArtifact:
         plan = self._plan(arrays, None)
         check_ids(plan.bounded, arrays)
         return self._outputs(self._fn(*self._inputs(plan, arrays), *self._weights), plan)
+
+    def run_layers(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each layer's output (the residual stream leaving it) for a forward over `inputs`,
+        by the IR value names the manifest's program lists under "layers"; an artifact
+        compiled to be verified layer by layer (a streamed compile) has this function."""
+        if self._layers is None:
+            raise ArtifactError(f"{self.path}: this artifact has no per-layer states (compiled without --stream)")
+        arrays = as_arrays(inputs)
+        plan = self._plan(arrays, None)
+        check_ids(plan.bounded, arrays)
+        names = self.manifest["program"]["layers"]["outputs"]
+        result = self._layers(*self._inputs(plan, arrays), *self._weights)
+        outs = [result] if len(names) == 1 else list(result)
+        return {name: np.from_dlpack(o).copy() for name, o in zip(names, outs)}
 
     # ---- incremental decoding ------------------------------------------------------------
     @property

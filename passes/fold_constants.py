@@ -6,6 +6,8 @@ to fp32 would undo the quantize pass."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from mocompile.ir.graph import Graph
 from mocompile.ir.registry import get_op
 from mocompile.pass_manager import Pass, PassContext, PassResult, register_pass
@@ -17,13 +19,15 @@ class FoldConstants(Pass):
     """Compute nodes whose inputs are all weights at compile time; keep low-bit dequantization."""
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        constant = {id(v): graph.weights[name] for name, v in graph.params.items()}
+        # computed results by value id; stored weights are read only when a node folds
+        constant: dict[int, Any] = {id(v): None for v in graph.params.values()}
         folded = []
         keep = []
         for node in graph.nodes:
             op = get_op(node.op)
             if node.inputs and not op.keeps_weights_low_bit and all(id(v) in constant for v in node.inputs):
-                results = op.compute([constant[id(v)] for v in node.inputs], node.attrs)
+                args = [graph.weights[v.name] if constant[id(v)] is None else constant[id(v)] for v in node.inputs]
+                results = op.compute(args, node.attrs)
                 for out, array in zip(node.outputs, results):
                     new = graph.add_param(graph.fresh_name(f"{node.loc or node.op}.folded"), array)
                     constant[id(new)] = array

@@ -20,6 +20,7 @@ back; the packed array and its `WeightLayout` are recorded for the artifact.
 
 from __future__ import annotations
 
+import copy
 import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from mocompile.backends.base import register_lowering
 from mocompile.backends.tvm_common.kernels import NAME_ATTR, KernelSet
 from mocompile.backends.tvm_common.layout import WeightLayout, make_layout
 from mocompile.backends.tvm_common.specs import MatmulShape
+from mocompile.blocks import LAYER_STATES
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph, Node, Value
 from mocompile.ir.types import Dim, dim_terms
@@ -40,6 +42,7 @@ from mocompile.kv_cache import decode_support
 Lowering = Callable[["LowerContext", Node], Sequence[relax.Expr]]
 CACHE_LEN = "cache_len"  # the symbol of the cache tensors' length axis
 LOWERINGS: dict[str, Lowering] = {}
+LAYERS_FUNCTION = "layers"  # the per-layer states' function, built where the graph's meta asks for it
 # Per op, what the lowering refuses to compile: a node -> the reason (where it names the
 # backend, as BACKEND_WORD, which `refusal` fills in), or None. Asked for every node before any
 # Relax is built, so a refused graph fails before code generation starts.
@@ -101,10 +104,13 @@ class LowerContext:
     (its `target` says what they are shaped for)."""
 
     def __init__(self, graph: Graph, tuning: Mapping[str, Mapping] | None = None,
-                 main: "LowerContext | None" = None, kernels: KernelSet | None = None) -> None:
+                 main: "LowerContext | None" = None, kernels: KernelSet | None = None,
+                 cached: bool | None = None) -> None:
         """`main`: the context of the plain forward, already lowered; given, this context
-        lowers the cached step into the same module, sharing its kernels, packed weights and
-        kernel set."""
+        lowers another function into the same module, sharing its kernels, packed weights and
+        kernel set: the cached step, or with `cached=False` a plain forward of `graph` (the
+        per-layer states' function)."""
+        cached = main is not None if cached is None else cached
         self.graph = graph
         if main is None and kernels is None:
             raise ValueError("a LowerContext needs the target's kernel set")
@@ -112,8 +118,8 @@ class LowerContext:
         self.target = self.kernels.target
         self.bb = main.bb if main else relax.BlockBuilder()
         self.symbols: dict[str, tirx.Var] = {}
-        self.past: tirx.PrimExpr = tirx.Var("past", "int64") if main else tirx.IntImm("int64", 0)
-        self.cache: list[CacheSlot] | None = [] if main else None
+        self.past: tirx.PrimExpr = tirx.Var("past", "int64") if cached else tirx.IntImm("int64", 0)
+        self.cache: list[CacheSlot] | None = [] if cached else None
         self.kernel_calls = 0  # kernel launches per call of the function (reported in the manifest)
         # (kernel, router node's place) of each routing decision of `main`, in call order: the
         # manifest's `routing` entry, from which a report reads the experts each token chose
@@ -390,6 +396,7 @@ class LoweredModule:
     main: LowerContext
     step: LowerContext | None
     no_step_reason: str | None
+    layer_states: list[str] | None = None  # outputs of the `layers` function (None: not built)
 
     @property
     def cache(self) -> list[dict] | None:
@@ -421,7 +428,22 @@ def lower_module(graph: Graph, kernels: KernelSet, cached_step: bool = True,
         _emit_function(step, "step")
         if len(ctx.weight_layouts) != weights:
             raise RuntimeError(f"the step function reads weight {ctx.weight_layouts[weights].name}, which main does not")
+    states = _emit_layer_states(graph, ctx)
     mod = ctx.bb.get()
     for name, func in ctx.callees.items():
         mod[name] = func
-    return LoweredModule(mod, ctx, step, why_not)
+    return LoweredModule(mod, ctx, step, why_not, states)
+
+
+def _emit_layer_states(graph: Graph, main: LowerContext) -> list[str] | None:
+    """Where the graph's meta names values under LAYER_STATES (a compile verifying layer by
+    layer asks for it), the function `layers(*inputs, *weights)` returning them in order,
+    beside `main` and sharing its kernels and weights; their names, or None."""
+    names = graph.meta.get(LAYER_STATES)
+    if not names:
+        return None
+    by_name = {v.name: v for n in graph.nodes for v in n.outputs}
+    view = copy.copy(graph)  # the same nodes and weights, other outputs
+    view.outputs = [by_name[n] for n in names]
+    _emit_function(LowerContext(view, main=main, cached=False), LAYERS_FUNCTION)
+    return list(names)

@@ -58,6 +58,7 @@ class LoweredProgram:
     expert_reads: dict[str, dict] = field(default_factory=dict)  # kernel -> its per-expert weight arguments
     kernel_flops: dict[str, int] = field(default_factory=dict)  # matmul kernel -> flops per output row
     contextual: list[dict] = field(default_factory=list)  # the step's contextual matmuls (tvm_common/contextual.py)
+    layer_states: list[str] | None = None  # outputs of the `layers` function (None: not built)
 
     @property
     def weight_names(self) -> list[str]:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import tvm
-from safetensors.numpy import save_file
 
 from mocompile.backends.tvm_common.contextual import summary as contextual_summary
+from mocompile.backends.tvm_common.lower import LAYERS_FUNCTION
 from mocompile.backends.tvm_cpu.build import build
 from mocompile.backends.tvm_cpu.driver import DRIVER, DRIVER_POSITIONS
 from mocompile.backends.tvm_cpu.kernels_attention import KB
@@ -28,6 +28,7 @@ from mocompile.backends.tvm_cpu.lower import lower
 from mocompile.backends.tvm_cpu.target import CpuTarget, as_cpu_target
 from mocompile.backends.tvm_cpu.tuning import TuningDB
 from mocompile.ir.graph import Graph
+from mocompile.safetensors_io import save_arrays
 
 PROGRAM_KIND = "tvm-relax-vm"
 LIBRARY = "model.so"
@@ -50,7 +51,7 @@ def emit(graph: Graph, out_dir: str | Path, tuning: TuningDB | None = None,
     exe = build(program, llvm)
     exe.export_library(str(out_dir / LIBRARY))
     constants = {f"{DRIVER}.const{i}": a for i, a in enumerate(program.driver_constants or [])}
-    save_file({**{n: program.arrays[n] for n in program.weight_names}, **constants}, str(out_dir / WEIGHTS))
+    save_arrays({**{n: program.arrays[n] for n in program.weight_names}, **constants}, out_dir / WEIGHTS)
     driver = ({"driver": {"function": DRIVER, "constants": list(constants), "positions": DRIVER_POSITIONS}}
               if program.driver_constants is not None else {"no_driver_reason": program.no_driver_reason})
     return {
@@ -72,6 +73,8 @@ def emit(graph: Graph, out_dir: str | Path, tuning: TuningDB | None = None,
         **({"contextual": program.contextual,
             "pass_notes": {"contextual-sparsity": contextual_summary(program.contextual)}} if program.contextual else {}),
         "tuned_kernels": sorted(k.key() for k in program.matmuls if tuning and k.key() in tuning.records),
+        # each layer's output (the residual stream leaving it), for the layer-by-layer verification
+        **({"layers": {"function": LAYERS_FUNCTION, "outputs": program.layer_states}} if program.layer_states else {}),
         **({"step": {"function": "step", "cache": program.cache, "block": KB, "max_positions": graph.meta.get("max_seq"),
                      **driver}}
            if program.cache is not None else {"no_step_reason": program.no_step_reason}),

@@ -49,4 +49,5 @@ def lower(graph: Graph, cached_step: bool = True, tuning: Mapping[str, Mapping] 
                           driver_constants=driver.constants if isinstance(driver, Driver) else None,
                           no_driver_reason=None if isinstance(driver, Driver) else driver, target=cpu,
                           routers=list(ctx.routers), expert_reads=dict(ctx.expert_reads),
-                          kernel_flops=dict(ctx.kernel_flops), contextual=list(ctx.contextual))
+                          kernel_flops=dict(ctx.kernel_flops), contextual=list(ctx.contextual),
+                          layer_states=lowered.layer_states)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from mocompile.ir.graph import Graph, Value
 from mocompile.ir.registry import get_op
 
@@ -20,7 +22,7 @@ def _stored_weight(graph: Graph, v: Value, made_by: dict[int, object]) -> tuple[
     """(parameters, identity) of a weight input: a stored weight, or the expansion of stored
     low-bit codes; None for a computed value."""
     if graph.params.get(v.name) is v:
-        return int(graph.weights[v.name].size), id(v)
+        return int(np.prod(graph.weights.meta(v.name)[0], dtype=np.int64)), id(v)
     node = made_by.get(id(v))
     if node is None or not get_op(node.op).keeps_weights_low_bit:  # type: ignore[attr-defined]
         return None

@@ -17,6 +17,7 @@ import numpy as np
 
 from mocompile.ir.registry import get_op
 from mocompile.ir.types import TensorType
+from mocompile.ir.weights import LazyWeight, WeightStore
 
 
 @dataclass(eq=False)
@@ -54,7 +55,7 @@ class Graph:
         self.name = name
         self.inputs: list[Value] = []
         self.params: dict[str, Value] = {}
-        self.weights: dict[str, np.ndarray] = {}
+        self.weights: WeightStore = WeightStore()  # arrays, or lazy handles onto checkpoint files
         self.nodes: list[Node] = []
         self.outputs: list[Value] = []
         self.meta: dict[str, Any] = {}  # e.g. spec hash, variant, source of the graph
@@ -78,13 +79,15 @@ class Graph:
         self.inputs.append(v)
         return v
 
-    def add_param(self, name: str, array: np.ndarray) -> Value:
-        """A named constant (a weight). The name is the weight's name in the artifact."""
+    def add_param(self, name: str, array: np.ndarray | LazyWeight) -> Value:
+        """A named constant (a weight). The name is the weight's name in the artifact; a
+        LazyWeight is read from its file whenever a reader asks for it (see weights.py)."""
         if name in self.params:
             raise ValueError(f"duplicate weight {name!r}")
-        array = np.ascontiguousarray(array)
+        if not isinstance(array, LazyWeight):
+            array = np.ascontiguousarray(array)
         self._names.add(name)
-        v = Value(name, TensorType(tuple(int(d) for d in array.shape), numpy_dtype_name(array)))
+        v = Value(name, TensorType(tuple(int(d) for d in array.shape), str(array.dtype)))
         self.params[name] = v
         self.weights[name] = array
         return v
@@ -132,7 +135,7 @@ class Graph:
             yield from n.outputs
 
     def weight_bytes(self) -> int:
-        return int(sum(a.nbytes for a in self.weights.values()))
+        return int(sum(self.weights.nbytes(n) for n in self.weights))
 
     def replace_uses(self, old: Value, new: Value) -> None:
         for n in self.nodes:
@@ -145,5 +148,5 @@ class Graph:
 
     def clone(self) -> "Graph":
         """A deep copy of the structure; weight arrays are shared (passes replace, never mutate, them)."""
-        memo: dict[int, Any] = {id(a): a for a in self.weights.values()}
+        memo: dict[int, Any] = {id(a): a for a in (self.weights.raw(n) for n in self.weights)}
         return copy.deepcopy(self, memo)

@@ -59,13 +59,14 @@ def run(graph: Graph, inputs: Mapping[str, np.ndarray], watch: Sequence[Value] =
     activation of the model."""
     bind_inputs(graph, inputs)
     env: dict[int, np.ndarray] = {id(v): np.asarray(inputs[v.name]) for v in graph.inputs}
-    for name, v in graph.params.items():
-        env[id(v)] = graph.weights[name]
+    # Weights are looked up as each node runs: a lazy weight (weights.py) is then read from
+    # its file for that node only, so a graph too big for memory in float32 still runs.
+    weights = {id(v): name for name, v in graph.params.items()}
     keep = {id(v) for v in (*graph.outputs, *watch, *graph.inputs, *graph.params.values())}
     frees = last_uses(graph)
     read = {id(v) for n in graph.nodes for v in n.inputs}
     for i, node in enumerate(graph.nodes):
-        args = [env[id(v)] for v in node.inputs]
+        args = [graph.weights[weights[id(v)]] if id(v) in weights else env[id(v)] for v in node.inputs]
         if perturb is not None:
             args = perturb(node, args)
         if before is not None:
@@ -80,4 +81,5 @@ def run(graph: Graph, inputs: Mapping[str, np.ndarray], watch: Sequence[Value] =
         for v in frees.get(i, ()):
             if id(v) not in keep:
                 env.pop(id(v), None)
-    return {v.name: env[id(v)] for v in (*graph.outputs, *watch)}
+    return {v.name: graph.weights[weights[id(v)]] if id(v) in weights else env[id(v)]
+            for v in (*graph.outputs, *watch)}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from mocompile.ir.graph import Graph, Node
 
 
@@ -31,7 +33,7 @@ def format_graph(graph: Graph, show_params: bool = True) -> str:
     outs = ", ".join(f"%{v.name}: {v.type}" for v in graph.outputs)
     lines = [f"graph {graph.name}({ins}) -> ({outs}) {{"]
     if show_params:
-        total = sum(a.size for a in graph.weights.values())
+        total = sum(int(np.prod(graph.weights.meta(n)[0], dtype=np.int64)) for n in graph.weights)
         lines.append(f"  # {len(graph.params)} weights, {total:,} values, {graph.weight_bytes():,} bytes")
         lines.extend(f"  @{name} : {v.type}" for name, v in graph.params.items())
     lines.extend("  " + format_node(node, weight_ids) for node in graph.nodes)

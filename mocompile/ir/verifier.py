@@ -29,11 +29,11 @@ def verify(graph: Graph) -> None:
         define(v, "params")
         if name != v.name:
             raise VerifyError(f"param {name!r} holds value {v.name!r}")
-        w = graph.weights.get(name)
-        if w is None:
+        if name not in graph.weights:
             raise VerifyError(f"param {name!r} has no weight array")
-        if TensorType(tuple(w.shape), str(w.dtype)) != v.type:
-            raise VerifyError(f"param {name!r}: array {w.dtype}{list(w.shape)} does not match type {v.type}")
+        shape, dtype = graph.weights.meta(name)  # a lazy weight is checked without reading it
+        if TensorType(shape, dtype) != v.type:
+            raise VerifyError(f"param {name!r}: array {dtype}{list(shape)} does not match type {v.type}")
     if set(graph.weights) != set(graph.params):
         raise VerifyError(f"weights without a param: {sorted(set(graph.weights) - set(graph.params))}")
     for node in graph.nodes:

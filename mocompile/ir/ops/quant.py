@@ -48,14 +48,32 @@ def symmetric_scales(amax: np.ndarray, qmax: int) -> np.ndarray:
     return np.where(amax > 0, amax / np.float32(qmax), np.float32(1)).astype(np.float32)
 
 
+QUANTIZE_CHUNK = 1 << 22  # elements quantized at a time: the temporaries stay ~16 MB for any weight size
+
+
 def quantize_weight(w: np.ndarray, bits: int, group: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """w [..., N, K] float32 -> (q, scale [..., N, G]); group 0 means one group per row."""
+    """w [..., N, K] float32 -> (q, scale [..., N, G]); group 0 means one group per row.
+    Rows are quantized a chunk at a time (each row on its own, so the result is the same),
+    so a gigabyte-sized expert stack needs no gigabyte-sized temporaries."""
     k = w.shape[-1]
     group = group or k
     if k % group:
         raise ValueError(f"group size {group} does not divide the input width {k}")
     if bits == 4 and group % 2:
         raise ValueError(f"int4 groups hold whole bytes: group size {group} must be even")
+    if bits not in (4, 8):
+        raise ValueError(f"unsupported weight bit width {bits} (8 or 4)")
+    rows = w.reshape(-1, k)
+    q = np.empty((rows.shape[0], k if bits == 8 else k // 2), np.int8 if bits == 8 else np.uint8)
+    scale = np.empty((rows.shape[0], k // group), np.float32)
+    step = max(1, QUANTIZE_CHUNK // max(k, 1))
+    for i in range(0, rows.shape[0], step):
+        q[i:i + step], scale[i:i + step] = _quantize_rows(rows[i:i + step], bits, group)
+    return q.reshape(*w.shape[:-1], q.shape[-1]), scale.reshape(*w.shape[:-1], k // group)
+
+
+def _quantize_rows(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    k = w.shape[-1]
     grouped = w.reshape(*w.shape[:-1], k // group, group).astype(np.float32)
     qmax = INT8_MAX if bits == 8 else INT4_MAX
     scale = symmetric_scales(np.abs(grouped).max(-1), qmax)
@@ -81,11 +99,25 @@ def unpack_int4(p: np.ndarray) -> np.ndarray:
     return np.stack([lo, hi], axis=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])
 
 
+# byte -> its two int4 values (low nibble first) as float32, each pair one 8-byte item: unpacking
+# is one gather
+_INT4_PAIRS = np.stack([(np.arange(256) & 0x0F) + INT4_MIN, (np.arange(256) >> 4) + INT4_MIN],
+                       -1).astype(np.float32).view(np.float64).ravel()
+
+
 def dequantize_weight(q: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
-    values = unpack_int4(q) if bits == 4 else q
+    """codes times scales in float32, in two passes over the output (the interpreter
+    dequantizes every low-bit weight of a real-size model on each run)."""
+    if bits == 4:
+        shape = (*q.shape[:-1], 2 * q.shape[-1])
+        values = _INT4_PAIRS[q].view(np.float32).reshape(shape)  # a new array: scaled in place below
+    else:
+        shape = q.shape
+        values = q.astype(np.float32)
     groups = scale.shape[-1]
-    grouped = values.reshape(*values.shape[:-1], groups, -1).astype(np.float32)
-    return (grouped * scale[..., None]).reshape(values.shape).astype(np.float32)
+    grouped = values.reshape(*shape[:-1], groups, -1)
+    grouped *= scale[..., None]
+    return values
 
 
 def activation_scales(x: np.ndarray, mode: str, static: np.ndarray | None = None) -> np.ndarray:
