@@ -18,6 +18,7 @@ from mocompile import memory
 from mocompile.backends.tvm_common import lower as tvm_lower
 from mocompile.dsl.hf_synthetic import write_olmoe_checkpoint
 from mocompile.errors import MocompileError, VerificationError
+from mocompile.ir.ops.widen import from_bits, to_bits
 from mocompile.runtime import load
 from mocompile.signature import random_inputs
 
@@ -60,12 +61,18 @@ def test_streamed_compile_gives_the_normal_compiles_artifact(checkpoint, tmp_pat
 
 def test_a_corrupted_layer_is_caught_and_named(checkpoint, tmp_path, monkeypatch):
     """The weights of layer 1's attention output projection are packed 3% off: the compile fails
-    in one line naming layers.1, and leaves no artifact."""
+    in one line naming layers.1, and leaves no artifact. (The checkpoint is bf16, so its weights
+    are packed as bf16 bit patterns.)"""
     make_layout = tvm_lower.make_layout
+
+    def off(a: np.ndarray) -> np.ndarray:
+        if a.dtype == np.uint16:
+            return to_bits(from_bits(a, "bfloat16") * np.float32(1.03), "bfloat16")
+        return a * np.float32(1.03)
 
     def corrupted(name, kind, sources, panel):
         if name.startswith("layers.1.attn.o_proj"):
-            sources = [(n, a * np.float32(1.03)) for n, a in sources]
+            sources = [(n, off(a)) for n, a in sources]
         return make_layout(name, kind, sources, panel)
 
     monkeypatch.setattr(tvm_lower, "make_layout", corrupted)
