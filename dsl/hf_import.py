@@ -22,6 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from mocompile.dsl.hf_config_values import (
+    BadValue,
+    positive_int,
+    non_negative_int,
+    optional_int,
+    positive_float,
+    boolean,
+    layer_list,
+    read_activation,
+    must_be,
+    check_rope_scaling,
+    read_rope_parameters,
+    all_full_attention,
+)
 from mocompile.dsl.spec import FFNSpec, MLASpec, Modality, MoESpec, Spec
 from mocompile.dsl.spec_writer import write_spec
 from mocompile.errors import MocompileError
@@ -33,99 +47,6 @@ DENSE, SPARSE = "dense", "sparse"  # block names of the imported spec
 REQUIRED: Any = object()
 
 
-class _Bad(Exception):
-    """A refused value; the caller adds the file and the key."""
-
-
-# ---- value readers (each raises _Bad with the reason) ---------------------------------------
-def _int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise _Bad(f"expected a positive integer, found {v!r}")
-    return v
-
-
-def _int0(v: Any) -> int:
-    """A non-negative integer, None meaning 0 (q_lora_rank, first_k_dense_replace, ...)."""
-    if v is None:
-        return 0
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise _Bad(f"expected a non-negative integer, found {v!r}")
-    return v
-
-
-def _opt_int(v: Any) -> int | None:
-    return None if v is None else _int(v)
-
-
-def _float(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-        raise _Bad(f"expected a positive number, found {v!r}")
-    return float(v)
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise _Bad(f"expected true or false, found {v!r}")
-    return v
-
-
-def _int_list(v: Any) -> tuple[int, ...]:
-    if v is None:
-        return ()
-    if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        raise _Bad(f"expected a list of layer indices, found {v!r}")
-    return tuple(v)
-
-
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu"}  # HF's "gelu" is the exact (erf) GELU
-
-
-def _activation(v: Any) -> str:
-    if v not in _ACTIVATIONS:
-        raise _Bad(f"unsupported activation {v!r} (supported: {', '.join(_ACTIVATIONS)})")
-    return _ACTIVATIONS[v]
-
-
-def _must(*allowed: Any, why: str) -> Callable[[Any], Any]:
-    """A key that is only checked: its value must be one of `allowed`."""
-
-    def check(v: Any) -> Any:
-        if v not in allowed:
-            raise _Bad(f"{v!r} is not supported ({why})")
-        return v
-
-    return check
-
-
-def _rope_type(v: Any, where: str) -> None:
-    kind = v.get("rope_type", v.get("type", "default")) if isinstance(v, dict) else v
-    if kind not in (None, "default"):
-        raise _Bad(f"rope type {kind!r} is not supported, only plain rotary embeddings ({where})")
-    if isinstance(v, dict) and v.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _Bad(f"partial_rotary_factor {v['partial_rotary_factor']!r} is not supported ({where})")
-
-
-def _rope_parameters(v: Any) -> float | None:
-    """transformers 5's rope_parameters: plain rope only; gives rope_theta."""
-    if v is None:
-        return None
-    if not isinstance(v, dict):
-        raise _Bad(f"expected an object, found {v!r}")
-    _rope_type(v, "rope_parameters.rope_type")
-    return None if v.get("rope_theta") is None else _float(v["rope_theta"])
-
-
-def _rope_scaling(v: Any) -> None:
-    if v is not None:
-        _rope_type(v, "rope_scaling")
-
-
-def _all_full_attention(v: Any) -> Any:
-    if v is not None and any(t != "full_attention" for t in v):
-        raise _Bad(f"only full attention is supported, found {sorted(set(v))}")
-    return v
-
-
 # ---- key tables -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Key:
@@ -133,7 +54,7 @@ class Key:
     key is only checked by `read`), `default` is transformers' value when the key is absent."""
 
     to: str | tuple[str, ...] | None
-    read: Callable[[Any], Any] = _int
+    read: Callable[[Any], Any] = positive_int
     default: Any = REQUIRED
 
 
@@ -153,42 +74,42 @@ COMMON: dict[str, Key] = {
     "vocab_size": Key("vocab"),
     "hidden_size": Key("hidden"),
     "num_attention_heads": Key("heads"),
-    "num_key_value_heads": Key("kv_heads", _opt_int, None),
-    "head_dim": Key("head_dim", _opt_int, None),
+    "num_key_value_heads": Key("kv_heads", optional_int, None),
+    "head_dim": Key("head_dim", optional_int, None),
     "num_hidden_layers": Key("n_layers"),
     "max_position_embeddings": Key("max_seq"),
-    "rms_norm_eps": Key("norm_eps", _float, 1e-6),
-    "tie_word_embeddings": Key("tie_embeddings", _bool, False),
-    "hidden_act": Key("activation", _activation, "silu"),
+    "rms_norm_eps": Key("norm_eps", positive_float, 1e-6),
+    "tie_word_embeddings": Key("tie_embeddings", boolean, False),
+    "hidden_act": Key("activation", read_activation, "silu"),
     "num_experts_per_tok": Key("top_k"),
-    "rope_theta": Key("rope_theta", _float, None),
-    "rope_parameters": Key("rope_parameters_theta", _rope_parameters, None),  # transformers 5
-    "rope_scaling": Key(None, _rope_scaling, None),
-    "quantization_config": Key(None, _must(None, why="quantized checkpoints are not supported"), None),
+    "rope_theta": Key("rope_theta", positive_float, None),
+    "rope_parameters": Key("rope_parameters_theta", read_rope_parameters, None),  # transformers 5
+    "rope_scaling": Key(None, check_rope_scaling, None),
+    "quantization_config": Key(None, must_be(None, why="quantized checkpoints are not supported"), None),
     **{k: IGNORE for k in IGNORED},
 }
 
 _NO_SLIDING = "sliding-window attention is not supported"
 QWEN: dict[str, Key] = {
     **COMMON,
-    "num_experts": Key("experts", _int, None),
+    "num_experts": Key("experts", positive_int, None),
     "moe_intermediate_size": Key("expert_hidden"),
-    "intermediate_size": Key("dense_hidden", _int, None),
-    "norm_topk_prob": Key("normalize_topk", _bool, False),
-    "decoder_sparse_step": Key("sparse_step", _int, 1),
-    "mlp_only_layers": Key("mlp_only_layers", _int_list, ()),
-    "use_sliding_window": Key(None, _must(False, None, why=_NO_SLIDING), False),
+    "intermediate_size": Key("dense_hidden", positive_int, None),
+    "norm_topk_prob": Key("normalize_topk", boolean, False),
+    "decoder_sparse_step": Key("sparse_step", positive_int, 1),
+    "mlp_only_layers": Key("mlp_only_layers", layer_list, ()),
+    "use_sliding_window": Key(None, must_be(False, None, why=_NO_SLIDING), False),
     "sliding_window": IGNORE,  # used only with use_sliding_window
-    "layer_types": Key(None, _all_full_attention, None),
+    "layer_types": Key(None, all_full_attention, None),
 }
 
 def _group_count(v: Any) -> int:
-    return _int0(v) or 1
+    return non_negative_int(v) or 1
 
 
 def _v2_topk_method(v: Any) -> str | None:
     """DeepSeek-V2 routing: plain top-k, or groups scored by their best expert."""
-    return {"greedy": None, "group_limited_greedy": "max"}[_must("greedy", "group_limited_greedy",
+    return {"greedy": None, "group_limited_greedy": "max"}[must_be("greedy", "group_limited_greedy",
                                                                    why="DeepSeek-V2 routing")(v)]
 
 
@@ -200,20 +121,20 @@ def _deepseek(shared: int, scale: float, first_dense: int, n_group: int, topk_gr
         "num_key_value_heads": IGNORE,  # latent attention expands keys and values for every query head
         "n_routed_experts": Key("experts"),
         "moe_intermediate_size": Key("expert_hidden"),
-        "intermediate_size": Key("dense_hidden", _int, None),
-        "n_shared_experts": Key("shared_experts", _int0, shared),
-        "routed_scaling_factor": Key("routed_scale", _float, scale),
-        "first_k_dense_replace": Key("first_dense", _int0, first_dense),
-        "moe_layer_freq": Key("moe_freq", _int, 1),
+        "intermediate_size": Key("dense_hidden", positive_int, None),
+        "n_shared_experts": Key("shared_experts", non_negative_int, shared),
+        "routed_scaling_factor": Key("routed_scale", positive_float, scale),
+        "first_k_dense_replace": Key("first_dense", non_negative_int, first_dense),
+        "moe_layer_freq": Key("moe_freq", positive_int, 1),
         "n_group": Key("n_group", _group_count, n_group),
         "topk_group": Key("topk_group", _group_count, topk_group),
-        "q_lora_rank": Key("q_lora_rank", _int0, 1536),
+        "q_lora_rank": Key("q_lora_rank", non_negative_int, 1536),
         "kv_lora_rank": Key("kv_lora_rank"),
         "qk_nope_head_dim": Key("qk_nope_head_dim"),
         "qk_rope_head_dim": Key("qk_rope_head_dim"),
         "v_head_dim": Key("v_head_dim"),
-        "attention_bias": Key(None, _must(False, why="biased latent-attention projections"), False),
-        "mlp_bias": Key(None, _must(False, why="biased feed-forward projections"), False),
+        "attention_bias": Key(None, must_be(False, why="biased latent-attention projections"), False),
+        "mlp_bias": Key(None, must_be(False, why="biased feed-forward projections"), False),
     }
 
 
@@ -222,40 +143,40 @@ TABLES: dict[str, dict[str, Key]] = {
         **COMMON,
         "num_local_experts": Key("experts"),
         "intermediate_size": Key("expert_hidden"),
-        "sliding_window": Key("sliding_window", _opt_int, None),
+        "sliding_window": Key("sliding_window", optional_int, None),
     },
     "qwen2_moe": {
         **QWEN,
-        "shared_expert_intermediate_size": Key("shared_hidden", _int0, 5632),
-        "qkv_bias": Key("qkv_bias", _bool, True),
+        "shared_expert_intermediate_size": Key("shared_hidden", non_negative_int, 5632),
+        "qkv_bias": Key("qkv_bias", boolean, True),
     },
     "qwen3_moe": {
         **QWEN,
-        "num_local_experts": Key("experts", _int, None),  # transformers 5 writes this alias of num_experts
-        "attention_bias": Key(("qkv_bias", "out_bias"), _bool, False),
+        "num_local_experts": Key("experts", positive_int, None),  # transformers 5 writes this alias of num_experts
+        "attention_bias": Key(("qkv_bias", "out_bias"), boolean, False),
     },
     "olmoe": {
         **COMMON,
         "num_experts": Key("experts"),
         "intermediate_size": Key("expert_hidden"),
-        "norm_topk_prob": Key("normalize_topk", _bool, False),
-        "attention_bias": Key(("qkv_bias", "out_bias"), _bool, False),
-        "clip_qkv": Key(None, _must(None, why="clipping q/k/v activations"), None),
+        "norm_topk_prob": Key("normalize_topk", boolean, False),
+        "attention_bias": Key(("qkv_bias", "out_bias"), boolean, False),
+        "clip_qkv": Key(None, must_be(None, why="clipping q/k/v activations"), None),
     },
     "deepseek_v2": {
         **_deepseek(shared=2, scale=1.0, first_dense=0, n_group=1, topk_group=1),
         "topk_method": Key("group_score", _v2_topk_method, None),
         # transformers' DeepSeek-V2 never renormalises the top-k weights; DeepSeek's own code
         # would with true, so only false reproduces both
-        "norm_topk_prob": Key(None, _must(False, None, why="transformers ignores it for DeepSeek-V2"), False),
-        "scoring_func": Key(None, _must("softmax", why="DeepSeek-V2 routing scores by softmax"), "softmax"),
+        "norm_topk_prob": Key(None, must_be(False, None, why="transformers ignores it for DeepSeek-V2"), False),
+        "scoring_func": Key(None, must_be("softmax", why="DeepSeek-V2 routing scores by softmax"), "softmax"),
     },
     "deepseek_v3": {
         **_deepseek(shared=1, scale=2.5, first_dense=3, n_group=8, topk_group=4),
-        "norm_topk_prob": Key("normalize_topk", _bool, True),
-        "rope_interleave": Key("rope_interleave", _bool, True),
-        "topk_method": Key(None, _must("noaux_tc", why="DeepSeek-V3 routing is noaux_tc"), "noaux_tc"),
-        "scoring_func": Key(None, _must("sigmoid", why="DeepSeek-V3 routing scores by sigmoid"), "sigmoid"),
+        "norm_topk_prob": Key("normalize_topk", boolean, True),
+        "rope_interleave": Key("rope_interleave", boolean, True),
+        "topk_method": Key(None, must_be("noaux_tc", why="DeepSeek-V3 routing is noaux_tc"), "noaux_tc"),
+        "scoring_func": Key(None, must_be("sigmoid", why="DeepSeek-V3 routing scores by sigmoid"), "sigmoid"),
     },
 }
 
@@ -383,7 +304,7 @@ def _ingredients(config: Mapping[str, Any], family: Family, where: Path) -> tupl
             raise _fail(where, key, f"missing (a {family.name} config needs it)")
         try:
             value = rule.read(config[key]) if key in config else rule.default
-        except _Bad as e:
+        except BadValue as e:
             raise _fail(where, key, str(e)) from None
         for name in (rule.to,) if isinstance(rule.to, str) else rule.to or ():
             if key in config or name not in ing:
