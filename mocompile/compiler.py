@@ -252,7 +252,7 @@ def compile(
     configure_tvm_threads()
     for plugin in plugins:
         load_plugin(plugin)
-    passes = resolve_dtype(model, dtype, passes, backend)
+    passes = resolve_dtype(model, dtype, passes, backend, float_experts=ep)
     manager = PassManager(passes)  # the pipeline text is checked before any model is built
     say("[1/6] building the reference model" + (" (streamed: weights stay in the checkpoint)" if stream else ""))
     if isinstance(model, (str, Path)) or type(model).__name__ == "Spec":

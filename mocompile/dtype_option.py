@@ -38,15 +38,17 @@ def _default(model: Any) -> str:
     return "fp32"
 
 
-def resolve_dtype(model: Any, dtype: str | None, passes: str, backend: Backend) -> str:
+def resolve_dtype(model: Any, dtype: str | None, passes: str, backend: Backend, float_experts: bool = False) -> str:
     """The pipeline to run for `--dtype dtype` (None: the default for `model`), refusing
-    what cannot be honoured in one line."""
+    what cannot be honoured in one line. `float_experts`: the compile also writes the
+    expert-parallel pieces (--ep), whose expert programs read float32 weights, so the default
+    stays float32."""
     if dtype is not None and dtype not in CHOICES:
         raise MocompileError(f"--dtype must be one of {', '.join(CHOICES)} (got {dtype!r})")
     storage = [p.describe() for p in PassManager(passes).passes if p.name in _SETS_WEIGHT_STORAGE]
     if dtype is None:
         dtype = _default(model)
-        if storage or NAMES[dtype] not in backend.weight_formats:
+        if storage or float_experts or NAMES[dtype] not in backend.weight_formats:
             dtype = "fp32"  # the pipeline or the target decides; nothing to change
     elif dtype != "fp32":
         if storage:

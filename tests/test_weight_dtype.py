@@ -212,3 +212,14 @@ def test_kernels_widen_in_vector_registers(dtype: str, widening: str) -> None:
     # no value converted one at a time: no call of the half-precision helpers (which TVM's module
     # carries whether or not anything calls them), no scalar conversion
     assert not re.search(r"call\w*\s+\S*(extendhfsf2|truncsfhf2)", asm) and "vcvtsh2ss" not in asm
+
+
+def test_the_bf16_default_stays_float32_for_expert_parallel_pieces(checkpoint) -> None:
+    """--ep's expert programs read float32 weights: a bf16 checkpoint compiled with it defaults
+    to float32 storage instead of failing on the widened experts; without --ep it keeps bf16."""
+    from mocompile.backends.base import get_backend
+    from mocompile.dtype_option import resolve_dtype
+
+    cpu = get_backend("cpu")
+    assert resolve_dtype(checkpoint, None, "", cpu) == "weight-dtype(dtype=bf16)"
+    assert resolve_dtype(checkpoint, None, "", cpu, float_experts=True) == ""
