@@ -57,9 +57,10 @@ SPILL_BYTES = 1 << 20  # weights from this size up are spilled to the scratch di
 
 
 def _spilled(path: Path):
-    """A function reading the array saved at `path` (through a memory map, into a new array)."""
+    """A function reading the array saved at `path` (a plain read into a new array: no mapped
+    pages counted as resident beside it)."""
     def load() -> np.ndarray:
-        return np.array(np.load(path, mmap_mode="r"))
+        return np.load(path)
     return load
 
 
@@ -101,7 +102,8 @@ def _chained(graph: Graph, inputs: Mapping[str, np.ndarray], states: Mapping[str
                 scale = float(np.abs(ref).max(initial=0))
                 rows.append({"layer": layer_of[v.name], "value": v.name, "max_abs_error": err,
                              "rel_error": err / max(scale, 1e-30)})
-                results[j] = got  # the next layer starts from the artifact's hidden state
+                results[j] = got.copy()  # the next layer starts from the artifact's hidden state (a copy: the
+                # states are read again for the drift report)
 
     outs = interpret(graph, inputs, after=after)
     return rows, outs
@@ -120,10 +122,12 @@ class LayerChain:
         self.artifact, self.graph = artifact, graph
         self.layer_of = {b.output.name: b.name for b in blocks(graph)}
         self.worst: dict[str, dict[str, Any]] = {}  # layer -> its largest error over every run
-        self.inputs: Mapping[str, np.ndarray] | None = None
+        self.inputs: Mapping[str, np.ndarray] | None = None  # the first inputs checked, and
+        self.states: Mapping[str, np.ndarray] | None = None  # the artifact's layer states on them
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows, outs = _chained(self.graph, inputs, self.artifact.run_layers(inputs), self.layer_of)
+        states = self.artifact.run_layers(inputs)
+        rows, outs = _chained(self.graph, inputs, states, self.layer_of)
         for row in rows:
             if not row["rel_error"] <= LAYER_TOLERANCE:
                 raise VerificationError(
@@ -132,7 +136,8 @@ class LayerChain:
                     "computed from the artifact's own input to the layer)")
             if row["rel_error"] >= self.worst.get(row["layer"], {"rel_error": -1.0})["rel_error"]:
                 self.worst[row["layer"]] = row
-        self.inputs = self.inputs or inputs
+        if self.inputs is None:
+            self.inputs, self.states = inputs, states
         return outs
 
     def reference(self, base: Reference) -> Reference:
@@ -148,6 +153,6 @@ class LayerChain:
         if float_graph is not None and self.inputs is not None:
             float_of = {b.output.name: b.name for b in blocks(float_graph)}
             if set(float_of) == set(self.layer_of):
-                drift, _ = _chained(float_graph, self.inputs, self.artifact.run_layers(self.inputs), float_of)
+                drift, _ = _chained(float_graph, self.inputs, self.states, float_of)
                 out["drift_from_fp32"] = [{"layer": r["layer"], "rel_error": r["rel_error"]} for r in drift]
         return out

@@ -44,10 +44,6 @@ class Node:
         return f"Node({self.op} @ {self.loc or '?'})"
 
 
-def numpy_dtype_name(a: np.ndarray) -> str:
-    return str(a.dtype)
-
-
 class Graph:
     """A whole model: inputs, weights (params), nodes in topological order, outputs."""
 

@@ -78,6 +78,3 @@ class WeightStore(MutableMapping):
 
     def is_lazy(self, name: str) -> bool:
         return isinstance(self._items[name], LazyWeight)
-
-    def lazy_count(self) -> int:
-        return sum(isinstance(v, LazyWeight) for v in self._items.values())
