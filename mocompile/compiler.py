@@ -271,10 +271,11 @@ def compile(
     ctx = PassContext(calibration=calib, input_ranges=dict(src.int_high), target=backend.name,
                       options={PROBE: latency_probe(backend, src.int_high)})
     graph, reports = manager.run(graph, ctx)
+    ep_experts = None
     if ep:  # what the cut refuses (no routed experts, quantized ones), before any code is generated
         from mocompile.ep_build import routed_experts
 
-        routed_experts(graph)
+        ep_experts = routed_experts(graph)
     isolation = check_batch_isolation(graph, src, batch, seq, seed)
     say(f"      batch isolation: {isolation.summary()}")
     if require_isolation and isolation.verdict != "isolated":
@@ -337,7 +338,7 @@ def compile(
                 raise MocompileError(f"--ep: the expert-parallel pieces are verified by running them, and this "
                                      f"artifact cannot run here ({manifest['verification']['reason']})")
 
-            manifest["ep"] = build_ep(graph, backend, stage, say)
+            manifest["ep"] = build_ep(graph, ep_experts, backend, stage, say)
             manifest["ep"]["verification"] = verify_ep(stage, manifest, graph, reference, shapes, seed,
                                                        DECODE_CHECK_TOKENS)
         # the artifact loaded for verification (the chain and its reference hold it) goes before

@@ -128,11 +128,11 @@ def check_ep_target(backend: Backend) -> None:
                              f"the {backend.name} target makes {backend.program_kind} programs")
 
 
-def build_ep(graph: Graph, backend: Backend, stage: Path, say: Callable[[str], None]) -> dict[str, Any]:
+def build_ep(graph: Graph, experts: list[tuple[int, Node]], backend: Backend, stage: Path,
+             say: Callable[[str], None]) -> dict[str, Any]:
     """Write the expert-parallel pieces of `graph` into `stage`/ep and return the manifest's
-    `ep` entry (verified by the caller, who has the reference)."""
-    check_ep_target(backend)
-    experts = routed_experts(graph)
+    `ep` entry (verified by the caller, who has the reference). `experts`: routed_experts(graph),
+    which the caller ran (with check_ep_target) to refuse bad input before code generation."""
     say(f"      expert parallelism: cutting {len(experts)} MoE layer(s) out of the dense program")
     dense_dir = stage / EP_DIR / "dense"
     dense_dir.mkdir(parents=True)
