@@ -1,7 +1,9 @@
 """16-bit float weights against float32: the same model compiled with --dtype fp32, bf16, fp16.
 
-Run:  python benchmarks/bench_dtype.py [--threads N] [--models M ...] [--out PATH]
-(all models by default; rewrites the "weight dtype" section of benchmarks/RESULTS.md). Never
+Run:  python benchmarks/bench_dtype.py [--threads N] [--models M ...] [--out PATH] [--llamacpp with|only|skip]
+(all models by default; rewrites the "weight dtype" section of benchmarks/RESULTS.md, and with
+the llama.cpp column its "weight-dtype-llamacpp" section: bf16 / fp16 against llama.cpp's BF16 /
+F16 GGUF of the same weights, llamacpp_column.py). Never
 run by the tests. Same inputs, same process, one thread count for every column (engines.py).
 Activations stay float32 in every column; bf16/fp16 store the matmul and embedding weights in
 16 bits and widen them in registers, so a single-token step of a model that does not fit in
@@ -17,8 +19,9 @@ import time
 from pathlib import Path
 
 import mocompile
-from engines import THREADS
-from harness import PAST, ROUNDS, artifact_rows, cpu_name, start_run, versions
+from engines import THREADS, set_threads
+from harness import PAST, ROUNDS, RunClock, artifact_rows, copy_bandwidth, cpu_name, options, versions
+from llamacpp_column import add_option, write_llamacpp_section
 from mocompile.dsl import load_spec
 from mocompile.dsl.summary import parameter_counts
 from results import write_section
@@ -61,7 +64,19 @@ def header(bandwidth: float, argv: list[str], stamp: str) -> list[str]:
 
 
 def main() -> None:
-    args, clock, bandwidth = start_run(__doc__.splitlines()[0], list(MODELS))
+    parser = options(__doc__.splitlines()[0], list(MODELS))
+    add_option(parser)
+    args = parser.parse_args()
+    clock = RunClock()
+    set_threads(args.threads)
+    if args.llamacpp != "skip":  # bf16 / fp16 against llama.cpp's BF16 / F16, in a section of its own
+        specs = {name: load_spec(MODELS[name]) for name in args.models}
+        write_llamacpp_section("weight-dtype-llamacpp", "bench_dtype.py", specs,
+                               {d: {"passes": "", "dtype": d} for d in HALVES}, args.threads,
+                               CACHE / "llamacpp", args.out, sys.argv[1:], BYTES_PER_PARAM)
+        if args.llamacpp == "only":
+            return
+    bandwidth = copy_bandwidth()
     table = []
     sizes = ["", "| model | dtype | weights MB | compile s | drift from fp32 (rel) |", "|---|---|---|---|---|"]
     for name in args.models:

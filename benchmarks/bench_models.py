@@ -227,7 +227,8 @@ def main() -> None:
     set_threads(args.threads)
     if args.llamacpp != "skip":  # fp32 against llama.cpp's F32, in a section of its own
         specs = {name: load_spec(ROOT / "examples" / f"{name}.moe") for name in args.models}
-        write_llamacpp_section("models-llamacpp", "bench_models.py", specs, {"fp32": ""}, args.threads,
+        write_llamacpp_section("models-llamacpp", "bench_models.py", specs, {"fp32": {"passes": "", "dtype": "fp32"}},
+                               args.threads,
                                CACHE / "llamacpp", args.out, sys.argv[1:],
                                {"fp32": 4})
         if args.llamacpp == "only":

@@ -177,7 +177,7 @@ def main() -> None:
     set_threads(args.threads)
     if args.llamacpp != "skip":  # fp32 / int8 / int4 g32 / W4A8 against llama.cpp's F32 / Q8_0 / Q4_0 / Q4_0
         specs = {name: load_spec(MODELS[name]) for name in args.models}
-        schemes = {s: SCHEMES[s] for s in ("fp32", "int8", "int4", "w4a8")}
+        schemes = {s: {"passes": SCHEMES[s], "dtype": "fp32"} for s in ("fp32", "int8", "int4", "w4a8")}
         write_llamacpp_section("quantization-llamacpp", "bench_quant.py", specs, schemes, args.threads,
                                CACHE.parent / "llamacpp", args.out, sys.argv[1:],
                                BYTES_PER_PARAM)

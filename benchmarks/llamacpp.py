@@ -10,7 +10,7 @@ What it does, each step cached under ~/.cache/mocompile-bench (MOCOMPILE_BENCH_C
   checkpoint (dsl/hf_export.py, the importer's weight plan read backwards), a small
   sentencepiece tokenizer is trained on the spot (the converter requires one; it pads the
   vocabulary to the model's), and llama.cpp's own `convert_hf_to_gguf.py` (with the vendored
-  gguf-py) writes an F32 GGUF; `llama-quantize` makes Q8_0, Q4_0 and BF16 from it.
+  gguf-py) writes an F32 GGUF; `llama-quantize` makes Q8_0, Q4_0, BF16 and F16 from it.
 - run: `llama-bench -o json` at a given thread count: pp64 and pp512 from an empty cache, tg32
   from an empty cache and after 512 and 2048 cached positions (`-d`, which this version has;
   the cached state is restored, not recomputed, between repetitions), its per-repetition
@@ -35,7 +35,9 @@ TARGETS = ("llama-bench", "llama-quantize")
 # our scheme -> llama.cpp's type of the same bits per weight (the benchmark's pairing)
 # (llama.cpp's Q8_0 / Q4_0 dot products round the activations to int8 blocks of 32, so W8A8 / W4A8
 # are the same arithmetic; int8 / int4 keep float activations)
-PAIRS = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0", "w8a8": "Q8_0", "w4a8": "Q4_0", "bf16": "BF16"}
+# (and its BF16 / F16 dot products round the activations to that type; our bf16 / fp16 widen the
+# weights and keep float32 activations)
+PAIRS = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0", "w8a8": "Q8_0", "w4a8": "Q4_0", "bf16": "BF16", "fp16": "F16"}
 PROMPTS = (64, 512)  # ppN: one N-token prompt from an empty cache
 GEN, DEPTHS = 32, (0, 512, 2048)  # tgN after each count of cached positions
 # llama.cpp runs under both OpenMP wait policies and each case keeps its faster one: its
@@ -138,7 +140,7 @@ def train_tokenizer(out: Path, vocab: int) -> Path:
 
 def ggufs(tools: LlamaCpp, spec, model, name: str, types: list[str], cache: Path | None = None) -> dict[str, Path]:
     """GGUF files of `model` (the reference model of `spec`) in each of `types` (F32, Q8_0,
-    Q4_0, BF16), converted once per name and weights: the checkpoint's digest names the files."""
+    Q4_0, BF16, F16), converted once per name and weights: the checkpoint's digest names the files."""
     import hashlib
 
     from mocompile.dsl.hf_export import export_mixtral

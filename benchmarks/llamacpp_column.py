@@ -68,12 +68,13 @@ def _our_case(art, label: str, vocab: int) -> Callable[[], object]:
     return generate
 
 
-def _source_digest(hf: Path, passes: str) -> str:
-    """What an artifact of the comparison depends on: the checkpoint's bytes, the passes and
-    the compiler's own sources (a changed kernel must be measured, not a stale build)."""
+def _source_digest(hf: Path, options: dict[str, str]) -> str:
+    """What an artifact of the comparison depends on: the checkpoint's bytes, the compile
+    options and the compiler's own sources (a changed kernel must be measured, not a stale build)."""
     import hashlib
+    import json
 
-    h = hashlib.sha256(passes.encode())
+    h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     h.update((hf / "model.safetensors").read_bytes())
     h.update((hf / "config.json").read_bytes())
     for folder in ("mocompile", "dsl", "passes", "backends"):
@@ -82,24 +83,26 @@ def _source_digest(hf: Path, passes: str) -> str:
     return h.hexdigest()
 
 
-def _artifact(hf: Path, passes: str, out: Path):
-    """The artifact of checkpoint `hf` with `passes`: compiled (and verified) once, then
-    loaded while the checkpoint, the passes and the compiler's sources are unchanged (a
-    quantized moe_medium takes minutes to compile on this machine)."""
+def _artifact(hf: Path, options: dict[str, str], out: Path):
+    """The artifact of checkpoint `hf` compiled with `options` (mocompile.compile's keyword
+    arguments: passes, dtype): compiled (and verified) once, then loaded while the checkpoint,
+    the options and the compiler's sources are unchanged (a quantized moe_medium takes
+    minutes to compile on this machine)."""
     import mocompile
     from mocompile.runtime import load
 
-    key, stamp = _source_digest(hf, passes), out.parent / f"{out.name}.source"
+    key, stamp = _source_digest(hf, options), out.parent / f"{out.name}.source"
     if (out / "manifest.json").exists() and stamp.exists() and stamp.read_text() == key:
         return load(out)
-    art = mocompile.compile(str(hf), passes=passes, out_dir=out, batch=2, seq=4)
+    art = mocompile.compile(str(hf), out_dir=out, batch=2, seq=4, **options)
     stamp.write_text(key)
     return art
 
 
-def compare(tools: llamacpp.LlamaCpp, name: str, spec, schemes: dict[str, str], threads: int, cache: Path,
-            say: Callable[[str], None] = print) -> list[dict]:
-    """Rows of one model: per scheme (our passes text) and case, our and llama.cpp's medians."""
+def compare(tools: llamacpp.LlamaCpp, name: str, spec, schemes: dict[str, dict[str, str]], threads: int,
+            cache: Path, say: Callable[[str], None] = print) -> list[dict]:
+    """Rows of one model: per scheme (our compile options: passes, dtype) and case, our and
+    llama.cpp's medians."""
     from mocompile.dsl import build_model
     from mocompile.dsl.hf_export import export_mixtral
     from mocompile.dsl.summary import parameter_counts
@@ -111,8 +114,8 @@ def compare(tools: llamacpp.LlamaCpp, name: str, spec, schemes: dict[str, str], 
     del model
     labels = [c[0] for c in llamacpp.cases()]
     rows = []
-    for scheme, passes in schemes.items():
-        art = _artifact(hf, passes, cache / f"{name}-long-{scheme}")
+    for scheme, options in schemes.items():
+        art = _artifact(hf, options, cache / f"{name}-long-{scheme}")
         ours = {label: _our_case(art, label, spec.vocab) for label in labels}
         theirs_ms: dict[str, list[float]] = {label: [] for label in labels}
         ours_ms: dict[str, list[float]] = {label: [] for label in labels}
@@ -131,13 +134,14 @@ def compare(tools: llamacpp.LlamaCpp, name: str, spec, schemes: dict[str, str], 
             n = llamacpp.tokens(label)
             rows.append({"model": name, "scheme": scheme, "type": llamacpp.PAIRS[scheme], "case": label,
                          "ours_ms": a, "llama_ms": b, "ours_tps": 1e3 * n / a, "llama_tps": 1e3 * n / b,
-                         "speedup": b / a, "path": art.path, "active": parameter_counts(spec)["active_per_token"]})
+                         "speedup": b / a, "path": art.path, "active": parameter_counts(spec)["active_per_token"],
+                         "kv_per_position": _kv_bytes_per_position(art)})
             say(f"{name} {scheme} vs {llamacpp.PAIRS[scheme]} {label}: ours {1e3 * n / a:.1f} tok/s, "
                 f"llama.cpp {1e3 * n / b:.1f} tok/s ({b / a:.2f}x)")
     return rows
 
 
-def column_rows(specs: dict[str, object], schemes: dict[str, str], threads: int, cache: Path,
+def column_rows(specs: dict[str, object], schemes: dict[str, dict[str, str]], threads: int, cache: Path,
                 say: Callable[[str], None] = print) -> tuple[list[dict], list[str], str]:
     """Every comparable model's rows, the notes of what was skipped and why, and the build's
     description ('' when the column is skipped as a whole)."""
@@ -160,12 +164,23 @@ def column_rows(specs: dict[str, object], schemes: dict[str, str], threads: int,
     return rows, notes, f"llama.cpp {tools.commit} (vendored in llama-cpp-python {llamacpp.VERSION})"
 
 
+def _kv_bytes_per_position(art) -> int:
+    """Bytes of keys and values one cached position holds for one sequence (the artifact's
+    cache tensors, whose symbolic dims are the batch and the cache length)."""
+    import numpy as np
+
+    return sum(int(np.prod([d for d in c["shape"] if isinstance(d, int)])) * np.dtype(c["dtype"]).itemsize
+               for c in art.manifest["program"]["step"]["cache"])
+
+
 def roofline_cell(r: dict, bytes_per_param: dict[str, float], bandwidth: float) -> str:
-    """A tg row's time per step against the time to read the step's weights once (active
-    parameters x bytes per parameter of the scheme, at the measured copy bandwidth)."""
+    """A tg row's time per step against the time to read what a step must read once: the
+    active weights (active parameters x bytes per parameter of the scheme) and the cached
+    keys and values (at the mean depth of the row's steps), at the measured copy bandwidth."""
     if not r["case"].startswith("tg") or r["scheme"] not in bytes_per_param:
         return ""
-    roof = 1e3 * r["active"] * bytes_per_param[r["scheme"]] / bandwidth
+    depth = int(r["case"].split("@")[1]) + llamacpp.GEN / 2
+    roof = 1e3 * (r["active"] * bytes_per_param[r["scheme"]] + r["kv_per_position"] * depth) / bandwidth
     return f"{r['ours_ms'] / llamacpp.GEN / roof:.2f}x of {roof:.3f} ms"
 
 
@@ -196,17 +211,21 @@ def section_lines(rows: list[dict], notes: list[str], build: str, threads: int,
         lines += [
             f"Both sides at {threads} threads, batch 1, on one Mixtral checkpoint written from the model's reference "
             f"weights (`dsl/hf_export.py`; max_seq raised to {LONG}, weights unchanged): mocompile compiles it with "
-            "the scheme's passes, llama.cpp's `convert_hf_to_gguf.py` converts it and `llama-quantize` makes the "
+            "the scheme's passes and weight dtype, llama.cpp's `convert_hf_to_gguf.py` converts it and `llama-quantize` makes the "
             "paired type. Cases as `llama-bench` names them: ppN = an N-token prompt into an empty cache; tg32 @ d = "
             "32 single-token steps after d cached positions (ours: `step` calls). Medians over "
             f"{ROUNDS} alternating rounds of {REPS} repetitions per case (a round: one llama-bench process, then ours; "
             "each side warms each case up first). "
-            "speed-up = ours tokens/s / llama.cpp tokens/s. llama.cpp runs each case under both OpenMP wait policies "
+            "speed-up = ours tokens/s / llama.cpp tokens/s. Arithmetic: llama.cpp's Q8_0 / Q4_0 dot products round "
+            "the activations to int8 blocks of 32 and its BF16 / F16 ones to 16 bits, as w8a8 / w4a8 round them to "
+            "int8 per token; our fp32 / int8 / int4 / bf16 / fp16 keep float32 activations (int8 / int4: three int8 "
+            "digits per activation in the VNNI kernels, 3x w4a8's integer arithmetic on prompts). llama.cpp runs each case under both OpenMP wait policies "
             "(its default, idle workers spinning, and `OMP_WAIT_POLICY=PASSIVE`) and keeps its faster one: spinning "
             "is faster on a quiet machine, sleeping on a loaded one; ours runs as shipped (TVM workers sleep, "
             "`TVM_THREAD_POOL_SPIN_COUNT=0`).", "",
-            f"Roofline (tg rows): our time per step against reading the active weights once at the copy bandwidth "
-            f"measured at the start ({bandwidth / 1e9:.1f} GB/s; KV cache reads not counted).", "",
+            f"Roofline (tg rows): our time per step against reading the active weights and the cached keys and "
+            f"values (at the mean depth of the row's steps) once at the copy bandwidth measured at the start "
+            f"({bandwidth / 1e9:.1f} GB/s).", "",
             "| model | ours | llama.cpp | case | ours ms | llama.cpp ms | ours tok/s | llama.cpp tok/s | speed-up "
             "| our step vs roofline |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -233,7 +252,8 @@ def add_option(parser) -> None:
                              "the default), alone (only) or not at all (skip)")
 
 
-def write_llamacpp_section(section: str, script: str, specs: dict[str, object], schemes: dict[str, str], threads: int,
+def write_llamacpp_section(section: str, script: str, specs: dict[str, object], schemes: dict[str, dict[str, str]],
+                           threads: int,
                            cache: Path, out: Path, argv: list[str], bytes_per_param: dict[str, float]) -> None:
     """Run the comparison and write it as its own RESULTS.md section (`section`), so that
     `--llamacpp only` reruns it without touching the script's other tables."""
