@@ -28,7 +28,7 @@ import numpy as np
 
 from mocompile.artifact import read_manifest
 from mocompile.errors import MocompileError
-from mocompile.runtime_ep import PLACEMENTS, ExpertParallelRank, open_rank, plan_of
+from mocompile.runtime_ep import PLACEMENTS, ExpertParallelRank, default_placement, open_rank
 from mocompile.signature import random_inputs
 
 DEFAULT_TIMEOUT_S = 60.0  # seconds a rank waits for the others at any exchange before it fails
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = None
     try:
         manifest = read_manifest(a.artifact, check_files=False)  # each rank checks the files it reads
-        how = a.placement or ("plan" if plan_of(manifest) else "round-robin")
+        how = default_placement(manifest, a.placement)
         transport = TorchTransport(me, size, a.timeout, a.dist_backend)
         rank = open_rank(a.artifact, manifest, transport, how)
         _fault(rank, me)
