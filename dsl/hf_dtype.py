@@ -4,26 +4,14 @@ alone (no tensor is read): a compile keeps a bf16 checkpoint's weights bf16 by d
 
 from __future__ import annotations
 
-import json
-import struct
 from collections import Counter
 from pathlib import Path
 
-from mocompile.errors import MocompileError
+from mocompile.safetensors_io import read_header
 
 # safetensors' names of the floating dtypes -> numpy/IR names
 _FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 _ELEMENT_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
-
-
-def _header(path: Path) -> dict:
-    """The JSON header of one safetensors file: tensor name -> {dtype, shape, data_offsets}."""
-    try:
-        with path.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            return json.loads(f.read(size))
-    except (OSError, struct.error, ValueError) as e:
-        raise MocompileError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def checkpoint_dtype(path: str | Path) -> str | None:
@@ -34,7 +22,7 @@ def checkpoint_dtype(path: str | Path) -> str | None:
         return None
     bytes_by_dtype: Counter[str] = Counter()
     for f in files:
-        for name, entry in _header(f).items():
+        for name, entry in read_header(f).items():
             if name != "__metadata__" and entry.get("dtype") in _FLOAT_DTYPES:
                 begin, end = entry["data_offsets"]
                 bytes_by_dtype[entry["dtype"]] += (end - begin) // _ELEMENT_BYTES[entry["dtype"]]

@@ -3,7 +3,7 @@
 The reverse of `hf_import` + `hf_weights` for the one family other engines read most widely:
 it lets a benchmark give llama.cpp's `convert_hf_to_gguf.py` exactly the weights our
 compiler compiles. The tensor names come from the importer's own weight plan
-(`hf_weights._Planner`), run on the spec this export would import back as, so the two
+(`hf_weights.Planner`), run on the spec this export would import back as, so the two
 directions cannot drift: a checkpoint written here imports to the same spec and the same
 parameters (tests/test_hf_export.py checks the round trip).
 
@@ -76,12 +76,12 @@ def mixtral_config(spec: Spec) -> dict[str, Any]:
 
 def _checkpoint_tensors(spec: Spec, model: "torch.nn.Module", out: Path) -> dict[str, "torch.Tensor"]:
     """Checkpoint tensor name -> tensor, from the importer's weight plan read backwards."""
-    from mocompile.dsl.hf_weights import _Planner
+    from mocompile.dsl.hf_weights import Planner
 
     params = dict(model.named_parameters())
     ckpt = HFCheckpoint(out, spec, FAMILIES["mixtral"], FAMILIES["mixtral"].architecture)
     tensors: dict[str, torch.Tensor] = {}
-    for target in _Planner(ckpt, {n: tuple(p.shape) for n, p in params.items()}, set()).plan():
+    for target in Planner(ckpt, {n: tuple(p.shape) for n, p in params.items()}, set()).plan():
         value = params[target.name].detach()
         for i, piece in enumerate(target.pieces):
             assert piece.rows is None, f"Mixtral's plan slices {piece.source}"  # only MLA / fused layouts slice

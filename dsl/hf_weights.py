@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 from mocompile.dsl.hf_import import DENSE, HFCheckpoint
 from mocompile.dsl.spec import MLASpec, MoESpec, Spec
@@ -34,8 +34,8 @@ if TYPE_CHECKING:  # torch is imported only when weights are actually read
 
     from mocompile.dsl.builder import MoEModel
 
-__all__ = ["Piece", "Target", "CheckpointFiles", "build_hf_model", "check_checkpoint", "plan_weights", "check_plan",
-           "load_into", "read_piece", "save_weights"]
+__all__ = ["Piece", "Target", "CheckpointFiles", "Planner", "build_hf_model", "check_checkpoint", "plan_weights",
+           "check_plan", "load_into", "copy_pieces", "read_piece", "save_weights"]
 
 INDEX = "model.safetensors.index.json"
 
@@ -148,7 +148,13 @@ def _per_head(heads: int, width: int, parts: Sequence[tuple[int, list[int]]]) ->
     return tuple(h * width + off + r for h in range(heads) for off, rows in parts for r in rows)
 
 
-class _Planner:
+class Planner:
+    """Which checkpoint tensors (or rows of them) make each reference parameter, by the
+    checkpoint's family and spec: `plan()` lists a Target per parameter. The import reads
+    the plan forwards (plan_weights, load_into) and the Mixtral export backwards
+    (hf_export), so both directions name the same tensors. `available`: the checkpoint's
+    tensor names, where a layout depends on them (transformers 5's fused expert tensors)."""
+
     def __init__(self, ckpt: HFCheckpoint, shapes: Mapping[str, tuple[int, ...]], available: set[str]) -> None:
         self.ckpt, self.shapes, self.available = ckpt, shapes, available
         self.targets: list[Target] = []
@@ -246,7 +252,7 @@ def plan_weights(ckpt: HFCheckpoint, param_shapes: Mapping[str, tuple[int, ...]]
     """The plan filling every parameter (`param_shapes`: name -> shape, tied ones once),
     checked against the checkpoint's headers. Raises MocompileError on any mismatch."""
     files = files or CheckpointFiles(ckpt.path)
-    targets = _Planner(ckpt, param_shapes, set(files.shard_of)).plan()
+    targets = Planner(ckpt, param_shapes, set(files.shard_of)).plan()
     planned = {t.name for t in targets}
     if planned != set(param_shapes):  # a planner bug, not a user error
         raise AssertionError(f"weight plan misses {sorted(set(param_shapes) - planned)}, "
@@ -281,21 +287,31 @@ def check_plan(ckpt: HFCheckpoint, targets: Sequence[Target], files: CheckpointF
 def load_into(model: "torch.nn.Module", targets: Sequence[Target], files: CheckpointFiles) -> None:
     """Stream the planned tensors into `model`'s parameters, one shard open at a time, one
     tensor in memory at a time (cast to the parameter's dtype)."""
+    params = dict(model.named_parameters())
+    with Bar(f"reading {files.path.name}", sum(len(t.pieces) for t in targets), unit="tensors") as bar:
+        copy_pieces(targets, files, lambda t, slot: params[t.name][slot] if t.stacked else params[t.name],
+                    lambda shard: bar.update(1, shard))
+
+
+def copy_pieces(targets: Sequence[Target], files: CheckpointFiles, dest: Callable[[Target, int], "torch.Tensor"],
+                copied: Callable[[str], None] | None = None) -> None:
+    """Copy every piece of `targets` into `dest(target, slot)` (cast to its dtype while
+    copying), grouped by shard: each shard is opened once and one checkpoint tensor is in
+    memory at a time. `copied(shard)` follows each piece. The reference model's parameters
+    (load_into) and a lazily read weight (stream_source, a numpy array) both fill this way."""
     import torch
 
-    params = dict(model.named_parameters())
     jobs: dict[str, list[tuple[Target, int, Piece]]] = {}
     for t in targets:
         for slot, p in enumerate(t.pieces):
             jobs.setdefault(files.shard_of[p.source], []).append((t, slot, p))
-    total = sum(len(items) for items in jobs.values())
-    with torch.no_grad(), Bar(f"reading {files.path.name}", total, unit="tensors") as bar:
+    with torch.no_grad():
         for shard, items in sorted(jobs.items()):
             with files.open(shard, items[0][2].source) as f:
                 for t, slot, p in items:
-                    dest = params[t.name][slot] if t.stacked else params[t.name]
-                    dest.copy_(read_piece(f, p))
-                    bar.update(1, shard)
+                    dest(t, slot).copy_(read_piece(f, p))
+                    if copied is not None:
+                        copied(shard)
 
 
 def read_piece(f, p: Piece) -> "torch.Tensor":

@@ -152,3 +152,16 @@ def check_file(path: Path, manifest: dict[str, Any], rel: str) -> None:
         raise ArtifactError(f"{f}: missing (listed in the manifest)")
     if sha256_file(f) != digest:
         raise ArtifactError(f"{f}: checksum mismatch, the file was modified after compilation; refusing to load")
+
+
+def placement_plan(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The expert placement the artifact's `place` pass recorded in its report (the `mocompile
+    place --json` shape), or None when no place pass ran. The runtime's expert-parallel ranks
+    and the report page both read it, so both find it the same way."""
+    for report in manifest.get("passes") or []:
+        if not isinstance(report, dict) or str(report.get("pass", "")).split("(")[0] != "place":
+            continue
+        plan = report.get("plan")
+        if isinstance(plan, dict) and isinstance(plan.get("devices"), list):
+            return plan
+    return None

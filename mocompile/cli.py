@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from mocompile.arguments import COUNT, POSITIVE
 from mocompile.errors import MocompileError
 from mocompile.native_log import native_log_filter
 
@@ -21,23 +22,6 @@ EXIT_INTERNAL = 70  # a compiler bug (BSD's EX_SOFTWARE), told apart from argpar
 EXIT_BROKEN_PIPE = 141  # stdout closed by its reader (128 + SIGPIPE, what a shell reports for cat | head)
 
 
-def _integer(low: int) -> Any:
-    """An argparse type: an integer of at least `low`, so a bad value fails before any work."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-POSITIVE, COUNT = _integer(1), _integer(0)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -31,7 +31,7 @@ from mocompile.signature import random_inputs, signature_of
 from mocompile.streamed_compile import LayerChain, artifact_bytes_per_param, mark_layer_states, spill_weights
 from mocompile.threads import configure_tvm_threads
 from mocompile.verification import (Reference, compare_to_reference, eager_reference, interpreter_reference,
-                                    verify_artifact, verify_decode)
+                                    verify_with_decode)
 
 Progress = Callable[[str], None]
 
@@ -170,11 +170,9 @@ def verify_here(backend: Backend, stage: Path, manifest: dict[str, Any], graph: 
                                     "checked": backend.static_checks(stage, manifest)}
         return UnrunnableArtifact(stage, manifest, why_not)
     staged = opened or open_artifact(stage, manifest)
-    manifest["verification"] = {"status": "verified", **verify_artifact(staged, reference, shapes, seed)}
-    if getattr(staged, "can_decode", False):
-        batch, seq = shapes[-1]
-        manifest["decode_verification"] = {**verify_decode(staged, graph, reference, batch, seq, DECODE_CHECK_TOKENS,
-                                                           seed), "isolation": step_isolation}
+    manifest["verification"], decode = verify_with_decode(staged, graph, reference, shapes, seed, DECODE_CHECK_TOKENS)
+    if decode is not None:
+        manifest["decode_verification"] = {**decode, "isolation": step_isolation}
     if exact_reference is not None:  # what the approximating passes cost against the unmodified model
         manifest["drift_from_fp32"] = compare_to_reference(staged, exact_reference, shapes, seed)
     return staged

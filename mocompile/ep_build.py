@@ -165,11 +165,10 @@ def verify_ep(stage: Path, manifest: dict[str, Any], graph: Graph, reference: An
     against `reference`: the checks every artifact passes, at prefill and, where the model
     decodes, for cached decode steps."""
     from mocompile.runtime_ep import LocalTransport, open_rank
-    from mocompile.verification import verify_artifact, verify_decode
+    from mocompile.verification import verify_with_decode
 
     rank = open_rank(stage, manifest, LocalTransport(), placement="round-robin", check=False)
-    result: dict[str, Any] = {"status": "verified", **verify_artifact(rank.model, reference, shapes, seed)}
-    if rank.model.can_decode:
-        batch, seq = shapes[-1]
-        result["decode"] = verify_decode(rank.model, graph, reference, batch, seq, decode_tokens, seed)
+    result, decode = verify_with_decode(rank.model, graph, reference, shapes, seed, decode_tokens)
+    if decode is not None:
+        result["decode"] = decode
     return result

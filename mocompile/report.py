@@ -17,13 +17,13 @@ from __future__ import annotations
 import platform
 from html import escape
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from mocompile import report_sections as S
 from mocompile import vm_trace
-from mocompile.artifact import read_manifest
+from mocompile.artifact import placement_plan, read_manifest
 from mocompile.placement.stats import layer_index
 from mocompile.errors import ArtifactError, MocompileError
 from mocompile.files import write_atomically
@@ -106,16 +106,6 @@ def expert_load_section(path: Path, manifest: dict[str, Any], bar: Bar) -> str:
     if plan is not None:
         body.append(_device_load(plan["devices"], routers, counts))
     return S.section("load", "Expert load", "".join(body))
-
-
-def placement_plan(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The expert placement a `place` pass recorded in its report (the `mocompile place
-    --json` shape), or None."""
-    for report in manifest.get("passes") or []:
-        plan = report.get("plan") if isinstance(report, dict) else None
-        if isinstance(plan, dict) and isinstance(plan.get("devices"), list):
-            return plan
-    return None
 
 
 def _device_load(devices: Sequence[Any], routers: Sequence[str], counts: np.ndarray) -> str:

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from mocompile.artifact import read_manifest
+from mocompile.artifact import placement_plan, read_manifest
 from mocompile.errors import MocompileError
-from mocompile.runtime_ep import check_rank_count, placement_of, plan_of
+from mocompile.runtime_ep import check_rank_count, default_placement, placement_of
 
 
 def add_parser(sub: Any, positive: Any) -> None:
@@ -43,8 +43,8 @@ def _nproc(a: argparse.Namespace, manifest: dict[str, Any]) -> int:
     """The ranks to start, after refusing what the ranks would refuse (before starting any)."""
     if "ep" not in manifest:
         raise MocompileError(f"{a.artifact}: has no expert-parallel pieces (compile it with --ep)")
-    plan = plan_of(manifest)
-    how = a.placement or ("plan" if plan else "round-robin")
+    plan = placement_plan(manifest)
+    how = default_placement(manifest, a.placement)
     nproc = a.nproc or (len(plan["devices"]) if plan and how == "plan" else 2)
     check_rank_count(manifest, nproc)
     placement_of(manifest, nproc, how)

@@ -23,7 +23,7 @@ from mocompile.artifact import read_manifest
 from mocompile.cpu_features import missing_cpu_features
 from mocompile.errors import ArtifactError, ArtifactInputError
 from mocompile.kv_cache import decode_steps
-from mocompile.safetensors_io import read_arrays
+from mocompile.safetensors_io import MissingTensorError, read_arrays
 from mocompile.signature import Signature, TensorSpec, random_inputs  # noqa: F401  (the runtime's API)
 from mocompile.runtime_inputs import (DEFAULT_CACHE_POSITIONS, KVCache, as_arrays, bounded_ids, check_batch,
                                       check_ids, check_positions, positive_int, segments, token_ids)
@@ -99,8 +99,6 @@ class LoadedArtifact:
             raise ArtifactError(f"{path}: built for {target.get('spec') or target.get('mcpu')}; this CPU lacks "
                                 f"{', '.join(missing)} (recompile with --target cpu for this machine)")
         tvm = import_tvm_without_torch()
-        from safetensors import safe_open
-
         lib = tvm.runtime.load_module(str(path / program["library"]))
         self._vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
         self._fn = self._vm[program.get("function", "main")]
@@ -109,18 +107,17 @@ class LoadedArtifact:
         step = program.get("step")
         decode = (step or {}).get("driver") if driver else None
         constants = decode["constants"] if decode else []
-        with safe_open(str(path / program["weights"]), "np") as f:
-            missing = [n for n in program["weight_order"] + constants if n not in f.keys()]
-            if missing:
-                raise ArtifactError(f"{path / program['weights']}: missing weight {missing[0]!r}")
         # Read with plain reads, not through safe_open's memory map, whose pages would count as
-        # resident memory beside the copies kept (twice a real-size artifact's weights).
+        # resident memory beside the copies kept (twice a real-size artifact's weights); every
+        # name is looked up in the header before any tensor is read.
         file = path / program["weights"]
         try:
-            self._weights = [tvm.runtime.tensor(a) for a in read_arrays(file, program["weight_order"])]
-            self._constants = [tvm.runtime.tensor(a) for a in read_arrays(file, constants)]
+            tensors = [tvm.runtime.tensor(a) for a in read_arrays(file, program["weight_order"] + constants)]
+        except MissingTensorError as e:
+            raise ArtifactError(f"{file}: missing weight {e.name!r}") from None
         except (OSError, ValueError, KeyError) as e:
             raise ArtifactError(f"{file}: unreadable weights ({e})") from None
+        self._weights, self._constants = tensors[:len(program["weight_order"])], tensors[len(program["weight_order"]):]
         self._driver = self._driver_positions = None
         if decode:
             # The driver is a PrimFunc of the library the VM executable imports (driver.py).

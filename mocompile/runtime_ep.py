@@ -30,7 +30,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from mocompile.artifact import check_file
+from mocompile.artifact import check_file, placement_plan
 from mocompile.errors import ArtifactError, MocompileError
 from mocompile.ir.ops.moe_remote import SERVICE
 from mocompile.runtime import LoadedArtifact, import_tvm_without_torch
@@ -124,10 +124,10 @@ class Placement:
         return dest
 
 
-def plan_of(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The placement plan the artifact's `place` pass made, if it ran."""
-    return next((r["plan"] for r in manifest.get("passes", [])
-                 if str(r.get("pass", "")).split("(")[0] == "place" and r.get("plan")), None)
+def default_placement(manifest: dict[str, Any], asked: str | None) -> str:
+    """The placement a run uses (PLACEMENTS): the one `asked` for, else the artifact's plan
+    when its place pass made one, else round-robin."""
+    return asked or ("plan" if placement_plan(manifest) else "round-robin")
 
 
 def placement_of(manifest: dict[str, Any], size: int, how: str) -> Placement:
@@ -135,7 +135,7 @@ def placement_of(manifest: dict[str, Any], size: int, how: str) -> Placement:
     layers = manifest["ep"]["layers"]
     if how == "round-robin":
         return Placement.round_robin(layers, size)
-    plan = plan_of(manifest)
+    plan = placement_plan(manifest)
     if plan is None:
         raise MocompileError("the artifact has no placement plan (compile with the place pass, or use "
                              "--placement round-robin)")

@@ -4,7 +4,8 @@
 so saving an artifact's weights held them twice; a real-size model's int4 weights are
 gigabytes. This writes the same format (an 8-byte little-endian header length, the JSON
 header padded to 8 bytes, then each tensor's bytes in header order) straight from each
-array's memory.
+array's memory; reading is the same, a header alone (`read_header`, no tensor's bytes) or
+named tensors into memory of their own (`read_arrays`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import BinaryIO, Iterator, Mapping
 
 import numpy as np
+
+from mocompile.errors import MocompileError
 
 _DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16",
            "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL"}
@@ -45,17 +48,42 @@ def save_arrays(arrays: Mapping[str, np.ndarray], path: str | Path) -> None:
 _NUMPY = {v: k for k, v in _DTYPES.items()}
 
 
+class MissingTensorError(LookupError):
+    """A tensor asked for by name that the safetensors file does not hold."""
+
+    def __init__(self, path: str | Path, name: str) -> None:
+        super().__init__(f"{path}: no tensor {name!r}")
+        self.path, self.name = path, name
+
+
+def _header_of(f: BinaryIO) -> tuple[int, dict]:
+    """(its byte length, the JSON header) of the safetensors file open as `f`, at its start."""
+    (size,) = struct.unpack("<Q", f.read(8))
+    return size, json.loads(f.read(size))
+
+
+def read_header(path: str | Path) -> dict:
+    """The JSON header of a safetensors file: tensor name -> {dtype, shape, data_offsets}
+    (and "__metadata__"), read without any tensor's bytes."""
+    try:
+        with open(path, "rb") as f:
+            return _header_of(f)[1]
+    except (OSError, struct.error, ValueError) as e:
+        raise MocompileError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def read_arrays(path: str | Path, names: list[str]) -> Iterator[np.ndarray]:
     """The arrays `names` of a safetensors file, one at a time, each read into its own memory
     with plain reads: unlike a memory map (safetensors' safe_open), the file's pages then never
-    count as this process's resident memory beside the copies the caller keeps."""
+    count as this process's resident memory beside the copies the caller keeps. Every name is
+    looked up in the header before any tensor is read (MissingTensorError: the first absent)."""
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+        size, header = _header_of(f)
+        missing = next((n for n in names if n not in header), None)
+        if missing is not None:
+            raise MissingTensorError(path, missing)
         for name in names:
-            entry = header.get(name)
-            if entry is None:
-                raise KeyError(name)
+            entry = header[name]
             start, end = entry["data_offsets"]
             a = np.empty(entry["shape"], _NUMPY[entry["dtype"]])
             if a.nbytes != end - start:

@@ -17,25 +17,18 @@ from typing import Any
 import numpy as np
 
 from mocompile.dsl.hf_import import HFCheckpoint
-from mocompile.dsl.hf_weights import CheckpointFiles, Target, plan_weights, read_piece
+from mocompile.dsl.hf_weights import CheckpointFiles, Target, copy_pieces, plan_weights
 from mocompile.ir.weights import LazyWeight
 
 
 def _reader(files: CheckpointFiles, target: Target):
-    """A function reading `target`'s float32 array from the shards (each shard opened once)."""
+    """A function reading `target`'s float32 array from the shards (each shard opened once;
+    bf16/fp16 cast to float32 while copying)."""
     def load() -> np.ndarray:
         import torch
 
         out = np.empty(target.shape, np.float32)
-        by_shard: dict[str, list[tuple[int, Any]]] = {}
-        for slot, piece in enumerate(target.pieces):
-            by_shard.setdefault(files.shard_of[piece.source], []).append((slot, piece))
-        with torch.no_grad():
-            for shard, items in sorted(by_shard.items()):
-                with files.open(shard, items[0][1].source) as f:
-                    for slot, piece in items:
-                        dest = torch.from_numpy(out[slot] if target.stacked else out)
-                        dest.copy_(read_piece(f, piece))  # cast bf16/fp16 -> float32 while copying
+        copy_pieces([target], files, lambda t, slot: torch.from_numpy(out[slot] if t.stacked else out))
         return out
     return load
 

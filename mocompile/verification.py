@@ -243,3 +243,15 @@ def verify_decode(artifact: Runnable, graph: Graph, reference: Reference, batch:
         raise VerificationError(f"cached decoding disagrees with {against}: relative error {worst:.3g} > "
                                 f"{reference.allowed:g} at {where}")
     return result
+
+
+def verify_with_decode(artifact: Runnable, graph: Graph, reference: Reference, shapes: list[tuple[int, int]],
+                       seed: int, decode_tokens: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The checks every artifact passes, a single program or expert-parallel pieces alike:
+    verify_artifact at every shape, then, where the artifact decodes, verify_decode of
+    `decode_tokens` steps after the last shape's prompt (None where it does not decode)."""
+    checked = {"status": "verified", **verify_artifact(artifact, reference, shapes, seed)}
+    if not getattr(artifact, "can_decode", False):
+        return checked, None
+    batch, seq = shapes[-1]
+    return checked, verify_decode(artifact, graph, reference, batch, seq, decode_tokens, seed)

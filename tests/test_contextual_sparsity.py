@@ -48,6 +48,31 @@ def _run_kernel(func, args):
     return [t.numpy() for t in tensors]
 
 
+def test_column_norms_are_computed_once_per_weight_array_and_never_served_stale() -> None:
+    """The interpreter's norms are cached per weight array: the same array gives the same
+    norms without recomputing, a replaced weight (a new array, even at a reused address)
+    its own norms, and a stacked expert weight every expert's norms, bit for bit as one
+    expert's own."""
+    import gc
+
+    from mocompile.ir import contextual
+
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    first = contextual._squared_column_sums(w)
+    assert contextual._squared_column_sums(w) is first  # a hit: not recomputed
+    np.testing.assert_allclose(column_norms([w]), np.sqrt((w.astype(np.float64) ** 2).sum(0)), rtol=1e-7)
+    key = id(w)
+    del w
+    gc.collect()
+    assert key not in contextual._SQUARES  # the entry left with its array
+    for _ in range(20):  # new arrays, some at a reused address, each served its own norms
+        v = np.random.default_rng(_).standard_normal((3, 4)).astype(np.float32)
+        np.testing.assert_array_equal(column_norms([v]), np.sqrt((v.astype(np.float64) ** 2).sum(0)).astype(np.float32))
+    stacked = np.random.default_rng(7).standard_normal((4, 6, 5)).astype(np.float32)
+    for e in range(4):
+        np.testing.assert_array_equal(column_norms([stacked])[e], column_norms([stacked[e].copy()]))
+
+
 def test_the_cpu_selection_kernel_takes_the_same_channels_ties_included() -> None:
     from mocompile.backends.tvm_cpu.kernels_contextual import select_channels as kernel
 

@@ -135,17 +135,11 @@ ROUNDS = 3  # alternating timings of the two ways; each way's best round counts 
 
 
 def _timer(funcs: list[tirx.PrimFunc], target: tvm.target.Target, cold: bool):
-    """A time_evaluator of funcs[0] (the rest: kernels it calls); `cold`: caches flushed
-    before each call (weights streamed from memory, as a large model's decode step reads them)."""
-    from mocompile.backends.tvm_cpu.tuning import COLD_CACHE
-    from mocompile.backends.tvm_cpu.tir_util import NAME_ATTR
+    """A time_evaluator of funcs[0] (the rest: kernels it calls); `cold`: 20 calls each after
+    the caches are flushed, else 3 rounds of 20 warm calls (tuning.kernel_timer)."""
+    from mocompile.backends.tvm_cpu.tuning import kernel_timer
 
-    func, *called = funcs
-    mod = tvm.IRModule({"kernel": func.with_attr("global_symbol", "kernel"),
-                        **{str(f.attrs[NAME_ATTR]): f for f in called}})
-    lib = tvm.compile(mod, target=target).mod
-    return (lib.time_evaluator("kernel", tvm.cpu(), number=1, repeat=20, f_preproc=COLD_CACHE) if cold
-            else lib.time_evaluator("kernel", tvm.cpu(), number=20, repeat=3))
+    return kernel_timer(funcs, target, cold, 20 if cold else 3)
 
 
 @functools.cache

@@ -170,15 +170,22 @@ def _arguments(config: MatmulConfig, tokens: int, rng: np.random.Generator) -> l
     return [x, indptr, *weights, rng.random(rows, dtype=np.float32), y]
 
 
-def measure(config: MatmulConfig, target: tvm.target.Target, repeat: int = 5, cold: bool = False) -> list[float]:
-    """Median seconds of one kernel call at each of MEASURE_ROWS tokens; `cold`: with the
-    arguments flushed from the caches before each call (weights streamed from memory)."""
-    func, *called = _kernels(config)
+def kernel_timer(funcs: list[tirx.PrimFunc], target: tvm.target.Target, cold: bool, repeat: int) -> Any:
+    """A time_evaluator of funcs[0] (the rest: kernels it calls) built for `target`: `repeat`
+    rounds of 20 calls, or with `cold` `repeat` single calls each after the caches are
+    flushed (weights streamed from memory, as a large model's decode step reads them)."""
+    func, *called = funcs
     mod = tvm.IRModule({"kernel": func.with_attr("global_symbol", "kernel"),
                         **{str(f.attrs[NAME_ATTR]): f for f in called}})
     lib = tvm.compile(mod, target=target).mod
-    timer = (lib.time_evaluator("kernel", tvm.cpu(), number=1, repeat=4 * repeat, f_preproc=COLD_CACHE) if cold
-             else lib.time_evaluator("kernel", tvm.cpu(), number=20, repeat=repeat))
+    return (lib.time_evaluator("kernel", tvm.cpu(), number=1, repeat=repeat, f_preproc=COLD_CACHE) if cold
+            else lib.time_evaluator("kernel", tvm.cpu(), number=20, repeat=repeat))
+
+
+def measure(config: MatmulConfig, target: tvm.target.Target, repeat: int = 5, cold: bool = False) -> list[float]:
+    """Median seconds of one kernel call at each of MEASURE_ROWS tokens; `cold`: with the
+    arguments flushed from the caches before each call (weights streamed from memory)."""
+    timer = kernel_timer(_kernels(config), target, cold, 4 * repeat if cold else repeat)
     rng = np.random.default_rng(0)
     return [float(timer(*[tvm.runtime.tensor(a) for a in _arguments(config, rows, rng)]).median)
             for rows in MEASURE_ROWS]

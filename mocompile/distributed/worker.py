@@ -26,19 +26,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mocompile.arguments import POSITIVE
 from mocompile.artifact import read_manifest
 from mocompile.errors import MocompileError
-from mocompile.runtime_ep import PLACEMENTS, ExpertParallelRank, open_rank, plan_of
+from mocompile.runtime_ep import PLACEMENTS, ExpertParallelRank, default_placement, open_rank
 from mocompile.signature import random_inputs
 
 DEFAULT_TIMEOUT_S = 60.0  # seconds a rank waits for the others at any exchange before it fails
 FAULT_ENV = "MOCOMPILE_EP_FAULT"
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text!r})")
-    return int(text)
 
 
 def _seconds(text: str) -> float:
@@ -58,9 +53,9 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
                    help="plan: the artifact's place-pass plan, one rank per device (the default where it has one); "
                         "round-robin: expert e of each layer on rank e mod N")
     p.add_argument("--tokens", metavar="FILE.npy", help="token ids [batch, seq] (default: random, from --seed)")
-    p.add_argument("--batch", type=_positive, default=2, help="sequences of the random batch (default 2)")
-    p.add_argument("--seq", type=_positive, default=8, help="positions of each random sequence (default 8)")
-    p.add_argument("--prompt", type=_positive, default=None,
+    p.add_argument("--batch", type=POSITIVE, default=2, help="sequences of the random batch (default 2)")
+    p.add_argument("--seq", type=POSITIVE, default=8, help="positions of each random sequence (default 8)")
+    p.add_argument("--prompt", type=POSITIVE, default=None,
                    help="positions prefilled into the KV cache before decoding one at a time (default: seq - 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dist-backend", choices=("gloo", "nccl"), default="gloo",
@@ -137,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = None
     try:
         manifest = read_manifest(a.artifact, check_files=False)  # each rank checks the files it reads
-        how = a.placement or ("plan" if plan_of(manifest) else "round-robin")
+        how = default_placement(manifest, a.placement)
         transport = TorchTransport(me, size, a.timeout, a.dist_backend)
         rank = open_rank(a.artifact, manifest, transport, how)
         _fault(rank, me)

@@ -21,7 +21,7 @@ import numpy as np
 
 from mocompile.ir.batch_flow import Flow, FlowArgs, Out, combine, identity_map
 from mocompile.ir.ops.elementwise import ACTIVATIONS, sigmoid
-from mocompile.ir.contextual import check_keep, kept_channels, per_token_rowwise, sparsify
+from mocompile.ir.contextual import check_keep, column_norms, kept_channels, per_token_rowwise
 from mocompile.ir.ops.nn import check_hidden_quant, ffn, ffn_hidden, ffn_weight_types
 from mocompile.ir.registry import OPTIONAL, REQUIRED, Cost, ExpertPools, OpDef, register_op
 from mocompile.ir.rounding import top_k_choices
@@ -307,15 +307,12 @@ def _experts(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndar
     flat_x, flat_w, flat_i = x.reshape(-1, h), w.reshape(-1, w.shape[-1]), idx.reshape(-1, idx.shape[-1])
     out = np.zeros_like(flat_x, dtype=np.float32)
     keep = attrs.get("keep")
+    if keep is not None:  # contextual sparsity, per token and expert: its channels by this expert's column norms
+        x_norms, h_norms = column_norms([w for w in (gate, up) if w is not None]), column_norms([down])
     for e in np.unique(flat_i):
         tok, slot = np.nonzero(flat_i == e)
-        g = None if gate is None else gate[e]
-        if keep is None:
-            y = ffn(flat_x, g, up[e], down[e], attrs["activation"], attrs["hidden_quant"])[tok]
-        else:  # contextual sparsity, per token and expert: its channels by this expert's column norms
-            xe = sparsify(flat_x, [w for w in (g, up[e]) if w is not None], keep)
-            he = sparsify(ffn_hidden(xe, g, up[e], attrs["activation"]).astype(np.float32), [down[e]], keep)
-            y = (he @ down[e].T).astype(np.float32)[tok]
+        y = ffn(flat_x, None if gate is None else gate[e], up[e], down[e], attrs["activation"], attrs["hidden_quant"],
+                keep, None if keep is None else (x_norms[e], h_norms[e]))[tok]
         np.add.at(out, tok, y * flat_w[tok, slot][:, None])
     return [out.reshape(x.shape)]
 

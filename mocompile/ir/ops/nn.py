@@ -179,11 +179,21 @@ def ffn_hidden(x: np.ndarray, gate: np.ndarray | None, up: np.ndarray, activatio
 
 
 def ffn(x: np.ndarray, gate: np.ndarray | None, up: np.ndarray, down: np.ndarray, activation: str,
-        hidden_quant: str | None = None) -> np.ndarray:
-    """The feed-forward block shared by dense layers, shared experts and routed experts."""
-    h = ffn_hidden(x, gate, up, activation)
-    if hidden_quant is not None:
-        h = fake_quant(h.astype(np.float32), hidden_quant)
+        hidden_quant: str | None = None, keep: float | None = None,
+        norms: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """The feed-forward block shared by dense layers, shared experts and routed experts.
+    With `keep` (contextual sparsity; never with hidden_quant, which both ops refuse): each
+    token reads its kept input channels of gate and up (scored by their stacked columns),
+    then its kept hidden neurons of down; `norms`: (gate and up's, down's) column norms
+    where the caller has them (a routed expert's rows of its stacked weights' norms)."""
+    if keep is None:
+        h = ffn_hidden(x, gate, up, activation)
+        if hidden_quant is not None:
+            h = fake_quant(h.astype(np.float32), hidden_quant)
+        return (h @ down.T).astype(np.float32)
+    x_norms, h_norms = norms if norms is not None else (None, None)
+    x = sparsify(x, [w for w in (gate, up) if w is not None], keep, x_norms)
+    h = sparsify(ffn_hidden(x, gate, up, activation).astype(np.float32), [down], keep, h_norms)
     return (h @ down.T).astype(np.float32)
 
 
@@ -192,14 +202,7 @@ def _mlp(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]
         x, gate, up, down = xs
     else:
         (x, up, down), gate = xs, None
-    keep = attrs.get("keep")
-    if keep is None:
-        return [ffn(x, gate, up, down, attrs["activation"], attrs["hidden_quant"])]
-    # contextual sparsity: the input channels per token for gate and up (scored by their
-    # stacked columns), then the hidden neurons per token for down
-    x = sparsify(x, [w for w in (gate, up) if w is not None], keep)
-    h = sparsify(ffn_hidden(x, gate, up, attrs["activation"]).astype(np.float32), [down], keep)
-    return [(h @ down.T).astype(np.float32)]
+    return [ffn(x, gate, up, down, attrs["activation"], attrs["hidden_quant"], attrs.get("keep"))]
 
 
 def _mlp_shares(node) -> dict[int, float]:
