@@ -4,6 +4,7 @@ the figures (not with an allocator error from inside torch halfway through a com
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 
@@ -27,7 +28,7 @@ def test_a_spec_too_big_for_the_machine_is_refused_with_the_figures(tmp_path):
     spec = tmp_path / "huge.moe"
     spec.write_text(HUGE)
     out = tmp_path / "out"
-    run = subprocess.run(["mocompile", "compile", str(spec), "-o", str(out)],
+    run = subprocess.run([sys.executable, "-m", "mocompile.cli", "compile", str(spec), "-o", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stderr
     line = run.stderr.strip().splitlines()[-1]

@@ -115,8 +115,8 @@ def test_a_typo_sized_spec_is_refused_in_one_line(tmp_path, hidden, refusal):
     assert str(hidden) in text
     spec = tmp_path / "typo.moe"
     spec.write_text(text)
-    run = subprocess.run(["mocompile", "compile", str(spec), "-o", str(tmp_path / "out")], capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "mocompile.cli", "compile", str(spec), "-o", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     line = run.stderr.strip().splitlines()[-1]
     assert line.startswith(f"mocompile: error: {spec}") and refusal in line, line
