@@ -48,9 +48,9 @@ def prefill_fields(lowered: "LoweredModule") -> dict[str, Any]:
     return {"prefill": list(lowered.prefill_outputs), "no_prefill_reason": None}
 
 
-def manifest_entry(outputs: list[str] | None, why_not: str | None) -> dict[str, Any]:
-    """The manifest program's `prefill` entry (its function and the outputs it keeps at the
-    last position), or its `no_prefill_reason`."""
-    if outputs is None:
-        return {"no_prefill_reason": why_not}
-    return {"prefill": {"function": PREFILL_FUNCTION, "last_only": list(outputs)}}
+def manifest_entry(prefill: list[str] | None, no_prefill_reason: str | None) -> dict[str, Any]:
+    """The manifest program's `prefill` entry (its function and `prefill`, the outputs it keeps
+    at the last position), or its `no_prefill_reason`."""
+    if prefill is None:
+        return {"no_prefill_reason": no_prefill_reason}
+    return {"prefill": {"function": PREFILL_FUNCTION, "last_only": list(prefill)}}
