@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Collection
 
 from mocompile.ir.graph import Graph, Node, Value
 from mocompile.ir.registry import get_op
