@@ -8,7 +8,9 @@ The spec's max_seq is raised to LONG positions first (weights unchanged: rope is
 stored) so that both sides can hold 2048 cached positions plus the generated ones.
 
 What is timed, llama-bench's cases on both sides, batch 1: ppN = one N-token prompt into an
-empty cache (ours: one `step` of N positions into a fresh cache); tg32 @ d = 32 single-token
+empty cache, the last token's logits out (llama-bench's batch marks only its last token as an
+output, common_batch_get_one; ours: one `step(last_only=True)` of N positions into a fresh
+cache, the artifact's `prefill` function); tg32 @ d = 32 single-token
 steps after d cached positions (ours: 32 `step` calls; the cache is rewound to d before each
 repetition, as llama-bench restores its saved state). A round is one llama-bench process over
 every case (its own warm-up, REPS repetitions), then per case of ours one warm-up and REPS
@@ -53,7 +55,7 @@ def _our_case(art, label: str, vocab: int) -> Callable[[], object]:
 
         def prompt() -> object:
             cache.length = 0
-            return art.step(ids, cache)
+            return art.step(ids, cache, last_only=True)
         return prompt
     depth = int(label.split("@")[1])
     cache = art.new_cache(1, depth + llamacpp.GEN)
@@ -211,8 +213,10 @@ def section_lines(rows: list[dict], notes: list[str], build: str, threads: int,
         lines += [
             f"Both sides at {threads} threads, batch 1, on one Mixtral checkpoint written from the model's reference "
             f"weights (`dsl/hf_export.py`; max_seq raised to {LONG}, weights unchanged): mocompile compiles it with "
-            "the scheme's passes and weight dtype, llama.cpp's `convert_hf_to_gguf.py` converts it and `llama-quantize` makes the "
-            "paired type. Cases as `llama-bench` names them: ppN = an N-token prompt into an empty cache; tg32 @ d = "
+            "the scheme's passes and weight dtype, llama.cpp's `convert_hf_to_gguf.py` converts it and `llama-quantize` "
+            "makes the paired type. Cases as `llama-bench` names them: ppN = an N-token prompt into an empty cache, the "
+            "last token's logits out (llama-bench outputs only the last token's; ours: `step(last_only=True)`, the "
+            "artifact's `prefill` function, whose final norm and LM head run on the last position only); tg32 @ d = "
             "32 single-token steps after d cached positions (ours: `step` calls). Medians over "
             f"{ROUNDS} alternating rounds of {REPS} repetitions per case (a round: one llama-bench process, then ours; "
             "each side warms each case up first). "

@@ -31,7 +31,7 @@ from mocompile.signature import random_inputs, signature_of
 from mocompile.streamed_compile import LayerChain, artifact_bytes_per_param, mark_layer_states, spill_weights
 from mocompile.threads import configure_tvm_threads
 from mocompile.verification import (Reference, compare_to_reference, eager_reference, interpreter_reference,
-                                    verify_with_decode)
+                                    verify_prefill, verify_with_decode)
 
 Progress = Callable[[str], None]
 
@@ -46,6 +46,16 @@ def check_batch_isolation(graph: Graph, src: Source, batch: int, seq: int, seed:
 
     inputs = random_inputs(signature_of(graph, src.int_high), max(batch, 2), seq, seed)
     return check_graph(graph, inputs, int_high=src.int_high, seed=seed)
+
+
+def prefill_isolation(graph: Graph) -> str | None:
+    """The isolation verdict of what the `prefill` function computes (the KV-cached graph cut
+    to the last position, mocompile/prefill.py), or None where there is none."""
+    from mocompile.isolation import analyze
+    from mocompile.prefill import cached_last_position_graph
+
+    cut = cached_last_position_graph(graph)
+    return None if isinstance(cut, str) else analyze(cut.graph).verdict
 
 
 def cached_step_isolation(graph: Graph) -> str | None:
@@ -173,6 +183,10 @@ def verify_here(backend: Backend, stage: Path, manifest: dict[str, Any], graph: 
     manifest["verification"], decode = verify_with_decode(staged, graph, reference, shapes, seed, DECODE_CHECK_TOKENS)
     if decode is not None:
         manifest["decode_verification"] = {**decode, "isolation": step_isolation}
+        if getattr(staged, "has_prefill", False):
+            batch, seq = shapes[-1]
+            manifest["prefill_verification"] = {**verify_prefill(staged, batch, seq, seed),
+                                                "isolation": prefill_isolation(graph)}
     if exact_reference is not None:  # what the approximating passes cost against the unmodified model
         manifest["drift_from_fp32"] = compare_to_reference(staged, exact_reference, shapes, seed)
     return staged

@@ -121,8 +121,9 @@ class HlsCsimArtifact:
                                      "positions")
         return HlsCache(self._caches, batch, capacity, self.max_seq)
 
-    def step(self, inputs: Mapping[str, np.ndarray], cache: HlsCache) -> dict[str, np.ndarray]:
-        """The next positions of every sequence in `cache`, appended to it."""
+    def step(self, inputs: Mapping[str, np.ndarray], cache: HlsCache, last_only: bool = False) -> dict[str, np.ndarray]:
+        """The next positions of every sequence in `cache`, appended to it; `last_only`: the
+        outputs at the last position only (sliced: the design computes every position)."""
         arrays = self._check(inputs)
         n = sum(segments(arrays).values())
         if next(iter(arrays.values())).shape[0] != cache.batch:
@@ -133,7 +134,7 @@ class HlsCsimArtifact:
                                      "not fit")
         out = self._forward(arrays, cache.arrays, cache.length)
         cache.length += n
-        return out
+        return self.signature.last_positions(out) if last_only else out
 
     def run_cached(self, inputs: Mapping[str, np.ndarray], prompt: int) -> dict[str, np.ndarray]:
         arrays = self._check(inputs)

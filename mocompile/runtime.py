@@ -65,22 +65,26 @@ class _CallPlan:
     one, the zero-size tensor passed instead of a copy; seq = the positions the call covers;
     bounded = the token inputs whose values every call checks (runtime_inputs.check_ids);
     copied = the outputs that alias an input and are copied (known after the first call);
-    driver_outputs = the buffers a decode driver call writes (made at its first call)."""
+    prefill_copied: the same for a `prefill` call's outputs; driver_outputs = the buffers a
+    decode driver call writes (made at its first call)."""
 
     args: tuple[tuple[str, Any], ...]
     seq: int
     env: dict[str, int]  # the symbols the inputs bind
     bounded: tuple[tuple[str, int], ...] = ()
     copied: tuple[int, ...] | None = None
+    prefill_copied: tuple[int, ...] | None = None  # the same for the outputs of `prefill`
     driver_outputs: list[tuple[np.ndarray, Any]] | None = None  # the decode driver's output tensors
 
 
 class LoadedArtifact:
     """A loaded artifact: call `.run({name: array})` for a plain forward; artifacts of token
     models also decode incrementally: `cache = .new_cache(batch, capacity)`, then `.step(inputs,
-    cache)` over the prompt and over each new token (or `.generate(ids, n)`). Every call
-    refuses, with an ArtifactInputError (a ValueError), inputs the compiled code would
-    silently get wrong: see runtime_inputs.py."""
+    cache)` over the prompt (`last_only=True`: the last position's outputs only) and over each
+    new token (or `.generate(ids, n)`). Every call refuses, with an ArtifactInputError (a
+    ValueError), inputs the compiled code would silently get wrong: see runtime_inputs.py."""
+
+    _prefill: Any = None  # the program's `prefill` function (None: last-only steps slice the step's outputs)
 
     def __init__(self, path: Path, manifest: dict[str, Any], driver: bool = True) -> None:
         self.path = path
@@ -135,6 +139,7 @@ class LoadedArtifact:
         self._empties: dict[tuple, Any] = {}
         self._staging: dict[str, tuple[np.ndarray, Any]] = {}  # input name -> (buffer, its TVM tensor)
         self._step = self._vm[step["function"]] if step else None
+        self._prefill = self._vm[program["prefill"]["function"]] if step and program.get("prefill") else None
         layers = program.get("layers")
         self._layers = self._vm[layers["function"]] if layers else None
 
@@ -196,16 +201,18 @@ class LoadedArtifact:
             self._empties[key] = self._tensor(a)
         return self._empties[key]
 
-    def _outputs(self, result: Any, plan: "_CallPlan") -> dict[str, np.ndarray]:
+    def _outputs(self, result: Any, plan: "_CallPlan", prefill: bool = False) -> dict[str, np.ndarray]:
         names = self._output_names
         arrays = [np.from_dlpack(result)] if len(names) == 1 else [np.from_dlpack(o) for o in result]
-        if plan.copied is None:
+        field = "prefill_copied" if prefill else "copied"
+        if getattr(plan, field) is None:
             # An output that is a view of an input (a graph returning its input reshaped) would
             # change with the next call's inputs: it gets its own memory. Whether one is, is a
-            # property of the program, so the first call of a plan finds out for all.
+            # property of the function, so the first call of a plan finds out for all.
             staged = [self._staging[name][0] for name, empty in plan.args if empty is None]
-            plan.copied = tuple(i for i, v in enumerate(arrays) if any(np.may_share_memory(v, b) for b in staged))
-        for i in plan.copied:
+            setattr(plan, field, tuple(i for i, v in enumerate(arrays)
+                                       if any(np.may_share_memory(v, b) for b in staged)))
+        for i in getattr(plan, field):
             arrays[i] = arrays[i].copy()
         return dict(zip(names, arrays))
 
@@ -269,17 +276,35 @@ class LoadedArtifact:
         """The input decoding feeds the chosen tokens back into (ids [batch, seq])."""
         return next(t for t in self.signature.inputs if len(t.shape) == 2 and t.dtype.startswith("int"))
 
-    def step(self, inputs: Mapping[str, np.ndarray], cache: KVCache) -> dict[str, np.ndarray]:
+    @property
+    def has_prefill(self) -> bool:
+        """Whether last-only steps run the program's `prefill` (else they slice the step's outputs)."""
+        return self._prefill is not None
+
+    def step(self, inputs: Mapping[str, np.ndarray], cache: KVCache,
+             last_only: bool = False) -> dict[str, np.ndarray]:
         """Forward over the next positions of every sequence in `cache` (the whole prompt
         first, then one token at a time), appending their keys and values to it. A multimodal
         model's segments left out are empty this step: `step({"text": ids}, cache)` after an
-        image/audio prompt continues with text."""
+        image/audio prompt continues with text.
+
+        `last_only`: the outputs with a positions axis come back at the last position only
+        ([batch, 1, ...]; a multimodal call's last is the last of its segments joined), what
+        a prompt needs for the next token. The program's `prefill` computes just that (the
+        final norm and LM head on one row, not every position's) and fills the cache as the
+        step does; a program without one (an older artifact) runs the step and slices. A flag,
+        not a method of its own, so that the checks, the cache bookkeeping and the dispatch to
+        the decode driver of single positions (already the last) stay one path."""
         plan, arrays = self._step_plan(inputs, cache)
         if self._driver is not None and plan.seq == self._driver_positions:
-            return self._drive(plan, arrays, cache)
-        result = self._step(*self._inputs(plan, arrays), self._shape(cache.length), *cache.tensors, *self._weights)
+            out = self._drive(plan, arrays, cache)
+            return self.signature.last_positions(out) if last_only else out
+        prefill = last_only and plan.seq > 1 and self._prefill is not None
+        fn = self._prefill if prefill else self._step
+        result = fn(*self._inputs(plan, arrays), self._shape(cache.length), *cache.tensors, *self._weights)
         cache.length += plan.seq
-        return self._outputs(result, plan)
+        out = self._outputs(result, plan, prefill) if prefill else self._outputs(result, plan)
+        return self.signature.last_positions(out) if last_only and not prefill else out
 
     def _step_plan(self, inputs: Mapping[str, np.ndarray], cache: KVCache) -> tuple[_CallPlan, dict[str, np.ndarray]]:
         """The plan of a step over `inputs` and the inputs as arrays, after refusing a step
@@ -333,7 +358,8 @@ class LoadedArtifact:
         multimodal model by name) once, then single-token steps each fed the previous argmax,
         until `new_tokens` are chosen; returns the new ids [batch, new_tokens]. The cache is a
         fresh one of `capacity` positions (default: just enough) unless `cache` is given;
-        `timings`, if given, receives the seconds of each step call (the prefill first).
+        `timings`, if given, receives the seconds of each step call (the prefill first: a
+        last-only step, see `step`).
         Refuses up front a prompt and new tokens past the model's max_seq or the cache."""
         self._require_step()
         spec = self.token_input
@@ -358,14 +384,14 @@ class LoadedArtifact:
                                      f"positions; the prompt's {positions} and {new_tokens} new tokens need {fed}")
         output = self.signature.outputs[0].name
 
-        def timed_step(x: Mapping[str, np.ndarray]) -> np.ndarray:
+        def timed_step(x: Mapping[str, np.ndarray], last_only: bool = False) -> np.ndarray:
             t0 = time.perf_counter()
-            logits = self.step(x, cache)[output]
+            logits = self.step(x, cache, last_only)[output]
             if timings is not None:
                 timings.append(time.perf_counter() - t0)
             return logits
 
-        logits = timed_step(inputs)
+        logits = timed_step(inputs, last_only=True)
         out = []
         for i in range(new_tokens):
             token = logits[:, -1].argmax(-1).astype(spec.dtype)[:, None]

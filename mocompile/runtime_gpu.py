@@ -70,6 +70,8 @@ class GpuArtifact(LoadedArtifact):
         self._driver = self._driver_positions = None
         self._fn = lambda *args: self._call("main", args)
         self._step = (lambda *args: self._call("step", args)) if program.get("step") else None
+        self._prefill = (lambda *args: self._call("prefill", args)) if program.get("step") and \
+            program.get("prefill") else None
 
     def _call(self, function: str, args: Sequence[Any]) -> Any:
         """A Relax-style call (inputs, [past, caches,] weights) replayed from the plan."""

@@ -73,8 +73,9 @@ class IreeArtifact(LoadedArtifact):
     def _outputs(self, result: Any, plan: _CallPlan) -> dict[str, np.ndarray]:
         return dict(zip(self._output_names, _host(result)))
 
-    def step(self, inputs: Mapping[str, np.ndarray], cache: KVCache) -> dict[str, np.ndarray]:
-        """As LoadedArtifact.step: the cache's `length` positions go in, the new ones are copied back."""
+    def step(self, inputs: Mapping[str, np.ndarray], cache: KVCache, last_only: bool = False) -> dict[str, np.ndarray]:
+        """As LoadedArtifact.step: the cache's `length` positions go in, the new ones are copied
+        back; `last_only` slices the outputs to the last position (the module has no prefill)."""
         plan, arrays = self._step_plan(inputs, cache)
         held, end = cache.length, cache.length + plan.seq
         past = [np.ascontiguousarray(t[:, :held]) for t in cache.tensors]
@@ -83,7 +84,8 @@ class IreeArtifact(LoadedArtifact):
         for buf, new in zip(cache.tensors, present):
             buf[:, held:end] = new[:, held:end]
         cache.length = end
-        return dict(zip(self._output_names, outputs))
+        out = dict(zip(self._output_names, outputs))
+        return self.signature.last_positions(out) if last_only else out
 
 
 register_program_kind(PROGRAM_KIND, IreeArtifact)

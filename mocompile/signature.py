@@ -7,6 +7,7 @@ calibration inputs, the compiler writing the manifest, the runtime checking a ca
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from mocompile.errors import ArtifactInputError
 from mocompile.ir.graph import Graph
-from mocompile.ir.types import TensorType, bind_shape
+from mocompile.ir.types import TensorType, bind_shape, dim_terms
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,16 @@ class Signature:
             except ValueError as e:
                 raise ArtifactInputError(str(e)) from None
         return env
+
+    def last_positions(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`outputs` with each that has a positions axis ([batch, positions, ...], axis 1 the
+        segment inputs' sequence axes joined) cut to its last position [batch, 1, ...], as a
+        `prefill` function returns them (mocompile/prefill.py): what a runtime without one
+        returns for a last-only step."""
+        segments = Counter(t.shape[1] for t in self.inputs if len(t.shape) >= 2 and isinstance(t.shape[1], str))
+        cut = {t.name for t in self.outputs
+               if segments and len(t.shape) >= 2 and Counter(dim_terms(t.shape[1])) == segments}
+        return {k: np.ascontiguousarray(a[:, -1:]) if k in cut else a for k, a in outputs.items()}
 
 
 def signature_of(graph: Graph, int_high: Mapping[str, int]) -> Signature:

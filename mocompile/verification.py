@@ -1,7 +1,8 @@
 """Checking an artifact against its reference before a compile reports success: the eager
 torch model, or the IR interpreter for a graph that passes changed numerically; per shape the
-largest error relative to the reference's scale, the next-token agreement, and for a cached
-`step` the prefill plus single-token decoding against one full forward.
+largest error relative to the reference's scale, the next-token agreement, for a cached
+`step` the prefill plus single-token decoding against one full forward, and for a `prefill`
+function (the last position only) its outputs and cache against the step's, bit for bit.
 
 `verify_artifact` and `verify_decode` take anything with the artifact's `run`, `run_cached`
 and `signature` (a `runtime.Runnable` or a backend's own runner), so every backend whose
@@ -255,3 +256,39 @@ def verify_with_decode(artifact: Runnable, graph: Graph, reference: Reference, s
         return checked, None
     batch, seq = shapes[-1]
     return checked, verify_decode(artifact, graph, reference, batch, seq, decode_tokens, seed)
+
+
+def _host(tensor: Any) -> np.ndarray | None:
+    """A cache tensor's values on the host (a TVM tensor or a numpy array), or None (device memory)."""
+    if isinstance(tensor, np.ndarray):
+        return tensor
+    return tensor.numpy() if hasattr(tensor, "numpy") else None
+
+
+def verify_prefill(artifact: Any, batch: int, prompt: int, seed: int) -> dict[str, Any]:
+    """The program's `prefill` (a prompt step keeping the last position only, mocompile/
+    prefill.py) against its `step` on the same prompt, each from an empty cache: the outputs
+    at the last position and the cache they leave must be equal bit for bit. Every kernel
+    computes a row from that row alone (no reduction across rows, the same code path whatever
+    the row count), so the last position cannot differ by even one rounding; any difference
+    is a wrong cut or a kernel that mixes rows."""
+    inputs = random_inputs(artifact.signature, batch, prompt, seed)
+    positions = sum(a.shape[1] for a in inputs.values() if a.ndim > 1)
+    caches = [artifact.new_cache(batch, positions) for _ in range(2)]
+    want = artifact.signature.last_positions(artifact.step(inputs, caches[0]))
+    got = artifact.step(inputs, caches[1], last_only=True)
+    for name, a in want.items():
+        if got[name].shape != a.shape or not np.array_equal(got[name], a):
+            diff = np.abs(got[name] - a).max() if got[name].shape == a.shape else f"shape {got[name].shape}"
+            raise VerificationError(f"the prefill function's output {name} differs from the step's at the last "
+                                    f"position (batch {batch}, {positions} positions: {diff})")
+    compared = 0
+    for i, (a, b) in enumerate(zip(*(c.tensors for c in caches))):
+        a, b = _host(a), _host(b)
+        if a is None or b is None:
+            continue
+        compared += 1
+        if not np.array_equal(a, b):
+            raise VerificationError(f"the prefill function leaves cache tensor {i} unlike the step does")
+    return {"batch": batch, "positions": positions, "bit_exact": True, "outputs": list(got),
+            "cache_tensors_compared": compared}

@@ -22,6 +22,7 @@ LAYER_OF = {
     "mocompile.streamed_compile": "driver",
     "mocompile.dsl": "dsl",
     "mocompile.ir": "ir", "mocompile.signature": "ir", "mocompile.kv_cache": "ir", "mocompile.isolation": "ir",
+    "mocompile.prefill": "ir",
     "mocompile.witness": "ir", "mocompile.calibration": "ir", "mocompile.blocks": "ir", "mocompile.calib_record": "ir",
     "mocompile.quality": "ir",
     "mocompile.frontend": "frontend", "mocompile.lower_fx": "frontend", "mocompile.fx_tables": "frontend",

@@ -1,5 +1,5 @@
 """Elementwise and shape ops as tensor expressions (te): add/mul with numpy broadcasting,
-activations, concat, segment ids.
+activations, concat, segment ids, the last position.
 
 These have no reduction and no data-dependent loop bounds, so the generic route is the
 right one: express the math with `te.compute` (emitted through `BlockBuilder.emit_te`) and
@@ -87,3 +87,10 @@ def segment_ids(ids: Sequence[int]) -> Callable[..., te.Tensor]:
             return value
         return te.compute((xs[0].shape[0], total), element, name="segment_ids")
     return compute
+
+
+def last_position(x: te.Tensor) -> te.Tensor:
+    """[batch, positions, ...] -> [batch, 1, ...]: each sample's last position (a plain copy;
+    the cut of a prompt step that needs the last position only, mocompile/prefill.py)."""
+    last = x.shape[1] - 1
+    return te.compute((x.shape[0], 1, *x.shape[2:]), lambda b, _, *rest: x(b, last, *rest), name="last_position")

@@ -2,8 +2,9 @@
 the context the per-op lowerings use.
 
 What is built here once for every target: the Relax functions `main` and (for graphs that
-decode with a KV cache) `step`, the weight layouts and packed weights, the cache slots of the
-step, and the kernel-call plan (which kernel each node becomes, in order). What a target
+decode with a KV cache) `step` and `prefill` (a step returning the last position only,
+prefill.py), the weight layouts and packed weights, the cache slots of the step, and the
+kernel-call plan (which kernel each node becomes, in order). What a target
 supplies is its `KernelSet` (kernels.py): the kernel factories the lowerings call, the
 matmul tiling, how te-generated kernels are scheduled. The target then builds the module its
 own way (the CPU: schedule check, decode driver, LLVM; a GPU: thread bindings, device code).
@@ -397,6 +398,8 @@ class LoweredModule:
     step: LowerContext | None
     no_step_reason: str | None
     layer_states: list[str] | None = None  # outputs of the `layers` function (None: not built)
+    prefill: LowerContext | None = None  # the `prefill` function (tvm_common/prefill.py; None: not built)
+    prefill_outputs: list[str] | str = "not built"  # the outputs it keeps at the last position, or why none
 
     @property
     def cache(self) -> list[dict] | None:
@@ -404,16 +407,18 @@ class LoweredModule:
 
     @property
     def kernel_calls(self) -> dict[str, int]:
-        return {"main": self.main.kernel_calls, **({"step": self.step.kernel_calls} if self.step else {})}
+        return {"main": self.main.kernel_calls, **({"step": self.step.kernel_calls} if self.step else {}),
+                **({"prefill": self.prefill.kernel_calls} if self.prefill else {})}
 
 
 def lower_module(graph: Graph, kernels: KernelSet, cached_step: bool = True,
                  tuning: Mapping[str, Mapping] | None = None) -> LoweredModule:
     """Lower an IR graph to a Relax module with `main(*inputs, *weights)` and, when the graph
     can decode with a KV cache (`decode_support`) and `cached_step`, `step(*inputs, past,
-    *caches, *weights)`, calling the kernels of `kernels` (program.py has the calling
-    convention). Raises LoweringError for ops or attributes the lowerings refuse. `tuning`:
-    tuning records by MatmulShape key, which the kernel set reads (matmul_config)."""
+    *caches, *weights)` and `prefill` (the same, outputs at the last position only; prefill.py),
+    calling the kernels of `kernels` (program.py has the calling convention). Raises
+    LoweringError for ops or attributes the lowerings refuse. `tuning`: tuning records by
+    MatmulShape key, which the kernel set reads (matmul_config)."""
     why = refusal(graph, kernels.name)
     if why:
         raise LoweringError(why)
@@ -428,11 +433,16 @@ def lower_module(graph: Graph, kernels: KernelSet, cached_step: bool = True,
         _emit_function(step, "step")
         if len(ctx.weight_layouts) != weights:
             raise RuntimeError(f"the step function reads weight {ctx.weight_layouts[weights].name}, which main does not")
+    prefill, cut = None, why_not or "no cached step"
+    if step is not None:
+        from mocompile.backends.tvm_common.prefill import emit_prefill  # it lowers with this module's context
+
+        prefill, cut = emit_prefill(ctx, step, _emit_function)
     states = _emit_layer_states(graph, ctx)
     mod = ctx.bb.get()
     for name, func in ctx.callees.items():
         mod[name] = func
-    return LoweredModule(mod, ctx, step, why_not, states)
+    return LoweredModule(mod, ctx, step, why_not, states, prefill, cut)
 
 
 def _emit_layer_states(graph: Graph, main: LowerContext) -> list[str] | None:

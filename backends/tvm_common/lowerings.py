@@ -484,6 +484,11 @@ def _segment_ids(ctx: LowerContext, node: Node):
     return [ctx.call_te(KI.segment_ids(ids), [ctx.value(v) for v in node.inputs], "segment_ids")]
 
 
+@lowering("last_position")
+def _last_position(ctx: LowerContext, node: Node):
+    return [ctx.call_te(KI.last_position, [ctx.value(node.inputs[0])], "last_position")]
+
+
 @lowering("embedding")
 def _embedding(ctx: LowerContext, node: Node):
     ids, table = node.inputs

@@ -23,6 +23,20 @@ and, for graphs that can decode with a KV cache (mocompile.kv_cache.decode_suppo
   "batch" and "cache_len" (any multiple of kernels_attention.KB >= past + seq, the same for
   all); zero-filled at first, then owned by the caller and updated in place by each call.
 
+and, for the same graphs, of `prefill` (tvm_common/prefill.py): a prompt step that returns
+each output with a positions axis at the last position only, for `generate`'s prompt and
+llama-bench's prompt case, which read nothing else:
+
+    prefill(*inputs, past, *caches, *weights) -> outputs, those listed in the manifest's
+                                                 program.prefill.last_only as [batch, 1, ...]
+
+- the same parameters as `step`, the same cache slots (checked when it is built): it writes
+  the cache exactly as `step` does, and its outputs equal the step's at the last position bit
+  for bit (checked before a compile succeeds); the last position of a multimodal model's
+  call is the last of its segments joined in the model's order;
+- absent, with the manifest's program.no_prefill_reason, where the graph has no step or no
+  output with a positions axis; a runtime then slices the step's outputs.
+
 and, when driver.py could build it, of the decode driver (a TIR function making the step's
 kernel calls without the VM; the library's PrimFunc `decode`, see driver.py):
 
@@ -59,6 +73,8 @@ class LoweredProgram:
     kernel_flops: dict[str, int] = field(default_factory=dict)  # matmul kernel -> flops per output row
     contextual: list[dict] = field(default_factory=list)  # the step's contextual matmuls (tvm_common/contextual.py)
     layer_states: list[str] | None = None  # outputs of the `layers` function (None: not built)
+    prefill: list[str] | None = None  # the outputs `prefill` keeps at the last position (None: not built)
+    no_prefill_reason: str | None = None
 
     @property
     def weight_names(self) -> list[str]:

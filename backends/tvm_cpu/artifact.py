@@ -7,7 +7,8 @@ The returned dict becomes the manifest's "program" entry; mocompile.runtime read
 `library`, `weights`, `weight_order` and `function` from it and calls
 `vm[function](*inputs, *[weights[n] for n in weight_order])`; `step` (absent with a
 `no_step_reason` for graphs that cannot decode with a KV cache) describes the cached step
-function and its cache tensors (program.py has the calling convention), and `driver` (or a
+function and its cache tensors (program.py has the calling convention), `prefill` (or a
+`no_prefill_reason`) the step returning the last position only, and `driver` (or a
 `no_driver_reason`) the decode driver that runs its single-position steps without the VM
 (driver.py): its function in the library and its constants' keys in the weights file.
 """
@@ -21,6 +22,7 @@ import tvm
 
 from mocompile.backends.tvm_common.contextual import summary as contextual_summary
 from mocompile.backends.tvm_common.lower import LAYERS_FUNCTION
+from mocompile.backends.tvm_common.prefill import manifest_entry as prefill_entry
 from mocompile.backends.tvm_cpu.build import build
 from mocompile.backends.tvm_cpu.driver import DRIVER, DRIVER_POSITIONS
 from mocompile.backends.tvm_cpu.kernels_attention import KB
@@ -78,6 +80,7 @@ def emit(graph: Graph, out_dir: str | Path, tuning: TuningDB | None = None,
         **({"step": {"function": "step", "cache": program.cache, "block": KB, "max_positions": graph.meta.get("max_seq"),
                      **driver}}
            if program.cache is not None else {"no_step_reason": program.no_step_reason}),
+        **prefill_entry(program.prefill, program.no_prefill_reason),
         "target_info": {"backend": "tvm_cpu", "llvm_target": {k: str(v) for k, v in llvm.export().items()
                                                                if k in ("kind", "mcpu", "num-cores")},
                         **cpu.info(), "tvm_version": tvm.__version__},

@@ -13,6 +13,7 @@ from typing import Mapping
 from mocompile.backends.tvm_common.lower import (CACHE_LEN, LOWERINGS, LowerContext,  # noqa: F401
                                                  LoweringError, _register_builtin_lowerings, lower_module)
 from mocompile.backends.tvm_common.lower import refusal as shared_refusal
+from mocompile.backends.tvm_common.prefill import prefill_fields
 from mocompile.backends.tvm_common.program import LoweredProgram
 from mocompile.backends.tvm_cpu.driver import DRIVER, Driver, decode_driver
 from mocompile.backends.tvm_cpu.kernels import CpuKernels
@@ -50,4 +51,4 @@ def lower(graph: Graph, cached_step: bool = True, tuning: Mapping[str, Mapping] 
                           no_driver_reason=None if isinstance(driver, Driver) else driver, target=cpu,
                           routers=list(ctx.routers), expert_reads=dict(ctx.expert_reads),
                           kernel_flops=dict(ctx.kernel_flops), contextual=list(ctx.contextual),
-                          layer_states=lowered.layer_states)
+                          layer_states=lowered.layer_states, **prefill_fields(lowered))

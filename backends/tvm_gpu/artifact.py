@@ -4,7 +4,7 @@ the launch plan, and (CUDA) compile the code with nvcc.
 Files written:
 - `kernels.cl` (OpenCL C) or `kernels.cu` (CUDA C++, kept for inspection) and, for CUDA,
   `kernels.cubin` (nvcc for the target's arch);
-- `launch_plan.json`: per Relax function (`main`, `step`) its allocations, views and kernel
+- `launch_plan.json`: per Relax function (`main`, `step`, `prefill`) its allocations, views and kernel
   calls (plan.py), and per kernel its parameters and device launches (codegen.py);
 - `weights.safetensors`: the runtime weights in the shared panel layouts, and the functions'
   constants.
@@ -21,6 +21,8 @@ import tvm
 from safetensors.numpy import save_file
 
 from mocompile.backends.tvm_common.lower import lower_module
+from mocompile.backends.tvm_common.prefill import PREFILL_FUNCTION, prefill_fields
+from mocompile.backends.tvm_common.prefill import manifest_entry as prefill_entry
 from mocompile.backends.tvm_gpu.codegen import generate
 from mocompile.backends.tvm_gpu.kernels import GpuKernels
 from mocompile.backends.tvm_gpu.kernels_attention import KB
@@ -54,6 +56,10 @@ def emit(graph: Graph, out_dir: str | Path, target: GpuTarget) -> dict[str, Any]
         step, step_consts = function_plan(mod, "step", weights, inputs, len(lowered.step.cache))
         functions["step"] = step
         constants.update({f"step.const{i}": a for i, a in enumerate(step_consts)})
+    if lowered.prefill is not None:
+        prefill, prefill_consts = function_plan(mod, PREFILL_FUNCTION, weights, inputs, len(lowered.prefill.cache))
+        functions[PREFILL_FUNCTION] = prefill
+        constants.update({f"{PREFILL_FUNCTION}.const{i}": a for i, a in enumerate(prefill_consts)})
     source = out_dir / SOURCE[target.kind]
     source.write_text(code.source)
     binary = {}
@@ -79,5 +85,6 @@ def emit(graph: Graph, out_dir: str | Path, target: GpuTarget) -> dict[str, Any]
         **({"step": {"function": "step", "cache": lowered.cache, "block": KB,
                      "max_positions": graph.meta.get("max_seq")}}
            if lowered.step is not None else {"no_step_reason": lowered.no_step_reason}),
+        **prefill_entry(**prefill_fields(lowered)),
         "target_info": {"backend": "tvm_gpu", **target.info(), "tvm_version": tvm.__version__},
     }

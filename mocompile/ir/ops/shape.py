@@ -1,4 +1,5 @@
-"""Shape ops for early fusion: concatenating modality segments and labelling positions."""
+"""Shape ops: concatenating modality segments and labelling positions (early fusion), and
+keeping the last position only (a prompt step that needs the next token's logits alone)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,30 @@ def _segment_ids(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.
 register_op(OpDef("segment_ids", _infer_segment_ids, _segment_ids, {"ids": REQUIRED}, batch_flow=depends_on_shapes_only,
                   positionwise=True,
                   doc="int32[batch, S1+..+Sn]: the id of the segment (input i, [batch, Si, ...]) each position is in"))
+
+
+def _infer_last_position(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> list[TensorType]:
+    (t,) = ts
+    if t.rank < 2:
+        raise ValueError(f"last_position: {t} has no positions axis (axis 1)")
+    return [TensorType((t.shape[0], 1, *t.shape[2:]), t.dtype)]
+
+
+def _last_position(xs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[np.ndarray]:
+    if xs[0].shape[1] == 0:
+        raise ValueError(f"last_position: {xs[0].shape} holds no position")
+    return [np.ascontiguousarray(xs[0][:, -1:])]
+
+
+def _last_position_flow(args: FlowArgs) -> Flow:
+    """Each sample keeps its own last row: the batch axis (axis 0) passes through; were the
+    batch on axis 1, every output row would be the last sample's."""
+    if args.ins[0].axis(1):
+        return one(Out(mixes="keeps only the last row of axis 1, which carries the batch (sample) index"))
+    return one(combine(args, [identity_map(args.in_types[0].rank)]))
+
+
+# Not positionwise (its one output position is the input's last), so a graph holding it does not
+# decode token by token; mocompile/prefill.py puts it where a prompt step stops needing every position.
+register_op(OpDef("last_position", _infer_last_position, _last_position, batch_flow=_last_position_flow,
+                  doc="x[:, -1:]: [batch, positions, ...] -> [batch, 1, ...], the last position of each sample"))
