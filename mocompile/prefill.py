@@ -5,7 +5,8 @@ MLC-LLM's `prefill`, vLLM all compute the last token's logits only).
 `last_position_graph(g)` keeps every output that has a positions axis ([batch, positions,
 ...], positions = the segments' sequence axis) for the last position only ([batch, 1, ...])
 and pushes that cut as early as it can: walking back from the outputs, a node moves after the
-cut when its op is `positionwise` (ir/registry.py), all its outputs carry the positions on
+cut when it computes each position alone (its op is `positionwise`, ir/registry.py, or its
+`position_check` passes and nothing joins positions), all its outputs carry the positions on
 axis 1, and every reader of them is already after the cut (or is a graph output being cut).
 The inputs of the moved nodes that carry positions and come from before the cut go through
 the `last_position` op (ir/ops/shape.py). So the final norm and the LM head (and, where the
@@ -56,6 +57,7 @@ class _Positions:
     """Which values carry the joined positions on axis 1, and which mention positions otherwise."""
 
     def __init__(self, segments: list[Dim]) -> None:
+        self.segments = segments
         self.symbols = Counter(d for d in segments if isinstance(d, str))
 
     def carries(self, v: Value) -> bool:
@@ -116,13 +118,34 @@ def _movable(node: Node, pos: _Positions, users: dict[int, list[Node]], moved: s
     """Can `node` run after the cut: positionwise, every output [batch, positions, ...] read only
     by nodes already after the cut (or cut as a graph output), every input carrying the
     positions on axis 1 or none at all?"""
-    if not get_op(node.op).positionwise:
+    if not _positionwise_here(node, pos):
         return False
     for out in node.outputs:
         readers = users.get(id(out), [])
         if not pos.carries(out) or not (readers or id(out) in cut_ids) or any(id(r) not in moved for r in readers):
             return False
     return all(pos.carries(v) or pos.free(v) for v in node.inputs)
+
+
+def _positionwise_here(node: Node, pos: _Positions) -> bool:
+    """Whether `node` computes each position from that position alone: its op is positionwise,
+    or keeps positions apart for this node's attributes (its `position_check` passes: a
+    quantize_act rounding per token or per tensor constant, a token-choice router) without
+    joining or reading other positions (no cached keys; at one position its outputs are at
+    one position). Moving such a node with its readers keeps fused pairs together (the
+    integer kernels read a quantize_act's codes in the matmul after it)."""
+    op = get_op(node.op)
+    if op.positionwise:
+        return True
+    if op.position_check is None or op.cached_inputs or op.position_check(node, pos.segments) is not None:
+        return False
+    at_one = [TensorType((v.type.shape[0], 1, *v.type.shape[2:]), v.type.dtype) if pos.carries(v) else v.type
+              for v in node.inputs]
+    try:
+        types = op.infer(at_one, node.attrs)
+    except ValueError:
+        return False
+    return all(t.shape[1] == 1 for t, out in zip(types, node.outputs) if pos.carries(out))
 
 
 def _rebuild(g: Graph, moved: set[int], cut_ids: set[int], pos: _Positions) -> str | None:
