@@ -36,8 +36,8 @@ MODELS = {"mixtral_tiny": ROOT / "examples" / "mixtral_tiny.moe", "deepseek_tiny
 SCHEMES = {"fp32": "", "int8": "quantize(w=int8)", "int4": "quantize(w=int4,group=32)",
            "w8a8": "quantize(w=int8,a=int8,dynamic=token)", "w4a8": "quantize(w=int4,group=32,a=int8,dynamic=token)"}
 QUANTIZED = [s for s in SCHEMES if s != "fp32"]
-# weight bytes per parameter: fp32 4; int8 1 (+ a scale per row); int4 0.5 + a 4-byte scale per 32
-BYTES_PER_PARAM = {"fp32": 4, "int8": 1.0, "int4": 0.5 + 4 / 32, "w8a8": 1.0, "w4a8": 0.5 + 4 / 32}
+# weight bytes per parameter: fp32 4; int8 1 (+ a float32 scale per row); int4 0.5 + a float16 scale per 32
+BYTES_PER_PARAM = {"fp32": 4, "int8": 1.0, "int4": 0.5 + 2 / 32, "w8a8": 1.0, "w4a8": 0.5 + 2 / 32}
 CASES = [("decode", 1, 1), ("decode", 8, 1), ("prefill", 1, 64)]  # (kind, batch, tokens)
 TARGET_EAGER, TARGET_FP32 = 3.0, 1.8  # single-token speed-up targets: vs eager fp32, vs the fp32 artifact
 ACCURACY_CALIB = 64  # random-token sequences of the accuracy table's pass reports

@@ -45,12 +45,13 @@ LAYER_TOLERANCE = 1e-3
 
 def artifact_bytes_per_param(manager: PassManager) -> float:
     """Bytes per parameter of the artifact's weights under the pipeline: float32, or the
-    quantize pass's codes and float32 group scales (embeddings stay float32, so this is the
-    bulk of a MoE model, whose experts dominate)."""
+    quantize pass's codes and its scales (float16 per group as the CPU target stores them,
+    float32 per row; embeddings stay float32, so this is the bulk of a MoE model, whose
+    experts dominate)."""
     scheme = next((p.scheme for p in manager.passes if hasattr(p, "scheme")), None)
     if scheme is None:
         return 4.0
-    return scheme.bits / 8 + (4 / scheme.group if scheme.group else 0)
+    return scheme.bits / 8 + (2 / scheme.group if scheme.group else 0)
 
 
 SPILL_BYTES = 1 << 20  # weights from this size up are spilled to the scratch directory

@@ -194,15 +194,20 @@ class Quantize(Pass):
         array = graph.weights[w.name]
         k = array.shape[-1]
         group = effective_group(self.scheme.group, k, self.scheme.bits)
+        # group scales in float16, as GGUF's blocks keep them: int4 in groups of 32 is then 4.5
+        # bits per weight instead of 5 (one scale per row stays float32: its bytes are negligible)
+        kept = "float16" if group else "float32"
         try:
-            codes, scales = quantize_weight(array, self.scheme.bits, group)
+            codes, scales = quantize_weight(array, self.scheme.bits, group, kept)
         except ValueError as e:
             raise MocompileError(f"quantize: weight {w.name} {list(array.shape)}: {e}") from None
         q = graph.add_param(graph.fresh_name(f"{w.name}.q{self.scheme.bits}"), codes)
         s = graph.add_param(graph.fresh_name(f"{w.name}.scale"), scales)
-        out = _insert_before(graph, consumer, "dequantize", [q, s], {"bits": self.scheme.bits}, f"{w.name}.deq")
+        out = _insert_before(graph, consumer, "dequantize", [q, s], {"bits": self.scheme.bits, "scales": kept},
+                             f"{w.name}.deq")
         info = {"tensor": w.name, "shape": list(array.shape), "bits": self.scheme.bits, "group": group or k,
-                "bytes_before": int(array.nbytes), "bytes_after": int(codes.nbytes + scales.nbytes)}
+                "scales": kept, "bytes_before": int(array.nbytes),
+                "bytes_after": int(codes.nbytes + scales.size * np.dtype(kept).itemsize)}
         return out, info
 
     def _quantize_activations(self, graph: Graph, targets: list[Node], inputs: list[dict[str, np.ndarray]]) -> list[dict]:

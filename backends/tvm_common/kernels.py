@@ -33,6 +33,7 @@ class KernelSet:
     name: str = ""
     integer_matmuls: bool = False  # low-bit matmuls in integers (int8_matmul, quantize_packed)
     integer_lanes: int = 0  # output columns per scale panel of the integer weight layout
+    half_scales: bool = False  # low-bit kernels read float16 scale panels (WeightFormat.scales)
 
     def __init__(self, target: Any) -> None:
         self.target = target

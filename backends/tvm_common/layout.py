@@ -97,8 +97,23 @@ def _vnni(sources: list[np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(joined.reshape(-1, *joined.shape[-2:]))
 
 
-def pack(kind: str, sources: list[np.ndarray], tj: int) -> np.ndarray:
-    """Apply one layout to its source weights (see the module docstring)."""
+def pack(kind: str, sources: list[np.ndarray], tj: int, store: str = "") -> np.ndarray:
+    """Apply one layout to its source weights (see the module docstring), the result kept in
+    dtype `store` when given: float32 values stored as float16 (the group scales the quantize
+    pass rounded to float16, which the kernels widen as they read them); a value float16
+    cannot hold exactly is refused, since the kernels would then compute something else."""
+    packed = _arrange(kind, sources, tj)
+    if not store:
+        return packed
+    if store != "float16" or packed.dtype != np.float32:
+        raise ValueError(f"{kind}: stores float32 values as float16 only, not {packed.dtype} as {store!r}")
+    half = packed.astype(np.float16)
+    if not np.array_equal(half.astype(np.float32), packed):
+        raise ValueError(f"{kind}: values not exact in float16 cannot be stored as float16")
+    return half
+
+
+def _arrange(kind: str, sources: list[np.ndarray], tj: int) -> np.ndarray:
     if kind == "identity":
         return np.ascontiguousarray(sources[0])
     if kind == "column_norms":
@@ -135,25 +150,28 @@ class WeightLayout:
     panel: int  # TJ; 0 for identity
     shape: tuple[int, ...]
     dtype: str
+    store: str = ""  # "float16": float32 values kept in 16 bits (see pack); "": as the layout made them
 
     def pack(self, graph_weights: Mapping[str, np.ndarray]) -> np.ndarray:
-        out = pack(self.kind, [graph_weights[s] for s in self.sources], self.panel)
+        out = pack(self.kind, [graph_weights[s] for s in self.sources], self.panel, self.store)
         if tuple(out.shape) != self.shape or str(out.dtype) != self.dtype:
             raise ValueError(f"weight {self.name}: packed to {out.dtype}{list(out.shape)}, expected {self.dtype}{list(self.shape)}")
         return out
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "sources": list(self.sources), "panel": self.panel,
-                "shape": list(self.shape), "dtype": self.dtype}
+                "shape": list(self.shape), "dtype": self.dtype, **({"store": self.store} if self.store else {})}
 
     @staticmethod
     def from_json(d: Mapping) -> "WeightLayout":
-        return WeightLayout(d["name"], d["kind"], tuple(d["sources"]), int(d["panel"]), tuple(d["shape"]), d["dtype"])
+        return WeightLayout(d["name"], d["kind"], tuple(d["sources"]), int(d["panel"]), tuple(d["shape"]), d["dtype"],
+                            d.get("store", ""))
 
 
-def make_layout(name: str, kind: str, sources: list[tuple[str, np.ndarray]], tj: int = 0) -> tuple[WeightLayout, np.ndarray]:
+def make_layout(name: str, kind: str, sources: list[tuple[str, np.ndarray]], tj: int = 0,
+                store: str = "") -> tuple[WeightLayout, np.ndarray]:
     """Pack `sources` ((graph name, array) pairs) and describe the result."""
-    packed = pack(kind, [a for _, a in sources], tj)
+    packed = pack(kind, [a for _, a in sources], tj, store)
     spec = WeightLayout(name, kind, tuple(n for n, _ in sources), tj if kind not in ("identity", "column_norms") else 0,
-                        tuple(int(d) for d in packed.shape), str(packed.dtype))
+                        tuple(int(d) for d in packed.shape), str(packed.dtype), store)
     return spec, packed

@@ -207,15 +207,16 @@ class LowerContext:
         return self.bb.emit(relax.op.reshape(x, self.shape(v)))
 
     # ---- weights --------------------------------------------------------------------
-    def weight(self, kind: str, params: Sequence[Value], panel: int = 0) -> relax.Var:
-        """A runtime weight parameter: graph weights `params` packed with layout `kind`."""
+    def weight(self, kind: str, params: Sequence[Value], panel: int = 0, store: str = "") -> relax.Var:
+        """A runtime weight parameter: graph weights `params` packed with layout `kind` (kept
+        as `store`, see layout.pack)."""
         for p in params:
             if not self.is_weight(p):
                 raise LoweringError(f"{kind} layout needs a graph weight, but {p.name} is computed at run time")
         names = [p.name for p in params]
         name = names[0] if kind == "identity" else f"{'+'.join(names)}@{kind}{panel}"
         if name not in self.weight_arrays:
-            spec, array = make_layout(name, kind, [(n, self.graph.weights[n]) for n in names], panel)
+            spec, array = make_layout(name, kind, [(n, self.graph.weights[n]) for n in names], panel, store)
             self.weight_layouts.append(spec)
             self.weight_arrays[name] = array
         if name not in self._weight_vars:

@@ -16,11 +16,12 @@ from mocompile.backends.tvm_common.contextual import check_float_weights, gather
 from mocompile.backends.tvm_common.kernels import NAME_ATTR
 from mocompile.backends.tvm_common.lower import (BACKEND_WORD, CACHE_LEN, LOW_BIT_READERS, LowerContext,
                                                  LoweringError, lowering)
-from mocompile.backends.tvm_common.specs import (F32_WEIGHTS, AttentionSpec, Epilogue, LatentSpec, MatmulShape,
-                                                 RouterSpec, WeightFormat, rope_inv_freq)
+from mocompile.backends.tvm_common.specs import AttentionSpec, Epilogue, LatentSpec, RouterSpec, rope_inv_freq
+from mocompile.backends.tvm_common.weight_reads import (int8_call, int8_reader, integer_weights, matmul_weights,
+                                                        widened)
 from mocompile.ir.graph import Node, Value
 from mocompile.ir.ops.moe_remote import SERVICE
-from mocompile.ir.registry import get_op, input_side_weights
+from mocompile.ir.registry import get_op
 
 F32 = "float32"
 
@@ -57,52 +58,15 @@ def _finish(ctx: LowerContext, node: Node, y: relax.Expr, add: Node | None) -> l
     return [out]
 
 
-def _low_bit(w: Value) -> Node | None:
-    """The `dequantize` node producing matmul weight `w` from low-bit graph weights, if any."""
-    deq = w.producer
-    return deq if deq is not None and deq.op == "dequantize" else None
-
-
-def _widened(w: Value) -> Node | None:
-    """The `widen` node producing weight `w` from 16-bit float bits (ir/ops/widen.py), if any."""
-    node = w.producer
-    return node if node is not None and node.op == "widen" else None
-
-
-def _matmul_weights(ctx: LowerContext, node: Node, kind: str, weights: list[Value], experts: int, k: int, n: int):
-    """The weight arguments of a matmul kernel reading `weights` in layout `kind` (float32
-    panels; for weights produced by `widen`, 16-bit panels the kernel widens as it reads
-    them; for weights produced by `dequantize`, low-bit code panels + scale panels that the
-    kernel dequantizes as it reads them) and its MatmulConfig (tuned or default)."""
-    deqs = [_low_bit(w) for w in weights]
-    halves = {h.attrs["dtype"] if h is not None else None for h in map(_widened, weights)}
-    if halves != {None} and all(d is None for d in deqs):
-        if len(halves) != 1:
-            raise LoweringError(f"{node.op} at {node.loc or '?'}: its weights {', '.join(w.name for w in weights)} "
-                                "are stored in different dtypes; store them alike (the kernel reads them as one panel)")
-        fmt, sources = WeightFormat(16, 1, halves.pop()), [[_widened(w).inputs[0] for w in weights]]
-    elif all(d is None for d in deqs):
-        fmt, sources = F32_WEIGHTS, [weights]
-    else:
-        formats = {(d.attrs["bits"], int(d.inputs[1].type.shape[-1])) if d is not None else None for d in deqs}
-        if len(formats) != 1:
-            raise LoweringError(f"{node.op} at {node.loc or '?'}: its weights {', '.join(w.name for w in weights)} "
-                                "are quantized differently; quantize them alike (the kernel reads them as one panel)")
-        fmt = WeightFormat(*formats.pop())
-        sources = [[d.inputs[0] for d in deqs], [d.inputs[1] for d in deqs]]
-    config = ctx.matmul_config(MatmulShape(experts, k, n, len(weights) == 2, fmt))
-    return [ctx.weight(kind, src, config.tj) for src in sources], config
-
-
 def _dense(ctx: LowerContext, node: Node, x_rows: relax.Expr, rows, w: Value, epi: Epilogue, extra=(),
            gate: Value | None = None):
     """x_rows @ w.T through panels (or act(x @ gate.T) * (x @ w.T) with gate), + epilogue;
-    low-bit weights the integer kernels take are read by them (_integer_weights)."""
+    low-bit weights the integer kernels take are read by them (integer_weights)."""
     n, k = (int(d) for d in w.type.shape)
-    deqs = _integer_weights(ctx, [gate, w] if gate is not None else [w])
+    deqs = integer_weights(ctx, [gate, w] if gate is not None else [w])
     if deqs is not None:
-        return _int8_call(ctx, x_rows, rows, "float", deqs, epi, extra=list(extra))
-    wargs, c = _matmul_weights(ctx, node, "glu_panels" if gate is not None else "panels",
+        return int8_call(ctx, x_rows, rows, "float", deqs, epi, extra=list(extra))
+    wargs, c = matmul_weights(ctx, node, "glu_panels" if gate is not None else "panels",
                                [gate, w] if gate is not None else [w], 0, k, n)
     kernel, *called = ctx.kernels.dense(c, epi)
     for func in called:
@@ -114,7 +78,7 @@ def _dense(ctx: LowerContext, node: Node, x_rows: relax.Expr, rows, w: Value, ep
 @lowering("dequantize")
 def _dequantize(ctx: LowerContext, node: Node):
     """No code of its own: the matmul reading the weight reads the low-bit codes and scales
-    (see _matmul_weights); low-bit weights are never expanded to float32 in memory."""
+    (see matmul_weights); low-bit weights are never expanded to float32 in memory."""
     users = ctx.users(node.outputs[0])
     for user in users:
         if user.op not in LOW_BIT_READERS or node.outputs[0] is user.inputs[0]:
@@ -125,7 +89,7 @@ def _dequantize(ctx: LowerContext, node: Node):
 
 @lowering("widen")
 def _widen(ctx: LowerContext, node: Node):
-    """No code of its own: the matmul (see _matmul_weights) or embedding reading the weight
+    """No code of its own: the matmul (see matmul_weights) or embedding reading the weight
     widens the 16-bit values as it reads them, so the weight stays 16-bit in memory."""
     for user in ctx.users(node.outputs[0]):
         slot = user.inputs.index(node.outputs[0])
@@ -135,83 +99,17 @@ def _widen(ctx: LowerContext, node: Node):
     return []
 
 
-def _integer_format(ctx: LowerContext, deq: Node | None) -> WeightFormat | None:
-    """The format of a low-bit weight if the target's integer kernels read it, else None."""
-    if deq is None:
-        return None
-    fmt = WeightFormat(deq.attrs["bits"], int(deq.inputs[1].type.shape[-1]))
-    return fmt if ctx.kernels.integer_format(fmt, int(deq.outputs[0].type.shape[-1])) else None
-
-
-def _int8_reader(ctx: LowerContext, node: Node) -> tuple[Node, list[Node]] | None:
-    """(quantize_act, dequantize nodes of the weights reading its output) if `node` is an op
-    that reads its input as int8 under W8A8 (`act_quant_input`: linear, feed-forward block,
-    experts; each of their lowerings calls this) over int8-quantized activations whose
-    input-side weights (a linear's, the gate|up of a block) the integer kernels read
-    (the target's int8_matmul); None where they do not, e.g. for a CPU without VNNI."""
-    if not get_op(node.op).act_quant_input:
-        return None
-    qa = node.inputs[0].producer
-    if qa is None or qa.op != "quantize_act" or qa.attrs["mode"] not in ("static", "token"):
-        return None
-    deqs = _integer_weights(ctx, input_side_weights(node))
-    return (qa, deqs) if deqs is not None else None
-
-
-def _activation_codes(ctx: LowerContext, x_rows: relax.Expr, rows, k: int, mode: str, group: int,
-                      static: list = ()) -> list[relax.Expr]:
-    """[codes, scales, group sums] of activation rows for the integer kernels (quantize_packed),
-    once per value, mode and group size."""
-    key = ("codes", id(x_rows), mode, group)
-    source, packed = ctx.derived.get(key, (None, None))
-    if source is not x_rows:  # (kept with its source: an id is reused once its object is gone)
-        digits = ctx.kernels.digits_of(mode)
-        packed = list(ctx.call(ctx.kernels.quantize_packed(k, mode, group), [x_rows, *static],
-                               [((rows, digits * k), "int8"), ((rows,), F32), ((rows, digits * (k // group)), "int32")]))
-        ctx.derived[key] = (x_rows, packed)
-    return packed
-
-
-def _integer_weights(ctx: LowerContext, weights: list[Value]) -> list[Node] | None:
-    """The dequantize nodes of a matmul's low-bit weights when the integer kernels read them
-    (a target with integer_matmuls, e.g. a CPU with AVX-512 VNNI; all in one format they
-    take), else None."""
-    deqs = [_low_bit(w) for w in weights]
-    formats = {_integer_format(ctx, d) for d in deqs}
-    return deqs if ctx.kernels.integer_matmuls and None not in formats and len(formats) == 1 else None
-
-
-def _int8_call(ctx: LowerContext, x_rows: relax.Expr, rows, mode: str, deqs: list[Node], epi: Epilogue,
-               plan: list = (), extra: list = (), static: list = (), gather: tuple = ()) -> relax.Expr:
-    """x_rows @ the low-bit weights of `deqs` (one, or a gate|up pair) through the target's int8_matmul:
-    activation codes as `mode` says (quantize_act's static / token rounding, or "float" for a
-    weight-only matmul), weights as VNNI panels with their scale panels, per expert when
-    `plan` ([indptr]) is given. With `gather` (row_token, pairs), x_rows are the tokens and
-    the expert-sorted rows read their codes through row_token (quantized once per token)."""
-    codes, scales = [d.inputs[0] for d in deqs], [d.inputs[1] for d in deqs]
-    *lead, n, k = (int(d) for d in deqs[0].outputs[0].type.shape)
-    experts = lead[0] if plan else 0
-    fmt = _integer_format(ctx, deqs[0])
-    scale_kind = ("expert_" if experts else "") + ("glu_panels" if len(deqs) == 2 else "panels")
-    weights = [ctx.weight("vnni_panels", codes), ctx.weight(scale_kind, scales, ctx.kernels.integer_lanes)]
-    packed = _activation_codes(ctx, x_rows, rows, k, mode, k // fmt.groups, static)
-    index, out_rows = ([gather[0]], gather[1]) if gather else ([], rows)
-    return ctx.call(ctx.kernels.int8_matmul(k, n, epi, experts, fmt, ctx.kernels.digits_of(mode), bool(gather)),
-                    [*packed, *plan, *index, *weights, *extra], [((out_rows, n), F32)],
-                    (plan[0], weights, experts) if plan else None, flops_per_row=2 * k * n * len(deqs))
-
-
 def _quantize_act_args(ctx: LowerContext, qa: Node) -> dict:
-    """The mode and static scale of a quantize_act, as _int8_call takes them."""
+    """The mode and static scale of a quantize_act, as int8_call takes them."""
     return {"mode": qa.attrs["mode"], "static": [ctx.value(qa.inputs[1])] if len(qa.inputs) == 2 else []}
 
 
 @lowering("quantize_act")
 def _quantize_act(ctx: LowerContext, node: Node):
     """Rounded activations as float32 for the ops that read them so; nothing when every
-    reader computes in integers (it quantizes the input itself, see _activation_codes)."""
+    reader computes in integers (it quantizes the input itself, see activation_codes)."""
     users = ctx.users(node.outputs[0])
-    if users and node.outputs[0] not in ctx.graph.outputs and all(_int8_reader(ctx, u) for u in users):
+    if users and node.outputs[0] not in ctx.graph.outputs and all(int8_reader(ctx, u) for u in users):
         return []
     x = node.inputs[0]
     k = int(x.type.shape[-1])
@@ -228,7 +126,7 @@ def _linear(ctx: LowerContext, node: Node):
     add, residuals = _with_residual(ctx, node)
     epi = Epilogue(bias=bool(bias), residual=len(residuals))
     extra = bias + residuals
-    int8 = _int8_reader(ctx, node)
+    int8 = int8_reader(ctx, node)
     m, rows = kept(node, int(w.type.shape[1])), ctx.rows_of(x)
     if m is not None:  # contextual sparsity
         y = gathered_or_masked(ctx, node, ctx.rows(x), rows, [w], m, epi, extra,
@@ -237,7 +135,7 @@ def _linear(ctx: LowerContext, node: Node):
         y = _dense(ctx, node, ctx.rows(x), rows, w, epi, extra=extra)
     else:
         qa, deqs = int8
-        y = _int8_call(ctx, ctx.rows(qa.inputs[0]), ctx.rows_of(x), deqs=deqs, epi=epi, extra=extra,
+        y = int8_call(ctx, ctx.rows(qa.inputs[0]), ctx.rows_of(x), deqs=deqs, epi=epi, extra=extra,
                        **_quantize_act_args(ctx, qa))
     return _finish(ctx, node, y, add)
 
@@ -252,15 +150,15 @@ def _down_projection(ctx: LowerContext, node: Node, h: relax.Expr, rows, epi: Ep
     experts = int(down.type.shape[0]) if plan else 0
     hidden, ffn = (int(d) for d in down.type.shape[-2:])
     mode = node.attrs["hidden_quant"]
-    deqs = _integer_weights(ctx, [down])
+    deqs = integer_weights(ctx, [down])
     if deqs is not None:
-        return _int8_call(ctx, h, rows, mode or "float", deqs, epi, plan, extra)
+        return int8_call(ctx, h, rows, mode or "float", deqs, epi, plan, extra)
     if mode is not None:
         h = ctx.call(ctx.kernels.quantize_rows(ffn, mode), [h], [((rows, ffn), F32)])
     def dense(hs: relax.Expr) -> relax.Expr:
         if not plan:
             return _dense(ctx, node, hs, rows, down, epi, extra=extra)
-        w_down, c = _matmul_weights(ctx, node, "expert_panels", [down], experts, ffn, hidden)
+        w_down, c = matmul_weights(ctx, node, "expert_panels", [down], experts, ffn, hidden)
         return ctx.call(ctx.kernels.grouped_matmul(c, epi), [hs, *plan, *w_down, *extra], [((rows, hidden), F32)],
                         (plan[0], w_down, experts), flops_per_row=2 * ffn * hidden)
 
@@ -278,7 +176,7 @@ def _mlp(ctx: LowerContext, node: Node):
     gate, up = node.inputs[1:3] if gated else (None, node.inputs[1])
     rows = ctx.rows_of(x)
     epi_up = Epilogue(glu=gated, activation=act)
-    int8 = _int8_reader(ctx, node)
+    int8 = int8_reader(ctx, node)
     m = kept(node, int(x.type.shape[-1]))
     if m is not None:  # contextual sparsity over the input channels of gate and up
         h = gathered_or_masked(ctx, node, ctx.rows(x), rows, [w for w in (gate, up) if w is not None], m, epi_up, [],
@@ -287,7 +185,7 @@ def _mlp(ctx: LowerContext, node: Node):
         h = _dense(ctx, node, ctx.rows(x), rows, up, epi_up, gate=gate)
     else:
         qa, deqs = int8
-        h = _int8_call(ctx, ctx.rows(qa.inputs[0]), rows, deqs=deqs, epi=epi_up, **_quantize_act_args(ctx, qa))
+        h = int8_call(ctx, ctx.rows(qa.inputs[0]), rows, deqs=deqs, epi=epi_up, **_quantize_act_args(ctx, qa))
     add, residuals = _with_residual(ctx, node)
     y = _down_projection(ctx, node, h, rows, Epilogue(residual=len(residuals)), residuals)
     return _finish(ctx, node, y, add)
@@ -419,18 +317,18 @@ def _experts(ctx: LowerContext, node: Node):
     epi_up = Epilogue(glu=gated, activation=act)
     if kept(node, hidden) is not None:
         check_float_weights(ctx, node, node.inputs[3:])
-    int8 = _int8_reader(ctx, node)
+    int8 = int8_reader(ctx, node)
     up_side = [gate, up] if gated else [up]
-    weight_only = _integer_weights(ctx, up_side) if int8 is None else None
+    weight_only = integer_weights(ctx, up_side) if int8 is None else None
     gather = (row_token, pairs)
     if int8 is not None:
-        h = _int8_call(ctx, ctx.rows(int8[0].inputs[0]), rows, deqs=int8[1], epi=epi_up, plan=[indptr], gather=gather,
+        h = int8_call(ctx, ctx.rows(int8[0].inputs[0]), rows, deqs=int8[1], epi=epi_up, plan=[indptr], gather=gather,
                        **_quantize_act_args(ctx, int8[0]))
     elif weight_only is not None:
-        h = _int8_call(ctx, ctx.rows(x), rows, "float", weight_only, epi_up, [indptr], gather=gather)
+        h = int8_call(ctx, ctx.rows(x), rows, "float", weight_only, epi_up, [indptr], gather=gather)
     else:
         def up_dense(xs: relax.Expr) -> relax.Expr:
-            w_up, c_up = _matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels", up_side,
+            w_up, c_up = matmul_weights(ctx, node, "expert_glu_panels" if gated else "expert_panels", up_side,
                                          experts, hidden, ffn)
             return ctx.call(ctx.kernels.grouped_matmul(c_up, epi_up), [xs, indptr, *w_up], [((pairs, ffn), F32)],
                             (indptr, w_up, experts), flops_per_row=2 * hidden * ffn * len(up_side))
@@ -493,7 +391,7 @@ def _last_position(ctx: LowerContext, node: Node):
 def _embedding(ctx: LowerContext, node: Node):
     ids, table = node.inputs
     vocab, hidden = (int(d) for d in table.type.shape)
-    half = _widened(table)  # a 16-bit table: the gather widens the rows it copies
+    half = widened(table)  # a 16-bit table: the gather widens the rows it copies
     stored, fmt = (half.inputs[0], [half.attrs["dtype"]]) if half is not None else (table, [])
     rows = ctx.call(ctx.kernels.gather_rows(hidden, ids.type.dtype, vocab, *fmt), [ctx.value(stored), ctx.flat(ids)],
                     [((ctx.rows_of(node.outputs[0]), hidden), table.type.dtype)])

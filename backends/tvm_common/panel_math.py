@@ -46,7 +46,13 @@ def weight_value(fmt: WeightFormat, k: int, w, scale, panel, kk, j, high=False):
         return w[panel, kk, j]
     source = kk * 2 if fmt.bits == 4 else kk  # both nibbles of a byte are in one group (groups are even)
     v = tirx.Cast("float32", w[panel, kk, j]) if fmt.bits == 8 else _int4(w[panel, kk, j], high)
-    return v * scale[panel, source // (k // fmt.groups), j] if fmt.groups > 1 else v
+    return v * scale_value(scale, panel, source // (k // fmt.groups), j) if fmt.groups > 1 else v
+
+
+def scale_value(scale, panel, group, j):
+    """A weight scale as float32 (float16 scale panels are widened as they are read)."""
+    v = scale[panel, group, j]
+    return tirx.Cast("float32", v) if str(scale.dtype) == "float16" else v
 
 
 def epilogue_value(epi: Epilogue, lane, jt, row, col, bias=None, scale=None, residuals=()):
@@ -70,11 +76,11 @@ def epilogue_value(epi: Epilogue, lane, jt, row, col, bias=None, scale=None, res
 def weight_shapes(fmt: WeightFormat, panels, k: int, width: int) -> list[tuple[tuple, str]]:
     """(shape, dtype) of the weight panels and, for low-bit weights, of their scale panels."""
     shapes = [((panels, fmt.depth(k), width), fmt.dtype)]
-    return shapes + [((panels, fmt.groups, width), "float32")] if fmt.quantized else shapes
+    return shapes + [((panels, fmt.groups, width), fmt.scales)] if fmt.quantized else shapes
 
 
 def column_scale(fmt: WeightFormat, scale, panel):
     """The write-back scale of a per-channel quantized weight (None otherwise)."""
     if not fmt.quantized or fmt.groups > 1:
         return None
-    return lambda lane: scale[panel, 0, lane]
+    return lambda lane: scale_value(scale, panel, 0, lane)

@@ -48,6 +48,7 @@ class WeightFormat:
     bits: int = 32  # 32: float32; 16: `half` floats as uint16 bits; 8: int8 codes; 4: int4 codes, two per uint8
     groups: int = 1  # scale groups along k per output channel (1: one scale per channel)
     half: str = ""  # bits 16: "bfloat16" | "float16" (how the kernel widens the bits, ir/ops/widen.py)
+    scales: str = "float32"  # bits 8/4: the scale panels' dtype (float16 where the quantize pass rounded them so)
 
     @property
     def dtype(self) -> str:
@@ -58,6 +59,11 @@ class WeightFormat:
         """Low-bit codes with scales (16-bit floats have none)."""
         return self.bits in (8, 4)
 
+    @property
+    def scale_store(self) -> str:
+        """How the scale panels are stored (layout.pack's `store`): "float16", or "" as float32."""
+        return "float16" if self.quantized and self.scales == "float16" else ""
+
     def depth(self, k: int) -> int:
         """Rows of a panel: one per input, or one per pair of inputs for int4."""
         return k // 2 if self.bits == 4 else k
@@ -65,7 +71,9 @@ class WeightFormat:
     def tag(self) -> str:
         if self.bits == 16:
             return {"bfloat16": "_bf16", "float16": "_fp16"}[self.half]
-        return "" if not self.quantized else f"_q{self.bits}" + (f"g{self.groups}" if self.groups > 1 else "")
+        if not self.quantized:
+            return ""
+        return f"_q{self.bits}" + (f"g{self.groups}" if self.groups > 1 else "") + ("h" if self.scales == "float16" else "")
 
 
 F32_WEIGHTS = WeightFormat()

@@ -23,6 +23,7 @@ from mocompile.backends.tvm_cpu.target import CpuTarget, last_level_cache_bytes,
 class CpuKernels(KernelSet):
     name = "tvm_cpu"
     integer_lanes = VNNI_LANES
+    half_scales = True  # float16 scale panels, widened by vcvtph2ps as the kernels read them
 
     def __init__(self, target: CpuTarget) -> None:
         super().__init__(target)

@@ -43,6 +43,7 @@ from mocompile.backends.tvm_cpu.kernels_matmul import Epilogue, WeightFormat, _w
 from mocompile.backends.tvm_cpu.kernels_quant import emit_row_scale
 from mocompile.ir.ops.quant import INT8_MAX
 from mocompile.backends.tvm_common.layout import VNNI_LANES, vnni_offset
+from mocompile.backends.tvm_common.panel_math import scale_value
 
 LANES = VNNI_LANES
 ROWS = 4  # rows per register tile at most: each weight vector loaded serves them all
@@ -204,7 +205,7 @@ def _emit_int8_rows(codes, xs, sums, w, ws, panel, row_begin, row_end, fmt: Weig
                         exact = exact - offset * sums[source(r0 + i), d * fmt.groups + g]
                         term = tirx.Cast("float32", exact)
                         value = term if value is None else term + value * U.f32(1 / DIGIT_BASE)
-                    U.store(total, (i, j), total[i, j] + value * ws[panel, g, j])
+                    U.store(total, (i, j), total[i, j] + value * scale_value(ws, panel, g, j))
         for i in range(count):
             with U.vectorized(0, width) as j:
                 U.store(total, (i, j), total[i, j] * xs[source(r0 + i)])
@@ -253,7 +254,7 @@ def int8_matmul(k: int, n: int, epi: Epilogue, experts: int = 0, fmt: WeightForm
         row_token = U.arg("row_token", (rows,), "int32") if gathered else None
         panels = max(experts, 1) * nb
         w = U.arg("w", (panels, words, width), "int32")
-        ws = U.arg("w_scale", (panels, fmt.groups, width))
+        ws = U.arg("w_scale", (panels, fmt.groups, width), fmt.scales)
         bias = U.arg("bias", (n,)) if epi.bias else None
         row_scale = U.arg("scale", (rows,)) if epi.row_scale else None
         residuals = residual_args(epi, rows, n)

@@ -10,7 +10,7 @@ GEMV path that splits the reduction over several accumulators to hide FMA latenc
 
 Weights are float32 panels, or low-bit panels that stay low-bit in memory (`WeightFormat`;
 for a target with AVX-512 VNNI the lowering sends the low-bit formats kernels_int8.py takes there):
-int8 codes, or int4 codes two per byte, with float32 scales laid out as panels too. The
+int8 codes, or int4 codes two per byte, with float32 scales (float16 for groups) laid out as panels too. The
 codes are converted inside the reduction loop; a per-output-channel scale multiplies the
 accumulator once in the write-back, a group-wise (int4) scale multiplies each code as it is
 loaded (its group changes along the reduction).

@@ -48,13 +48,30 @@ def symmetric_scales(amax: np.ndarray, qmax: int) -> np.ndarray:
     return np.where(amax > 0, amax / np.float32(qmax), np.float32(1)).astype(np.float32)
 
 
+SCALE_DTYPES = ("float32", "float16")  # what a dequantize's scales are exact in (its `scales` attribute)
+HALF_RANGE = (2.0 ** -24, 65504.0)  # float16's smallest (subnormal) and largest finite value
+
+
+def half_exact(scale: np.ndarray) -> np.ndarray:
+    """Scales rounded to the nearest float16 (kept as float32), within float16's range: a
+    group of weights smaller than 2^-24 * qmax gets the smallest float16 scale (its codes
+    then round towards 0), a scale past 65504 the largest (its codes clip)."""
+    return np.clip(scale, *HALF_RANGE).astype(np.float16).astype(np.float32)
+
+
 QUANTIZE_CHUNK = 1 << 22  # elements quantized at a time: the temporaries stay ~16 MB for any weight size
 
 
-def quantize_weight(w: np.ndarray, bits: int, group: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def quantize_weight(w: np.ndarray, bits: int, group: int = 0,
+                    scales: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """w [..., N, K] float32 -> (q, scale [..., N, G]); group 0 means one group per row.
-    Rows are quantized a chunk at a time (each row on its own, so the result is the same),
-    so a gigabyte-sized expert stack needs no gigabyte-sized temporaries."""
+    `scales` "float16": the scales are rounded to float16 values first (half_exact) and the
+    codes computed against them, so that they can be stored in 2 bytes exactly (GGUF's Q4_0
+    / Q8_0 blocks do the same). Rows are quantized a chunk at a time (each row on its own, so
+    the result is the same), so a gigabyte-sized expert stack needs no gigabyte-sized
+    temporaries."""
+    if scales not in SCALE_DTYPES:
+        raise ValueError(f"scales must be one of {', '.join(SCALE_DTYPES)}, got {scales!r}")
     k = w.shape[-1]
     group = group or k
     if k % group:
@@ -68,15 +85,17 @@ def quantize_weight(w: np.ndarray, bits: int, group: int = 0) -> tuple[np.ndarra
     scale = np.empty((rows.shape[0], k // group), np.float32)
     step = max(1, QUANTIZE_CHUNK // max(k, 1))
     for i in range(0, rows.shape[0], step):
-        q[i:i + step], scale[i:i + step] = _quantize_rows(rows[i:i + step], bits, group)
+        q[i:i + step], scale[i:i + step] = _quantize_rows(rows[i:i + step], bits, group, scales == "float16")
     return q.reshape(*w.shape[:-1], q.shape[-1]), scale.reshape(*w.shape[:-1], k // group)
 
 
-def _quantize_rows(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+def _quantize_rows(w: np.ndarray, bits: int, group: int, half: bool) -> tuple[np.ndarray, np.ndarray]:
     k = w.shape[-1]
     grouped = w.reshape(*w.shape[:-1], k // group, group).astype(np.float32)
     qmax = INT8_MAX if bits == 8 else INT4_MAX
     scale = symmetric_scales(np.abs(grouped).max(-1), qmax)
+    if half:
+        scale = half_exact(scale)
     q = np.round(grouped / scale[..., None])
     if bits == 8:
         return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8).reshape(w.shape), scale
@@ -150,6 +169,8 @@ def _infer_dequantize(ts: Sequence[TensorType], attrs: Mapping[str, Any]) -> lis
         raise ValueError(f"dequantize: bits must be 8 or 4, got {bits}")
     if q.dtype != want or scale.dtype != "float32":
         raise ValueError(f"dequantize (bits={bits}) takes {want} codes and float32 scales, got {q.dtype}, {scale.dtype}")
+    if attrs["scales"] not in SCALE_DTYPES:
+        raise ValueError(f"dequantize: scales must be one of {', '.join(SCALE_DTYPES)}, got {attrs['scales']!r}")
     k = q.shape[-1] * (2 if bits == 4 else 1)
     if scale.rank != q.rank or scale.shape[:-1] != q.shape[:-1] or k % scale.shape[-1]:
         raise ValueError(f"dequantize: scales {scale} do not group the rows of {q}")
@@ -166,10 +187,11 @@ def _reads_weights_only(args: FlowArgs) -> Flow:
 
 
 register_op(OpDef("dequantize", _infer_dequantize, lambda xs, a: [dequantize_weight(xs[0], xs[1], a["bits"])],
-                  {"bits": REQUIRED}, batch_flow=_reads_weights_only, cost=_dequantize_cost, positionwise=True,
-                  keeps_weights_low_bit=True, weight_format=lambda a: f"int{a['bits']}",
+                  {"bits": REQUIRED, "scales": "float32"}, batch_flow=_reads_weights_only, cost=_dequantize_cost,
+                  positionwise=True, keeps_weights_low_bit=True, weight_format=lambda a: f"int{a['bits']}",
                   doc="low-bit weight codes [..., N, K] (int8, or int4 packed two per uint8) times float32 "
-                      "scales [..., N, G] per output channel and group of K/G inputs"))
+                      "scales [..., N, G] per output channel and group of K/G inputs; `scales` says the type "
+                      "their values are exact in (float16: a backend may store them in 2 bytes)"))
 
 
 # ---- quantize_act --------------------------------------------------------------------------
