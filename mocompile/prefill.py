@@ -9,9 +9,10 @@ cut when it computes each position alone (its op is `positionwise`, ir/registry.
 `position_check` passes and nothing joins positions), all its outputs carry the positions on
 axis 1, and every reader of them is already after the cut (or is a graph output being cut).
 The inputs of the moved nodes that carry positions and come from before the cut go through
-the `last_position` op (ir/ops/shape.py). So the final norm and the LM head (and, where the
-last block's feed-forward reads nothing but the residual stream, that block's experts) run on
-one row per sample instead of every position. Outputs without a positions axis (and the KV
+the `last_position` op (ir/ops/shape.py). So everything after the last attention (its output
+projection, the last block's router and experts, the final norm and the LM head) runs on one
+row per sample instead of every position; the attention itself still reads every position's
+keys, values and queries, which the cache needs. Outputs without a positions axis (and the KV
 cache a cached graph returns) are unchanged; `cached_last_position_graph` is the cut of the
 cached graph (kv_cache.py), what the compiled `prefill` function computes.
 
