@@ -67,7 +67,7 @@ def set_threads(n: int) -> None:
     os.environ["TVM_NUM_THREADS"] = str(n)  # mocompile/threads.py keeps a value already set
     from mocompile.threads import configure_tvm_threads
 
-    configure_tvm_threads()  # its other setting: TVM's idle workers sleep rather than spin
+    configure_tvm_threads()  # its other setting: TVM's idle workers spin ~1 ms, then sleep
     import torch
     import torch._inductor.config as inductor
 

@@ -44,7 +44,7 @@ GEN, DEPTHS = 32, (0, 512, 2048)  # tgN after each count of cached positions
 # default (workers spin while idle) is what a user gets and is fastest on a quiet machine
 # (moe_medium Q4_0 tg32: ~850 tokens/s against ~300 sleeping); on a loaded machine a spinning
 # worker waits out whole time slices of the one it waits for (measured here: pp512 20-60x
-# slower), and sleeping workers, as mocompile/threads.py makes TVM's, are llama.cpp's best.
+# slower), and sleeping workers are llama.cpp's best (mocompile/threads.py bounds TVM's spin to ~1 ms).
 WAIT_POLICIES = {"default": None, "passive": "PASSIVE"}
 
 

@@ -225,8 +225,8 @@ def section_lines(rows: list[dict], notes: list[str], build: str, threads: int,
             "int8 per token; our fp32 / int8 / int4 / bf16 / fp16 keep float32 activations (int8 / int4: three int8 "
             "digits per activation in the VNNI kernels, 3x w4a8's integer arithmetic on prompts). llama.cpp runs each case under both OpenMP wait policies "
             "(its default, idle workers spinning, and `OMP_WAIT_POLICY=PASSIVE`) and keeps its faster one: spinning "
-            "is faster on a quiet machine, sleeping on a loaded one; ours runs as shipped (TVM workers sleep, "
-            "`TVM_THREAD_POOL_SPIN_COUNT=0`).", "",
+            "is faster on a quiet machine, sleeping on a loaded one; ours runs as shipped (an idle TVM worker "
+            "spins ~1 ms, `TVM_THREAD_POOL_SPIN_COUNT=1000` yields, then sleeps).", "",
             f"Roofline (tg rows): our time per step against reading the active weights and the cached keys and "
             f"values (at the mean depth of the row's steps) once at the copy bandwidth measured at the start "
             f"({bandwidth / 1e9:.1f} GB/s).", "",
