@@ -30,8 +30,8 @@ def leaky(tmp_path_factory) -> LoadedArtifact:
 
 
 @pytest.fixture(scope="module")
-def isolated(tmp_path_factory) -> LoadedArtifact:
-    return compile(EXAMPLES / "mixtral_tiny.moe", out_dir=tmp_path_factory.mktemp("isolated") / "art")
+def isolated(artifact_cache) -> LoadedArtifact:
+    return artifact_cache.load(EXAMPLES / "mixtral_tiny.moe")
 
 
 def counting(fn: Callable[..., Any], calls: list[int]) -> Callable[..., Any]:

@@ -523,12 +523,9 @@ def test_activation_modes_and_batch_isolation(mixtral_graph):
 
 # ---- compiled artifacts --------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    out = {}
-    for name, passes in (("fp32", ""), ("int8", "quantize(w=int8)"), ("int4", "quantize(w=int4,group=32)")):
-        path = tmp_path_factory.mktemp(name)
-        out[name] = compile(EXAMPLES / "mixtral_tiny.moe", passes=passes, out_dir=path / "art")
-    return out
+def artifacts(artifact_cache):
+    return {name: artifact_cache.load(EXAMPLES / "mixtral_tiny.moe", passes=passes)
+            for name, passes in (("fp32", ""), ("int8", "quantize(w=int8)"), ("int4", "quantize(w=int4,group=32)"))}
 
 
 def expert_bytes(path) -> int:
