@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mocompile
-from conftest import EXAMPLES, example_variants
+from conftest import EXAMPLE_SHAPE, EXAMPLES, example_variants
 from mocompile.errors import ArtifactError, VerificationError
 from mocompile.runtime import load, random_inputs
 
@@ -22,7 +22,7 @@ from mocompile.runtime import load, random_inputs
 def artifacts(artifact_cache) -> dict[tuple[str, str | None], Path]:
     """Every example and variant, compiled once for the session (test_decode.py reads one too)."""
     return {(spec_name, variant): artifact_cache.path(EXAMPLES / spec_name, target="cpu", variant=variant,
-                                                      batch=3, seq=5)
+                                                      **EXAMPLE_SHAPE)
             for spec_name, variant in example_variants()}
 
 
@@ -76,7 +76,7 @@ def test_runtime_runs_in_a_fresh_process_without_torch(artifacts) -> None:
 
 
 def test_tampered_weights_are_refused(artifact_cache, tmp_path) -> None:
-    copy = artifact_cache.copy(tmp_path / "tampered", EXAMPLES / "mixtral_tiny.moe", target="cpu", batch=3, seq=5)
+    copy = artifact_cache.copy(tmp_path / "tampered", EXAMPLES / "mixtral_tiny.moe", **EXAMPLE_SHAPE)
     weights = next(copy.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01

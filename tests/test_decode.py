@@ -20,14 +20,15 @@ from mocompile.compiler import compile
 from mocompile.errors import ArtifactError
 from mocompile.runtime import load, random_inputs
 
-from conftest import EXAMPLES
+from conftest import EXAMPLE_SHAPE, EXAMPLES
 
 
 @pytest.fixture(scope="module")
 def artifacts(artifact_cache):
-    return {name: artifact_cache.load(EXAMPLES / f"{example}.moe", passes=passes)
-            for name, example, passes in [("mixtral", "mixtral_tiny", ""), ("latent", "latent_tiny", ""),
-                                          ("deepseek_int8", "deepseek_tiny", "quantize(w=int8)")]}
+    return {name: artifact_cache.load(EXAMPLES / f"{example}.moe", **options)
+            for name, example, options in [("mixtral", "mixtral_tiny", EXAMPLE_SHAPE),
+                                           ("latent", "latent_tiny", EXAMPLE_SHAPE),
+                                           ("deepseek_int8", "deepseek_tiny", {"passes": "quantize(w=int8)"})]}
 
 
 @pytest.mark.parametrize("name", ["mixtral", "latent", "deepseek_int8"])
@@ -178,7 +179,7 @@ def test_text_decodes_after_a_multimodal_prompt(artifact_cache):
     from mocompile.frontend import lower_source, source_for
     from mocompile.kv_cache import cached_graph, run_cached_graph
 
-    art = artifact_cache.load(EXAMPLES / "unified_tiny.moe", batch=3, seq=5)  # test_compile.py's artifact
+    art = artifact_cache.load(EXAMPLES / "unified_tiny.moe", **EXAMPLE_SHAPE)
     assert art.can_decode and art.token_input.name == "text"
     dec = art.manifest["decode_verification"]
     assert dec["reference"] == "the IR's cached graph" and dec["max_rel_error"] <= 1e-4

@@ -21,7 +21,7 @@ from mocompile.backends.tvm_cpu.tuning import TuningDB, candidates, default_conf
 from mocompile.compiler import compile
 from mocompile.errors import MocompileError
 
-from conftest import EXAMPLES
+from conftest import EXAMPLE_SHAPE, EXAMPLES
 
 SPEC = EXAMPLES / "mixtral_tiny.moe"
 
@@ -124,7 +124,7 @@ def test_next_compile_reuses_the_database(tuned):
 
 
 def test_untuned_compile_has_no_tuning(artifact_cache):
-    art = artifact_cache.load(SPEC)
+    art = artifact_cache.load(SPEC, **EXAMPLE_SHAPE)
     assert "tuning" not in art.manifest and not (art.path / "tuning.json").exists()
 
 
@@ -166,7 +166,7 @@ def test_bad_databases_fail_with_one_line(tuned, tmp_path):
 
 def test_tuned_artifact_matches_untuned(tuned, artifact_cache):
     out, art = tuned
-    plain = artifact_cache.load(SPEC)
+    plain = artifact_cache.load(SPEC, **EXAMPLE_SHAPE)
     from mocompile.runtime import random_inputs
 
     inputs = random_inputs(art.signature, 3, 9, seed=5)
