@@ -1,4 +1,5 @@
-"""Shared fixtures: example specs and a process environment where torch and TVM share cores politely."""
+"""Shared fixtures: example specs, the session's cache of compiled artifacts, and a process
+environment where torch and TVM share cores politely."""
 
 from __future__ import annotations
 
@@ -94,4 +95,5 @@ class CompiledArtifacts:
 
 @pytest.fixture(scope="session")
 def artifact_cache(tmp_path_factory: pytest.TempPathFactory) -> CompiledArtifacts:
+    """The session's shared compiled artifacts (see CompiledArtifacts)."""
     return CompiledArtifacts(tmp_path_factory.mktemp("compiled"))
