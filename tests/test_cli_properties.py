@@ -28,14 +28,14 @@ PROPERTY = settings(max_examples=60, deadline=None, derandomize=True, database=N
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory) -> Path:
+def sandbox(tmp_path_factory, artifact_cache) -> Path:
     """A working directory as a user has it: a spec, a compiled artifact, their own files."""
     root = tmp_path_factory.mktemp("sandbox")
     (root / "model.moe").write_bytes(SPEC.read_bytes())
     (root / "userdir" / "sub").mkdir(parents=True)
     (root / "userdir" / "notes.txt").write_text("mine")
     (root / "file.txt").write_text("data")
-    mocompile.compile(root / "model.moe", out_dir=root / "art", batch=1, seq=2)
+    artifact_cache.copy(root / "art", SPEC, batch=1, seq=2)  # the compile of model.moe, shared
     return root
 
 

@@ -14,22 +14,16 @@ import pytest
 import torch
 
 import mocompile
-from conftest import EXAMPLES, example_variants
+from conftest import EXAMPLE_SHAPE, EXAMPLES, example_variants
 from mocompile.errors import ArtifactError, VerificationError
 from mocompile.runtime import load, random_inputs
 
-COMPILED: dict[tuple[str, str | None], Path] = {}
-
-
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> dict[tuple[str, str | None], Path]:
-    """Compile every example and variant once for this module."""
-    root = tmp_path_factory.mktemp("artifacts")
-    for spec_name, variant in example_variants():
-        out = root / f"{spec_name}-{variant or 'full'}"
-        mocompile.compile(EXAMPLES / spec_name, target="cpu", out_dir=out, variant=variant, batch=3, seq=5)
-        COMPILED[(spec_name, variant)] = out
-    return COMPILED
+def artifacts(artifact_cache) -> dict[tuple[str, str | None], Path]:
+    """Every example and variant, compiled once for the session (test_decode.py reads one too)."""
+    return {(spec_name, variant): artifact_cache.path(EXAMPLES / spec_name, target="cpu", variant=variant,
+                                                      **EXAMPLE_SHAPE)
+            for spec_name, variant in example_variants()}
 
 
 @pytest.mark.parametrize("spec_name,variant", example_variants())
@@ -81,11 +75,8 @@ def test_runtime_runs_in_a_fresh_process_without_torch(artifacts) -> None:
     assert result.stdout.strip() == "ok"
 
 
-def test_tampered_weights_are_refused(artifacts, tmp_path) -> None:
-    import shutil
-
-    copy = tmp_path / "tampered"
-    shutil.copytree(artifacts[("mixtral_tiny.moe", None)], copy)
+def test_tampered_weights_are_refused(artifact_cache, tmp_path) -> None:
+    copy = artifact_cache.copy(tmp_path / "tampered", EXAMPLES / "mixtral_tiny.moe", **EXAMPLE_SHAPE)
     weights = next(copy.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01
@@ -108,9 +99,8 @@ def test_failed_verification_leaves_no_artifact(tmp_path, monkeypatch) -> None:
     assert list(tmp_path.iterdir()) == []  # no staging directory left behind either
 
 
-def test_recompiling_over_an_artifact_replaces_it_whole(artifacts, tmp_path) -> None:
-    out = tmp_path / "art"
-    mocompile.compile(EXAMPLES / "mixtral_tiny.moe", out_dir=out, batch=1, seq=2, seed=1)
+def test_recompiling_over_an_artifact_replaces_it_whole(artifact_cache, tmp_path) -> None:
+    out = artifact_cache.copy(tmp_path / "art", EXAMPLES / "mixtral_tiny.moe", batch=1, seq=2)  # seed 0
     first = json.loads((out / "manifest.json").read_text())
     mocompile.compile(EXAMPLES / "mixtral_tiny.moe", out_dir=out, batch=1, seq=2, seed=2)
     second = json.loads((out / "manifest.json").read_text())

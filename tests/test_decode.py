@@ -20,15 +20,15 @@ from mocompile.compiler import compile
 from mocompile.errors import ArtifactError
 from mocompile.runtime import load, random_inputs
 
-from conftest import EXAMPLES
+from conftest import EXAMPLE_SHAPE, EXAMPLES
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("decode")
-    return {name: compile(EXAMPLES / f"{example}.moe", passes=passes, out_dir=root / name)
-            for name, example, passes in [("mixtral", "mixtral_tiny", ""), ("latent", "latent_tiny", ""),
-                                          ("deepseek_int8", "deepseek_tiny", "quantize(w=int8)")]}
+def artifacts(artifact_cache):
+    return {name: artifact_cache.load(EXAMPLES / f"{example}.moe", **options)
+            for name, example, options in [("mixtral", "mixtral_tiny", EXAMPLE_SHAPE),
+                                           ("latent", "latent_tiny", EXAMPLE_SHAPE),
+                                           ("deepseek_int8", "deepseek_tiny", {"passes": "quantize(w=int8)"})]}
 
 
 @pytest.mark.parametrize("name", ["mixtral", "latent", "deepseek_int8"])
@@ -172,14 +172,14 @@ def test_cache_is_bounded_and_checked(artifacts):
     np.testing.assert_array_equal(first, art.run({"text": np.ones((1, 3), np.int64)})["logits"])
 
 
-def test_text_decodes_after_a_multimodal_prompt(tmp_path):
+def test_text_decodes_after_a_multimodal_prompt(artifact_cache):
     """unified_tiny (text, image, audio): the prefill step over every segment is the plain
     forward; text tokens then follow with the other segments empty, as the IR's cached graph
     computes (the compile checks it too); the CLI generates through the cache."""
     from mocompile.frontend import lower_source, source_for
     from mocompile.kv_cache import cached_graph, run_cached_graph
 
-    art = compile(EXAMPLES / "unified_tiny.moe", out_dir=tmp_path / "uni")
+    art = artifact_cache.load(EXAMPLES / "unified_tiny.moe", **EXAMPLE_SHAPE)
     assert art.can_decode and art.token_input.name == "text"
     dec = art.manifest["decode_verification"]
     assert dec["reference"] == "the IR's cached graph" and dec["max_rel_error"] <= 1e-4
@@ -191,7 +191,7 @@ def test_text_decodes_after_a_multimodal_prompt(tmp_path):
     token = first[:, -1:].argmax(-1)
     second = art.step({"text": token}, cache)["logits"]
     assert second.shape == (2, 1, 512) and cache.length == 16
-    vm = load(tmp_path / "uni", driver=False)  # the decode driver passes empty segments as the VM step does
+    vm = load(art.path, driver=False)  # the decode driver passes empty segments as the VM step does
     vm_cache = vm.new_cache(2, 32)
     vm.step(prompt, vm_cache)
     assert art.has_driver and not vm.has_driver
@@ -215,7 +215,7 @@ def test_text_decodes_after_a_multimodal_prompt(tmp_path):
     np.testing.assert_allclose(torch_second, second, rtol=0, atol=1e-4 * np.abs(second).max())
     with pytest.raises(ValueError, match="a step needs at least one position"):
         art.step({}, cache)
-    out = subprocess.run([sys.executable, "-m", "mocompile.cli", "run", str(tmp_path / "uni"), "--generate", "2"],
+    out = subprocess.run([sys.executable, "-m", "mocompile.cli", "run", str(art.path), "--generate", "2"],
                          capture_output=True, text=True, check=True)
     assert "prefill of 24 positions (text 8, image 8, audio 8)" in out.stdout.splitlines()[-1]
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import pytest
 
-from conftest import EXAMPLES
+from conftest import EXAMPLE_SHAPE, EXAMPLES
 from mocompile.artifact_isolation import MAX_REPLACEMENTS, check_artifact, replacement_plan, witness_replacement
 from mocompile.compiler import compile
 from mocompile.isolation import Finding, IsolationReport
@@ -30,8 +30,8 @@ def leaky(tmp_path_factory) -> LoadedArtifact:
 
 
 @pytest.fixture(scope="module")
-def isolated(tmp_path_factory) -> LoadedArtifact:
-    return compile(EXAMPLES / "mixtral_tiny.moe", out_dir=tmp_path_factory.mktemp("isolated") / "art")
+def isolated(artifact_cache) -> LoadedArtifact:
+    return artifact_cache.load(EXAMPLES / "mixtral_tiny.moe", **EXAMPLE_SHAPE)
 
 
 def counting(fn: Callable[..., Any], calls: list[int]) -> Callable[..., Any]:

@@ -29,7 +29,7 @@ from mocompile.pass_manager import PassContext, PassManager, parse_pipeline
 from mocompile.calibration import for_graph
 from mocompile.passes.quantize import Quantize, effective_group, token_ranges
 
-from conftest import EXAMPLES
+from conftest import EXAMPLE_SHAPE, EXAMPLES
 from cpu_targets import PATHS, TARGETS, skip_unless_runs_here
 
 TARGET = host_target(num_cores=2)
@@ -523,12 +523,10 @@ def test_activation_modes_and_batch_isolation(mixtral_graph):
 
 # ---- compiled artifacts --------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    out = {}
-    for name, passes in (("fp32", ""), ("int8", "quantize(w=int8)"), ("int4", "quantize(w=int4,group=32)")):
-        path = tmp_path_factory.mktemp(name)
-        out[name] = compile(EXAMPLES / "mixtral_tiny.moe", passes=passes, out_dir=path / "art")
-    return out
+def artifacts(artifact_cache):
+    return {name: artifact_cache.load(EXAMPLES / "mixtral_tiny.moe", **options)
+            for name, options in (("fp32", EXAMPLE_SHAPE), ("int8", {"passes": "quantize(w=int8)"}),
+                                  ("int4", {"passes": "quantize(w=int4,group=32)"}))}
 
 
 def expert_bytes(path) -> int:

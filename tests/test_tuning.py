@@ -21,7 +21,7 @@ from mocompile.backends.tvm_cpu.tuning import TuningDB, candidates, default_conf
 from mocompile.compiler import compile
 from mocompile.errors import MocompileError
 
-from conftest import EXAMPLES
+from conftest import EXAMPLE_SHAPE, EXAMPLES
 
 SPEC = EXAMPLES / "mixtral_tiny.moe"
 
@@ -123,9 +123,9 @@ def test_next_compile_reuses_the_database(tuned):
     assert (out / "tuning.json").is_file()
 
 
-def test_untuned_compile_has_no_tuning(tmp_path):
-    art = compile(SPEC, out_dir=tmp_path / "plain")
-    assert "tuning" not in art.manifest and not (tmp_path / "plain" / "tuning.json").exists()
+def test_untuned_compile_has_no_tuning(artifact_cache):
+    art = artifact_cache.load(SPEC, **EXAMPLE_SHAPE)
+    assert "tuning" not in art.manifest and not (art.path / "tuning.json").exists()
 
 
 def test_database_of_another_machine_is_ignored(tuned, tmp_path):
@@ -164,9 +164,9 @@ def test_bad_databases_fail_with_one_line(tuned, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_tuned_artifact_matches_untuned(tuned, tmp_path):
+def test_tuned_artifact_matches_untuned(tuned, artifact_cache):
     out, art = tuned
-    plain = compile(SPEC, out_dir=tmp_path / "plain")
+    plain = artifact_cache.load(SPEC, **EXAMPLE_SHAPE)
     from mocompile.runtime import random_inputs
 
     inputs = random_inputs(art.signature, 3, 9, seed=5)
