@@ -218,7 +218,7 @@ def test_inspect_lists_a_gpu_artifacts_kernels_with_launch_shapes(opencl_artifac
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("17 kernels for opencl (source: kernels.cl")
+    assert lines[0].startswith("18 kernels for opencl (source: kernels.cl")  # last_position's too (prefill)
     dense = next(line for line in lines if line.strip().startswith("dense_128x128_tj32_plain "))
     assert "grid 4 x ((m + 3) // 4) x 1" in dense and "block 32 x 4 x 1" in dense
     assert lines[-1].startswith("kernel launches per call: main ")

@@ -123,7 +123,8 @@ def test_weights_are_runtime_parameters_in_documented_order(tiny):
     assert [p.name for p in main.params] == ["ids", *program.weight_names]
     assert program.manifest()["weights"][0]["name"] == program.weight_names[0]
     functions = {gv.name_hint for gv, f in program.mod.functions.items() if isinstance(f, relax.Function)}
-    assert functions == {"main", "step"}  # the plain forward, and the cached one (one causal attention)
+    # the plain forward, the cached one (one causal attention) and its last-position prompt form
+    assert functions == {"main", "step", "prefill"}
     caches = [c["name"] for c in program.cache]
     assert len(caches) == 2 and caches[0].endswith(".keys") and caches[1].endswith(".values")
     assert [p.name for p in program.mod["step"].params] == ["ids", "past", *caches, *program.weight_names]
