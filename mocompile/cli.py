@@ -151,6 +151,10 @@ def cmd_compile(a: argparse.Namespace) -> int:
     if dec:
         print(f"cached decoding verified: prompt {dec['prompt']} + {dec['new_tokens']} tokens one at a time match "
               f"{dec['reference']}, max relative error {dec['max_rel_error']:.2e}{_flips_note([dec])}")
+    pre = art.manifest.get("prefill_verification")
+    if pre:
+        print(f"prompt prefill (last position only) verified: equal bit for bit to the cached step's last position "
+              f"over {pre['positions']} positions")
     if "ep" in art.manifest:  # compile --ep
         ep = art.manifest["ep"]["verification"]
         print(f"expert-parallel pieces ({len(art.manifest['ep']['layers'])} MoE layer(s) cut out, one weight file per "

@@ -119,6 +119,7 @@ def test_spec_compiles_with_fp16_weights(tmp_path, capsys) -> None:
     assert cli.main(["compile", str(EXAMPLES / "mixtral_tiny.moe"), "-o", str(out), "--dtype", "fp16"]) == 0
     printed = capsys.readouterr().out
     assert "(weights float16)" in printed and "cached decoding verified" in printed
+    assert "prompt prefill (last position only) verified: equal bit for bit" in printed
     manifest = _manifest(out)
     assert manifest["weight_dtype"] == "float16"
     report = next(r for r in manifest["passes"] if r["pass"] == "weight-dtype(dtype=fp16)")
