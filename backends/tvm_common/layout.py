@@ -105,12 +105,23 @@ def pack(kind: str, sources: list[np.ndarray], tj: int, store: str = "") -> np.n
     packed = _arrange(kind, sources, tj)
     if not store:
         return packed
+    if store == "k_pairs":
+        return _k_pairs(kind, packed)
     if store != "float16" or packed.dtype != np.float32:
         raise ValueError(f"{kind}: stores float32 values as float16 only, not {packed.dtype} as {store!r}")
     half = packed.astype(np.float16)
     if not np.array_equal(half.astype(np.float32), packed):
         raise ValueError(f"{kind}: values not exact in float16 cannot be stored as float16")
     return half
+
+
+def _k_pairs(kind: str, packed: np.ndarray) -> np.ndarray:
+    """16-bit panels [.., K, TJ] -> uint32 [.., K/2, TJ]: row i's word j holds input 2i's bits
+    in its low half and input 2i+1's in its high half (WeightFormat.pairs)."""
+    if packed.dtype != np.uint16 or packed.shape[-2] % 2:
+        raise ValueError(f"{kind}: pairs the rows of 16-bit panels of an even depth, not {packed.dtype}{list(packed.shape)}")
+    lo, hi = packed[..., 0::2, :].astype(np.uint32), packed[..., 1::2, :].astype(np.uint32)
+    return np.ascontiguousarray(lo | (hi << np.uint32(16)))
 
 
 def _arrange(kind: str, sources: list[np.ndarray], tj: int) -> np.ndarray:
@@ -150,7 +161,7 @@ class WeightLayout:
     panel: int  # TJ; 0 for identity
     shape: tuple[int, ...]
     dtype: str
-    store: str = ""  # "float16": float32 values kept in 16 bits (see pack); "": as the layout made them
+    store: str = ""  # "float16": float32 values kept in 16 bits; "k_pairs": 16-bit rows paired (see pack)
 
     def pack(self, graph_weights: Mapping[str, np.ndarray]) -> np.ndarray:
         out = pack(self.kind, [graph_weights[s] for s in self.sources], self.panel, self.store)

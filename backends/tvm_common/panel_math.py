@@ -36,12 +36,20 @@ def widen(half: str, bits):
     raise ValueError(f"unknown 16-bit weight format {half!r}")
 
 
+def _widen_pair(word, high: bool):
+    """Input 2i (low half) or 2i+1 (high half) of a word of two bfloat16 bit patterns, as
+    float32: the low half shifted up, or the high half masked in place (one vector op each)."""
+    if high:
+        return tirx.reinterpret("float32", tirx.bitwise_and(word, tirx.const(0xFFFF0000, "uint32")))
+    return tirx.reinterpret("float32", tirx.shift_left(word, tirx.const(16, "uint32")))
+
+
 def weight_value(fmt: WeightFormat, k: int, w, scale, panel, kk, j, high=False):
     """The float weight of panel row kk, lane j (int4: of input 2*kk + high): a 16-bit float
     widened, or the code converted and, for group-wise scales, multiplied by its group's
     scale (a per-channel scale is applied once in the write-back instead, see `column_scale`)."""
     if fmt.bits == 16:
-        return widen(fmt.half, w[panel, kk, j])
+        return _widen_pair(w[panel, kk, j], high) if fmt.pairs else widen(fmt.half, w[panel, kk, j])
     if not fmt.quantized:
         return w[panel, kk, j]
     source = kk * 2 if fmt.bits == 4 else kk  # both nibbles of a byte are in one group (groups are even)

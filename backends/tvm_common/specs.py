@@ -49,10 +49,18 @@ class WeightFormat:
     groups: int = 1  # scale groups along k per output channel (1: one scale per channel)
     half: str = ""  # bits 16: "bfloat16" | "float16" (how the kernel widens the bits, ir/ops/widen.py)
     scales: str = "float32"  # bits 8/4: the scale panels' dtype (float16 where the quantize pass rounded them so)
+    # bits 16: two inputs per uint32 word (input 2i in the low half, 2i+1 in the high half), so
+    # bfloat16 widens by a shift or a mask of the whole word, with no zero-extension (a shuffle)
+    pairs: bool = False
 
     @property
     def dtype(self) -> str:
-        return {32: "float32", 16: "uint16", 8: "int8", 4: "uint8"}[self.bits]
+        return "uint32" if self.pairs else {32: "float32", 16: "uint16", 8: "int8", 4: "uint8"}[self.bits]
+
+    @property
+    def paired(self) -> bool:
+        """A panel row holds two inputs (int4 nibbles, or 16-bit pairs): `depth` is k / 2."""
+        return self.bits == 4 or self.pairs
 
     @property
     def quantized(self) -> bool:
@@ -65,12 +73,12 @@ class WeightFormat:
         return "float16" if self.quantized and self.scales == "float16" else ""
 
     def depth(self, k: int) -> int:
-        """Rows of a panel: one per input, or one per pair of inputs for int4."""
-        return k // 2 if self.bits == 4 else k
+        """Rows of a panel: one per input, or one per pair of inputs (int4, 16-bit pairs)."""
+        return k // 2 if self.paired else k
 
     def tag(self) -> str:
         if self.bits == 16:
-            return {"bfloat16": "_bf16", "float16": "_fp16"}[self.half]
+            return {"bfloat16": "_bf16", "float16": "_fp16"}[self.half] + ("p" if self.pairs else "")
         if not self.quantized:
             return ""
         return f"_q{self.bits}" + (f"g{self.groups}" if self.groups > 1 else "") + ("h" if self.scales == "float16" else "")

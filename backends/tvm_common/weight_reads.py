@@ -41,7 +41,11 @@ def matmul_weights(ctx: LowerContext, node: Node, kind: str, weights: list[Value
         if len(halves) != 1:
             raise LoweringError(f"{node.op} at {node.loc or '?'}: its weights {', '.join(w.name for w in weights)} "
                                 "are stored in different dtypes; store them alike (the kernel reads them as one panel)")
-        fmt, sources = WeightFormat(16, 1, halves.pop()), [[widened(w).inputs[0] for w in weights]]
+        half = halves.pop()
+        fmt = WeightFormat(16, 1, half, pairs=half == "bfloat16" and k % 2 == 0)
+        sources = [[widened(w).inputs[0] for w in weights]]
+        config = ctx.matmul_config(MatmulShape(experts, k, n, len(weights) == 2, fmt))
+        return [ctx.weight(kind, sources[0], config.tj, "k_pairs" if fmt.pairs else "")], config
     elif all(d is None for d in deqs):
         fmt, sources = F32_WEIGHTS, [weights]
     else:

@@ -49,7 +49,7 @@ def residual_args(epi: Epilogue, rows, n: int) -> list:
 def _mac(fmt: WeightFormat, k: int, x, r, w, scale, panel, kk, j, acc):
     """acc + the contribution of panel row kk (one input, or two for int4) for output lane j,
     one input at a time in ascending order (the order every kernel path shares)."""
-    if fmt.bits != 4:
+    if not fmt.paired:
         return acc + x[r, kk] * weight_value(fmt, k, w, scale, panel, kk, j)
     lo, hi = (weight_value(fmt, k, w, scale, panel, kk, j, high) for high in (False, True))
     return acc + x[r, 2 * kk] * lo + x[r, 2 * kk + 1] * hi

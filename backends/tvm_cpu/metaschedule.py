@@ -65,7 +65,7 @@ def dense_workload(k: int, n: int, tj: int, epi: Epilogue, fmt: WeightFormat, ro
 
     def product(i, jb, half, jt):
         j = half * tj + jt
-        if fmt.bits == 4:  # input r is nibble r % 2 of panel row r // 2
+        if fmt.paired:  # input r is half r % 2 of panel row r // 2 (an int4 nibble, a 16-bit pair)
             return x[i, r] * weight_value(fmt, k, w, w_scale, jb, r // 2, j, r % 2)
         return x[i, r] * weight_value(fmt, k, w, w_scale, jb, r, j)
 

@@ -43,7 +43,7 @@ def _emit_column(x, w, w_scale, fmt: WeightFormat, k: int, tj: int, glu: bool, p
         with G.when(kk < depth):
             for h in halves:
                 lane = j + h * tj
-                if fmt.bits == 4:
+                if fmt.paired:
                     lo, hi = (weight_value(fmt, k, w, w_scale, panel, kk, lane, high) for high in (False, True))
                     G.store(acc, (h,), acc[h] + x[row, 2 * kk] * lo + x[row, 2 * kk + 1] * hi)
                 else:
