@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -183,7 +184,7 @@ def bench(tools: LlamaCpp, gguf: Path, threads: int, reps: int = 3,
         if policy is not None:
             env["OMP_WAIT_POLICY"] = policy
         for label, ms in _bench_once(tools, gguf, threads, reps, depths, env).items():
-            if label not in out or sorted(ms)[len(ms) // 2] < sorted(out[label])[len(out[label]) // 2]:
+            if label not in out or statistics.median(ms) < statistics.median(out[label]):
                 out[label] = ms
     return out
 

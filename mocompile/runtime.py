@@ -303,7 +303,7 @@ class LoadedArtifact:
         fn = self._prefill if prefill else self._step
         result = fn(*self._inputs(plan, arrays), self._shape(cache.length), *cache.tensors, *self._weights)
         cache.length += plan.seq
-        out = self._outputs(result, plan, prefill) if prefill else self._outputs(result, plan)
+        out = self._outputs(result, plan, prefill)
         return self.signature.last_positions(out) if last_only and not prefill else out
 
     def _step_plan(self, inputs: Mapping[str, np.ndarray], cache: KVCache) -> tuple[_CallPlan, dict[str, np.ndarray]]:

@@ -70,7 +70,7 @@ class IreeArtifact(LoadedArtifact):
     def _empty_tensor(self, a: np.ndarray) -> np.ndarray:
         return a
 
-    def _outputs(self, result: Any, plan: _CallPlan) -> dict[str, np.ndarray]:
+    def _outputs(self, result: Any, plan: _CallPlan, prefill: bool = False) -> dict[str, np.ndarray]:
         return dict(zip(self._output_names, _host(result)))
 
     def step(self, inputs: Mapping[str, np.ndarray], cache: KVCache, last_only: bool = False) -> dict[str, np.ndarray]:

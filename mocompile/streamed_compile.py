@@ -33,6 +33,7 @@ from mocompile.blocks import LAYER_STATES, blocks
 from mocompile.errors import VerificationError
 from mocompile.ir.graph import Graph, Node
 from mocompile.ir.interpreter import run as interpret
+from mocompile.ir.ops.quant import group_scale_dtype
 from mocompile.ir.weights import LazyWeight
 from mocompile.pass_manager import PassManager
 from mocompile.verification import Reference
@@ -51,7 +52,7 @@ def artifact_bytes_per_param(manager: PassManager) -> float:
     scheme = next((p.scheme for p in manager.passes if hasattr(p, "scheme")), None)
     if scheme is None:
         return 4.0
-    return scheme.bits / 8 + (2 / scheme.group if scheme.group else 0)
+    return scheme.bits / 8 + (np.dtype(group_scale_dtype(scheme.group)).itemsize / scheme.group if scheme.group else 0)
 
 
 SPILL_BYTES = 1 << 20  # weights from this size up are spilled to the scratch directory

@@ -21,6 +21,7 @@ from mocompile.ir.graph import Graph
 from mocompile.ir.interpreter import run as interpret
 from mocompile.ir.registry import get_op
 from mocompile.ir.rounding import Flip, RoundingTrace, tracing
+from mocompile.runtime_inputs import segments
 from mocompile.signature import Signature, random_inputs
 
 
@@ -273,7 +274,7 @@ def verify_prefill(artifact: Any, batch: int, prompt: int, seed: int) -> dict[st
     the row count), so the last position cannot differ by even one rounding; any difference
     is a wrong cut or a kernel that mixes rows."""
     inputs = random_inputs(artifact.signature, batch, prompt, seed)
-    positions = sum(a.shape[1] for a in inputs.values() if a.ndim > 1)
+    positions = sum(segments(inputs).values())
     caches = [artifact.new_cache(batch, positions) for _ in range(2)]
     want = artifact.signature.last_positions(artifact.step(inputs, caches[0]))
     got = artifact.step(inputs, caches[1], last_only=True)

@@ -42,7 +42,7 @@ import numpy as np
 
 from mocompile.errors import MocompileError
 from mocompile.ir.graph import Graph, Node, Value
-from mocompile.ir.ops.quant import INT8_MAX, quantize_weight, symmetric_scales
+from mocompile.ir.ops.quant import INT8_MAX, group_scale_dtype, quantize_weight, symmetric_scales
 from mocompile.ir.registry import get_op, input_side_weights
 from mocompile.pass_manager import Pass, PassContext, PassResult, register_pass
 from mocompile.passes.dce import drop_dead_weights
@@ -194,9 +194,7 @@ class Quantize(Pass):
         array = graph.weights[w.name]
         k = array.shape[-1]
         group = effective_group(self.scheme.group, k, self.scheme.bits)
-        # group scales in float16, as GGUF's blocks keep them: int4 in groups of 32 is then 4.5
-        # bits per weight instead of 5 (one scale per row stays float32: its bytes are negligible)
-        kept = "float16" if group else "float32"
+        kept = group_scale_dtype(group)
         try:
             codes, scales = quantize_weight(array, self.scheme.bits, group, kept)
         except ValueError as e:

@@ -36,29 +36,26 @@ def matmul_weights(ctx: LowerContext, node: Node, kind: str, weights: list[Value
     them; for weights produced by `dequantize`, low-bit code panels + scale panels that the
     kernel dequantizes as it reads them) and its MatmulConfig (tuned or default)."""
     deqs = [low_bit(w) for w in weights]
-    halves = {h.attrs["dtype"] if h is not None else None for h in map(widened, weights)}
-    if halves != {None} and all(d is None for d in deqs):
-        if len(halves) != 1:
+    halves = [widened(w) for w in weights]
+    dtypes = {h.attrs["dtype"] if h is not None else None for h in halves}
+    if dtypes != {None} and all(d is None for d in deqs):
+        if len(dtypes) != 1:
             raise LoweringError(f"{node.op} at {node.loc or '?'}: its weights {', '.join(w.name for w in weights)} "
                                 "are stored in different dtypes; store them alike (the kernel reads them as one panel)")
-        half = halves.pop()
+        half = dtypes.pop()
         fmt = WeightFormat(16, 1, half, pairs=half == "bfloat16" and k % 2 == 0)
-        sources = [[widened(w).inputs[0] for w in weights]]
-        config = ctx.matmul_config(MatmulShape(experts, k, n, len(weights) == 2, fmt))
-        return [ctx.weight(kind, sources[0], config.tj, "k_pairs" if fmt.pairs else "")], config
+        sources = [([h.inputs[0] for h in halves], "k_pairs" if fmt.pairs else "")]
     elif all(d is None for d in deqs):
-        fmt, sources = F32_WEIGHTS, [weights]
+        fmt, sources = F32_WEIGHTS, [(weights, "")]
     else:
         formats = {low_bit_format(ctx, d) if d is not None else None for d in deqs}
         if len(formats) != 1:
             raise LoweringError(f"{node.op} at {node.loc or '?'}: its weights {', '.join(w.name for w in weights)} "
                                 "are quantized differently; quantize them alike (the kernel reads them as one panel)")
         fmt = formats.pop()
-        config = ctx.matmul_config(MatmulShape(experts, k, n, len(weights) == 2, fmt))
-        return [ctx.weight(kind, [d.inputs[0] for d in deqs], config.tj),
-                ctx.weight(kind, [d.inputs[1] for d in deqs], config.tj, fmt.scale_store)], config
+        sources = [([d.inputs[0] for d in deqs], ""), ([d.inputs[1] for d in deqs], fmt.scale_store)]
     config = ctx.matmul_config(MatmulShape(experts, k, n, len(weights) == 2, fmt))
-    return [ctx.weight(kind, src, config.tj) for src in sources], config
+    return [ctx.weight(kind, src, config.tj, store) for src, store in sources], config
 
 
 def low_bit_format(ctx: LowerContext, deq: Node) -> WeightFormat:

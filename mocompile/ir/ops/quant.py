@@ -52,6 +52,13 @@ SCALE_DTYPES = ("float32", "float16")  # what a dequantize's scales are exact in
 HALF_RANGE = (2.0 ** -24, 65504.0)  # float16's smallest (subnormal) and largest finite value
 
 
+def group_scale_dtype(group: int) -> str:
+    """The type the quantize pass keeps a weight's scales exact in: float16 for groups along
+    the inputs (GGUF's Q4_0 / Q8_0 blocks keep theirs so: int4 in groups of 32 is then 4.5 bits
+    per weight, not 5), float32 for one scale per output channel (its bytes are negligible)."""
+    return "float16" if group else "float32"
+
+
 def half_exact(scale: np.ndarray) -> np.ndarray:
     """Scales rounded to the nearest float16 (kept as float32), within float16's range: a
     group of weights smaller than 2^-24 * qmax gets the smallest float16 scale (its codes
