@@ -11,11 +11,11 @@ What it does, each step cached under ~/.cache/mocompile-bench (MOCOMPILE_BENCH_C
   sentencepiece tokenizer is trained on the spot (the converter requires one; it pads the
   vocabulary to the model's), and llama.cpp's own `convert_hf_to_gguf.py` (with the vendored
   gguf-py) writes an F32 GGUF; `llama-quantize` makes Q8_0, Q4_0, BF16 and F16 from it.
-- run: `llama-bench -o json` at a given thread count: pp64 and pp512 from an empty cache, tg32
-  from an empty cache and after 512 and 2048 cached positions (`-d`, which this version has;
-  the cached state is restored, not recomputed, between repetitions), its per-repetition
-  samples returned. Each case runs under both of OpenMP's wait policies (WAIT_POLICIES) and
-  keeps llama.cpp's faster one.
+- run: `llama-bench -o json` at a given thread count, one case per process: pp64 or pp512
+  from an empty cache, tg32 from an empty cache or after 512 or 2048 cached positions (`-d`,
+  which this version has; the cached state is restored, not recomputed, between
+  repetitions), its per-repetition samples returned. Each case runs under both of OpenMP's
+  wait policies (WAIT_POLICIES) and keeps llama.cpp's faster one.
 """
 
 from __future__ import annotations
@@ -173,41 +173,39 @@ def cases() -> list[tuple[str, int, int, int]]:
     return [(f"pp{p}", p, 0, 0) for p in PROMPTS] + [(f"tg{GEN} @ {d}", 0, GEN, d) for d in DEPTHS]
 
 
-def bench(tools: LlamaCpp, gguf: Path, threads: int, reps: int = 3,
-          depths: tuple[int, ...] = DEPTHS) -> dict[str, list[float]]:
-    """Case label -> ms of each repetition (a whole prompt, or all GEN tokens), from one
-    llama-bench run of every case on `gguf` at `threads` threads per wait policy, keeping
-    per case the policy with the lower median (llama.cpp's best)."""
-    out: dict[str, list[float]] = {}
-    for policy in WAIT_POLICIES.values():
+def bench(tools: LlamaCpp, gguf: Path, threads: int, label: str, reps: int = 3,
+          policies: tuple[str, ...] = tuple(WAIT_POLICIES)) -> tuple[list[float], str]:
+    """ms of each repetition of case `label` (a whole prompt, or all GEN tokens) on `gguf` at
+    `threads` threads, and the wait policy they ran under: one llama-bench process per policy
+    of `policies` (names of WAIT_POLICIES), keeping the one with the lower median (llama.cpp's
+    best). One case per process, so that the caller can time its own side of the same case
+    right after it."""
+    best: tuple[list[float], str] | None = None
+    for name in policies:
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        if policy is not None:
-            env["OMP_WAIT_POLICY"] = policy
-        for label, ms in _bench_once(tools, gguf, threads, reps, depths, env).items():
-            if label not in out or statistics.median(ms) < statistics.median(out[label]):
-                out[label] = ms
-    return out
+        if WAIT_POLICIES[name] is not None:
+            env["OMP_WAIT_POLICY"] = WAIT_POLICIES[name]
+        ms = _bench_once(tools, gguf, threads, reps, label, env)
+        if best is None or statistics.median(ms) < statistics.median(best[0]):
+            best = (ms, name)
+    return best
 
 
-def _bench_once(tools: LlamaCpp, gguf: Path, threads: int, reps: int, depths: tuple[int, ...],
-                env: dict[str, str]) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for args in (["-p", ",".join(map(str, PROMPTS)), "-n", "0"],
-                 ["-p", "0", "-n", str(GEN), "-d", ",".join(map(str, depths))]):
-        cmd = [str(tools.tool("llama-bench")), "-m", str(gguf), "-t", str(threads), "-r", str(reps), "-o", "json",
-               *args]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if done.returncode:
-            raise Unavailable(f"llama-bench on {gguf.name} failed (exit {done.returncode}): "
-                              f"{(done.stderr.strip().splitlines() or [''])[-1][:200]}")
-        try:
-            tests = json.loads(done.stdout)
-        except json.JSONDecodeError as e:
-            raise Unavailable(f"llama-bench on {gguf.name} printed no JSON ({e})") from None
-        for test in tests:
-            label = f"pp{test['n_prompt']}" if test["n_prompt"] else f"tg{test['n_gen']} @ {test['n_depth']}"
-            out[label] = [ns / 1e6 for ns in test["samples_ns"]]
-    return out
+def _bench_once(tools: LlamaCpp, gguf: Path, threads: int, reps: int, label: str, env: dict[str, str]) -> list[float]:
+    _, prompt, gen, depth = next(c for c in cases() if c[0] == label)
+    cmd = [str(tools.tool("llama-bench")), "-m", str(gguf), "-t", str(threads), "-r", str(reps), "-o", "json",
+           "-p", str(prompt), "-n", str(gen), "-d", str(depth)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise Unavailable(f"llama-bench on {gguf.name} failed (exit {done.returncode}): "
+                          f"{(done.stderr.strip().splitlines() or [''])[-1][:200]}")
+    try:
+        tests = json.loads(done.stdout)
+    except json.JSONDecodeError as e:
+        raise Unavailable(f"llama-bench on {gguf.name} printed no JSON ({e})") from None
+    if len(tests) != 1:
+        raise Unavailable(f"llama-bench on {gguf.name} ran {len(tests)} tests for {label}, not 1")
+    return [ns / 1e6 for ns in tests[0]["samples_ns"]]
 
 
 def tokens(label: str) -> int:

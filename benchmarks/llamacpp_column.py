@@ -12,9 +12,11 @@ empty cache, the last token's logits out (llama-bench's batch marks only its las
 output, common_batch_get_one; ours: one `step(last_only=True)` of N positions into a fresh
 cache, the artifact's `prefill` function); tg32 @ d = 32 single-token
 steps after d cached positions (ours: 32 `step` calls; the cache is rewound to d before each
-repetition, as llama-bench restores its saved state). A round is one llama-bench process over
-every case (its own warm-up, REPS repetitions), then per case of ours one warm-up and REPS
-timed repetitions; the medians over all rounds' repetitions are compared. A model llama.cpp
+repetition, as llama-bench restores its saved state). Each case runs ROUNDS rounds; a round
+is one llama-bench process of that case (its own warm-up, REPS repetitions) and ours (one
+warm-up, REPS timed repetitions) back to back, the side that goes first alternating. The
+speed-up is the median of the rounds' ratios: this shared host's speed drifts by up to 1.5x
+within a minute, and a ratio taken within a round sees one state of it. A model llama.cpp
 cannot read (not Mixtral-shaped) is skipped with the reason.
 """
 
@@ -32,7 +34,7 @@ import llamacpp
 from harness import figure
 
 LONG = 4096  # max_seq of the compared models: 2048 cached + 32 generated, and pp512, fit
-ROUNDS, REPS = 4, 3
+ROUNDS, REPS = 5, 3
 GEN_TARGET = 1.05  # generation: tokens/s at least this multiple of llama.cpp's
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,29 +120,49 @@ def compare(tools: llamacpp.LlamaCpp, name: str, spec, schemes: dict[str, dict[s
     rows = []
     for scheme, options in schemes.items():
         art = _artifact(hf, options, cache / f"{name}-long-{scheme}")
-        ours = {label: _our_case(art, label, spec.vocab) for label in labels}
-        theirs_ms: dict[str, list[float]] = {label: [] for label in labels}
-        ours_ms: dict[str, list[float]] = {label: [] for label in labels}
-        for _ in range(ROUNDS):
-            for label, ms in llamacpp.bench(tools, files[llamacpp.PAIRS[scheme]], threads, REPS).items():
-                theirs_ms[label] += ms
-            for label, fn in ours.items():
-                fn()  # one untimed run per case and round, as llama-bench warms up before each test's
-                # repetitions (the runtime's first call after another shape re-plans its buffers)
-                for _ in range(REPS):
-                    t0 = time.perf_counter()
-                    fn()
-                    ours_ms[label].append(1e3 * (time.perf_counter() - t0))
+        gguf = files[llamacpp.PAIRS[scheme]]
+        kv, active = _kv_bytes_per_position(art), parameter_counts(spec)["active_per_token"]
         for label in labels:
-            a, b = statistics.median(ours_ms[label]), statistics.median(theirs_ms[label])
-            n = llamacpp.tokens(label)
+            theirs_ms, ours_ms, ratios = _paired_rounds(tools, gguf, threads, label, _our_case(art, label, spec.vocab))
+            a, b, n = statistics.median(ours_ms), statistics.median(theirs_ms), llamacpp.tokens(label)
+            speedup = statistics.median(ratios)
             rows.append({"model": name, "scheme": scheme, "type": llamacpp.PAIRS[scheme], "case": label,
                          "ours_ms": a, "llama_ms": b, "ours_tps": 1e3 * n / a, "llama_tps": 1e3 * n / b,
-                         "speedup": b / a, "path": art.path, "active": parameter_counts(spec)["active_per_token"],
-                         "kv_per_position": _kv_bytes_per_position(art)})
+                         "speedup": speedup, "rounds": (min(ratios), max(ratios)), "path": art.path,
+                         "active": active, "kv_per_position": kv})
             say(f"{name} {scheme} vs {llamacpp.PAIRS[scheme]} {label}: ours {1e3 * n / a:.1f} tok/s, "
-                f"llama.cpp {1e3 * n / b:.1f} tok/s ({b / a:.2f}x)")
+                f"llama.cpp {1e3 * n / b:.1f} tok/s (rounds {min(ratios):.2f}-{max(ratios):.2f}x, median "
+                f"{speedup:.2f}x)")
     return rows
+
+
+def _paired_rounds(tools: llamacpp.LlamaCpp, gguf: Path, threads: int, label: str,
+                   ours: Callable[[], object]) -> tuple[list[float], list[float], list[float]]:
+    """ROUNDS rounds of one case: llama-bench's REPS repetitions and ours back to back (which
+    side first alternates by round), so that each round's ratio of medians sees one state of
+    the host. llama.cpp's wait policy is chosen in the first round (both run, the faster
+    kept) and used in the rest. Returns every repetition's ms of theirs and ours, and the
+    rounds' ratios (theirs / ours)."""
+    theirs_ms: list[float] = []
+    ours_ms: list[float] = []
+    ratios = []
+    policies = tuple(llamacpp.WAIT_POLICIES)
+    for r in range(ROUNDS):
+        mine: list[float] = []
+        for side in ("theirs", "ours") if r % 2 == 0 else ("ours", "theirs"):
+            if side == "theirs":
+                theirs, policy = llamacpp.bench(tools, gguf, threads, label, REPS, policies)
+                policies = (policy,)
+            else:
+                ours()  # one untimed run, as llama-bench warms up before its repetitions
+                for _ in range(REPS):
+                    t0 = time.perf_counter()
+                    ours()
+                    mine.append(1e3 * (time.perf_counter() - t0))
+        theirs_ms += theirs
+        ours_ms += mine
+        ratios.append(statistics.median(theirs) / statistics.median(mine))
+    return theirs_ms, ours_ms, ratios
 
 
 def column_rows(specs: dict[str, object], schemes: dict[str, dict[str, str]], threads: int, cache: Path,
@@ -217,24 +239,29 @@ def section_lines(rows: list[dict], notes: list[str], build: str, threads: int,
             "makes the paired type. Cases as `llama-bench` names them: ppN = an N-token prompt into an empty cache, the "
             "last token's logits out (llama-bench outputs only the last token's; ours: `step(last_only=True)`, the "
             "artifact's `prefill` function, whose final norm and LM head run on the last position only); tg32 @ d = "
-            "32 single-token steps after d cached positions (ours: `step` calls). Medians over "
-            f"{ROUNDS} alternating rounds of {REPS} repetitions per case (a round: one llama-bench process, then ours; "
-            "each side warms each case up first). "
-            "speed-up = ours tokens/s / llama.cpp tokens/s. Arithmetic: llama.cpp's Q8_0 / Q4_0 dot products round "
+            "32 single-token steps after d cached positions (ours: `step` calls). Each case runs "
+            f"{ROUNDS} rounds; a round is one llama-bench process of that case ({REPS} repetitions) and {REPS} of ours, "
+            "back to back, the side that goes first alternating by round (each side warms the case up first). ms and "
+            "tokens/s: medians over all rounds' repetitions. speed-up: the median over the rounds of each round's "
+            "ratio, llama.cpp's median ms / ours (= ours tokens/s / llama.cpp tokens/s), with the lowest and highest "
+            "round's: this shared host's speed drifts by up to 1.5x within a minute (the same artifact's tg32 took "
+            "48 to 70 ms in consecutive processes), and a round sees one state of it. Arithmetic: llama.cpp's Q8_0 / Q4_0 dot products round "
             "the activations to int8 blocks of 32 and its BF16 / F16 ones to 16 bits, as w8a8 / w4a8 round them to "
             "int8 per token; our fp32 / int8 / int4 / bf16 / fp16 keep float32 activations (int8 / int4: three int8 "
             "digits per activation in the VNNI kernels, 3x w4a8's integer arithmetic on prompts). llama.cpp runs each case under both OpenMP wait policies "
-            "(its default, idle workers spinning, and `OMP_WAIT_POLICY=PASSIVE`) and keeps its faster one: spinning "
+            "(its default, idle workers spinning, and `OMP_WAIT_POLICY=PASSIVE`) in the first round and keeps its "
+            "faster one for the case's later rounds: spinning "
             "is faster on a quiet machine, sleeping on a loaded one; ours runs as shipped (an idle TVM worker "
             "spins ~1 ms, `TVM_THREAD_POOL_SPIN_COUNT=1000` yields, then sleeps).", "",
             f"Roofline (tg rows): our time per step against reading the active weights and the cached keys and "
             f"values (at the mean depth of the row's steps) once at the copy bandwidth measured at the start "
             f"({bandwidth / 1e9:.1f} GB/s).", "",
             "| model | ours | llama.cpp | case | ours ms | llama.cpp ms | ours tok/s | llama.cpp tok/s | speed-up "
-            "| our step vs roofline |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| rounds | our step vs roofline |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['scheme']} | {r['type']} | {r['case']} | {r['ours_ms']:.2f} | "
                   f"{r['llama_ms']:.2f} | {r['ours_tps']:.1f} | {r['llama_tps']:.1f} | {figure(r['speedup'])} | "
+                  f"{figure(r['rounds'][0])}-{figure(r['rounds'][1])} | "
                   f"{roofline_cell(r, bytes_per_param, bandwidth)} |" for r in rows]
         gen = [r for r in rows if r["case"].startswith("tg")]
         pp = [r for r in rows if r["case"].startswith("pp")]
