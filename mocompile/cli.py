@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                                                        "(or plain text, for a checkpoint directory with a tokenizer.json; "
                                                        "default: random tokens, which the manifest records)")
     c.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="how matmul and embedding weights are stored "
-                   "(widened to float32 in the kernels; default: bf16 for a bf16 checkpoint, else fp32)")
+                   "(widened to float32 in the kernels; with a quantize pass, those it leaves float; "
+                   "default: bf16 for a bf16 checkpoint, else fp32)")
     c.add_argument("--require-isolation", action="store_true",
                    help="fail unless no sample of a batch can influence another sample's output")
     c.add_argument("--ep", action="store_true", help="also write the expert-parallel pieces `mocompile run-ep` runs")

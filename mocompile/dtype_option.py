@@ -3,9 +3,11 @@ matmuls and embeddings read, as a pass the compile appends to the pipeline.
 
 bf16 and fp16 append `weight-dtype(dtype=...)` (passes/weight_dtype.py): the weights are
 stored in 16 bits and widened to float32 inside the kernels; activations, norms and biases
-stay float32. Without --dtype a bf16 checkpoint keeps its weights bf16 (where the target
-reads bf16 weights and the pipeline does not quantize), everything else stays float32.
-Everything here is checked before the model is built, so a bad choice costs one line.
+stay float32. After a quantize pass it stores the weights quantize left float (the embedding
+table, a router, skipped roles) in 16 bits: the codes are quantize's. Without --dtype a bf16
+checkpoint keeps its weights bf16 (where the target reads bf16 weights), quantized or not;
+everything else stays float32. Everything here is checked before the model is built, so a
+bad choice costs one line.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from mocompile.passes.weight_dtype import weight_inputs
 
 CHOICES = ("bf16", "fp16", "fp32")
 NAMES = {**SHORT_NAMES, "fp32": "float32"}
-# Passes that decide how weights are stored: quantize and weight-dtype store them in other
-# formats, and contextual-sparsity's gathered kernels select rows of float32 weights.
-_SETS_WEIGHT_STORAGE = ("quantize", "weight-dtype", "contextual-sparsity")
+# Passes that decide how every weight is stored: weight-dtype itself, and contextual-sparsity,
+# whose gathered kernels select rows of float32 weights. (quantize stores only the weights it
+# quantizes; weight-dtype after it stores the rest.)
+_SETS_WEIGHT_STORAGE = ("weight-dtype", "contextual-sparsity")
 
 
 def _default(model: Any) -> str:
@@ -52,8 +55,8 @@ def resolve_dtype(model: Any, dtype: str | None, passes: str, backend: Backend, 
             dtype = "fp32"  # the pipeline or the target decides; nothing to change
     elif dtype != "fp32":
         if storage:
-            raise MocompileError(f"--dtype {dtype}: {storage[0]} in the pipeline decides how the weights are "
-                                 "stored; --dtype applies to float weights: drop one of the two")
+            raise MocompileError(f"--dtype {dtype}: {storage[0]} in the pipeline decides how every weight is "
+                                 "stored: drop one of the two")
         if NAMES[dtype] not in backend.weight_formats:
             raise MocompileError(f"--dtype {dtype}: the {backend.name} target does not read {NAMES[dtype]} weights "
                                  f"(it reads {', '.join(sorted(backend.weight_formats))}); use --dtype fp32")

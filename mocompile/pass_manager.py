@@ -71,6 +71,12 @@ class Pass:
     def describe(self) -> str:
         return self.name
 
+    def stored_bytes_per_param(self) -> float | None:
+        """Bytes per parameter of the weights this pass stores (a quantize pass's codes and
+        scales, a 16-bit weight format), or None where it leaves their storage alone. A streamed
+        compile's memory estimate reads it before any weight exists."""
+        return None
+
 
 _PASSES: dict[str, type[Pass]] = {}
 

@@ -33,7 +33,6 @@ from mocompile.blocks import LAYER_STATES, blocks
 from mocompile.errors import VerificationError
 from mocompile.ir.graph import Graph, Node
 from mocompile.ir.interpreter import run as interpret
-from mocompile.ir.ops.quant import group_scale_dtype
 from mocompile.ir.weights import LazyWeight
 from mocompile.pass_manager import PassManager
 from mocompile.verification import Reference
@@ -45,14 +44,10 @@ LAYER_TOLERANCE = 1e-3
 
 
 def artifact_bytes_per_param(manager: PassManager) -> float:
-    """Bytes per parameter of the artifact's weights under the pipeline: float32, or the
-    quantize pass's codes and its scales (float16 per group as the CPU target stores them,
-    float32 per row; embeddings stay float32, so this is the bulk of a MoE model, whose
-    experts dominate)."""
-    scheme = next((p.scheme for p in manager.passes if hasattr(p, "scheme")), None)
-    if scheme is None:
-        return 4.0
-    return scheme.bits / 8 + (np.dtype(group_scale_dtype(scheme.group)).itemsize / scheme.group if scheme.group else 0)
+    """Bytes per parameter of the artifact's weights under the pipeline: what its first pass
+    that stores weights otherwise says (Pass.stored_bytes_per_param: a quantize pass's codes
+    and scales, 16-bit weights), else float32."""
+    return next((b for p in manager.passes if (b := p.stored_bytes_per_param()) is not None), 4.0)
 
 
 SPILL_BYTES = 1 << 20  # weights from this size up are spilled to the scratch directory

@@ -149,6 +149,13 @@ class Quantize(Pass):
         opts = ",".join(f"{k}={v}" for k, v in self.options.items() if v not in (None, False, [], 0) or k == "w")
         return f"quantize({opts})"
 
+    def stored_bytes_per_param(self) -> float:
+        """The codes and their scales (float16 per group as the CPU target stores them, float32
+        per row). The weights it leaves float are counted as codes: in a MoE model the experts
+        it quantizes are the bulk."""
+        group = self.scheme.group
+        return self.scheme.bits / 8 + (np.dtype(group_scale_dtype(group)).itemsize / group if group else 0)
+
     # ---- the pass ------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         original = graph.clone()

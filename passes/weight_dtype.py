@@ -55,6 +55,9 @@ class WeightDtype(Pass):
     def describe(self) -> str:
         return f"weight-dtype(dtype={self.short})"
 
+    def stored_bytes_per_param(self) -> float:
+        return 2.0
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         done: dict[int, Value] = {}
         tensors: list[dict[str, Any]] = []

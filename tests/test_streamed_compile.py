@@ -51,9 +51,9 @@ def test_streamed_compile_gives_the_normal_compiles_artifact(checkpoint, tmp_pat
     layers = m["layer_verification"]
     assert [r["layer"] for r in layers["layers"]] == ["layers.0", "layers.1", "layers.2"]
     assert layers["max_rel_error"] < 1e-4
-    # the bf16 checkpoint keeps bf16 weights without passes: no drift from its float model
-    # beyond float32 summation order
-    assert m["weight_dtype"] == ("bfloat16" if not passes else "float32+int4") and "drift_from_fp32" in layers
+    # the bf16 checkpoint keeps bf16 weights (with quantize: those it leaves float), so without
+    # passes no drift from its float model beyond float32 summation order
+    assert m["weight_dtype"] == ("bfloat16" if not passes else "bfloat16+int4") and "drift_from_fp32" in layers
     if passes:
         assert all(0 < d["rel_error"] < 0.5 for d in layers["drift_from_fp32"])
     else:
@@ -88,10 +88,10 @@ def test_a_corrupted_layer_is_caught_and_named(checkpoint, tmp_path, monkeypatch
 
 def test_a_streamed_compile_is_refused_on_its_artifacts_size(checkpoint, tmp_path, monkeypatch):
     """Refused with the figures where the artifact would not fit; the figure follows the
-    pipeline (int4 needs a fraction of fp32's bytes per parameter)."""
+    pipeline (the bf16 checkpoint's default keeps 2 bytes per parameter, int4 a fraction)."""
     monkeypatch.setattr(memory, "available_memory", lambda: 10_000)
     with pytest.raises(MocompileError, match=r"ckpt: ckpt has [\d,]+ parameters, and compiling it streamed \(an "
-                                             r"artifact of about 4 bytes per parameter\) needs about .* of memory, but "
+                                             r"artifact of about 2 bytes per parameter\) needs about .* of memory, but "
                                              r"only 9.8 KiB"):
         mocompile.compile(checkpoint, out_dir=tmp_path / "a", stream=True)
     with pytest.raises(MocompileError, match=r"artifact of about 0.53125 bytes per parameter"):

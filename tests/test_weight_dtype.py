@@ -140,7 +140,6 @@ def test_rounding_matches_torch() -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--passes", "quantize(w=int8)", "--dtype", "bf16"], "--dtype bf16: quantize(w=int8,calib=16) in the pipeline"),
     (["--passes", "contextual-sparsity(keep=0.5)", "--dtype", "bf16"], "--dtype bf16: contextual-sparsity(keep=0.5) in"),
     (["--target", "mlir", "--dtype", "bf16"], "--dtype bf16: the mlir target does not read bfloat16 weights"),
     (["--passes", "weight-dtype(dtype=bf16)", "--dtype", "fp16"], "--dtype fp16: weight-dtype(dtype=bf16) in the"),
@@ -226,6 +225,46 @@ def test_the_bf16_default_stays_float32_for_expert_parallel_pieces(checkpoint) -
     cpu = get_backend("cpu")
     assert resolve_dtype(checkpoint, None, "", cpu) == "weight-dtype(dtype=bf16)"
     assert resolve_dtype(checkpoint, None, "", cpu, float_experts=True) == ""
+
+
+def test_a_quantized_bf16_checkpoint_keeps_the_weights_quantize_leaves_float_bf16(checkpoint, tmp_path) -> None:
+    """quantize stores the matmul weights it quantizes as codes; weight-dtype after it stores
+    the rest (the embedding table, the router) as the checkpoint has them, not widened to
+    float32. Explicit --dtype fp16 does the same in float16, and a float32 model's compile
+    without --dtype keeps them float32."""
+    from mocompile.backends.base import get_backend
+    from mocompile.dtype_option import resolve_dtype
+
+    cpu, q = get_backend("cpu"), "quantize(w=int8)"
+    assert resolve_dtype(checkpoint, None, q, cpu) == f"{q},weight-dtype(dtype=bf16)"
+    assert resolve_dtype(checkpoint, "fp16", q, cpu) == f"{q},weight-dtype(dtype=fp16)"
+    assert resolve_dtype(EXAMPLES / "mixtral_tiny.moe", None, q, cpu) == q
+    out = tmp_path / "q"
+    mocompile.compile(checkpoint, out_dir=out, batch=2, seq=6, passes=q)
+    manifest = _manifest(out)
+    assert manifest["weight_dtype"] == "bfloat16+int8"
+    layouts = {w["name"]: w for w in manifest["program"]["weight_layouts"]}
+    embed = [w for name, w in layouts.items() if "embed" in name]
+    assert embed and all(w["dtype"] == "uint16" for w in embed)
+    assert any(".q8" in name for name in layouts)  # the codes
+    router = [w for name, w in layouts.items() if "router" in name]
+    assert router and all(w.get("store") == "k_pairs" for w in router)  # bf16, two per word
+    report = next(r for r in manifest["passes"] if r["pass"] == "weight-dtype(dtype=bf16)")
+    assert report["total"]["tensors"] >= 2 and report["total"]["max_rounding"] == 0.0  # embedding and router
+    assert manifest["verification"]["status"] == "verified"
+
+
+def test_the_streamed_memory_estimate_counts_the_stored_format() -> None:
+    """What a streamed compile is refused on: the bytes per parameter the pipeline's weights
+    are stored in (16-bit weights half of float32; int4 in groups of 32 with float16 scales,
+    Q4_0's 4.5 bits)."""
+    from mocompile.pass_manager import PassManager
+    from mocompile.streamed_compile import artifact_bytes_per_param
+
+    assert artifact_bytes_per_param(PassManager("")) == 4.0
+    assert artifact_bytes_per_param(PassManager("weight-dtype(dtype=bf16)")) == 2.0
+    assert artifact_bytes_per_param(PassManager("quantize(w=int4,group=32),weight-dtype(dtype=bf16)")) == 4.5 / 8
+    assert artifact_bytes_per_param(PassManager("quantize(w=int8)")) == 1.0
 
 
 @pytest.mark.parametrize("k", [64, 63])
