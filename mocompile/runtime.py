@@ -21,13 +21,14 @@ import numpy as np
 
 from mocompile.artifact import read_manifest
 from mocompile.cpu_features import missing_cpu_features
-from mocompile.errors import ArtifactError, ArtifactInputError
+from mocompile.errors import ArtifactError, ArtifactInputError, MocompileError
 from mocompile.kv_cache import decode_steps
-from mocompile.safetensors_io import MissingTensorError, read_arrays
+from mocompile.safetensors_io import MissingTensorError, read_arrays, read_header, tensor_shapes
 from mocompile.signature import Signature, TensorSpec, random_inputs  # noqa: F401  (the runtime's API)
 from mocompile.runtime_inputs import (DEFAULT_CACHE_POSITIONS, KVCache, as_arrays, bounded_ids, check_batch,
                                       check_ids, check_positions, positive_int, segments, token_ids)
 from mocompile.threads import configure_tvm_threads
+from mocompile.weight_arena import WeightArena
 
 
 def import_tvm_without_torch() -> Any:
@@ -112,14 +113,18 @@ class LoadedArtifact:
         decode = (step or {}).get("driver") if driver else None
         constants = decode["constants"] if decode else []
         # Read with plain reads, not through safe_open's memory map, whose pages would count as
-        # resident memory beside the copies kept (twice a real-size artifact's weights); every
-        # name is looked up in the header before any tensor is read.
+        # resident memory beside the copies kept (twice a real-size artifact's weights), straight
+        # into one block of huge pages (weight_arena) that TVM reads in place; every name is
+        # looked up in the header before any tensor is read.
         file = path / program["weights"]
+        names = program["weight_order"] + constants
         try:
-            tensors = [tvm.runtime.tensor(a) for a in read_arrays(file, program["weight_order"] + constants)]
+            header = read_header(file)
+            arena = WeightArena(WeightArena.size_of(tensor_shapes(file, header, names), ALIGNMENT), ALIGNMENT)
+            tensors = [tvm.runtime.from_dlpack(a) for a in read_arrays(file, names, arena.take)]
         except MissingTensorError as e:
             raise ArtifactError(f"{file}: missing weight {e.name!r}") from None
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, MocompileError) as e:
             raise ArtifactError(f"{file}: unreadable weights ({e})") from None
         self._weights, self._constants = tensors[:len(program["weight_order"])], tensors[len(program["weight_order"]):]
         self._driver = self._driver_positions = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import BinaryIO, Iterator, Mapping
+from typing import BinaryIO, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -72,11 +72,22 @@ def read_header(path: str | Path) -> dict:
         raise MocompileError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def read_arrays(path: str | Path, names: list[str]) -> Iterator[np.ndarray]:
-    """The arrays `names` of a safetensors file, one at a time, each read into its own memory
-    with plain reads: unlike a memory map (safetensors' safe_open), the file's pages then never
-    count as this process's resident memory beside the copies the caller keeps. Every name is
-    looked up in the header before any tensor is read (MissingTensorError: the first absent)."""
+def tensor_shapes(path: str | Path, header: dict, names: list[str]) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """(shape, numpy dtype) of each of `names` in the header of safetensors file `path`
+    (MissingTensorError: the first absent; KeyError: a dtype numpy does not have)."""
+    missing = next((n for n in names if n not in header), None)
+    if missing is not None:
+        raise MissingTensorError(path, missing)
+    return [(tuple(header[n]["shape"]), np.dtype(_NUMPY[header[n]["dtype"]])) for n in names]
+
+
+def read_arrays(path: str | Path, names: list[str],
+                into: Callable[[tuple[int, ...], np.dtype], np.ndarray] = np.empty) -> Iterator[np.ndarray]:
+    """The arrays `names` of a safetensors file, one at a time, each read into memory from
+    `into(shape, dtype)` (its own by default) with plain reads: unlike a memory map
+    (safetensors' safe_open), the file's pages then never count as this process's resident
+    memory beside the copies the caller keeps. Every name is looked up in the header before
+    any tensor is read (MissingTensorError: the first absent)."""
     with open(path, "rb") as f:
         size, header = _header_of(f)
         missing = next((n for n in names if n not in header), None)
@@ -85,7 +96,7 @@ def read_arrays(path: str | Path, names: list[str]) -> Iterator[np.ndarray]:
         for name in names:
             entry = header[name]
             start, end = entry["data_offsets"]
-            a = np.empty(entry["shape"], _NUMPY[entry["dtype"]])
+            a = into(tuple(entry["shape"]), np.dtype(_NUMPY[entry["dtype"]]))
             if a.nbytes != end - start:
                 raise ValueError(f"{path}: {name} has {end - start} bytes for {a.dtype}{list(a.shape)}")
             f.seek(8 + size + start)

@@ -18,7 +18,7 @@ LAYER_OF = {
     "mocompile.errors": "foundation", "mocompile.ir.types": "foundation", "mocompile.files": "foundation", "mocompile.threads": "foundation",
     "mocompile.native_log": "foundation", "mocompile.cpu_features": "foundation", "mocompile.memory": "foundation",
     "mocompile.progress": "foundation", "mocompile.gpu_devices": "foundation",
-    "mocompile.safetensors_io": "foundation", "mocompile.arguments": "foundation", "mocompile.stream_source": "frontend",
+    "mocompile.safetensors_io": "foundation", "mocompile.weight_arena": "foundation", "mocompile.arguments": "foundation", "mocompile.stream_source": "frontend",
     "mocompile.streamed_compile": "driver",
     "mocompile.dsl": "dsl",
     "mocompile.ir": "ir", "mocompile.signature": "ir", "mocompile.kv_cache": "ir", "mocompile.isolation": "ir",
