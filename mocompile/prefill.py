@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from mocompile.ir.graph import Graph, Node, Value
 from mocompile.ir.registry import get_op
 from mocompile.ir.types import PositionsAxis, TensorType
-from mocompile.kv_cache import cached_graph, decode_support
+from mocompile.kv_cache import CachedGraph, cached_graph, decode_support
 
 CUT_OP = "last_position"
 
@@ -58,14 +58,16 @@ def last_position_graph(graph: Graph) -> LastPositionGraph | str:
     return _cut(graph, _positions(graph), set())
 
 
-def cached_last_position_graph(graph: Graph) -> LastPositionGraph | str:
-    """The last-position form of the KV-cached graph (kv_cache.cached_graph): what the compiled
-    `prefill` computes, the cache included (its `present.*` outputs stay whole). The isolation
-    analysis proves from it that a prompt step through the cut keeps samples apart."""
-    why = decode_support(graph)
-    if why is not None:
-        return f"the graph does not decode with a KV cache ({why})"
-    cached = cached_graph(graph)
+def cached_last_position_graph(graph: Graph, cached: CachedGraph | None = None) -> LastPositionGraph | str:
+    """The last-position form of the KV-cached graph (kv_cache.cached_graph; `cached`: that
+    form, already built): what the compiled `prefill` computes, the cache included (its
+    `present.*` outputs stay whole). The isolation analysis proves from it that a prompt step
+    through the cut keeps samples apart."""
+    if cached is None:
+        why = decode_support(graph)
+        if why is not None:
+            return f"the graph does not decode with a KV cache ({why})"
+        cached = cached_graph(graph)
     return _cut(cached.graph, _positions(graph), {e.present for e in cached.entries})
 
 
