@@ -115,9 +115,11 @@ def compare(tools: llamacpp.LlamaCpp, name: str, spec, schemes: dict[str, dict[s
     hf = export_mixtral(spec, model, cache / f"{name}-hf")
     del model
     labels = [c[0] for c in llamacpp.cases()]
+    active = parameter_counts(spec)["active_per_token"]  # the roofline's weights, one figure per model
     rows = []
     for scheme, options in schemes.items():
         art = _artifact(hf, options, cache / f"{name}-long-{scheme}")
+        kv_per_position = _kv_bytes_per_position(art)
         ours = {label: _our_case(art, label, spec.vocab) for label in labels}
         theirs_ms: dict[str, list[float]] = {label: [] for label in labels}
         ours_ms: dict[str, list[float]] = {label: [] for label in labels}
@@ -136,8 +138,7 @@ def compare(tools: llamacpp.LlamaCpp, name: str, spec, schemes: dict[str, dict[s
             n = llamacpp.tokens(label)
             rows.append({"model": name, "scheme": scheme, "type": llamacpp.PAIRS[scheme], "case": label,
                          "ours_ms": a, "llama_ms": b, "ours_tps": 1e3 * n / a, "llama_tps": 1e3 * n / b,
-                         "speedup": b / a, "path": art.path, "active": parameter_counts(spec)["active_per_token"],
-                         "kv_per_position": _kv_bytes_per_position(art)})
+                         "speedup": b / a, "path": art.path, "active": active, "kv_per_position": kv_per_position})
             say(f"{name} {scheme} vs {llamacpp.PAIRS[scheme]} {label}: ours {1e3 * n / a:.1f} tok/s, "
                 f"llama.cpp {1e3 * n / b:.1f} tok/s ({b / a:.2f}x)")
     return rows
