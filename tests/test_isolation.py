@@ -304,55 +304,47 @@ class ExpertChoice(Pass):
         return PassResult(graph, {})
 """
 
-# A plugin inserting an op that declares no batch-flow rule before the LM head: the verdict
-# becomes "unknown" (the analysis never assumes isolation).
-OPAQUE_PLUGIN = """
-from mocompile.ir.registry import OpDef, all_ops, register_op
-from mocompile.pass_manager import Pass, PassResult, register_pass
-
-if "test.plugin_opaque" not in all_ops():
-    register_op(OpDef("test.plugin_opaque", lambda ts, a: [ts[0]], lambda xs, a: [xs[0]], doc="no batch_flow"))
-
-
-@register_pass("opaque-head")
-class OpaqueHead(Pass):
-    def run(self, graph, ctx):
-        head = next(n for n in graph.nodes if n.loc == "lm_head")
-        (x,) = graph.add_node("test.plugin_opaque", [head.inputs[0]], {}, loc="lm_head.opaque")
-        graph.nodes.insert(graph.nodes.index(head), graph.nodes.pop())
-        head.inputs[0] = x
-        return PassResult(graph, {})
-"""
-
-# A plugin inserting, before the LM head, a positionwise op whose batch-flow rule mixes the
-# batch's rows when it sees one position: the forward and the KV-cached step (every position)
-# are isolated, the prompt prefill (the op runs after the cut, on the last position) is not.
-ONE_ROW_PLUGIN = """
+def head_plugin(op: str, pass_name: str, loc: str, op_def: str, rule: str = "") -> str:
+    """A plugin registering `op` (`op_def`: its OpDef, `rule`: code it refers to) and a pass
+    `pass_name` inserting the op, identity in value, before the LM head at `lm_head.{loc}`."""
+    return f"""
 from mocompile.ir.batch_flow import Out, elementwise, one
 from mocompile.ir.registry import OpDef, all_ops, register_op
 from mocompile.pass_manager import Pass, PassResult, register_pass
+{rule}
+
+if "{op}" not in all_ops():
+    register_op({op_def})
 
 
+@register_pass("{pass_name}")
+class BeforeHead(Pass):
+    def run(self, graph, ctx):
+        head = next(n for n in graph.nodes if n.loc == "lm_head")
+        (x,) = graph.add_node("{op}", [head.inputs[0]], {{}}, loc="lm_head.{loc}")
+        graph.nodes.insert(graph.nodes.index(head), graph.nodes.pop())
+        head.inputs[0] = x
+        return PassResult(graph, {{}})
+"""
+
+
+# An op that declares no batch-flow rule: the verdict becomes "unknown" (the analysis never
+# assumes isolation).
+OPAQUE_PLUGIN = head_plugin("test.plugin_opaque", "opaque-head", "opaque",
+                            'OpDef("test.plugin_opaque", lambda ts, a: [ts[0]], lambda xs, a: [xs[0]], '
+                            'doc="no batch_flow")')
+
+# A positionwise op whose batch-flow rule mixes the batch's rows when it sees one position:
+# the forward and the KV-cached step (every position) are isolated, the prompt prefill (the
+# op runs after the cut, on the last position) is not.
+ONE_ROW_PLUGIN = head_plugin("test.plugin_one_row", "one-row-head", "one_row",
+                             'OpDef("test.plugin_one_row", lambda ts, a: [ts[0]], lambda xs, a: [xs[0]], '
+                             'batch_flow=flow, positionwise=True, doc="mixes samples at one position")', """
 def flow(args):
     if args.in_types[0].shape[1] == 1:
         return one(Out(mixes="pools the batch's rows when it sees one position"))
     return elementwise(args)
-
-
-if "test.plugin_one_row" not in all_ops():
-    register_op(OpDef("test.plugin_one_row", lambda ts, a: [ts[0]], lambda xs, a: [xs[0]], batch_flow=flow,
-                      positionwise=True, doc="mixes samples at one position"))
-
-
-@register_pass("one-row-head")
-class OneRowHead(Pass):
-    def run(self, graph, ctx):
-        head = next(n for n in graph.nodes if n.loc == "lm_head")
-        (x,) = graph.add_node("test.plugin_one_row", [head.inputs[0]], {}, loc="lm_head.one_row")
-        graph.nodes.insert(graph.nodes.index(head), graph.nodes.pop())
-        head.inputs[0] = x
-        return PassResult(graph, {})
-"""
+""")
 
 BATCH_ROUTING = {
     "capacity": ("capacity_factor=1", "capacity_factor (token dropping) makes one sample's output depend on the rest "
