@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import mocompile
-from engines import THREADS, set_threads
-from harness import PAST, ROUNDS, RunClock, artifact_rows, copy_bandwidth, cpu_name, options, versions
+from engines import THREADS
+from harness import PAST, ROUNDS, artifact_rows, copy_bandwidth, cpu_name, start_run, versions
 from llamacpp_column import add_option, write_llamacpp_section
 from mocompile.dsl import load_spec
 from mocompile.dsl.summary import parameter_counts
@@ -64,11 +64,7 @@ def header(bandwidth: float, argv: list[str], stamp: str) -> list[str]:
 
 
 def main() -> None:
-    parser = options(__doc__.splitlines()[0], list(MODELS))
-    add_option(parser)
-    args = parser.parse_args()
-    clock = RunClock()
-    set_threads(args.threads)
+    args, clock, _ = start_run(__doc__.splitlines()[0], list(MODELS), measure=False, add_options=add_option)
     if args.llamacpp != "skip":  # bf16 / fp16 against llama.cpp's BF16 / F16, in a section of its own
         specs = {name: load_spec(MODELS[name]) for name in args.models}
         write_llamacpp_section("weight-dtype-llamacpp", "bench_dtype.py", specs,

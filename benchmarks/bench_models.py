@@ -27,9 +27,9 @@ import torch
 
 import mocompile
 from baselines import COMPILED_MODEL, TokenStep, check_close, compiled_runner, loop_free, ort_runner
-from engines import THREADS, set_iree_threads, set_threads
-from harness import PAST, ROUNDS, RunClock, artifact_step, cell, copy_bandwidth, cpu_name, figure, fit_positions, \
-    options, ratio, rows_text, time_columns, versions
+from engines import THREADS, set_iree_threads
+from harness import PAST, ROUNDS, artifact_step, cell, copy_bandwidth, cpu_name, figure, fit_positions, ratio, \
+    rows_text, start_run, time_columns, versions
 from llamacpp_column import add_option, write_llamacpp_section
 from mocompile.dsl import build_model, load_spec
 from mocompile.dsl.summary import parameter_counts
@@ -220,11 +220,7 @@ def target_verdicts(rows: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    parser = options(__doc__.splitlines()[0], EXAMPLES)
-    add_option(parser)
-    args = parser.parse_args()
-    clock = RunClock()
-    set_threads(args.threads)
+    args, clock, _ = start_run(__doc__.splitlines()[0], EXAMPLES, measure=False, add_options=add_option)
     if args.llamacpp != "skip":  # fp32 against llama.cpp's F32, in a section of its own
         specs = {name: load_spec(ROOT / "examples" / f"{name}.moe") for name in args.models}
         write_llamacpp_section("models-llamacpp", "bench_models.py", specs, {"fp32": {"passes": "", "dtype": "fp32"}},

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 import mocompile
-from engines import THREADS, set_threads
-from harness import PAST, ROUNDS, RunClock, artifact_columns, copy_bandwidth, cpu_name, fit_positions, options, \
-    rows_text, time_columns, versions
+from engines import THREADS
+from harness import PAST, ROUNDS, artifact_columns, copy_bandwidth, cpu_name, fit_positions, rows_text, start_run, \
+    time_columns, versions
 from llamacpp_column import add_option, write_llamacpp_section
 from mocompile.dsl import build_model, load_spec
 from mocompile.dsl.kv_cache import CachedStep
@@ -170,11 +170,7 @@ def header(bandwidth: float, argv: list[str], stamp: str) -> list[str]:
 
 
 def main() -> None:
-    parser = options(__doc__.splitlines()[0], list(MODELS))
-    add_option(parser)
-    args = parser.parse_args()
-    clock = RunClock()
-    set_threads(args.threads)
+    args, clock, _ = start_run(__doc__.splitlines()[0], list(MODELS), measure=False, add_options=add_option)
     if args.llamacpp != "skip":  # fp32 / int8 / int4 g32 / W4A8 against llama.cpp's F32 / Q8_0 / Q4_0 / Q4_0
         specs = {name: load_spec(MODELS[name]) for name in args.models}
         schemes = {s: {"passes": SCHEMES[s], "dtype": "fp32"} for s in ("fp32", "int8", "int4", "w4a8")}

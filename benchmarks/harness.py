@@ -172,13 +172,21 @@ def artifact_rows(model: str, arts: dict, cases: list[tuple[str, int, int]]) -> 
     return rows
 
 
-def start_run(description: str, models: list[str]) -> tuple[argparse.Namespace, "RunClock", float]:
-    """The options parsed, the run's clock started, every engine's threads set and the copy
-    bandwidth at the start measured: what a script does before its first model."""
-    args = options(description, models).parse_args()
+def start_run(description: str, models: list[str], measure: bool = True,
+              add_options: Callable[[argparse.ArgumentParser], None] | None = None,
+              ) -> tuple[argparse.Namespace, "RunClock", float | None]:
+    """The options parsed (`add_options` adds a script's own to the common ones), the run's
+    clock started, every engine's threads set and, with `measure`, the copy bandwidth at the
+    start measured: what a script does before its first model. A script that first runs
+    something else (the llama.cpp column: a build and its own timings) passes measure=False,
+    gets None, and calls copy_bandwidth right before its own tables."""
+    parser = options(description, models)
+    if add_options is not None:
+        add_options(parser)
+    args = parser.parse_args()
     clock = RunClock()
     engines.set_threads(args.threads)
-    return args, clock, copy_bandwidth()
+    return args, clock, copy_bandwidth() if measure else None
 
 
 def cpu_name() -> str:

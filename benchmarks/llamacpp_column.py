@@ -117,11 +117,12 @@ def compare(tools: llamacpp.LlamaCpp, name: str, spec, schemes: dict[str, dict[s
     hf = export_mixtral(spec, model, cache / f"{name}-hf")
     del model
     labels = [c[0] for c in llamacpp.cases()]
+    active = parameter_counts(spec)["active_per_token"]  # the roofline's weights, one figure per model
     rows = []
     for scheme, options in schemes.items():
         art = _artifact(hf, options, cache / f"{name}-long-{scheme}")
         gguf = files[llamacpp.PAIRS[scheme]]
-        kv, active = _kv_bytes_per_position(art), parameter_counts(spec)["active_per_token"]
+        kv = _kv_bytes_per_position(art)
         for label in labels:
             theirs_ms, ours_ms, ratios = _paired_rounds(tools, gguf, threads, label, _our_case(art, label, spec.vocab))
             a, b, n = statistics.median(ours_ms), statistics.median(theirs_ms), llamacpp.tokens(label)

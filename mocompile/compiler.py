@@ -48,24 +48,34 @@ def check_batch_isolation(graph: Graph, src: Source, batch: int, seq: int, seed:
     return check_graph(graph, inputs, int_high=src.int_high, seed=seed)
 
 
-def prefill_isolation(graph: Graph) -> str | None:
-    """The isolation verdict of what the `prefill` function computes (the KV-cached graph cut
-    to the last position, mocompile/prefill.py), or None where there is none."""
-    from mocompile.isolation import analyze
-    from mocompile.prefill import cached_last_position_graph
-
-    cut = cached_last_position_graph(graph)
-    return None if isinstance(cut, str) else analyze(cut.graph).verdict
+# what `cached_isolation` proves, by key, as the errors and the manifest name it
+CACHED_PROGRAMS = {"step": "KV-cached step", "prefill": "prompt prefill"}
 
 
-def cached_step_isolation(graph: Graph) -> str | None:
-    """The isolation verdict of the graph's KV-cached form (the cache rows are per sample, so
-    a step is isolated when the forward is; this proves it rather than assumes it), or None
-    for a graph that cannot decode with a cache."""
+def cached_isolation(graph: Graph) -> dict[str, str]:
+    """The isolation verdicts of what a decoding artifact runs besides the forward: its
+    KV-cached `step` (the cache rows are per sample, so a step is isolated when the forward
+    is; this proves it rather than assumes it) and its `prefill` (the cached graph cut to the
+    last position, mocompile/prefill.py), both from one cached graph. Empty for a graph that
+    cannot decode with a cache; no "prefill" where the graph has no last-position form."""
     from mocompile.isolation import analyze
     from mocompile.kv_cache import cached_graph, decode_support
+    from mocompile.prefill import cached_last_position_graph
 
-    return None if decode_support(graph) is not None else analyze(cached_graph(graph).graph).verdict
+    if decode_support(graph) is not None:
+        return {}
+    cached = cached_graph(graph)
+    verdicts = {"step": analyze(cached.graph).verdict}
+    cut = cached_last_position_graph(graph, cached)
+    if not isinstance(cut, str):
+        verdicts["prefill"] = analyze(cut.graph).verdict
+    return verdicts
+
+
+def _decoding_verdicts(verdicts: dict[str, str], program: dict[str, Any]) -> dict[str, str]:
+    """The cached verdicts of the functions the backend compiled (the manifest program's
+    `step` and `prefill` entries): recorded for every artifact, whether it runs here or not."""
+    return {k: v for k, v in verdicts.items() if program.get(k)}
 
 
 def _witness_note(report: IsolationReport) -> str:
@@ -168,8 +178,8 @@ class UnrunnableArtifact:
 
 
 def verify_here(backend: Backend, stage: Path, manifest: dict[str, Any], graph: Graph, reference: Reference,
-                exact_reference: Reference | None, step_isolation: str | None, shapes: list[tuple[int, int]],
-                seed: int, opened: Any = None) -> Any:
+                exact_reference: Reference | None, shapes: list[tuple[int, int]], seed: int,
+                opened: Any = None) -> Any:
     """Verify a staged artifact into its manifest: loaded through the runtime's loader of its
     program kind and compared with the reference where it runs here; else the backend's
     static checks, and the manifest says plainly that it was not run. Returns the loaded
@@ -181,12 +191,13 @@ def verify_here(backend: Backend, stage: Path, manifest: dict[str, Any], graph: 
         return UnrunnableArtifact(stage, manifest, why_not)
     staged = opened or open_artifact(stage, manifest)
     manifest["verification"], decode = verify_with_decode(staged, graph, reference, shapes, seed, DECODE_CHECK_TOKENS)
+    verdicts = manifest.get("isolation", {}).get("decoding", {})
     if decode is not None:
-        manifest["decode_verification"] = {**decode, "isolation": step_isolation}
+        manifest["decode_verification"] = {**decode, "isolation": verdicts.get("step")}
         if getattr(staged, "has_prefill", False):
             batch, seq = shapes[-1]
             manifest["prefill_verification"] = {**verify_prefill(staged, batch, seq, seed),
-                                                "isolation": prefill_isolation(graph)}
+                                                "isolation": verdicts.get("prefill")}
     if exact_reference is not None:  # what the approximating passes cost against the unmodified model
         manifest["drift_from_fp32"] = compare_to_reference(staged, exact_reference, shapes, seed)
     return staged
@@ -292,9 +303,10 @@ def compile(
     say(f"      batch isolation: {isolation.summary()}")
     if require_isolation and isolation.verdict != "isolated":
         raise MocompileError(f"batch isolation required, but {isolation.summary()}{_witness_note(isolation)}")
-    step_isolation = cached_step_isolation(graph)
-    if require_isolation and step_isolation not in (None, "isolated"):
-        raise MocompileError(f"batch isolation required, but the KV-cached step's verdict is {step_isolation}")
+    cached_verdicts = cached_isolation(graph)
+    for key, verdict in cached_verdicts.items():
+        if require_isolation and verdict != "isolated":
+            raise MocompileError(f"batch isolation required, but the {CACHED_PROGRAMS[key]}'s verdict is {verdict}")
     refused = backend.unsupported(graph)
     if refused:
         raise MocompileError(refused)
@@ -325,7 +337,7 @@ def compile(
             "weight_dtype": stored_weight_dtype(graph),
             "passes": reports,
             **({"calibration": calib.to_json()} if calib is not None else {}),
-            "isolation": isolation.to_json(),
+            "isolation": {**isolation.to_json(), "decoding": _decoding_verdicts(cached_verdicts, program)},
             **({"tuning": tuning_report} if tuning_report else {}),
         }
         say(f"[5/6] verifying against the {reference.name}")
@@ -340,7 +352,7 @@ def compile(
             reference, exact_reference = chain.reference(reference), None  # the drift is reported per layer
             if reference.graph is not None:  # the rounding-aware check runs the plain interpreter: check layers first
                 chain.run(random_inputs(signature_of(graph, src.int_high), 1, seq, seed))
-        verify_here(backend, stage, manifest, graph, reference, exact_reference, step_isolation, shapes, seed, opened)
+        verify_here(backend, stage, manifest, graph, reference, exact_reference, shapes, seed, opened)
         if chain is not None:
             manifest["layer_verification"] = chain.report(None if exact else float_graph)
         if ep:

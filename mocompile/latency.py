@@ -49,7 +49,7 @@ def decode_step_seconds(backend: Backend, graph: Graph, int_high: Mapping[str, i
             ids = random_inputs(art.signature, 1, past + 1, seed=0)
             name = next(iter(ids))
             cache = art.new_cache(1, past + 1)
-            art.step({name: ids[name][:, :past]}, cache)
+            art.step({name: ids[name][:, :past]}, cache, last_only=True)  # the prompt, as `generate` fills it
             token = {name: ids[name][:, past:]}
 
             def step() -> object:

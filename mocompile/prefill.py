@@ -28,13 +28,12 @@ The result computes the same numbers as the original's outputs at the last posit
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 from mocompile.ir.graph import Graph, Node, Value
 from mocompile.ir.registry import get_op
-from mocompile.ir.types import Dim, TensorType, dim_terms
-from mocompile.kv_cache import cached_graph, decode_support
+from mocompile.ir.types import PositionsAxis, TensorType
+from mocompile.kv_cache import CachedGraph, cached_graph, decode_support
 
 CUT_OP = "last_position"
 
@@ -49,27 +48,6 @@ class LastPositionGraph:
     moved: list[str] = field(default_factory=list)
 
 
-def segment_dims(graph: Graph) -> list[Dim]:
-    """The sequence dims of the graph's segment inputs ([batch, positions, ...])."""
-    return [v.type.shape[1] for v in graph.inputs if v.type.rank >= 2]
-
-
-class _Positions:
-    """Which values carry the joined positions on axis 1, and which mention positions otherwise."""
-
-    def __init__(self, segments: list[Dim]) -> None:
-        self.segments = segments
-        self.symbols = Counter(d for d in segments if isinstance(d, str))
-
-    def carries(self, v: Value) -> bool:
-        """[batch, positions, ...] with every segment's positions joined on axis 1."""
-        return v.type.rank >= 2 and Counter(dim_terms(v.type.shape[1])) == self.symbols
-
-    def free(self, v: Value) -> bool:
-        """No axis of `v` counts positions (a weight, a broadcast [batch, 1, ...] operand)."""
-        return not any(isinstance(t, str) and t in self.symbols for d in v.type.shape for t in dim_terms(d))
-
-
 def last_position_graph(graph: Graph) -> LastPositionGraph | str:
     """The last-position form of `graph` (module doc), or why there is none: the graph does
     not decode with a KV cache, an output counts positions other than on axis 1, or no output
@@ -77,26 +55,32 @@ def last_position_graph(graph: Graph) -> LastPositionGraph | str:
     why = decode_support(graph)
     if why is not None:
         return f"the graph does not decode with a KV cache ({why})"
-    return _cut(graph, _Positions(segment_dims(graph)), set())
+    return _cut(graph, _positions(graph), set())
 
 
-def cached_last_position_graph(graph: Graph) -> LastPositionGraph | str:
-    """The last-position form of the KV-cached graph (kv_cache.cached_graph): what the compiled
-    `prefill` computes, the cache included (its `present.*` outputs stay whole). The isolation
-    analysis proves from it that a prompt step through the cut keeps samples apart."""
-    why = decode_support(graph)
-    if why is not None:
-        return f"the graph does not decode with a KV cache ({why})"
-    cached = cached_graph(graph)
-    return _cut(cached.graph, _Positions(segment_dims(graph)), {e.present for e in cached.entries})
+def cached_last_position_graph(graph: Graph, cached: CachedGraph | None = None) -> LastPositionGraph | str:
+    """The last-position form of the KV-cached graph (kv_cache.cached_graph; `cached`: that
+    form, already built): what the compiled `prefill` computes, the cache included (its
+    `present.*` outputs stay whole). The isolation analysis proves from it that a prompt step
+    through the cut keeps samples apart."""
+    if cached is None:
+        why = decode_support(graph)
+        if why is not None:
+            return f"the graph does not decode with a KV cache ({why})"
+        cached = cached_graph(graph)
+    return _cut(cached.graph, _positions(graph), {e.present for e in cached.entries})
 
 
-def _cut(graph: Graph, pos: _Positions, keep: set[str]) -> LastPositionGraph | str:
+def _positions(graph: Graph) -> PositionsAxis:
+    return PositionsAxis(v.type.shape for v in graph.inputs)
+
+
+def _cut(graph: Graph, pos: PositionsAxis, keep: set[str]) -> LastPositionGraph | str:
     cut: list[Value] = []
     for v in graph.outputs:
-        if v.name in keep or pos.free(v):
+        if v.name in keep or pos.free(v.type.shape):
             continue
-        if not pos.carries(v):
+        if not pos.carries(v.type.shape):
             return f"output {v.name} {v.type} counts positions elsewhere than as axis 1 [batch, positions, ...]"
         cut.append(v)
     if not cut:
@@ -115,7 +99,7 @@ def _cut(graph: Graph, pos: _Positions, keep: set[str]) -> LastPositionGraph | s
     return LastPositionGraph(g, [v.name for v in cut], [f"{n.op}@{n.loc}" for n in g.nodes if id(n) in moved])
 
 
-def _movable(node: Node, pos: _Positions, users: dict[int, list[Node]], moved: set[int], cut_ids: set[int]) -> bool:
+def _movable(node: Node, pos: PositionsAxis, users: dict[int, list[Node]], moved: set[int], cut_ids: set[int]) -> bool:
     """Can `node` run after the cut: positionwise, every output [batch, positions, ...] read only
     by nodes already after the cut (or cut as a graph output), every input carrying the
     positions on axis 1 or none at all?"""
@@ -123,12 +107,14 @@ def _movable(node: Node, pos: _Positions, users: dict[int, list[Node]], moved: s
         return False
     for out in node.outputs:
         readers = users.get(id(out), [])
-        if not pos.carries(out) or not (readers or id(out) in cut_ids) or any(id(r) not in moved for r in readers):
+        if not pos.carries(out.type.shape) or not (readers or id(out) in cut_ids):
             return False
-    return all(pos.carries(v) or pos.free(v) for v in node.inputs)
+        if any(id(r) not in moved for r in readers):
+            return False
+    return all(pos.carries(v.type.shape) or pos.free(v.type.shape) for v in node.inputs)
 
 
-def _positionwise_here(node: Node, pos: _Positions) -> bool:
+def _positionwise_here(node: Node, pos: PositionsAxis) -> bool:
     """Whether `node` computes each position from that position alone: its op is positionwise,
     or keeps positions apart for this node's attributes (its `position_check` passes: a
     quantize_act rounding per token or per tensor constant, a token-choice router) without
@@ -140,16 +126,16 @@ def _positionwise_here(node: Node, pos: _Positions) -> bool:
         return True
     if op.position_check is None or op.cached_inputs or op.position_check(node, pos.segments) is not None:
         return False
-    at_one = [TensorType((v.type.shape[0], 1, *v.type.shape[2:]), v.type.dtype) if pos.carries(v) else v.type
-              for v in node.inputs]
+    at_one = [TensorType((v.type.shape[0], 1, *v.type.shape[2:]), v.type.dtype)
+              if pos.carries(v.type.shape) else v.type for v in node.inputs]
     try:
         types = op.infer(at_one, node.attrs)
     except ValueError:
         return False
-    return all(t.shape[1] == 1 for t, out in zip(types, node.outputs) if pos.carries(out))
+    return all(t.shape[1] == 1 for t, out in zip(types, node.outputs) if pos.carries(out.type.shape))
 
 
-def _rebuild(g: Graph, moved: set[int], cut_ids: set[int], pos: _Positions) -> str | None:
+def _rebuild(g: Graph, moved: set[int], cut_ids: set[int], pos: PositionsAxis) -> str | None:
     """Reorder `g` in place: the nodes before the cut, one `last_position` per value crossing
     it, then the moved nodes with their output types at one position; None, or why not."""
     before = [n for n in g.nodes if id(n) not in moved]
@@ -166,7 +152,7 @@ def _rebuild(g: Graph, moved: set[int], cut_ids: set[int], pos: _Positions) -> s
 
     g.nodes = before
     for node in after:
-        node.inputs = [crossing(v) if pos.carries(v) and before_cut(v) else v for v in node.inputs]
+        node.inputs = [crossing(v) if pos.carries(v.type.shape) and before_cut(v) else v for v in node.inputs]
         types = get_op(node.op).infer([v.type for v in node.inputs], node.attrs)
         for out, t in zip(node.outputs, types):
             want = TensorType((out.type.shape[0], 1, *out.type.shape[2:]), out.type.dtype)

@@ -140,15 +140,17 @@ def _profile_calls(art: Any) -> list[tuple[str, Any, str]]:
     cache = art.new_cache(1, prompt_len + 1)
     token = {art.token_input.name: random_inputs(art.signature, 1, 1, seed=3)[art.token_input.name]}
 
-    def prefill() -> None:
+    def prefill() -> None:  # as `generate` runs a prompt: the logits of its last position only
         cache.length = 0
-        art.step(prompt, cache)
+        art.step(prompt, cache, last_only=True)
 
     def decode() -> None:
         cache.length = prompt_len
         art.step(token, cache)
 
-    return [("prefill", prefill, f"the step function over a {prompt_len}-position prompt (batch 1)"),
+    last = "the prefill function (outputs at the last position only)" if getattr(art, "has_prefill", False) else \
+        "the step function, its outputs then cut to the last position"
+    return [("prefill", prefill, f"a {prompt_len}-position prompt (batch 1) as generation runs it: {last}"),
             ("decode step", decode, f"one token after {prompt_len} cached positions (batch 1, through the VM; "
                                     "the decode driver runs the same kernels without it)")]
 

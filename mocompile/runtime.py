@@ -230,10 +230,12 @@ class LoadedArtifact:
         check_ids(plan.bounded, arrays)
         return self._outputs(self._fn(*self._inputs(plan, arrays), *self._weights), plan)
 
-    def run_layers(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_layers(self, inputs: Mapping[str, np.ndarray], copy: bool = True) -> dict[str, np.ndarray]:
         """Each layer's output (the residual stream leaving it) for a forward over `inputs`,
         by the IR value names the manifest's program lists under "layers"; an artifact
-        compiled to be verified layer by layer (a streamed compile) has this function."""
+        compiled to be verified layer by layer (a streamed compile) has this function.
+        `copy=False` returns the VM's own arrays, for a caller that reads them before the
+        next call and keeps none (a real-size model's states are a copy of its activations)."""
         if self._layers is None:
             raise ArtifactError(f"{self.path}: this artifact has no per-layer states (compiled without --stream)")
         arrays = as_arrays(inputs)
@@ -242,7 +244,8 @@ class LoadedArtifact:
         names = self.manifest["program"]["layers"]["outputs"]
         result = self._layers(*self._inputs(plan, arrays), *self._weights)
         outs = [result] if len(names) == 1 else list(result)
-        return {name: np.from_dlpack(o).copy() for name, o in zip(names, outs)}
+        arrays = {name: np.from_dlpack(o) for name, o in zip(names, outs)}
+        return {name: a.copy() for name, a in arrays.items()} if copy else arrays
 
     # ---- incremental decoding ------------------------------------------------------------
     @property

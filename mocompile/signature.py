@@ -7,15 +7,15 @@ calibration inputs, the compiler writing the manifest, the runtime checking a ca
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Mapping
 
 import numpy as np
 
 from mocompile.errors import ArtifactInputError
 from mocompile.ir.graph import Graph
-from mocompile.ir.types import TensorType, bind_shape, dim_terms
+from mocompile.ir.types import PositionsAxis, TensorType, bind_shape
 
 
 @dataclass(frozen=True)
@@ -77,14 +77,18 @@ class Signature:
                 raise ArtifactInputError(str(e)) from None
         return env
 
+    @cached_property
+    def position_outputs(self) -> frozenset[str]:
+        """The outputs with a positions axis (ir/types.PositionsAxis): the ones a last-only
+        step returns at the last position. Computed once per signature, not per call."""
+        pos = PositionsAxis(t.shape for t in self.inputs)
+        return frozenset(t.name for t in self.outputs if pos.carries(t.shape))
+
     def last_positions(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """`outputs` with each that has a positions axis ([batch, positions, ...], axis 1 the
-        segment inputs' sequence axes joined) cut to its last position [batch, 1, ...], as a
-        `prefill` function returns them (mocompile/prefill.py): what a runtime without one
-        returns for a last-only step."""
-        segments = Counter(t.shape[1] for t in self.inputs if len(t.shape) >= 2 and isinstance(t.shape[1], str))
-        cut = {t.name for t in self.outputs
-               if segments and len(t.shape) >= 2 and Counter(dim_terms(t.shape[1])) == segments}
+        """`outputs` with each of `position_outputs` ([batch, positions, ...]) cut to its last
+        position [batch, 1, ...], as a `prefill` function returns them (mocompile/prefill.py):
+        what a runtime without one returns for a last-only step."""
+        cut = self.position_outputs
         return {k: np.ascontiguousarray(a[:, -1:]) if k in cut else a for k, a in outputs.items()}
 
 

@@ -123,7 +123,8 @@ class LayerChain:
         self.states: Mapping[str, np.ndarray] | None = None  # the artifact's layer states on them
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        states = self.artifact.run_layers(inputs)
+        keep = self.inputs is None  # the first run's states serve the drift report; later ones are read here only
+        states = self.artifact.run_layers(inputs, copy=keep)
         rows, outs = _chained(self.graph, inputs, states, self.layer_of)
         for row in rows:
             if not row["rel_error"] <= LAYER_TOLERANCE:
@@ -133,7 +134,7 @@ class LayerChain:
                     "computed from the artifact's own input to the layer)")
             if row["rel_error"] >= self.worst.get(row["layer"], {"rel_error": -1.0})["rel_error"]:
                 self.worst[row["layer"]] = row
-        if self.inputs is None:
+        if keep:
             self.inputs, self.states = inputs, states
         return outs
 

@@ -156,6 +156,8 @@ def test_cuda_compile_of_an_example_is_checked_by_nvcc_or_run(tmp_path) -> None:
     else:
         assert verification["status"] == "not run" and "no NVIDIA GPU" in verification["reason"]
         assert any("-Werror all-warnings" in c for c in verification["checked"])
+    # the static verdicts of its cached step and prefill, recorded whether it runs here or not
+    assert manifest["isolation"]["decoding"] == {"step": "isolated", "prefill": "isolated"}
 
 
 @needs_nvcc

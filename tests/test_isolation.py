@@ -304,25 +304,47 @@ class ExpertChoice(Pass):
         return PassResult(graph, {})
 """
 
-# A plugin inserting an op that declares no batch-flow rule before the LM head: the verdict
-# becomes "unknown" (the analysis never assumes isolation).
-OPAQUE_PLUGIN = """
+def head_plugin(op: str, pass_name: str, loc: str, op_def: str, rule: str = "") -> str:
+    """A plugin registering `op` (`op_def`: its OpDef, `rule`: code it refers to) and a pass
+    `pass_name` inserting the op, identity in value, before the LM head at `lm_head.{loc}`."""
+    return f"""
+from mocompile.ir.batch_flow import Out, elementwise, one
 from mocompile.ir.registry import OpDef, all_ops, register_op
 from mocompile.pass_manager import Pass, PassResult, register_pass
+{rule}
 
-if "test.plugin_opaque" not in all_ops():
-    register_op(OpDef("test.plugin_opaque", lambda ts, a: [ts[0]], lambda xs, a: [xs[0]], doc="no batch_flow"))
+if "{op}" not in all_ops():
+    register_op({op_def})
 
 
-@register_pass("opaque-head")
-class OpaqueHead(Pass):
+@register_pass("{pass_name}")
+class BeforeHead(Pass):
     def run(self, graph, ctx):
         head = next(n for n in graph.nodes if n.loc == "lm_head")
-        (x,) = graph.add_node("test.plugin_opaque", [head.inputs[0]], {}, loc="lm_head.opaque")
+        (x,) = graph.add_node("{op}", [head.inputs[0]], {{}}, loc="lm_head.{loc}")
         graph.nodes.insert(graph.nodes.index(head), graph.nodes.pop())
         head.inputs[0] = x
-        return PassResult(graph, {})
+        return PassResult(graph, {{}})
 """
+
+
+# An op that declares no batch-flow rule: the verdict becomes "unknown" (the analysis never
+# assumes isolation).
+OPAQUE_PLUGIN = head_plugin("test.plugin_opaque", "opaque-head", "opaque",
+                            'OpDef("test.plugin_opaque", lambda ts, a: [ts[0]], lambda xs, a: [xs[0]], '
+                            'doc="no batch_flow")')
+
+# A positionwise op whose batch-flow rule mixes the batch's rows when it sees one position:
+# the forward and the KV-cached step (every position) are isolated, the prompt prefill (the
+# op runs after the cut, on the last position) is not.
+ONE_ROW_PLUGIN = head_plugin("test.plugin_one_row", "one-row-head", "one_row",
+                             'OpDef("test.plugin_one_row", lambda ts, a: [ts[0]], lambda xs, a: [xs[0]], '
+                             'batch_flow=flow, positionwise=True, doc="mixes samples at one position")', """
+def flow(args):
+    if args.in_types[0].shape[1] == 1:
+        return one(Out(mixes="pools the batch's rows when it sees one position"))
+    return elementwise(args)
+""")
 
 BATCH_ROUTING = {
     "capacity": ("capacity_factor=1", "capacity_factor (token dropping) makes one sample's output depend on the rest "
@@ -379,6 +401,30 @@ def test_require_isolation_refuses_an_unknown_verdict(tmp_path, capsys) -> None:
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "mocompile: error: batch isolation required, but unknown: test.plugin_opaque at lm_head.opaque: op "
         "'test.plugin_opaque' declares no batch-flow rule")
+    assert not out.exists()
+
+
+def test_require_isolation_checks_the_prompt_prefill(tmp_path, capsys) -> None:
+    """The prefill's verdict (the KV-cached graph cut to the last position) is computed beside
+    the step's, before code generation: a prefill that mixes samples fails --require-isolation
+    like a step that does, though the forward and the step are isolated."""
+    from mocompile.compiler import cached_isolation
+    from mocompile.frontend import lower_source, source_from_spec
+    from mocompile.pass_manager import load_plugin
+
+    spec, plugin, out = tmp_path / "plain.moe", tmp_path / "one_row.py", tmp_path / "out"
+    spec.write_text(PLAIN_SPEC)
+    plugin.write_text(ONE_ROW_PLUGIN)
+    load_plugin(plugin)
+    graph = lower_source(source_from_spec(parse_spec(PLAIN_SPEC, "plain.moe"), None, None, 0))
+    assert cached_isolation(graph) == {"step": "isolated", "prefill": "isolated"}
+    graph, _ = PassManager("one-row-head").run(graph)
+    assert analyze(graph).verdict == "isolated"
+    assert cached_isolation(graph) == {"step": "isolated", "prefill": "leaks"}
+    opts = ["--plugin", str(plugin), "--passes", "one-row-head"]
+    assert main(["compile", str(spec), "-o", str(out), *opts, "--require-isolation"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "mocompile: error: batch isolation required, but the prompt prefill's verdict is leaks")
     assert not out.exists()
 
 

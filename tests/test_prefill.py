@@ -130,6 +130,7 @@ def test_prefill_equals_the_steps_last_position_bit_for_bit(artifacts, name):
     assert program["prefill"] == {"function": "prefill", "last_only": ["logits"]} and art.has_prefill
     check = art.manifest["prefill_verification"]
     assert check["bit_exact"] and check["isolation"] == "isolated" and check["cache_tensors_compared"] > 0
+    assert art.manifest["isolation"]["decoding"] == {"step": "isolated", "prefill": "isolated"}
     assert program["kernel_calls"]["prefill"] > 0
     full = random_inputs(art.signature, 3, 9, seed=21)
     ids = full["text"]

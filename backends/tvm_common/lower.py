@@ -400,7 +400,8 @@ class LoweredModule:
     no_step_reason: str | None
     layer_states: list[str] | None = None  # outputs of the `layers` function (None: not built)
     prefill: LowerContext | None = None  # the `prefill` function (tvm_common/prefill.py; None: not built)
-    prefill_outputs: list[str] | str = "not built"  # the outputs it keeps at the last position, or why none
+    prefill_outputs: list[str] | None = None  # the outputs it keeps at the last position
+    no_prefill_reason: str | None = "not built"  # why there is no prefill function
 
     @property
     def cache(self) -> list[dict] | None:
@@ -428,22 +429,32 @@ def lower_module(graph: Graph, kernels: KernelSet, cached_step: bool = True,
     _emit_function(ctx, "main")
     step = None
     why_not = decode_support(graph) if cached_step else "not requested"
+    prefill, prefill_outputs, no_prefill_reason = None, None, why_not
     if why_not is None:
-        weights = len(ctx.weight_layouts)
         step = LowerContext(graph, main=ctx)
-        _emit_function(step, "step")
-        if len(ctx.weight_layouts) != weights:
-            raise RuntimeError(f"the step function reads weight {ctx.weight_layouts[weights].name}, which main does not")
-    prefill, cut = None, why_not or "no cached step"
-    if step is not None:
+        emit_beside_main(step, "step")
         from mocompile.backends.tvm_common.prefill import emit_prefill  # it lowers with this module's context
 
-        prefill, cut = emit_prefill(ctx, step, _emit_function)
+        built = emit_prefill(ctx, step)
+        if isinstance(built, str):
+            no_prefill_reason = built
+        else:
+            (prefill, prefill_outputs), no_prefill_reason = built, None
     states = _emit_layer_states(graph, ctx)
     mod = ctx.bb.get()
     for name, func in ctx.callees.items():
         mod[name] = func
-    return LoweredModule(mod, ctx, step, why_not, states, prefill, cut)
+    return LoweredModule(mod, ctx, step, why_not, states, prefill, prefill_outputs, no_prefill_reason)
+
+
+def emit_beside_main(ctx: LowerContext, name: str) -> None:
+    """Lower function `name` of a context built beside main's (`LowerContext(graph, main=...)`)
+    into main's module. It must read no weight main does not: the artifact stores main's
+    weights, and every function of the module takes that same list."""
+    weights = len(ctx.weight_layouts)
+    _emit_function(ctx, name)
+    if len(ctx.weight_layouts) != weights:
+        raise RuntimeError(f"the {name} function reads weight {ctx.weight_layouts[weights].name}, which main does not")
 
 
 def _emit_layer_states(graph: Graph, main: LowerContext) -> list[str] | None:

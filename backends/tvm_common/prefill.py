@@ -11,9 +11,9 @@ positions no longer pays P rows of the vocabulary-wide matmul.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from mocompile.backends.tvm_common.lower import LowerContext
+from mocompile.backends.tvm_common.lower import LowerContext, emit_beside_main
 from mocompile.prefill import last_position_graph
 
 if TYPE_CHECKING:
@@ -22,30 +22,23 @@ if TYPE_CHECKING:
 PREFILL_FUNCTION = "prefill"
 
 
-def emit_prefill(main: LowerContext, step: LowerContext,
-                 emit: Callable[[LowerContext, str], None]) -> tuple[LowerContext | None, list[str] | str]:
-    """Lower the last-position form of main's graph into PREFILL_FUNCTION of main's module with
-    `emit` (lower.py's function emitter); (its context, the names of the outputs cut to the
-    last position), or (None, why there is no prefill function)."""
+def emit_prefill(main: LowerContext, step: LowerContext) -> tuple[LowerContext, list[str]] | str:
+    """Lower the last-position form of main's graph into PREFILL_FUNCTION of main's module:
+    (its context, the names of the outputs cut to the last position), or why there is none."""
     cut = last_position_graph(main.graph)
     if isinstance(cut, str):
-        return None, cut
-    weights = len(main.weight_layouts)
+        return cut
     ctx = LowerContext(cut.graph, main=main)
-    emit(ctx, PREFILL_FUNCTION)
+    emit_beside_main(ctx, PREFILL_FUNCTION)
     if [s.to_json() for s in ctx.cache] != [s.to_json() for s in step.cache]:
         raise RuntimeError(f"the prefill function's cache slots {[s.name for s in ctx.cache]} are not the step's "
                            f"{[s.name for s in step.cache]}: one cache could not serve both")
-    if len(main.weight_layouts) != weights:
-        raise RuntimeError(f"the prefill function reads weight {main.weight_layouts[weights].name}, which main does not")
     return ctx, cut.cut
 
 
 def prefill_fields(lowered: "LoweredModule") -> dict[str, Any]:
     """The LoweredProgram fields saying whether the module has a prefill function."""
-    if lowered.prefill is None:
-        return {"prefill": None, "no_prefill_reason": str(lowered.prefill_outputs)}
-    return {"prefill": list(lowered.prefill_outputs), "no_prefill_reason": None}
+    return {"prefill": lowered.prefill_outputs, "no_prefill_reason": lowered.no_prefill_reason}
 
 
 def manifest_entry(prefill: list[str] | None, no_prefill_reason: str | None) -> dict[str, Any]:

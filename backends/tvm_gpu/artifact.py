@@ -49,17 +49,10 @@ def emit(graph: Graph, out_dir: str | Path, target: GpuTarget) -> dict[str, Any]
     weights = list(lowered.main.weight_layouts)
     inputs = len(graph.inputs)
     functions, constants = {}, {}
-    main, main_consts = function_plan(mod, "main", weights, inputs, 0)
-    functions["main"] = main
-    constants.update({f"main.const{i}": a for i, a in enumerate(main_consts)})
-    if lowered.step is not None:
-        step, step_consts = function_plan(mod, "step", weights, inputs, len(lowered.step.cache))
-        functions["step"] = step
-        constants.update({f"step.const{i}": a for i, a in enumerate(step_consts)})
-    if lowered.prefill is not None:
-        prefill, prefill_consts = function_plan(mod, PREFILL_FUNCTION, weights, inputs, len(lowered.prefill.cache))
-        functions[PREFILL_FUNCTION] = prefill
-        constants.update({f"{PREFILL_FUNCTION}.const{i}": a for i, a in enumerate(prefill_consts)})
+    for name, ctx in (("main", lowered.main), ("step", lowered.step), (PREFILL_FUNCTION, lowered.prefill)):
+        if ctx is not None:  # the cached functions exist where the graph decodes with a cache
+            functions[name], consts = function_plan(mod, name, weights, inputs, len(ctx.cache or ()))
+            constants.update({f"{name}.const{i}": a for i, a in enumerate(consts)})
     source = out_dir / SOURCE[target.kind]
     source.write_text(code.source)
     binary = {}

@@ -9,8 +9,9 @@ representation stays text a person can read in the printer and compare with ==.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -24,6 +25,25 @@ def dim_terms(d: Dim) -> list[Dim]:
     if isinstance(d, int):
         return [d]
     return [int(t) if t.lstrip("-").isdigit() else t for t in d.split("+")]
+
+
+class PositionsAxis:
+    """Axis 1 of the values of a graph that takes segments [batch, positions, ...]: a value
+    carries the positions when its axis 1 is every segment's sequence dim joined (their sum).
+    The last-position form (mocompile/prefill.py) cuts such outputs, and a runtime without a
+    compiled `prefill` slices the same ones (Signature.last_positions): one rule for both."""
+
+    def __init__(self, input_shapes: Iterable[Sequence[Dim]]) -> None:
+        self.segments: list[Dim] = [s[1] for s in input_shapes if len(s) >= 2]
+        self.symbols = Counter(d for d in self.segments if isinstance(d, str))
+
+    def carries(self, shape: Sequence[Dim]) -> bool:
+        """[batch, positions, ...] with every segment's positions joined on axis 1."""
+        return len(shape) >= 2 and Counter(dim_terms(shape[1])) == self.symbols
+
+    def free(self, shape: Sequence[Dim]) -> bool:
+        """No axis counts positions (a weight, a broadcast [batch, 1, ...] operand)."""
+        return not any(isinstance(t, str) and t in self.symbols for d in shape for t in dim_terms(d))
 
 
 def dim_add(*dims: Dim) -> Dim:
