@@ -26,7 +26,10 @@ class WeightArena:
 
     def __init__(self, nbytes: int, alignment: int) -> None:
         self.alignment = alignment
-        self._map = mmap.mmap(-1, max(nbytes, 1) + HUGE_PAGE)  # anonymous, private: untouched pages cost nothing
+        # anonymous and private: Python's default for -1 is a shared mapping, which is shmem,
+        # whose huge pages follow another switch (shmem_enabled, usually never)
+        private = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+        self._map = mmap.mmap(-1, max(nbytes, 1) + HUGE_PAGE, **({"flags": private} if private else {}))
         advise = getattr(self._map, "madvise", None)
         if advise is not None and hasattr(mmap, "MADV_HUGEPAGE"):
             try:
