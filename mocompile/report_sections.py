@@ -174,9 +174,11 @@ def isolation(manifest: Mapping[str, Any]) -> str:
                     f"sample {escape(str(w.get('observed_sample')))}'s {escape(str(w.get('output')))} changes by "
                     f"{float(w.get('max_change', 0)):.3g}" + (" (changed)." if w.get("changed") else " (no change seen).")
                     + "</p>")
-    step = (manifest.get("decode_verification") or {}).get("isolation")
-    if step:
-        body.append(f"<p>KV-cached step: {escape(step)}.</p>")
+    decoding = iso.get("decoding") or {}
+    if not decoding and (manifest.get("decode_verification") or {}).get("isolation"):  # a manifest without isolation.decoding
+        decoding = {"step": manifest["decode_verification"]["isolation"]}
+    names = {"step": "KV-cached step", "prefill": "prompt prefill (last position only)"}
+    body += [f"<p>{names.get(k, escape(k))}: {escape(str(v))}.</p>" for k, v in decoding.items()]
     return section("isolation", "Batch isolation", "".join(body))
 
 
