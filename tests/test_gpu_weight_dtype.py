@@ -37,11 +37,12 @@ needs_opencl = pytest.mark.skipif(not opencl_devices(), reason="no OpenCL device
 needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="nvcc (the CUDA toolkit) is not installed")
 
 
-def _runner(mod, target: str = "opencl"):
+def _runner(mod):
+    """The kernels of `mod` built for the OpenCL device, and their OpenCL C."""
     from mocompile.gpu_plan import PlanRunner
     from mocompile.runtime_opencl import OpenclDevice
 
-    code = generate(mod, GpuTarget.parse(target))
+    code = generate(mod, GpuTarget.parse("opencl"))
     return PlanRunner(OpenclDevice(code.source), {}, {n: e.to_json() for n, e in code.kernels.items()}), code.source
 
 
@@ -99,3 +100,83 @@ def test_gpu_matmul_reads_16_bit_panels(tmp_path, dtype: str, k: int) -> None:
     tensors = {n: runner.array(a) for n, a in load_file(str(tmp_path / program["weights"])).items()}
     (y,) = runner.run("main", {**tensors, "x": runner.array(xs)})
     np.testing.assert_allclose(runner.fetch(y), run(g, {"x": xs})[g.outputs[0].name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def opencl_artifacts(checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """The bf16 checkpoint compiled for opencl with no --dtype (bf16 by default) and with
+    --dtype fp32 (each compile verifies its artifact against the IR interpreter on the device)."""
+    if not opencl_devices():
+        pytest.skip("no OpenCL device")
+    root = tmp_path_factory.mktemp("gpu_bf16")
+    mocompile.compile(checkpoint, target="opencl", out_dir=root / "default", batch=2, seq=5)
+    mocompile.compile(checkpoint, target="opencl", out_dir=root / "fp32", batch=2, seq=5, dtype="fp32")
+    return {"bf16": root / "default", "fp32": root / "fp32"}
+
+
+def test_bf16_checkpoint_keeps_bf16_weights_on_opencl(opencl_artifacts) -> None:
+    bf16, fp32 = _manifest(opencl_artifacts["bf16"]), _manifest(opencl_artifacts["fp32"])
+    assert (bf16["weight_dtype"], fp32["weight_dtype"]) == ("bfloat16", "float32")
+    assert bf16["program"]["kind"] == "gpu-launch-plan" and bf16["program"]["api"] == "opencl"
+    layouts = bf16["program"]["weight_layouts"]
+    # every matmul weight two bf16 inputs per uint32 word, the embedding table uint16; only norms float32
+    assert all(w.get("store") == "k_pairs" and w["dtype"] == "uint32" for w in layouts if w["kind"] != "identity")
+    assert any("embed" in w["name"] and w["dtype"] == "uint16" for w in layouts)
+    norms = {w["name"] for w in layouts if "norm" in w["name"]}
+    assert {w["name"] for w in layouts if w["dtype"] == "float32"} <= norms
+    ratio = ((opencl_artifacts["bf16"] / "weights.safetensors").stat().st_size
+             / (opencl_artifacts["fp32"] / "weights.safetensors").stat().st_size)
+    assert 0.45 < ratio < 0.55, ratio
+    assert bf16["verification"]["status"] == "verified" and bf16["verification"]["max_rel_error"] <= 1e-4
+    assert bf16["decode_verification"]["max_rel_error"] <= 1e-4 and bf16["decode_verification"]["new_tokens"] > 0
+
+
+def test_bf16_opencl_artifact_matches_transformers_and_decodes(checkpoint, opencl_artifacts) -> None:
+    """The artifact's logits against transformers in float32 on the same bf16 weights, and its
+    cached decoding (a step per token after the prompt) against its own forward."""
+    import torch
+
+    art = load(opencl_artifacts["bf16"])
+    assert art.can_decode
+    ids = np.random.default_rng(7).integers(0, VOCAB, (2, 9), dtype=np.int64)
+    got = art.run({"text": ids})["logits"]
+    want = _transformers_logits(checkpoint, torch.float32, ids)
+    assert np.abs(want).max() > 0.5  # not a comparison of near-zero logits
+    assert np.abs(got - want).max() <= 1e-4
+    cached = art.run_cached({"text": ids}, 4)["logits"]
+    assert np.abs(cached - want).max() <= 1e-4
+
+
+@needs_opencl
+def test_spec_compiles_for_opencl_with_fp16_weights(tmp_path) -> None:
+    """fp16 weights on OpenCL (widened by integer ops: PoCL here has no cl_khr_fp16)."""
+    out = tmp_path / "fp16"
+    mocompile.compile(EXAMPLES / "mixtral_tiny.moe", target="opencl", out_dir=out, batch=2, seq=4, dtype="fp16")
+    manifest = _manifest(out)
+    assert manifest["weight_dtype"] == "float16"
+    assert {w["dtype"] for w in manifest["program"]["weight_layouts"] if "norm" not in w["name"]} == {"uint16"}
+    assert manifest["verification"]["status"] == "verified" and manifest["verification"]["max_rel_error"] <= 1e-4
+    assert manifest["decode_verification"]["max_rel_error"] <= 1e-4
+    assert "half" not in (out / "kernels.cl").read_text()
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", [None, "fp16"])
+def test_cuda_compile_of_16_bit_weights_passes_nvcc(checkpoint, tmp_path, dtype: str | None) -> None:
+    """The bf16 checkpoint (bf16 by default, or stored fp16) for cuda: nvcc compiles the widening
+    kernels with warnings as errors; without an NVIDIA GPU the compile says it did not run them."""
+    from mocompile.gpu_devices import cuda_device_problem
+
+    out = tmp_path / "art"
+    mocompile.compile(checkpoint, target="cuda", out_dir=out, batch=2, seq=5, dtype=dtype)
+    manifest = _manifest(out)
+    assert manifest["weight_dtype"] == ("float16" if dtype else "bfloat16")
+    assert (out / "kernels.cubin").stat().st_size > 0
+    assert {w["dtype"] for w in manifest["program"]["weight_layouts"] if "norm" not in w["name"]} == (
+        {"uint16"} if dtype else {"uint16", "uint32"})
+    verification = manifest["verification"]
+    if cuda_device_problem("sm_90") is None:
+        assert verification["status"] == "verified" and verification["max_rel_error"] <= 1e-4
+    else:
+        assert verification["status"] == "not run" and "no NVIDIA GPU" in verification["reason"]
+        assert any("nvcc compiled" in c and "-Werror all-warnings" in c for c in verification["checked"])
