@@ -164,14 +164,16 @@ def mixtral_graph():
     return lower_source(source_for(EXAMPLES / "mixtral_tiny.moe", None, None, 0))
 
 
-def test_gpu_target_refuses_a_bf16_graph(mixtral_graph) -> None:
-    """A pipeline written by hand (no --dtype) reaches the target's own check, which names the format."""
+def test_a_target_without_16_bit_reads_refuses_a_bf16_graph(mixtral_graph) -> None:
+    """A pipeline written by hand (no --dtype) reaches the target's own check, which names the
+    format (the fpga target reads float32 and low-bit weights only); the GPU targets read it."""
     from mocompile.backends.base import get_backend
     from mocompile.pass_manager import PassManager
 
     graph, _ = PassManager("weight-dtype(dtype=bf16)").run(mixtral_graph)
-    why = get_backend("cuda").unsupported(graph)
-    assert why is not None and why.startswith("the cuda target does not read bfloat16 weights")
+    why = get_backend("fpga").unsupported(graph)
+    assert why is not None and why.startswith("the fpga target does not read bfloat16 weights")
+    assert get_backend("cuda").unsupported(graph) is None and get_backend("opencl").unsupported(graph) is None
 
 
 @pytest.mark.parametrize("pipeline, stored", [("", "float32"), ("weight-dtype(dtype=fp16)", "float16"),

@@ -48,6 +48,12 @@ def grouped_matmul(experts: int, k: int, n: int, tj: int, epi: Epilogue, fmt: We
     return rows, x, indptr, w, w_scale, scale, arg("y", (rows, n))
 
 
+def gather_rows_name(hidden: int, index_dtype: str, table_rows: int | None, table_dtype: str = "float32") -> str:
+    """A gather kernel's name: its parameters (kernels are shared by name)."""
+    rows_tag = "" if table_rows is None else f"_n{table_rows}"
+    return f"gather_rows_h{hidden}_{index_dtype}{rows_tag}{'' if table_dtype == 'float32' else f'_{table_dtype}'}"
+
+
 def gather_rows(hidden: int, index_dtype: str, table_rows: int | None, table_dtype: str = "float32") -> tuple:
     """table[n, hidden], index[p] -> out[p, hidden]: (n, p, table, index, out); a 16-bit float
     table ("bfloat16", "float16") is its uint16 bits."""

@@ -24,16 +24,48 @@ def _int4(byte, high):
     return tirx.Cast("float32", tirx.Cast("int32", nibble) - 8)
 
 
-def widen(half: str, bits):
+def widen(half: str, bits, half_type: bool = True):
     """The float32 value of a 16-bit float weight held as uint16 `bits`: bfloat16 is the upper
     half of a float32, so zero-extend and shift by 16 (integer vector ops every SIMD target
     has, which LLVM vectorizes with the load); float16 converts through the target's half
-    type (F16C's vcvtph2ps on x86)."""
+    type where it has one (`half_type`: F16C's vcvtph2ps on x86, CUDA's __half), else by
+    integer ops (`_fp16_bits`: OpenCL's `half` needs cl_khr_fp16, which a device may lack)."""
     if half == "bfloat16":
         return tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("uint32", bits), tirx.const(16, "uint32")))
     if half == "float16":
-        return tirx.Cast("float32", tirx.reinterpret("float16", bits))
+        if half_type:
+            return tirx.Cast("float32", tirx.reinterpret("float16", bits))
+        return _fp16_bits(bits)
     raise ValueError(f"unknown 16-bit weight format {half!r}")
+
+
+def table_value(table_dtype: str, v, half_type: bool = True):
+    """An entry `v` of a table stored as `table_dtype` (a gather's: float32, or the uint16 bits
+    of "bfloat16" / "float16") as float32."""
+    return v if table_dtype == "float32" else widen(table_dtype, v, half_type)
+
+
+def _u32(value: int):
+    return tirx.const(value, "uint32")
+
+
+def _fp16_bits(bits):
+    """float16 bits as float32 by integer ops, exactly (IEEE 754 binary16 into binary32): the
+    exponent and mantissa move up 13 bits and the exponent is rebiased by 112 (inf / NaN,
+    exponent 31, by 224 to 255); a subnormal (exponent 0) is its mantissa m times 2^-24: m
+    converted to float32 (exact) with 24 taken from its exponent; zero stays zero; the sign
+    bit moves up 16. No float constant is involved (TVM's OpenCL C prints those in decimal,
+    rounded)."""
+    word = tirx.Cast("uint32", bits)
+    magnitude = tirx.shift_left(tirx.bitwise_and(word, _u32(0x7FFF)), _u32(13))
+    exponent = tirx.bitwise_and(word, _u32(0x7C00))
+    rebias = tirx.Select(exponent == _u32(0x7C00), _u32(224 << 23), _u32(112 << 23))
+    mantissa = tirx.bitwise_and(word, _u32(0x3FF))
+    tiny = tirx.reinterpret("uint32", tirx.Cast("float32", mantissa)) - _u32(24 << 23)
+    small = tirx.Select(mantissa == _u32(0), _u32(0), tiny)
+    unsigned = tirx.Select(exponent == _u32(0), small, magnitude + rebias)
+    sign = tirx.shift_left(tirx.bitwise_and(word, _u32(0x8000)), _u32(16))
+    return tirx.reinterpret("float32", tirx.bitwise_or(unsigned, sign))
 
 
 def _widen_pair(word, high: bool):
@@ -44,12 +76,13 @@ def _widen_pair(word, high: bool):
     return tirx.reinterpret("float32", tirx.shift_left(word, tirx.const(16, "uint32")))
 
 
-def weight_value(fmt: WeightFormat, k: int, w, scale, panel, kk, j, high=False):
+def weight_value(fmt: WeightFormat, k: int, w, scale, panel, kk, j, high=False, half_type: bool = True):
     """The float weight of panel row kk, lane j (int4: of input 2*kk + high): a 16-bit float
-    widened, or the code converted and, for group-wise scales, multiplied by its group's
-    scale (a per-channel scale is applied once in the write-back instead, see `column_scale`)."""
+    widened (float16 through a half type or not, see `widen`), or the code converted and, for
+    group-wise scales, multiplied by its group's scale (a per-channel scale is applied once
+    in the write-back instead, see `column_scale`)."""
     if fmt.bits == 16:
-        return _widen_pair(w[panel, kk, j], high) if fmt.pairs else widen(fmt.half, w[panel, kk, j])
+        return _widen_pair(w[panel, kk, j], high) if fmt.pairs else widen(fmt.half, w[panel, kk, j], half_type)
     if not fmt.quantized:
         return w[panel, kk, j]
     source = kk * 2 if fmt.bits == 4 else kk  # both nibbles of a byte are in one group (groups are even)

@@ -8,7 +8,7 @@ import functools
 from tvm import tirx
 
 from mocompile.backends.tvm_common import contracts as C
-from mocompile.backends.tvm_common.panel_math import widen
+from mocompile.backends.tvm_common.panel_math import table_value
 from mocompile.backends.tvm_cpu import tir_util as U
 
 
@@ -19,19 +19,14 @@ def gather_rows(hidden: int, index_dtype: str = "int32", table_rows: int | None 
     bad id reads a wrong row instead of memory outside the table. A bfloat16 or float16 table
     (uint16 bits) is widened to float32 as its rows are copied."""
     lanes = U.lanes_for(hidden)
-    dtype_tag = "" if table_dtype == "float32" else f"_{table_dtype}"
-    with U.kernel(f"gather_rows_h{hidden}_{index_dtype}{'' if table_rows is None else f'_n{table_rows}'}{dtype_tag}") as kern:
+    with U.kernel(C.gather_rows_name(hidden, index_dtype, table_rows, table_dtype)) as kern:
         n, p, table, index, out = C.gather_rows(hidden, index_dtype, table_rows, table_dtype)
-
-        def read(src, c):
-            v = table[src, c]
-            return v if table_dtype == "float32" else widen(table_dtype, v)
 
         def row(r):
             src = tirx.min(tirx.max(U.i64(index[r]), 0), n - 1)
             with U.serial(0, hidden // lanes) as c:
                 with U.vectorized(0, lanes) as l:
-                    U.store(out, (r, c * lanes + l), read(src, c * lanes + l))
+                    U.store(out, (r, c * lanes + l), table_value(table_dtype, table[src, c * lanes + l]))
 
         U.parallel_for(p, 8 * p * hidden, row)
     return kern.func

@@ -20,7 +20,7 @@ from mocompile.ir.graph import Graph
 
 class _GpuBackend(Backend):
     program_kind = PROGRAM_KIND
-    weight_formats = frozenset({"float32", "int8", "int4"})
+    weight_formats = frozenset({"float32", "bfloat16", "float16", "int8", "int4"})
 
     def parse_options(self, words: list[str]) -> dict[str, Any]:
         return {"gpu": GpuTarget.parse(" ".join([self.name, *words]))}

@@ -24,6 +24,11 @@ from mocompile.backends.tvm_common.tir_build import (arg, dim, i64, if_else, res
 
 serial, unroll = T.serial, T.unroll
 WARP = 32  # threads of one warp (CUDA) / the width a block's thread count is a multiple of
+# float16 weights widen by integer ops (panel_math.widen), not through a half type: OpenCL's
+# `half` needs cl_khr_fp16, which a device may lack (PoCL on a CPU does), and TVM's CUDA half
+# prelude defines helpers nothing calls, which nvcc's warnings-as-errors rejects. One exact
+# integer path serves both targets, so PoCL runs the arithmetic the CUDA kernels run.
+HALF_TYPE = False
 
 
 class Kernel:

@@ -1,7 +1,8 @@
 """The GPU's KernelSet: the kernels of this package for the shared lowering, the same for
 OpenCL and CUDA. Matmuls read the shared panel layouts with a panel width of 32 (16 or 8 where
-that divides the output width): a panel is a warp's columns. Low-bit weights are read as codes
-and dequantised in registers (there is no integer path: `integer_matmuls` is False)."""
+that divides the output width): a panel is a warp's columns. bfloat16 / float16 weights stay
+16-bit in device memory and are widened in registers; low-bit weights are read as codes and
+dequantised in registers (there is no integer path: `integer_matmuls` is False)."""
 
 from __future__ import annotations
 

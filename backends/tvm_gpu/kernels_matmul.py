@@ -1,5 +1,6 @@
 """GPU matmuls over panel-packed weights (tvm_common/layout.py): dense (linear, GLU, LM head)
-and grouped per expert (the MoE GEMMs), float32 or low-bit weights dequantised in registers.
+and grouped per expert (the MoE GEMMs), float32 weights, bfloat16 / float16 weights widened in
+registers, or low-bit weights dequantised in registers.
 
 Schedule: a block owns one weight panel of TJ output columns (blockIdx.x) and a tile of rows;
 thread j accumulates output column j, so the TJ threads of a row read one contiguous panel
@@ -7,6 +8,9 @@ row per input (coalesced: the panel layout stores a panel's TJ columns of each i
 side) and share the input x[r, kk] (one broadcast load). Dense: SPLIT threads per column split
 the reduction and meet in shared memory (a decode step's one row uses every thread); grouped:
 threadIdx.y is the row within a tile of an expert's rows.
+16-bit weights (uint16, or two bfloat16 inputs per uint32 word) are widened to float32 as they
+are loaded (float16 by integer ops, gpu_util.HALF_TYPE) and accumulate in float32 exactly as
+float32 weights do.
 Low-bit codes are converted (and group-scaled) as they are loaded, in registers; a
 per-channel scale multiplies the accumulator once in the write-back (panel_math.py).
 
@@ -44,10 +48,12 @@ def _emit_column(x, w, w_scale, fmt: WeightFormat, k: int, tj: int, glu: bool, p
             for h in halves:
                 lane = j + h * tj
                 if fmt.paired:
-                    lo, hi = (weight_value(fmt, k, w, w_scale, panel, kk, lane, high) for high in (False, True))
+                    lo, hi = (weight_value(fmt, k, w, w_scale, panel, kk, lane, high, G.HALF_TYPE)
+                              for high in (False, True))
                     G.store(acc, (h,), acc[h] + x[row, 2 * kk] * lo + x[row, 2 * kk + 1] * hi)
                 else:
-                    G.store(acc, (h,), acc[h] + x[row, kk] * weight_value(fmt, k, w, w_scale, panel, kk, lane))
+                    G.store(acc, (h,), acc[h] + x[row, kk] * weight_value(fmt, k, w, w_scale, panel, kk, lane,
+                                                                              half_type=G.HALF_TYPE))
 
 
 def _write(y, n: int, tj: int, epi: Epilogue, fmt: WeightFormat, w_scale, panel, jb, row, j, acc,

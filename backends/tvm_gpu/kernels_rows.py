@@ -1,7 +1,8 @@
 """Row-wise GPU kernels: one block per row (or per token position), the block's threads
 across the row's features.
 
-- `gather_rows`: table rows by index (embedding, MoE token copies); indices clamped;
+- `gather_rows`: table rows by index (embedding, MoE token copies); indices clamped; a 16-bit
+  table widened to float32 as it is copied;
 - `norm`: RMSNorm / LayerNorm, the row's statistics by a block reduction in shared memory;
 - `quantize_rows`: activation rounding (quantize_act), the row's scale by a block max;
 - `moe_combine`: a token's top-k expert rows summed in slot order (+ residuals);
@@ -16,20 +17,24 @@ import functools
 from tvm import tirx
 
 from mocompile.backends.tvm_common import contracts as C
+from mocompile.backends.tvm_common.panel_math import table_value
 from mocompile.backends.tvm_common.specs import Epilogue
 from mocompile.backends.tvm_gpu import gpu_util as G
 
 
 @functools.cache
-def gather_rows(hidden: int, index_dtype: str = "int32", table_rows: int | None = None) -> tirx.PrimFunc:
-    """table[n, hidden], index[p] -> out[p, hidden]."""
+def gather_rows(hidden: int, index_dtype: str = "int32", table_rows: int | None = None,
+                table_dtype: str = "float32") -> tirx.PrimFunc:
+    """table[n, hidden], index[p] -> out[p, hidden]; a "bfloat16" / "float16" table (uint16
+    bits) is widened to float32 as its rows are copied (float16 by integer ops, G.HALF_TYPE)."""
     threads = G.threads_for(hidden)
-    with G.kernel(f"gather_rows_h{hidden}_{index_dtype}{'' if table_rows is None else f'_n{table_rows}'}") as kern:
-        n, p, table, index, out = C.gather_rows(hidden, index_dtype, table_rows)
+    with G.kernel(C.gather_rows_name(hidden, index_dtype, table_rows, table_dtype)) as kern:
+        n, p, table, index, out = C.gather_rows(hidden, index_dtype, table_rows, table_dtype)
         with G.grid(p) as r:
             with G.block(threads) as tid:
                 src = tirx.min(tirx.max(G.i64(index[r]), 0), n - 1)
-                G.strided(tid, hidden, threads, lambda c: G.store(out, (r, c), table[src, c]))
+                G.strided(tid, hidden, threads,
+                          lambda c: G.store(out, (r, c), table_value(table_dtype, table[src, c], G.HALF_TYPE)))
     return kern.func
 
 
