@@ -23,7 +23,7 @@ from mocompile.compiler import compile
 from mocompile.frontend import lower_source, source_for
 from mocompile.runtime import random_inputs
 
-from conftest import EXAMPLES
+from conftest import EXAMPLE_SHAPE, EXAMPLES
 
 
 def _sampled_trace(k, n, tj, epi, fmt, rows, seed, parallel=True) -> str:
@@ -70,7 +70,10 @@ def test_tuned_row_kernels_give_the_hand_written_kernels_bits(fmt, epi):
         assert np.isfinite(results[0]).all() and np.abs(results[0]).max() > 0
 
 
-def test_metaschedule_tunes_and_continues_from_its_database():
+# 2 trials by default (one measured candidate per workload; MetaSchedule's search, builder and
+# runner start-up is most of the time), 6 with -m slow
+@pytest.mark.parametrize("trials", [2, pytest.param(6, marks=pytest.mark.slow)])
+def test_metaschedule_tunes_and_continues_from_its_database(trials):
     """A real MetaSchedule run (evolutionary search, cost model, builder and runner
     subprocesses) records measured candidates in the database lines it is given; a second run
     with no trials finds the same best record there."""
@@ -78,7 +81,7 @@ def test_metaschedule_tunes_and_continues_from_its_database():
     workloads = {f"r{rows}": metaschedule.dense_workload(64, 128, 32, epi, WeightFormat(), rows)
                  for rows in metaschedule.ROW_BUCKETS}
     database: dict = {}
-    best = metaschedule.tune(workloads, 6, host_target(), database)
+    best = metaschedule.tune(workloads, trials, host_target(), database)
     assert set(best) == set(workloads) and database["workloads"] and len(database["records"]) >= 2
     for name, found in best.items():
         # a measured run, not MetaSchedule's 1e10 s for a candidate that failed to build or run
@@ -91,7 +94,7 @@ def test_metaschedule_tunes_and_continues_from_its_database():
     assert {k: v["trace"] for k, v in again.items()} == {k: v["trace"] for k, v in best.items()}
 
 
-def test_compile_with_tuned_row_kernels_verifies_and_decodes(tmp_path):
+def test_compile_with_tuned_row_kernels_verifies_and_decodes(tmp_path, artifact_cache):
     """A tuning database whose dense records carry MetaSchedule traces compiles into an
     artifact whose dense kernels call the tuned ones (prompts and the decode driver alike);
     it matches the eager model and the untuned artifact bit for bit."""
@@ -106,8 +109,8 @@ def test_compile_with_tuned_row_kernels_verifies_and_decodes(tmp_path):
                                 "metaschedule": traces}
     assert len(records) >= 2
     TuningDB(TuningDB.load(tmp_path / "none.json", host_target())[0].target, records).save(tmp_path / "db.json")
-    art = compile(spec, out_dir=tmp_path / "tuned", tuning_db=tmp_path / "db.json")
-    plain = compile(spec, out_dir=tmp_path / "plain", tuning_db=None)
+    art = compile(spec, out_dir=tmp_path / "tuned", tuning_db=tmp_path / "db.json", **EXAMPLE_SHAPE)
+    plain = artifact_cache.load(spec, **EXAMPLE_SHAPE)  # untuned (the compile test_compile.py shares)
     assert set(art.manifest["program"]["tuned_kernels"]) == set(records)
     assert art.manifest["verification"]["max_rel_error"] <= 1e-4
     assert art.manifest["program"]["step"].get("driver")  # decode steps run through the driver
