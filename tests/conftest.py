@@ -31,6 +31,20 @@ def example_variants() -> list[tuple[str, str | None]]:
     return out
 
 
+def cli_main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `mocompile ARGS` run in this process through
+    mocompile.cli.main: for tests of what a command prints or refuses, without a fresh
+    interpreter importing torch and TVM again (several seconds each on two cores). What only a
+    real process shows (exit status, a closed stdout, native log lines on descriptor 2) is tested
+    in real subprocesses (test_cli_boundary.py and one `_cli` compile in test_compile.py)."""
+    from mocompile.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="session")
 def examples_dir() -> Path:
     return EXAMPLES
