@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -43,6 +44,19 @@ def cli_main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+class OnFirstUse(dict):
+    """key -> make(key), made the first time a test asks for the key: a module's artifacts
+    that only some of its (maybe deselected) tests read are compiled only when one of them runs."""
+
+    def __init__(self, make: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key: Any) -> Any:
+        self[key] = value = self._make(key)
+        return value
 
 
 @pytest.fixture(scope="session")

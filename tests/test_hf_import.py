@@ -25,6 +25,8 @@ from mocompile.dsl.hf_import import import_checkpoint, spec_text  # noqa: E402
 from mocompile.dsl.spec_writer import write_spec  # noqa: E402
 from mocompile.runtime import load  # noqa: E402
 
+from conftest import OnFirstUse  # noqa: E402
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 VOCAB = 128
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, max_position_embeddings=256)
@@ -87,24 +89,16 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
     return out
 
 
-class _Artifacts(dict):
-    """family -> artifact directory, each family compiled the first time a test asks for it
-    (so a run that deselects a family's tests does not compile it)."""
-
-    def __init__(self, checkpoints: dict, root: Path) -> None:
-        super().__init__()
-        self._checkpoints, self._root = checkpoints, root
-
-    def __missing__(self, family: str) -> Path:
-        out = self._root / family
-        mocompile.compile(self._checkpoints[family][0], target="cpu", out_dir=out, batch=3, seq=6)
-        self[family] = out
-        return out
-
-
 @pytest.fixture(scope="module")
 def artifacts(checkpoints, tmp_path_factory) -> dict[str, Path]:
-    return _Artifacts(checkpoints, tmp_path_factory.mktemp("hf_artifacts"))
+    """family -> its artifact directory, compiled when a test first asks (see COMPILED_BY_DEFAULT)."""
+    root = tmp_path_factory.mktemp("hf_artifacts")
+
+    def compiled(family: str) -> Path:
+        mocompile.compile(checkpoints[family][0], target="cpu", out_dir=root / family, batch=3, seq=6)
+        return root / family
+
+    return OnFirstUse(compiled)
 
 
 def _hf_logits(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import browser
+from conftest import OnFirstUse
 import mocompile
 from mocompile.errors import MocompileError
 from mocompile.report import LOAD_SAMPLES, write_report
@@ -35,24 +36,18 @@ SEQ = 4
 RENDERED_BY_DEFAULT = ("mixtral_tiny", "deepseek_tiny")
 
 
-class _Reports(dict):
-    """name -> (artifact, report) of an example compiled with its trained weights, compiled
-    the first time a test asks for it (a run that deselects an example does not compile it)."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__()
-        self._root = root
-
-    def __missing__(self, name: str) -> tuple[Path, Path]:
-        art = mocompile.compile(ROOT / "examples" / f"{name}.moe", passes=EXAMPLES[name][0], out_dir=self._root / name,
-                                batch=2, seq=SEQ, weights=ROOT / "examples" / "weights" / f"{name}.safetensors")
-        self[name] = (Path(art.path), write_report(art.path, self._root / f"{name}.html"))
-        return self[name]
-
-
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    return _Reports(tmp_path_factory.mktemp("reports"))
+    """name -> (artifact, report) of an example compiled with its trained weights, when a test
+    first asks for it (see RENDERED_BY_DEFAULT)."""
+    root = tmp_path_factory.mktemp("reports")
+
+    def compiled(name: str) -> tuple[Path, Path]:
+        art = mocompile.compile(ROOT / "examples" / f"{name}.moe", passes=EXAMPLES[name][0], out_dir=root / name,
+                                batch=2, seq=SEQ, weights=ROOT / "examples" / "weights" / f"{name}.safetensors")
+        return Path(art.path), write_report(art.path, root / f"{name}.html")
+
+    return OnFirstUse(compiled)
 
 
 @pytest.mark.skipif(browser.chromium() is None, reason="chromium is not installed (.ci/run installs it)")
