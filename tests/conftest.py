@@ -68,7 +68,8 @@ class CompiledArtifacts:
     """Artifacts of `mocompile.compile` shared by the whole test session.
 
     Compiling an example takes tens of seconds on CI's two cores and many test files need the
-    same one, so each distinct compile runs once per session. An artifact is keyed by every
+    same one, so each distinct compile runs once per session (once per worker process: the
+    suite runs in two, pytest-xdist's -n 2 in pyproject.toml, each with its own cache). An artifact is keyed by every
     argument of the compile, defaults filled in (spec, target, passes, batch, seq, seed, any
     option): two tests share one only when they asked for the same compile. The shared directory
     is made read-only, so a test that changes an artifact (tampering, compiling over it) must work
