@@ -70,10 +70,7 @@ def test_tuned_row_kernels_give_the_hand_written_kernels_bits(fmt, epi):
         assert np.isfinite(results[0]).all() and np.abs(results[0]).max() > 0
 
 
-# 2 trials by default (one measured candidate per workload; MetaSchedule's search, builder and
-# runner start-up is most of the time), 6 with -m slow
-@pytest.mark.parametrize("trials", [2, pytest.param(6, marks=pytest.mark.slow)])
-def test_metaschedule_tunes_and_continues_from_its_database(trials):
+def test_metaschedule_tunes_and_continues_from_its_database():
     """A real MetaSchedule run (evolutionary search, cost model, builder and runner
     subprocesses) records measured candidates in the database lines it is given; a second run
     with no trials finds the same best record there."""
@@ -81,7 +78,7 @@ def test_metaschedule_tunes_and_continues_from_its_database(trials):
     workloads = {f"r{rows}": metaschedule.dense_workload(64, 128, 32, epi, WeightFormat(), rows)
                  for rows in metaschedule.ROW_BUCKETS}
     database: dict = {}
-    best = metaschedule.tune(workloads, trials, host_target(), database)
+    best = metaschedule.tune(workloads, 6, host_target(), database)
     assert set(best) == set(workloads) and database["workloads"] and len(database["records"]) >= 2
     for name, found in best.items():
         # a measured run, not MetaSchedule's 1e10 s for a candidate that failed to build or run
