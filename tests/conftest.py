@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -31,6 +32,33 @@ def example_variants() -> list[tuple[str, str | None]]:
     return out
 
 
+def cli_main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `mocompile ARGS` run in this process through
+    mocompile.cli.main: for tests of what a command prints or refuses, without a fresh
+    interpreter importing torch and TVM again (several seconds each on two cores). What only a
+    real process shows (exit status, a closed stdout, native log lines on descriptor 2) is tested
+    in real subprocesses (test_cli_boundary.py and one `_cli` compile in test_compile.py)."""
+    from mocompile.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+class OnFirstUse(dict):
+    """key -> make(key), made the first time a test asks for the key: a module's artifacts
+    that only some of its (maybe deselected) tests read are compiled only when one of them runs."""
+
+    def __init__(self, make: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key: Any) -> Any:
+        self[key] = value = self._make(key)
+        return value
+
+
 @pytest.fixture(scope="session")
 def examples_dir() -> Path:
     return EXAMPLES
@@ -40,7 +68,8 @@ class CompiledArtifacts:
     """Artifacts of `mocompile.compile` shared by the whole test session.
 
     Compiling an example takes tens of seconds on CI's two cores and many test files need the
-    same one, so each distinct compile runs once per session. An artifact is keyed by every
+    same one, so each distinct compile runs once per session (once per worker process: the
+    suite runs in two, pytest-xdist's -n 2 in pyproject.toml, each with its own cache). An artifact is keyed by every
     argument of the compile, defaults filled in (spec, target, passes, batch, seq, seed, any
     option): two tests share one only when they asked for the same compile. The shared directory
     is made read-only, so a test that changes an artifact (tampering, compiling over it) must work

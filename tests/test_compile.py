@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mocompile
-from conftest import EXAMPLE_SHAPE, EXAMPLES, example_variants
+from conftest import EXAMPLE_SHAPE, EXAMPLES, cli_main as _main, example_variants
 from mocompile.errors import ArtifactError, VerificationError
 from mocompile.runtime import load, random_inputs
 
@@ -75,7 +75,7 @@ def test_runtime_runs_in_a_fresh_process_without_torch(artifacts) -> None:
     assert result.stdout.strip() == "ok"
 
 
-def test_tampered_weights_are_refused(artifact_cache, tmp_path) -> None:
+def test_tampered_weights_are_refused(artifact_cache, tmp_path, capsys) -> None:
     copy = artifact_cache.copy(tmp_path / "tampered", EXAMPLES / "mixtral_tiny.moe", **EXAMPLE_SHAPE)
     weights = next(copy.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
@@ -83,9 +83,8 @@ def test_tampered_weights_are_refused(artifact_cache, tmp_path) -> None:
     weights.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="checksum mismatch"):
         load(copy)
-    cli = subprocess.run([sys.executable, "-m", "mocompile.cli", "run", str(copy)], capture_output=True, text=True)
-    assert cli.returncode == 1
-    assert cli.stderr.count("\n") == 1 and "checksum mismatch" in cli.stderr and "Traceback" not in cli.stderr
+    code, _, err = _main(capsys, "run", str(copy))
+    assert code == 1 and err.count("\n") == 1 and "checksum mismatch" in err
 
 
 def test_failed_verification_leaves_no_artifact(tmp_path, monkeypatch) -> None:
@@ -115,21 +114,23 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, env=env)
 
 
-def test_cli_compile_run_inspect(tmp_path) -> None:
+def test_cli_compile_run_inspect(tmp_path, capsys) -> None:
+    """A compile through the `mocompile` command in its own process; the artifact it wrote run
+    and inspected through the command line's entry point."""
     out = tmp_path / "unified_half"
     r = _cli("compile", str(EXAMPLES / "unified_tiny.moe"), "-o", str(out), "--variant", "half",
              "--passes", "dce,fold-constants", "--batch", "2", "--seq", "4")
     assert r.returncode == 0, r.stderr
     assert "max relative error" in r.stdout and "[6/6]" in r.stderr
-    r = _cli("run", str(out), "--batch", "2", "--seq", "3", "--repeat", "2")
-    assert r.returncode == 0, r.stderr
-    assert "output logits: float32[2, 9, 512]" in r.stdout and "time per call" in r.stdout
-    r = _cli("inspect", str(out))
-    assert r.returncode == 0 and json.loads(r.stdout)["passes"][0]["pass"] == "dce"
-    r = _cli("inspect", str(out), "--ir")
-    assert r.returncode == 0 and "router.topk" in r.stdout
-    r = _cli("inspect", str(EXAMPLES / "unified_tiny.moe"))
-    assert r.returncode == 0 and "active per token" in r.stdout
+    code, stdout, err = _main(capsys, "run", str(out), "--batch", "2", "--seq", "3", "--repeat", "2")
+    assert code == 0, err
+    assert "output logits: float32[2, 9, 512]" in stdout and "time per call" in stdout
+    code, stdout, _ = _main(capsys, "inspect", str(out))
+    assert code == 0 and json.loads(stdout)["passes"][0]["pass"] == "dce"
+    code, stdout, _ = _main(capsys, "inspect", str(out), "--ir")
+    assert code == 0 and "router.topk" in stdout
+    code, stdout, _ = _main(capsys, "inspect", str(EXAMPLES / "unified_tiny.moe"))
+    assert code == 0 and "active per token" in stdout
 
 
 @pytest.mark.parametrize("args,message", [
@@ -140,17 +141,17 @@ def test_cli_compile_run_inspect(tmp_path) -> None:
     (("compile", "{spec}", "-o", "{out}", "--weights", "{missing}"), "weights file not found"),
     (("run", "{out}"), "not an artifact directory"),
 ])
-def test_cli_errors_are_one_line(tmp_path, args: tuple[str, ...], message: str) -> None:
+def test_cli_errors_are_one_line(tmp_path, capsys, args: tuple[str, ...], message: str) -> None:
     fill = {"spec": str(EXAMPLES / "mixtral_tiny.moe"), "out": str(tmp_path / "o"), "missing": str(tmp_path / "w.st")}
-    r = _cli(*(a.format(**fill) for a in args))
-    assert r.returncode == 1
-    errors = [line for line in r.stderr.splitlines() if not line.startswith("[")]  # "[n/6] ..." is progress
+    code, _, err = _main(capsys, *(a.format(**fill) for a in args))
+    assert code == 1
+    errors = [line for line in err.splitlines() if not line.startswith("[")]  # "[n/6] ..." is progress
     assert len(errors) == 1 and errors[0].startswith("mocompile: error: ") and message in errors[0]
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in err
     assert not (tmp_path / "o").exists()
 
 
-def test_wrong_checkpoint_is_a_clear_error(tmp_path) -> None:
+def test_wrong_checkpoint_is_a_clear_error(tmp_path, capsys) -> None:
     from safetensors.torch import save_file
 
     from mocompile.dsl import build_model, load_spec
@@ -159,8 +160,9 @@ def test_wrong_checkpoint_is_a_clear_error(tmp_path) -> None:
     state["layers.0.ffn.experts.up"] = state["layers.0.ffn.experts.up"][:, :-1].contiguous()
     bad = tmp_path / "bad.safetensors"
     save_file(state, str(bad))
-    r = _cli("compile", str(EXAMPLES / "mixtral_tiny.moe"), "-o", str(tmp_path / "o"), "--weights", str(bad))
-    assert r.returncode == 1 and "layers.0.ffn.experts.up" in r.stderr and "shape" in r.stderr
+    code, _, err = _main(capsys, "compile", str(EXAMPLES / "mixtral_tiny.moe"), "-o", str(tmp_path / "o"), "--weights",
+                         str(bad))
+    assert code == 1 and "layers.0.ffn.experts.up" in err and "shape" in err
     good = tmp_path / "good.safetensors"
     state["layers.0.ffn.experts.up"] = torch.zeros(8, 256, 128)
     save_file(state, str(good))

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
@@ -20,7 +18,7 @@ from mocompile.compiler import compile
 from mocompile.errors import ArtifactError
 from mocompile.runtime import load, random_inputs
 
-from conftest import EXAMPLE_SHAPE, EXAMPLES
+from conftest import EXAMPLE_SHAPE, EXAMPLES, cli_main as _main
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +170,7 @@ def test_cache_is_bounded_and_checked(artifacts):
     np.testing.assert_array_equal(first, art.run({"text": np.ones((1, 3), np.int64)})["logits"])
 
 
-def test_text_decodes_after_a_multimodal_prompt(artifact_cache):
+def test_text_decodes_after_a_multimodal_prompt(artifact_cache, capsys):
     """unified_tiny (text, image, audio): the prefill step over every segment is the plain
     forward; text tokens then follow with the other segments empty, as the IR's cached graph
     computes (the compile checks it too); the CLI generates through the cache."""
@@ -215,12 +213,12 @@ def test_text_decodes_after_a_multimodal_prompt(artifact_cache):
     np.testing.assert_allclose(torch_second, second, rtol=0, atol=1e-4 * np.abs(second).max())
     with pytest.raises(ValueError, match="a step needs at least one position"):
         art.step({}, cache)
-    out = subprocess.run([sys.executable, "-m", "mocompile.cli", "run", str(art.path), "--generate", "2"],
-                         capture_output=True, text=True, check=True)
-    assert "prefill of 24 positions (text 8, image 8, audio 8)" in out.stdout.splitlines()[-1]
+    code, out, err = _main(capsys, "run", str(art.path), "--generate", "2")
+    assert code == 0, err
+    assert "prefill of 24 positions (text 8, image 8, audio 8)" in out.splitlines()[-1]
 
 
-def test_artifact_without_a_step_says_why(tmp_path):
+def test_artifact_without_a_step_says_why(tmp_path, capsys):
     """A graph that cannot decode (here: float features, no token input) has no step; asking
     for one names why, in one line from the CLI."""
     import torch
@@ -242,10 +240,9 @@ def test_artifact_without_a_step_says_why(tmp_path):
     assert not art.can_decode and art.manifest["program"]["no_step_reason"] == reason
     with pytest.raises(ArtifactError, match="no cached step function"):
         art.new_cache(1)
-    out = subprocess.run([sys.executable, "-m", "mocompile.cli", "run", str(tmp_path / "proj"), "--generate", "2"],
-                         capture_output=True, text=True)
-    assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert out.stderr.strip().endswith(f"({reason})")
+    code, _, err = _main(capsys, "run", str(tmp_path / "proj"), "--generate", "2")
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().endswith(f"({reason})") and err.count("\n") == 1
 
 
 def _refuses_to_decode(art, reason: str, capsys) -> None:
@@ -334,10 +331,10 @@ def test_check_isolation_replays_the_cached_step_bit_for_bit(artifacts, capsys):
         art.run_cached(inputs, 0)
 
 
-def test_cli_generates_through_the_cache(artifacts):
-    out = subprocess.run([sys.executable, "-m", "mocompile.cli", "run", str(artifacts["mixtral"].path),
-                          "--generate", "3", "--seq", "5", "--batch", "2"], capture_output=True, text=True, check=True)
-    lines = out.stdout.splitlines()
+def test_cli_generates_through_the_cache(artifacts, capsys):
+    code, out, err = _main(capsys, "run", str(artifacts["mixtral"].path), "--generate", "3", "--seq", "5", "--batch", "2")
+    assert code == 0, err
+    lines = out.splitlines()
     assert lines[0].startswith("sample 0: prompt [") and lines[1].startswith("sample 1: prompt [")
     assert "ms per token" in lines[-1] and "KV cache of 64 positions" in lines[-1]
     assert load(artifacts["mixtral"].path).can_decode

@@ -23,7 +23,7 @@ from mocompile.compiler import compile
 from mocompile.frontend import lower_source, source_for
 from mocompile.runtime import random_inputs
 
-from conftest import EXAMPLES
+from conftest import EXAMPLE_SHAPE, EXAMPLES
 
 
 def _sampled_trace(k, n, tj, epi, fmt, rows, seed, parallel=True) -> str:
@@ -91,7 +91,7 @@ def test_metaschedule_tunes_and_continues_from_its_database():
     assert {k: v["trace"] for k, v in again.items()} == {k: v["trace"] for k, v in best.items()}
 
 
-def test_compile_with_tuned_row_kernels_verifies_and_decodes(tmp_path):
+def test_compile_with_tuned_row_kernels_verifies_and_decodes(tmp_path, artifact_cache):
     """A tuning database whose dense records carry MetaSchedule traces compiles into an
     artifact whose dense kernels call the tuned ones (prompts and the decode driver alike);
     it matches the eager model and the untuned artifact bit for bit."""
@@ -106,8 +106,8 @@ def test_compile_with_tuned_row_kernels_verifies_and_decodes(tmp_path):
                                 "metaschedule": traces}
     assert len(records) >= 2
     TuningDB(TuningDB.load(tmp_path / "none.json", host_target())[0].target, records).save(tmp_path / "db.json")
-    art = compile(spec, out_dir=tmp_path / "tuned", tuning_db=tmp_path / "db.json")
-    plain = compile(spec, out_dir=tmp_path / "plain", tuning_db=None)
+    art = compile(spec, out_dir=tmp_path / "tuned", tuning_db=tmp_path / "db.json", **EXAMPLE_SHAPE)
+    plain = artifact_cache.load(spec, **EXAMPLE_SHAPE)  # untuned (the compile test_compile.py shares)
     assert set(art.manifest["program"]["tuned_kernels"]) == set(records)
     assert art.manifest["verification"]["max_rel_error"] <= 1e-4
     assert art.manifest["program"]["step"].get("driver")  # decode steps run through the driver
