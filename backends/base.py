@@ -39,6 +39,9 @@ class Backend:
     dtypes: ClassVar[frozenset[str]] = frozenset({"float32", "int64", "int32"})
     weight_formats: ClassVar[frozenset[str]] = frozenset({"float32"})
     can_tune: ClassVar[bool] = False
+    # emits a `prefill` function (a prompt's step computing only its last position past the
+    # cut, mocompile/prefill.py); without one a last-only step slices the step's outputs
+    builds_prefill: ClassVar[bool] = False
     # computes contextual sparsity (the `keep` attribute of ops with `contextual_shares`:
     # each token's matmul over its own kept channels); without it such a graph is refused
     contextual_sparsity: ClassVar[bool] = False

@@ -14,8 +14,8 @@ What it does, each step cached under ~/.cache/mocompile-bench (MOCOMPILE_BENCH_C
 - run: `llama-bench -o json` at a given thread count, one case per process: pp64 or pp512
   from an empty cache, tg32 from an empty cache or after 512 or 2048 cached positions (`-d`,
   which this version has; the cached state is restored, not recomputed, between
-  repetitions), its per-repetition samples returned. Each case runs under both of OpenMP's
-  wait policies (WAIT_POLICIES) and keeps llama.cpp's faster one.
+  repetitions), its per-repetition samples returned, under the OpenMP wait policies asked
+  for (WAIT_POLICIES; by default both), keeping llama.cpp's faster one.
 """
 
 from __future__ import annotations
@@ -180,6 +180,8 @@ def bench(tools: LlamaCpp, gguf: Path, threads: int, label: str, reps: int = 3,
     of `policies` (names of WAIT_POLICIES), keeping the one with the lower median (llama.cpp's
     best). One case per process, so that the caller can time its own side of the same case
     right after it."""
+    if not policies:
+        raise ValueError("llama-bench needs at least one wait policy")
     best: tuple[list[float], str] | None = None
     for name in policies:
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -192,7 +194,10 @@ def bench(tools: LlamaCpp, gguf: Path, threads: int, label: str, reps: int = 3,
 
 
 def _bench_once(tools: LlamaCpp, gguf: Path, threads: int, reps: int, label: str, env: dict[str, str]) -> list[float]:
-    _, prompt, gen, depth = next(c for c in cases() if c[0] == label)
+    case = next((c for c in cases() if c[0] == label), None)
+    if case is None:
+        raise ValueError(f"no llama-bench case {label!r} (cases: {', '.join(c[0] for c in cases())})")
+    _, prompt, gen, depth = case
     cmd = [str(tools.tool("llama-bench")), "-m", str(gguf), "-t", str(threads), "-r", str(reps), "-o", "json",
            "-p", str(prompt), "-n", str(gen), "-d", str(depth)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)

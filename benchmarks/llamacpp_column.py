@@ -142,8 +142,9 @@ def _paired_rounds(tools: llamacpp.LlamaCpp, gguf: Path, threads: int, label: st
     """ROUNDS rounds of one case: llama-bench's REPS repetitions and ours back to back (which
     side first alternates by round), so that each round's ratio of medians sees one state of
     the host. llama.cpp's wait policy is chosen in the first round (both run, the faster
-    kept) and used in the rest. Returns every repetition's ms of theirs and ours, and the
-    rounds' ratios (theirs / ours)."""
+    kept: that round's llama.cpp time is the better of two processes, a small edge to
+    llama.cpp which the median over the rounds damps) and used in the rest. Returns every
+    repetition's ms of theirs and ours, and the rounds' ratios (theirs / ours)."""
     theirs_ms: list[float] = []
     ours_ms: list[float] = []
     ratios = []

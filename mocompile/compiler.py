@@ -26,6 +26,7 @@ from mocompile.ir.types import TensorType
 from mocompile.isolation import IsolationReport
 from mocompile.latency import PROBE, latency_probe
 from mocompile.pass_manager import PassContext, PassManager, load_plugin
+from mocompile.prefill import DECODING_FUNCTIONS
 from mocompile.runtime import open_artifact
 from mocompile.signature import random_inputs, signature_of
 from mocompile.streamed_compile import LayerChain, artifact_bytes_per_param, mark_layer_states, spill_weights
@@ -49,7 +50,6 @@ def check_batch_isolation(graph: Graph, src: Source, batch: int, seq: int, seed:
 
 
 # what `cached_isolation` proves, by key, as the errors and the manifest name it
-CACHED_PROGRAMS = {"step": "KV-cached step", "prefill": "prompt prefill"}
 
 
 def cached_isolation(graph: Graph) -> dict[str, str]:
@@ -304,9 +304,11 @@ def compile(
     if require_isolation and isolation.verdict != "isolated":
         raise MocompileError(f"batch isolation required, but {isolation.summary()}{_witness_note(isolation)}")
     cached_verdicts = cached_isolation(graph)
+    if not backend.builds_prefill:  # its prompts run the step, whose verdict this is
+        cached_verdicts.pop("prefill", None)
     for key, verdict in cached_verdicts.items():
         if require_isolation and verdict != "isolated":
-            raise MocompileError(f"batch isolation required, but the {CACHED_PROGRAMS[key]}'s verdict is {verdict}")
+            raise MocompileError(f"batch isolation required, but the {DECODING_FUNCTIONS[key]}'s verdict is {verdict}")
     refused = backend.unsupported(graph)
     if refused:
         raise MocompileError(refused)

@@ -36,6 +36,8 @@ from mocompile.ir.types import PositionsAxis, TensorType
 from mocompile.kv_cache import CachedGraph, cached_graph, decode_support
 
 CUT_OP = "last_position"
+# the functions a decoding artifact runs besides its forward, as messages and reports name them
+DECODING_FUNCTIONS = {"step": "KV-cached step", "prefill": "prompt prefill"}
 
 
 @dataclass

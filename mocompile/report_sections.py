@@ -12,6 +12,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mocompile.prefill import DECODING_FUNCTIONS
+
 # An IR line: `%out = op(args) {attrs} : dtype[shape]  # place`, or a weight `@name : dtype[shape]`.
 _NODE = re.compile(r"^\s*%(.+?) = ([\w.]+)\((.*?)\)(?: \{(.*)\})? : \w+\[([^\]]*)\]")
 _WEIGHT = re.compile(r"^\s*@(\S+) : (\w+)\[([^\]]*)\]")
@@ -177,8 +179,7 @@ def isolation(manifest: Mapping[str, Any]) -> str:
     decoding = iso.get("decoding") or {}
     if not decoding and (manifest.get("decode_verification") or {}).get("isolation"):  # a manifest without isolation.decoding
         decoding = {"step": manifest["decode_verification"]["isolation"]}
-    names = {"step": "KV-cached step", "prefill": "prompt prefill (last position only)"}
-    body += [f"<p>{names.get(k, escape(k))}: {escape(str(v))}.</p>" for k, v in decoding.items()]
+    body += [f"<p>{DECODING_FUNCTIONS.get(k, escape(k))}: {escape(str(v))}.</p>" for k, v in decoding.items()]
     return section("isolation", "Batch isolation", "".join(body))
 
 

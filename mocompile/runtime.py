@@ -11,6 +11,7 @@ and a GB-sized dependency into every deployment, so that import is blocked while
 from __future__ import annotations
 
 import importlib
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -21,9 +22,9 @@ import numpy as np
 
 from mocompile.artifact import read_manifest
 from mocompile.cpu_features import missing_cpu_features
-from mocompile.errors import ArtifactError, ArtifactInputError, MocompileError
+from mocompile.errors import ArtifactError, ArtifactInputError
 from mocompile.kv_cache import decode_steps
-from mocompile.safetensors_io import MissingTensorError, read_arrays, read_header, tensor_shapes
+from mocompile.safetensors_io import MissingTensorError, read_arrays
 from mocompile.signature import Signature, TensorSpec, random_inputs  # noqa: F401  (the runtime's API)
 from mocompile.runtime_inputs import (DEFAULT_CACHE_POSITIONS, KVCache, as_arrays, bounded_ids, check_batch,
                                       check_ids, check_positions, positive_int, segments, token_ids)
@@ -107,24 +108,26 @@ class LoadedArtifact:
         lib = tvm.runtime.load_module(str(path / program["library"]))
         self._vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
         self._fn = self._vm[program.get("function", "main")]
-        # One tensor at a time: the file's bytes are copied once into TVM's memory and never
-        # held twice (nor widened: low-bit weights stay low-bit).
         step = program.get("step")
         decode = (step or {}).get("driver") if driver else None
         constants = decode["constants"] if decode else []
-        # Read with plain reads, not through safe_open's memory map, whose pages would count as
-        # resident memory beside the copies kept (twice a real-size artifact's weights), straight
-        # into one block of huge pages (weight_arena) that TVM reads in place; every name is
-        # looked up in the header before any tensor is read.
+        # One tensor at a time, with plain reads (not through safe_open's memory map, whose pages
+        # would count as resident memory beside the copies kept: twice a real-size artifact's
+        # weights), straight into one block of huge pages (weight_arena) that TVM reads in place:
+        # the weights are held once, as stored (low-bit stays low-bit); every name is looked up
+        # in the header before any tensor is read.
         file = path / program["weights"]
-        names = program["weight_order"] + constants
+
+        def arena(shapes: list) -> Callable[[tuple[int, ...], np.dtype], np.ndarray]:
+            return WeightArena(WeightArena.size_of(shapes, ALIGNMENT), ALIGNMENT).take
         try:
-            header = read_header(file)
-            arena = WeightArena(WeightArena.size_of(tensor_shapes(file, header, names), ALIGNMENT), ALIGNMENT)
-            tensors = [tvm.runtime.from_dlpack(a) for a in read_arrays(file, names, arena.take)]
+            tensors = [tvm.runtime.from_dlpack(a)
+                       for a in read_arrays(file, program["weight_order"] + constants, arena)]
         except MissingTensorError as e:
             raise ArtifactError(f"{file}: missing weight {e.name!r}") from None
-        except (OSError, ValueError, KeyError, MocompileError) as e:
+        except MemoryError as e:
+            raise ArtifactError(f"{file}: {e}") from None
+        except (OSError, ValueError, KeyError, struct.error) as e:
             raise ArtifactError(f"{file}: unreadable weights ({e})") from None
         self._weights, self._constants = tensors[:len(program["weight_order"])], tensors[len(program["weight_order"]):]
         self._driver = self._driver_positions = None

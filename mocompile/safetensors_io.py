@@ -5,7 +5,8 @@ so saving an artifact's weights held them twice; a real-size model's int4 weight
 gigabytes. This writes the same format (an 8-byte little-endian header length, the JSON
 header padded to 8 bytes, then each tensor's bytes in header order) straight from each
 array's memory; reading is the same, a header alone (`read_header`, no tensor's bytes) or
-named tensors into memory of their own (`read_arrays`).
+named tensors one at a time (`read_arrays`), each into memory of its own or where the caller
+says.
 """
 
 from __future__ import annotations
@@ -72,31 +73,28 @@ def read_header(path: str | Path) -> dict:
         raise MocompileError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def tensor_shapes(path: str | Path, header: dict, names: list[str]) -> list[tuple[tuple[int, ...], np.dtype]]:
-    """(shape, numpy dtype) of each of `names` in the header of safetensors file `path`
-    (MissingTensorError: the first absent; KeyError: a dtype numpy does not have)."""
-    missing = next((n for n in names if n not in header), None)
-    if missing is not None:
-        raise MissingTensorError(path, missing)
-    return [(tuple(header[n]["shape"]), np.dtype(_NUMPY[header[n]["dtype"]])) for n in names]
+Shapes = list[tuple[tuple[int, ...], np.dtype]]
 
 
 def read_arrays(path: str | Path, names: list[str],
-                into: Callable[[tuple[int, ...], np.dtype], np.ndarray] = np.empty) -> Iterator[np.ndarray]:
-    """The arrays `names` of a safetensors file, one at a time, each read into memory from
-    `into(shape, dtype)` (its own by default) with plain reads: unlike a memory map
-    (safetensors' safe_open), the file's pages then never count as this process's resident
-    memory beside the copies the caller keeps. Every name is looked up in the header before
-    any tensor is read (MissingTensorError: the first absent)."""
+                into: Callable[[Shapes], Callable[[tuple[int, ...], np.dtype], np.ndarray]] | None = None,
+                ) -> Iterator[np.ndarray]:
+    """The arrays `names` of a safetensors file, one at a time, read with plain reads: unlike a
+    memory map (safetensors' safe_open), the file's pages then never count as this process's
+    resident memory beside the copies the caller keeps. Each goes into memory of its own, or
+    with `into` where `into(every (shape, dtype))` says (one block for them all, say). Every
+    name is looked up in the header before any tensor is read (MissingTensorError: the first
+    absent)."""
     with open(path, "rb") as f:
         size, header = _header_of(f)
         missing = next((n for n in names if n not in header), None)
         if missing is not None:
             raise MissingTensorError(path, missing)
-        for name in names:
-            entry = header[name]
-            start, end = entry["data_offsets"]
-            a = into(tuple(entry["shape"]), np.dtype(_NUMPY[entry["dtype"]]))
+        shapes = [(tuple(header[n]["shape"]), np.dtype(_NUMPY[header[n]["dtype"]])) for n in names]
+        allocate = into(shapes) if into is not None else np.empty
+        for name, (shape, dtype) in zip(names, shapes):
+            start, end = header[name]["data_offsets"]
+            a = allocate(shape, dtype)
             if a.nbytes != end - start:
                 raise ValueError(f"{path}: {name} has {end - start} bytes for {a.dtype}{list(a.shape)}")
             f.seek(8 + size + start)

@@ -29,7 +29,10 @@ class WeightArena:
         # anonymous and private: Python's default for -1 is a shared mapping, which is shmem,
         # whose huge pages follow another switch (shmem_enabled, usually never)
         private = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-        self._map = mmap.mmap(-1, max(nbytes, 1) + HUGE_PAGE, **({"flags": private} if private else {}))
+        try:
+            self._map = mmap.mmap(-1, max(nbytes, 1) + HUGE_PAGE, **({"flags": private} if private else {}))
+        except OSError as e:
+            raise MemoryError(f"no memory for the {nbytes:,} bytes of the weights ({e.strerror})") from None
         advise = getattr(self._map, "madvise", None)
         if advise is not None and hasattr(mmap, "MADV_HUGEPAGE"):
             try:

@@ -107,7 +107,7 @@ def test_compile_with_tuned_row_kernels_verifies_and_decodes(tmp_path, artifact_
     assert len(records) >= 2
     TuningDB(TuningDB.load(tmp_path / "none.json", host_target())[0].target, records).save(tmp_path / "db.json")
     art = compile(spec, out_dir=tmp_path / "tuned", tuning_db=tmp_path / "db.json", **EXAMPLE_SHAPE)
-    plain = artifact_cache.load(spec, **EXAMPLE_SHAPE)  # untuned (the compile test_compile.py shares)
+    plain = artifact_cache.load(spec, **EXAMPLE_SHAPE)  # untuned (shared with test_compile.py in one worker)
     assert set(art.manifest["program"]["tuned_kernels"]) == set(records)
     assert art.manifest["verification"]["max_rel_error"] <= 1e-4
     assert art.manifest["program"]["step"].get("driver")  # decode steps run through the driver

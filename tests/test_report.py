@@ -75,7 +75,7 @@ def test_report_renders_in_chromium(reports: dict, name: str) -> None:
     assert ("leaks</span>" in dom) == leaks and ("Witness: when only sample" in dom) == leaks
     # the decoding functions' own verdicts, as the manifest records them
     for fn, verdict in manifest["isolation"]["decoding"].items():
-        assert f"{'KV-cached step' if fn == 'step' else 'prompt prefill (last position only)'}: {verdict}." in dom
+        assert f"{'KV-cached step' if fn == 'step' else 'prompt prefill'}: {verdict}." in dom
     if leaks:
         finding = manifest["isolation"]["findings"][0]
         assert f"<td>{finding['op']}</td>" in dom and finding["chain"][-1] in dom

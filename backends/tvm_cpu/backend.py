@@ -28,6 +28,7 @@ class TvmCpuBackend(Backend):
     description = "CPUs through TVM's LLVM code generator (hand-scheduled TIR kernels, Relax VM, decode driver)"
     program_kind = PROGRAM_KIND
     weight_formats = frozenset({"float32", "bfloat16", "float16", "int8", "int4"})
+    builds_prefill = True  # tvm_common/prefill.py
     can_tune = True
     contextual_sparsity = True  # tvm_common/contextual.py, kernels_contextual.py
 

@@ -21,6 +21,7 @@ from mocompile.ir.graph import Graph
 class _GpuBackend(Backend):
     program_kind = PROGRAM_KIND
     weight_formats = frozenset({"float32", "bfloat16", "float16", "int8", "int4"})
+    builds_prefill = True  # tvm_common/prefill.py
 
     def parse_options(self, words: list[str]) -> dict[str, Any]:
         return {"gpu": GpuTarget.parse(" ".join([self.name, *words]))}
