@@ -15,7 +15,7 @@ import pytest
 import tvm
 from safetensors import safe_open
 
-import test_quantize as reference  # the kernel tests and their numpy references, run here per target
+import test_quantize_kernels as reference  # the kernel tests and their numpy references, run here per target
 from mocompile.backends.tvm_cpu import CpuTarget, build, emit, host_target, lower, missing_features, runs_here
 from mocompile.backends.tvm_cpu.kernels_matmul import Epilogue, dense_matmul
 from mocompile.backends.tvm_cpu.target import CPUINFO_FLAGS, TargetError, cpu_flags, host_cpu
@@ -34,7 +34,7 @@ PIPELINES = ["quantize(w=int8)", "quantize(w=int4,a=int8)"]
 TOLERANCE = 1e-4  # max |artifact - interpreter| / max |interpreter|: float32 summation order only
 # Integer kernels over rounded activations sum exactly where the interpreter's float sums
 # round, so a value on a rounding boundary can take the next code and move its layer's output
-# by a quantization step; their exact check is the kernel tests (test_quantize.py, per path).
+# by a quantization step; their exact check is the kernel tests (test_quantize_kernels.py, per path).
 ROUNDING_TOLERANCE = 5e-2
 
 
@@ -206,7 +206,7 @@ def test_quantized_model_per_target(path, pipeline, mixtral, tmp_path):
 @pytest.mark.parametrize("path", PATHS)
 def test_a_kernel_off_by_one_percent_fails_its_kernel_test(path):
     """The knob (cpu_targets.perturbed_kernel_output) scales the biased linear kernel's output
-    by 1.01: test_quantize's kernel test, which passes for this path, then fails."""
+    by 1.01: test_quantize_kernels's kernel test, which passes for this path, then fails."""
     skip_unless_runs_here(TARGETS[path])
     reference.test_low_bit_linear_and_mlp_kernels(8, 0, path)
     with perturbed_kernel_output(1.01) as hits:
