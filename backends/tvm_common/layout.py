@@ -106,7 +106,7 @@ def pack(kind: str, sources: list[np.ndarray], tj: int, store: str = "") -> np.n
     if not store:
         return packed
     if store == "k_pairs":
-        return _k_pairs(kind, packed)
+        return pair_rows(kind, packed)
     if store != "float16" or packed.dtype != np.float32:
         raise ValueError(f"{kind}: stores float32 values as float16 only, not {packed.dtype} as {store!r}")
     half = packed.astype(np.float16)
@@ -115,7 +115,7 @@ def pack(kind: str, sources: list[np.ndarray], tj: int, store: str = "") -> np.n
     return half
 
 
-def _k_pairs(kind: str, packed: np.ndarray) -> np.ndarray:
+def pair_rows(kind: str, packed: np.ndarray) -> np.ndarray:
     """16-bit panels [.., K, TJ] -> uint32 [.., K/2, TJ]: row i's word j holds input 2i's bits
     in its low half and input 2i+1's in its high half (WeightFormat.pairs)."""
     if packed.dtype != np.uint16 or packed.shape[-2] % 2:

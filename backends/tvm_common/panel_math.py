@@ -68,9 +68,15 @@ def _fp16_bits(bits):
     return tirx.reinterpret("float32", tirx.bitwise_or(unsigned, sign))
 
 
-def _widen_pair(word, high: bool):
+def _widen_pair(word, high):
     """Input 2i (low half) or 2i+1 (high half) of a word of two bfloat16 bit patterns, as
-    float32: the low half shifted up, or the high half masked in place (one vector op each)."""
+    float32: the low half shifted up, or the high half masked in place (one vector op each).
+    `high`: a Python bool, or an expression (1: the high half) when the input index is a
+    loop variable (the te workload of metaschedule.py): the word shifted down by 16 * high,
+    then up by 16."""
+    if not isinstance(high, bool):
+        down = tirx.shift_right(word, tirx.Cast("uint32", high * 16))
+        return tirx.reinterpret("float32", tirx.shift_left(down, tirx.const(16, "uint32")))
     if high:
         return tirx.reinterpret("float32", tirx.bitwise_and(word, tirx.const(0xFFFF0000, "uint32")))
     return tirx.reinterpret("float32", tirx.shift_left(word, tirx.const(16, "uint32")))

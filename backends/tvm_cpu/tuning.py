@@ -51,7 +51,7 @@ from tvm import tirx
 from mocompile.backends.tvm_cpu import metaschedule
 from mocompile.backends.tvm_cpu.kernels_matmul import (F32_BYTES, Epilogue, MatmulConfig, MatmulShape, Tiling,
                                                        grouped_matmul)
-from mocompile.backends.tvm_common.layout import panel_width
+from mocompile.backends.tvm_common.layout import pair_rows, panel_width
 from mocompile.backends.tvm_cpu.lower import lower
 from mocompile.backends.tvm_cpu.metaschedule import ROW_BUCKETS, dense_kernels
 from mocompile.backends.tvm_cpu.target import as_cpu_target, last_level_cache_bytes
@@ -155,10 +155,11 @@ def _arguments(config: MatmulConfig, tokens: int, rng: np.random.Generator) -> l
     if s.fmt.quantized:
         w = rng.integers(0, 256 if s.fmt.bits == 4 else 128, (panels, depth, width)).astype(s.fmt.dtype)
         weights = [w, rng.random((panels, s.fmt.groups, width), dtype=np.float32)]
+    elif s.fmt.bits == 16:  # bit patterns of normal values (the kernel's widening needs no special case)
+        bits = to_bits(rng.standard_normal((panels, s.k, width), dtype=np.float32), s.fmt.half)
+        weights = [pair_rows("tuning", bits) if s.fmt.pairs else bits]
     else:
         weights = [rng.standard_normal((panels, depth, width), dtype=np.float32)]
-        if s.fmt.bits == 16:
-            weights = [to_bits(weights[0], s.fmt.half)]
     rows = tokens * TOP_K if s.experts else tokens
     x = rng.standard_normal((rows, s.k), dtype=np.float32)
     y = np.zeros((rows, s.n), np.float32)
