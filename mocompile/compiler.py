@@ -52,12 +52,13 @@ def check_batch_isolation(graph: Graph, src: Source, batch: int, seq: int, seed:
 # what `cached_isolation` proves, by key, as the errors and the manifest name it
 
 
-def cached_isolation(graph: Graph) -> dict[str, str]:
+def cached_isolation(graph: Graph, prefill: bool = True) -> dict[str, str]:
     """The isolation verdicts of what a decoding artifact runs besides the forward: its
     KV-cached `step` (the cache rows are per sample, so a step is isolated when the forward
-    is; this proves it rather than assumes it) and its `prefill` (the cached graph cut to the
-    last position, mocompile/prefill.py), both from one cached graph. Empty for a graph that
-    cannot decode with a cache; no "prefill" where the graph has no last-position form."""
+    is; this proves it rather than assumes it) and, with `prefill` (a target that builds
+    one), its `prefill` (the cached graph cut to the last position, mocompile/prefill.py),
+    both from one cached graph. Empty for a graph that cannot decode with a cache; no
+    "prefill" where the graph has no last-position form."""
     from mocompile.isolation import analyze
     from mocompile.kv_cache import cached_graph, decode_support
     from mocompile.prefill import cached_last_position_graph
@@ -66,6 +67,8 @@ def cached_isolation(graph: Graph) -> dict[str, str]:
         return {}
     cached = cached_graph(graph)
     verdicts = {"step": analyze(cached.graph).verdict}
+    if not prefill:
+        return verdicts
     cut = cached_last_position_graph(graph, cached)
     if not isinstance(cut, str):
         verdicts["prefill"] = analyze(cut.graph).verdict
@@ -303,9 +306,7 @@ def compile(
     say(f"      batch isolation: {isolation.summary()}")
     if require_isolation and isolation.verdict != "isolated":
         raise MocompileError(f"batch isolation required, but {isolation.summary()}{_witness_note(isolation)}")
-    cached_verdicts = cached_isolation(graph)
-    if not backend.builds_prefill:  # its prompts run the step, whose verdict this is
-        cached_verdicts.pop("prefill", None)
+    cached_verdicts = cached_isolation(graph, prefill=backend.builds_prefill)  # without one, prompts run the step
     for key, verdict in cached_verdicts.items():
         if require_isolation and verdict != "isolated":
             raise MocompileError(f"batch isolation required, but the {DECODING_FUNCTIONS[key]}'s verdict is {verdict}")

@@ -421,6 +421,8 @@ def test_require_isolation_checks_the_prompt_prefill(tmp_path, capsys) -> None:
     graph, _ = PassManager("one-row-head").run(graph)
     assert analyze(graph).verdict == "isolated"
     assert cached_isolation(graph) == {"step": "isolated", "prefill": "leaks"}
+    # a target that builds no prefill (mlir, fpga) runs prompts through the step: only its verdict counts
+    assert cached_isolation(graph, prefill=False) == {"step": "isolated"}
     opts = ["--plugin", str(plugin), "--passes", "one-row-head"]
     assert main(["compile", str(spec), "-o", str(out), *opts, "--require-isolation"]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
