@@ -145,22 +145,26 @@ def _paired_rounds(tools: llamacpp.LlamaCpp, gguf: Path, threads: int, label: st
     kept: that round's llama.cpp time is the better of two processes, a small edge to
     llama.cpp which the median over the rounds damps) and used in the rest. Returns every
     repetition's ms of theirs and ours, and the rounds' ratios (theirs / ours)."""
+    def timed_ours() -> list[float]:
+        ours()  # one untimed run, as llama-bench warms up before its repetitions
+        ms = []
+        for _ in range(REPS):
+            t0 = time.perf_counter()
+            ours()
+            ms.append(1e3 * (time.perf_counter() - t0))
+        return ms
+
     theirs_ms: list[float] = []
     ours_ms: list[float] = []
     ratios = []
     policies = tuple(llamacpp.WAIT_POLICIES)
     for r in range(ROUNDS):
-        mine: list[float] = []
-        for side in ("theirs", "ours") if r % 2 == 0 else ("ours", "theirs"):
-            if side == "theirs":
-                theirs, policy = llamacpp.bench(tools, gguf, threads, label, REPS, policies)
-                policies = (policy,)
-            else:
-                ours()  # one untimed run, as llama-bench warms up before its repetitions
-                for _ in range(REPS):
-                    t0 = time.perf_counter()
-                    ours()
-                    mine.append(1e3 * (time.perf_counter() - t0))
+        ours_first = r % 2 == 1
+        mine = timed_ours() if ours_first else []
+        theirs, policy = llamacpp.bench(tools, gguf, threads, label, REPS, policies)
+        policies = (policy,)
+        if not ours_first:
+            mine = timed_ours()
         theirs_ms += theirs
         ours_ms += mine
         ratios.append(statistics.median(theirs) / statistics.median(mine))

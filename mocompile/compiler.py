@@ -49,9 +49,6 @@ def check_batch_isolation(graph: Graph, src: Source, batch: int, seq: int, seed:
     return check_graph(graph, inputs, int_high=src.int_high, seed=seed)
 
 
-# what `cached_isolation` proves, by key, as the errors and the manifest name it
-
-
 def cached_isolation(graph: Graph, prefill: bool = True) -> dict[str, str]:
     """The isolation verdicts of what a decoding artifact runs besides the forward: its
     KV-cached `step` (the cache rows are per sample, so a step is isolated when the forward
